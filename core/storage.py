@@ -1,0 +1,193 @@
+"""S3 storage over boto3: path-style, content-addressed keys, streaming transfers, presigned URLs."""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import IO, TYPE_CHECKING, Any
+
+import boto3
+from boto3.s3.transfer import TransferConfig
+from botocore.config import Config
+from botocore.exceptions import ClientError
+
+from core.errors import StorageError
+from core.settings import Settings, get_settings
+
+if TYPE_CHECKING:
+    from mypy_boto3_s3 import S3Client
+
+_SAFE_PART = re.compile(r"^[A-Za-z0-9_.-]+$")
+READ_CHUNK = 1024 * 1024
+
+
+def content_key(tenant_id: str, sha256: str) -> str:
+    """The object key for audio with this hash: `tenant/sha256[:2]/sha256` (never user text)."""
+    if not _SAFE_PART.match(tenant_id) or not re.fullmatch(r"[0-9a-f]{64}", sha256):
+        raise ValueError("tenant id and sha256 must be plain identifiers")
+    return f"{tenant_id}/{sha256[:2]}/{sha256}"
+
+
+def parse_s3_uri(uri: str) -> tuple[str, str]:
+    """Split `s3://bucket/key` into (bucket, key)."""
+    match = re.fullmatch(r"s3://([^/]+)/(.+)", uri)
+    if not match:
+        raise ValueError(f"not an s3:// URI: {uri!r}")
+    return match.group(1), match.group(2)
+
+
+@dataclass(frozen=True)
+class StoredObject:
+    """What an upload produced: its key, size and SHA-256."""
+
+    key: str
+    bytes: int
+    sha256: str
+
+
+class _HashingReader:
+    """A file-like wrapper that hashes and counts what boto3 reads through it, and can cap the size."""
+
+    def __init__(self, raw: IO[bytes], limit: int | None) -> None:
+        self._raw = raw
+        self._limit = limit
+        self.sha = hashlib.sha256()
+        self.size = 0
+
+    def read(self, n: int = -1) -> bytes:
+        data = self._raw.read(n if n and n > 0 else READ_CHUNK)
+        self.sha.update(data)
+        self.size += len(data)
+        if self._limit is not None and self.size > self._limit:
+            raise StorageError(f"object larger than {self._limit} bytes")
+        return data
+
+
+class Storage:
+    """The bucket voxq keeps audio in."""
+
+    def __init__(self, settings: Settings | None = None, *, bucket: str | None = None) -> None:
+        self.settings = settings or get_settings()
+        self.bucket = bucket or self.settings.s3_bucket
+        self.client: S3Client = make_s3_client(self.settings)
+        self.transfer_config = TransferConfig(
+            multipart_threshold=self.settings.s3_multipart_threshold_bytes,
+            multipart_chunksize=self.settings.s3_multipart_chunk_bytes,
+            max_concurrency=2,
+            use_threads=True,
+        )
+
+    def ensure_bucket(self) -> None:
+        """Create the bucket if it does not exist yet."""
+        try:
+            self.client.head_bucket(Bucket=self.bucket)
+        except ClientError as exc:
+            code = str(exc.response.get("Error", {}).get("Code", ""))
+            if code not in {"404", "NoSuchBucket", "NotFound"}:
+                raise StorageError(f"cannot reach bucket {self.bucket}: {code}") from exc
+            try:
+                self.client.create_bucket(Bucket=self.bucket)
+            except ClientError as create_exc:
+                create_code = str(create_exc.response.get("Error", {}).get("Code", ""))
+                if create_code not in {"BucketAlreadyOwnedByYou", "BucketAlreadyExists"}:
+                    raise StorageError(f"cannot create bucket {self.bucket}") from create_exc
+
+    def upload_stream(self, fileobj: IO[bytes], key: str, *, limit: int | None = None) -> StoredObject:
+        """Stream `fileobj` to `key` (multipart above the threshold), hashing as it goes."""
+        reader = _HashingReader(fileobj, limit)
+        self.client.upload_fileobj(reader, self.bucket, key, Config=self.transfer_config)  # type: ignore[arg-type]
+        return StoredObject(key=key, bytes=reader.size, sha256=reader.sha.hexdigest())
+
+    def upload_bytes(self, data: bytes, key: str, content_type: str | None = None) -> None:
+        """Put a small object in one request."""
+        extra: dict[str, Any] = {"ContentType": content_type} if content_type else {}
+        self.client.put_object(Bucket=self.bucket, Key=key, Body=data, **extra)
+
+    def download_to(self, key: str, fileobj: IO[bytes], *, bucket: str | None = None) -> None:
+        """Stream an object into `fileobj` (ranged, multipart-aware)."""
+        self.client.download_fileobj(bucket or self.bucket, key, fileobj, Config=self.transfer_config)
+
+    def iter_chunks(self, key: str, *, bucket: str | None = None, chunk: int = READ_CHUNK) -> Iterator[bytes]:
+        """Yield an object's bytes in chunks without holding it whole."""
+        body = self.client.get_object(Bucket=bucket or self.bucket, Key=key)["Body"]
+        try:
+            yield from body.iter_chunks(chunk)
+        finally:
+            body.close()
+
+    def head(self, key: str, *, bucket: str | None = None) -> dict[str, Any] | None:
+        """Object metadata, or None when the object does not exist."""
+        try:
+            return dict(self.client.head_object(Bucket=bucket or self.bucket, Key=key))
+        except ClientError as exc:
+            if str(exc.response.get("Error", {}).get("Code", "")) in {"404", "NoSuchKey", "NotFound"}:
+                return None
+            raise
+
+    def copy(self, src_key: str, dst_key: str, *, src_bucket: str | None = None) -> None:
+        """Server-side copy (multipart for big objects)."""
+        self.client.copy(
+            {"Bucket": src_bucket or self.bucket, "Key": src_key},
+            self.bucket,
+            dst_key,
+            Config=self.transfer_config,
+        )
+
+    def delete(self, key: str) -> None:
+        """Delete an object (no error when it is already gone)."""
+        self.client.delete_object(Bucket=self.bucket, Key=key)
+
+    def delete_prefix(self, prefix: str) -> int:
+        """Delete every object under `prefix`; returns how many were deleted."""
+        deleted = 0
+        paginator = self.client.get_paginator("list_objects_v2")
+        for page in paginator.paginate(Bucket=self.bucket, Prefix=prefix):
+            keys = [{"Key": obj["Key"]} for obj in page.get("Contents", [])]
+            if keys:
+                self.client.delete_objects(Bucket=self.bucket, Delete={"Objects": keys})  # type: ignore[typeddict-item]
+                deleted += len(keys)
+        return deleted
+
+    def presign_put(self, key: str, *, expires: int | None = None, content_type: str | None = None) -> str:
+        """A URL anyone holding it may PUT this one object to, until it expires."""
+        params: dict[str, Any] = {"Bucket": self.bucket, "Key": key}
+        if content_type:
+            params["ContentType"] = content_type
+        return self.client.generate_presigned_url(
+            "put_object", Params=params, ExpiresIn=expires or self.settings.s3_presign_expiry_seconds
+        )
+
+    def presign_get(self, key: str, *, expires: int | None = None) -> str:
+        """A URL to GET one object until it expires."""
+        return self.client.generate_presigned_url(
+            "get_object",
+            Params={"Bucket": self.bucket, "Key": key},
+            ExpiresIn=expires or self.settings.s3_presign_expiry_seconds,
+        )
+
+    def ping(self) -> None:
+        """Raise unless the bucket answers."""
+        self.client.head_bucket(Bucket=self.bucket)
+
+
+def make_s3_client(settings: Settings) -> S3Client:
+    """A boto3 S3 client with path-style addressing and SigV4, as SeaweedFS and MinIO need."""
+    return boto3.client(
+        "s3",
+        endpoint_url=settings.s3_endpoint_url,
+        aws_access_key_id=settings.s3_access_key_id,
+        aws_secret_access_key=settings.s3_secret_access_key.get_secret_value(),
+        region_name=settings.s3_region,
+        config=Config(
+            signature_version="s3v4",
+            s3={"addressing_style": "path"},
+            retries={"max_attempts": 5, "mode": "standard"},
+            connect_timeout=5,
+            read_timeout=60,
+            max_pool_connections=32,
+            request_checksum_calculation="when_required",
+            response_checksum_validation="when_required",
+        ),
+    )

@@ -1,0 +1,157 @@
+"""Helpers shared by the test tiers: the stack description, real worker processes, polling."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TypeVar
+
+T = TypeVar("T")
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+@dataclass
+class Stack:
+    """URLs and credentials of the real servers one test session uses."""
+
+    database_url: str
+    redis_url: str
+    s3_endpoint_url: str
+    s3_access_key_id: str
+    s3_secret_access_key: str
+    s3_bucket: str
+    work_dir: Path
+    extra_env: dict[str, str] = field(default_factory=dict)
+
+    def env(self) -> dict[str, str]:
+        """VOXQ_* variables pointing voxq (this process or a child) at these servers."""
+        return {
+            "VOXQ_ENVIRONMENT": "test",
+            "VOXQ_DATABASE_URL": self.database_url,
+            "VOXQ_REDIS_URL": self.redis_url,
+            "VOXQ_S3_ENDPOINT_URL": self.s3_endpoint_url,
+            "VOXQ_S3_ACCESS_KEY_ID": self.s3_access_key_id,
+            "VOXQ_S3_SECRET_ACCESS_KEY": self.s3_secret_access_key,
+            "VOXQ_S3_BUCKET": self.s3_bucket,
+            "VOXQ_DATA_DIR": str(self.work_dir / "data"),
+            "VOXQ_LOCAL_MODEL_CACHE_DIR": str(REPO_ROOT / ".voxq" / "models"),
+            **self.extra_env,
+        }
+
+    def child_env(self, **overrides: str) -> dict[str, str]:
+        """The environment for a child process: ours, plus the stack's, plus overrides."""
+        env = {**os.environ, **self.env(), **overrides}
+        env["PYTHONPATH"] = str(REPO_ROOT) + os.pathsep + env.get("PYTHONPATH", "")
+        return env
+
+    def reset_process_state(self) -> None:
+        """Forget cached settings, engines and clients so they are rebuilt from the environment."""
+        from core.db import dispose_engine
+        from core.settings import reset_settings_cache
+
+        reset_settings_cache()
+        dispose_engine()
+
+    def truncate_database(self) -> None:
+        """Empty every voxq table (fast, keeps the schema)."""
+        from sqlalchemy import create_engine, text
+
+        from core.models import Base
+
+        tables = ", ".join(f'"{t.name}"' for t in Base.metadata.sorted_tables)
+        engine = create_engine(self.database_url)
+        try:
+            with engine.begin() as conn:
+                conn.execute(text(f"TRUNCATE {tables} CASCADE"))
+        finally:
+            engine.dispose()
+
+    def flush_redis(self) -> None:
+        """Empty the Redis database."""
+        import redis
+
+        client = redis.Redis.from_url(self.redis_url)
+        try:
+            client.flushdb()
+        finally:
+            client.close()
+
+    def ensure_bucket(self) -> None:
+        """Create the session's bucket if missing."""
+        from core.storage import Storage
+
+        Storage().ensure_bucket()
+
+
+def wait_until(check: Callable[[], T], timeout: float = 30.0, interval: float = 0.1, what: str = "") -> T:
+    """Poll `check` until it returns something truthy; return it, or fail after `timeout`."""
+    deadline = time.monotonic() + timeout
+    last: T | None = None
+    while time.monotonic() < deadline:
+        last = check()
+        if last:
+            return last
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what or check!r} (last={last!r})")
+
+
+@contextmanager
+def celery_worker(
+    stack: Stack,
+    *,
+    queues: str = "ingest,transcribe.high,transcribe,transcribe.low,local,maintenance,webhooks",
+    concurrency: int = 2,
+    pool: str = "prefork",
+    name: str = "w1",
+    env: dict[str, str] | None = None,
+    log_path: Path | None = None,
+) -> Iterator[subprocess.Popen[bytes]]:
+    """A real `celery worker` process on the stack's broker, stopped (warm shutdown) afterwards."""
+    log_path = log_path or stack.work_dir / f"worker-{name}-{time.time_ns()}.log"
+    log = open(log_path, "wb")  # noqa: SIM115
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "celery",
+            "-A",
+            "worker.app",
+            "worker",
+            "-E",
+            "-Q",
+            queues,
+            "-c",
+            str(concurrency),
+            "-P",
+            pool,
+            "-n",
+            f"{name}@%h",
+            "--without-mingle",
+            "--without-gossip",
+            "-l",
+            "INFO",
+        ],
+        cwd=REPO_ROOT,
+        env=stack.child_env(**(env or {})),
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+    try:
+        yield proc
+    finally:
+        if proc.poll() is None:
+            proc.terminate()
+            try:
+                proc.wait(30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(10)
+        log.close()

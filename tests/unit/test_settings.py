@@ -1,0 +1,38 @@
+"""Settings parsing and secret handling."""
+
+from __future__ import annotations
+
+import pytest
+from pydantic import ValidationError
+
+from core.settings import Settings
+
+
+def test_defaults_and_chain(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("VOXQ_FALLBACK_MODELS", raising=False)
+    monkeypatch.delenv("VOXQ_PRIMARY_MODEL", raising=False)
+    s = Settings()
+    assert s.primary_model == "gpt-4o-mini-transcribe"
+    assert s.model_chain == ["gpt-4o-mini-transcribe", "gpt-4o-transcribe", "local"]
+
+
+def test_csv_fallbacks_and_openai_names(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("VOXQ_FALLBACK_MODELS", " whisper-1 ,local,, ")
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-test-very-secret")
+    monkeypatch.setenv("OPENAI_BASE_URL", "http://127.0.0.1:9/v1")
+    s = Settings()
+    assert s.fallback_models == ["whisper-1", "local"]
+    assert s.openai_base_url == "http://127.0.0.1:9/v1"
+    assert s.openai_api_key is not None
+    assert "sk-test-very-secret" not in repr(s) and "sk-test-very-secret" not in str(s.model_dump())
+
+
+def test_production_rejects_placeholder_secrets(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("VOXQ_ENVIRONMENT", "production")
+    monkeypatch.setenv("VOXQ_FLOWER_PASSWORD", "changeme")
+    with pytest.raises(ValidationError):
+        Settings()
+    monkeypatch.setenv("VOXQ_FLOWER_PASSWORD", "a-real-long-password-1")
+    monkeypatch.setenv("VOXQ_S3_SECRET_ACCESS_KEY", "another-real-secret-2")
+    monkeypatch.setenv("VOXQ_WEBHOOK_SECRET", "third-real-secret-3")
+    assert Settings().environment == "production"
