@@ -1,0 +1,42 @@
+"""Prometheus metric families: defined once here, incremented where things happen.
+
+Workers run prefork children, so when PROMETHEUS_MULTIPROC_DIR is set prometheus-client writes
+per-process files and the exporter aggregates them (see the observability module that serves /metrics).
+Labels carry model names and outcomes only: never ids, filenames or text.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import Counter, Gauge, Histogram
+
+ATTEMPTS = Counter(
+    "voxq_attempts_total",
+    "Provider calls by model and outcome (success, retried, fallback, failed).",
+    ["model", "outcome"],
+)
+PROVIDER_LATENCY = Histogram(
+    "voxq_provider_latency_seconds",
+    "Provider call latency by model.",
+    ["model"],
+    buckets=(0.05, 0.1, 0.25, 0.5, 1, 2, 4, 8, 16, 32, 64, 128, 300),
+)
+AUDIO_SUBMITTED_SECONDS = Counter("voxq_audio_submitted_seconds_total", "Seconds of audio submitted (probed).")
+AUDIO_BILLED_SECONDS = Counter(
+    "voxq_audio_billed_seconds_total", "Seconds of audio billed by providers, by model.", ["model"]
+)
+COST_USD = Counter("voxq_cost_usd_total", "Cost in USD by model.", ["model"])
+JOBS_FINISHED = Counter("voxq_jobs_finished_total", "Jobs reaching a terminal status.", ["status"])
+DEDUPE_HITS = Counter("voxq_dedupe_hits_total", "Jobs that reused the transcript of identical audio.")
+FALLBACKS = Counter("voxq_fallbacks_total", "Moves from one model to the next.", ["from_model", "to_model"])
+CIRCUIT_STATE = Gauge(
+    "voxq_circuit_open",
+    "1 when the model's circuit breaker is open, else 0.",
+    ["model"],
+    multiprocess_mode="max",
+)
+RATE_LIMIT_WAIT_SECONDS = Counter(
+    "voxq_rate_limiter_wait_seconds_total", "Seconds spent waiting on the shared rate limiter.", ["model"]
+)
+RATE_LIMIT_WAITS = Counter("voxq_rate_limiter_waits_total", "Times a call waited on the rate limiter.", ["model"])
+WEBHOOK_DELIVERIES = Counter("voxq_webhook_deliveries_total", "Webhook delivery attempts by outcome.", ["outcome"])
+UPLOADED_BYTES = Counter("voxq_uploaded_bytes_total", "Bytes of audio accepted by the API.")
