@@ -176,6 +176,8 @@ class Job(Base):
     channels: Mapped[int | None] = mapped_column(Integer)
     fingerprint: Mapped[str | None] = mapped_column(String(64))  # sha256 of normalised PCM
     speech_seconds: Mapped[float | None] = mapped_column(Float)  # after trimming silence
+    # trimmed→original time map and chunk bounds (see worker.audio.TimeMap); null until prepared
+    time_map: Mapped[dict[str, Any] | None] = mapped_column(JSONB)
     billed_seconds: Mapped[float] = mapped_column(Float, default=0.0, server_default=text("0"))
     cost_usd: Mapped[Decimal] = mapped_column(USD, default=Decimal(0), server_default=text("0"))
     model: Mapped[str | None] = mapped_column(String(100))  # the model that produced the transcript

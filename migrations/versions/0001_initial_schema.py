@@ -174,6 +174,7 @@ def upgrade() -> None:
         sa.Column("channels", sa.Integer(), nullable=True),
         sa.Column("fingerprint", sa.String(length=64), nullable=True),
         sa.Column("speech_seconds", sa.Float(), nullable=True),
+        sa.Column("time_map", postgresql.JSONB(astext_type=sa.Text()), nullable=True),
         sa.Column("billed_seconds", sa.Float(), server_default=sa.text("0"), nullable=False),
         sa.Column("cost_usd", sa.Numeric(precision=18, scale=8), server_default=sa.text("0"), nullable=False),
         sa.Column("model", sa.String(length=100), nullable=True),
