@@ -20,7 +20,9 @@ PROVIDER_LATENCY = Histogram(
     ["model"],
     buckets=(0.05, 0.1, 0.25, 0.5, 1, 2, 4, 8, 16, 32, 64, 128, 300),
 )
-AUDIO_SUBMITTED_SECONDS = Counter("voxq_audio_submitted_seconds_total", "Seconds of audio submitted (probed).")
+AUDIO_SUBMITTED_SECONDS = Counter(
+    "voxq_audio_submitted_seconds_total", "Seconds of audio submitted (probed)."
+)
 AUDIO_BILLED_SECONDS = Counter(
     "voxq_audio_billed_seconds_total", "Seconds of audio billed by providers, by model.", ["model"]
 )
@@ -37,6 +39,19 @@ CIRCUIT_STATE = Gauge(
 RATE_LIMIT_WAIT_SECONDS = Counter(
     "voxq_rate_limiter_wait_seconds_total", "Seconds spent waiting on the shared rate limiter.", ["model"]
 )
-RATE_LIMIT_WAITS = Counter("voxq_rate_limiter_waits_total", "Times a call waited on the rate limiter.", ["model"])
-WEBHOOK_DELIVERIES = Counter("voxq_webhook_deliveries_total", "Webhook delivery attempts by outcome.", ["outcome"])
+RATE_LIMIT_WAITS = Counter(
+    "voxq_rate_limiter_waits_total", "Times a call waited on the rate limiter.", ["model"]
+)
+WEBHOOK_DELIVERIES = Counter(
+    "voxq_webhook_deliveries_total", "Webhook delivery attempts by outcome.", ["outcome"]
+)
 UPLOADED_BYTES = Counter("voxq_uploaded_bytes_total", "Bytes of audio accepted by the API.")
+
+# Fleet gauges: not kept in any process, but computed at scrape time from Redis and Postgres by
+# `core.observability.FleetCollector` (served by the API's /metrics, so the fleet is counted once).
+QUEUE_DEPTH = "voxq_queue_depth"  # {queue}: messages waiting in each Celery queue (Redis LLEN)
+JOBS_BY_STATUS = "voxq_jobs"  # {status}: jobs in each status (Postgres)
+WORKERS_ALIVE = "voxq_workers_alive"  # workers whose heartbeat is recent
+CIRCUITS_OPEN = "voxq_circuits_open"  # {model}: circuit keys present in Redis (shared by all workers)
+FLEET_SCRAPE_ERRORS = "voxq_fleet_scrape_error"  # {source}: 1 when Redis or Postgres could not be read
+FLEET_FAMILIES = (QUEUE_DEPTH, JOBS_BY_STATUS, WORKERS_ALIVE, CIRCUITS_OPEN, FLEET_SCRAPE_ERRORS)

@@ -90,6 +90,7 @@ class Settings(BaseSettings):
     celery_visibility_timeout: int = 7200
     task_time_limit: int = 3600
     worker_metrics_port: int = 0
+    worker_metrics_host: str = "127.0.0.1"  # 0.0.0.0 in a container, so Prometheus can reach it
 
     # Flower.
     flower_user: str = "voxq"

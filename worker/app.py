@@ -17,7 +17,11 @@ from core.settings import Settings, get_settings
 def make_celery(settings: Settings | None = None) -> Celery:
     """Build the Celery app from settings."""
     settings = settings or get_settings()
-    app = Celery("voxq", broker=settings.redis_url, include=["worker.tasks", "worker.signals"])
+    app = Celery(
+        "voxq",
+        broker=settings.redis_url,
+        include=["worker.logging_setup", "worker.metrics_setup", "worker.tasks", "worker.signals"],
+    )
     app.conf.update(
         task_acks_late=True,
         task_reject_on_worker_lost=True,

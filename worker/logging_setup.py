@@ -1,0 +1,46 @@
+"""Worker logging: Celery hands its logging setup to `core.logging`, and each task runs in a log context.
+
+Connecting `setup_logging` makes Celery skip its own handlers (and its stdout redirection), so every line
+a worker or beat prints goes through voxq's redacting JSON (or human) handler.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from contextvars import Token
+from typing import Any
+
+from celery.signals import setup_logging, task_postrun, task_prerun
+
+from core.logging import bind_log_context, configure_logging, reset_log_context
+
+_tokens: dict[str, Token[Any]] = {}
+
+
+@setup_logging.connect
+def _setup_logging(loglevel: int | str | None = None, **_: Any) -> None:
+    from core.settings import get_settings
+
+    settings = get_settings()
+    # `-l` on the command line wins over VOXQ_LOG_LEVEL when given.
+    level = loglevel if loglevel not in (None, 0, "") else settings.log_level
+    configure_logging(settings.log_format, level)
+    logging.getLogger(__name__).debug("logging configured")
+
+
+@task_prerun.connect
+def _bind_task(task_id: str | None = None, task: Any = None, **_: Any) -> None:
+    if task_id is None:
+        return
+    _tokens[task_id] = bind_log_context(task=getattr(task, "name", None), task_id=task_id)
+
+
+@task_postrun.connect
+def _unbind_task(task_id: str | None = None, **_: Any) -> None:
+    token = _tokens.pop(task_id or "", None)
+    if token is None:
+        return
+    # Bound in another context (a thread pool) there is nothing of ours to undo here.
+    with contextlib.suppress(ValueError):
+        reset_log_context(token)
