@@ -17,6 +17,8 @@ import pytest
 
 from tests.support import Stack
 
+pytest_plugins = ["tests.fakes.fixtures"]
+
 TEST_S3_ACCESS_KEY = "voxq-test-access"
 TEST_S3_SECRET_KEY = "voxq-test-secret-" + secrets.token_hex(8)
 

@@ -39,12 +39,16 @@ class ProviderError(VoxqError):
         http_status: int | None = None,
         retry_after: float | None = None,
         model_gone: bool = False,
+        opens_circuit: bool | None = None,
     ) -> None:
         super().__init__(message, code=code)
         self.kind = kind
         self.http_status = http_status
         self.retry_after = retry_after
         self.model_gone = model_gone  # model_not_found: its circuit opens for good
+        # next_model errors about the model (quota, auth, retired) open its circuit; one about this
+        # request only (e.g. a parameter this model refuses) does not.
+        self.opens_circuit = (kind == ErrorKind.NEXT_MODEL) if opens_circuit is None else opens_circuit
 
 
 @dataclass(frozen=True)

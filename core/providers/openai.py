@@ -1,0 +1,280 @@
+"""The OpenAI-compatible transcription client: one multipart POST, errors translated in one place.
+
+Works against api.openai.com and anything speaking the same API (`OPENAI_BASE_URL`: speaches, LocalAI,
+vLLM, tests/fakes/openai_server.py). The shared `httpx.AsyncClient` is created once per worker process
+and passed in, so hundreds of concurrent calls reuse its connection pool.
+
+How a failure maps to what the pipeline does next (`translate_error`, the only place that decides):
+
+    429 rate_limit_exceeded, 408, 409, 5xx, timeouts, connection errors  -> RETRY (honour Retry-After)
+    429 insufficient_quota, 401, 403                                     -> NEXT_MODEL, circuit opens
+    404/400 model_not_found                                               -> NEXT_MODEL, model_gone
+    400 about the file or audio                                           -> INVALID_AUDIO
+    413                                                                   -> TOO_LARGE (re-chunk smaller)
+    any other 4xx                                                         -> NEXT_MODEL, circuit stays shut
+
+Why "any other 4xx" is NEXT_MODEL: the provider refused this request for a reason retrying cannot fix
+(e.g. a parameter this model does not accept), and another model in the chain may accept it; failing
+the job outright would lose work another model can do. It is about this request, not the model's
+health, so it does not open the model's circuit for the whole fleet.
+"""
+
+from __future__ import annotations
+
+import email.utils
+import json
+import re
+import time
+from datetime import UTC, date, datetime, timedelta
+from typing import Any
+
+import httpx
+
+from core.providers.base import ErrorKind, ProviderError, TranscriptionRequest, TranscriptionResult
+
+# Models that answer `json` only (no timestamps); anything else is treated as whisper-like.
+JSON_ONLY_MODEL_PREFIXES = ("gpt-4o-transcribe", "gpt-4o-mini-transcribe", "gpt-transcribe")
+
+# 400 codes that say the audio itself is the problem.
+_AUDIO_ERROR_CODES = frozenset(
+    {"invalid_value", "audio_too_short", "invalid_file_format", "unsupported_file", "invalid_file"}
+)
+_AUDIO_MESSAGE = re.compile(r"\baudio\b|file format|corrupt|could not (?:decode|process)", re.IGNORECASE)
+# OpenAI echoes a masked key in 401 messages ("Incorrect API key provided: sk-ab***cd"); never keep it.
+_KEY_PATTERN = re.compile(r"\b(?:sk|pk|rk)-[A-Za-z0-9_\-*.]{3,}")
+_MAX_MESSAGE_CHARS = 500
+
+
+def _json_only(model: str) -> bool:
+    return model.startswith(JSON_ONLY_MODEL_PREFIXES)
+
+
+def parse_retry_after(headers: httpx.Headers, *, now: float | None = None) -> float | None:
+    """Seconds to wait from `retry-after-ms` (ms) or `retry-after` (seconds or HTTP date), else None."""
+    raw_ms = headers.get("retry-after-ms")
+    if raw_ms is not None:
+        try:
+            return max(float(raw_ms) / 1000.0, 0.0)
+        except ValueError:
+            pass
+    raw = headers.get("retry-after")
+    if raw is None:
+        return None
+    try:
+        return max(float(raw), 0.0)
+    except ValueError:
+        pass
+    try:
+        when = email.utils.parsedate_to_datetime(raw)
+    except (TypeError, ValueError, IndexError):
+        return None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=UTC)
+    current = time.time() if now is None else now
+    return max(when.timestamp() - current, 0.0)
+
+
+def _scrub(message: str, secret: str | None) -> str:
+    if secret:
+        message = message.replace(secret, "***")
+    message = _KEY_PATTERN.sub("***", message)
+    return message[:_MAX_MESSAGE_CHARS]
+
+
+def _error_body(response: httpx.Response) -> tuple[str | None, str | None, str | None, str | None]:
+    """(code, type, param, message) from an OpenAI error body; all None when it is not one (e.g. HTML)."""
+    try:
+        body = response.json()
+    except (json.JSONDecodeError, UnicodeDecodeError, ValueError):
+        return None, None, None, None
+    error = body.get("error") if isinstance(body, dict) else None
+    if not isinstance(error, dict):
+        return None, None, None, None
+
+    def text(key: str) -> str | None:
+        value = error.get(key)
+        return str(value) if value is not None else None
+
+    return text("code"), text("type"), text("param"), text("message")
+
+
+def translate_error(
+    response: httpx.Response | None, exc: Exception | None, *, secret: str | None = None
+) -> ProviderError:
+    """Turn a failed call (an error response, or a transport exception) into the ProviderError to act on."""
+    if response is None:
+        if isinstance(exc, httpx.ConnectTimeout | httpx.ConnectError):
+            code = "connect_error"
+        elif isinstance(exc, httpx.TimeoutException):
+            code = "timeout"
+        else:
+            code = "transport_error"
+        detail = type(exc).__name__ if exc is not None else "no response"
+        return ProviderError(f"provider call failed: {detail}", kind=ErrorKind.RETRY, code=code)
+
+    status = response.status_code
+    err_code, err_type, param, message = _error_body(response)
+    message = _scrub(message or f"HTTP {status} from provider", secret)
+    code = err_code or f"http_{status}"
+    retry_after = parse_retry_after(response.headers)
+
+    def error(kind: ErrorKind, **extra: Any) -> ProviderError:
+        return ProviderError(
+            message, kind=kind, code=code, http_status=status, retry_after=retry_after, **extra
+        )
+
+    if status == 429:
+        if err_code == "insufficient_quota" or err_type == "insufficient_quota":
+            return error(ErrorKind.NEXT_MODEL)
+        return error(ErrorKind.RETRY)
+    if status in (408, 409) or status >= 500:
+        return error(ErrorKind.RETRY)
+    if status in (401, 403):
+        return error(ErrorKind.NEXT_MODEL)
+    if err_code == "model_not_found" and status in (400, 404):
+        return error(ErrorKind.NEXT_MODEL, model_gone=True)
+    if status == 413:
+        return error(ErrorKind.TOO_LARGE)
+    if status == 400 and (
+        param == "file" or err_code in _AUDIO_ERROR_CODES or _AUDIO_MESSAGE.search(message) is not None
+    ):
+        return error(ErrorKind.INVALID_AUDIO)
+    if 400 <= status < 500:
+        return error(ErrorKind.NEXT_MODEL, opens_circuit=False)
+    # 1xx/3xx: not an answer we understand; the next attempt may get a real one.
+    return error(ErrorKind.RETRY)
+
+
+def _segments(body: dict[str, Any]) -> list[dict[str, Any]] | None:
+    raw = body.get("segments")
+    if not isinstance(raw, list):
+        return None
+    words = body.get("words") if isinstance(body.get("words"), list) else []
+    segments: list[dict[str, Any]] = []
+    for seg in raw:
+        start, end = float(seg.get("start", 0.0)), float(seg.get("end", 0.0))
+        item: dict[str, Any] = {"start": start, "end": end, "text": str(seg.get("text", ""))}
+        if words:
+            item["words"] = [
+                {"start": float(w["start"]), "end": float(w["end"]), "word": str(w["word"])}
+                for w in words
+                if start <= float(w.get("start", -1.0)) < max(end, start + 1e-9)
+            ]
+        segments.append(item)
+    return segments
+
+
+class OpenAIProvider:
+    """Transcribes through an OpenAI-compatible `/audio/transcriptions` endpoint."""
+
+    name = "openai"
+
+    def __init__(
+        self, client: httpx.AsyncClient, *, base_url: str, api_key: str | None, timeout: float
+    ) -> None:
+        self._client = client
+        self._base_url = base_url.rstrip("/")
+        self._api_key = api_key
+        self._timeout = timeout
+
+    def _headers(self, request_id: str | None) -> dict[str, str]:
+        headers = {"Accept": "application/json"}
+        if self._api_key:
+            headers["Authorization"] = f"Bearer {self._api_key}"
+        if request_id:
+            headers["X-Client-Request-Id"] = request_id
+        return headers
+
+    async def transcribe(self, request: TranscriptionRequest) -> TranscriptionResult:
+        """Transcribe one request or raise ProviderError (see the module docstring for the rules)."""
+        verbose = request.want_timestamps and not _json_only(request.model)
+        data: dict[str, str | list[str]] = {
+            "model": request.model,
+            "response_format": "verbose_json" if verbose else "json",
+        }
+        if verbose:
+            data["timestamp_granularities[]"] = ["segment", "word"]
+        if request.language:
+            data["language"] = request.language
+        if request.prompt:
+            data["prompt"] = request.prompt
+        files = {"file": (request.filename, request.audio, request.content_type)}
+        started = time.monotonic()
+        try:
+            response = await self._client.post(
+                f"{self._base_url}/audio/transcriptions",
+                data=data,
+                files=files,
+                headers=self._headers(request.request_id),
+                timeout=httpx.Timeout(self._timeout, connect=min(self._timeout, 10.0)),
+            )
+        except httpx.HTTPError as exc:
+            raise translate_error(None, exc, secret=self._api_key) from None
+        if response.status_code != 200:
+            raise translate_error(response, None, secret=self._api_key)
+        try:
+            body = response.json()
+            text = body["text"]
+        except (ValueError, KeyError, TypeError):
+            # A 200 that is not a transcription (a proxy's page, a truncated body): worth another try.
+            raise ProviderError(
+                "provider answered 200 without a transcription",
+                kind=ErrorKind.RETRY,
+                code="bad_response",
+                http_status=200,
+            ) from None
+        usage = body.get("usage")
+        return TranscriptionResult(
+            text=str(text),
+            model=request.model,
+            language=body.get("language") if isinstance(body.get("language"), str) else request.language,
+            segments=_segments(body) if verbose else None,
+            usage=usage if isinstance(usage, dict) else None,
+            http_status=response.status_code,
+            extra={
+                "provider_request_id": response.headers.get("x-request-id"),
+                "latency_seconds": round(time.monotonic() - started, 4),
+            },
+        )
+
+
+def _parse_shutdown(value: object) -> date | None:
+    if value is None or value == "":
+        return None
+    if isinstance(value, int | float):
+        return datetime.fromtimestamp(float(value), tz=UTC).date()
+    try:
+        return date.fromisoformat(str(value)[:10])
+    except ValueError:
+        return None
+
+
+async def list_models(
+    client: httpx.AsyncClient, base_url: str, api_key: str | None
+) -> dict[str, date | None]:
+    """Model ids the provider lists, each with its announced `shutdown_date` (None when not announced)."""
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    try:
+        response = await client.get(f"{base_url.rstrip('/')}/models", headers=headers, timeout=15.0)
+    except httpx.HTTPError as exc:
+        raise translate_error(None, exc, secret=api_key) from None
+    if response.status_code != 200:
+        raise translate_error(response, None, secret=api_key)
+    models: dict[str, date | None] = {}
+    for item in response.json().get("data", []):
+        if isinstance(item, dict) and "id" in item:
+            models[str(item["id"])] = _parse_shutdown(item.get("shutdown_date"))
+    return models
+
+
+def retiring_models(
+    models: dict[str, date | None], configured: list[str], today: date, within_days: int = 90
+) -> list[tuple[str, date]]:
+    """Configured models whose shutdown date is on or before `today + within_days` (past dates too)."""
+    horizon = today + timedelta(days=within_days)
+    found: list[tuple[str, date]] = []
+    for model in configured:
+        shutdown = models.get(model)
+        if shutdown is not None and shutdown <= horizon:
+            found.append((model, shutdown))
+    return found

@@ -1,0 +1,860 @@
+"""A real HTTP server that speaks OpenAI's transcription wire format, with scripted faults.
+
+Endpoints (OpenAI's): `POST /v1/audio/transcriptions` (multipart), `GET /v1/models`.
+Errors are `{"error": {"message", "type", "param", "code"}}` with OpenAI's status codes, messages and
+headers (`x-request-id`, `retry-after-ms`, `retry-after`, `x-ratelimit-*`).
+
+What it "hears": it transcribes pure tones, so tests can check content and order without speech.
+The audio is decoded with PyAV to 16 kHz mono, split at silences (20 ms frames; a frame is silent below
+max(0.01, 5% of the loudest frame's) RMS; gaps under 0.1 s are bridged and regions under 0.05 s dropped),
+and each region becomes the word `tone<F>`, F its dominant FFT frequency rounded to the nearest 10 Hz:
+"tone440 tone880". Silent audio gives "". Audio under 0.1 s gets OpenAI's 400 `audio_too_short`.
+
+What it bills (usage):
+- gpt-4o-transcribe, gpt-4o-mini-transcribe: tokens. audio_tokens = ceil(10 * seconds) (OpenAI documents
+  user audio at about 1 token per 100 ms), text_tokens = ceil(len(prompt) / 4),
+  output_tokens = ceil(len(text) / 4) + 1 (the end token), input = audio + text, total = input + output.
+- whisper-1 and gpt-transcribe: `{"type": "duration", "seconds": ceil(seconds)}`.
+Only successful answers are billed; every billed answer is in `billing_log()` with the caller's
+X-Client-Request-Id. A request that hangs (a scripted timeout) is never answered and never billed.
+
+Scripted behaviour, per model, at runtime (Python API in-process; JSON under `/_fake/...` otherwise):
+latency, a fault mix by probability from a seeded RNG, a queue of scripted answers for the next
+requests, quota exhaustion (now or after N billed requests), model_not_found, an RPM limit (sliding
+60 s window of accepted requests), and the maximum file size (413 above it; 25 MB like OpenAI).
+
+Run in-process: `fake = FakeOpenAI().start(); fake.base_url  # http://127.0.0.1:N/v1; fake.stop()`.
+Run alone: `python -m tests.fakes.openai_server --port N`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import io
+import math
+import random
+import threading
+import time
+import uuid
+from collections import deque
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import anyio.to_thread
+import numpy as np
+import uvicorn
+from starlette.applications import Starlette
+from starlette.datastructures import UploadFile
+from starlette.requests import Request
+from starlette.responses import JSONResponse, PlainTextResponse, Response
+from starlette.routing import Route
+
+MAX_FILE_BYTES = 26_214_400
+SUPPORTED_EXTENSIONS = ("flac", "m4a", "mp3", "mp4", "mpeg", "mpga", "oga", "ogg", "wav", "webm")
+JSON_ONLY_MODELS = ("gpt-4o-transcribe", "gpt-4o-mini-transcribe", "gpt-transcribe")
+TOKEN_MODELS = ("gpt-4o-transcribe", "gpt-4o-mini-transcribe")
+AUDIO_TOKENS_PER_SECOND = 10
+SAMPLE_RATE = 16_000
+MAX_DECODE_SECONDS = 4 * 3600
+
+# OpenAI's guide: these three shut down on 2027-02-26.
+DEFAULT_MODELS: dict[str, str | None] = {
+    "gpt-4o-mini-transcribe": "2027-02-26",
+    "gpt-4o-transcribe": "2027-02-26",
+    "whisper-1": "2027-02-26",
+    "gpt-transcribe": None,
+}
+
+FAULT_KINDS = (
+    "ok",  # answer normally (useful in a script: "fail, fail, then succeed")
+    "rate_limit",  # 429 rate_limit_exceeded with retry-after-ms / retry-after
+    "server_error",  # 500 (or `status`: 502, 503 ...)
+    "timeout",  # hang without answering until the client gives up (or `seconds`), never billed
+    "quota",  # 429 insufficient_quota
+    "model_not_found",  # 404 model_not_found
+    "invalid_file",  # 400 invalid_value, param file
+    "auth",  # 401 invalid_api_key
+    "too_large",  # 413
+    "error",  # any: `status`, `code`, `type`, `message`, `param`
+)
+
+
+@dataclass
+class Fault:
+    """One scripted answer. `kind` is one of FAULT_KINDS; the other fields refine it."""
+
+    kind: str
+    status: int | None = None
+    retry_after_ms: int | None = None
+    retry_after: str | None = None  # seconds or an HTTP date, sent verbatim
+    seconds: float | None = None  # timeout: how long to hang at most
+    code: str | None = None
+    type: str | None = None
+    message: str | None = None
+    param: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.kind not in FAULT_KINDS:
+            raise ValueError(f"unknown fault kind {self.kind!r}; one of {FAULT_KINDS}")
+
+    @classmethod
+    def of(cls, value: Fault | str | dict[str, Any]) -> Fault:
+        """A Fault from a Fault, a kind name or a dict (the admin endpoints' JSON)."""
+        if isinstance(value, Fault):
+            return value
+        if isinstance(value, str):
+            return cls(kind=value)
+        return cls(**value)
+
+
+@dataclass
+class ModelBehaviour:
+    """How the fake treats requests for one model."""
+
+    latency: float = 0.0  # seconds added before answering
+    latency_jitter: float = 0.0  # plus uniform(0, jitter)
+    faults: dict[str, float] = field(default_factory=dict)  # kind -> probability per request
+    retry_after_ms: int | None = 250  # sent with random rate_limit faults
+    quota_after: int | None = None  # insufficient_quota once this many requests were billed (0 = now)
+    gone: bool = False  # 404 model_not_found from now on
+    rpm_limit: int | None = None  # 429 beyond this many accepted requests in 60 s
+    hang_seconds: float = 300.0  # timeout faults hang at most this long
+
+
+@dataclass
+class Decoded:
+    """What the fake heard in a file."""
+
+    duration: float
+    regions: list[tuple[float, float, int]]  # (start, end, frequency Hz)
+
+    @property
+    def text(self) -> str:
+        """The transcript: one `tone<F>` word per region."""
+        return " ".join(f"tone{freq}" for _, _, freq in self.regions)
+
+
+class InvalidAudio(Exception):
+    """The upload is not decodable audio."""
+
+
+def decode_audio(data: bytes) -> Decoded:
+    """Decode any container PyAV reads to 16 kHz mono and find its tones (see the module docstring)."""
+    import av
+
+    chunks: list[np.ndarray] = []
+    total = 0
+    try:
+        with av.open(io.BytesIO(data), mode="r") as container:
+            if not container.streams.audio:
+                raise InvalidAudio("no audio stream")
+            stream = container.streams.audio[0]
+            resampler = av.AudioResampler(format="flt", layout="mono", rate=SAMPLE_RATE)
+            for frame in container.decode(stream):
+                for out in resampler.resample(frame):
+                    arr = out.to_ndarray().reshape(-1)
+                    chunks.append(arr)
+                    total += arr.size
+                if total > MAX_DECODE_SECONDS * SAMPLE_RATE:
+                    raise InvalidAudio("audio too long")
+            for out in resampler.resample(None):
+                chunks.append(out.to_ndarray().reshape(-1))
+    except InvalidAudio:
+        raise
+    except Exception as exc:  # PyAV raises many error types for garbage input
+        raise InvalidAudio(type(exc).__name__) from exc
+    samples = np.concatenate(chunks).astype(np.float32) if chunks else np.zeros(0, dtype=np.float32)
+    return Decoded(duration=samples.size / SAMPLE_RATE, regions=find_tones(samples, SAMPLE_RATE))
+
+
+def find_tones(samples: np.ndarray, rate: int) -> list[tuple[float, float, int]]:
+    """Non-silent regions of `samples` with each one's dominant frequency (nearest 10 Hz)."""
+    frame = rate // 50  # 20 ms
+    n_frames = samples.size // frame
+    if n_frames == 0:
+        return []
+    frames = samples[: n_frames * frame].reshape(n_frames, frame)
+    rms = np.sqrt(np.mean(frames.astype(np.float64) ** 2, axis=1))
+    threshold = max(0.01, 0.05 * float(rms.max()))
+    loud = rms >= threshold
+    regions: list[list[int]] = []
+    for i, is_loud in enumerate(loud):
+        if not is_loud:
+            continue
+        if regions and i - regions[-1][1] <= 5:  # bridge gaps of up to 0.1 s
+            regions[-1][1] = i + 1
+        else:
+            regions.append([i, i + 1])
+    found: list[tuple[float, float, int]] = []
+    for start, end in regions:
+        if end - start < 3:  # under 60 ms: a click, not a tone
+            continue
+        segment = samples[start * frame : end * frame].astype(np.float64)
+        window = np.hanning(segment.size)
+        n_fft = max(segment.size, rate * 2)  # zero-pad to 0.5 Hz bins
+        spectrum = np.abs(np.fft.rfft(segment * window, n=n_fft))
+        spectrum[0] = 0.0
+        peak = int(np.argmax(spectrum))
+        freq = peak * rate / n_fft
+        found.append((start * frame / rate, end * frame / rate, round(freq / 10.0) * 10))
+    return found
+
+
+def _error(
+    status: int,
+    message: str,
+    *,
+    type: str = "invalid_request_error",
+    code: str | None = None,
+    param: str | None = None,
+    headers: dict[str, str] | None = None,
+) -> JSONResponse:
+    body = {"error": {"message": message, "type": type, "param": param, "code": code}}
+    return JSONResponse(body, status_code=status, headers=headers)
+
+
+class FakeOpenAI:
+    """The fake OpenAI API: state, scripting API, and the server that runs it."""
+
+    def __init__(
+        self,
+        *,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        seed: int = 1234,
+        models: dict[str, str | None] | None = None,
+        api_keys: set[str] | None = None,
+    ) -> None:
+        self.host = host
+        self.port = port
+        self._initial_models = dict(DEFAULT_MODELS if models is None else models)
+        self._initial_seed = seed
+        self.api_keys = api_keys  # None: any non-empty bearer token is accepted
+        self._lock = threading.Lock()
+        self._server: uvicorn.Server | None = None
+        self._thread: threading.Thread | None = None
+        self.reset()
+        self.app = Starlette(
+            routes=[
+                Route("/v1/audio/transcriptions", self._transcribe, methods=["POST"]),
+                Route("/v1/models", self._list_models, methods=["GET"]),
+                Route("/v1/models/{model:path}", self._get_model, methods=["GET"]),
+                Route("/_fake/reset", self._admin_reset, methods=["POST"]),
+                Route("/_fake/seed", self._admin_seed, methods=["POST"]),
+                Route("/_fake/config", self._admin_config, methods=["POST"]),
+                Route("/_fake/models/{model:path}/script", self._admin_script, methods=["POST"]),
+                Route("/_fake/models/{model:path}", self._admin_model, methods=["POST", "GET"]),
+                Route("/_fake/billing", self._admin_billing, methods=["GET"]),
+                Route("/_fake/requests", self._admin_requests, methods=["GET"]),
+            ]
+        )
+
+    # ---- state and scripting (thread-safe; callable from tests while the server runs) ----
+
+    def reset(self) -> None:
+        """Forget all behaviour, scripts and logs; back to the constructor's models and seed."""
+        with self._lock:
+            self.models: dict[str, str | None] = dict(self._initial_models)
+            self._behaviour: dict[str, ModelBehaviour] = {}
+            self._scripts: dict[str, deque[Fault]] = {}
+            self._billed_count: dict[str, int] = {}
+            self._accepted: dict[str, deque[float]] = {}
+            self._billing: list[dict[str, Any]] = []
+            self._requests: list[dict[str, Any]] = []
+            self._rng = random.Random(self._initial_seed)
+            self.max_file_bytes = MAX_FILE_BYTES
+            self.in_flight = 0
+            self.max_in_flight = 0
+
+    def seed(self, seed: int) -> None:
+        """Re-seed the RNG behind random faults and latency jitter."""
+        with self._lock:
+            self._rng = random.Random(seed)
+
+    def configure(self, model: str, **changes: Any) -> ModelBehaviour:
+        """Change how `model` behaves (fields of ModelBehaviour); returns the new behaviour."""
+        with self._lock:
+            behaviour = self._behaviour.setdefault(model, ModelBehaviour())
+            for key, value in changes.items():
+                if not hasattr(behaviour, key):
+                    raise ValueError(f"unknown behaviour {key!r}")
+                if key == "faults":
+                    for kind in value:
+                        Fault(kind=kind)  # validates the name
+                    value = dict(value)
+                setattr(behaviour, key, value)
+            return ModelBehaviour(**asdict(behaviour))
+
+    def behaviour(self, model: str) -> ModelBehaviour:
+        """A copy of how `model` behaves now."""
+        with self._lock:
+            return ModelBehaviour(**asdict(self._behaviour.get(model, ModelBehaviour())))
+
+    def script(self, model: str, faults: list[Fault | str | dict[str, Any]]) -> None:
+        """Queue answers: the next len(faults) requests for `model` get these, in order."""
+        parsed = [Fault.of(f) for f in faults]
+        with self._lock:
+            self._scripts.setdefault(model, deque()).extend(parsed)
+
+    def exhaust_quota(self, model: str, after: int = 0) -> None:
+        """429 insufficient_quota for `model` once `after` more requests were billed (0: from now on)."""
+        with self._lock:
+            already = self._billed_count.get(model, 0)
+            self._behaviour.setdefault(model, ModelBehaviour()).quota_after = already + after
+
+    def retire(self, model: str) -> None:
+        """`model` answers 404 model_not_found from now on (and leaves /v1/models)."""
+        with self._lock:
+            self._behaviour.setdefault(model, ModelBehaviour()).gone = True
+
+    def add_model(self, model: str, shutdown_date: str | None = None) -> None:
+        """List `model` in /v1/models (with an optional shutdown date, ISO format)."""
+        with self._lock:
+            self.models[model] = shutdown_date
+
+    def billing_log(self) -> list[dict[str, Any]]:
+        """Every billed request: {request_id, model, audio_seconds, usage, text, ts, x_request_id}."""
+        with self._lock:
+            return [dict(entry) for entry in self._billing]
+
+    def request_log(self) -> list[dict[str, Any]]:
+        """Every request received: {request_id, model, status, code, fault, ts, x_request_id}."""
+        with self._lock:
+            return [dict(entry) for entry in self._requests]
+
+    # ---- server lifecycle ----
+
+    @property
+    def base_url(self) -> str:
+        """The OpenAI base URL clients use, ending in /v1."""
+        return f"http://{self.host}:{self.port}/v1"
+
+    @property
+    def root_url(self) -> str:
+        """The server's root (admin endpoints live under /_fake)."""
+        return f"http://{self.host}:{self.port}"
+
+    def _config(self) -> uvicorn.Config:
+        return uvicorn.Config(
+            self.app,
+            host=self.host,
+            port=self.port,
+            log_level="warning",
+            access_log=False,
+            lifespan="off",
+            timeout_graceful_shutdown=1,
+            backlog=4096,
+            timeout_keep_alive=30,
+        )
+
+    def start(self) -> FakeOpenAI:
+        """Serve on a free 127.0.0.1 port (or the given one) in a background thread; return self."""
+        if self.port == 0:
+            from core.embedded import free_port
+
+            self.port = free_port()
+        self._server = uvicorn.Server(self._config())
+        self._thread = threading.Thread(target=self._server.run, name="fake-openai", daemon=True)
+        self._thread.start()
+        deadline = time.monotonic() + 10
+        while not self._server.started:
+            if not self._thread.is_alive() or time.monotonic() > deadline:
+                raise RuntimeError("fake OpenAI server did not start")
+            time.sleep(0.01)
+        return self
+
+    def stop(self) -> None:
+        """Stop serving (hanging requests are cut)."""
+        if self._server is not None:
+            self._server.should_exit = True
+        if self._thread is not None:
+            self._thread.join(10)
+        self._server = None
+        self._thread = None
+
+    def __enter__(self) -> FakeOpenAI:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    # ---- request handling ----
+
+    def _log(self, entry: dict[str, Any]) -> None:
+        entry["ts"] = time.time()
+        with self._lock:
+            self._requests.append(entry)
+
+    def _auth_error(self, request: Request) -> Response | None:
+        header = request.headers.get("authorization", "")
+        token = header[7:].strip() if header.lower().startswith("bearer ") else ""
+        if not token:
+            return _error(
+                401,
+                "You didn't provide an API key. You need to provide your API key in an Authorization header "
+                "using Bearer auth (i.e. Authorization: Bearer YOUR_KEY).",
+            )
+        if self.api_keys is not None and token not in self.api_keys:
+            masked = token[:3] + "*" * 6 + token[-4:] if len(token) > 8 else "***"
+            return _error(
+                401,
+                f"Incorrect API key provided: {masked}. You can find your API key at "
+                "https://platform.openai.com/account/api-keys.",
+                code="invalid_api_key",
+            )
+        return None
+
+    def _pick_fault(self, model: str) -> tuple[Fault | None, ModelBehaviour]:
+        """The scripted or random fault for this request (None: answer normally), under the lock."""
+        behaviour = self._behaviour.get(model, ModelBehaviour())
+        script = self._scripts.get(model)
+        if script:
+            return script.popleft(), behaviour
+        if behaviour.gone:
+            return Fault("model_not_found"), behaviour
+        if behaviour.quota_after is not None and self._billed_count.get(model, 0) >= behaviour.quota_after:
+            return Fault("quota"), behaviour
+        draw = self._rng.random()
+        cumulative = 0.0
+        for kind, probability in behaviour.faults.items():
+            cumulative += probability
+            if draw < cumulative:
+                return Fault(kind, retry_after_ms=behaviour.retry_after_ms), behaviour
+        return None, behaviour
+
+    def _rpm_check(self, model: str, behaviour: ModelBehaviour) -> float | None:
+        """None when under the RPM limit (and the request is counted); else seconds until a slot frees."""
+        now = time.monotonic()
+        window = self._accepted.setdefault(model, deque())
+        while window and window[0] <= now - 60.0:
+            window.popleft()
+        if behaviour.rpm_limit is not None and len(window) >= behaviour.rpm_limit:
+            return max(window[0] + 60.0 - now, 0.001)
+        window.append(now)
+        return None
+
+    def _fault_response(
+        self, fault: Fault, model: str, behaviour: ModelBehaviour, request: Request
+    ) -> Response:
+        if fault.kind == "rate_limit":
+            headers: dict[str, str] = {}
+            ms = fault.retry_after_ms if fault.retry_after_ms is not None else behaviour.retry_after_ms
+            if ms is not None:
+                headers["retry-after-ms"] = str(ms)
+                headers["retry-after"] = str(max(1, math.ceil(ms / 1000)))
+            if fault.retry_after is not None:
+                headers["retry-after"] = fault.retry_after
+                if fault.retry_after_ms is None:
+                    headers.pop("retry-after-ms", None)
+            return _error(
+                429,
+                fault.message
+                or f"Rate limit reached for {model} in organization org-fake on requests per min (RPM). "
+                "Please try again shortly.",
+                type="requests",
+                code="rate_limit_exceeded",
+                headers=headers,
+            )
+        if fault.kind == "server_error":
+            status = fault.status or 500
+            if status == 502:
+                # Real 502s come from the edge proxy as HTML, not JSON.
+                return Response(
+                    "<html><head><title>502 Bad Gateway</title></head><body>"
+                    "<center><h1>502 Bad Gateway</h1></center></body></html>",
+                    status_code=502,
+                    media_type="text/html",
+                )
+            return _error(
+                status,
+                fault.message or "The server had an error while processing your request. Sorry about that!",
+                type="server_error",
+            )
+        if fault.kind == "quota":
+            return _error(
+                429,
+                "You exceeded your current quota, please check your plan and billing details. For more "
+                "information on this error, read the docs: "
+                "https://platform.openai.com/docs/guides/error-codes/api-errors.",
+                type="insufficient_quota",
+                code="insufficient_quota",
+            )
+        if fault.kind == "model_not_found":
+            return _error(
+                404,
+                f"The model `{model}` does not exist or you do not have access to it.",
+                code="model_not_found",
+            )
+        if fault.kind == "invalid_file":
+            return _error(
+                400,
+                fault.message or "Audio file might be corrupted or unsupported",
+                code="invalid_value",
+                param="file",
+            )
+        if fault.kind == "auth":
+            return _error(
+                401,
+                "Incorrect API key provided: sk-fak******1234. You can find your API key at "
+                "https://platform.openai.com/account/api-keys.",
+                code="invalid_api_key",
+            )
+        if fault.kind == "too_large":
+            return self._too_large(int(request.headers.get("content-length", "0") or 0))
+        # "error": fully described by the script.
+        return _error(
+            fault.status or 400,
+            fault.message or "Scripted error.",
+            type=fault.type or "invalid_request_error",
+            code=fault.code,
+            param=fault.param,
+        )
+
+    def _too_large(self, size: int) -> Response:
+        return _error(
+            413,
+            f"Maximum content size limit ({self.max_file_bytes}) exceeded ({size} bytes read)",
+            type="server_error",
+        )
+
+    async def _hang(self, request: Request, seconds: float) -> None:
+        """Answer nothing until the client gives up (disconnects) or `seconds` pass."""
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(seconds):
+                while True:
+                    message = await request.receive()
+                    if message["type"] == "http.disconnect":
+                        return
+
+    async def _transcribe(self, request: Request) -> Response:
+        request_id = request.headers.get("x-client-request-id")
+        x_request_id = "req_" + uuid.uuid4().hex
+        entry: dict[str, Any] = {"request_id": request_id, "x_request_id": x_request_id, "model": None}
+        with self._lock:
+            self.in_flight += 1
+            self.max_in_flight = max(self.max_in_flight, self.in_flight)
+        try:
+            response = await self._handle_transcribe(request, entry)
+        finally:
+            with self._lock:
+                self.in_flight -= 1
+        response.headers["x-request-id"] = x_request_id
+        response.headers["openai-version"] = "2020-10-01"
+        entry["status"] = response.status_code
+        self._log(entry)
+        return response
+
+    async def _handle_transcribe(self, request: Request, entry: dict[str, Any]) -> Response:
+        denied = self._auth_error(request)
+        if denied is not None:
+            entry["code"] = "auth"
+            return denied
+        size = int(request.headers.get("content-length", "0") or 0)
+        if size > self.max_file_bytes + 64 * 1024:
+            entry["code"] = "too_large"
+            return self._too_large(size)
+        try:
+            form = await request.form(max_files=4, max_fields=64)
+        except Exception:
+            entry["code"] = "bad_multipart"
+            return _error(400, "Could not parse multipart form")
+        try:
+            model = form.get("model")
+            upload = form.get("file")
+            if not isinstance(model, str) or not model:
+                return _error(400, "you must provide a model parameter", code="missing_required_parameter")
+            entry["model"] = model
+            if not isinstance(upload, UploadFile):
+                return _error(
+                    400,
+                    "Missing required parameter: 'file'.",
+                    code="missing_required_parameter",
+                    param="file",
+                )
+            data = await upload.read()
+            filename = upload.filename or ""
+            response_format = str(form.get("response_format") or "json")
+            granularities = [str(g) for g in form.getlist("timestamp_granularities[]")]
+            prompt = str(form.get("prompt") or "")
+            language = form.get("language")
+        finally:
+            await form.close()
+
+        with self._lock:
+            fault, behaviour = self._pick_fault(model)
+            wait = None if fault is not None else self._rpm_check(model, behaviour)
+            delay = behaviour.latency + (
+                self._rng.uniform(0, behaviour.latency_jitter) if behaviour.latency_jitter else 0.0
+            )
+        if model not in self.models and (fault is None or fault.kind == "ok"):
+            fault = Fault("model_not_found")
+        if fault is not None:
+            entry["fault"] = fault.kind
+        if wait is not None:
+            entry["code"] = "rate_limit_exceeded"
+            return _error(
+                429,
+                f"Rate limit reached for {model} in organization org-fake on requests per min (RPM): "
+                f"Limit {behaviour.rpm_limit}, Used {behaviour.rpm_limit}, Requested 1. "
+                f"Please try again in {wait:.3f}s.",
+                type="requests",
+                code="rate_limit_exceeded",
+                headers={
+                    "retry-after-ms": str(math.ceil(wait * 1000)),
+                    "retry-after": str(math.ceil(wait)),
+                    "x-ratelimit-limit-requests": str(behaviour.rpm_limit),
+                    "x-ratelimit-remaining-requests": "0",
+                },
+            )
+        if delay > 0:
+            await asyncio.sleep(delay)
+        if fault is not None and fault.kind == "timeout":
+            entry["code"] = "timeout"
+            await self._hang(request, fault.seconds if fault.seconds is not None else behaviour.hang_seconds)
+            return _error(504, "Gateway timeout.", type="server_error")
+        if fault is not None and fault.kind != "ok":
+            response = self._fault_response(fault, model, behaviour, request)
+            entry["code"] = fault.kind
+            return response
+
+        if len(data) > self.max_file_bytes:
+            entry["code"] = "too_large"
+            return self._too_large(len(data))
+        extension = filename.rsplit(".", 1)[-1].lower() if "." in filename else ""
+        if extension not in SUPPORTED_EXTENSIONS:
+            entry["code"] = "invalid_file_format"
+            return _error(400, f"Invalid file format. Supported formats: {list(SUPPORTED_EXTENSIONS)}")
+        if response_format not in ("json", "text", "verbose_json", "srt", "vtt"):
+            return _error(
+                400, f"Invalid value: '{response_format}'.", code="invalid_value", param="response_format"
+            )
+        if model.startswith(JSON_ONLY_MODELS) and response_format not in ("json", "text"):
+            entry["code"] = "unsupported_value"
+            return _error(
+                400,
+                f"response_format '{response_format}' is not compatible with model '{model}'. "
+                "Use 'json' or 'text' instead.",
+                code="unsupported_value",
+                param="response_format",
+            )
+        try:
+            decoded = await anyio.to_thread.run_sync(decode_audio, data)
+        except InvalidAudio:
+            entry["code"] = "invalid_value"
+            return _error(
+                400, "Audio file might be corrupted or unsupported", code="invalid_value", param="file"
+            )
+        if decoded.duration < 0.1:
+            entry["code"] = "audio_too_short"
+            return _error(
+                400,
+                "Audio file is too short. Minimum audio length is 0.1 seconds.",
+                code="audio_too_short",
+                param="file",
+            )
+
+        text = decoded.text
+        usage = self._usage(model, decoded.duration, prompt, text)
+        with self._lock:
+            # Quota may have run out while this request decoded; the check and the count are one step.
+            quota_after = self._behaviour.get(model, ModelBehaviour()).quota_after
+            if quota_after is not None and self._billed_count.get(model, 0) >= quota_after:
+                exhausted = True
+            else:
+                exhausted = False
+                self._billed_count[model] = self._billed_count.get(model, 0) + 1
+                self._billing.append(
+                    {
+                        "request_id": entry["request_id"],
+                        "x_request_id": entry["x_request_id"],
+                        "model": model,
+                        "audio_seconds": decoded.duration,
+                        "usage": usage,
+                        "text": text,
+                        "ts": time.time(),
+                    }
+                )
+        if exhausted:
+            entry["code"] = "quota"
+            return self._fault_response(Fault("quota"), model, behaviour, request)
+        entry["code"] = None
+        entry["billed"] = True
+        return self._answer(model, decoded, usage, response_format, granularities, language)
+
+    def _usage(self, model: str, seconds: float, prompt: str, text: str) -> dict[str, Any]:
+        if model.startswith(TOKEN_MODELS):
+            audio_tokens = math.ceil(seconds * AUDIO_TOKENS_PER_SECOND)
+            text_tokens = math.ceil(len(prompt) / 4)
+            output_tokens = math.ceil(len(text) / 4) + 1
+            input_tokens = audio_tokens + text_tokens
+            return {
+                "type": "tokens",
+                "input_tokens": input_tokens,
+                "input_token_details": {"text_tokens": text_tokens, "audio_tokens": audio_tokens},
+                "output_tokens": output_tokens,
+                "total_tokens": input_tokens + output_tokens,
+            }
+        return {"type": "duration", "seconds": math.ceil(seconds)}
+
+    def _answer(
+        self,
+        model: str,
+        decoded: Decoded,
+        usage: dict[str, Any],
+        response_format: str,
+        granularities: list[str],
+        language: object,
+    ) -> Response:
+        text = decoded.text
+        if response_format == "text":
+            return PlainTextResponse(text)
+        if response_format in ("srt", "vtt"):
+            return PlainTextResponse(_subtitles(decoded, vtt=response_format == "vtt"))
+        if response_format == "verbose_json":
+            body: dict[str, Any] = {
+                "task": "transcribe",
+                "language": str(language) if isinstance(language, str) and language else "english",
+                "duration": round(decoded.duration, 3),
+                "text": text,
+                "usage": usage,
+            }
+            if not granularities or "segment" in granularities:
+                body["segments"] = [
+                    {
+                        "id": i,
+                        "seek": 0,
+                        "start": round(start, 3),
+                        "end": round(end, 3),
+                        "text": f" tone{freq}",
+                        "tokens": [50364, 1000 + i, 50414],
+                        "temperature": 0.0,
+                        "avg_logprob": -0.2,
+                        "compression_ratio": 0.8,
+                        "no_speech_prob": 0.01,
+                    }
+                    for i, (start, end, freq) in enumerate(decoded.regions)
+                ]
+            if "word" in granularities:
+                body["words"] = [
+                    {"word": f"tone{freq}", "start": round(start, 3), "end": round(end, 3)}
+                    for start, end, freq in decoded.regions
+                ]
+            return JSONResponse(body)
+        return JSONResponse({"text": text, "usage": usage})
+
+    async def _list_models(self, request: Request) -> Response:
+        denied = self._auth_error(request)
+        if denied is not None:
+            return denied
+        with self._lock:
+            listed = {
+                m: d for m, d in self.models.items() if not self._behaviour.get(m, ModelBehaviour()).gone
+            }
+        return JSONResponse({"object": "list", "data": [_model_object(m, d) for m, d in listed.items()]})
+
+    async def _get_model(self, request: Request) -> Response:
+        denied = self._auth_error(request)
+        if denied is not None:
+            return denied
+        model = request.path_params["model"]
+        with self._lock:
+            known = model in self.models and not self._behaviour.get(model, ModelBehaviour()).gone
+            shutdown = self.models.get(model)
+        if not known:
+            return _error(
+                404,
+                f"The model '{model}' does not exist",
+                code="model_not_found",
+                param="model",
+            )
+        return JSONResponse(_model_object(model, shutdown))
+
+    # ---- admin endpoints (for a fake running as its own process) ----
+
+    async def _admin_reset(self, request: Request) -> Response:
+        self.reset()
+        return JSONResponse({"ok": True})
+
+    async def _admin_seed(self, request: Request) -> Response:
+        self.seed(int((await request.json())["seed"]))
+        return JSONResponse({"ok": True})
+
+    async def _admin_config(self, request: Request) -> Response:
+        body = await request.json()
+        if "max_file_bytes" in body:
+            self.max_file_bytes = int(body["max_file_bytes"])
+        for model, shutdown in (body.get("models") or {}).items():
+            self.add_model(model, shutdown)
+        return JSONResponse({"ok": True, "max_file_bytes": self.max_file_bytes})
+
+    async def _admin_model(self, request: Request) -> Response:
+        model = request.path_params["model"]
+        if request.method == "GET":
+            return JSONResponse(asdict(self.behaviour(model)))
+        body = await request.json()
+        try:
+            if "exhaust_quota_after" in body:
+                self.exhaust_quota(model, int(body.pop("exhaust_quota_after")))
+            behaviour = self.configure(model, **body)
+        except (TypeError, ValueError) as exc:
+            return JSONResponse({"error": str(exc)}, status_code=400)
+        return JSONResponse(asdict(behaviour))
+
+    async def _admin_script(self, request: Request) -> Response:
+        try:
+            self.script(request.path_params["model"], list(await request.json()))
+        except (TypeError, ValueError) as exc:
+            return JSONResponse({"error": str(exc)}, status_code=400)
+        return JSONResponse({"ok": True})
+
+    async def _admin_billing(self, request: Request) -> Response:
+        return JSONResponse(self.billing_log())
+
+    async def _admin_requests(self, request: Request) -> Response:
+        return JSONResponse(self.request_log())
+
+
+def _model_object(model: str, shutdown: str | None) -> dict[str, Any]:
+    obj: dict[str, Any] = {"id": model, "object": "model", "created": 1_700_000_000, "owned_by": "system"}
+    if shutdown is not None:
+        obj["shutdown_date"] = shutdown
+    return obj
+
+
+def _timestamp(seconds: float, *, vtt: bool) -> str:
+    millis = round(seconds * 1000)
+    hours, rest = divmod(millis, 3_600_000)
+    minutes, rest = divmod(rest, 60_000)
+    secs, millis = divmod(rest, 1000)
+    sep = "." if vtt else ","
+    return f"{hours:02d}:{minutes:02d}:{secs:02d}{sep}{millis:03d}"
+
+
+def _subtitles(decoded: Decoded, *, vtt: bool) -> str:
+    lines = ["WEBVTT", ""] if vtt else []
+    for i, (start, end, freq) in enumerate(decoded.regions, start=1):
+        if not vtt:
+            lines.append(str(i))
+        lines.append(f"{_timestamp(start, vtt=vtt)} --> {_timestamp(end, vtt=vtt)}")
+        lines.extend([f"tone{freq}", ""])
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Run the fake as its own process (scripted through /_fake/...)."""
+    parser = argparse.ArgumentParser(description="Fake OpenAI transcription API for voxq tests")
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, required=True)
+    parser.add_argument("--seed", type=int, default=1234)
+    parser.add_argument("--api-key", action="append", help="accept only these keys (repeatable)")
+    args = parser.parse_args(argv)
+    fake = FakeOpenAI(
+        host=args.host, port=args.port, seed=args.seed, api_keys=set(args.api_key) if args.api_key else None
+    )
+    uvicorn.Server(fake._config()).run()
+
+
+if __name__ == "__main__":
+    main()
