@@ -53,6 +53,7 @@ class Settings(BaseSettings):
         default_factory=lambda: ["gpt-4o-transcribe", "local"]
     )
     price_table_version: str = "2026-11"
+    price_table_dir: str | None = None  # extra price tables (<version>.json) overriding core/prices/
 
     # Pipeline limits.
     max_upload_bytes: int = 2 * 1024**3

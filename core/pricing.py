@@ -1,0 +1,234 @@
+"""What a provider call cost: the provider's `usage` priced with a versioned price table kept as data.
+
+Price tables are JSON files, one per version, bundled in `core/prices/` (package data) and optionally
+overridden by files in `VOXQ_PRICE_TABLE_DIR`. Every cost record stores the table version and the unit
+prices it used, so a cost can always be re-derived. Money is Decimal, quantized to 8 places (the
+`cost_records.usd` column is NUMERIC(18, 8)).
+
+How a call is priced:
+- usage `{"type": "tokens"}`: audio-in, text-in and output tokens at the model's per-million prices.
+- usage `{"type": "duration"}`: billed seconds at the model's per-minute price.
+- no usage: the request's audio seconds at the per-minute list price, `estimated=True`.
+- `local` / `local:*` models: free (the local engine's CPU time is recorded elsewhere).
+- unknown model (or a price the table lacks): the table's default per-minute price, `estimated=True`.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from decimal import Decimal
+from functools import lru_cache
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from core.errors import ConfigError
+
+QUANTUM = Decimal("0.00000001")
+MILLION = Decimal(1_000_000)
+SIXTY = Decimal(60)
+ZERO = Decimal(0)
+
+
+@dataclass(frozen=True)
+class ModelPrices:
+    """One model's list prices (None where the table has no such price)."""
+
+    per_minute: Decimal | None = None
+    audio_input_per_million: Decimal | None = None
+    text_input_per_million: Decimal | None = None
+    output_per_million: Decimal | None = None
+
+    @property
+    def has_token_prices(self) -> bool:
+        """True when the table prices this model by tokens."""
+        return self.audio_input_per_million is not None and self.output_per_million is not None
+
+
+@dataclass(frozen=True)
+class PriceTable:
+    """One version of the price list."""
+
+    version: str
+    default_per_minute: Decimal
+    models: dict[str, ModelPrices]
+
+    def prices_for(self, model: str) -> ModelPrices | None:
+        """The model's prices; a dated snapshot (`gpt-4o-transcribe-2025-03-20`) uses its base model's."""
+        if model in self.models:
+            return self.models[model]
+        candidates = [name for name in self.models if model.startswith(name + "-")]
+        return self.models[max(candidates, key=len)] if candidates else None
+
+
+@dataclass
+class PricedUsage:
+    """The priced cost of one attempt, shaped like a `cost_records` row."""
+
+    usd: Decimal
+    billed_audio_seconds: float
+    usage_type: str  # tokens | duration | none
+    input_tokens: int | None = None
+    input_audio_tokens: int | None = None
+    input_text_tokens: int | None = None
+    output_tokens: int | None = None
+    unit_prices: dict[str, str] = field(default_factory=dict)  # Decimal strings, JSON-safe
+    price_table_version: str = ""
+    estimated: bool = False
+
+
+def _decimal(value: object) -> Decimal | None:
+    return None if value is None else Decimal(str(value))
+
+
+def _parse_table(raw: dict[str, Any], origin: str) -> PriceTable:
+    try:
+        models = {
+            name: ModelPrices(
+                per_minute=_decimal(entry.get("per_minute")),
+                audio_input_per_million=_decimal(entry.get("audio_input_per_million")),
+                text_input_per_million=_decimal(entry.get("text_input_per_million")),
+                output_per_million=_decimal(entry.get("output_per_million")),
+            )
+            for name, entry in raw["models"].items()
+        }
+        return PriceTable(
+            version=str(raw["version"]),
+            default_per_minute=Decimal(str(raw["default"]["per_minute"])),
+            models=models,
+        )
+    except (KeyError, TypeError, ArithmeticError, AttributeError) as exc:
+        raise ConfigError(f"price table {origin} is malformed: {exc!r}") from exc
+
+
+@lru_cache(maxsize=16)
+def load_price_table(version: str, directory: str | None = None) -> PriceTable:
+    """The price table of this version: from `directory` when it has it, else the bundled one."""
+    if "/" in version or "\\" in version or version.startswith("."):
+        raise ConfigError(f"bad price table version {version!r}")
+    if directory:
+        path = Path(directory) / f"{version}.json"
+        if path.is_file():
+            return _parse_table(json.loads(path.read_text()), str(path))
+    bundled = resources.files("core").joinpath("prices", f"{version}.json")
+    if not bundled.is_file():
+        raise ConfigError(f"no price table for version {version!r}")
+    return _parse_table(json.loads(bundled.read_text()), f"core/prices/{version}.json")
+
+
+def is_local_model(model: str) -> bool:
+    """True for the offline engine (`local` or `local:<name>`), which costs nothing per call."""
+    return model == "local" or model.startswith("local:")
+
+
+def _int(value: object) -> int | None:
+    if isinstance(value, bool) or not isinstance(value, int | float | str):
+        return None
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        return None
+
+
+def _q(value: Decimal) -> Decimal:
+    return value.quantize(QUANTUM)
+
+
+def _per_minute_estimate(
+    table: PriceTable, prices: ModelPrices | None, seconds: float, usage_type: str
+) -> PricedUsage:
+    per_minute = prices.per_minute if prices is not None and prices.per_minute is not None else None
+    unit = per_minute if per_minute is not None else table.default_per_minute
+    return PricedUsage(
+        usd=_q(Decimal(str(seconds)) * unit / SIXTY),
+        billed_audio_seconds=float(seconds),
+        usage_type=usage_type,
+        unit_prices={"per_minute": str(unit), **({} if per_minute is not None else {"default": "true"})},
+        price_table_version=table.version,
+        estimated=True,
+    )
+
+
+def price_attempt(
+    model: str,
+    usage: dict[str, Any] | None,
+    audio_seconds: float,
+    *,
+    version: str | None = None,
+    table_dir: str | None = None,
+) -> PricedUsage:
+    """Price one billed attempt from the provider's `usage` (module docstring); never raises on data."""
+    if version is None or table_dir is None:
+        from core.settings import get_settings
+
+        settings = get_settings()
+        version = version or settings.price_table_version
+        table_dir = table_dir if table_dir is not None else settings.price_table_dir
+    table = load_price_table(version, table_dir or None)
+    seconds = max(float(audio_seconds or 0.0), 0.0)
+
+    if is_local_model(model):
+        return PricedUsage(
+            usd=_q(ZERO), billed_audio_seconds=seconds, usage_type="none", price_table_version=table.version
+        )
+
+    prices = table.prices_for(model)
+    usage_type = str(usage.get("type")) if isinstance(usage, dict) else "none"
+
+    if usage_type == "tokens" and isinstance(usage, dict):
+        input_tokens = _int(usage.get("input_tokens")) or 0
+        output_tokens = _int(usage.get("output_tokens")) or 0
+        details = usage.get("input_token_details")
+        audio_tokens = _int(details.get("audio_tokens")) if isinstance(details, dict) else None
+        text_tokens = _int(details.get("text_tokens")) if isinstance(details, dict) else None
+        if prices is None or not prices.has_token_prices:
+            priced = _per_minute_estimate(table, prices, seconds, "tokens")
+        else:
+            assert prices.audio_input_per_million is not None and prices.output_per_million is not None
+            # Without the split, count every input token as audio (the dearer kind): never understate.
+            split_known = audio_tokens is not None
+            if audio_tokens is None:
+                audio_tokens, text_tokens = input_tokens, 0
+            text_tokens = text_tokens if text_tokens is not None else max(input_tokens - audio_tokens, 0)
+            text_price = prices.text_input_per_million or prices.audio_input_per_million
+            usd = (
+                Decimal(audio_tokens) * prices.audio_input_per_million
+                + Decimal(text_tokens) * text_price
+                + Decimal(output_tokens) * prices.output_per_million
+            ) / MILLION
+            priced = PricedUsage(
+                usd=_q(usd),
+                billed_audio_seconds=seconds,
+                usage_type="tokens",
+                unit_prices={
+                    "audio_input_per_million": str(prices.audio_input_per_million),
+                    "text_input_per_million": str(text_price),
+                    "output_per_million": str(prices.output_per_million),
+                },
+                price_table_version=table.version,
+                estimated=not split_known,
+            )
+        priced.input_tokens = input_tokens
+        priced.input_audio_tokens = audio_tokens
+        priced.input_text_tokens = text_tokens
+        priced.output_tokens = output_tokens
+        return priced
+
+    if usage_type == "duration" and isinstance(usage, dict):
+        try:
+            billed = max(float(usage.get("seconds") or 0.0), 0.0)
+        except (TypeError, ValueError):
+            return _per_minute_estimate(table, prices, seconds, "none")
+        if prices is None or prices.per_minute is None:
+            return _per_minute_estimate(table, prices, billed, "duration")
+        return PricedUsage(
+            usd=_q(Decimal(str(billed)) * prices.per_minute / SIXTY),
+            billed_audio_seconds=billed,
+            usage_type="duration",
+            unit_prices={"per_minute": str(prices.per_minute)},
+            price_table_version=table.version,
+            estimated=False,
+        )
+
+    return _per_minute_estimate(table, prices, seconds, "none")
