@@ -396,8 +396,6 @@ class DevStack:
             # No hosted provider: the offline model is the whole chain (unless chosen explicitly).
             env.setdefault("VOXQ_PRIMARY_MODEL", "local")
             env.setdefault("VOXQ_FALLBACK_MODELS", "")
-        # Flower reads FLOWER_* options from the environment; keeps the password out of `ps`.
-        env["FLOWER_BASIC_AUTH"] = f"{env['VOXQ_FLOWER_USER']}:{env['VOXQ_FLOWER_PASSWORD']}"
         env.pop("FLOWER_UNAUTHENTICATED_API", None)
         return env
 
@@ -542,7 +540,17 @@ class DevStack:
             specs.append(
                 (
                     "flower",
-                    self._celery("flower", f"--address={HOST}", f"--port={self.flower_port}"),
+                    # `voxq flower` checks the password and execs Flower with FLOWER_BASIC_AUTH set.
+                    [
+                        sys.executable,
+                        "-m",
+                        "core.cli",
+                        "flower",
+                        "--address",
+                        HOST,
+                        "--port",
+                        str(self.flower_port),
+                    ],
                 )
             )
         (self.data_dir / "celerybeat.pid").unlink(missing_ok=True)  # stale after a crash

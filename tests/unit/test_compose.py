@@ -1,0 +1,186 @@
+"""docker-compose.yml and infra/Dockerfile agree with the code (Docker cannot run here, so we read them)."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from pydantic import SecretStr
+
+from core import names
+from core.devstack import WORKER_QUEUES
+from core.settings import Settings
+
+ROOT = Path(__file__).resolve().parents[2]
+COMPOSE = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
+COMPOSE_TEXT = (ROOT / "docker-compose.yml").read_text()
+SERVICES: dict[str, dict[str, Any]] = COMPOSE["services"]
+APP_SERVICES = ("migrate", "api", "worker", "local-worker", "beat", "flower")
+LONG_RUNNING = ("postgres", "redis", "minio", "api", "worker", "local-worker", "flower")
+INTERPOLATION = re.compile(r"\$\{([A-Z0-9_]+)(:?[-?+])?([^}]*)\}")
+
+
+def _env_names() -> set[str]:
+    """Every environment variable name Settings reads (prefix + field, or the field's aliases)."""
+    found: set[str] = set()
+    for name, field in Settings.model_fields.items():
+        alias = field.validation_alias
+        if alias is not None and hasattr(alias, "choices"):
+            found.update(str(choice) for choice in alias.choices)
+        else:
+            found.add(f"VOXQ_{name.upper()}")
+    return found
+
+
+SETTINGS_ENV = _env_names()
+SECRET_ENV = {
+    f"VOXQ_{name.upper()}"
+    for name, field in Settings.model_fields.items()
+    if field.annotation is SecretStr  # required secrets; the optional OpenAI key is `SecretStr | None`
+}
+
+
+def _environment(service: dict[str, Any]) -> dict[str, str]:
+    env = service.get("environment") or {}
+    if isinstance(env, list):
+        return dict(item.split("=", 1) for item in env)
+    return {str(k): "" if v is None else str(v) for k, v in env.items()}
+
+
+def _command(service: dict[str, Any]) -> list[str]:
+    command = service.get("command") or []
+    return command.split() if isinstance(command, str) else [str(part) for part in command]
+
+
+def test_every_voxq_variable_is_a_settings_field() -> None:
+    used: set[str] = set()
+    for name, service in SERVICES.items():
+        for key in _environment(service):
+            if key.startswith("VOXQ_") or key.startswith("OPENAI_"):
+                assert key in SETTINGS_ENV, f"{name}: {key} is not read by core.settings.Settings"
+                used.add(key)
+    for match in INTERPOLATION.finditer(COMPOSE_TEXT):
+        if match.group(1).startswith("VOXQ_"):
+            assert match.group(1) in SETTINGS_ENV, f"${{{match.group(1)}}} is not a Settings field"
+    # The core connection settings reach every voxq process.
+    for service in APP_SERVICES:
+        env = _environment(SERVICES[service])
+        for key in ("VOXQ_DATABASE_URL", "VOXQ_REDIS_URL", "VOXQ_S3_ENDPOINT_URL", "VOXQ_S3_BUCKET"):
+            assert key in env, f"{service} lacks {key}"
+        assert env["VOXQ_ENVIRONMENT"] == "production"
+
+
+def test_required_secrets_use_fail_fast_interpolation() -> None:
+    assert {"VOXQ_S3_SECRET_ACCESS_KEY", "VOXQ_WEBHOOK_SECRET", "VOXQ_FLOWER_PASSWORD"} <= SECRET_ENV
+    required = SECRET_ENV | {"POSTGRES_PASSWORD", "REDIS_PASSWORD", "VOXQ_S3_ACCESS_KEY_ID"}
+    for match in INTERPOLATION.finditer(COMPOSE_TEXT):
+        if match.group(1) in required:
+            assert match.group(2) == ":?", f"${{{match.group(1)}}} must be ${{{match.group(1)}:?...}}"
+    for service in APP_SERVICES:
+        env = _environment(SERVICES[service])
+        for key in SECRET_ENV:
+            assert INTERPOLATION.fullmatch(env[key]) and ":?" in env[key], f"{service}: {key} not required"
+        # Passwords come from the operator's .env, never a literal in the file.
+        assert "${POSTGRES_PASSWORD:?" in env["VOXQ_DATABASE_URL"]
+        assert "${REDIS_PASSWORD:?" in env["VOXQ_REDIS_URL"]
+
+
+def test_env_example_lists_every_required_variable() -> None:
+    example = (ROOT / "infra" / ".env.example").read_text()
+    defined = {line.split("=", 1)[0] for line in example.splitlines() if "=" in line and line[0] != "#"}
+    required = {m.group(1) for m in INTERPOLATION.finditer(COMPOSE_TEXT) if m.group(2) == ":?"}
+    assert required and required <= defined, required - defined
+    for line in example.splitlines():
+        key, _, value = line.partition("=")
+        if key in required:
+            assert value == "", f"{key} must be empty in the example so compose refuses to start unset"
+
+
+@pytest.mark.parametrize("service", APP_SERVICES)
+def test_app_services_wait_for_dependencies(service: str) -> None:
+    deps = SERVICES[service]["depends_on"]
+    assert deps["postgres"]["condition"] == "service_healthy"
+    if service != "migrate":
+        assert deps["migrate"]["condition"] == "service_completed_successfully"
+        assert deps["bucket-init"]["condition"] == "service_completed_successfully"
+        assert deps["redis"]["condition"] == "service_healthy"
+        assert deps["minio"]["condition"] == "service_healthy"
+
+
+def test_one_shot_services() -> None:
+    assert _command(SERVICES["migrate"])[:2] == ["voxq", "migrate"]
+    assert SERVICES["migrate"]["restart"] == "no"
+    assert SERVICES["bucket-init"]["depends_on"]["minio"]["condition"] == "service_healthy"
+    assert "mc mb --ignore-existing" in " ".join(SERVICES["bucket-init"]["entrypoint"])
+
+
+@pytest.mark.parametrize("service", LONG_RUNNING)
+def test_long_running_services_have_healthchecks(service: str) -> None:
+    test = SERVICES[service]["healthcheck"]["test"]
+    assert test and test[0] in {"CMD", "CMD-SHELL"}
+
+
+def test_workers_consume_the_queues_in_priority_order() -> None:
+    worker = _command(SERVICES["worker"])
+    assert worker[:4] == ["celery", "-A", "worker.app", "worker"] and "-E" in worker
+    assert worker[worker.index("-Q") + 1].split(",") == list(WORKER_QUEUES)
+    assert names.QUEUE_LOCAL not in WORKER_QUEUES
+    assert set(WORKER_QUEUES) | {names.QUEUE_LOCAL} == set(names.ALL_QUEUES)
+    local = _command(SERVICES["local-worker"])
+    assert "-E" in local and local[local.index("-Q") + 1] == names.QUEUE_LOCAL
+    assert local[local.index("-c") + 1] == "${VOXQ_LOCAL_CONCURRENCY:-1}"
+    for service in ("worker", "local-worker"):
+        assert SERVICES[service]["healthcheck"]["test"] == ["CMD", "voxq", "worker-health"]
+
+
+def test_worker_is_scalable() -> None:
+    # `--scale worker=N` fails with a fixed container name or a fixed host port.
+    for service in ("worker", "local-worker"):
+        assert "container_name" not in SERVICES[service]
+        assert "ports" not in SERVICES[service]
+
+
+def test_published_ports_bind_loopback_only() -> None:
+    published = {name: s["ports"] for name, s in SERVICES.items() if "ports" in s}
+    assert set(published) == {"api", "flower"}
+    for name, ports in published.items():
+        for port in ports:
+            assert str(port).startswith("127.0.0.1:"), f"{name} publishes {port} beyond loopback"
+
+
+def test_redis_never_evicts() -> None:
+    command = _command(SERVICES["redis"])
+    assert command[command.index("--maxmemory-policy") + 1] == "noeviction"
+    assert "--requirepass" in command
+
+
+def test_flower_requires_basic_auth() -> None:
+    flower = SERVICES["flower"]
+    assert _command(flower)[:2] == ["voxq", "flower"]  # refuses to start without a real password
+    env = _environment(flower)
+    assert "FLOWER_UNAUTHENTICATED_API" not in env
+    assert env["VOXQ_FLOWER_PASSWORD"].startswith("${VOXQ_FLOWER_PASSWORD:?")
+
+
+def test_single_beat_with_persistent_schedule() -> None:
+    beat = SERVICES["beat"]
+    command = _command(beat)
+    assert command[:4] == ["celery", "-A", "worker.app", "beat"]
+    schedule = command[command.index("-s") + 1]
+    assert any(schedule.startswith(v.split(":")[1]) for v in beat["volumes"])
+    assert "deploy" not in beat  # never replicated
+
+
+def test_dockerfile_is_multistage_and_runs_as_non_root() -> None:
+    lines = [line.strip() for line in (ROOT / "infra" / "Dockerfile").read_text().splitlines()]
+    froms = [i for i, line in enumerate(lines) if line.startswith("FROM ")]
+    assert len(froms) >= 2, "multi-stage build expected"
+    runtime = lines[froms[-1] :]
+    assert any(line.startswith("COPY --from=") for line in runtime)
+    users = [line.split()[1] for line in runtime if line.startswith("USER ")]
+    assert users, "the runtime stage must switch to a non-root user"
+    assert users[-1].split(":")[0] not in {"root", "0"}
+    assert any("pip install" in line and ".[local]" in line for line in lines)
