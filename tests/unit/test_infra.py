@@ -1,0 +1,306 @@
+"""infra/: the Prometheus config, the Grafana dashboard and the Kubernetes manifests parse and agree with
+the code (metric names, settings names, queue names, CLI commands)."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from prometheus_client.metrics import MetricWrapperBase
+from pydantic import AliasChoices
+
+from core import metrics, names
+from core.settings import Settings
+
+INFRA = Path(__file__).resolve().parents[2] / "infra"
+K8S = INFRA / "k8s"
+
+# Variables that are not settings but that voxq or its libraries read.
+NON_SETTINGS_ENV = {"PROMETHEUS_MULTIPROC_DIR"}
+
+
+def settings_env_names() -> set[str]:
+    """Every environment variable name Settings reads."""
+    out: set[str] = set()
+    for name, info in Settings.model_fields.items():
+        alias = info.validation_alias
+        if isinstance(alias, AliasChoices):
+            out.update(str(choice) for choice in alias.choices)
+        else:
+            out.add("VOXQ_" + name.upper())
+    return out
+
+
+def exposed_samples() -> dict[str, str]:
+    """Sample name (as Prometheus sees it) -> family name, for every family voxq exports."""
+    samples: dict[str, str] = {}
+    for value in vars(metrics).values():
+        if not isinstance(value, MetricWrapperBase):
+            continue
+        family = value._name
+        kind = value._type
+        if kind == "counter":
+            samples[family + "_total"] = family
+        elif kind == "histogram":
+            for suffix in ("_bucket", "_sum", "_count"):
+                samples[family + suffix] = family
+        else:
+            samples[family] = family
+    for family in metrics.FLEET_FAMILIES:
+        samples[family] = family
+    return samples
+
+
+def k8s_docs() -> list[tuple[str, dict[str, Any]]]:
+    docs: list[tuple[str, dict[str, Any]]] = []
+    for path in sorted(K8S.glob("*.yaml")):
+        for doc in yaml.safe_load_all(path.read_text()):
+            if doc is not None:
+                docs.append((path.name, doc))
+    return docs
+
+
+def by_kind(kind: str) -> dict[str, dict[str, Any]]:
+    return {d["metadata"]["name"]: d for _, d in k8s_docs() if d["kind"] == kind}
+
+
+def containers(deployment: dict[str, Any]) -> list[dict[str, Any]]:
+    spec = deployment["spec"]["template"]["spec"]
+    return list(spec.get("initContainers", [])) + list(spec["containers"])
+
+
+# --- Prometheus ------------------------------------------------------------------------------------
+
+
+def test_prometheus_config_scrapes_api_and_workers() -> None:
+    config = yaml.safe_load((INFRA / "prometheus" / "prometheus.yml").read_text())
+    jobs = {job["job_name"]: job for job in config["scrape_configs"]}
+    assert {"voxq-api", "voxq-worker", "voxq-kubernetes-pods"} <= set(jobs)
+    api_targets = [t for sc in jobs["voxq-api"]["static_configs"] for t in sc["targets"]]
+    worker_targets = [t for sc in jobs["voxq-worker"]["static_configs"] for t in sc["targets"]]
+    config_map = by_kind("ConfigMap")["voxq-config"]["data"]
+    assert api_targets == [f"api:{config_map['VOXQ_API_PORT']}"]
+    port = config_map["VOXQ_WORKER_METRICS_PORT"]
+    assert sorted(worker_targets) == [f"local-worker:{port}", f"worker:{port}"]
+    for job in jobs.values():
+        assert job.get("metrics_path", "/metrics") == "/metrics"
+    relabel = jobs["voxq-kubernetes-pods"]["relabel_configs"]
+    assert relabel[0]["action"] == "keep" and "prometheus_io_scrape" in relabel[0]["source_labels"][0]
+
+
+# --- Grafana ---------------------------------------------------------------------------------------
+
+
+def dashboard() -> dict[str, Any]:
+    loaded: dict[str, Any] = json.loads((INFRA / "grafana" / "voxq-dashboard.json").read_text())
+    return loaded
+
+
+def test_dashboard_queries_only_existing_metrics_and_covers_every_family() -> None:
+    samples = exposed_samples()
+    used: set[str] = set()
+    panels = dashboard()["panels"]
+    for panel in panels:
+        assert panel["targets"], panel["title"]
+        for target in panel["targets"]:
+            for name in re.findall(r"\bvoxq_[a-z0-9_]+", target["expr"]):
+                assert name in samples, f"panel {panel['title']!r} queries unknown metric {name}"
+                used.add(samples[name])
+    assert set(samples.values()) <= used, f"families without a panel: {set(samples.values()) - used}"
+
+
+def test_dashboard_structure() -> None:
+    board = dashboard()
+    assert board["uid"] and board["title"]
+    ids = [p["id"] for p in board["panels"]]
+    assert len(ids) == len(set(ids))
+    for panel in board["panels"]:
+        pos = panel["gridPos"]
+        assert pos["x"] >= 0 and pos["x"] + pos["w"] <= 24 and pos["h"] > 0
+        refs = [t["refId"] for t in panel["targets"]]
+        assert len(refs) == len(set(refs))
+        # Balanced brackets: a cheap check that each query is at least well formed.
+        for target in panel["targets"]:
+            expr = target["expr"]
+            for opening, closing in ("()", "[]", "{}"):
+                assert expr.count(opening) == expr.count(closing), expr
+
+
+def test_metric_labels_carry_no_ids() -> None:
+    for value in vars(metrics).values():
+        if isinstance(value, MetricWrapperBase):
+            assert not any(label.endswith("id") for label in value._labelnames), value._name
+
+
+# --- Kubernetes ------------------------------------------------------------------------------------
+
+
+def test_every_manifest_parses_with_kind_and_name() -> None:
+    docs = k8s_docs()
+    assert docs
+    for filename, doc in docs:
+        assert doc.get("apiVersion") and doc.get("kind"), filename
+        if doc["kind"] != "Kustomization":
+            assert doc["metadata"]["name"], filename
+            if doc["kind"] != "Namespace":
+                assert doc["metadata"]["namespace"] == "voxq", filename
+
+
+def test_kustomization_lists_every_manifest() -> None:
+    kustomization = yaml.safe_load((K8S / "kustomization.yaml").read_text())
+    files = {p.name for p in K8S.glob("*.yaml")} - {"kustomization.yaml"}
+    assert set(kustomization["resources"]) == files
+
+
+def test_required_workloads_exist() -> None:
+    deployments = by_kind("Deployment")
+    assert {"voxq-api", "voxq-worker", "voxq-local-worker", "voxq-flower", "voxq-beat"} <= set(deployments)
+    assert deployments["voxq-beat"]["spec"]["replicas"] == 1
+    assert deployments["voxq-beat"]["spec"]["strategy"]["type"] == "Recreate"
+    services = by_kind("Service")
+    assert {"voxq-api", "voxq-flower"} <= set(services)
+
+
+def test_deployment_selectors_and_services_match() -> None:
+    deployments = by_kind("Deployment")
+    for name, dep in deployments.items():
+        selector = dep["spec"]["selector"]["matchLabels"]
+        labels = dep["spec"]["template"]["metadata"]["labels"]
+        assert selector.items() <= labels.items(), name
+    for name, svc in by_kind("Service").items():
+        selector = svc["spec"]["selector"]
+        matched = [
+            d
+            for d in deployments.values()
+            if selector.items() <= d["spec"]["template"]["metadata"]["labels"].items()
+        ]
+        assert len(matched) == 1, name
+        port_names = {p["name"] for c in containers(matched[0]) for p in c.get("ports", [])}
+        for port in svc["spec"]["ports"]:
+            assert port["targetPort"] in port_names, name
+
+
+def test_env_names_are_settings() -> None:
+    known = settings_env_names() | NON_SETTINGS_ENV
+    config = by_kind("ConfigMap")["voxq-config"]["data"]
+    secret = by_kind("Secret")["voxq-secrets"]["stringData"]
+    assert set(config) <= known, set(config) - known
+    assert set(secret) <= known, set(secret) - known
+    # Secrets are not in the ConfigMap.
+    for name in (
+        "OPENAI_API_KEY",
+        "VOXQ_S3_SECRET_ACCESS_KEY",
+        "VOXQ_WEBHOOK_SECRET",
+        "VOXQ_FLOWER_PASSWORD",
+    ):
+        assert name in secret and name not in config
+    for name, dep in by_kind("Deployment").items():
+        for container in containers(dep):
+            for env in container.get("env", []):
+                assert env["name"] in known, (name, env["name"])
+            refs = {next(iter(ref.values()))["name"] for ref in container.get("envFrom", [])}
+            assert refs == {"voxq-config", "voxq-secrets"}, name
+    # The example settings themselves are valid (apart from the placeholders production refuses).
+    values = {**config, **secret, "VOXQ_ENVIRONMENT": "dev"}
+    settings = Settings.model_validate(
+        {k.removeprefix("VOXQ_").lower(): v for k, v in values.items() if k.startswith("VOXQ_")}
+    )
+    assert settings.worker_metrics_port == 9808 and settings.worker_metrics_host == "0.0.0.0"
+
+
+def test_production_refuses_the_example_secrets() -> None:
+    secret = by_kind("Secret")["voxq-secrets"]["stringData"]
+    with pytest.raises(ValueError, match="real secret"):
+        Settings.model_validate(
+            {
+                "environment": "production",
+                "s3_secret_access_key": secret["VOXQ_S3_SECRET_ACCESS_KEY"],
+                "webhook_secret": "x" * 32,
+                "flower_password": "y" * 32,
+            }
+        )
+
+
+def _command(container: dict[str, Any]) -> list[str]:
+    return [str(part) for part in container.get("command", []) + container.get("args", [])]
+
+
+def _queues(deployment: dict[str, Any]) -> list[str]:
+    command = _command(deployment["spec"]["template"]["spec"]["containers"][0])
+    return command[command.index("-Q") + 1].split(",")
+
+
+def test_workers_consume_every_queue_and_are_probed_by_worker_health() -> None:
+    deployments = by_kind("Deployment")
+    worker, local = deployments["voxq-worker"], deployments["voxq-local-worker"]
+    assert set(_queues(worker)) | set(_queues(local)) == set(names.ALL_QUEUES)
+    assert _queues(local) == [names.QUEUE_LOCAL]
+    for dep, node in ((worker, "worker@%h"), (local, "local@%h")):
+        container = dep["spec"]["template"]["spec"]["containers"][0]
+        command = _command(container)
+        assert command[:4] == ["celery", "-A", "worker.app", "worker"]
+        assert "-E" in command  # task events, for Flower
+        # `voxq worker-health` pings exactly these node names on its own host.
+        assert command[command.index("-n") + 1] == node
+        probe = container["livenessProbe"]["exec"]["command"]
+        assert probe[:2] == ["voxq", "worker-health"]
+        annotations = dep["spec"]["template"]["metadata"]["annotations"]
+        assert annotations["prometheus.io/port"] == "9808"
+        assert {p["containerPort"] for p in container["ports"]} == {9808}
+
+
+def test_voxq_commands_in_manifests_exist() -> None:
+    from core.cli import build_parser
+
+    parser = build_parser()
+    subcommands: set[str] = set()
+    for action in parser._actions:
+        choices = getattr(action, "choices", None)
+        if isinstance(choices, dict):
+            subcommands.update(choices)
+    used = set()
+    for _, dep in by_kind("Deployment").items():
+        for container in containers(dep):
+            for probe in ("livenessProbe", "readinessProbe", "startupProbe"):
+                exec_ = container.get(probe, {}).get("exec")
+                if exec_ and exec_["command"][0] == "voxq":
+                    used.add(exec_["command"][1])
+            command = _command(container)
+            if command and command[0] == "voxq":
+                used.add(command[1])
+    assert {"worker-health", "flower", "migrate"} <= used
+    assert used <= subcommands, used - subcommands
+    # Each invocation parses with the real parser (so flags like --timeout exist).
+    for _, dep in by_kind("Deployment").items():
+        for container in containers(dep):
+            command = _command(container)
+            if command and command[0] == "voxq":
+                parser.parse_args(command[1:])
+            probe = container.get("livenessProbe", {}).get("exec")
+            if probe and probe["command"][0] == "voxq":
+                parser.parse_args(probe["command"][1:])
+
+
+def test_keda_scales_workers_on_transcribe_queue_lengths() -> None:
+    deployments = by_kind("Deployment")
+    scaled = by_kind("ScaledObject")
+    worker = scaled["voxq-worker"]
+    assert worker["apiVersion"].startswith("keda.sh/")
+    assert worker["spec"]["scaleTargetRef"]["name"] in deployments
+    lists = {t["metadata"]["listName"] for t in worker["spec"]["triggers"] if t["type"] == "redis"}
+    assert {names.QUEUE_TRANSCRIBE_HIGH, names.QUEUE_TRANSCRIBE, names.QUEUE_TRANSCRIBE_LOW} <= lists
+    assert lists <= set(_queues(deployments["voxq-worker"]))
+    auth = by_kind("TriggerAuthentication")
+    for obj in scaled.values():
+        assert obj["spec"]["scaleTargetRef"]["name"] in deployments
+        assert obj["spec"]["minReplicaCount"] <= obj["spec"]["maxReplicaCount"]
+        for trigger in obj["spec"]["triggers"]:
+            assert int(trigger["metadata"]["listLength"]) > 0
+            assert trigger["metadata"]["listName"] in names.ALL_QUEUES
+            assert trigger["authenticationRef"]["name"] in auth
+    secret_names = {ref["name"] for a in auth.values() for ref in a["spec"]["secretTargetRef"]}
+    assert secret_names <= set(by_kind("Secret"))
