@@ -263,6 +263,7 @@ class LocalProvider:
         self.name = _model_name_from_settings(self._settings)
         self.concurrency = max(1, self._settings.local_concurrency)
         self.cpu_threads = self._settings.local_cpu_threads or default_cpu_threads(self.concurrency)
+        self.compute_type = self._settings.local_compute_type
         self._model: WhisperModel | None = None
         self._load_lock = threading.Lock()
         self._slots = threading.BoundedSemaphore(self.concurrency)
@@ -295,7 +296,7 @@ class LocalProvider:
             model = WhisperModel(
                 str(spec.path),  # a directory: faster-whisper never downloads for a directory
                 device="auto",
-                compute_type=self._settings.local_compute_type,
+                compute_type=self.compute_type,
                 cpu_threads=self.cpu_threads,
                 num_workers=self.concurrency,
                 local_files_only=True,
@@ -306,7 +307,7 @@ class LocalProvider:
                 time.perf_counter() - started,
                 self.cpu_threads,
                 self.concurrency,
-                self._settings.local_compute_type,
+                self.compute_type,
             )
             self.name = spec.name
             self.model_path = spec.path
