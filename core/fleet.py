@@ -25,8 +25,6 @@ _KOMBU_PRIORITY_STEPS = (3, 6, 9)
 # A worker whose heartbeat is older than this is counted as gone (beat sends one every 15 s).
 WORKER_ALIVE_SECONDS = 60.0
 
-CIRCUIT_CLOSED_STATES = frozenset({"closed", "0", ""})
-
 
 @lru_cache(maxsize=8)
 def redis_client(url: str) -> redis.Redis:
@@ -47,19 +45,25 @@ def queue_depths(client: redis.Redis, queues: tuple[str, ...] = names.ALL_QUEUES
 
 
 def circuit_states(client: redis.Redis) -> dict[str, str]:
-    """Model -> circuit state for every circuit key in Redis that is not closed."""
+    """Model -> circuit state (open, half_open, retired) for every model whose circuit is not closed.
+
+    Reads what `core.circuit` writes: a hash `KEY_CIRCUIT + model` whose `open_until` (ms, Redis clock)
+    says until when it is open, and `KEY_MODEL_RETIRED + model` for models gone for good.
+    """
+    from core.circuit import HALF_OPEN, OPEN, RETIRED
+
+    seconds, micros = client.time()
+    now_ms = int(seconds) * 1000 + int(micros) // 1000
     states: dict[str, str] = {}
     for key in client.scan_iter(match=names.KEY_CIRCUIT + "*", count=200):
         model = str(key)[len(names.KEY_CIRCUIT) :]
-        kind = client.type(key)
-        state = "open"  # a circuit key that exists and says nothing else means open
-        if kind == "hash":
-            state = str(client.hget(key, "state") or "open")
-        elif kind == "string":
-            value = str(client.get(key) or "")
-            state = value if value in {"open", "half_open", "half-open", "closed"} else "open"
-        if state.lower() not in CIRCUIT_CLOSED_STATES:
-            states[model] = state
+        if model.endswith(":probe") or client.type(key) != "hash":
+            continue
+        open_until = int(float(client.hget(key, "open_until") or 0))
+        if open_until:
+            states[model] = OPEN if now_ms < open_until else HALF_OPEN
+    for key in client.scan_iter(match=names.KEY_MODEL_RETIRED + "*", count=200):
+        states[str(key)[len(names.KEY_MODEL_RETIRED) :]] = RETIRED
     return states
 
 

@@ -81,11 +81,11 @@ def test_prometheus_config_scrapes_api_and_workers() -> None:
     jobs = {job["job_name"]: job for job in config["scrape_configs"]}
     assert {"voxq-api", "voxq-worker", "voxq-kubernetes-pods"} <= set(jobs)
     api_targets = [t for sc in jobs["voxq-api"]["static_configs"] for t in sc["targets"]]
-    worker_targets = [t for sc in jobs["voxq-worker"]["static_configs"] for t in sc["targets"]]
+    (worker_sd,) = jobs["voxq-worker"]["dns_sd_configs"]
     config_map = by_kind("ConfigMap")["voxq-config"]["data"]
     assert api_targets == [f"api:{config_map['VOXQ_API_PORT']}"]
-    port = config_map["VOXQ_WORKER_METRICS_PORT"]
-    assert sorted(worker_targets) == [f"local-worker:{port}", f"worker:{port}"]
+    assert sorted(worker_sd["names"]) == ["local-worker", "worker"]
+    assert str(worker_sd["port"]) == config_map["VOXQ_WORKER_METRICS_PORT"]
     for job in jobs.values():
         assert job.get("metrics_path", "/metrics") == "/metrics"
     relabel = jobs["voxq-kubernetes-pods"]["relabel_configs"]
