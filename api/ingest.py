@@ -1,0 +1,384 @@
+"""Streaming multipart ingest: each file part goes to S3 while it is hashed, never whole in memory or on disk.
+
+A file part is written to a temporary key `{tenant}/incoming/{uuid}` (S3 multipart upload in
+`s3_multipart_chunk_bytes` parts), then probed by reading only what the demuxer needs from S3, then
+server-side copied to its content-addressed key. Any rejection removes everything this request wrote.
+Filenames are data only: they never reach an object key.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import unicodedata
+import uuid
+from dataclasses import dataclass, field
+from typing import Any
+
+from python_multipart.exceptions import MultipartParseError
+from python_multipart.multipart import MultipartParser, parse_options_header
+from starlette.concurrency import run_in_threadpool
+from starlette.requests import ClientDisconnect, Request
+
+from api.problems import Problem, from_voxq_error
+from core.errors import AudioError, EmptyAudio
+from core.probe import ProbeResult, probe_s3_object
+from core.settings import get_settings
+from core.storage import Storage, content_key
+
+FILE_FIELD = "file"
+MAX_FILES_PER_REQUEST = 1000
+MAX_FIELD_BYTES = 64 * 1024
+MAX_FILENAME_CHARS = 1000
+# Multipart framing (boundaries, part headers) on top of the file bytes a request may carry.
+MULTIPART_OVERHEAD_BYTES = 1024 * 1024
+
+
+def clean_filename(raw: bytes | str | None) -> str | None:
+    """A filename as data: UTF-8, control characters dropped, trimmed; None when nothing is left."""
+    if raw is None:
+        return None
+    text = raw.decode("utf-8", errors="replace") if isinstance(raw, bytes) else raw
+    text = "".join(ch for ch in text if unicodedata.category(ch) not in {"Cc", "Cs"}).strip()
+    return text[:MAX_FILENAME_CHARS] or None
+
+
+def incoming_key(tenant_id: uuid.UUID) -> str:
+    """A fresh temporary key for an upload in progress."""
+    return f"{tenant_id}/incoming/{uuid.uuid4().hex}"
+
+
+@dataclass
+class ReceivedFile:
+    """One file part as received: where it was written, its size and hash."""
+
+    filename: str | None
+    content_type: str | None
+    temp_key: str | None
+    size: int
+    sha256: str
+
+
+@dataclass
+class AcceptedFile:
+    """A received file that probed as audio and sits at its content key."""
+
+    received: ReceivedFile
+    object_key: str
+    probe: ProbeResult
+    new_object: bool  # this request created the object (so a later failure must delete it)
+
+
+@dataclass
+class Received:
+    """Everything a multipart request carried."""
+
+    files: list[ReceivedFile] = field(default_factory=list)
+    fields: dict[str, list[str]] = field(default_factory=dict)
+
+    def fingerprint(self, path: str) -> str:
+        """What was asked, for idempotency: path, form fields and each file's name, size and hash."""
+        desc = {
+            "path": path,
+            "fields": {k: v for k, v in sorted(self.fields.items())},
+            "files": [[f.filename, f.size, f.sha256] for f in self.files],
+        }
+        return hashlib.sha256(json.dumps(desc, sort_keys=True).encode()).hexdigest()
+
+
+class _PartWriter:
+    """Streams one file part to S3 (or only hashes it), enforcing the size limit as bytes arrive."""
+
+    def __init__(self, storage: Storage | None, key: str | None, limit: int) -> None:
+        self.storage = storage
+        self.key = key
+        self.limit = limit
+        self.sha = hashlib.sha256()
+        self.size = 0
+        self.buffer = bytearray()
+        self.part_size = get_settings().s3_multipart_chunk_bytes
+        self.upload_id: str | None = None
+        self.parts: list[dict[str, Any]] = []
+
+    async def write(self, data: bytes) -> None:
+        self.size += len(data)
+        if self.size > self.limit:
+            raise Problem(
+                413, "file_too_large", f"a file may be at most {self.limit} bytes (VOXQ_MAX_UPLOAD_BYTES)"
+            )
+        self.sha.update(data)
+        if self.storage is None:
+            return
+        self.buffer += data
+        if len(self.buffer) >= self.part_size:
+            await self._flush_part()
+
+    async def _flush_part(self) -> None:
+        assert self.storage is not None and self.key is not None
+        body = bytes(self.buffer)
+        self.buffer.clear()
+        client, bucket, key = self.storage.client, self.storage.bucket, self.key
+        if self.upload_id is None:
+            created = await run_in_threadpool(lambda: client.create_multipart_upload(Bucket=bucket, Key=key))
+            self.upload_id = created["UploadId"]
+        number = len(self.parts) + 1
+        upload_id = self.upload_id
+        answer = await run_in_threadpool(
+            lambda: client.upload_part(
+                Bucket=bucket, Key=key, UploadId=upload_id, PartNumber=number, Body=body
+            )
+        )
+        self.parts.append({"ETag": answer["ETag"], "PartNumber": number})
+
+    async def finish(self) -> bool:
+        """Complete the object; False when the part was empty (nothing was written)."""
+        if self.storage is None or self.size == 0:
+            return False
+        assert self.key is not None
+        client, bucket, key = self.storage.client, self.storage.bucket, self.key
+        if self.upload_id is None:
+            body = bytes(self.buffer)
+            self.buffer.clear()
+            await run_in_threadpool(lambda: client.put_object(Bucket=bucket, Key=key, Body=body))
+            return True
+        if self.buffer:
+            await self._flush_part()
+        upload_id, parts = self.upload_id, self.parts
+        await run_in_threadpool(
+            lambda: client.complete_multipart_upload(
+                Bucket=bucket,
+                Key=key,
+                UploadId=upload_id,
+                MultipartUpload={"Parts": parts},  # type: ignore[typeddict-item]
+            )
+        )
+        self.upload_id = None
+        return True
+
+    async def abort(self) -> None:
+        """Drop whatever was written of this part."""
+        self.buffer.clear()
+        if self.storage is None:
+            return
+        client, bucket, key = self.storage.client, self.storage.bucket, self.key
+        if self.upload_id is not None:
+            upload_id = self.upload_id
+            self.upload_id = None
+            await run_in_threadpool(
+                lambda: client.abort_multipart_upload(Bucket=bucket, Key=key, UploadId=upload_id)  # type: ignore[arg-type]
+            )
+
+
+class _Events:
+    """Collects the parser's callbacks so the async loop can act on them (S3 calls are awaited there)."""
+
+    def __init__(self) -> None:
+        self.items: list[tuple[str, Any]] = []
+        self._header_field = b""
+        self._header_value = b""
+
+    def callbacks(self) -> dict[str, Any]:
+        return {
+            "on_part_begin": lambda: self.items.append(("begin", None)),
+            "on_part_data": lambda data, start, end: self.items.append(("data", bytes(data[start:end]))),
+            "on_part_end": lambda: self.items.append(("end", None)),
+            "on_header_field": self._on_header_field,
+            "on_header_value": self._on_header_value,
+            "on_header_end": self._on_header_end,
+        }
+
+    def _on_header_field(self, data: bytes, start: int, end: int) -> None:
+        self._header_field += data[start:end]
+
+    def _on_header_value(self, data: bytes, start: int, end: int) -> None:
+        self._header_value += data[start:end]
+
+    def _on_header_end(self) -> None:
+        self.items.append(("header", (self._header_field.lower(), self._header_value)))
+        self._header_field = b""
+        self._header_value = b""
+
+
+def check_content_length(request: Request, limit: int) -> None:
+    """Refuse (413) a request that announces more bytes than allowed, before reading any of it."""
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit + MULTIPART_OVERHEAD_BYTES:
+        raise Problem(
+            413,
+            "file_too_large",
+            f"a request may carry at most {limit} bytes of files (VOXQ_MAX_UPLOAD_BYTES)",
+        )
+
+
+def _boundary(request: Request) -> bytes:
+    ctype, params = parse_options_header(request.headers.get("content-type", ""))
+    if ctype != b"multipart/form-data" or not params.get(b"boundary"):
+        raise Problem(415, "unsupported_content_type", "send the files as multipart/form-data")
+    return params[b"boundary"]
+
+
+async def receive_multipart(
+    request: Request,
+    storage: Storage,
+    tenant_id: uuid.UUID,
+    *,
+    allowed_fields: frozenset[str],
+    hash_only: bool,
+) -> Received:
+    """Stream a multipart body: files to S3 temp keys (or only hashed), small form fields kept."""
+    limit = get_settings().max_upload_bytes
+    check_content_length(request, limit)
+    events = _Events()
+    parser = MultipartParser(_boundary(request), events.callbacks(), max_header_count=16)  # type: ignore[arg-type]
+    received = Received()
+    writer: _PartWriter | None = None
+    headers: dict[bytes, bytes] = {}
+    field_name: str | None = None
+    field_value = bytearray()
+    in_headers = False
+    try:
+        async for chunk in request.stream():
+            if not chunk:
+                continue
+            try:
+                parser.write(chunk)
+            except MultipartParseError as exc:
+                raise Problem(400, "invalid_multipart", "the multipart body is malformed") from exc
+            for kind, value in events.items:
+                if kind == "begin":
+                    headers, writer, field_name, in_headers = {}, None, None, True
+                    field_value.clear()
+                elif kind == "header":
+                    headers[value[0]] = value[1]
+                elif kind == "data":
+                    if in_headers:
+                        writer, field_name = _start_part(
+                            headers, received, storage, tenant_id, allowed_fields, hash_only, limit
+                        )
+                        in_headers = False
+                    if writer is not None:
+                        await writer.write(value)
+                    else:
+                        field_value += value
+                        if len(field_value) > MAX_FIELD_BYTES:
+                            raise Problem(422, "field_too_large", f"form field {field_name!r} is too large")
+                elif kind == "end":
+                    if in_headers:  # a part with no data at all
+                        writer, field_name = _start_part(
+                            headers, received, storage, tenant_id, allowed_fields, hash_only, limit
+                        )
+                        in_headers = False
+                    if writer is not None:
+                        written = await writer.finish()
+                        filename, ctype = _file_meta(headers)
+                        received.files.append(
+                            ReceivedFile(
+                                filename=filename,
+                                content_type=ctype,
+                                temp_key=writer.key if written else None,
+                                size=writer.size,
+                                sha256=writer.sha.hexdigest(),
+                            )
+                        )
+                        writer = None
+                    elif field_name is not None:
+                        text = bytes(field_value).decode("utf-8", errors="replace")
+                        received.fields.setdefault(field_name, []).append(text)
+            events.items.clear()
+        parser.finalize()
+    except ClientDisconnect:
+        await _abort(writer, storage, received)
+        raise Problem(400, "client_disconnected", "the client went away during the upload") from None
+    except BaseException:
+        await _abort(writer, storage, received)
+        raise
+    if writer is not None or in_headers:
+        await _abort(writer, storage, received)
+        raise Problem(400, "invalid_multipart", "the multipart body ended in the middle of a part")
+    return received
+
+
+def _file_meta(headers: dict[bytes, bytes]) -> tuple[str | None, str | None]:
+    _, params = parse_options_header(headers.get(b"content-disposition", b""))
+    ctype = headers.get(b"content-type")
+    return clean_filename(params.get(b"filename")), (ctype.decode("latin-1")[:200] if ctype else None)
+
+
+def _start_part(
+    headers: dict[bytes, bytes],
+    received: Received,
+    storage: Storage,
+    tenant_id: uuid.UUID,
+    allowed_fields: frozenset[str],
+    hash_only: bool,
+    limit: int,
+) -> tuple[_PartWriter | None, str | None]:
+    disposition, params = parse_options_header(headers.get(b"content-disposition", b""))
+    if disposition != b"form-data" or b"name" not in params:
+        raise Problem(400, "invalid_multipart", "each part needs Content-Disposition: form-data; name=...")
+    name = params[b"name"].decode("utf-8", errors="replace")
+    if name == FILE_FIELD:
+        if len(received.files) >= MAX_FILES_PER_REQUEST:
+            raise Problem(422, "too_many_files", f"at most {MAX_FILES_PER_REQUEST} files per request")
+        if hash_only:
+            return _PartWriter(None, None, limit), None
+        return _PartWriter(storage, incoming_key(tenant_id), limit), None
+    if name not in allowed_fields:
+        raise Problem(422, "unknown_field", f"unknown form field {name!r}")
+    return None, name
+
+
+async def _abort(writer: _PartWriter | None, storage: Storage, received: Received) -> None:
+    if writer is not None:
+        await writer.abort()
+    keys = [f.temp_key for f in received.files if f.temp_key]
+    if keys:
+        await run_in_threadpool(_delete_keys, storage, keys)
+
+
+def _delete_keys(storage: Storage, keys: list[str]) -> None:
+    for key in keys:
+        storage.delete(key)
+
+
+def forget_new_objects(storage: Storage, accepted: list[AcceptedFile]) -> None:
+    """Delete the content objects this request created (the database refused the jobs)."""
+    _delete_keys(storage, [a.object_key for a in accepted if a.new_object])
+
+
+def discard(storage: Storage, received: Received) -> None:
+    """Delete every temporary object of a request (after a replay or a rejection)."""
+    _delete_keys(storage, [f.temp_key for f in received.files if f.temp_key])
+
+
+def accept_files(storage: Storage, tenant_id: uuid.UUID, received: Received) -> list[AcceptedFile]:
+    """Probe every file and move it to its content key; all or nothing (a rejection removes them all).
+
+    Blocking (S3 and PyAV): call from a worker thread.
+    """
+    accepted: list[AcceptedFile] = []
+    created: list[str] = []
+    try:
+        for item in received.files:
+            if item.size == 0 or item.temp_key is None:
+                raise Problem(400, "empty_file", f"{item.filename or 'a file'} is empty")
+            try:
+                result = probe_s3_object(storage.client, storage.bucket, item.temp_key, item.size)
+            except EmptyAudio as exc:
+                raise Problem(400, "empty_audio", f"{item.filename or 'a file'}: {exc.message}") from exc
+            except AudioError as exc:
+                problem = from_voxq_error(exc)
+                problem.detail = f"{item.filename or 'a file'}: {exc.message}"
+                raise problem from exc
+            key = content_key(str(tenant_id), item.sha256)
+            new_object = storage.head(key) is None
+            if new_object:
+                storage.copy(item.temp_key, key)
+                created.append(key)
+            accepted.append(AcceptedFile(item, key, result, new_object))
+    except BaseException:
+        _delete_keys(storage, created)
+        discard(storage, received)
+        raise
+    discard(storage, received)
+    return accepted

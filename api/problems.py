@@ -1,0 +1,162 @@
+"""Errors as RFC 9457 problem documents: `application/problem+json` with a stable `code`, in one place.
+
+Every error the API answers — ours, FastAPI's validation errors, Starlette's 404/405 and unexpected
+exceptions — goes through `problem_response`, so clients can branch on `code` alone.
+"""
+
+from __future__ import annotations
+
+import logging
+from http import HTTPStatus
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.encoders import jsonable_encoder
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from core.errors import AudioError, EmptyAudio, StorageError, UnsupportedMedia, VoxqError
+
+PROBLEM_MEDIA_TYPE = "application/problem+json"
+PROBLEM_TYPE_BASE = "urn:voxq:problem:"
+
+log = logging.getLogger("voxq.api")
+
+# Codes for errors FastAPI/Starlette raise themselves.
+_STATUS_CODES = {
+    400: "bad_request",
+    401: "unauthorized",
+    403: "forbidden",
+    404: "not_found",
+    405: "method_not_allowed",
+    406: "not_acceptable",
+    409: "conflict",
+    413: "file_too_large",
+    415: "unsupported_media",
+    422: "validation_error",
+    429: "too_many_requests",
+    500: "internal_error",
+    503: "service_unavailable",
+}
+
+
+class Problem(Exception):
+    """Raised by routes to answer with a problem document."""
+
+    def __init__(
+        self,
+        status: int,
+        code: str,
+        detail: str,
+        *,
+        title: str | None = None,
+        headers: dict[str, str] | None = None,
+        extra: dict[str, Any] | None = None,
+    ) -> None:
+        super().__init__(detail)
+        self.status = status
+        self.code = code
+        self.detail = detail
+        self.title = title or HTTPStatus(status).phrase
+        self.headers = headers
+        self.extra = extra or {}
+
+
+def not_found(what: str) -> Problem:
+    """The 404 for an id that does not exist for this tenant (others' ids look exactly the same)."""
+    return Problem(404, "not_found", f"{what} not found")
+
+
+def problem_body(
+    status: int, code: str, detail: str, title: str | None = None, **extra: Any
+) -> dict[str, Any]:
+    """The JSON body of a problem document."""
+    return {
+        "type": PROBLEM_TYPE_BASE + code,
+        "title": title or HTTPStatus(status).phrase,
+        "status": status,
+        "detail": detail,
+        "code": code,
+        **extra,
+    }
+
+
+def problem_response(
+    status: int,
+    code: str,
+    detail: str,
+    *,
+    title: str | None = None,
+    headers: dict[str, str] | None = None,
+    **extra: Any,
+) -> JSONResponse:
+    """A problem document response."""
+    return JSONResponse(
+        jsonable_encoder(problem_body(status, code, detail, title, **extra)),
+        status_code=status,
+        headers=headers,
+        media_type=PROBLEM_MEDIA_TYPE,
+    )
+
+
+def from_voxq_error(exc: VoxqError) -> Problem:
+    """Translate a core error into the problem the API answers with."""
+    if isinstance(exc, EmptyAudio):
+        return Problem(400, exc.code, exc.message)
+    if isinstance(exc, UnsupportedMedia):
+        return Problem(415, exc.code, exc.message)
+    if isinstance(exc, AudioError):
+        return Problem(422, exc.code, exc.message)
+    if isinstance(exc, StorageError):
+        return Problem(503, "storage_unavailable", "object storage refused the operation")
+    return Problem(400, exc.code, exc.message)
+
+
+async def _on_problem(_: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, Problem)
+    return problem_response(
+        exc.status, exc.code, exc.detail, title=exc.title, headers=exc.headers, **exc.extra
+    )
+
+
+async def _on_voxq_error(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, VoxqError)
+    return await _on_problem(request, from_voxq_error(exc))
+
+
+async def _on_http_exception(_: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, StarletteHTTPException)
+    code = _STATUS_CODES.get(exc.status_code, "http_error")
+    detail = exc.detail if isinstance(exc.detail, str) else HTTPStatus(exc.status_code).phrase
+    headers = dict(exc.headers) if exc.headers else None
+    return problem_response(exc.status_code, code, detail, headers=headers)
+
+
+async def _on_validation_error(_: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, RequestValidationError)
+    errors = [
+        {"loc": list(err.get("loc", ())), "msg": str(err.get("msg", "")), "type": str(err.get("type", ""))}
+        for err in exc.errors()
+    ]
+    unknown = any(e["type"] == "extra_forbidden" for e in errors)
+    code = "unknown_field" if unknown else "validation_error"
+    first = errors[0] if errors else {"loc": [], "msg": "invalid request"}
+    where = ".".join(str(p) for p in first["loc"])
+    return problem_response(
+        422, code, f"{where}: {first['msg']}" if where else str(first["msg"]), errors=errors
+    )
+
+
+async def _on_unexpected(_: Request, exc: Exception) -> JSONResponse:
+    log.exception("unhandled error", exc_info=exc)
+    return problem_response(500, "internal_error", "an unexpected error occurred")
+
+
+def install_problem_handlers(app: FastAPI) -> None:
+    """Make every error of `app` a problem document."""
+    app.add_exception_handler(Problem, _on_problem)
+    app.add_exception_handler(VoxqError, _on_voxq_error)
+    app.add_exception_handler(StarletteHTTPException, _on_http_exception)
+    app.add_exception_handler(RequestValidationError, _on_validation_error)
+    app.add_exception_handler(Exception, _on_unexpected)

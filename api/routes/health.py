@@ -1,0 +1,93 @@
+"""Liveness (`/healthz`, always 200 with each check's result) and readiness (`/readyz`, 503 on a failure)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
+
+import redis
+from botocore.config import Config
+from fastapi import APIRouter
+from fastapi.responses import JSONResponse
+
+from api.problems import problem_response
+from api.schemas import HealthOut
+from core import db
+from core.settings import get_settings
+
+router = APIRouter(tags=["health"])
+
+CHECK_TIMEOUT_SECONDS = 2.0
+_pool = ThreadPoolExecutor(max_workers=6, thread_name_prefix="voxq-health")
+
+
+def _check_database() -> None:
+    db.ping()
+
+
+def _check_redis() -> None:
+    client = redis.Redis.from_url(
+        get_settings().redis_url,
+        socket_timeout=CHECK_TIMEOUT_SECONDS,
+        socket_connect_timeout=CHECK_TIMEOUT_SECONDS,
+    )
+    try:
+        client.ping()
+    finally:
+        client.close()
+
+
+def _check_s3() -> None:
+    settings = get_settings()
+    import boto3
+
+    client = boto3.client(
+        "s3",
+        endpoint_url=settings.s3_endpoint_url,
+        aws_access_key_id=settings.s3_access_key_id,
+        aws_secret_access_key=settings.s3_secret_access_key.get_secret_value(),
+        region_name=settings.s3_region,
+        config=Config(
+            signature_version="s3v4",
+            s3={"addressing_style": "path"},
+            connect_timeout=1,
+            read_timeout=2,
+            retries={"max_attempts": 1},
+        ),
+    )
+    client.head_bucket(Bucket=settings.s3_bucket)
+
+
+CHECKS: dict[str, Callable[[], None]] = {"database": _check_database, "redis": _check_redis, "s3": _check_s3}
+
+
+def run_checks() -> dict[str, str]:
+    """Run every check in parallel; each reports "ok" or a short reason (never a secret)."""
+    futures = {name: _pool.submit(check) for name, check in CHECKS.items()}
+    results: dict[str, str] = {}
+    for name, future in futures.items():
+        try:
+            future.result(timeout=CHECK_TIMEOUT_SECONDS + 1)
+            results[name] = "ok"
+        except FutureTimeout:
+            results[name] = "error: timed out"
+        except Exception as exc:
+            results[name] = f"error: {type(exc).__name__}"
+    return results
+
+
+@router.get("/healthz", response_model=HealthOut)
+def healthz() -> HealthOut:
+    """Liveness: the process answers; also reports each dependency's check."""
+    return HealthOut(status="ok", checks=run_checks())
+
+
+@router.get("/readyz", response_model=HealthOut, responses={503: {"description": "a dependency is down"}})
+def readyz() -> JSONResponse:
+    """Readiness: 200 when Postgres, Redis and S3 answer, else a 503 problem naming the failing checks."""
+    checks = run_checks()
+    failing = sorted(name for name, result in checks.items() if result != "ok")
+    if failing:
+        return problem_response(503, "not_ready", f"unavailable: {', '.join(failing)}", checks=checks)
+    return JSONResponse({"status": "ok", "checks": checks})

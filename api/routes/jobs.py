@@ -1,0 +1,245 @@
+"""Jobs: one-file submit, status, transcript export, attempts, cancel and delete."""
+
+from __future__ import annotations
+
+import json
+import uuid
+from datetime import UTC, datetime
+from typing import Any
+
+from fastapi import APIRouter, Request, Response
+from fastapi.encoders import jsonable_encoder
+from fastapi.responses import JSONResponse, PlainTextResponse
+from pydantic import ValidationError
+from sqlalchemy import delete, func, select, update
+
+from api import service
+from api.deps import SessionDep, StorageDep, TenantContext, TenantDep
+from api.ingest import Received, accept_files, discard, forget_new_objects
+from api.problems import Problem
+from api.schemas import AttemptList, AttemptOut, BatchOptions, JobOut, TranscriptFormat
+from api.transcripts import render
+from core.db import session_scope
+from core.models import Attempt, CostRecord, Job, JobChunk, Transcript
+from core.statuses import JOB_TERMINAL, JobStatus
+from core.storage import Storage
+
+router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
+
+OPTION_FIELDS = frozenset(BatchOptions.model_fields)
+
+SINGLE_JOB_BODY: dict[str, Any] = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "multipart/form-data": {
+                "schema": {
+                    "type": "object",
+                    "required": ["file"],
+                    "properties": {
+                        "file": {"type": "string", "format": "binary"},
+                        "name": {"type": "string"},
+                        "profile": {"type": "string", "enum": ["voicemail", "podcast", "auto"]},
+                        "language": {"type": "string"},
+                        "prompt": {"type": "string"},
+                        "models": {"type": "string", "description": "comma-separated model chain"},
+                        "webhook_url": {"type": "string"},
+                        "budget_usd": {"type": "string"},
+                        "priority": {"type": "string", "enum": ["high", "normal", "low"]},
+                        "metadata": {"type": "string", "description": "a JSON object"},
+                    },
+                }
+            }
+        },
+    }
+}
+
+
+@router.post("", status_code=202, response_model=JobOut, openapi_extra=SINGLE_JOB_BODY)
+async def submit_one(request: Request, tenant: TenantDep, storage: StorageDep) -> JSONResponse:
+    """Upload one file with the batch options as form fields: a one-file batch, queued at once."""
+    from api.routes.batches import ingest_multipart
+
+    return await ingest_multipart(request, tenant, storage, batch_id=None, allowed_fields=OPTION_FIELDS)
+
+
+def _options_from_form(fields: dict[str, list[str]]) -> BatchOptions:
+    data: dict[str, Any] = {}
+    for name, values in fields.items():
+        if len(values) != 1 and name != "models":
+            raise Problem(422, "validation_error", f"form field {name!r} given more than once")
+        if name == "models":
+            data[name] = [m.strip() for v in values for m in v.split(",") if m.strip()]
+        elif name == "metadata":
+            try:
+                data[name] = json.loads(values[0])
+            except ValueError:
+                raise Problem(422, "validation_error", "metadata must be a JSON object") from None
+        else:
+            data[name] = values[0]
+    try:
+        return BatchOptions.model_validate(data)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(p) for p in first["loc"])
+        raise Problem(422, "validation_error", f"{where}: {first['msg']}") from None
+
+
+def create_single_job(
+    tenant: TenantContext, storage: Storage, received: Received
+) -> tuple[int, dict[str, Any]]:
+    """Create a one-file batch from a multipart `/v1/jobs` request and queue its job (blocking)."""
+    try:
+        if len(received.files) != 1:
+            raise Problem(
+                422, "one_file_only", "POST /v1/jobs takes exactly one `file`; use a batch for more"
+            )
+        options = _options_from_form(received.fields)
+    except Problem:
+        discard(storage, received)
+        raise
+    accepted = accept_files(storage, tenant.tenant_id, received)
+    try:
+        with session_scope() as session:
+            batch = service.new_batch(tenant, options, auto_submit=True)
+            session.add(batch)
+            session.flush()
+            jobs = service.add_jobs(session, batch, accepted)
+            ids = service.mark_queued(session, batch, [JobStatus.UPLOADED.value], [j.id for j in jobs])
+            session.flush()
+            session.refresh(jobs[0])
+            out = service.job_out(jobs[0], 0)
+            priority = batch.priority
+    except BaseException:
+        forget_new_objects(storage, accepted)
+        raise
+    service.enqueue_or_revert(ids, priority, JobStatus.UPLOADED.value)
+    return 202, jsonable_encoder(out)
+
+
+@router.get("/{job_id}", response_model=JobOut)
+def get_job(job_id: uuid.UUID, tenant: TenantDep, session: SessionDep) -> JobOut:
+    """A job's status, error, probe results, producing model, attempt count, cost and dedupe link."""
+    return service.load_job_out(session, service.get_job(session, tenant, job_id))
+
+
+@router.get(
+    "/{job_id}/transcript",
+    responses={
+        200: {
+            "content": {
+                "text/plain": {"schema": {"type": "string"}},
+                "application/json": {"schema": {"type": "object"}},
+                "application/x-subrip": {"schema": {"type": "string"}},
+                "text/vtt": {"schema": {"type": "string"}},
+            }
+        }
+    },
+)
+def get_transcript(
+    job_id: uuid.UUID, tenant: TenantDep, session: SessionDep, format: TranscriptFormat = "txt"
+) -> Response:
+    """The transcript as txt, json, srt or vtt (srt/vtt need timestamps: 409 otherwise)."""
+    job = service.get_job(session, tenant, job_id)
+    transcript = session.scalar(select(Transcript).where(Transcript.job_id == job.id))
+    if transcript is None and job.deduplicated_from_id is not None:
+        transcript = session.scalar(
+            select(Transcript).where(
+                Transcript.job_id == job.deduplicated_from_id, Transcript.tenant_id == tenant.tenant_id
+            )
+        )
+    if transcript is None:
+        raise Problem(409, "transcript_not_ready", f"the job is {job.status}; no transcript yet")
+    body, media_type = render(job, transcript, format)
+    if media_type == "application/json":
+        return JSONResponse(body)
+    return PlainTextResponse(str(body), media_type=media_type)
+
+
+@router.get("/{job_id}/attempts", response_model=AttemptList)
+def list_attempts(job_id: uuid.UUID, tenant: TenantDep, session: SessionDep) -> AttemptList:
+    """Every provider call made for the job, oldest first, with what each cost."""
+    job = service.get_job(session, tenant, job_id)
+    rows = session.execute(
+        select(Attempt, CostRecord.usd, CostRecord.estimated)
+        .outerjoin(CostRecord, CostRecord.attempt_id == Attempt.id)
+        .where(Attempt.job_id == job.id, Attempt.tenant_id == tenant.tenant_id)
+        .order_by(Attempt.started_at, Attempt.id)
+    ).all()
+    return AttemptList(
+        items=[
+            AttemptOut(
+                id=a.id,
+                model=a.model,
+                provider=a.provider,
+                chunk_index=a.chunk_index,
+                retry_number=a.retry_number,
+                outcome=a.outcome,
+                http_status=a.http_status,
+                error_code=a.error_code,
+                error_message=a.error_message,
+                audio_seconds=a.audio_seconds,
+                latency_ms=a.latency_ms,
+                started_at=a.started_at,
+                ended_at=a.ended_at,
+                cost_usd=float(cost) if cost is not None else None,
+                estimated=estimated,
+            )
+            for a, cost, estimated in rows
+        ]
+    )
+
+
+@router.post("/{job_id}/cancel", response_model=JobOut)
+def cancel_job(job_id: uuid.UUID, tenant: TenantDep, session: SessionDep) -> JobOut:
+    """Cancel a job that has not finished (a processing job's worker sees it before writing)."""
+    job = service.get_job(session, tenant, job_id)
+    result = session.execute(
+        update(Job)
+        .where(Job.id == job.id, Job.status.not_in([s.value for s in JOB_TERMINAL]))
+        .values(status=JobStatus.CANCELLED.value, finished_at=datetime.now(UTC))
+    )
+    if not result.rowcount:  # type: ignore[attr-defined]
+        raise Problem(409, "job_not_cancellable", f"the job is already {job.status}")
+    session.commit()
+    session.refresh(job)
+    return service.load_job_out(session, job)
+
+
+@router.delete("/{job_id}", status_code=204)
+def delete_job(job_id: uuid.UUID, tenant: TenantDep, storage: StorageDep) -> Response:
+    """Delete a job's audio and transcript; its row stays (marked deleted) so cost records keep their job.
+
+    Audio shared with another live job of the tenant (same content) stays until that job is deleted too.
+    """
+    now = datetime.now(UTC)
+    with session_scope() as session:
+        job = service.get_job(session, tenant, job_id)
+        session.execute(update(Job).where(Job.id == job.id, Job.deleted_at.is_(None)).values(deleted_at=now))
+        if job.status not in JOB_TERMINAL:
+            session.execute(
+                update(Job).where(Job.id == job.id).values(status=JobStatus.CANCELLED.value, finished_at=now)
+            )
+        session.execute(delete(Transcript).where(Transcript.job_id == job.id))
+        chunk_keys = [
+            k for k in session.scalars(select(JobChunk.object_key).where(JobChunk.job_id == job.id)) if k
+        ]
+        session.execute(delete(JobChunk).where(JobChunk.job_id == job.id))
+        object_key = job.object_key
+    keys = list(chunk_keys)
+    if object_key is not None:
+        with session_scope() as session:
+            shared = session.scalar(
+                select(func.count()).where(
+                    Job.tenant_id == tenant.tenant_id,
+                    Job.object_key == object_key,
+                    Job.deleted_at.is_(None),
+                )
+            )
+        if not shared:
+            keys.append(object_key)
+    for key in keys:
+        storage.delete(key)
+    with session_scope() as session:
+        session.execute(update(Job).where(Job.id == job_id).values(object_key=None, filename=None))
+    return Response(status_code=204)

@@ -1,0 +1,271 @@
+"""Request and response bodies. Requests forbid unknown fields, so a typo is a 422, not a silent no-op."""
+
+from __future__ import annotations
+
+import json
+import uuid
+from datetime import datetime
+from decimal import Decimal
+from typing import Annotated, Any, Literal
+
+from pydantic import AnyHttpUrl, BaseModel, ConfigDict, Field, field_validator
+
+from core.statuses import JobStatus
+
+ProfileName = Literal["voicemail", "podcast", "auto"]
+PriorityName = Literal["high", "normal", "low"]
+TranscriptFormat = Literal["txt", "json", "srt", "vtt"]
+GroupBy = Literal["day", "model", "batch"]
+ModelName = Annotated[str, Field(min_length=1, max_length=100, pattern=r"^[A-Za-z0-9][A-Za-z0-9._:/-]*$")]
+MAX_METADATA_BYTES = 16 * 1024
+
+
+class Strict(BaseModel):
+    """A request body: unknown fields are refused."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+class BatchOptions(Strict):
+    """Options shared by every file of a batch."""
+
+    name: str | None = Field(default=None, max_length=500)
+    profile: ProfileName = "auto"
+    language: str | None = Field(default=None, pattern=r"^[a-z]{2}$", description="ISO-639-1 code")
+    prompt: str | None = Field(default=None, max_length=4000)
+    models: list[ModelName] | None = Field(
+        default=None, min_length=1, max_length=8, description="Model chain; default: the server's"
+    )
+    webhook_url: AnyHttpUrl | None = None
+    budget_usd: Decimal | None = Field(default=None, ge=0, le=Decimal(10**9), max_digits=18, decimal_places=8)
+    priority: PriorityName = "normal"
+    metadata: dict[str, Any] = Field(default_factory=dict)
+
+    @field_validator("metadata")
+    @classmethod
+    def _small_metadata(cls, value: dict[str, Any]) -> dict[str, Any]:
+        if len(json.dumps(value, default=str)) > MAX_METADATA_BYTES:
+            raise ValueError(f"metadata must serialise to at most {MAX_METADATA_BYTES} bytes")
+        return value
+
+
+class BatchCreate(BatchOptions):
+    """POST /v1/batches."""
+
+    auto_submit: bool = False
+
+
+class StatusCounts(BaseModel):
+    """Jobs of a batch per status."""
+
+    pending_upload: int = 0
+    uploaded: int = 0
+    queued: int = 0
+    processing: int = 0
+    succeeded: int = 0
+    failed: int = 0
+    cancelled: int = 0
+    skipped: int = 0
+
+
+class BatchOut(BaseModel):
+    """A batch with its progress and cost so far."""
+
+    id: uuid.UUID
+    name: str | None
+    status: str
+    profile: str
+    language: str | None
+    priority: str
+    auto_submit: bool
+    models: list[str] | None
+    webhook_url: str | None
+    budget_usd: float | None
+    metadata: dict[str, Any]
+    counts: StatusCounts
+    total_jobs: int
+    progress: float = Field(description="Share of jobs in a terminal status, 0..1")
+    audio_seconds: float
+    billed_seconds: float
+    cost_usd: float
+    created_at: datetime
+    submitted_at: datetime | None
+    completed_at: datetime | None
+
+
+class BatchPage(BaseModel):
+    """One page of batches, newest first."""
+
+    items: list[BatchOut]
+    next_cursor: str | None
+
+
+class JobError(BaseModel):
+    """Why a job failed or was skipped."""
+
+    code: str
+    message: str | None
+
+
+class JobBrief(BaseModel):
+    """A job as an upload answers it."""
+
+    id: uuid.UUID
+    filename: str | None
+    status: str
+    bytes: int | None
+    sha256: str | None
+
+
+class UploadOut(BaseModel):
+    """POST /v1/batches/{id}/files: one job per file."""
+
+    batch_id: uuid.UUID
+    jobs: list[JobBrief]
+
+
+class JobOut(BaseModel):
+    """A job: status, probe results, the model that produced its transcript, attempts and cost."""
+
+    id: uuid.UUID
+    batch_id: uuid.UUID
+    filename: str | None
+    status: str
+    bytes: int | None
+    sha256: str | None
+    content_type: str | None
+    source_uri: str | None
+    duration_seconds: float | None
+    codec: str | None
+    sample_rate: int | None
+    channels: int | None
+    model: str | None
+    attempts: int
+    billed_seconds: float
+    cost_usd: float
+    error: JobError | None
+    deduplicated_from: uuid.UUID | None
+    created_at: datetime
+    uploaded_at: datetime | None
+    queued_at: datetime | None
+    started_at: datetime | None
+    finished_at: datetime | None
+
+
+class JobPage(BaseModel):
+    """One page of a batch's jobs, in upload order."""
+
+    items: list[JobOut]
+    next_cursor: str | None
+
+
+class PresignedUploadCreate(Strict):
+    """POST /v1/batches/{id}/uploads: ask for a presigned PUT for one big file."""
+
+    filename: str = Field(min_length=1, max_length=1000)
+    bytes: int = Field(gt=0)
+    content_type: str | None = Field(default=None, max_length=200, pattern=r"^[\w.+-]+/[\w.+-]+$")
+    sha256: str | None = Field(default=None, pattern=r"^[0-9a-f]{64}$")
+
+
+class PresignedUploadOut(BaseModel):
+    """Where to PUT the file, and until when."""
+
+    job_id: uuid.UUID
+    upload_url: str
+    method: Literal["PUT"] = "PUT"
+    headers: dict[str, str]
+    expires_at: datetime
+
+
+class ImportCreate(Strict):
+    """POST /v1/batches/{id}/imports: audio already in an allowed bucket."""
+
+    s3_uris: list[Annotated[str, Field(pattern=r"^s3://[^/]+/.+$", max_length=2000)]] = Field(
+        min_length=1, max_length=1000
+    )
+
+
+class ImportOut(BaseModel):
+    """The jobs created by an import."""
+
+    batch_id: uuid.UUID
+    jobs: list[JobBrief]
+
+
+class RejectedJob(BaseModel):
+    """A presigned upload that failed verification at submit."""
+
+    job_id: uuid.UUID
+    code: str
+    message: str
+
+
+class SubmitOut(BaseModel):
+    """What a submit (or retry) queued."""
+
+    batch_id: uuid.UUID
+    status: str
+    queued: int
+    job_ids: list[uuid.UUID]
+    rejected: list[RejectedJob] = Field(default_factory=list)
+    waiting_for_upload: list[uuid.UUID] = Field(default_factory=list)
+
+
+class AttemptOut(BaseModel):
+    """One provider call and what it cost."""
+
+    id: uuid.UUID
+    model: str
+    provider: str
+    chunk_index: int | None
+    retry_number: int
+    outcome: str
+    http_status: int | None
+    error_code: str | None
+    error_message: str | None
+    audio_seconds: float | None
+    latency_ms: float | None
+    started_at: datetime
+    ended_at: datetime | None
+    cost_usd: float | None
+    estimated: bool | None
+
+
+class AttemptList(BaseModel):
+    """Every attempt of a job, oldest first."""
+
+    items: list[AttemptOut]
+
+
+class UsageRow(BaseModel):
+    """Cost of one day, model or batch."""
+
+    key: str
+    cost_usd: float
+    billed_seconds: float
+    records: int
+    estimated_usd: float
+
+
+class UsageOut(BaseModel):
+    """The tenant's cost report."""
+
+    model_config = ConfigDict(populate_by_name=True)
+
+    from_: datetime = Field(alias="from")
+    to: datetime
+    group_by: GroupBy
+    total_usd: float
+    total_billed_seconds: float
+    rows: list[UsageRow]
+
+
+class HealthOut(BaseModel):
+    """Liveness plus the result of each dependency check."""
+
+    status: str
+    checks: dict[str, str]
+
+
+JOB_STATUS_VALUES = tuple(s.value for s in JobStatus)

@@ -1,0 +1,165 @@
+"""Helpers for the API tests: a real uvicorn server process, API keys, generated audio."""
+
+from __future__ import annotations
+
+import io
+import subprocess
+import sys
+import time
+import wave
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+
+from core.embedded import free_port, wait_for_port
+from tests.support import REPO_ROOT, Stack
+
+
+@dataclass
+class ApiServer:
+    """A uvicorn process serving `api.main:app` on the session's stack."""
+
+    url: str
+    proc: subprocess.Popen[bytes]
+    log_path: Path
+
+    def rss_bytes(self) -> int:
+        """Resident memory of the server process (from /proc)."""
+        with open(f"/proc/{self.proc.pid}/status") as fh:
+            for line in fh:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) * 1024
+        raise AssertionError("no VmRSS")
+
+    def client(self, key: str | None = None, **kwargs: object) -> httpx.Client:
+        """An httpx client for the server, authenticated with `key`."""
+        headers = {"Authorization": f"Bearer {key}"} if key else {}
+        return httpx.Client(base_url=self.url, headers=headers, timeout=60.0, **kwargs)  # type: ignore[arg-type]
+
+
+def import_bucket(stack: Stack) -> str:
+    """The bucket the test server allows imports from."""
+    return stack.s3_bucket + "-import"
+
+
+def start_api_server(stack: Stack, **env: str) -> ApiServer:
+    """Start uvicorn in a subprocess on a free port and wait until it answers."""
+    port = free_port()
+    log_path = stack.work_dir / f"api-{port}.log"
+    log = open(log_path, "wb")  # noqa: SIM115
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "uvicorn",
+            "api.main:app",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--no-access-log",
+        ],
+        cwd=REPO_ROOT,
+        env=stack.child_env(VOXQ_IMPORT_BUCKETS=import_bucket(stack), **env),
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+    log.close()
+    try:
+        wait_for_port(port, 60, proc=proc)
+    except BaseException:
+        proc.kill()
+        raise
+    return ApiServer(url=f"http://127.0.0.1:{port}", proc=proc, log_path=log_path)
+
+
+def stop_api_server(server: ApiServer) -> None:
+    """Stop the server process."""
+    if server.proc.poll() is None:
+        server.proc.terminate()
+        try:
+            server.proc.wait(15)
+        except subprocess.TimeoutExpired:
+            server.proc.kill()
+            server.proc.wait(5)
+
+
+@pytest.fixture(scope="session", name="api_server")
+def api_server_fixture(session_stack: Stack) -> Iterator[ApiServer]:
+    """One API server process for the test session (tests still get a clean stack via `stack`)."""
+    server = start_api_server(session_stack)
+    try:
+        yield server
+    finally:
+        stop_api_server(server)
+
+
+@pytest.fixture(name="api")
+def api_fixture(api_server: ApiServer, stack: Stack) -> ApiServer:
+    """The session's API server, with databases emptied for this test."""
+    return api_server
+
+
+def make_key(tenant: str) -> str:
+    """Create an API key for `tenant` directly in the database (as `voxq keys create` does)."""
+    from core import auth
+    from core.db import session_scope
+
+    with session_scope() as session:
+        return auth.create_key(session, tenant).plaintext
+
+
+def sine_wav(seconds: float = 1.0, rate: int = 16000, freq: float = 440.0) -> bytes:
+    """A mono 16-bit PCM WAV of a sine tone."""
+    buf = io.BytesIO()
+    with wave.open(buf, "wb") as out:
+        out.setnchannels(1)
+        out.setsampwidth(2)
+        out.setframerate(rate)
+        t = np.arange(int(seconds * rate)) / rate
+        out.writeframes((np.sin(2 * np.pi * freq * t) * 8000).astype("<i2").tobytes())
+    return buf.getvalue()
+
+
+def wav_header(data_bytes: int, rate: int = 16000, channels: int = 1) -> bytes:
+    """A 44-byte WAV header announcing `data_bytes` of 16-bit PCM."""
+    import struct
+
+    byte_rate = rate * channels * 2
+    return (
+        b"RIFF"
+        + struct.pack("<I", 36 + data_bytes)
+        + b"WAVEfmt "
+        + struct.pack("<IHHIIHH", 16, 1, channels, rate, byte_rate, channels * 2, 16)
+        + b"data"
+        + struct.pack("<I", data_bytes)
+    )
+
+
+def wait_ready(server: ApiServer, timeout: float = 30.0) -> None:
+    """Wait until /readyz answers 200."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(server.url + "/readyz", timeout=5).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.2)
+    raise AssertionError("API not ready")
+
+
+def redis_queue_length(stack: Stack, queue: str) -> int:
+    """How many messages wait in a Celery queue (a Redis list named after the queue)."""
+    import redis
+
+    client = redis.Redis.from_url(stack.redis_url)
+    try:
+        return int(client.llen(queue))  # type: ignore[arg-type]
+    finally:
+        client.close()
