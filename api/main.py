@@ -7,6 +7,7 @@ from fastapi import APIRouter, FastAPI
 from api.idempotency import IdempotencyMiddleware
 from api.problems import install_problem_handlers
 from api.routes import batches, health, jobs, usage
+from core.logging import configure_logging
 from core.observability import metrics_router
 
 # Every router the app serves. Add a module's router here (e.g. observability's `/metrics`).
@@ -27,6 +28,7 @@ Every error is `application/problem+json` with a stable `code`. POSTs accept an 
 
 def create_app() -> FastAPI:
     """A new app with every router, the idempotency middleware and problem+json error handlers."""
+    configure_logging()  # one redacting JSON (or human) handler, uvicorn's loggers included
     app = FastAPI(title="voxq", version="0.1.0", description=DESCRIPTION)
     for router in ROUTERS:
         app.include_router(router)

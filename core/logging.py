@@ -204,7 +204,21 @@ class HumanFormatter(logging.Formatter):
 
 
 class VoxqHandler(logging.StreamHandler):  # type: ignore[type-arg]
-    """The handler `configure_logging` installs (marked so a second call replaces it)."""
+    """The handler `configure_logging` installs (marked so a second call replaces it).
+
+    Without an explicit stream it writes to whatever `sys.stderr` is at each emit, so a swapped stderr
+    (test capture, a daemon redirect) never leaves it writing to a closed file.
+    """
+
+    def __init__(self, stream: IO[str] | None = None) -> None:
+        super().__init__(stream or sys.stderr)
+        self._follow_stderr = stream is None
+
+    def emit(self, record: logging.LogRecord) -> None:
+        """Write the record to the stream (the current stderr unless one was given)."""
+        if self._follow_stderr:
+            self.stream = sys.stderr
+        super().emit(record)
 
 
 # Loggers that install their own handlers and would bypass ours (and our redaction).
@@ -235,7 +249,7 @@ def configure_logging(
     if isinstance(level, str):
         level = logging.getLevelNamesMapping().get(level.upper(), logging.INFO)
 
-    handler = VoxqHandler(stream or sys.stderr)
+    handler = VoxqHandler(stream)
     handler.setFormatter(JsonFormatter() if fmt == "json" else HumanFormatter())
     # Context first (so the ids are those of the logging code), then redaction of the final text.
     handler.addFilter(ContextFilter())
