@@ -288,6 +288,10 @@ class DevStack:
                 continue
             if child.restart_at is None:
                 code = child.proc.returncode if child.proc else None
+                if child.proc is not None:
+                    # What the dead leader left in its group (e.g. prefork pool processes) goes too.
+                    with contextlib.suppress(ProcessLookupError, PermissionError):
+                        os.killpg(child.proc.pid, signal.SIGKILL)
                 if now - child.started_at > HEALTHY_RUN_SECONDS:
                     child.failures = 0
                 delay = min(BACKOFF_MAX_SECONDS, 2.0**child.failures) if child.failures else 0.5
@@ -335,6 +339,8 @@ class DevStack:
         return self.data_dir / "pids.json"
 
     def _write_pids(self) -> None:
+        if self._lock_file is None:
+            return  # the data dir belongs to another run
         pids = [c.pid for c in self.children if c.alive() and c.pid]
         for server in (self.s3, self.redis):
             if server is not None and server.process is not None and server.process.alive():
