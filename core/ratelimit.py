@@ -1,0 +1,156 @@
+"""A token-bucket rate limiter per model in Redis, shared by every worker: requests/min and audio-s/min.
+
+Each model has two buckets (requests, audio seconds) that refill continuously at rate/60 per second and
+hold at most `burst_seconds` worth of tokens, so a fleet starting cold cannot fire a minute's quota in
+one instant (providers enforce per-minute limits over shorter windows). One Lua script refills both,
+checks both, and takes from both only when both allow, so concurrent workers never overdraw. A call
+needing more audio-seconds than a full bucket holds goes when the bucket is full and leaves it in debt,
+so long chunks are never starved and the average rate still holds.
+
+`penalize(model, retry_after)` pauses the model for the whole fleet: after one 429 with Retry-After,
+no worker sends to that model until the pause ends. Time comes from the Redis server (`TIME`).
+A rate of 0 means unlimited.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from typing import Any
+
+import redis.asyncio as aioredis
+
+from core import metrics, names
+
+# Waiters re-check at least this often, so a pause or a refill is noticed promptly.
+MAX_SLEEP_STEP = 0.25
+
+# KEYS: request bucket, audio bucket, pause key.
+# ARGV: rpm, audio seconds per minute, audio seconds needed, burst seconds.
+# -> "0" when granted (tokens taken), else milliseconds to wait, as a string (Lua numbers become ints).
+_ACQUIRE = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + tonumber(t[2]) / 1000
+local pause = tonumber(redis.call('GET', KEYS[3]) or '0')
+if pause > now then return tostring(pause - now) end
+local burst = tonumber(ARGV[4])
+local function look(key, per_minute, need)
+  if per_minute <= 0 then return nil end
+  local capacity = per_minute * burst / 60
+  if capacity < 1 then capacity = 1 end
+  local data = redis.call('HMGET', key, 'tokens', 'ts')
+  local tokens = tonumber(data[1]) or capacity
+  local ts = tonumber(data[2]) or now
+  if now > ts then tokens = tokens + (now - ts) * per_minute / 60000 end
+  if tokens > capacity then tokens = capacity end
+  local want = need
+  if want > capacity then want = capacity end
+  local wait = 0
+  if tokens < want then wait = (want - tokens) * 60000 / per_minute end
+  return {tokens = tokens, wait = wait, capacity = capacity}
+end
+local rpm = tonumber(ARGV[1])
+local aspm = tonumber(ARGV[2])
+local need_audio = tonumber(ARGV[3])
+local req = look(KEYS[1], rpm, 1)
+local audio = look(KEYS[2], aspm, need_audio)
+local wait = 0
+if req and req.wait > wait then wait = req.wait end
+if audio and audio.wait > wait then wait = audio.wait end
+if wait > 0 then return tostring(wait) end
+if req then
+  redis.call('HSET', KEYS[1], 'tokens', tostring(req.tokens - 1), 'ts', tostring(now))
+  redis.call('PEXPIRE', KEYS[1], 120000)
+end
+if audio then
+  redis.call('HSET', KEYS[2], 'tokens', tostring(audio.tokens - need_audio), 'ts', tostring(now))
+  local refill_ms = math.ceil((audio.capacity - audio.tokens + need_audio) * 60000 / aspm)
+  redis.call('PEXPIRE', KEYS[2], refill_ms + 120000)
+end
+return '0'
+"""
+
+# KEYS: pause key. ARGV: pause ms. Extends (never shortens) the model's fleet-wide pause.
+_PENALIZE = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + tonumber(t[2]) / 1000
+local target = now + tonumber(ARGV[1])
+local current = tonumber(redis.call('GET', KEYS[1]) or '0')
+if target > current then
+  redis.call('SET', KEYS[1], tostring(target), 'PX', math.ceil(tonumber(ARGV[1])) + 1000)
+end
+return tostring(target - now)
+"""
+
+
+def _float(value: Any) -> float:
+    return float(value.decode() if isinstance(value, bytes) else value)
+
+
+class RateLimiter:
+    """Fleet-wide per-model limits on requests/min and audio-seconds/min (0 = unlimited)."""
+
+    def __init__(
+        self,
+        redis_async: aioredis.Redis,
+        *,
+        rpm: int,
+        audio_seconds_per_minute: float,
+        burst_seconds: float = 1.0,
+    ) -> None:
+        self._redis = redis_async
+        self.rpm = max(int(rpm), 0)
+        self.audio_seconds_per_minute = max(float(audio_seconds_per_minute), 0.0)
+        self.burst_seconds = max(float(burst_seconds), 0.001)
+        self._acquire = redis_async.register_script(_ACQUIRE)
+        self._penalize = redis_async.register_script(_PENALIZE)
+
+    @staticmethod
+    def _keys(model: str) -> list[str]:
+        prefix = names.KEY_RATE + model + ":"
+        return [prefix + "requests", prefix + "audio_seconds", prefix + "pause"]
+
+    async def try_acquire(self, model: str, audio_seconds: float) -> float:
+        """Take the tokens now and return 0, or take nothing and return the seconds to wait first."""
+        wait_ms = await self._acquire(
+            keys=self._keys(model),
+            args=[
+                self.rpm,
+                repr(self.audio_seconds_per_minute),
+                repr(max(float(audio_seconds), 0.0)),
+                repr(self.burst_seconds),
+            ],
+        )
+        return _float(wait_ms) / 1000.0
+
+    async def acquire(self, model: str, audio_seconds: float) -> float:
+        """Wait until both buckets (and any fleet-wide pause) allow this call; return the seconds waited."""
+        loop = asyncio.get_running_loop()
+        started: float | None = None
+        while True:
+            wait = await self.try_acquire(model, audio_seconds)
+            if wait <= 0:
+                break
+            if started is None:
+                started = loop.time()
+            # Small steps with a little jitter: waiters re-check often and do not all wake together.
+            await asyncio.sleep(min(wait, MAX_SLEEP_STEP) + random.uniform(0.0, 0.01))
+        if started is None:
+            return 0.0
+        waited = loop.time() - started
+        metrics.RATE_LIMIT_WAITS.labels(model=model).inc()
+        metrics.RATE_LIMIT_WAIT_SECONDS.labels(model=model).inc(waited)
+        return waited
+
+    async def penalize(self, model: str, retry_after: float) -> None:
+        """Pause every worker's calls to `model` for `retry_after` seconds (a 429's Retry-After)."""
+        if retry_after > 0:
+            await self._penalize(keys=[self._keys(model)[2]], args=[repr(float(retry_after) * 1000.0)])
+
+    async def pause_remaining(self, model: str) -> float:
+        """Seconds left on the model's fleet-wide pause (0 when none)."""
+        raw = await self._redis.get(self._keys(model)[2])
+        if raw is None:
+            return 0.0
+        now_s, now_us = await self._redis.time()
+        return max(_float(raw) / 1000.0 - (now_s + now_us / 1_000_000), 0.0)

@@ -1,0 +1,240 @@
+"""Circuit breaker and rate limiter against real Redis/Valkey, shared between independent instances."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
+
+import redis.asyncio as aioredis
+from prometheus_client import REGISTRY
+
+from core import names
+from core.circuit import CircuitBreaker
+from core.ratelimit import RateLimiter
+from tests.support import Stack
+
+T = TypeVar("T")
+MODEL = "gpt-4o-mini-transcribe"
+
+
+def _run(stack: Stack, body: Callable[[aioredis.Redis, aioredis.Redis], Awaitable[T]]) -> T:
+    """Run `body` with two separate Redis clients (as two worker processes would have)."""
+
+    async def main() -> T:
+        first = aioredis.Redis.from_url(stack.redis_url)
+        second = aioredis.Redis.from_url(stack.redis_url)
+        try:
+            return await body(first, second)
+        finally:
+            await first.aclose()
+            await second.aclose()
+
+    return asyncio.run(main())
+
+
+def _gauge(model: str) -> float | None:
+    return REGISTRY.get_sample_value("voxq_circuit_open", {"model": model})
+
+
+# ---- circuit breaker ----
+
+
+def test_breaker_opens_after_threshold_for_every_worker(stack: Stack) -> None:
+    async def body(r1: aioredis.Redis, r2: aioredis.Redis) -> None:
+        a = CircuitBreaker(r1, failure_threshold=3, open_seconds=30)
+        b = CircuitBreaker(r2, failure_threshold=3, open_seconds=30)
+        await a.record_failure(MODEL)
+        await b.record_failure(MODEL)
+        assert await a.allow(MODEL) and await b.allow(MODEL)
+        assert await b.state(MODEL) == "closed"
+        assert _gauge(MODEL) == 0
+        await a.record_failure(MODEL)  # third failure, counted across both instances
+        assert await a.state(MODEL) == "open"
+        assert not await a.allow(MODEL)
+        assert not await b.allow(MODEL)
+        assert _gauge(MODEL) == 1
+        # A straggler's success (started before the circuit opened) does not close it.
+        await b.record_success(MODEL)
+        assert await a.state(MODEL) == "open"
+        # Other models are unaffected.
+        assert await b.allow("whisper-1")
+        assert await r1.exists(names.KEY_CIRCUIT + MODEL)
+
+    _run(stack, body)
+
+
+def test_success_resets_consecutive_failures(stack: Stack) -> None:
+    async def body(r1: aioredis.Redis, r2: aioredis.Redis) -> None:
+        a = CircuitBreaker(r1, failure_threshold=3, open_seconds=30)
+        for _ in range(2):
+            await a.record_failure(MODEL)
+        await a.record_success(MODEL)
+        for _ in range(2):
+            await a.record_failure(MODEL)
+        assert await a.state(MODEL) == "closed"
+        await a.record_failure(MODEL)
+        assert await a.state(MODEL) == "open"
+
+    _run(stack, body)
+
+
+def test_half_open_lets_exactly_one_probe(stack: Stack) -> None:
+    async def body(r1: aioredis.Redis, r2: aioredis.Redis) -> None:
+        a = CircuitBreaker(r1, failure_threshold=1, open_seconds=0.4)
+        b = CircuitBreaker(r2, failure_threshold=1, open_seconds=0.4)
+        await a.record_failure(MODEL)
+        assert not await b.allow(MODEL)
+        await asyncio.sleep(0.5)
+        assert await b.state(MODEL) == "half_open"
+        # Many workers ask at once: exactly one gets the probe.
+        answers = await asyncio.gather(*[(a if i % 2 else b).allow(MODEL) for i in range(20)])
+        assert answers.count(True) == 1
+        # The probe fails: open again at once, for the full open period.
+        await a.record_failure(MODEL)
+        assert await a.state(MODEL) == "open"
+        assert not await b.allow(MODEL)
+        await asyncio.sleep(0.5)
+        assert await b.allow(MODEL)  # the next probe
+        assert not await a.allow(MODEL)
+        await b.record_success(MODEL)  # the probe succeeds: closed for everyone
+        assert await a.state(MODEL) == "closed"
+        assert all(
+            await asyncio.gather(*[a.allow(MODEL) for _ in range(5)], *[b.allow(MODEL) for _ in range(5)])
+        )
+
+    _run(stack, body)
+
+
+def test_trip_opens_now_for_the_given_time(stack: Stack) -> None:
+    async def body(r1: aioredis.Redis, r2: aioredis.Redis) -> None:
+        a = CircuitBreaker(r1, failure_threshold=5, open_seconds=30)
+        b = CircuitBreaker(r2, failure_threshold=5, open_seconds=30)
+        await a.trip(MODEL, seconds=0.3)  # e.g. insufficient_quota
+        assert not await b.allow(MODEL)
+        await asyncio.sleep(0.4)
+        assert await b.state(MODEL) == "half_open"
+        assert await b.allow(MODEL)
+        await a.trip(MODEL)  # default: open_seconds
+        ttl = await r1.pttl(names.KEY_CIRCUIT + MODEL)
+        assert ttl > 29_000
+        assert not await b.allow(MODEL)
+
+    _run(stack, body)
+
+
+def test_retire_is_permanent_and_shared(stack: Stack) -> None:
+    async def body(r1: aioredis.Redis, r2: aioredis.Redis) -> None:
+        a = CircuitBreaker(r1, failure_threshold=1, open_seconds=0.2)
+        b = CircuitBreaker(r2, failure_threshold=1, open_seconds=0.2)
+        await a.retire("whisper-1")
+        assert await b.state("whisper-1") == "retired"
+        assert not await b.allow("whisper-1")
+        await b.record_success("whisper-1")
+        await asyncio.sleep(0.3)  # longer than open_seconds: still no probe
+        assert not await a.allow("whisper-1")
+        assert not await b.allow("whisper-1")
+        assert await r1.get(names.KEY_MODEL_RETIRED + "whisper-1") == b"1"
+        assert await r1.ttl(names.KEY_MODEL_RETIRED + "whisper-1") == -1  # no expiry
+        assert _gauge("whisper-1") == 1
+        # A breaker built later (a new worker process) sees it too.
+        fresh = CircuitBreaker(aioredis.Redis.from_url(stack.redis_url), failure_threshold=1, open_seconds=1)
+        assert await fresh.state("whisper-1") == "retired"
+        assert await fresh.allow(MODEL)
+
+    _run(stack, body)
+
+
+# ---- rate limiter ----
+
+
+async def _hammer(limiters: list[RateLimiter], model: str, seconds: float, cost: float = 0.0) -> int:
+    """Acquire as fast as the limiters allow, from 8 tasks per limiter, for `seconds`; return grants."""
+    granted = 0
+    deadline = time.monotonic() + seconds
+
+    async def worker(limiter: RateLimiter) -> None:
+        nonlocal granted
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return
+            try:
+                await asyncio.wait_for(limiter.acquire(model, cost), timeout=remaining)
+            except TimeoutError:
+                return
+            if time.monotonic() <= deadline:
+                granted += 1
+
+    await asyncio.gather(*[worker(limiter) for limiter in limiters for _ in range(8)])
+    return granted
+
+
+def test_rate_limiter_holds_requests_per_minute(stack: Stack) -> None:
+    async def body(r1: aioredis.Redis, r2: aioredis.Redis) -> int:
+        limiter = RateLimiter(r1, rpm=600, audio_seconds_per_minute=0)  # 10/s, burst of 10
+        return await _hammer([limiter], MODEL, 2.0)
+
+    granted = _run(stack, body)
+    expected = 10 + 10 * 2.0  # the burst, then the refill rate
+    assert expected * 0.85 <= granted <= expected + 2, granted
+
+
+def test_two_limiters_share_one_bucket(stack: Stack) -> None:
+    async def body(r1: aioredis.Redis, r2: aioredis.Redis) -> int:
+        first = RateLimiter(r1, rpm=600, audio_seconds_per_minute=0)
+        second = RateLimiter(r2, rpm=600, audio_seconds_per_minute=0)
+        return await _hammer([first, second], "whisper-1", 2.0)
+
+    granted = _run(stack, body)
+    expected = 10 + 10 * 2.0  # the same as one limiter: the bucket is in Redis, not in the process
+    assert expected * 0.85 <= granted <= expected + 2, granted
+
+
+def test_audio_seconds_per_minute_and_debt_for_long_chunks(stack: Stack) -> None:
+    async def body(r1: aioredis.Redis, r2: aioredis.Redis) -> tuple[int, float, float]:
+        limiter = RateLimiter(r1, rpm=0, audio_seconds_per_minute=600)  # 10 audio-s/s, burst 10
+        granted = await _hammer([limiter], "gpt-4o-transcribe", 1.5, cost=2.0)
+        slow = RateLimiter(r2, rpm=0, audio_seconds_per_minute=120)  # 2 audio-s/s, bucket of 2
+        first = await slow.acquire("m-long", 4.0)  # bigger than the bucket: goes at once, leaves debt
+        second = await slow.acquire("m-long", 1.0)  # waits for the debt and its own second: 3 / 2 s
+        return granted, first, second
+
+    granted, first, second = _run(stack, body)
+    expected = (10 + 10 * 1.5) / 2.0  # audio-seconds allowed / 2 s per call
+    assert expected * 0.8 <= granted <= expected + 1, granted
+    assert first == 0.0
+    assert 1.3 <= second <= 1.9, second
+
+
+def test_unlimited_and_penalize_pauses_the_fleet(stack: Stack) -> None:
+    async def body(r1: aioredis.Redis, r2: aioredis.Redis) -> dict[str, Any]:
+        a = RateLimiter(r1, rpm=0, audio_seconds_per_minute=0)
+        b = RateLimiter(r2, rpm=0, audio_seconds_per_minute=0)
+        started = time.monotonic()
+        waits = await asyncio.gather(*[a.acquire(MODEL, 60.0) for _ in range(50)])
+        unlimited = time.monotonic() - started
+        await a.penalize(MODEL, 0.6)  # a 429 with Retry-After seen by one worker
+        await a.penalize(MODEL, 0.1)  # a shorter one never shortens the pause
+        remaining = await b.pause_remaining(MODEL)
+        before = REGISTRY.get_sample_value("voxq_rate_limiter_waits_total", {"model": MODEL}) or 0.0
+        paused = await b.acquire(MODEL, 1.0)
+        after = REGISTRY.get_sample_value("voxq_rate_limiter_waits_total", {"model": MODEL}) or 0.0
+        other = await b.acquire("whisper-1", 1.0)
+        return {
+            "waits": waits,
+            "unlimited": unlimited,
+            "remaining": remaining,
+            "paused": paused,
+            "other": other,
+            "metric": after - before,
+        }
+
+    out = _run(stack, body)
+    assert max(out["waits"]) == 0.0
+    assert out["unlimited"] < 2.0
+    assert 0.45 <= out["remaining"] <= 0.6
+    assert 0.45 <= out["paused"] <= 0.9
+    assert out["other"] == 0.0
+    assert out["metric"] == 1.0
