@@ -1,0 +1,285 @@
+"""Metrics on real servers: the API's /metrics (fleet gauges from real Redis and Postgres), `voxq top`,
+and a real Celery worker's multiprocess listener."""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+import sys
+import uuid
+from datetime import UTC, datetime, timedelta
+from decimal import Decimal
+from pathlib import Path
+
+import httpx
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+from sqlalchemy import insert
+
+from core import names
+from core.embedded import free_port
+from core.models import Attempt, Batch, CostRecord, Job, Tenant, WorkerHeartbeat
+from core.statuses import JobStatus
+from tests.support import REPO_ROOT, Stack, celery_worker, wait_until
+
+
+def samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    """(sample name, sorted labels) -> value, from Prometheus text format."""
+    out: dict[tuple[str, tuple[tuple[str, str], ...]], float] = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            out[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
+    return out
+
+
+def value(parsed: dict[tuple[str, tuple[tuple[str, str], ...]], float], name: str, **labels: str) -> float:
+    return parsed[(name, tuple(sorted(labels.items())))]
+
+
+STATUS_COUNTS = {JobStatus.QUEUED: 7, JobStatus.PROCESSING: 3, JobStatus.SUCCEEDED: 5, JobStatus.FAILED: 2}
+
+
+def seed_fleet(stack: Stack) -> dict[str, object]:
+    """Jobs in several statuses, real Celery messages waiting, an open circuit, a live worker, costs."""
+    from core.circuit import CircuitBreaker
+    from core.db import session_scope
+    from core.dispatch import enqueue_jobs, reset_producer
+
+    now = datetime.now(UTC)
+    tenant_id, batch_id = uuid.uuid4(), uuid.uuid4()
+    queued: list[uuid.UUID] = []
+    with session_scope() as session:
+        session.execute(insert(Tenant).values(id=tenant_id, name=f"t-{tenant_id.hex[:8]}"))
+        session.execute(insert(Batch).values(id=batch_id, tenant_id=tenant_id))
+        for status, count in STATUS_COUNTS.items():
+            for i in range(count):
+                job_id = uuid.uuid4()
+                finished = (
+                    now - timedelta(seconds=20 + i)
+                    if status in (JobStatus.SUCCEEDED, JobStatus.FAILED)
+                    else None
+                )
+                session.execute(
+                    insert(Job).values(
+                        id=job_id,
+                        tenant_id=tenant_id,
+                        batch_id=batch_id,
+                        status=status.value,
+                        finished_at=finished,
+                    )
+                )
+                if status is JobStatus.QUEUED:
+                    queued.append(job_id)
+        attempt_id = uuid.uuid4()
+        session.execute(
+            insert(Attempt).values(
+                id=attempt_id, tenant_id=tenant_id, model="gpt-4o-mini-transcribe", provider="openai"
+            )
+        )
+        session.execute(
+            insert(CostRecord).values(
+                tenant_id=tenant_id,
+                batch_id=batch_id,
+                attempt_id=attempt_id,
+                model="gpt-4o-mini-transcribe",
+                price_table_version="test",
+                usd=Decimal("0.0125"),
+            )
+        )
+        session.execute(
+            insert(WorkerHeartbeat).values(
+                worker="w-alive@host", pid=1, queues=[], started_at=now, last_seen_at=now
+            )
+        )
+        session.execute(
+            insert(WorkerHeartbeat).values(
+                worker="w-gone@host", pid=2, queues=[], started_at=now, last_seen_at=now - timedelta(hours=1)
+            )
+        )
+    reset_producer()
+    # 120 jobs -> 3 prepare tasks (50 per task): real messages in the ingest list.
+    tasks = enqueue_jobs(queued * 17 + queued[:1])
+    reset_producer()
+
+    async def trip() -> None:
+        import redis.asyncio as aioredis
+
+        client = aioredis.Redis.from_url(stack.redis_url)
+        try:
+            breaker = CircuitBreaker(client, failure_threshold=3, open_seconds=600)
+            await breaker.trip("gpt-4o-transcribe")
+            await breaker.retire("whisper-1")
+            await breaker.record_failure("gpt-4o-mini-transcribe")  # one failure: still closed
+        finally:
+            await client.aclose()
+
+    asyncio.run(trip())
+    return {"ingest_tasks": tasks}
+
+
+@pytest.fixture
+def api_client(stack: Stack) -> httpx.Client:
+    from fastapi.testclient import TestClient
+
+    from api.main import create_app
+
+    return TestClient(create_app())
+
+
+def test_api_metrics_serve_fleet_gauges_from_redis_and_postgres(
+    stack: Stack, api_client: httpx.Client
+) -> None:
+    seeded = seed_fleet(stack)
+    response = api_client.get("/metrics")
+    assert response.status_code == 200
+    assert response.headers["content-type"].startswith("text/plain")
+    parsed = samples(response.text)
+    assert value(parsed, "voxq_queue_depth", queue=names.QUEUE_INGEST) == seeded["ingest_tasks"] == 3
+    assert value(parsed, "voxq_queue_depth", queue=names.QUEUE_TRANSCRIBE) == 0
+    for status, count in STATUS_COUNTS.items():
+        assert value(parsed, "voxq_jobs", status=status.value) == count
+    assert value(parsed, "voxq_jobs", status=JobStatus.CANCELLED.value) == 0
+    assert value(parsed, "voxq_workers_alive") == 1
+    assert value(parsed, "voxq_circuits_open", model="gpt-4o-transcribe") == 1
+    assert value(parsed, "voxq_circuits_open", model="whisper-1") == 1
+    assert ("voxq_circuits_open", (("model", "gpt-4o-mini-transcribe"),)) not in parsed
+    assert value(parsed, "voxq_fleet_scrape_error", source="redis") == 0
+    assert value(parsed, "voxq_fleet_scrape_error", source="postgres") == 0
+
+    # The gauges are read at scrape time: drain the queue and the next scrape says so.
+    import redis
+
+    redis.Redis.from_url(stack.redis_url).delete(names.QUEUE_INGEST)
+    assert value(samples(api_client.get("/metrics").text), "voxq_queue_depth", queue=names.QUEUE_INGEST) == 0
+
+
+def test_api_metrics_report_an_unreadable_redis_instead_of_failing(
+    stack: Stack, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from fastapi.testclient import TestClient
+
+    from api.main import create_app
+    from core.settings import reset_settings_cache
+
+    monkeypatch.setenv("VOXQ_REDIS_URL", f"redis://127.0.0.1:{free_port()}/0")
+    reset_settings_cache()
+    response = TestClient(create_app()).get("/metrics")
+    assert response.status_code == 200
+    parsed = samples(response.text)
+    assert value(parsed, "voxq_fleet_scrape_error", source="redis") == 1
+    assert value(parsed, "voxq_fleet_scrape_error", source="postgres") == 0
+    assert not any(name == "voxq_queue_depth" for name, _ in parsed)
+
+
+def run_top(stack: Stack, *args: str, **env: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "core.cli", "top", *args],
+        cwd=REPO_ROOT,
+        env=stack.child_env(**env),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
+def test_voxq_top_once_prints_the_fleet(stack: Stack) -> None:
+    seed_fleet(stack)
+    result = run_top(stack, "--once")
+    assert result.returncode == 0, result.stderr
+    out = result.stdout
+    assert "\x1b[2J" not in out  # --once is for pipes: no screen clearing
+    assert "workers alive: 1 (w-alive@host)" in out
+    ingest_line = next(line for line in out.splitlines() if line.strip().startswith(names.QUEUE_INGEST + " "))
+    assert ingest_line.split()[1] == "3"
+    assert "queued 7" in out and "processing 3" in out and "succeeded 5" in out and "failed 2" in out
+    assert "in flight 3" in out
+    finished = next(line for line in out.splitlines() if line.startswith("FINISHED/MIN"))
+    # 7 jobs finished 20-26 s ago: all in the newest minute.
+    assert finished.split(": ")[1].split()[:5] == ["0", "0", "0", "0", "7"]
+    assert "COST/HOUR  $0.0125" in out
+    assert "gpt-4o-transcribe: open" in out and "whisper-1: retired" in out
+    assert "gpt-4o-mini-transcribe:" not in out.split("CIRCUITS")[1]
+
+
+def test_voxq_top_once_fails_when_redis_is_down(stack: Stack) -> None:
+    result = run_top(stack, "--once", VOXQ_REDIS_URL=f"redis://127.0.0.1:{free_port()}/0")
+    assert result.returncode == 1
+    assert "!! redis unreadable" in result.stdout
+    assert "JOBS" in result.stdout  # Postgres is still read
+
+
+def test_voxq_top_live_redraws_until_interrupted(stack: Stack) -> None:
+    import signal
+    import time
+
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "core.cli", "top", "--interval", "0.3"],
+        cwd=REPO_ROOT,
+        env=stack.child_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        time.sleep(4)
+    finally:
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=30)
+    assert proc.returncode == 0, err
+    assert out.count("\x1b[2J") >= 2  # several frames, each after a clear
+    assert out.count("voxq top") == out.count("\x1b[2J")
+
+
+def scrape(port: int) -> str:
+    return httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=5).text
+
+
+def test_worker_listener_serves_multiprocess_metrics(stack: Stack) -> None:
+    port = free_port()
+    data_dir = Path(stack.env()["VOXQ_DATA_DIR"])
+    with celery_worker(stack, name=f"m{port}", env={"VOXQ_WORKER_METRICS_PORT": str(port)}) as proc:
+        text = wait_until(lambda: _try_scrape(port), timeout=60, what="worker metrics listener")
+        families = {f.name for f in text_string_to_metric_families(text)}
+        # Unlabelled counters exist from the start, summed over the pool's processes.
+        assert {"voxq_audio_submitted_seconds", "voxq_dedupe_hits"} <= families
+        # Multiprocess mode: no per-process python_* collectors, and the files live in a per-worker dir.
+        assert "python_gc_objects_collected" not in families
+        own_dir = data_dir / "prometheus" / f"worker-{proc.pid}"
+        assert own_dir.is_dir()
+        assert any(own_dir.glob("counter_*.db"))
+    # Warm shutdown removes the worker's directory.
+    assert not own_dir.exists()
+    assert proc.returncode is not None
+
+
+def _try_scrape(port: int) -> str | None:
+    try:
+        return scrape(port)
+    except httpx.HTTPError:
+        return None
+
+
+def test_worker_without_port_serves_nothing_but_still_runs(stack: Stack) -> None:
+    port = free_port()
+    with celery_worker(stack, name=f"n{port}") as proc:
+        # The heartbeat task runs: the worker is up.
+        from celery import Celery
+
+        app = Celery("t", broker=stack.redis_url)
+        app.send_task(names.TASK_HEARTBEAT, kwargs={"worker": f"probe-{port}"}, queue=names.QUEUE_MAINTENANCE)
+        app.close()
+
+        def beat_written() -> bool:
+            from sqlalchemy import select
+
+            from core.db import session_scope
+
+            with session_scope() as session:
+                return (
+                    session.scalar(select(WorkerHeartbeat).where(WorkerHeartbeat.worker == f"probe-{port}"))
+                    is not None
+                )
+
+        wait_until(beat_written, timeout=60, what="heartbeat task ran")
+        assert _try_scrape(port) is None
+        assert proc.poll() is None
