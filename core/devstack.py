@@ -389,7 +389,11 @@ class DevStack:
         env["PYTHONUNBUFFERED"] = "1"
         env.setdefault("VOXQ_ENVIRONMENT", "dev")
         env["VOXQ_DATA_DIR"] = str(self.data_dir)
-        env.setdefault("VOXQ_LOCAL_MODEL_CACHE_DIR", str(self.data_dir / "models"))
+        # The joined model weights are big: share them per checkout (settings' default), not per data dir.
+        from core.settings import Settings
+
+        default_cache = str(Settings.model_fields["local_model_cache_dir"].default)
+        env.setdefault("VOXQ_LOCAL_MODEL_CACHE_DIR", str(Path(default_cache).resolve()))
         env.setdefault("VOXQ_LOG_FORMAT", "human")
         env["VOXQ_API_HOST"] = HOST
         env["VOXQ_API_PORT"] = str(self.api_port)

@@ -12,6 +12,7 @@ Handler = Callable[[argparse.Namespace], int]
 # Modules that define `register(subparsers)`; each adds its subcommands with `set_defaults(handler=...)`.
 SUBCOMMAND_MODULES = (
     "core.cli.dev",
+    "core.cli.demo",
     "core.cli.client_commands",
     "core.cli.ops",
 )

@@ -184,3 +184,14 @@ def test_dockerfile_is_multistage_and_runs_as_non_root() -> None:
     assert users, "the runtime stage must switch to a non-root user"
     assert users[-1].split(":")[0] not in {"root", "0"}
     assert any("pip install" in line and ".[local]" in line for line in lines)
+
+
+def test_prometheus_scrapes_the_worker_metrics_port() -> None:
+    prometheus = yaml.safe_load((ROOT / "infra" / "prometheus" / "prometheus.yml").read_text())
+    workers = next(job for job in prometheus["scrape_configs"] if job["job_name"] == "voxq-worker")
+    sd = workers["dns_sd_configs"][0]
+    for service in ("worker", "local-worker"):
+        assert service in sd["names"]
+        env = _environment(SERVICES[service])
+        assert int(env["VOXQ_WORKER_METRICS_PORT"]) == sd["port"]
+        assert env["VOXQ_WORKER_METRICS_HOST"] == "0.0.0.0"

@@ -1,0 +1,288 @@
+"""`voxq demo` (what `make demo` runs): the embedded stack, the bundled samples, transcripts and costs.
+
+Starts the same stack `voxq dev` runs (core.devstack), submits samples/ through the HTTP API as any
+client would, waits with a progress bar, prints each transcript and a cost table, then stops the stack.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import shutil
+import signal
+import sys
+import tempfile
+import textwrap
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from decimal import Decimal
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+SAMPLES_DIR = Path(__file__).resolve().parents[2] / "samples"
+TERMINAL_JOB = frozenset({"succeeded", "failed", "cancelled", "skipped"})
+
+
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """Add `demo`."""
+    demo = sub.add_parser(
+        "demo", help="start the embedded stack, transcribe samples/, print transcripts and costs"
+    )
+    demo.add_argument(
+        "--data-dir",
+        default=None,
+        help="keep the stack's data here (default: a fresh temporary directory, removed afterwards)",
+    )
+    demo.add_argument("--samples", default=str(SAMPLES_DIR), help="folder with manifest.json and audio")
+    demo.add_argument("--timeout", type=float, default=900.0, help="seconds to wait for every transcript")
+    demo.set_defaults(handler=run_demo)
+
+
+@dataclass
+class Sample:
+    """One bundled file and its reference text."""
+
+    path: Path
+    kind: str
+    text: str
+
+
+def load_samples(folder: Path) -> list[Sample]:
+    """The samples listed in `folder/manifest.json`, in its order."""
+    manifest = json.loads((folder / "manifest.json").read_text())
+    return [
+        Sample(folder / item["file"], item.get("kind", "auto"), item.get("text", "")) for item in manifest
+    ]
+
+
+class DemoClient:
+    """The few API calls the demo makes (the `voxq` CLI client covers the rest of the API)."""
+
+    def __init__(self, base_url: str, api_key: str) -> None:
+        self.http = httpx.Client(
+            base_url=base_url, headers={"Authorization": f"Bearer {api_key}"}, timeout=120.0
+        )
+
+    def close(self) -> None:
+        """Close the connection pool."""
+        self.http.close()
+
+    def _ok(self, response: httpx.Response) -> Any:
+        if response.status_code >= 400:
+            raise RuntimeError(
+                f"{response.request.method} {response.request.url.path}: {response.text[:300]}"
+            )
+        return response.json() if response.content else None
+
+    def create_batch(self, name: str) -> str:
+        """A new batch; its id."""
+        return str(self._ok(self.http.post("/v1/batches", json={"name": name, "profile": "auto"}))["id"])
+
+    def upload(self, batch_id: str, paths: list[Path]) -> list[dict[str, Any]]:
+        """Upload files as multipart `file` parts (streamed from disk); the jobs created."""
+        with contextlib.ExitStack() as stack:
+            files = [("file", (p.name, stack.enter_context(open(p, "rb")))) for p in paths]
+            jobs: list[dict[str, Any]] = self._ok(
+                self.http.post(f"/v1/batches/{batch_id}/files", files=files)
+            )["jobs"]
+        return jobs
+
+    def submit(self, batch_id: str) -> dict[str, Any]:
+        """Queue every uploaded job."""
+        result: dict[str, Any] = self._ok(self.http.post(f"/v1/batches/{batch_id}/submit"))
+        return result
+
+    def batch(self, batch_id: str) -> dict[str, Any]:
+        """The batch's status, counts and totals."""
+        result: dict[str, Any] = self._ok(self.http.get(f"/v1/batches/{batch_id}"))
+        return result
+
+    def jobs(self, batch_id: str) -> list[dict[str, Any]]:
+        """Every job of the batch (all pages)."""
+        items: list[dict[str, Any]] = []
+        cursor: str | None = None
+        while True:
+            params: dict[str, str | int] = {"limit": 100}
+            if cursor:
+                params["cursor"] = cursor
+            page = self._ok(self.http.get(f"/v1/batches/{batch_id}/jobs", params=params))
+            items += page["items"]
+            cursor = page.get("next_cursor")
+            if not cursor:
+                return items
+
+    def transcript(self, job_id: str) -> str:
+        """The plain-text transcript."""
+        response = self.http.get(f"/v1/jobs/{job_id}/transcript", params={"format": "txt"})
+        if response.status_code >= 400:
+            raise RuntimeError(f"transcript of {job_id}: {response.text[:300]}")
+        return response.text
+
+
+def progress_line(batch: dict[str, Any], started: float) -> str:
+    """`[#####.....] 3/5 done  ...` for one poll of the batch."""
+    counts = batch.get("counts") or {}
+    total = int(batch.get("total_jobs") or sum(counts.values()) or 0)
+    done = sum(int(counts.get(s, 0)) for s in TERMINAL_JOB)
+    width = 30
+    filled = int(width * done / total) if total else 0
+    return (
+        f"[{'#' * filled}{'.' * (width - filled)}] {done}/{total} done, "
+        f"{counts.get('processing', 0)} processing, {counts.get('queued', 0)} queued  "
+        f"${Decimal(str(batch.get('cost_usd', 0))):.4f}  {time.monotonic() - started:5.1f}s"
+    )
+
+
+def cost_table(jobs: list[dict[str, Any]]) -> str:
+    """Per model: files, audio seconds, billed seconds, USD; then the total."""
+    rows: dict[str, list[Any]] = {}
+    for job in jobs:
+        model = job.get("model") or f"({job['status']})"
+        row = rows.setdefault(model, [0, 0.0, 0.0, Decimal(0)])
+        row[0] += 1
+        row[1] += float(job.get("duration_seconds") or 0.0)
+        row[2] += float(job.get("billed_seconds") or 0.0)
+        row[3] += Decimal(str(job.get("cost_usd") or 0))
+    header = f"{'model':<28}{'files':>6}{'audio s':>10}{'billed s':>10}{'USD':>12}"
+    lines = [header, "-" * len(header)]
+    totals = [0, 0.0, 0.0, Decimal(0)]
+    for model, (files, audio, billed, usd) in sorted(rows.items()):
+        lines.append(f"{model:<28}{files:>6}{audio:>10.1f}{billed:>10.1f}{usd:>12.6f}")
+        totals = [totals[0] + files, totals[1] + audio, totals[2] + billed, totals[3] + usd]
+    lines.append("-" * len(header))
+    lines.append(f"{'total':<28}{totals[0]:>6}{totals[1]:>10.1f}{totals[2]:>10.1f}{totals[3]:>12.6f}")
+    return "\n".join(lines)
+
+
+@contextlib.contextmanager
+def _data_dir(given: str | None) -> Iterator[Path]:
+    if given:
+        yield Path(given)
+        return
+    Path(".voxq").mkdir(exist_ok=True)
+    path = Path(tempfile.mkdtemp(prefix="demo-", dir=".voxq"))
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def _raise_interrupt(signum: int, _frame: object) -> None:
+    raise KeyboardInterrupt
+
+
+def run_demo(args: argparse.Namespace) -> int:
+    """Start the stack, transcribe the samples over HTTP, print transcripts and costs, stop the stack."""
+    from core.devstack import DevStack
+    from core.embedded import free_port
+    from core.errors import ConfigError
+
+    samples = load_samples(Path(args.samples))
+    signal.signal(signal.SIGTERM, _raise_interrupt)  # stop the stack cleanly on SIGTERM too
+    with _data_dir(args.data_dir) as data_dir:
+        stack = DevStack(
+            data_dir,
+            api_port=free_port(),
+            flower_port=free_port(),
+            with_flower=False,
+            say=lambda msg: print(f"  {msg}", flush=True),
+        )
+        try:
+            print("Starting the embedded stack (Postgres, Valkey, SeaweedFS, API, workers)…", flush=True)
+            try:
+                info = stack.start()
+            except ConfigError as exc:
+                print(f"voxq demo: {exc}", file=sys.stderr)
+                return 1
+            if not any(child.name == "api" for child in stack.children):
+                print("pipeline not built yet: the API is missing, nothing to demonstrate")
+                return 0
+            chain = os.environ.get("VOXQ_PRIMARY_MODEL", "")
+            fallbacks = os.environ.get("VOXQ_FALLBACK_MODELS")
+            print(f"Model chain: {', '.join(m for m in [chain, *(fallbacks or '').split(',')] if m)}")
+            return _transcribe(info.api_url, info.api_key, samples, args.timeout, stack)
+        except KeyboardInterrupt:
+            print("\ninterrupted", file=sys.stderr)
+            return 130
+        finally:
+            print("Stopping the stack…", flush=True)
+            stack.stop()
+
+
+def _wait_healthy(client: DemoClient, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with contextlib.suppress(httpx.HTTPError):
+            if client.http.get("/healthz").status_code == 200:
+                return
+        time.sleep(0.2)
+    raise RuntimeError("the API did not become healthy")
+
+
+def _transcribe(api_url: str, api_key: str, samples: list[Sample], timeout: float, stack: Any) -> int:
+    client = DemoClient(api_url, api_key)
+    try:
+        _wait_healthy(client, 60)
+        batch_id = client.create_batch("voxq demo")
+        jobs = client.upload(batch_id, [s.path for s in samples])
+        total_bytes = sum(s.path.stat().st_size for s in samples)
+        print(f"Uploaded {len(jobs)} files ({total_bytes / 1024:.0f} KiB) to batch {batch_id}")
+        submitted = client.submit(batch_id)
+        for rejected in submitted.get("rejected", []):
+            print(f"  rejected {rejected['job_id']}: {rejected['code']} {rejected['message']}")
+        started = time.monotonic()
+        tty = sys.stdout.isatty()
+        last = ""
+        while True:
+            stack.supervise_once()  # the demo is the supervisor while it runs
+            batch = client.batch(batch_id)
+            line = progress_line(batch, started)
+            if tty:
+                print("\r" + line, end="", flush=True)
+            elif line.split("  $")[0] != last.split("  $")[0]:
+                print(line, flush=True)
+            last = line
+            counts = batch.get("counts") or {}
+            total = int(batch.get("total_jobs") or 0)
+            if total and sum(int(counts.get(s, 0)) for s in TERMINAL_JOB) >= total:
+                break
+            if time.monotonic() - started > timeout:
+                print(f"\ntimed out after {timeout:.0f}s; logs in {stack.log_dir}", file=sys.stderr)
+                return 1
+            time.sleep(0.5)
+        if tty:
+            print()
+        elapsed = time.monotonic() - started
+        return _report(client, batch_id, elapsed)
+    finally:
+        client.close()
+
+
+def _report(client: DemoClient, batch_id: str, elapsed: float) -> int:
+    jobs = sorted(client.jobs(batch_id), key=lambda j: str(j.get("filename")))
+    failed = 0
+    print()
+    for job in jobs:
+        head = f"== {job['filename']}  ({float(job.get('duration_seconds') or 0):.1f} s, {job['status']}"
+        if job.get("model"):
+            head += f", {job['model']}"
+        if job.get("deduplicated_from"):
+            head += ", reused an identical file's transcript"
+        print(head + ")")
+        if job["status"] == "succeeded":
+            text = client.transcript(str(job["id"])).strip()
+            print(textwrap.fill(text, width=100, initial_indent="   ", subsequent_indent="   "))
+        else:
+            failed += 1
+            error = job.get("error") or {}
+            print(f"   failed: {error.get('code')}: {error.get('message')}")
+        print()
+    print(cost_table(jobs))
+    audio = sum(float(j.get("duration_seconds") or 0) for j in jobs)
+    print(f"\n{len(jobs)} files, {audio:.1f} s of audio transcribed in {elapsed:.1f} s")
+    return 1 if failed else 0
