@@ -119,6 +119,8 @@ def flower_command(args: argparse.Namespace) -> list[str]:
 
 def run_flower(args: argparse.Namespace) -> int:
     """Check the Flower password, then replace this process with Flower behind basic auth."""
+    from pydantic import ValidationError
+
     from core.errors import ConfigError
     from core.observability import flower_basic_auth
 
@@ -126,6 +128,11 @@ def run_flower(args: argparse.Namespace) -> int:
         auth = flower_basic_auth()
     except ConfigError as exc:
         print(f"voxq flower: {exc}", file=sys.stderr)
+        return 2
+    except ValidationError as exc:
+        # Only the messages: pydantic's full text repeats the input values, secrets included.
+        for error in exc.errors():
+            print(f"voxq flower: invalid settings: {error['msg']}", file=sys.stderr)
         return 2
     env = dict(os.environ)
     env["FLOWER_BASIC_AUTH"] = auth
