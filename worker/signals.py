@@ -1,20 +1,125 @@
-"""Process signals: build DB engines and HTTP clients after fork, never share them across processes."""
+"""Process signals: build DB engines and HTTP clients after fork, never share them across processes.
+
+- Every child process: a fresh DB engine and the runtime (event loop, shared httpx client) — see
+  worker.runtime.
+- A child of a worker that consumes the `local` queue starts loading the local model at once, in a
+  background thread (Celery waits only a few seconds for a new child to report in, and loading takes
+  longer); `wait_for_local_model` lets the first local task wait for it.
+- The main process, once ready, reads the provider's `GET /models` (when an API key is set) and logs a
+  loud warning for each configured model whose `shutdown_date` is within 90 days.
+"""
 
 from __future__ import annotations
 
+import logging
+import sys
+import threading
+from datetime import UTC, datetime
 from typing import Any
 
-from celery.signals import worker_process_init, worker_process_shutdown
+from celery.signals import worker_process_init, worker_process_shutdown, worker_ready
 
 from core.db import dispose_engine, get_engine
+from core.names import QUEUE_LOCAL
+from core.settings import get_settings
+
+log = logging.getLogger(__name__)
+
+_local_loaded = threading.Event()
+_local_error: list[BaseException] = []
+
+
+def consumed_queues(argv: list[str] | None = None) -> list[str]:
+    """The queues this worker was started with (`-Q a,b` / `--queues=a,b`), empty when not given."""
+    args = sys.argv if argv is None else argv
+    for i, arg in enumerate(args):
+        if arg in ("-Q", "--queues") and i + 1 < len(args):
+            return [q for q in args[i + 1].split(",") if q]
+        if arg.startswith("--queues="):
+            return [q for q in arg.split("=", 1)[1].split(",") if q]
+        if arg.startswith("-Q") and len(arg) > 2:
+            return [q for q in arg[2:].split(",") if q]
+    return []
+
+
+def _load_local_model() -> None:
+    try:
+        from core.local_engine import get_local_provider
+
+        get_local_provider().load()
+    except BaseException as exc:  # reported to the first local task, which fails its job clearly
+        _local_error.append(exc)
+        log.error("local model failed to load: %s", exc)
+    finally:
+        _local_loaded.set()
+
+
+def wait_for_local_model(timeout: float = 600.0) -> None:
+    """Block until the background load started at process init is done (no-op when none started)."""
+    if _local_thread is not None:
+        _local_loaded.wait(timeout)
+
+
+_local_thread: threading.Thread | None = None
 
 
 @worker_process_init.connect
 def _init_process(**_: Any) -> None:
+    global _local_thread
     dispose_engine()  # anything inherited from the parent is not ours
     get_engine()
+    from worker.runtime import get_runtime
+
+    get_runtime()
+    queues = consumed_queues()
+    if QUEUE_LOCAL in queues and "local" in get_settings().model_chain:
+        _local_thread = threading.Thread(target=_load_local_model, name="voxq-local-load", daemon=True)
+        _local_thread.start()
 
 
 @worker_process_shutdown.connect
 def _shutdown_process(**_: Any) -> None:
-    dispose_engine()
+    from worker.runtime import close_runtime
+
+    try:
+        close_runtime()
+    finally:
+        dispose_engine()
+
+
+def warn_retiring_models() -> list[tuple[str, str]]:
+    """Log a loud warning for each configured model retiring within 90 days; returns them."""
+    settings = get_settings()
+    key = settings.openai_api_key
+    if key is None or not key.get_secret_value():
+        return []
+    import asyncio
+
+    import httpx
+
+    from core.providers.base import ProviderError
+    from core.providers.openai import list_models, retiring_models
+
+    async def fetch() -> dict[str, Any]:
+        async with httpx.AsyncClient() as client:
+            return await list_models(client, settings.openai_base_url, key.get_secret_value())
+
+    try:
+        models = asyncio.run(fetch())
+    except (ProviderError, httpx.HTTPError, OSError) as exc:
+        log.info("could not read the provider's model list: %s", exc)
+        return []
+    found = retiring_models(models, settings.model_chain, datetime.now(UTC).date())
+    for model, shutdown in found:
+        log.warning(
+            "MODEL RETIRING: configured model %s shuts down on %s (within 90 days); "
+            "change VOXQ_PRIMARY_MODEL / VOXQ_FALLBACK_MODELS",
+            model,
+            shutdown.isoformat(),
+        )
+    return [(m, d.isoformat()) for m, d in found]
+
+
+@worker_ready.connect
+def _on_ready(**_: Any) -> None:
+    warn_retiring_models()

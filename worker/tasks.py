@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import socket
+import uuid
 from datetime import UTC, datetime
 
 from sqlalchemy.dialects.postgresql import insert
@@ -31,3 +32,68 @@ def record_heartbeat(*, worker: str, pid: int, queues: list[str]) -> None:
 def heartbeat(*, worker: str | None = None) -> None:
     """Record that a worker is alive (scheduled by beat; also the foundation's end-to-end probe)."""
     record_heartbeat(worker=worker or socket.gethostname(), pid=os.getpid(), queues=[])
+
+
+def _owner() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+@app.task(name=names.TASK_PREPARE_JOB, acks_late=True)
+def prepare_job(*, job_ids: list[str], priority: str = "normal") -> dict[str, int]:
+    """Prepare queued jobs: normalise, dedupe, store FLAC, group and hand on (worker.prepare)."""
+    from worker.prepare import prepare_jobs
+
+    del priority  # each job's batch says its priority; the kwarg only routes the message
+    report = prepare_jobs([uuid.UUID(j) for j in job_ids], owner=_owner())
+    return {
+        "claimed": report.claimed,
+        "failed": report.failed,
+        "deduplicated": report.deduplicated,
+        "grouped": report.grouped,
+        "groups": len(report.groups),
+    }
+
+
+@app.task(name=names.TASK_TRANSCRIBE_GROUP, acks_late=True)
+def transcribe_group(*, group_id: str) -> dict[str, int]:
+    """Transcribe a group's jobs concurrently through their model chain (worker.transcribe)."""
+    from worker.runtime import get_runtime
+    from worker.transcribe import transcribe_group as run_group
+
+    rt = get_runtime()
+    return rt.run(run_group(rt, uuid.UUID(group_id)))
+
+
+@app.task(name=names.TASK_TRANSCRIBE_LOCAL, acks_late=True)
+def transcribe_local(*, job_id: str, group_id: str) -> str:
+    """Transcribe one job with the offline local engine (worker.local)."""
+    from worker.local import transcribe_local as run_local
+    from worker.signals import wait_for_local_model
+
+    wait_for_local_model()
+    return run_local(uuid.UUID(job_id), uuid.UUID(group_id), worker=_owner())
+
+
+@app.task(name=names.TASK_SWEEP, acks_late=True)
+def sweep() -> dict[str, int]:
+    """Recover jobs and attempts of dead workers (worker.sweeper)."""
+    from worker.sweeper import sweep as run_sweep
+
+    report = run_sweep()
+    return {
+        "requeued": len(report.requeued),
+        "failed": len(report.failed),
+        "abandoned_attempts": report.abandoned_attempts,
+    }
+
+
+@app.task(name=names.TASK_DELIVER_WEBHOOK, acks_late=True)
+def deliver_webhook(*, batch_id: str, attempt: int = 1) -> str:
+    """POST a finished batch's signed webhook; schedule the next try on failure (worker.webhooks)."""
+    from worker.dispatch import send_webhook
+    from worker.webhooks import deliver
+
+    result = deliver(uuid.UUID(batch_id), attempt=attempt)
+    if result.retry_in is not None:
+        send_webhook(uuid.UUID(batch_id), attempt=attempt + 1, countdown=result.retry_in)
+    return result.status.value

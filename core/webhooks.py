@@ -1,0 +1,84 @@
+"""Webhook signing and the SSRF guard, shared by the API (validating URLs) and the workers (delivering).
+
+Signature: `X-Voxq-Signature: t=<unix seconds>,v1=<hex HMAC-SHA256(secret, "<t>.<body>")>`. Receivers
+recompute it over the raw body and reject stale timestamps (replay protection); `verify_signature` does
+exactly that.
+
+SSRF guard: a webhook URL must be http(s) and every address its host resolves to must be public —
+private (RFC 1918), loopback, link-local, unique-local (fc00::/7), multicast, reserved and unspecified
+addresses are refused, on the first request and on every redirect hop, unless
+`VOXQ_WEBHOOK_ALLOW_PRIVATE=true` (development, tests).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import ipaddress
+import socket
+import time
+from urllib.parse import urlsplit
+
+from core.errors import VoxqError
+
+SIGNATURE_HEADER = "X-Voxq-Signature"
+
+
+class WebhookRefused(VoxqError):
+    """Raised when a webhook URL is not allowed (scheme, or an address that is not public)."""
+
+    code = "webhook_url_refused"
+
+
+def sign(secret: str, body: bytes, *, timestamp: int | None = None) -> str:
+    """The `X-Voxq-Signature` header value for this body."""
+    ts = int(time.time()) if timestamp is None else timestamp
+    mac = hmac.new(secret.encode(), f"{ts}.".encode() + body, hashlib.sha256).hexdigest()
+    return f"t={ts},v1={mac}"
+
+
+def verify_signature(secret: str, header: str, body: bytes, *, tolerance: float = 300.0) -> bool:
+    """Whether `header` is a valid, fresh signature of `body` (what a receiver should check)."""
+    try:
+        parts = dict(item.split("=", 1) for item in header.split(","))
+        ts = int(parts["t"])
+        given = parts["v1"]
+    except (KeyError, ValueError):
+        return False
+    if abs(time.time() - ts) > tolerance:
+        return False
+    expected = sign(secret, body, timestamp=ts).split("v1=", 1)[1]
+    return hmac.compare_digest(expected, given)
+
+
+def _forbidden(addr: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
+    if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
+        return _forbidden(addr.ipv4_mapped)
+    return bool(
+        addr.is_private
+        or addr.is_loopback
+        or addr.is_link_local
+        or addr.is_multicast
+        or addr.is_reserved
+        or addr.is_unspecified
+        or (isinstance(addr, ipaddress.IPv6Address) and addr in ipaddress.ip_network("fc00::/7"))
+        or not addr.is_global
+    )
+
+
+def check_url(url: str, *, allow_private: bool) -> None:
+    """Raise WebhookRefused unless `url` is http(s) to a host whose every address is public."""
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise WebhookRefused("webhook URL must be an absolute http(s) URL")
+    if allow_private:
+        return
+    host = parts.hostname
+    try:
+        infos = socket.getaddrinfo(host, parts.port or (443 if parts.scheme == "https" else 80))
+    except (socket.gaierror, UnicodeError) as exc:
+        raise WebhookRefused(f"webhook host {host!r} does not resolve") from exc
+    for info in infos:
+        addr = ipaddress.ip_address(str(info[4][0]).split("%", 1)[0])
+        if _forbidden(addr):
+            raise WebhookRefused(f"webhook host {host!r} resolves to a non-public address")

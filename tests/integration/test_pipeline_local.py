@@ -1,0 +1,44 @@
+"""The pipeline with the `local` chain only (no OpenAI key): what `make demo` runs."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from core.statuses import AttemptOutcome, BatchStatus, JobStatus
+from tests.pipeline_support import Pipeline
+from tests.support import REPO_ROOT, Stack, celery_worker
+
+
+@pytest.fixture
+def pipeline(stack: Stack, monkeypatch: pytest.MonkeyPatch) -> Iterator[Pipeline]:
+    monkeypatch.delenv("OPENAI_API_KEY", raising=False)
+    p = Pipeline(stack)
+    yield p
+    p.close()
+
+
+def test_local_only_chain_transcribes_a_voicemail_end_to_end(stack: Stack, pipeline: Pipeline) -> None:
+    tenant = pipeline.tenant()
+    batch = pipeline.batch(tenant)
+    data = (REPO_ROOT / "samples" / "voicemail-dentist.flac").read_bytes()
+    job = pipeline.job(tenant, batch, data, filename="voicemail-dentist.flac")
+    env = {"OPENAI_API_KEY": "", "VOXQ_LOCAL_CPU_THREADS": "2"}
+    with celery_worker(stack, concurrency=1, env=env, log_path=Path(stack.work_dir) / "local-e2e.log"):
+        pipeline.submit([job])
+        rows = pipeline.wait_terminal([job], timeout=300)
+    assert rows[job].status == JobStatus.SUCCEEDED.value, (rows[job].error_code, rows[job].error_message)
+    transcript = pipeline.transcript(job)
+    assert transcript is not None
+    assert transcript.model.startswith("local:")
+    assert "rachel" in transcript.text.lower() and "thursday" in transcript.text.lower()
+    assert transcript.segments and transcript.segments[0]["start"] >= 0
+    assert transcript.segments[-1]["end"] <= rows[job].duration_seconds + 0.01
+    attempts = pipeline.attempts(job)
+    assert [a.outcome for a in attempts] == [AttemptOutcome.SUCCESS.value]
+    costs = pipeline.costs(job)
+    assert len(costs) == 1 and costs[0].usd == 0 and (costs[0].compute_seconds or 0) > 0
+    assert costs[0].attempt_id == attempts[0].id
+    assert pipeline.batch_row(batch).status == BatchStatus.COMPLETED.value

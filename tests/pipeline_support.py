@@ -1,0 +1,128 @@
+"""Helpers for pipeline tests: tenants, batches and queued jobs written straight to Postgres and S3."""
+
+from __future__ import annotations
+
+import hashlib
+import uuid
+from decimal import Decimal
+from typing import Any
+
+from sqlalchemy import create_engine, select
+from sqlalchemy.engine import Engine
+from sqlalchemy.orm import Session
+
+from core.models import Attempt, Batch, CostRecord, Job, Tenant, Transcript
+from core.statuses import JOB_TERMINAL, BatchStatus, JobStatus
+from core.storage import Storage, content_key
+from tests.support import Stack, wait_until
+
+
+class Pipeline:
+    """Creates rows and objects for pipeline tests and reads results back."""
+
+    def __init__(self, stack: Stack) -> None:
+        self.stack = stack
+        self.engine: Engine = create_engine(stack.database_url)
+        self.storage = Storage()
+
+    def close(self) -> None:
+        """Dispose the engine."""
+        self.engine.dispose()
+
+    def tenant(self, name: str | None = None) -> uuid.UUID:
+        """A new tenant."""
+        with Session(self.engine) as s, s.begin():
+            t = Tenant(name=name or f"t-{uuid.uuid4().hex[:8]}")
+            s.add(t)
+            s.flush()
+            return t.id
+
+    def batch(self, tenant_id: uuid.UUID, **options: Any) -> uuid.UUID:
+        """A new batch in `processing` (as the API leaves it after submit)."""
+        with Session(self.engine) as s, s.begin():
+            b = Batch(tenant_id=tenant_id, status=BatchStatus.PROCESSING.value, **options)
+            s.add(b)
+            s.flush()
+            return b.id
+
+    def job(
+        self, tenant_id: uuid.UUID, batch_id: uuid.UUID, data: bytes, *, filename: str = "a.wav"
+    ) -> uuid.UUID:
+        """Upload `data` under its content key and add a `queued` job for it."""
+        sha = hashlib.sha256(data).hexdigest()
+        key = content_key(str(tenant_id), sha)
+        self.storage.upload_bytes(data, key)
+        with Session(self.engine) as s, s.begin():
+            priority = s.execute(select(Batch.priority).where(Batch.id == batch_id)).scalar_one()
+            j = Job(
+                tenant_id=tenant_id,
+                batch_id=batch_id,
+                object_key=key,
+                filename=filename,
+                bytes=len(data),
+                sha256=sha,
+                status=JobStatus.QUEUED.value,
+                priority=priority,
+            )
+            s.add(j)
+            s.flush()
+            return j.id
+
+    def submit(self, job_ids: list[uuid.UUID], priority: str = "normal") -> None:
+        """Send prepare tasks the way the API does."""
+        from core.dispatch import enqueue_jobs, reset_producer
+
+        reset_producer()
+        enqueue_jobs(job_ids, priority=priority)
+
+    def jobs(self, job_ids: list[uuid.UUID]) -> dict[uuid.UUID, Job]:
+        """Current rows of these jobs."""
+        with Session(self.engine) as s:
+            return {j.id: j for j in s.execute(select(Job).where(Job.id.in_(job_ids))).scalars()}
+
+    def wait_terminal(self, job_ids: list[uuid.UUID], timeout: float = 90) -> dict[uuid.UUID, Job]:
+        """Wait until every job is terminal; return them."""
+        terminal = {s.value for s in JOB_TERMINAL}
+
+        def done() -> dict[uuid.UUID, Job] | None:
+            rows = self.jobs(job_ids)
+            ok = len(rows) == len(job_ids) and all(j.status in terminal for j in rows.values())
+            return rows if ok else None
+
+        return wait_until(done, timeout=timeout, interval=0.2, what="jobs terminal")
+
+    def transcript(self, job_id: uuid.UUID) -> Transcript | None:
+        """The job's transcript."""
+        with Session(self.engine) as s:
+            return s.execute(select(Transcript).where(Transcript.job_id == job_id)).scalar_one_or_none()
+
+    def transcripts(self, job_id: uuid.UUID) -> list[Transcript]:
+        """Every transcript row of the job (there must be at most one)."""
+        with Session(self.engine) as s:
+            return list(s.execute(select(Transcript).where(Transcript.job_id == job_id)).scalars())
+
+    def attempts(self, job_id: uuid.UUID | None = None) -> list[Attempt]:
+        """Attempts (of one job, or all), oldest first."""
+        with Session(self.engine) as s:
+            q = select(Attempt).order_by(Attempt.started_at, Attempt.id)
+            if job_id is not None:
+                q = q.where(Attempt.job_id == job_id)
+            return list(s.execute(q).scalars())
+
+    def costs(self, job_id: uuid.UUID | None = None) -> list[CostRecord]:
+        """Cost records (of one job, or all)."""
+        with Session(self.engine) as s:
+            q = select(CostRecord)
+            if job_id is not None:
+                q = q.where(CostRecord.job_id == job_id)
+            return list(s.execute(q).scalars())
+
+    def batch_row(self, batch_id: uuid.UUID) -> Batch:
+        """The batch row."""
+        with Session(self.engine) as s:
+            return s.execute(select(Batch).where(Batch.id == batch_id)).scalar_one()
+
+
+def usd(value: Decimal | str | float) -> Decimal:
+    """A Decimal for comparisons."""
+    return Decimal(str(value))

@@ -1,0 +1,472 @@
+"""Audio normalisation: decode, bound, fingerprint, trim silence, chunk at silences, encode FLAC.
+
+Everything here is CPU work on a local file; no network, no database.
+
+Pipeline (PyAV, no ffmpeg subprocess):
+1. `decode_to_pcm` decodes the first audio stream to 16 kHz mono s16 and streams the samples into a
+   temporary file (so a 6-hour podcast never sits in memory whole), hashing them as they go: the
+   fingerprint is the SHA-256 of the normalised PCM, so the same audio in another container or bitrate of
+   the same source decodes to the same hash only when the samples are identical (exact dedupe, no false
+   positives). Decoding stops with `AudioTooLong` as soon as `max_seconds` is passed, so a hostile file
+   cannot make the worker decode for hours.
+2. `find_speech` is an energy VAD over 30 ms frames: a frame is speech when its level is above an adaptive
+   threshold (`max(-50 dBFS, min(noise floor + 12 dB, loud level - 15 dB))`). Speech runs are padded by
+   `PAD_SECONDS` on each side and merged when they touch, so leading/trailing silence is cut and every
+   inner pause longer than 2 x pad collapses to 2 x pad. What is kept is a list of original-time
+   intervals; `TimeMap` maps a time in the trimmed audio back to the original file.
+3. `plan_chunks` splits the trimmed audio into chunks ≤ `max_chunk_seconds`, cutting at a collapsed pause
+   (an interval join) in the last half of each window when there is one, else at the quietest 0.3 s.
+4. `encode_flac` writes 16 kHz mono FLAC (≈ 0.3-0.5 MB per minute of speech), far under the 25 MB limit
+   for 600 s chunks; `PreparedAudio.iter_chunks` halves a chunk that still encodes above the limit.
+"""
+
+from __future__ import annotations
+
+import bisect
+import contextlib
+import hashlib
+import io
+import math
+import os
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import av
+import av.error
+import numpy as np
+import numpy.typing as npt
+
+from core.errors import AudioTooLong, EmptyAudio, UnsupportedMedia
+
+SAMPLE_RATE = 16_000
+FRAME_SAMPLES = 480  # 30 ms at 16 kHz
+FRAME_SECONDS = FRAME_SAMPLES / SAMPLE_RATE
+PAD_SECONDS = 0.3
+ABS_FLOOR_DB = -50.0
+MIN_SPEECH_FRAMES = 2
+MAX_UPLOAD_BYTES = 24 * 1024 * 1024  # below the provider's 25 MB (26,214,400 bytes) with headroom
+FLAC_FILENAME = "audio.flac"
+FLAC_CONTENT_TYPE = "audio/flac"
+
+Int16Array = npt.NDArray[np.int16]
+FloatArray = npt.NDArray[np.float64]
+
+
+@dataclass(frozen=True)
+class ProbeInfo:
+    """What the container says about the source audio."""
+
+    codec: str | None
+    sample_rate: int | None
+    channels: int | None
+
+
+@dataclass
+class TimeMap:
+    """Maps seconds in the trimmed audio to seconds in the original file.
+
+    `intervals` holds `(trimmed_start, original_start, length)` triples in order; `chunks` holds the
+    `(trimmed_start, trimmed_end)` bounds of each chunk.
+    """
+
+    intervals: list[tuple[float, float, float]]
+    chunks: list[tuple[float, float]] = field(default_factory=list)
+
+    @property
+    def trimmed_seconds(self) -> float:
+        """Length of the trimmed audio."""
+        if not self.intervals:
+            return 0.0
+        start, _, length = self.intervals[-1]
+        return start + length
+
+    def to_original(self, t: float, *, end: bool = False) -> float:
+        """The original-file time of trimmed time `t` (clamped into the kept audio).
+
+        At a join between two kept intervals, `end=True` picks the end of the earlier one (for the end of
+        a span), else the start of the later one.
+        """
+        if not self.intervals:
+            return 0.0
+        starts = [iv[0] for iv in self.intervals]
+        i = max((bisect.bisect_left if end else bisect.bisect_right)(starts, t) - 1, 0)
+        trim_start, orig_start, length = self.intervals[i]
+        return round(orig_start + min(max(t - trim_start, 0.0), length), 3)
+
+    def to_json(self) -> dict[str, Any]:
+        """A JSON-able form for `jobs.time_map`."""
+        return {
+            "intervals": [[round(a, 4), round(b, 4), round(c, 4)] for a, b, c in self.intervals],
+            "chunks": [[round(a, 4), round(b, 4)] for a, b in self.chunks],
+        }
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any] | None) -> TimeMap:
+        """Read back what `to_json` wrote."""
+        if not data:
+            return cls(intervals=[])
+        return cls(
+            intervals=[(float(a), float(b), float(c)) for a, b, c in data.get("intervals", [])],
+            chunks=[(float(a), float(b)) for a, b in data.get("chunks", [])],
+        )
+
+
+@dataclass
+class DecodedAudio:
+    """Normalised PCM in a temporary file, plus what decoding learned. Close it to delete the file."""
+
+    path: Path
+    samples: int
+    fingerprint: str
+    probe: ProbeInfo
+
+    @property
+    def duration(self) -> float:
+        """Decoded duration in seconds."""
+        return self.samples / SAMPLE_RATE
+
+    def pcm(self) -> Int16Array:
+        """The samples, memory-mapped (pages load on demand, not all at once)."""
+        if self.samples == 0:
+            return np.zeros(0, dtype=np.int16)
+        return np.memmap(self.path, dtype=np.int16, mode="r", shape=(self.samples,))
+
+    def close(self) -> None:
+        """Delete the temporary PCM file."""
+        with contextlib.suppress(FileNotFoundError):
+            self.path.unlink()
+
+
+def decode_to_pcm(source: str | Path, *, max_seconds: float, tmp_dir: str | None = None) -> DecodedAudio:
+    """Decode the first audio stream of `source` to 16 kHz mono s16 in a temp file, bounded in length."""
+    max_samples = int(max_seconds * SAMPLE_RATE)
+    fd, tmp_name = tempfile.mkstemp(prefix="voxq-pcm-", suffix=".s16", dir=tmp_dir)
+    tmp = Path(tmp_name)
+    sha = hashlib.sha256()
+    total = 0
+    try:
+        if os.path.getsize(source) == 0:
+            raise EmptyAudio("the file is empty (0 bytes)")
+        with os.fdopen(fd, "wb") as out:
+            try:
+                container = av.open(str(source), mode="r")
+            except (av.error.FFmpegError, UnicodeDecodeError, ValueError) as exc:
+                raise UnsupportedMedia(f"not a readable audio file: {type(exc).__name__}") from exc
+            try:
+                if not container.streams.audio:
+                    raise UnsupportedMedia("the file has no audio stream")
+                stream = container.streams.audio[0]
+                ctx = stream.codec_context
+                probe = ProbeInfo(codec=ctx.name, sample_rate=ctx.sample_rate or None, channels=ctx.channels)
+                declared = container.duration / 1_000_000 if container.duration else None
+                if declared is not None and declared > max_seconds * 1.05 + 1:
+                    raise AudioTooLong(f"audio is {declared:.0f} s long; the limit is {max_seconds:.0f} s")
+                resampler = av.AudioResampler(format="s16", layout="mono", rate=SAMPLE_RATE)
+
+                def write(frames: list[av.AudioFrame]) -> None:
+                    nonlocal total
+                    for frame in frames:
+                        data = frame.to_ndarray().reshape(-1).astype(np.int16, copy=False).tobytes()
+                        total += len(data) // 2
+                        if total > max_samples:
+                            raise AudioTooLong(f"audio is longer than the limit of {max_seconds:.0f} s")
+                        sha.update(data)
+                        out.write(data)
+
+                try:
+                    for frame in container.decode(stream):
+                        write(resampler.resample(frame))
+                    write(resampler.resample(None))
+                except av.error.FFmpegError as exc:
+                    if total == 0:
+                        raise UnsupportedMedia(f"the audio stream cannot be decoded: {exc}") from exc
+                    # A damaged tail: keep what decoded cleanly (players do the same).
+            finally:
+                container.close()
+        if total == 0:
+            raise EmptyAudio("the file decodes to no audio samples")
+        return DecodedAudio(path=tmp, samples=total, fingerprint=sha.hexdigest(), probe=probe)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def frame_levels_db(pcm: Int16Array, block_frames: int = 2000) -> FloatArray:
+    """Level of each 30 ms frame in dBFS (the last partial frame counts as a frame)."""
+    n_frames = math.ceil(len(pcm) / FRAME_SAMPLES)
+    levels = np.empty(n_frames, dtype=np.float64)
+    block = block_frames * FRAME_SAMPLES
+    for start in range(0, len(pcm), block):
+        seg = np.asarray(pcm[start : start + block], dtype=np.float64)
+        pad = (-len(seg)) % FRAME_SAMPLES
+        if pad:
+            seg = np.concatenate([seg, np.zeros(pad)])
+        rms = np.sqrt(np.mean(seg.reshape(-1, FRAME_SAMPLES) ** 2, axis=1))
+        first = start // FRAME_SAMPLES
+        levels[first : first + len(rms)] = 20 * np.log10(np.maximum(rms, 1e-9) / 32768.0)
+    return levels
+
+
+def speech_threshold_db(levels: FloatArray) -> float:
+    """The adaptive speech threshold for these frame levels."""
+    if len(levels) == 0:
+        return ABS_FLOOR_DB
+    floor = float(np.percentile(levels, 10))
+    loud = float(np.percentile(levels, 95))
+    return max(ABS_FLOOR_DB, min(floor + 12.0, loud - 15.0))
+
+
+def find_speech(levels: FloatArray, *, trim: bool = True) -> list[tuple[int, int]]:
+    """Frame ranges `[start, end)` to keep: padded speech runs, merged where they touch."""
+    n = len(levels)
+    if n == 0:
+        return []
+    if not trim:
+        return [(0, n)]
+    voiced = levels > speech_threshold_db(levels)
+    pad = round(PAD_SECONDS / FRAME_SECONDS)
+    runs: list[tuple[int, int]] = []
+    i = 0
+    while i < n:
+        if not voiced[i]:
+            i += 1
+            continue
+        j = i
+        while j < n and voiced[j]:
+            j += 1
+        if j - i >= MIN_SPEECH_FRAMES:
+            start, end = max(i - pad, 0), min(j + pad, n)
+            if runs and start <= runs[-1][1]:
+                runs[-1] = (runs[-1][0], end)
+            else:
+                runs.append((start, end))
+        i = j
+    return runs
+
+
+def build_time_map(runs: list[tuple[int, int]], total_samples: int) -> TimeMap:
+    """The trimmed→original map for these kept frame ranges."""
+    intervals: list[tuple[float, float, float]] = []
+    t = 0.0
+    for start, end in runs:
+        s0 = start * FRAME_SAMPLES
+        s1 = min(end * FRAME_SAMPLES, total_samples)
+        length = (s1 - s0) / SAMPLE_RATE
+        intervals.append((t, s0 / SAMPLE_RATE, length))
+        t += length
+    return TimeMap(intervals=intervals)
+
+
+def plan_chunks(
+    tmap: TimeMap, trimmed_levels: FloatArray, max_chunk_seconds: float
+) -> list[tuple[float, float]]:
+    """Chunk bounds in trimmed time, each ≤ max_chunk_seconds, cut at pauses where possible."""
+    total = tmap.trimmed_seconds
+    if total <= 0:
+        return []
+    if total <= max_chunk_seconds:
+        return [(0.0, total)]
+    joins = [iv[0] for iv in tmap.intervals[1:]]
+    bounds: list[tuple[float, float]] = []
+    start = 0.0
+    smooth = max(round(0.3 / FRAME_SECONDS), 1)
+    while total - start > max_chunk_seconds:
+        lo, hi = start + max_chunk_seconds * 0.5, start + max_chunk_seconds
+        inside = [j for j in joins if lo <= j <= hi]
+        if inside:
+            cut = inside[-1]
+        else:
+            f0, f1 = int(lo / FRAME_SECONDS), int(hi / FRAME_SECONDS)
+            window = trimmed_levels[f0:f1]
+            if len(window) >= smooth:
+                avg = np.convolve(window, np.ones(smooth) / smooth, mode="valid")
+                cut = (f0 + int(np.argmin(avg)) + smooth // 2) * FRAME_SECONDS
+            else:
+                cut = hi
+            cut = min(max(cut, lo), hi)
+        bounds.append((start, cut))
+        start = cut
+    bounds.append((start, total))
+    return bounds
+
+
+def encode_flac(pcm: Int16Array) -> bytes:
+    """16 kHz mono FLAC of these samples."""
+    buf = io.BytesIO()
+    with av.open(buf, mode="w", format="flac") as out:
+        stream = out.add_stream("flac", rate=SAMPLE_RATE)
+        stream.layout = "mono"
+        step = SAMPLE_RATE * 30
+        for start in range(0, max(len(pcm), 1), step):
+            block = np.ascontiguousarray(pcm[start : start + step], dtype=np.int16)
+            if len(block) == 0:
+                break
+            frame = av.AudioFrame.from_ndarray(block.reshape(1, -1), format="s16", layout="mono")
+            frame.sample_rate = SAMPLE_RATE
+            for packet in stream.encode(frame):
+                out.mux(packet)
+        for packet in stream.encode(None):
+            out.mux(packet)
+    return buf.getvalue()
+
+
+def decode_flac(data: bytes) -> Int16Array:
+    """The samples of FLAC written by `encode_flac` (used only to re-chunk after a 413)."""
+    parts: list[Int16Array] = []
+    with av.open(io.BytesIO(data), mode="r") as container:
+        for frame in container.decode(audio=0):
+            parts.append(frame.to_ndarray().reshape(-1).astype(np.int16))
+    return np.concatenate(parts) if parts else np.zeros(0, dtype=np.int16)
+
+
+def split_quietest(pcm: Int16Array) -> tuple[Int16Array, Int16Array, float]:
+    """Split samples in two at the quietest 0.3 s near the middle; returns (left, right, cut seconds)."""
+    levels = frame_levels_db(pcm)
+    n = len(levels)
+    lo, hi = int(n * 0.3), max(int(n * 0.7), int(n * 0.3) + 1)
+    cut_frame = lo + int(np.argmin(levels[lo:hi])) if n > 2 else n // 2
+    cut = max(min(cut_frame * FRAME_SAMPLES, len(pcm) - 1), 1)
+    return pcm[:cut], pcm[cut:], cut / SAMPLE_RATE
+
+
+@dataclass(frozen=True)
+class EncodedChunk:
+    """One chunk ready to upload: bounds in trimmed and original time and its FLAC bytes."""
+
+    index: int
+    trimmed_start: float
+    trimmed_end: float
+    original_start: float
+    original_end: float
+    flac: bytes
+
+    @property
+    def seconds(self) -> float:
+        """Length of audio in this chunk."""
+        return self.trimmed_end - self.trimmed_start
+
+
+@dataclass
+class PreparedAudio:
+    """Decoded, fingerprinted and trimmed audio, ready to be encoded chunk by chunk."""
+
+    decoded: DecodedAudio
+    time_map: TimeMap
+    speech_seconds: float
+
+    @property
+    def has_speech(self) -> bool:
+        """Whether the VAD found anything worth transcribing."""
+        return self.speech_seconds > 0
+
+    def trimmed_pcm(self, t0: float, t1: float) -> Int16Array:
+        """Samples of trimmed time `[t0, t1)`, gathered from the original PCM."""
+        pcm = self.decoded.pcm()
+        parts: list[Int16Array] = []
+        for trim_start, orig_start, length in self.time_map.intervals:
+            a, b = max(t0, trim_start), min(t1, trim_start + length)
+            if b <= a:
+                continue
+            s0 = round((orig_start + (a - trim_start)) * SAMPLE_RATE)
+            s1 = round((orig_start + (b - trim_start)) * SAMPLE_RATE)
+            parts.append(np.asarray(pcm[s0:s1], dtype=np.int16))
+        return np.concatenate(parts) if parts else np.zeros(0, dtype=np.int16)
+
+    def iter_chunks(self, max_bytes: int = MAX_UPLOAD_BYTES) -> Iterator[EncodedChunk]:
+        """Encode each planned chunk (halving any that encodes above `max_bytes`), one at a time."""
+        pending = list(self.time_map.chunks)
+        final: list[tuple[float, float]] = []
+        index = 0
+        while pending:
+            t0, t1 = pending.pop(0)
+            data = encode_flac(self.trimmed_pcm(t0, t1))
+            if len(data) > max_bytes and t1 - t0 > 2:
+                mid = (t0 + t1) / 2
+                pending[:0] = [(t0, mid), (mid, t1)]
+                continue
+            final.append((t0, t1))
+            yield EncodedChunk(
+                index=index,
+                trimmed_start=t0,
+                trimmed_end=t1,
+                original_start=self.time_map.to_original(t0),
+                original_end=self.time_map.to_original(t1, end=True),
+                flac=data,
+            )
+            index += 1
+        self.time_map.chunks = final
+
+    def close(self) -> None:
+        """Delete the temporary PCM."""
+        self.decoded.close()
+
+
+def prepare_audio(
+    source: str | Path,
+    *,
+    max_seconds: float,
+    max_chunk_seconds: float,
+    trim: bool = True,
+    tmp_dir: str | None = None,
+) -> PreparedAudio:
+    """Decode, fingerprint, trim and plan chunks for one file. Raises AudioError subclasses."""
+    decoded = decode_to_pcm(source, max_seconds=max_seconds, tmp_dir=tmp_dir)
+    try:
+        pcm = decoded.pcm()
+        levels = frame_levels_db(pcm)
+        runs = find_speech(levels, trim=trim)
+        tmap = build_time_map(runs, decoded.samples)
+        trimmed_levels = (
+            np.concatenate([levels[a:b] for a, b in runs]) if runs else np.zeros(0, dtype=np.float64)
+        )
+        tmap.chunks = plan_chunks(tmap, trimmed_levels, max_chunk_seconds)
+        return PreparedAudio(decoded=decoded, time_map=tmap, speech_seconds=tmap.trimmed_seconds)
+    except BaseException:
+        decoded.close()
+        raise
+
+
+def map_segments(
+    segments: list[dict[str, Any]] | None,
+    *,
+    text: str,
+    offset: float,
+    duration: float,
+    tmap: TimeMap,
+) -> list[dict[str, Any]]:
+    """Segments (times relative to a piece starting at trimmed `offset`) in original-file time.
+
+    A provider that returns no segments (gpt-4o-*) gets one segment spanning the piece.
+    """
+    if not segments:
+        if not text.strip():
+            return []
+        return [
+            {
+                "start": tmap.to_original(offset),
+                "end": tmap.to_original(offset + duration, end=True),
+                "text": text.strip(),
+            }
+        ]
+    out: list[dict[str, Any]] = []
+    for seg in segments:
+        mapped: dict[str, Any] = {
+            "start": tmap.to_original(offset + float(seg.get("start", 0.0))),
+            "end": tmap.to_original(offset + float(seg.get("end", 0.0)), end=True),
+            "text": str(seg.get("text", "")).strip(),
+        }
+        words = seg.get("words")
+        if words:
+            mapped["words"] = [
+                {
+                    "start": tmap.to_original(offset + float(w.get("start", 0.0))),
+                    "end": tmap.to_original(offset + float(w.get("end", 0.0)), end=True),
+                    "word": str(w.get("word", "")),
+                }
+                for w in words
+            ]
+        out.append(mapped)
+    return out

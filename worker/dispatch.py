@@ -1,0 +1,47 @@
+"""Sending the pipeline's next tasks from inside a worker (the API uses core.dispatch instead)."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Sequence
+
+from core import names
+
+
+def _send(task: str, kwargs: dict[str, object], queue: str) -> None:
+    from worker.app import app
+
+    app.send_task(task, kwargs=kwargs, queue=queue)
+
+
+def send_prepare(job_ids: Sequence[uuid.UUID], *, priority: str) -> None:
+    """Queue `prepare` for jobs already set back to `queued`."""
+    ids = [str(j) for j in job_ids]
+    for start in range(0, len(ids), 50):
+        _send(
+            names.TASK_PREPARE_JOB,
+            {"job_ids": ids[start : start + 50], "priority": priority},
+            names.QUEUE_INGEST,
+        )
+
+
+def send_group(group_id: uuid.UUID, *, priority: str) -> None:
+    """Queue the transcribe task of a group on its priority's queue."""
+    _send(names.TASK_TRANSCRIBE_GROUP, {"group_id": str(group_id)}, names.transcribe_queue_for(priority))
+
+
+def send_local(job_id: uuid.UUID, group_id: uuid.UUID) -> None:
+    """Hand one job to the local engine's queue."""
+    _send(names.TASK_TRANSCRIBE_LOCAL, {"job_id": str(job_id), "group_id": str(group_id)}, names.QUEUE_LOCAL)
+
+
+def send_webhook(batch_id: uuid.UUID, *, attempt: int = 1, countdown: float = 0.0) -> None:
+    """Queue a webhook delivery for a finished batch."""
+    from worker.app import app
+
+    app.send_task(
+        names.TASK_DELIVER_WEBHOOK,
+        kwargs={"batch_id": str(batch_id), "attempt": attempt},
+        queue=names.QUEUE_WEBHOOKS,
+        countdown=countdown or None,
+    )

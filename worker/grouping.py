@@ -1,0 +1,97 @@
+"""Grouping: which prepared jobs are transcribed together by one task.
+
+Jobs share a group when they share (tenant, profile, language, prompt, model chain, priority) and a
+duration class: `short` (trimmed audio < `short_file_seconds`) or `long`. Each group is packed up to
+`group_max_files` jobs or `group_max_seconds` of audio (a single job longer than that goes alone), so the
+broker's per-task overhead is paid once per group and the task can keep many requests in flight at once.
+Packing happens within one `prepare` task's jobs (≤ 50, from one API call): waiting for other tasks' jobs
+would add latency for little gain, since one API call already brings many files.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import uuid
+from dataclasses import dataclass
+
+from core.settings import Settings
+from worker.records import BatchOptions, GroupPlan
+
+SHORT = "short"
+LONG = "long"
+
+
+@dataclass(frozen=True)
+class GroupItem:
+    """A prepared job waiting for a group."""
+
+    job_id: uuid.UUID
+    tenant_id: uuid.UUID
+    batch: BatchOptions
+    chain: tuple[str, ...]
+    seconds: float  # trimmed audio, what will be sent
+
+
+def model_chain(batch_models: list[str] | None, settings: Settings) -> list[str]:
+    """The models to try for a batch, in order; `local` only when no OpenAI key is configured."""
+    if settings.openai_api_key is None or not settings.openai_api_key.get_secret_value():
+        return ["local"]
+    chain: list[str] = []
+    for model in batch_models or settings.model_chain:
+        if model and model not in chain:
+            chain.append(model)
+    return chain or ["local"]
+
+
+def group_key(item: GroupItem, duration_class: str) -> str:
+    """A stable key for the options a group's jobs share."""
+    parts = [
+        str(item.tenant_id),
+        item.batch.profile,
+        item.batch.language,
+        item.batch.prompt,
+        list(item.chain),
+        item.batch.priority,
+    ]
+    digest = hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:40]
+    return f"{duration_class}:{digest}"
+
+
+def plan_groups(items: list[GroupItem], settings: Settings) -> list[GroupPlan]:
+    """Pack items into groups (first fit, in submission order)."""
+    open_groups: dict[str, list[GroupItem]] = {}
+    seconds: dict[str, float] = {}
+    done: list[tuple[str, str, list[GroupItem]]] = []
+    for item in items:
+        cls = SHORT if item.seconds < settings.short_file_seconds else LONG
+        key = group_key(item, cls)
+        members = open_groups.get(key)
+        if members is not None and (
+            len(members) >= settings.group_max_files
+            or seconds[key] + item.seconds > settings.group_max_seconds
+        ):
+            done.append((key, cls, members))
+            members = None
+        if members is None:
+            members = open_groups[key] = []
+            seconds[key] = 0.0
+        members.append(item)
+        seconds[key] += item.seconds
+    for key, members in open_groups.items():
+        done.append((key, key.split(":", 1)[0], members))
+    plans: list[GroupPlan] = []
+    for key, cls, members in done:
+        batch_ids = {m.batch.id for m in members}
+        plans.append(
+            GroupPlan(
+                tenant_id=members[0].tenant_id,
+                batch_id=next(iter(batch_ids)) if len(batch_ids) == 1 else None,
+                key=key,
+                duration_class=cls,
+                members=[(m.job_id, m.seconds) for m in members],
+                chain=list(members[0].chain),
+                priority=members[0].batch.priority,
+            )
+        )
+    return plans

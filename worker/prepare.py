@@ -1,0 +1,213 @@
+"""Prepare: claim queued jobs, normalise their audio once, dedupe, store FLAC, and group them.
+
+For a list of job ids (one `prepare` task, ≤ 50 jobs from one API call):
+1. Claim them all in one `UPDATE … RETURNING` (`queued → processing`, lease, run_count + 1).
+2. Per job, with no database session open: stream the source object from S3 to a temp file, decode and
+   bound it (worker.audio). Bad audio fails that job with `unsupported_media` / `empty_audio` /
+   `audio_too_long` and the rest go on; a missing source object fails it with `source_missing`.
+3. Save the probe (duration, codec, fingerprint, speech seconds, time map), then dedupe within the tenant:
+   a finished twin's transcript is copied (zero cost, no call); a twin still in flight is waited for
+   (`deduplicated_from_id` set; worker.completion finishes it with the twin); otherwise this job leads.
+   Audio in which the VAD finds nothing is finished at once with an empty transcript and no call.
+4. Leaders' trimmed audio is encoded as 16 kHz mono FLAC and stored under `{tenant}/derived/{job}.flac`
+   (long files: one object per chunk, `{tenant}/derived/{job}/{index}.flac`, with `job_chunks` rows), so
+   later stages never decode the original again.
+5. Leaders are packed into groups (worker.grouping); each group gets one transcribe task on its
+   priority's queue — or, when its chain starts with `local`, one local task per job.
+
+Leases: while a job waits in the broker for its transcribe task its lease is the broker's visibility
+timeout plus the job lease, since a queue backlog is not a dead worker; the transcribe task renews it.
+An unexpected error (S3 down) leaves the job `processing`; the sweeper re-queues it when the lease ends.
+"""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+import uuid
+from dataclasses import dataclass, field
+
+from botocore.exceptions import ClientError
+
+from core.errors import AudioError
+from core.settings import Settings, get_settings
+from core.statuses import JobStatus
+from core.storage import Storage, parse_s3_uri
+from worker import audio, completion, dispatch, grouping, records
+from worker.transcribe import derived_key
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class PrepareReport:
+    """What one prepare run did, by outcome."""
+
+    claimed: int = 0
+    failed: int = 0
+    deduplicated: int = 0
+    waiting: int = 0
+    silent: int = 0
+    grouped: int = 0
+    groups: list[uuid.UUID] = field(default_factory=list)
+    errors: int = 0
+
+
+def _download(storage: Storage, job: records.ClaimedJob, target: str) -> None:
+    with open(target, "wb") as fh:
+        if job.source_uri:
+            bucket, key = parse_s3_uri(job.source_uri)
+            storage.download_to(key, fh, bucket=bucket)
+        elif job.object_key:
+            storage.download_to(job.object_key, fh)
+        else:
+            raise FileNotFoundError("job has no audio object")
+
+
+def _fail(job: records.ClaimedJob, code: str, message: str, report: PrepareReport) -> None:
+    if records.end_job(job.id, status=JobStatus.FAILED, code=code, message=message):
+        completion.job_finished(job.id, job.batch_id)
+    report.failed += 1
+
+
+def _store(storage: Storage, job: records.ClaimedJob, prepared: audio.PreparedAudio) -> None:
+    chunk_rows = []
+    single = len(prepared.time_map.chunks) == 1
+    for chunk in prepared.iter_chunks():
+        key = derived_key(job.tenant_id, job.id, None if single and chunk.index == 0 else chunk.index)
+        storage.upload_bytes(chunk.flac, key, content_type=audio.FLAC_CONTENT_TYPE)
+        chunk_rows.append(
+            {
+                "index": chunk.index,
+                "start_seconds": chunk.original_start,
+                "end_seconds": chunk.original_end,
+                "object_key": key,
+            }
+        )
+    # iter_chunks may have split an oversized chunk: store the final plan.
+    if len(chunk_rows) > 1:
+        records.save_chunks(job.id, chunk_rows)
+
+
+def prepare_one(
+    job: records.ClaimedJob, storage: Storage, settings: Settings, report: PrepareReport
+) -> grouping.GroupItem | None:
+    """Normalise, dedupe and store one claimed job; returns it when it needs transcribing."""
+    with tempfile.TemporaryDirectory(prefix="voxq-prep-") as tmp:
+        source = f"{tmp}/source"
+        try:
+            _download(storage, job, source)
+        except ClientError as exc:
+            code = str(exc.response.get("Error", {}).get("Code", ""))
+            if code in {"404", "NoSuchKey", "NotFound", "NoSuchBucket"}:
+                _fail(job, "source_missing", "the uploaded audio object is missing from storage", report)
+                return None
+            raise
+        except FileNotFoundError as exc:
+            _fail(job, "source_missing", str(exc), report)
+            return None
+        try:
+            prepared = audio.prepare_audio(
+                source,
+                max_seconds=settings.max_audio_seconds,
+                max_chunk_seconds=settings.max_chunk_seconds,
+                trim=settings.trim_silence,
+                tmp_dir=tmp,
+            )
+        except AudioError as exc:
+            _fail(job, exc.code, exc.message, report)
+            return None
+        try:
+            records.save_probes(
+                [
+                    records.ProbedJob(
+                        id=job.id,
+                        duration_seconds=prepared.decoded.duration,
+                        codec=prepared.decoded.probe.codec,
+                        sample_rate=prepared.decoded.probe.sample_rate,
+                        channels=prepared.decoded.probe.channels,
+                        fingerprint=prepared.decoded.fingerprint,
+                        speech_seconds=prepared.speech_seconds,
+                        time_map=prepared.time_map.to_json(),
+                    )
+                ]
+            )
+            if not prepared.has_speech:
+                done = records.succeed_job(
+                    job.id,
+                    group_id=None,
+                    text_="",
+                    segments=[],
+                    language=job.batch.language,
+                    model="none",
+                    attempt_id=None,
+                    provenance={"reason": "no speech found by the VAD; no provider was called"},
+                )
+                if done:
+                    completion.job_finished(job.id, job.batch_id)
+                report.silent += 1
+                return None
+            decision = records.dedupe(
+                job_id=job.id,
+                tenant_id=job.tenant_id,
+                fingerprint=prepared.decoded.fingerprint,
+                language=job.batch.language,
+                prompt=job.batch.prompt,
+            )
+            if (
+                decision.kind == "copy"
+                and decision.twin_id is not None
+                and records.copy_transcript(job.id, decision.twin_id)
+            ):
+                completion.job_finished(job.id, job.batch_id)
+                report.deduplicated += 1
+                return None
+            if decision.kind == "wait":
+                report.waiting += 1
+                return None
+            _store(storage, job, prepared)
+            chain = grouping.model_chain(job.batch.models, settings)
+            return grouping.GroupItem(
+                job_id=job.id,
+                tenant_id=job.tenant_id,
+                batch=job.batch,
+                chain=tuple(chain),
+                seconds=prepared.speech_seconds,
+            )
+        finally:
+            prepared.close()
+
+
+def prepare_jobs(job_ids: list[uuid.UUID], *, owner: str) -> PrepareReport:
+    """Run the prepare stage for these jobs (the ones still `queued`); see the module docstring."""
+    settings = get_settings()
+    report = PrepareReport()
+    lease = settings.celery_visibility_timeout + settings.job_lease_seconds
+    claimed = records.claim_jobs(job_ids, owner=owner, lease_seconds=lease)
+    report.claimed = len(claimed)
+    if not claimed:
+        return report
+    storage = Storage(settings)
+    items: list[grouping.GroupItem] = []
+    for job in claimed:
+        try:
+            item = prepare_one(job, storage, settings, report)
+        except Exception:
+            # Left processing: the sweeper re-queues it when its lease ends (run_count bounds the loop).
+            log.exception("prepare failed for job %s", job.id)
+            report.errors += 1
+            continue
+        if item is not None:
+            items.append(item)
+    plans = grouping.plan_groups(items, settings)
+    group_ids = records.assign_groups(plans)
+    records.extend_leases([i.job_id for i in items], owner=owner, lease_seconds=lease)
+    for plan, gid in zip(plans, group_ids, strict=True):
+        if plan.chain and plan.chain[0] == "local":
+            for job_id, _ in plan.members:
+                dispatch.send_local(job_id, gid)
+        else:
+            dispatch.send_group(gid, priority=plan.priority)
+    report.grouped = len(items)
+    report.groups = group_ids
+    return report

@@ -1,0 +1,844 @@
+"""Database writes of the pipeline: claims, attempts, cost records, transcripts, batch totals.
+
+Every function here is one short transaction and never does network I/O other than Postgres. State
+changes are compare-and-set, so a redelivered task cannot write a second transcript or move a job twice:
+
+- A job is claimed `queued → processing` in bulk (one `UPDATE … RETURNING`), with a lease
+  (`lease_owner`, `lease_expires_at`) and `run_count + 1` (the attempt counter lives in Postgres).
+- `jobs.group_id` is the token of the current run: prepare gives a job a fresh group each run, and a
+  transcribe task touches only jobs whose `group_id` is its own, so a stale task left over from an earlier
+  run (requeued by the sweeper) does nothing.
+- The transcript is inserted with `ON CONFLICT (job_id) DO NOTHING` and the job moves
+  `processing → succeeded` by CAS in the same transaction.
+- Totals are `SET x = x + :delta`, never read-modify-write.
+- After a job becomes terminal, `finish_batch_if_done` counts the batch's non-terminal jobs in a *new*
+  transaction (after the job's commit), so of two jobs finishing at once at least the later one sees the
+  batch done; the batch's own CAS makes exactly one of them the finisher.
+"""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from decimal import Decimal
+from typing import Any, Protocol
+
+from sqlalchemy import and_, func, or_, select, text, update
+from sqlalchemy.dialects.postgresql import insert
+
+from core import metrics
+from core.db import session_scope
+from core.ids import uuid7
+from core.models import Attempt, Batch, CostRecord, Group, Job, JobChunk, Transcript
+from core.statuses import (
+    JOB_TERMINAL,
+    AttemptOutcome,
+    BatchStatus,
+    ChunkStatus,
+    GroupStatus,
+    JobStatus,
+)
+
+TERMINAL_VALUES = tuple(s.value for s in JOB_TERMINAL)
+
+
+def now() -> datetime:
+    """The current UTC time."""
+    return datetime.now(UTC)
+
+
+class PricedLike(Protocol):
+    """What `core.pricing.price_attempt` returns (only the fields recorded here)."""
+
+    usd: Decimal
+    billed_audio_seconds: float
+    input_tokens: int | None
+    input_audio_tokens: int | None
+    input_text_tokens: int | None
+    output_tokens: int | None
+    unit_prices: dict[str, Any]
+    price_table_version: str
+    estimated: bool
+
+
+@dataclass(frozen=True)
+class BatchOptions:
+    """The batch settings the pipeline needs for a job."""
+
+    id: uuid.UUID
+    tenant_id: uuid.UUID
+    profile: str
+    language: str | None
+    prompt: str | None
+    models: list[str] | None
+    priority: str
+    budget_usd: Decimal | None
+
+
+@dataclass(frozen=True)
+class ClaimedJob:
+    """A job this worker now holds, with its batch's options."""
+
+    id: uuid.UUID
+    tenant_id: uuid.UUID
+    batch_id: uuid.UUID
+    object_key: str | None
+    source_uri: str | None
+    run_count: int
+    batch: BatchOptions
+
+
+def _batch_options(row: Any) -> BatchOptions:
+    models = row.models if isinstance(row.models, list) and row.models else None
+    return BatchOptions(
+        id=row.id,
+        tenant_id=row.tenant_id,
+        profile=row.profile,
+        language=row.language,
+        prompt=row.prompt,
+        models=[str(m) for m in models] if models else None,
+        priority=row.priority,
+        budget_usd=row.budget_usd,
+    )
+
+
+def load_batches(batch_ids: set[uuid.UUID]) -> dict[uuid.UUID, BatchOptions]:
+    """Options of these batches, by id."""
+    if not batch_ids:
+        return {}
+    with session_scope() as session:
+        rows = session.execute(
+            select(
+                Batch.id,
+                Batch.tenant_id,
+                Batch.profile,
+                Batch.language,
+                Batch.prompt,
+                Batch.models,
+                Batch.priority,
+                Batch.budget_usd,
+            ).where(Batch.id.in_(batch_ids))
+        ).all()
+    return {row.id: _batch_options(row) for row in rows}
+
+
+def claim_jobs(job_ids: list[uuid.UUID], *, owner: str, lease_seconds: float) -> list[ClaimedJob]:
+    """Claim the still-queued ones of these jobs (`queued → processing`, lease, run_count + 1)."""
+    if not job_ids:
+        return []
+    ts = now()
+    with session_scope() as session:
+        rows = session.execute(
+            update(Job)
+            .where(Job.id.in_(job_ids), Job.status == JobStatus.QUEUED.value, Job.deleted_at.is_(None))
+            .values(
+                status=JobStatus.PROCESSING.value,
+                lease_owner=owner,
+                lease_expires_at=ts + timedelta(seconds=lease_seconds),
+                run_count=Job.run_count + 1,
+                started_at=func.coalesce(Job.started_at, ts),
+                group_id=None,
+                deduplicated_from_id=None,
+                error_code=None,
+                error_message=None,
+            )
+            .returning(Job.id, Job.tenant_id, Job.batch_id, Job.object_key, Job.source_uri, Job.run_count)
+        ).all()
+        batch_ids = {r.batch_id for r in rows}
+        if batch_ids:
+            # "open" means nothing submitted yet; a claimed job means the batch is under way.
+            session.execute(
+                update(Batch)
+                .where(Batch.id.in_(batch_ids), Batch.status == BatchStatus.OPEN.value)
+                .values(
+                    status=BatchStatus.PROCESSING.value, submitted_at=func.coalesce(Batch.submitted_at, ts)
+                )
+            )
+    batches = load_batches(batch_ids)
+    order = {jid: i for i, jid in enumerate(job_ids)}
+    claimed = [
+        ClaimedJob(
+            id=r.id,
+            tenant_id=r.tenant_id,
+            batch_id=r.batch_id,
+            object_key=r.object_key,
+            source_uri=r.source_uri,
+            run_count=r.run_count,
+            batch=batches[r.batch_id],
+        )
+        for r in rows
+    ]
+    claimed.sort(key=lambda c: order.get(c.id, 0))
+    return claimed
+
+
+def extend_leases(job_ids: list[uuid.UUID], *, owner: str, lease_seconds: float) -> int:
+    """Renew the lease of jobs this worker is working on; returns how many are still processing."""
+    if not job_ids:
+        return 0
+    with session_scope() as session:
+        result = session.execute(
+            update(Job)
+            .where(Job.id.in_(job_ids), Job.status == JobStatus.PROCESSING.value)
+            .values(lease_owner=owner, lease_expires_at=now() + timedelta(seconds=lease_seconds))
+        )
+    return int(result.rowcount)  # type: ignore[attr-defined]
+
+
+def end_job(
+    job_id: uuid.UUID,
+    *,
+    status: JobStatus,
+    code: str | None,
+    message: str | None,
+    group_id: uuid.UUID | None = None,
+) -> bool:
+    """Move a processing job to a terminal status (failed/skipped) by CAS; True when this call did it."""
+    conditions = [Job.id == job_id, Job.status == JobStatus.PROCESSING.value]
+    if group_id is not None:
+        conditions.append(Job.group_id == group_id)
+    with session_scope() as session:
+        row = session.execute(
+            update(Job)
+            .where(*conditions)
+            .values(
+                status=status.value,
+                error_code=code,
+                error_message=(message or "")[:2000] or None,
+                finished_at=now(),
+                lease_owner=None,
+                lease_expires_at=None,
+            )
+            .returning(Job.batch_id, Job.duration_seconds)
+        ).first()
+        if row is not None:
+            _add_batch_totals(session, row.batch_id, audio_seconds=row.duration_seconds or 0.0)
+    if row is not None:
+        metrics.JOBS_FINISHED.labels(status=status.value).inc()
+    return row is not None
+
+
+def _add_batch_totals(
+    session: Any,
+    batch_id: uuid.UUID,
+    *,
+    audio_seconds: float = 0.0,
+    billed_seconds: float = 0.0,
+    cost: Decimal = Decimal(0),
+    committed: Decimal = Decimal(0),
+) -> None:
+    session.execute(
+        update(Batch)
+        .where(Batch.id == batch_id)
+        .values(
+            audio_seconds=Batch.audio_seconds + audio_seconds,
+            billed_seconds=Batch.billed_seconds + billed_seconds,
+            cost_usd=Batch.cost_usd + cost,
+            committed_usd=Batch.committed_usd + committed,
+        )
+    )
+
+
+@dataclass(frozen=True)
+class ProbedJob:
+    """What prepare learned about one job, written in bulk."""
+
+    id: uuid.UUID
+    duration_seconds: float
+    codec: str | None
+    sample_rate: int | None
+    channels: int | None
+    fingerprint: str
+    speech_seconds: float
+    time_map: dict[str, Any]
+
+
+def save_probes(probes: list[ProbedJob]) -> None:
+    """Store decode/VAD results of processing jobs (one statement per job, one transaction)."""
+    if not probes:
+        return
+    with session_scope() as session:
+        for p in probes:
+            session.execute(
+                update(Job)
+                .where(Job.id == p.id, Job.status == JobStatus.PROCESSING.value)
+                .values(
+                    duration_seconds=p.duration_seconds,
+                    codec=p.codec,
+                    sample_rate=p.sample_rate,
+                    channels=p.channels,
+                    fingerprint=p.fingerprint,
+                    speech_seconds=p.speech_seconds,
+                    time_map=p.time_map,
+                )
+            )
+    metrics.AUDIO_SUBMITTED_SECONDS.inc(sum(p.duration_seconds for p in probes))
+
+
+@dataclass(frozen=True)
+class DedupeDecision:
+    """What to do with a job whose audio may have been seen before."""
+
+    kind: str  # "leader" (transcribe it), "copy" (a finished twin exists), "wait" (a twin is in flight)
+    twin_id: uuid.UUID | None = None
+
+
+def dedupe(
+    *, job_id: uuid.UUID, tenant_id: uuid.UUID, fingerprint: str, language: str | None, prompt: str | None
+) -> DedupeDecision:
+    """Find a twin (same tenant, same PCM fingerprint, same language and prompt options).
+
+    Serialised per (tenant, fingerprint) with a transaction-scoped advisory lock, so two workers preparing
+    identical audio at once cannot both become leaders. The caller must already have saved this job's
+    fingerprint (in `save_probes`) — the lock holder's decision is then visible to the next one.
+    """
+    with session_scope() as session:
+        session.execute(
+            text("SELECT pg_advisory_xact_lock(hashtextextended(:k, 0))"),
+            {"k": f"{tenant_id}:{fingerprint}"},
+        )
+        twin_filter = and_(
+            Job.tenant_id == tenant_id,
+            Job.fingerprint == fingerprint,
+            Job.id != job_id,
+            Job.deleted_at.is_(None),
+            Batch.language.is_not_distinct_from(language),
+            Batch.prompt.is_not_distinct_from(prompt),
+        )
+        finished = session.execute(
+            select(Job.id)
+            .join(Batch, Batch.id == Job.batch_id)
+            .join(Transcript, Transcript.job_id == Job.id)
+            .where(twin_filter, Job.status == JobStatus.SUCCEEDED.value)
+            .order_by(Job.finished_at)
+            .limit(1)
+        ).scalar()
+        if finished is not None:
+            return DedupeDecision("copy", finished)
+        inflight = session.execute(
+            select(Job.id)
+            .join(Batch, Batch.id == Job.batch_id)
+            .where(
+                twin_filter,
+                Job.status == JobStatus.PROCESSING.value,
+                Job.deduplicated_from_id.is_(None),
+            )
+            .order_by(Job.started_at)
+            .limit(1)
+        ).scalar()
+        if inflight is not None:
+            # A follower holds no lease: it is finished (or released) by its leader's outcome.
+            session.execute(
+                update(Job)
+                .where(Job.id == job_id, Job.status == JobStatus.PROCESSING.value)
+                .values(deduplicated_from_id=inflight, lease_expires_at=None, lease_owner=None)
+            )
+            return DedupeDecision("wait", inflight)
+        # Leader: this job's fingerprint is already committed, so the next twin to take the lock finds it.
+        return DedupeDecision("leader")
+
+
+def copy_transcript(job_id: uuid.UUID, twin_id: uuid.UUID) -> bool:
+    """Finish a job with its twin's transcript: zero cost, `deduplicated_from_id` set. True if done."""
+    with session_scope() as session:
+        twin = session.execute(select(Transcript).where(Transcript.job_id == twin_id)).scalar_one_or_none()
+        if twin is None:
+            return False
+        job = session.execute(
+            update(Job)
+            .where(Job.id == job_id, Job.status == JobStatus.PROCESSING.value)
+            .values(
+                status=JobStatus.SUCCEEDED.value,
+                deduplicated_from_id=twin_id,
+                model=twin.model,
+                billed_seconds=0.0,
+                finished_at=now(),
+                lease_owner=None,
+                lease_expires_at=None,
+            )
+            .returning(Job.tenant_id, Job.batch_id, Job.duration_seconds)
+        ).first()
+        if job is None:
+            return False
+        session.execute(
+            insert(Transcript)
+            .values(
+                id=uuid7(),
+                tenant_id=job.tenant_id,
+                job_id=job_id,
+                attempt_id=None,
+                text=twin.text,
+                language=twin.language,
+                segments=twin.segments,
+                model=twin.model,
+                provenance={"deduplicated_from": str(twin_id), "source_attempt_id": str(twin.attempt_id)},
+            )
+            .on_conflict_do_nothing(index_elements=[Transcript.job_id])
+        )
+        _add_batch_totals(session, job.batch_id, audio_seconds=job.duration_seconds or 0.0)
+    metrics.DEDUPE_HITS.inc()
+    metrics.JOBS_FINISHED.labels(status=JobStatus.SUCCEEDED.value).inc()
+    return True
+
+
+def followers_of(leader_id: uuid.UUID) -> list[uuid.UUID]:
+    """Jobs waiting for this leader's transcript."""
+    with session_scope() as session:
+        return list(
+            session.execute(
+                select(Job.id).where(
+                    Job.deduplicated_from_id == leader_id, Job.status == JobStatus.PROCESSING.value
+                )
+            ).scalars()
+        )
+
+
+def release_followers(leader_id: uuid.UUID) -> list[uuid.UUID]:
+    """Send a leader's followers back to `queued` (its run ended without a transcript to share)."""
+    with session_scope() as session:
+        return list(
+            session.execute(
+                update(Job)
+                .where(Job.deduplicated_from_id == leader_id, Job.status == JobStatus.PROCESSING.value)
+                .values(status=JobStatus.QUEUED.value, deduplicated_from_id=None, queued_at=now())
+                .returning(Job.id)
+            ).scalars()
+        )
+
+
+@dataclass(frozen=True)
+class GroupPlan:
+    """A group to create: its key, class and (job id, seconds) members."""
+
+    tenant_id: uuid.UUID
+    batch_id: uuid.UUID | None
+    key: str
+    duration_class: str
+    members: list[tuple[uuid.UUID, float]]
+    chain: list[str]
+    priority: str
+
+
+def assign_groups(plans: list[GroupPlan]) -> list[uuid.UUID]:
+    """Create the groups and point their (still processing) jobs at them; returns the group ids."""
+    ids: list[uuid.UUID] = []
+    if not plans:
+        return ids
+    with session_scope() as session:
+        for plan in plans:
+            gid = uuid7()
+            ids.append(gid)
+            session.execute(
+                insert(Group).values(
+                    id=gid,
+                    tenant_id=plan.tenant_id,
+                    batch_id=plan.batch_id,
+                    key=plan.key[:200],
+                    duration_class=plan.duration_class,
+                    status=GroupStatus.PENDING.value,
+                    job_count=len(plan.members),
+                    total_seconds=sum(s for _, s in plan.members),
+                )
+            )
+            session.execute(
+                update(Job)
+                .where(Job.id.in_([j for j, _ in plan.members]), Job.status == JobStatus.PROCESSING.value)
+                .values(group_id=gid)
+            )
+    return ids
+
+
+def save_chunks(job_id: uuid.UUID, chunks: list[dict[str, Any]]) -> None:
+    """Create (or reset, on a re-run) the chunk rows of a long job."""
+    if not chunks:
+        return
+    with session_scope() as session:
+        for c in chunks:
+            stmt = insert(JobChunk).values(
+                id=uuid7(),
+                job_id=job_id,
+                index=c["index"],
+                start_seconds=c["start_seconds"],
+                end_seconds=c["end_seconds"],
+                object_key=c["object_key"],
+                status=ChunkStatus.PENDING.value,
+            )
+            session.execute(
+                stmt.on_conflict_do_update(
+                    index_elements=[JobChunk.job_id, JobChunk.index],
+                    set_={
+                        "start_seconds": stmt.excluded.start_seconds,
+                        "end_seconds": stmt.excluded.end_seconds,
+                        "object_key": stmt.excluded.object_key,
+                        "status": ChunkStatus.PENDING.value,
+                        "text": None,
+                        "segments": None,
+                        "model": None,
+                        "attempt_id": None,
+                    },
+                )
+            )
+        # A re-run may plan fewer chunks than a previous one did.
+        session.execute(
+            JobChunk.__table__.delete().where(  # type: ignore[attr-defined]
+                JobChunk.job_id == job_id, JobChunk.index >= len(chunks)
+            )
+        )
+
+
+@dataclass(frozen=True)
+class GroupJob:
+    """A job of a group as the transcribe stage sees it."""
+
+    id: uuid.UUID
+    tenant_id: uuid.UUID
+    batch_id: uuid.UUID
+    duration_seconds: float
+    speech_seconds: float
+    time_map: dict[str, Any]
+    chunks: list[dict[str, Any]]  # [{index, object_key, status, text, segments, model, attempt_id}]
+
+
+def claim_group(
+    group_id: uuid.UUID, *, owner: str, lease_seconds: float, only: list[uuid.UUID] | None = None
+) -> list[GroupJob]:
+    """Take the lease on a group's still-processing jobs (or `only` these) and load what they need."""
+    ts = now()
+    conditions = [Job.group_id == group_id, Job.status == JobStatus.PROCESSING.value]
+    if only is not None:
+        conditions.append(Job.id.in_(only))
+    with session_scope() as session:
+        rows = session.execute(
+            update(Job)
+            .where(*conditions)
+            .values(lease_owner=owner, lease_expires_at=ts + timedelta(seconds=lease_seconds))
+            .returning(
+                Job.id, Job.tenant_id, Job.batch_id, Job.duration_seconds, Job.speech_seconds, Job.time_map
+            )
+        ).all()
+        session.execute(
+            update(Group)
+            .where(Group.id == group_id, Group.status == GroupStatus.PENDING.value)
+            .values(status=GroupStatus.RUNNING.value)
+        )
+        ids = [r.id for r in rows]
+        chunk_rows = (
+            session.execute(
+                select(JobChunk).where(JobChunk.job_id.in_(ids)).order_by(JobChunk.job_id, JobChunk.index)
+            )
+            .scalars()
+            .all()
+            if ids
+            else []
+        )
+    by_job: dict[uuid.UUID, list[dict[str, Any]]] = {}
+    for c in chunk_rows:
+        by_job.setdefault(c.job_id, []).append(
+            {
+                "index": c.index,
+                "object_key": c.object_key,
+                "status": c.status,
+                "text": c.text,
+                "segments": c.segments,
+                "model": c.model,
+                "attempt_id": c.attempt_id,
+            }
+        )
+    jobs = [
+        GroupJob(
+            id=r.id,
+            tenant_id=r.tenant_id,
+            batch_id=r.batch_id,
+            duration_seconds=r.duration_seconds or 0.0,
+            speech_seconds=r.speech_seconds or 0.0,
+            time_map=r.time_map or {},
+            chunks=by_job.get(r.id, []),
+        )
+        for r in rows
+    ]
+    jobs.sort(key=lambda j: j.id)
+    return jobs
+
+
+def finish_group(group_id: uuid.UUID) -> None:
+    """Mark a group done once none of its jobs is still processing."""
+    with session_scope() as session:
+        session.execute(
+            update(Group)
+            .where(
+                Group.id == group_id,
+                Group.status != GroupStatus.DONE.value,
+                ~select(Job.id)
+                .where(Job.group_id == group_id, Job.status == JobStatus.PROCESSING.value)
+                .exists(),
+            )
+            .values(status=GroupStatus.DONE.value, finished_at=now())
+        )
+
+
+def open_attempt(
+    *,
+    tenant_id: uuid.UUID,
+    job_id: uuid.UUID,
+    chunk_index: int | None,
+    model: str,
+    provider: str,
+    retry_number: int,
+    audio_seconds: float,
+    request_bytes: int,
+    worker: str,
+) -> uuid.UUID:
+    """Insert a pending attempt before the call; its id doubles as the provider request id."""
+    attempt_id = uuid7()
+    with session_scope() as session:
+        session.execute(
+            insert(Attempt).values(
+                id=attempt_id,
+                tenant_id=tenant_id,
+                job_id=job_id,
+                chunk_index=chunk_index,
+                model=model,
+                provider=provider,
+                retry_number=retry_number,
+                outcome=AttemptOutcome.PENDING.value,
+                audio_seconds=audio_seconds,
+                request_bytes=request_bytes,
+                worker=worker,
+                started_at=now(),
+            )
+        )
+    return attempt_id
+
+
+def close_attempt(
+    attempt_id: uuid.UUID,
+    *,
+    outcome: AttemptOutcome,
+    latency_ms: float | None,
+    tenant_id: uuid.UUID,
+    batch_id: uuid.UUID,
+    job_id: uuid.UUID,
+    model: str,
+    reserved_usd: Decimal = Decimal(0),
+    http_status: int | None = None,
+    error_code: str | None = None,
+    error_message: str | None = None,
+    priced: PricedLike | None = None,
+    usage: dict[str, Any] | None = None,
+    compute_seconds: float | None = None,
+) -> None:
+    """Close an attempt; for a billed answer write its cost record and add it to job and batch totals.
+
+    All in one transaction, together with settling the budget reservation (committed += actual - reserved).
+    """
+    ts = now()
+    usd = priced.usd if priced is not None else Decimal(0)
+    billed = priced.billed_audio_seconds if priced is not None else 0.0
+    with session_scope() as session:
+        session.execute(
+            update(Attempt)
+            .where(Attempt.id == attempt_id)
+            .values(
+                outcome=outcome.value,
+                http_status=http_status,
+                error_code=error_code,
+                error_message=(error_message or "")[:2000] or None,
+                ended_at=ts,
+                latency_ms=latency_ms,
+            )
+        )
+        if priced is not None or compute_seconds is not None:
+            usage_type = getattr(priced, "usage_type", None) or (
+                str(usage.get("type")) if usage and usage.get("type") else "none"
+            )
+            session.execute(
+                insert(CostRecord)
+                .values(
+                    id=uuid7(),
+                    tenant_id=tenant_id,
+                    batch_id=batch_id,
+                    job_id=job_id,
+                    attempt_id=attempt_id,
+                    model=model,
+                    usage_type=usage_type,
+                    billed_audio_seconds=billed,
+                    input_tokens=getattr(priced, "input_tokens", None),
+                    input_audio_tokens=getattr(priced, "input_audio_tokens", None),
+                    input_text_tokens=getattr(priced, "input_text_tokens", None),
+                    output_tokens=getattr(priced, "output_tokens", None),
+                    compute_seconds=compute_seconds,
+                    unit_prices=dict(priced.unit_prices) if priced is not None else {},
+                    price_table_version=priced.price_table_version if priced is not None else "local",
+                    usd=usd,
+                    estimated=bool(priced.estimated) if priced is not None else False,
+                )
+                .on_conflict_do_nothing(index_elements=[CostRecord.attempt_id])
+            )
+            session.execute(
+                update(Job)
+                .where(Job.id == job_id)
+                .values(cost_usd=Job.cost_usd + usd, billed_seconds=Job.billed_seconds + billed)
+            )
+        if priced is not None or reserved_usd:
+            _add_batch_totals(
+                session, batch_id, billed_seconds=billed, cost=usd, committed=usd - reserved_usd
+            )
+    metrics.ATTEMPTS.labels(model=model, outcome=outcome.value).inc()
+    if latency_ms is not None:
+        metrics.PROVIDER_LATENCY.labels(model=model).observe(latency_ms / 1000.0)
+    if priced is not None:
+        metrics.AUDIO_BILLED_SECONDS.labels(model=model).inc(billed)
+        metrics.COST_USD.labels(model=model).inc(float(usd))
+
+
+def save_chunk_result(
+    job_id: uuid.UUID,
+    index: int,
+    *,
+    text_: str,
+    segments: list[dict[str, Any]],
+    model: str,
+    attempt_id: uuid.UUID,
+) -> None:
+    """Keep one chunk's transcript (original-time segments) so a re-run resumes after it."""
+    with session_scope() as session:
+        session.execute(
+            update(JobChunk)
+            .where(JobChunk.job_id == job_id, JobChunk.index == index)
+            .values(
+                status=ChunkStatus.SUCCEEDED.value,
+                text=text_,
+                segments=segments,
+                model=model,
+                attempt_id=attempt_id,
+            )
+        )
+
+
+def succeed_job(
+    job_id: uuid.UUID,
+    *,
+    group_id: uuid.UUID | None,
+    text_: str,
+    segments: list[dict[str, Any]],
+    language: str | None,
+    model: str,
+    attempt_id: uuid.UUID | None,
+    provenance: dict[str, Any],
+) -> bool:
+    """Write the job's one transcript and move it `processing → succeeded`; True when this call did it."""
+    conditions = [Job.id == job_id, Job.status == JobStatus.PROCESSING.value]
+    if group_id is not None:
+        conditions.append(Job.group_id == group_id)
+    with session_scope() as session:
+        job = session.execute(
+            update(Job)
+            .where(*conditions)
+            .values(
+                status=JobStatus.SUCCEEDED.value,
+                model=model,
+                finished_at=now(),
+                lease_owner=None,
+                lease_expires_at=None,
+                error_code=None,
+                error_message=None,
+            )
+            .returning(Job.tenant_id, Job.batch_id, Job.duration_seconds)
+        ).first()
+        if job is None:
+            return False
+        inserted = session.execute(
+            insert(Transcript)
+            .values(
+                id=uuid7(),
+                tenant_id=job.tenant_id,
+                job_id=job_id,
+                attempt_id=attempt_id,
+                text=text_,
+                language=language,
+                segments=segments,
+                model=model,
+                provenance=provenance,
+            )
+            .on_conflict_do_nothing(index_elements=[Transcript.job_id])
+            .returning(Transcript.id)
+        ).first()
+        if inserted is None:
+            # A transcript already exists (an earlier run wrote it): keep that one, undo nothing else.
+            session.rollback()
+            return False
+        _add_batch_totals(session, job.batch_id, audio_seconds=job.duration_seconds or 0.0)
+    metrics.JOBS_FINISHED.labels(status=JobStatus.SUCCEEDED.value).inc()
+    return True
+
+
+@dataclass(frozen=True)
+class FinishedBatch:
+    """A batch that just became terminal."""
+
+    id: uuid.UUID
+    status: str
+    webhook_url: str | None
+
+
+def finish_batch_if_done(batch_id: uuid.UUID) -> FinishedBatch | None:
+    """If every job of the batch is terminal, move it to completed/failed by CAS (once)."""
+    with session_scope() as session:
+        counts = dict(
+            session.execute(
+                select(Job.status, func.count()).where(Job.batch_id == batch_id).group_by(Job.status)
+            )
+            .tuples()
+            .all()
+        )
+        if not counts or any(status not in TERMINAL_VALUES for status in counts):
+            return None
+        succeeded = counts.get(JobStatus.SUCCEEDED.value, 0)
+        failed = counts.get(JobStatus.FAILED.value, 0)
+        status = BatchStatus.COMPLETED if succeeded > 0 or failed == 0 else BatchStatus.FAILED
+        row = session.execute(
+            update(Batch)
+            .where(
+                Batch.id == batch_id,
+                or_(Batch.status == BatchStatus.PROCESSING.value, Batch.status == BatchStatus.OPEN.value),
+            )
+            .values(status=status.value, completed_at=now())
+            .returning(Batch.webhook_url)
+        ).first()
+    if row is None:
+        return None
+    return FinishedBatch(id=batch_id, status=status.value, webhook_url=row.webhook_url)
+
+
+def batch_summary(batch_id: uuid.UUID) -> dict[str, Any] | None:
+    """`{batch_id, status, counts, cost_usd}` for the webhook payload."""
+    with session_scope() as session:
+        batch = session.execute(
+            select(Batch.id, Batch.status, Batch.cost_usd, Batch.tenant_id, Batch.webhook_url).where(
+                Batch.id == batch_id
+            )
+        ).first()
+        if batch is None:
+            return None
+        counts = dict(
+            session.execute(
+                select(Job.status, func.count()).where(Job.batch_id == batch_id).group_by(Job.status)
+            )
+            .tuples()
+            .all()
+        )
+    return {
+        "batch_id": str(batch.id),
+        "status": batch.status,
+        "counts": {"total": sum(counts.values()), **{k: int(v) for k, v in sorted(counts.items())}},
+        "cost_usd": str(batch.cost_usd),
+    }
+
+
+def batches_of(job_ids: list[uuid.UUID]) -> set[uuid.UUID]:
+    """The batches these jobs belong to."""
+    if not job_ids:
+        return set()
+    with session_scope() as session:
+        return set(session.execute(select(Job.batch_id).where(Job.id.in_(job_ids))).scalars())

@@ -1,0 +1,138 @@
+"""Per-process runtime of a worker: one event loop, one shared httpx client, one async Redis client.
+
+Built after fork (in `worker_process_init`, or lazily on first use) and never shared across processes.
+Celery's prefork children run one task at a time, so each task drives the process's one event loop with
+`run()`; the httpx connection pool and the in-flight semaphore then outlive single tasks, which is what
+lets a group task keep `VOXQ_MAX_IN_FLIGHT` requests open at once on one connection pool.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+from collections.abc import Coroutine
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, TypeVar
+
+import httpx
+
+from core.settings import Settings, get_settings
+from core.storage import Storage
+
+if TYPE_CHECKING:
+    import redis.asyncio as aioredis
+
+    from core.circuit import CircuitBreaker
+    from core.providers.base import Provider
+    from core.ratelimit import RateLimiter
+
+T = TypeVar("T")
+
+
+@dataclass
+class Runtime:
+    """What a worker process shares between its tasks."""
+
+    pid: int
+    settings: Settings
+    loop: asyncio.AbstractEventLoop
+    http: httpx.AsyncClient
+    storage: Storage
+    worker_name: str
+    _redis: aioredis.Redis | None = None
+    _semaphore: asyncio.Semaphore | None = None
+
+    def run(self, coro: Coroutine[Any, Any, T]) -> T:
+        """Run a coroutine to completion on the process's loop."""
+        return self.loop.run_until_complete(coro)
+
+    @property
+    def semaphore(self) -> asyncio.Semaphore:
+        """Bounds provider calls in flight in this process."""
+        if self._semaphore is None:
+            self._semaphore = asyncio.Semaphore(self.settings.max_in_flight)
+        return self._semaphore
+
+    @property
+    def redis(self) -> aioredis.Redis:
+        """The process's async Redis client (circuit breakers, rate limiters)."""
+        if self._redis is None:
+            import redis.asyncio as aioredis
+
+            self._redis = aioredis.Redis.from_url(self.settings.redis_url)
+        return self._redis
+
+    def provider(self) -> Provider:
+        """The hosted provider (OpenAI-compatible) on the shared client."""
+        from core.providers.openai import OpenAIProvider
+
+        key = self.settings.openai_api_key
+        return OpenAIProvider(
+            self.http,
+            base_url=self.settings.openai_base_url,
+            api_key=key.get_secret_value() if key is not None else None,
+            timeout=self.settings.provider_timeout_seconds,
+        )
+
+    def circuit(self) -> CircuitBreaker:
+        """The fleet-wide circuit breakers (state in Redis)."""
+        from core.circuit import CircuitBreaker
+
+        return CircuitBreaker(
+            self.redis,
+            failure_threshold=self.settings.circuit_failure_threshold,
+            open_seconds=self.settings.circuit_open_seconds,
+        )
+
+    def limiter(self) -> RateLimiter:
+        """The fleet-wide rate limiter (token buckets in Redis)."""
+        from core.ratelimit import RateLimiter
+
+        return RateLimiter(
+            self.redis,
+            rpm=self.settings.model_rpm_limit,
+            audio_seconds_per_minute=self.settings.model_audio_seconds_per_minute,
+        )
+
+    def close(self) -> None:
+        """Close clients and the loop (process shutdown)."""
+        try:
+            self.loop.run_until_complete(self.http.aclose())
+            if self._redis is not None:
+                self.loop.run_until_complete(self._redis.aclose())
+        finally:
+            self.loop.close()
+
+
+_runtime: Runtime | None = None
+
+
+def get_runtime() -> Runtime:
+    """This process's runtime, built on first use after fork."""
+    global _runtime
+    if _runtime is None or _runtime.pid != os.getpid():
+        settings = get_settings()
+        loop = asyncio.new_event_loop()
+        limits = httpx.Limits(
+            max_connections=max(settings.max_in_flight, 10),
+            max_keepalive_connections=max(settings.max_in_flight, 10),
+        )
+        http = httpx.AsyncClient(limits=limits, timeout=settings.provider_timeout_seconds)
+        _runtime = Runtime(
+            pid=os.getpid(),
+            settings=settings,
+            loop=loop,
+            http=http,
+            storage=Storage(settings),
+            worker_name=f"{socket.gethostname()}:{os.getpid()}",
+        )
+    return _runtime
+
+
+def close_runtime() -> None:
+    """Close this process's runtime if it has one."""
+    global _runtime
+    if _runtime is not None and _runtime.pid == os.getpid():
+        _runtime.close()
+    _runtime = None

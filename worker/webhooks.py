@@ -1,0 +1,138 @@
+"""Delivery of a finished batch's webhook: signed POST, recorded, retried with backoff.
+
+Each try is one `webhook_deliveries` row (attempt number, HTTP status, error). A 2xx is delivered; any
+other answer or a network error is retried with exponential backoff (1 s, 2 s, 4 s … capped at 10 min, a
+countdown well under the broker's visibility timeout) up to `VOXQ_WEBHOOK_MAX_ATTEMPTS`, then the last row
+is `gave_up`. A URL the SSRF guard refuses (core.webhooks) is recorded `refused` and never retried.
+Redirects are followed by hand (at most 3) so every hop passes the guard.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import uuid
+from dataclasses import dataclass
+from urllib.parse import urljoin
+
+import httpx
+from sqlalchemy import select, update
+from sqlalchemy.dialects.postgresql import insert
+
+from core import metrics
+from core.db import session_scope
+from core.ids import uuid7
+from core.models import Batch, WebhookDelivery
+from core.settings import get_settings
+from core.statuses import WebhookStatus
+from core.webhooks import SIGNATURE_HEADER, WebhookRefused, check_url, sign
+from worker import records
+
+log = logging.getLogger(__name__)
+
+EVENT = "batch.finished"
+MAX_REDIRECTS = 3
+TIMEOUT_SECONDS = 10.0
+
+
+@dataclass(frozen=True)
+class DeliveryResult:
+    """What one delivery try did, and when to try again (None: never)."""
+
+    status: WebhookStatus
+    retry_in: float | None
+
+
+def retry_delay(attempt: int) -> float:
+    """Seconds before try `attempt + 1`."""
+    return float(min(2 ** (attempt - 1), 600))
+
+
+def _post(url: str, body: bytes, headers: dict[str, str], allow_private: bool) -> httpx.Response:
+    with httpx.Client(timeout=TIMEOUT_SECONDS, follow_redirects=False) as client:
+        for _ in range(MAX_REDIRECTS + 1):
+            check_url(url, allow_private=allow_private)
+            response = client.post(url, content=body, headers=headers)
+            if response.status_code in (301, 302, 303, 307, 308) and "location" in response.headers:
+                url = urljoin(url, response.headers["location"])
+                continue
+            return response
+    raise httpx.TooManyRedirects("too many redirects", request=httpx.Request("POST", url))
+
+
+def deliver(batch_id: uuid.UUID, *, attempt: int) -> DeliveryResult:
+    """Try to deliver the batch's webhook once and record the try."""
+    settings = get_settings()
+    with session_scope() as session:
+        batch = session.execute(
+            select(Batch.tenant_id, Batch.webhook_url).where(Batch.id == batch_id)
+        ).first()
+    payload = records.batch_summary(batch_id)
+    if batch is None or not batch.webhook_url or payload is None:
+        return DeliveryResult(WebhookStatus.GAVE_UP, None)
+    body = json.dumps(payload, separators=(",", ":"), sort_keys=True).encode()
+    headers = {
+        "Content-Type": "application/json",
+        "User-Agent": "voxq-webhooks/1",
+        SIGNATURE_HEADER: sign(settings.webhook_secret.get_secret_value(), body),
+        "X-Voxq-Event": EVENT,
+        "X-Voxq-Delivery-Attempt": str(attempt),
+    }
+    delivery_id = uuid7()
+    with session_scope() as session:
+        session.execute(
+            insert(WebhookDelivery).values(
+                id=delivery_id,
+                tenant_id=batch.tenant_id,
+                batch_id=batch_id,
+                url=batch.webhook_url,
+                event=EVENT,
+                payload=payload,
+                attempt_number=attempt,
+                status=WebhookStatus.PENDING.value,
+            )
+        )
+    http_status: int | None = None
+    error: str | None = None
+    try:
+        response = _post(batch.webhook_url, body, headers, settings.webhook_allow_private)
+        http_status = response.status_code
+        ok = 200 <= response.status_code < 300
+        if not ok:
+            error = f"HTTP {response.status_code}"
+    except WebhookRefused as exc:
+        return _record(delivery_id, WebhookStatus.REFUSED, None, exc.message, None)
+    except httpx.HTTPError as exc:
+        ok = False
+        error = f"{type(exc).__name__}"
+    if ok:
+        return _record(delivery_id, WebhookStatus.DELIVERED, http_status, None, None)
+    if attempt >= settings.webhook_max_attempts:
+        return _record(delivery_id, WebhookStatus.GAVE_UP, http_status, error, None)
+    return _record(delivery_id, WebhookStatus.FAILED, http_status, error, retry_delay(attempt))
+
+
+def _record(
+    delivery_id: uuid.UUID,
+    status: WebhookStatus,
+    http_status: int | None,
+    error: str | None,
+    retry_in: float | None,
+) -> DeliveryResult:
+    ts = records.now()
+    from datetime import timedelta
+
+    with session_scope() as session:
+        session.execute(
+            update(WebhookDelivery)
+            .where(WebhookDelivery.id == delivery_id)
+            .values(
+                status=status.value,
+                http_status=http_status,
+                error=error,
+                delivered_at=ts if status == WebhookStatus.DELIVERED else None,
+                next_attempt_at=ts + timedelta(seconds=retry_in) if retry_in is not None else None,
+            )
+        )
+    metrics.WEBHOOK_DELIVERIES.labels(outcome=status.value).inc()
+    return DeliveryResult(status, retry_in)
