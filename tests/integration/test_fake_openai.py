@@ -1,0 +1,367 @@
+"""The fake OpenAI server is faithful (driven by the official `openai` SDK) and scriptable (by our client)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import math
+import subprocess
+import sys
+import time
+from decimal import Decimal
+from typing import Any
+
+import httpx
+import numpy as np
+import openai
+import pytest
+
+from core.embedded import free_port, wait_for_port
+from core.pricing import price_attempt
+from core.providers.base import ErrorKind, ProviderError, TranscriptionRequest, TranscriptionResult
+from core.providers.openai import OpenAIProvider, list_models, retiring_models
+from tests.fakes.fixtures import FAKE_OPENAI_API_KEY
+from tests.fakes.openai_server import FakeOpenAI, Fault
+from tests.fakes.tones import encode, tone_samples, tones
+from tests.support import REPO_ROOT, wait_until
+
+MINI = "gpt-4o-mini-transcribe"
+
+
+def _sdk(fake: FakeOpenAI, **kwargs: Any) -> openai.OpenAI:
+    return openai.OpenAI(base_url=fake.base_url, api_key=FAKE_OPENAI_API_KEY, **kwargs)
+
+
+def _provider_call(
+    fake: FakeOpenAI, requests: list[TranscriptionRequest], *, timeout: float = 10.0
+) -> list[TranscriptionResult | BaseException]:
+    async def run() -> list[TranscriptionResult | BaseException]:
+        limits = httpx.Limits(max_connections=500, max_keepalive_connections=500)
+        async with httpx.AsyncClient(limits=limits) as client:
+            provider = OpenAIProvider(
+                client, base_url=fake.base_url, api_key=FAKE_OPENAI_API_KEY, timeout=timeout
+            )
+            return await asyncio.gather(*[provider.transcribe(r) for r in requests], return_exceptions=True)
+
+    return asyncio.run(run())
+
+
+def _req(
+    audio: bytes, *, model: str = MINI, request_id: str | None = None, **kw: Any
+) -> TranscriptionRequest:
+    return TranscriptionRequest(
+        audio=audio,
+        filename=kw.pop("filename", "clip.flac"),
+        content_type="audio/flac",
+        model=model,
+        audio_seconds=kw.pop("audio_seconds", 1.0),
+        request_id=request_id,
+        **kw,
+    )
+
+
+# ---- faithful: the official SDK talks to it ----
+
+
+def test_sdk_transcribes_with_token_usage(fake_openai: FakeOpenAI) -> None:
+    audio = tones([440, 880, 1320])  # 0.2 s lead + 3 x (0.4 s tone + 0.3 s gap) = 2.3 s
+    result = _sdk(fake_openai).audio.transcriptions.create(
+        model=MINI, file=("clip.flac", audio, "audio/flac"), extra_headers={"X-Client-Request-Id": "att-1"}
+    )
+    assert result.text == "tone440 tone880 tone1320"
+    assert result.usage is not None and result.usage.type == "tokens"
+    details = result.usage.input_token_details
+    assert details is not None and details.audio_tokens == math.ceil(2.3 * 10)
+    assert result.usage.total_tokens == result.usage.input_tokens + result.usage.output_tokens
+    [billed] = fake_openai.billing_log()
+    assert billed["request_id"] == "att-1" and billed["model"] == MINI
+    assert billed["usage"] == result.usage.model_dump(exclude_none=True)
+    assert billed["audio_seconds"] == pytest.approx(2.3, abs=0.01)
+
+
+def test_sdk_whisper_verbose_json_with_timestamps(fake_openai: FakeOpenAI) -> None:
+    result = _sdk(fake_openai).audio.transcriptions.create(
+        model="whisper-1",
+        file=("clip.wav", tones([500, 1000], fmt="wav"), "audio/wav"),
+        response_format="verbose_json",
+        timestamp_granularities=["segment", "word"],
+    )
+    assert result.text == "tone500 tone1000"
+    assert result.usage is not None and result.usage.type == "duration" and result.usage.seconds == 2
+    assert result.segments is not None and [s.text for s in result.segments] == [" tone500", " tone1000"]
+    assert result.segments[0].start == pytest.approx(0.2, abs=0.03)
+    assert result.segments[1].start == pytest.approx(0.9, abs=0.03)
+    assert result.words is not None and [w.word for w in result.words] == ["tone500", "tone1000"]
+
+
+def test_sdk_parses_error_bodies_into_the_right_exceptions(fake_openai: FakeOpenAI) -> None:
+    client = _sdk(fake_openai, max_retries=0)
+    audio = tones([440])
+    cases: list[tuple[Fault | str, type[openai.APIStatusError], str | None, int]] = [
+        ("quota", openai.RateLimitError, "insufficient_quota", 429),
+        ("rate_limit", openai.RateLimitError, "rate_limit_exceeded", 429),
+        ("model_not_found", openai.NotFoundError, "model_not_found", 404),
+        ("invalid_file", openai.BadRequestError, "invalid_value", 400),
+        ("auth", openai.AuthenticationError, "invalid_api_key", 401),
+        (Fault("server_error", status=503), openai.InternalServerError, None, 503),
+        ("too_large", openai.APIStatusError, None, 413),
+    ]
+    fake_openai.script(MINI, [fault for fault, *_ in cases])
+    for fault, exc_type, code, status in cases:
+        with pytest.raises(exc_type) as info:
+            client.audio.transcriptions.create(model=MINI, file=("a.flac", audio, "audio/flac"))
+        assert info.value.status_code == status, fault
+        assert info.value.code == code, fault
+        assert info.value.response.headers["x-request-id"].startswith("req_")
+    with pytest.raises(openai.BadRequestError) as bad:
+        client.audio.transcriptions.create(model=MINI, file=("a.flac", b"\x00garbage" * 50, "audio/flac"))
+    assert bad.value.param == "file" and bad.value.code == "invalid_value"
+    with pytest.raises(openai.BadRequestError) as fmt:
+        client.audio.transcriptions.create(model=MINI, file=("notes.txt", audio, "text/plain"))
+    assert "Invalid file format" in fmt.value.message
+    with pytest.raises(openai.BadRequestError) as verbose:
+        client.audio.transcriptions.create(
+            model=MINI, file=("a.flac", audio, "audio/flac"), response_format="verbose_json"
+        )
+    assert verbose.value.param == "response_format"
+    # The SDK refuses to send no key at all; a bare client gets OpenAI's 401.
+    missing = httpx.get(fake_openai.base_url + "/models")
+    assert missing.status_code == 401 and "didn't provide an API key" in missing.json()["error"]["message"]
+    assert fake_openai.billing_log() == []
+
+
+def test_sdk_honours_retry_after_ms_in_its_own_retry(fake_openai: FakeOpenAI) -> None:
+    # 700 ms is above the SDK's own first backoff (<= 0.5 s) and below the retry-after seconds (1 s).
+    fake_openai.script(MINI, [Fault("rate_limit", retry_after_ms=700)])
+    started = time.monotonic()
+    result = _sdk(fake_openai, max_retries=2).audio.transcriptions.create(
+        model=MINI, file=("a.flac", tones([660]), "audio/flac")
+    )
+    elapsed = time.monotonic() - started
+    assert result.text == "tone660"
+    assert 0.7 <= elapsed < 0.95, elapsed
+    assert [r["status"] for r in fake_openai.request_log()] == [429, 200]
+
+
+def test_sdk_times_out_on_a_hanging_request(fake_openai: FakeOpenAI) -> None:
+    fake_openai.script(MINI, ["timeout"])
+    client = _sdk(fake_openai, max_retries=0, timeout=0.5)
+    started = time.monotonic()
+    with pytest.raises(openai.APITimeoutError):
+        client.audio.transcriptions.create(model=MINI, file=("a.flac", tones([440]), "audio/flac"))
+    assert time.monotonic() - started < 3.0
+    assert fake_openai.billing_log() == []
+
+
+def test_sdk_lists_models_with_shutdown_dates(fake_openai: FakeOpenAI) -> None:
+    fake_openai.retire("whisper-1")
+    models = {m.id: m.shutdown_date for m in _sdk(fake_openai).models.list()}
+    assert models == {
+        "gpt-4o-mini-transcribe": "2027-02-26",
+        "gpt-4o-transcribe": "2027-02-26",
+        "gpt-transcribe": None,
+    }
+    with pytest.raises(openai.NotFoundError):
+        _sdk(fake_openai, max_retries=0).models.retrieve("whisper-1")
+
+
+# ---- our client against it ----
+
+
+def test_provider_round_trip_usage_prices_and_billing_log(fake_openai: FakeOpenAI) -> None:
+    audio = tones([300, 600])
+    [mini, whisper] = _provider_call(
+        fake_openai,
+        [
+            _req(audio, request_id="a1", prompt="the previous chunk ended here"),
+            _req(audio, model="whisper-1", request_id="a2", want_timestamps=True),
+        ],
+    )
+    assert isinstance(mini, TranscriptionResult) and isinstance(whisper, TranscriptionResult)
+    assert mini.text == whisper.text == "tone300 tone600"
+    assert whisper.segments is not None and [s["text"] for s in whisper.segments] == [" tone300", " tone600"]
+    assert whisper.segments[0]["words"][0]["word"] == "tone300"
+    billed = {b["request_id"]: b for b in fake_openai.billing_log()}
+    assert billed["a1"]["usage"] == mini.usage and billed["a2"]["usage"] == whisper.usage
+    assert mini.usage is not None and mini.usage["input_token_details"]["text_tokens"] == math.ceil(29 / 4)
+    assert mini.extra["provider_request_id"] == billed["a1"]["x_request_id"]
+    priced = price_attempt(MINI, mini.usage, 1.6, version="2026-11")
+    assert priced.usd > 0 and not priced.estimated
+    assert price_attempt("whisper-1", whisper.usage, 1.6, version="2026-11").usd == Decimal("0.00020000")
+
+
+def test_provider_error_translation_against_the_fake(fake_openai: FakeOpenAI) -> None:
+    audio = tones([440])
+    fake_openai.script(
+        MINI,
+        [
+            Fault("rate_limit", retry_after_ms=1500),
+            Fault("server_error", status=502),
+            "quota",
+            "model_not_found",
+            "invalid_file",
+            "auth",
+            "too_large",
+            Fault("timeout", seconds=5),
+        ],
+    )
+    results: list[Any] = []
+    for i in range(8):
+        results += _provider_call(fake_openai, [_req(audio, request_id=f"e{i}")], timeout=0.5)
+    kinds = [(e.kind, e.code, e.retry_after, e.model_gone) for e in results if isinstance(e, ProviderError)]
+    assert kinds == [
+        (ErrorKind.RETRY, "rate_limit_exceeded", 1.5, False),
+        (ErrorKind.RETRY, "http_502", None, False),
+        (ErrorKind.NEXT_MODEL, "insufficient_quota", None, False),
+        (ErrorKind.NEXT_MODEL, "model_not_found", None, True),
+        (ErrorKind.INVALID_AUDIO, "invalid_value", None, False),
+        (ErrorKind.NEXT_MODEL, "invalid_api_key", None, False),
+        (ErrorKind.TOO_LARGE, "http_413", None, False),
+        (ErrorKind.RETRY, "timeout", None, False),
+    ]
+    assert all(FAKE_OPENAI_API_KEY not in str(e) for e in results)
+    assert fake_openai.billing_log() == []
+    # The hanging request is logged once the server sees the client go away.
+    wait_until(lambda: len(fake_openai.request_log()) == 8, timeout=10, what="the timed-out request logged")
+    assert [r["request_id"] for r in fake_openai.request_log()] == [f"e{i}" for i in range(8)]
+    assert fake_openai.request_log()[-1]["code"] == "timeout"
+
+
+def test_tones_silence_and_short_audio(fake_openai: FakeOpenAI) -> None:
+    silent = encode(np.zeros(16_000, dtype=np.float32))
+    short = encode(np.zeros(800, dtype=np.float32))  # 50 ms
+    results = _provider_call(
+        fake_openai,
+        [
+            _req(tones([250, 2000, 750], fmt="ogg"), filename="a.ogg"),
+            _req(tones([1000, 1000], fmt="mp3"), filename="a.mp3"),
+            _req(silent),
+            _req(short),
+        ],
+    )
+    assert [r.text for r in results[:3] if isinstance(r, TranscriptionResult)] == [
+        "tone250 tone2000 tone750",
+        "tone1000 tone1000",
+        "",
+    ]
+    assert isinstance(results[3], ProviderError) and results[3].code == "audio_too_short"
+    assert results[3].kind is ErrorKind.INVALID_AUDIO
+
+
+def test_quota_after_n_billed_requests_and_model_retirement(fake_openai: FakeOpenAI) -> None:
+    audio = tones([440])
+    fake_openai.exhaust_quota(MINI, after=2)
+    results = _provider_call(fake_openai, [_req(audio, request_id=f"q{i}") for i in range(5)])
+    assert sum(isinstance(r, TranscriptionResult) for r in results) == 2
+    assert {r.code for r in results if isinstance(r, ProviderError)} == {"insufficient_quota"}
+    assert len(fake_openai.billing_log()) == 2
+    fake_openai.retire("gpt-4o-transcribe")
+    [gone] = _provider_call(fake_openai, [_req(audio, model="gpt-4o-transcribe")])
+    assert isinstance(gone, ProviderError) and gone.model_gone
+    [unknown] = _provider_call(fake_openai, [_req(audio, model="whisper-9")])
+    assert isinstance(unknown, ProviderError) and unknown.model_gone
+
+
+def test_rpm_limit_and_file_size_limit(fake_openai: FakeOpenAI) -> None:
+    audio = tones([440])
+    fake_openai.configure(MINI, rpm_limit=3)
+    results = _provider_call(fake_openai, [_req(audio) for _ in range(5)])
+    limited = [r for r in results if isinstance(r, ProviderError)]
+    assert len(limited) == 2 and all(r.code == "rate_limit_exceeded" for r in limited)
+    assert all(r.retry_after is not None and 55 < r.retry_after <= 60 for r in limited)
+    fake_openai.max_file_bytes = len(audio) - 1
+    [big] = _provider_call(fake_openai, [_req(audio, model="whisper-1")])
+    assert isinstance(big, ProviderError) and big.kind is ErrorKind.TOO_LARGE
+
+
+def test_random_faults_are_reproducible_with_a_seed(fake_openai: FakeOpenAI) -> None:
+    audio = tones([440])
+
+    def run() -> list[str]:
+        fake_openai.reset()
+        fake_openai.seed(99)
+        fake_openai.configure(MINI, faults={"server_error": 0.3, "rate_limit": 0.2}, retry_after_ms=10)
+        outcomes: list[str] = []
+        for _ in range(30):
+            [r] = _provider_call(fake_openai, [_req(audio)])
+            outcomes.append(r.code if isinstance(r, ProviderError) else "ok")
+        return outcomes
+
+    first, second = run(), run()
+    assert first == second
+    assert 5 <= first.count("ok") <= 25
+    assert {"http_500", "rate_limit_exceeded", "ok"} == set(first)
+
+
+def test_hundreds_of_concurrent_requests(fake_openai: FakeOpenAI) -> None:
+    fake_openai.configure(MINI, latency=1.0)
+    audio = tones([440])
+    started = time.monotonic()
+    results = _provider_call(fake_openai, [_req(audio, request_id=f"c{i}") for i in range(300)], timeout=30)
+    elapsed = time.monotonic() - started
+    assert all(isinstance(r, TranscriptionResult) and r.text == "tone440" for r in results)
+    assert fake_openai.max_in_flight >= 250  # all held open at once, not served two by two
+    assert elapsed < 8.0, elapsed
+    assert sorted(b["request_id"] for b in fake_openai.billing_log()) == sorted(f"c{i}" for i in range(300))
+
+
+def test_list_models_and_retiring_warning(fake_openai: FakeOpenAI) -> None:
+    fake_openai.add_model("gpt-transcribe", "2026-12-31")
+
+    async def run() -> dict[str, Any]:
+        async with httpx.AsyncClient() as client:
+            return await list_models(client, fake_openai.base_url, FAKE_OPENAI_API_KEY)
+
+    models = asyncio.run(run())
+    from datetime import date
+
+    assert retiring_models(models, ["gpt-transcribe", MINI, "local"], date(2026, 11, 25)) == [
+        ("gpt-transcribe", date(2026, 12, 31))
+    ]
+
+
+def test_runs_as_a_separate_process_scripted_over_http() -> None:
+    port = free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "tests.fakes.openai_server", "--port", str(port), "--api-key", "sk-only-this"],
+        cwd=REPO_ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        wait_for_port(port, 20, proc=proc)
+        root = f"http://127.0.0.1:{port}"
+        with httpx.Client(base_url=root) as admin:
+            assert admin.post(f"/_fake/models/{MINI}/script", json=["quota"]).status_code == 200
+            assert admin.post(f"/_fake/models/{MINI}", json={"latency": 0.05}).json()["latency"] == 0.05
+            assert admin.post(f"/_fake/models/{MINI}", json={"nonsense": 1}).status_code == 400
+        client = openai.OpenAI(base_url=f"{root}/v1", api_key="sk-only-this", max_retries=0)
+        with pytest.raises(openai.RateLimitError) as info:
+            client.audio.transcriptions.create(model=MINI, file=("a.flac", tones([440]), "audio/flac"))
+        assert info.value.code == "insufficient_quota"
+        ok = client.audio.transcriptions.create(
+            model=MINI,
+            file=("a.flac", tones([880]), "audio/flac"),
+            extra_headers={"X-Client-Request-Id": "p1"},
+        )
+        assert ok.text == "tone880"
+        with pytest.raises(openai.AuthenticationError) as denied:
+            openai.OpenAI(base_url=f"{root}/v1", api_key="sk-wrong-key-123456", max_retries=0).models.list()
+        assert "sk-wrong-key-123456" not in denied.value.message
+        with httpx.Client(base_url=root) as admin:
+            billing = admin.get("/_fake/billing").json()
+            assert [(b["request_id"], b["text"]) for b in billing] == [("p1", "tone880")]
+            assert [r["status"] for r in admin.get("/_fake/requests").json()] == [429, 200]
+            admin.post("/_fake/reset")
+            assert admin.get("/_fake/billing").json() == []
+            assert json.loads(admin.get(f"/_fake/models/{MINI}").text)["latency"] == 0.0
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
+def test_tone_samples_helper_is_what_the_fake_hears() -> None:
+    samples = tone_samples([440], tone_seconds=0.5, gap_seconds=0.5, lead_seconds=0.0)
+    assert samples.size == 16_000
+    assert float(np.abs(samples[:8000]).max()) == pytest.approx(0.5, abs=0.01)
+    assert float(np.abs(samples[8000:]).max()) == 0.0
