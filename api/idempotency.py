@@ -238,14 +238,17 @@ class IdempotencyMiddleware:
 
         status = 0
         chunks: list[bytes] = []
+        held: list[Message] = []
 
+        # The answer is held back until it is stored: a client that retries the moment it has the
+        # first answer must find it replayable, not "in progress".
         async def capture_send(message: Message) -> None:
             nonlocal status
             if message["type"] == "http.response.start":
                 status = int(message["status"])
             elif message["type"] == "http.response.body":
                 chunks.append(message.get("body", b""))
-            await send(message)
+            held.append(message)
 
         stored = False
         try:
@@ -262,6 +265,8 @@ class IdempotencyMiddleware:
         finally:
             if not stored:
                 await run_in_threadpool(self.store.release, tenant_id, key)
+        for message in held:
+            await send(message)
 
 
 async def _tenant_of(authorization: str) -> uuid.UUID | None:

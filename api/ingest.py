@@ -32,6 +32,8 @@ MAX_FIELD_BYTES = 64 * 1024
 MAX_FILENAME_CHARS = 1000
 # Multipart framing (boundaries, part headers) on top of the file bytes a request may carry.
 MULTIPART_OVERHEAD_BYTES = 1024 * 1024
+# Control characters, lone surrogates, and line/paragraph separators (they break logs and CSV exports).
+_DROPPED_CATEGORIES = frozenset({"Cc", "Cs", "Zl", "Zp"})
 
 
 def clean_filename(raw: bytes | str | None) -> str | None:
@@ -39,7 +41,7 @@ def clean_filename(raw: bytes | str | None) -> str | None:
     if raw is None:
         return None
     text = raw.decode("utf-8", errors="replace") if isinstance(raw, bytes) else raw
-    text = "".join(ch for ch in text if unicodedata.category(ch) not in {"Cc", "Cs"}).strip()
+    text = "".join(ch for ch in text if unicodedata.category(ch) not in _DROPPED_CATEGORIES).strip()
     return text[:MAX_FILENAME_CHARS] or None
 
 
