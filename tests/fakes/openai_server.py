@@ -33,6 +33,7 @@ import argparse
 import asyncio
 import contextlib
 import io
+import json
 import math
 import random
 import threading
@@ -531,7 +532,14 @@ class FakeOpenAI:
     async def _transcribe(self, request: Request) -> Response:
         request_id = request.headers.get("x-client-request-id")
         x_request_id = "req_" + uuid.uuid4().hex
-        entry: dict[str, Any] = {"request_id": request_id, "x_request_id": x_request_id, "model": None}
+        entry: dict[str, Any] = {
+            "request_id": request_id,
+            "x_request_id": x_request_id,
+            "model": None,
+            "fault": None,
+            "code": None,
+            "billed": False,
+        }
         with self._lock:
             self.in_flight += 1
             self.max_in_flight = max(self.max_in_flight, self.in_flight)
@@ -543,22 +551,21 @@ class FakeOpenAI:
         response.headers["x-request-id"] = x_request_id
         response.headers["openai-version"] = "2020-10-01"
         entry["status"] = response.status_code
+        if response.status_code >= 400 and entry["code"] != "timeout":
+            entry["code"] = _error_code(response)
         self._log(entry)
         return response
 
     async def _handle_transcribe(self, request: Request, entry: dict[str, Any]) -> Response:
         denied = self._auth_error(request)
         if denied is not None:
-            entry["code"] = "auth"
             return denied
         size = int(request.headers.get("content-length", "0") or 0)
         if size > self.max_file_bytes + 64 * 1024:
-            entry["code"] = "too_large"
             return self._too_large(size)
         try:
             form = await request.form(max_files=4, max_fields=64)
         except Exception:
-            entry["code"] = "bad_multipart"
             return _error(400, "Could not parse multipart form")
         try:
             model = form.get("model")
@@ -593,7 +600,6 @@ class FakeOpenAI:
         if fault is not None:
             entry["fault"] = fault.kind
         if wait is not None:
-            entry["code"] = "rate_limit_exceeded"
             return _error(
                 429,
                 f"Rate limit reached for {model} in organization org-fake on requests per min (RPM): "
@@ -616,22 +622,18 @@ class FakeOpenAI:
             return _error(504, "Gateway timeout.", type="server_error")
         if fault is not None and fault.kind != "ok":
             response = self._fault_response(fault, model, behaviour, request)
-            entry["code"] = fault.kind
             return response
 
         if len(data) > self.max_file_bytes:
-            entry["code"] = "too_large"
             return self._too_large(len(data))
         extension = filename.rsplit(".", 1)[-1].lower() if "." in filename else ""
         if extension not in SUPPORTED_EXTENSIONS:
-            entry["code"] = "invalid_file_format"
             return _error(400, f"Invalid file format. Supported formats: {list(SUPPORTED_EXTENSIONS)}")
         if response_format not in ("json", "text", "verbose_json", "srt", "vtt"):
             return _error(
                 400, f"Invalid value: '{response_format}'.", code="invalid_value", param="response_format"
             )
         if model.startswith(JSON_ONLY_MODELS) and response_format not in ("json", "text"):
-            entry["code"] = "unsupported_value"
             return _error(
                 400,
                 f"response_format '{response_format}' is not compatible with model '{model}'. "
@@ -642,12 +644,10 @@ class FakeOpenAI:
         try:
             decoded = await anyio.to_thread.run_sync(decode_audio, data)
         except InvalidAudio:
-            entry["code"] = "invalid_value"
             return _error(
                 400, "Audio file might be corrupted or unsupported", code="invalid_value", param="file"
             )
         if decoded.duration < 0.1:
-            entry["code"] = "audio_too_short"
             return _error(
                 400,
                 "Audio file is too short. Minimum audio length is 0.1 seconds.",
@@ -677,9 +677,7 @@ class FakeOpenAI:
                     }
                 )
         if exhausted:
-            entry["code"] = "quota"
             return self._fault_response(Fault("quota"), model, behaviour, request)
-        entry["code"] = None
         entry["billed"] = True
         return self._answer(model, decoded, usage, response_format, granularities, language)
 
@@ -814,6 +812,15 @@ class FakeOpenAI:
 
     async def _admin_requests(self, request: Request) -> Response:
         return JSONResponse(self.request_log())
+
+
+def _error_code(response: Response) -> str:
+    """The `error.code` the client sees (or http_<status> when there is none), for the request log."""
+    try:
+        code = json.loads(bytes(response.body))["error"]["code"]
+    except (ValueError, KeyError, TypeError):
+        code = None
+    return str(code) if code else f"http_{response.status_code}"
 
 
 def _model_object(model: str, shutdown: str | None) -> dict[str, Any]:

@@ -224,7 +224,17 @@ def test_provider_error_translation_against_the_fake(fake_openai: FakeOpenAI) ->
     # The hanging request is logged once the server sees the client go away.
     wait_until(lambda: len(fake_openai.request_log()) == 8, timeout=10, what="the timed-out request logged")
     assert [r["request_id"] for r in fake_openai.request_log()] == [f"e{i}" for i in range(8)]
-    assert fake_openai.request_log()[-1]["code"] == "timeout"
+    assert [r["code"] for r in fake_openai.request_log()] == [
+        "rate_limit_exceeded",
+        "http_502",
+        "insufficient_quota",
+        "model_not_found",
+        "invalid_value",
+        "invalid_api_key",
+        "http_413",
+        "timeout",
+    ]
+    assert not any(r["billed"] for r in fake_openai.request_log())
 
 
 def test_tones_silence_and_short_audio(fake_openai: FakeOpenAI) -> None:
