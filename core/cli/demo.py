@@ -199,9 +199,7 @@ def run_demo(args: argparse.Namespace) -> int:
             except ConfigError as exc:
                 print(f"voxq demo: {exc}", file=sys.stderr)
                 return 1
-            if not any(child.name == "api" for child in stack.children):
-                print("pipeline not built yet: the API is missing, nothing to demonstrate")
-                return 0
+            print(f"Data and logs in {info.data_dir}" + ("" if args.data_dir else " (removed afterwards)"))
             chain = os.environ.get("VOXQ_PRIMARY_MODEL", "")
             fallbacks = os.environ.get("VOXQ_FALLBACK_MODELS")
             print(f"Model chain: {', '.join(m for m in [chain, *(fallbacks or '').split(',')] if m)}")
