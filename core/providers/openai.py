@@ -215,6 +215,8 @@ class OpenAIProvider:
         try:
             body = response.json()
             text = body["text"]
+            if not isinstance(text, str):
+                raise TypeError("text is not a string")
         except (ValueError, KeyError, TypeError):
             # A 200 that is not a transcription (a proxy's page, a truncated body): worth another try.
             raise ProviderError(
@@ -225,7 +227,7 @@ class OpenAIProvider:
             ) from None
         usage = body.get("usage")
         return TranscriptionResult(
-            text=str(text),
+            text=text,
             model=request.model,
             language=body.get("language") if isinstance(body.get("language"), str) else request.language,
             segments=_segments(body) if verbose else None,

@@ -171,6 +171,9 @@ def test_whisper_without_timestamps_asks_json() -> None:
 def test_200_without_text_is_retried() -> None:
     err = _raised(httpx.Response(200, text="<html>proxy</html>"))
     assert err.kind is ErrorKind.RETRY and err.code == "bad_response"
+    for body in ({"text": None}, {"usage": {}}, ["text"]):
+        err = _raised(httpx.Response(200, json=body))
+        assert err.kind is ErrorKind.RETRY and err.code == "bad_response"
 
 
 # ---- error translation: every rule ----
