@@ -130,6 +130,8 @@ class RedactionFilter(logging.Filter):
             message = record.getMessage()
         except Exception:  # a bad format string must not lose the line
             message = f"{record.msg!s} {record.args!r}"
+        if len(message) > MAX_EVENT_CHARS:
+            message = message[:MAX_EVENT_CHARS] + f"...[{len(message) - MAX_EVENT_CHARS} more chars cut]"
         record.msg = redact(message)
         record.args = None
         if record.exc_info and not record.exc_text:
@@ -221,6 +223,23 @@ class VoxqHandler(logging.StreamHandler):  # type: ignore[type-arg]
         super().emit(record)
 
 
+# Libraries whose DEBUG output includes request bodies (audio bytes) or signed headers, or one line per
+# HTTP request: kept at WARNING even when voxq itself logs at DEBUG.
+QUIET_LIBRARIES = (
+    "botocore",
+    "boto3",
+    "s3transfer",
+    "urllib3",
+    "httpcore",
+    "httpx",
+    "hpack",
+    "python_multipart",
+    "multipart",
+)
+
+# A line longer than this is cut: a safety net against a payload (bytes, a transcript) in a message.
+MAX_EVENT_CHARS = 4000
+
 # Loggers that install their own handlers and would bypass ours (and our redaction).
 _TAKEN_OVER = ("uvicorn", "uvicorn.error", "uvicorn.access", "celery", "celery.task", "celery.redirected")
 
@@ -260,6 +279,8 @@ def configure_logging(
         root.removeHandler(old)
     root.addHandler(handler)
     root.setLevel(level)
+    for name in QUIET_LIBRARIES:
+        logging.getLogger(name).setLevel(max(logging.WARNING, level))
     for name in _TAKEN_OVER:
         taken = logging.getLogger(name)
         taken.handlers = []

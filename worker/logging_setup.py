@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 from contextvars import Token
 from typing import Any
 
@@ -23,8 +24,9 @@ def _setup_logging(loglevel: int | str | None = None, **_: Any) -> None:
     from core.settings import get_settings
 
     settings = get_settings()
-    # `-l` on the command line wins over VOXQ_LOG_LEVEL when given.
-    level = loglevel if loglevel not in (None, 0, "") else settings.log_level
+    # Celery always passes a level (its `-l`, default WARNING); VOXQ_LOG_LEVEL, when set, wins over it.
+    explicit = "VOXQ_LOG_LEVEL" in os.environ
+    level = settings.log_level if explicit or loglevel in (None, 0, "") else loglevel
     configure_logging(settings.log_format, level)
     logging.getLogger(__name__).debug("logging configured")
 

@@ -14,25 +14,28 @@ from pathlib import Path
 import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
-from sqlalchemy import insert
+from sqlalchemy import insert, select
 
 from core import names
+from core.db import session_scope
 from core.embedded import free_port
 from core.models import Attempt, Batch, CostRecord, Job, Tenant, WorkerHeartbeat
-from core.statuses import JobStatus
+from core.statuses import AttemptOutcome, JobStatus
+from tests.fakes.openai_server import FakeOpenAI
+from tests.observability_support import (
+    FALLBACK,
+    PRIMARY,
+    Samples,
+    full_run,
+    parse_samples,
+    sample,
+    tone_audio,
+)
 from tests.support import REPO_ROOT, Stack, celery_worker, wait_until
 
 
-def samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
-    """(sample name, sorted labels) -> value, from Prometheus text format."""
-    out: dict[tuple[str, tuple[tuple[str, str], ...]], float] = {}
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            out[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
-    return out
-
-
-def value(parsed: dict[tuple[str, tuple[tuple[str, str], ...]], float], name: str, **labels: str) -> float:
+def value(parsed: Samples, name: str, **labels: str) -> float:
+    """A sample that must exist."""
     return parsed[(name, tuple(sorted(labels.items())))]
 
 
@@ -133,7 +136,7 @@ def test_api_metrics_serve_fleet_gauges_from_redis_and_postgres(
     response = api_client.get("/metrics")
     assert response.status_code == 200
     assert response.headers["content-type"].startswith("text/plain")
-    parsed = samples(response.text)
+    parsed = parse_samples(response.text)
     assert value(parsed, "voxq_queue_depth", queue=names.QUEUE_INGEST) == seeded["ingest_tasks"] == 3
     assert value(parsed, "voxq_queue_depth", queue=names.QUEUE_TRANSCRIBE) == 0
     for status, count in STATUS_COUNTS.items():
@@ -150,7 +153,10 @@ def test_api_metrics_serve_fleet_gauges_from_redis_and_postgres(
     import redis
 
     redis.Redis.from_url(stack.redis_url).delete(names.QUEUE_INGEST)
-    assert value(samples(api_client.get("/metrics").text), "voxq_queue_depth", queue=names.QUEUE_INGEST) == 0
+    assert (
+        value(parse_samples(api_client.get("/metrics").text), "voxq_queue_depth", queue=names.QUEUE_INGEST)
+        == 0
+    )
 
 
 def test_api_metrics_report_an_unreadable_redis_instead_of_failing(
@@ -165,7 +171,7 @@ def test_api_metrics_report_an_unreadable_redis_instead_of_failing(
     reset_settings_cache()
     response = TestClient(create_app()).get("/metrics")
     assert response.status_code == 200
-    parsed = samples(response.text)
+    parsed = parse_samples(response.text)
     assert value(parsed, "voxq_fleet_scrape_error", source="redis") == 1
     assert value(parsed, "voxq_fleet_scrape_error", source="postgres") == 0
     assert not any(name == "voxq_queue_depth" for name, _ in parsed)
@@ -283,3 +289,77 @@ def test_worker_without_port_serves_nothing_but_still_runs(stack: Stack) -> None
         wait_until(beat_written, timeout=60, what="heartbeat task ran")
         assert _try_scrape(port) is None
         assert proc.poll() is None
+
+
+def test_a_run_moves_each_family_as_the_run_says(stack: Stack, fake_openai: FakeOpenAI) -> None:
+    """Quota gone on the primary: every file falls back once; counters agree with Postgres exactly."""
+    fake_openai.exhaust_quota(PRIMARY, after=0)
+    one, two = tone_audio([1230, 770, 1510]), tone_audio([660, 990])
+    run = full_run(
+        stack,
+        fake_openai,
+        [("one.flac", one), ("two.flac", two), ("one-again.flac", one)],
+        models=[PRIMARY, FALLBACK],
+    )
+    assert run.batch["status"] == "completed", run.batch
+    w, a = run.worker_metrics, run.api_metrics
+
+    with session_scope() as session:
+        jobs = session.execute(select(Job)).scalars().all()
+        attempts = (
+            session.execute(select(Attempt).where(Attempt.outcome != AttemptOutcome.PENDING.value))
+            .scalars()
+            .all()
+        )
+        costs = session.execute(select(CostRecord)).scalars().all()
+    assert len(jobs) == 3 and all(j.status == JobStatus.SUCCEEDED.value for j in jobs)
+    deduped = [j for j in jobs if j.deduplicated_from_id is not None]
+    transcribed = [j for j in jobs if j.deduplicated_from_id is None]
+
+    # Attempts by model and outcome: exactly the rows written.
+    by_outcome: dict[tuple[str, str], int] = {}
+    for attempt in attempts:
+        by_outcome[(attempt.model, attempt.outcome)] = by_outcome.get((attempt.model, attempt.outcome), 0) + 1
+    assert by_outcome.get((FALLBACK, AttemptOutcome.SUCCESS.value)) == len(transcribed)
+    assert by_outcome.get((PRIMARY, AttemptOutcome.FALLBACK.value), 0) >= 1  # the quota answer
+    for (model, outcome), count in by_outcome.items():
+        assert sample(w, "voxq_attempts_total", model=model, outcome=outcome) == count, (model, outcome)
+    assert sample(w, "voxq_attempts_total", model=PRIMARY, outcome=AttemptOutcome.SUCCESS.value) == 0
+
+    # Each transcribed file moved from the primary to the fallback once (by error, or by open circuit).
+    assert sample(w, "voxq_fallbacks_total", from_model=PRIMARY, to_model=FALLBACK) == len(transcribed)
+    # Insufficient quota opened the primary's circuit for the fleet.
+    assert sample(w, "voxq_circuit_open", model=PRIMARY) == 1
+    assert sample(a, "voxq_circuits_open", model=PRIMARY) == 1
+
+    # Latency: one observation per answered call of each model.
+    for model in (PRIMARY, FALLBACK):
+        answered = sum(c for (m, _), c in by_outcome.items() if m == model)
+        assert sample(w, "voxq_provider_latency_seconds_count", model=model) == answered
+    assert sample(w, "voxq_provider_latency_seconds_sum", model=FALLBACK) > 0
+
+    # Money and audio: the counters equal the cost records to the cent.
+    billed = {r.model: 0.0 for r in costs}
+    usd = {r.model: Decimal(0) for r in costs}
+    for record in costs:
+        billed[record.model] += record.billed_audio_seconds
+        usd[record.model] += record.usd
+    assert set(usd) == {FALLBACK} and usd[FALLBACK] > 0
+    assert sample(w, "voxq_cost_usd_total", model=FALLBACK) == pytest.approx(float(usd[FALLBACK]), abs=1e-9)
+    assert sample(w, "voxq_audio_billed_seconds_total", model=FALLBACK) == pytest.approx(billed[FALLBACK])
+    submitted = sample(w, "voxq_audio_submitted_seconds_total") + sample(
+        a, "voxq_audio_submitted_seconds_total"
+    )
+    assert submitted >= sum(j.duration_seconds or 0 for j in transcribed) > 0
+
+    # Jobs and dedupe.
+    assert sample(w, "voxq_jobs_finished_total", status=JobStatus.SUCCEEDED.value) == 3
+    assert sample(w, "voxq_dedupe_hits_total") == len(deduped) == 1
+    assert sample(w, "voxq_jobs_finished_total", status=JobStatus.FAILED.value) == 0
+
+    # The API: its own upload counter and the fleet gauges after the run.
+    assert sample(a, "voxq_uploaded_bytes_total") == len(one) * 2 + len(two)
+    assert sample(a, "voxq_jobs", status=JobStatus.SUCCEEDED.value) == 3
+    assert sample(a, "voxq_jobs", status=JobStatus.PROCESSING.value) == 0
+    for queue in names.ALL_QUEUES:
+        assert sample(a, "voxq_queue_depth", queue=queue) == 0

@@ -184,3 +184,22 @@ def test_takes_over_library_loggers(stream: io.StringIO) -> None:
     (record,) = _lines(stream)
     assert record["logger"] == "uvicorn.access"
     assert "tok-secret-1" not in str(record["event"])
+
+
+def test_long_events_are_cut(stream: io.StringIO) -> None:
+    from core.logging import MAX_EVENT_CHARS
+
+    configure_logging("json", "INFO", stream=stream, redacted_values=[])
+    logging.getLogger("voxq.test").info("body %r", b"fLaC" + bytes(20_000))
+    (record,) = _lines(stream)
+    assert len(str(record["event"])) < MAX_EVENT_CHARS + 100
+    assert str(record["event"]).endswith("more chars cut]")
+
+
+def test_chatty_libraries_stay_quiet_at_debug(stream: io.StringIO) -> None:
+    configure_logging("json", "DEBUG", stream=stream, redacted_values=[])
+    logging.getLogger("botocore.endpoint").debug("Making request with params: {'body': b'audio'}")
+    logging.getLogger("httpx").info("HTTP Request: POST https://api.openai.com/v1/audio/transcriptions")
+    logging.getLogger("voxq.test").debug("ours")
+    logging.getLogger("botocore.endpoint").warning("retrying")
+    assert [r["event"] for r in _lines(stream)] == ["ours", "retrying"]
