@@ -10,7 +10,7 @@ How a failure maps to what the pipeline does next (`translate_error`, the only p
     429 insufficient_quota, 401, 403                                     -> NEXT_MODEL, circuit opens
     404/400 model_not_found                                               -> NEXT_MODEL, model_gone
     400 about the file or audio                                           -> INVALID_AUDIO
-    413                                                                   -> TOO_LARGE (re-chunk smaller)
+    413, or 400 "audio longer than N seconds"                             -> TOO_LARGE (re-chunk smaller)
     any other 4xx                                                         -> NEXT_MODEL, circuit stays shut
 
 Why "any other 4xx" is NEXT_MODEL: the provider refused this request for a reason retrying cannot fix
@@ -38,6 +38,10 @@ JSON_ONLY_MODEL_PREFIXES = ("gpt-4o-transcribe", "gpt-4o-mini-transcribe", "gpt-
 # 400 codes that say the audio itself is the problem.
 _AUDIO_ERROR_CODES = frozenset(
     {"invalid_value", "audio_too_short", "invalid_file_format", "unsupported_file", "invalid_file"}
+)
+# "audio duration 1500 seconds is longer than 1400 seconds which is the maximum for this model"
+_TOO_LONG_MESSAGE = re.compile(
+    r"longer than [\d.]+ seconds|maximum (?:audio )?(?:duration|length)", re.IGNORECASE
 )
 _AUDIO_MESSAGE = re.compile(r"\baudio\b|file format|corrupt|could not (?:decode|process)", re.IGNORECASE)
 # OpenAI echoes a masked key in 401 messages ("Incorrect API key provided: sk-ab***cd"); never keep it.
@@ -133,7 +137,7 @@ def translate_error(
         return error(ErrorKind.NEXT_MODEL)
     if err_code == "model_not_found" and status in (400, 404):
         return error(ErrorKind.NEXT_MODEL, model_gone=True)
-    if status == 413:
+    if status == 413 or (status == 400 and _TOO_LONG_MESSAGE.search(message) is not None):
         return error(ErrorKind.TOO_LARGE)
     if status == 400 and (
         param == "file" or err_code in _AUDIO_ERROR_CODES or _AUDIO_MESSAGE.search(message) is not None

@@ -21,7 +21,8 @@ X-Client-Request-Id. A request that hangs (a scripted timeout) is never answered
 Scripted behaviour, per model, at runtime (Python API in-process; JSON under `/_fake/...` otherwise):
 latency, a fault mix by probability from a seeded RNG, a queue of scripted answers for the next
 requests, quota exhaustion (now or after N billed requests), model_not_found, an RPM limit (sliding
-60 s window of accepted requests), and the maximum file size (413 above it; 25 MB like OpenAI).
+60 s window of accepted requests), the maximum file size (413 above it; 25 MB like OpenAI) and the
+longest audio gpt-4o models accept (400 above it; 1400 s like OpenAI).
 
 Run in-process: `fake = FakeOpenAI().start(); fake.base_url  # http://127.0.0.1:N/v1; fake.stop()`.
 Run alone: `python -m tests.fakes.openai_server --port N`.
@@ -53,6 +54,7 @@ from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route
 
 MAX_FILE_BYTES = 26_214_400
+MAX_TOKEN_MODEL_AUDIO_SECONDS = 1400.0
 SUPPORTED_EXTENSIONS = ("flac", "m4a", "mp3", "mp4", "mpeg", "mpga", "oga", "ogg", "wav", "webm")
 JSON_ONLY_MODELS = ("gpt-4o-transcribe", "gpt-4o-mini-transcribe", "gpt-transcribe")
 TOKEN_MODELS = ("gpt-4o-transcribe", "gpt-4o-mini-transcribe")
@@ -266,6 +268,8 @@ class FakeOpenAI:
             self._requests: list[dict[str, Any]] = []
             self._rng = random.Random(self._initial_seed)
             self.max_file_bytes = MAX_FILE_BYTES
+            # gpt-4o(-mini)-transcribe refuse audio longer than this (OpenAI: 1400 s per request).
+            self.max_audio_seconds = MAX_TOKEN_MODEL_AUDIO_SECONDS
             self.in_flight = 0
             self.max_in_flight = 0
 
@@ -654,6 +658,13 @@ class FakeOpenAI:
                 code="audio_too_short",
                 param="file",
             )
+        if model.startswith(TOKEN_MODELS) and decoded.duration > self.max_audio_seconds:
+            return _error(
+                400,
+                f"audio duration {decoded.duration:g} seconds is longer than "
+                f"{self.max_audio_seconds:g} seconds which is the maximum for this model",
+                code="invalid_value",
+            )
 
         text = decoded.text
         usage = self._usage(model, decoded.duration, prompt, text)
@@ -783,6 +794,8 @@ class FakeOpenAI:
         body = await request.json()
         if "max_file_bytes" in body:
             self.max_file_bytes = int(body["max_file_bytes"])
+        if "max_audio_seconds" in body:
+            self.max_audio_seconds = float(body["max_audio_seconds"])
         for model, shutdown in (body.get("models") or {}).items():
             self.add_model(model, shutdown)
         return JSONResponse({"ok": True, "max_file_bytes": self.max_file_bytes})

@@ -282,6 +282,13 @@ def test_rpm_limit_and_file_size_limit(fake_openai: FakeOpenAI) -> None:
     fake_openai.max_file_bytes = len(audio) - 1
     [big] = _provider_call(fake_openai, [_req(audio, model="whisper-1")])
     assert isinstance(big, ProviderError) and big.kind is ErrorKind.TOO_LARGE
+    fake_openai.max_file_bytes = 26_214_400
+    fake_openai.max_audio_seconds = 0.5  # gpt-4o models refuse audio longer than this (1400 s for real)
+    [long, whisper] = _provider_call(
+        fake_openai, [_req(audio, model="gpt-4o-transcribe"), _req(audio, model="whisper-1")]
+    )
+    assert isinstance(long, ProviderError) and long.kind is ErrorKind.TOO_LARGE and long.http_status == 400
+    assert isinstance(whisper, TranscriptionResult) and whisper.text == "tone440"
 
 
 def test_random_faults_are_reproducible_with_a_seed(fake_openai: FakeOpenAI) -> None:

@@ -275,6 +275,14 @@ def test_413_is_too_large() -> None:
     assert err.kind is ErrorKind.TOO_LARGE and err.http_status == 413
 
 
+def test_audio_longer_than_the_model_accepts_is_too_large() -> None:
+    message = "audio duration 1500.2 seconds is longer than 1400 seconds which is the maximum for this model"
+    err = _raised(_error_response(400, "invalid_value", message=message))
+    assert err.kind is ErrorKind.TOO_LARGE and err.code == "invalid_value"
+    short = _raised(_error_response(400, "audio_too_short", message="Minimum audio length is 0.1 seconds."))
+    assert short.kind is ErrorKind.INVALID_AUDIO
+
+
 def test_other_4xx_is_next_model_without_opening_the_circuit() -> None:
     err = _raised(
         _error_response(
