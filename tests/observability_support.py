@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -59,6 +60,8 @@ def full_run(
     *,
     models: list[str],
     env: dict[str, str] | None = None,
+    batch_options: dict[str, Any] | None = None,
+    before_scrape: Callable[[], object] | None = None,
     timeout: float = 180.0,
 ) -> RunResult:
     """Upload `files` into one batch through a real API process, let a real worker transcribe them
@@ -81,7 +84,8 @@ def full_run(
             ),
             server.client(key) as client,
         ):
-            batch = client.post("/v1/batches", json={"models": models, "profile": "voicemail"})
+            options = {"models": models, "profile": "voicemail", **(batch_options or {})}
+            batch = client.post("/v1/batches", json=options)
             assert batch.status_code == 201, batch.text
             batch_id = batch.json()["id"]
             upload = client.post(
@@ -98,6 +102,8 @@ def full_run(
 
             final = wait_until(finished, timeout=timeout, interval=0.5, what="batch finished")
             jobs = client.get(f"/v1/batches/{batch_id}/jobs", params={"limit": 100}).json()["items"]
+            if before_scrape is not None:
+                before_scrape()
             worker_text = wait_until(
                 lambda: _scrape(f"http://127.0.0.1:{metrics_port}/metrics"),
                 timeout=30,

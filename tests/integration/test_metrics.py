@@ -4,8 +4,10 @@ and a real Celery worker's multiprocess listener."""
 from __future__ import annotations
 
 import asyncio
+import http.server
 import subprocess
 import sys
+import threading
 import uuid
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
@@ -19,8 +21,8 @@ from sqlalchemy import insert, select
 from core import names
 from core.db import session_scope
 from core.embedded import free_port
-from core.models import Attempt, Batch, CostRecord, Job, Tenant, WorkerHeartbeat
-from core.statuses import AttemptOutcome, JobStatus
+from core.models import Attempt, Batch, CostRecord, Job, Tenant, WebhookDelivery, WorkerHeartbeat
+from core.statuses import AttemptOutcome, JobStatus, WebhookStatus
 from tests.fakes.openai_server import FakeOpenAI
 from tests.observability_support import (
     FALLBACK,
@@ -363,3 +365,55 @@ def test_a_run_moves_each_family_as_the_run_says(stack: Stack, fake_openai: Fake
     assert sample(a, "voxq_jobs", status=JobStatus.PROCESSING.value) == 0
     for queue in names.ALL_QUEUES:
         assert sample(a, "voxq_queue_depth", queue=queue) == 0
+
+
+class _Receiver(http.server.BaseHTTPRequestHandler):
+    received: list[bytes] = []
+
+    def do_POST(self) -> None:
+        body = self.rfile.read(int(self.headers.get("content-length", 0)))
+        type(self).received.append(body)
+        self.send_response(200)
+        self.end_headers()
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+def test_rate_limiter_waits_and_webhook_deliveries_are_counted(stack: Stack, fake_openai: FakeOpenAI) -> None:
+    """At 60 requests/min (a 1-request bucket) concurrent calls wait their turn; the webhook goes once."""
+    _Receiver.received = []
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Receiver)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        run = full_run(
+            stack,
+            fake_openai,
+            [(f"f{i}.flac", tone_audio([440 + 110 * i])) for i in range(3)],
+            models=[FALLBACK],
+            env={"VOXQ_WEBHOOK_ALLOW_PRIVATE": "true", "VOXQ_MODEL_RPM_LIMIT": "60"},
+            batch_options={"webhook_url": f"http://127.0.0.1:{server.server_address[1]}/hook"},
+            before_scrape=lambda: wait_until(lambda: _Receiver.received, timeout=60, what="webhook received"),
+        )
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert run.batch["status"] == "completed", run.batch
+    w = run.worker_metrics
+    with session_scope() as session:
+        deliveries = session.execute(select(WebhookDelivery)).scalars().all()
+        attempts = session.execute(select(Attempt).order_by(Attempt.started_at)).scalars().all()
+    assert [a.outcome for a in attempts] == [AttemptOutcome.SUCCESS.value] * 3
+    assert sample(w, "voxq_attempts_total", model=FALLBACK, outcome=AttemptOutcome.SUCCESS.value) == 3
+    # One token per second: the calls after the first waited, for about a second each in turn.
+    waits = sample(w, "voxq_rate_limiter_waits_total", model=FALLBACK)
+    waited = sample(w, "voxq_rate_limiter_wait_seconds_total", model=FALLBACK)
+    assert 1 <= waits <= 2
+    assert 0.5 * waits <= waited <= 3.0 * waits
+    spread = (attempts[-1].started_at - attempts[0].started_at).total_seconds()
+    assert spread >= 0.8 * waits
+    assert len(_Receiver.received) == 1 and run.batch["id"] in _Receiver.received[0].decode()
+    assert [d.status for d in deliveries] == [WebhookStatus.DELIVERED.value]
+    assert sample(w, "voxq_webhook_deliveries_total", outcome=WebhookStatus.DELIVERED.value) == 1
+    assert sample(w, "voxq_webhook_deliveries_total", outcome=WebhookStatus.FAILED.value) == 0
