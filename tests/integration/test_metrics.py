@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import http.server
+import os
 import subprocess
 import sys
 import threading
@@ -417,3 +418,48 @@ def test_rate_limiter_waits_and_webhook_deliveries_are_counted(stack: Stack, fak
     assert [d.status for d in deliveries] == [WebhookStatus.DELIVERED.value]
     assert sample(w, "voxq_webhook_deliveries_total", outcome=WebhookStatus.DELIVERED.value) == 1
     assert sample(w, "voxq_webhook_deliveries_total", outcome=WebhookStatus.FAILED.value) == 0
+
+
+MULTIPROC_SCRIPT = """
+import os, sys
+from core import metrics  # prometheus-client's value class is chosen here, before multiprocess mode
+from core.observability import enable_multiprocess, multiprocess_registry, mark_process_dead
+from pathlib import Path
+
+metrics.DEDUPE_HITS.inc(100)  # before the switch: in-process only, never in the files
+path = Path(sys.argv[1])
+enable_multiprocess(path)
+children = []
+for n in (1, 2):
+    pid = os.fork()
+    if pid == 0:
+        metrics.DEDUPE_HITS.inc(n)
+        metrics.ATTEMPTS.labels(model="m", outcome="success").inc(10 * n)
+        metrics.CIRCUIT_STATE.labels(model="m").set(n - 1)
+        os._exit(0)
+    children.append(pid)
+for pid in children:
+    os.waitpid(pid, 0)
+    mark_process_dead(pid)
+from prometheus_client import generate_latest
+sys.stdout.write(generate_latest(multiprocess_registry(path)).decode())
+"""
+
+
+def test_multiprocess_switch_after_import_sums_forked_children(tmp_path: Path) -> None:
+    """Metrics defined before the switch still end up in per-process files that the listener sums."""
+    env = {k: v for k, v in os.environ.items() if k != "PROMETHEUS_MULTIPROC_DIR"}
+    env["PYTHONPATH"] = str(REPO_ROOT)
+    result = subprocess.run(
+        [sys.executable, "-c", MULTIPROC_SCRIPT, str(tmp_path)],
+        cwd=REPO_ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 0, result.stderr
+    parsed = parse_samples(result.stdout)
+    assert value(parsed, "voxq_dedupe_hits_total") == 3  # 1 + 2, the parent's 100 is not counted
+    assert value(parsed, "voxq_attempts_total", model="m", outcome="success") == 30
+    assert value(parsed, "voxq_circuit_open", model="m") == 1  # max over the processes
