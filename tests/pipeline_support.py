@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import uuid
+from collections.abc import Callable
+from contextlib import AbstractContextManager
 from decimal import Decimal
 from typing import Any
 
+import pytest
 from sqlalchemy import create_engine, select
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session
@@ -14,7 +18,67 @@ from sqlalchemy.orm import Session
 from core.models import Attempt, Batch, CostRecord, Job, Tenant, Transcript
 from core.statuses import JOB_TERMINAL, BatchStatus, JobStatus
 from core.storage import Storage, content_key
+from tests.audio_fixtures import sequence, wav_bytes
+from tests.fakes.openai_server import FakeOpenAI
 from tests.support import Stack, wait_until
+
+PRIMARY = "gpt-4o-mini-transcribe"
+SECOND = "whisper-1"
+
+WorkerFactory = Callable[..., AbstractContextManager[Any]]
+
+
+def hosted_env(**overrides: str) -> dict[str, str]:
+    """Worker settings for hosted-chain tests: fast retries, a two-model chain, no local engine."""
+    env = {
+        "VOXQ_PRIMARY_MODEL": PRIMARY,
+        "VOXQ_FALLBACK_MODELS": SECOND,
+        "VOXQ_MAX_RETRIES": "2",
+        "VOXQ_RETRY_BASE_SECONDS": "0.05",
+        "VOXQ_RETRY_MAX_SECONDS": "0.2",
+        "VOXQ_CIRCUIT_FAILURE_THRESHOLD": "50",
+    }
+    env.update(overrides)
+    return env
+
+
+def tones(*freqs: int, seconds: float = 0.8, gap: float = 1.0) -> bytes:
+    """A WAV of tones separated by silence; the fake hears `tone<F> …` in order."""
+    return wav_bytes(sequence([(f, seconds) for f in freqs], gap=gap))
+
+
+def circuit_state(stack: Stack, model: str) -> str:
+    import redis.asyncio as aioredis
+
+    from core.circuit import CircuitBreaker
+
+    async def read() -> str:
+        client = aioredis.Redis.from_url(stack.redis_url)
+        try:
+            return await CircuitBreaker(client, failure_threshold=5, open_seconds=30).state(model)
+        finally:
+            await client.aclose()
+
+    return asyncio.run(read())
+
+
+def assert_costs_match_billing(pipeline: Pipeline, fake: FakeOpenAI) -> None:
+    """Every billed request has exactly one cost record with the same usage, and nothing else does."""
+    billed = {entry["request_id"]: entry for entry in fake.billing_log()}
+    costs = {str(c.attempt_id): c for c in pipeline.costs()}
+    assert set(costs) == set(billed)
+    for request_id, entry in billed.items():
+        cost = costs[request_id]
+        assert cost.model == entry["model"]
+        usage = entry["usage"]
+        assert cost.usage_type == usage["type"]
+        if usage["type"] == "tokens":
+            assert cost.input_tokens == usage["input_tokens"]
+            assert cost.output_tokens == usage["output_tokens"]
+            assert cost.input_audio_tokens == usage["input_token_details"]["audio_tokens"]
+        else:
+            assert cost.billed_audio_seconds == pytest.approx(usage["seconds"])
+        assert cost.usd > 0
 
 
 class Pipeline:

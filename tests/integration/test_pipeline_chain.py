@@ -3,9 +3,8 @@ circuit breaking, re-chunking, and cost records that match the provider's billin
 
 from __future__ import annotations
 
-import asyncio
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import AbstractContextManager
 from decimal import Decimal
 from typing import Any
@@ -15,27 +14,17 @@ import pytest
 from core.statuses import AttemptOutcome, JobStatus
 from tests.audio_fixtures import sequence, wav_bytes
 from tests.fakes.openai_server import FakeOpenAI
-from tests.pipeline_support import Pipeline
+from tests.pipeline_support import (
+    PRIMARY,
+    SECOND,
+    Pipeline,
+    WorkerFactory,
+    assert_costs_match_billing,
+    circuit_state,
+    hosted_env,
+    tones,
+)
 from tests.support import Stack, celery_worker
-
-PRIMARY = "gpt-4o-mini-transcribe"
-SECOND = "whisper-1"
-
-WorkerFactory = Callable[..., AbstractContextManager[Any]]
-
-
-def hosted_env(**overrides: str) -> dict[str, str]:
-    """Worker settings for hosted-chain tests: fast retries, a two-model chain, no local engine."""
-    env = {
-        "VOXQ_PRIMARY_MODEL": PRIMARY,
-        "VOXQ_FALLBACK_MODELS": SECOND,
-        "VOXQ_MAX_RETRIES": "2",
-        "VOXQ_RETRY_BASE_SECONDS": "0.05",
-        "VOXQ_RETRY_MAX_SECONDS": "0.2",
-        "VOXQ_CIRCUIT_FAILURE_THRESHOLD": "50",
-    }
-    env.update(overrides)
-    return env
 
 
 @pytest.fixture
@@ -56,11 +45,6 @@ def worker(stack: Stack, fake_openai: FakeOpenAI) -> WorkerFactory:
     return start
 
 
-def tones(*freqs: int, seconds: float = 0.8, gap: float = 1.0) -> bytes:
-    """A WAV of tones separated by silence; the fake hears `tone<F> …` in order."""
-    return wav_bytes(sequence([(f, seconds) for f in freqs], gap=gap))
-
-
 def one_job(pipeline: Pipeline, data: bytes, **batch: Any) -> tuple[uuid.UUID, uuid.UUID]:
     tenant = pipeline.tenant()
     batch_id = pipeline.batch(tenant, **batch)
@@ -69,40 +53,6 @@ def one_job(pipeline: Pipeline, data: bytes, **batch: Any) -> tuple[uuid.UUID, u
 
 def outcomes(pipeline: Pipeline, job: uuid.UUID) -> list[tuple[str, str]]:
     return [(a.model, a.outcome) for a in pipeline.attempts(job)]
-
-
-def circuit_state(stack: Stack, model: str) -> str:
-    import redis.asyncio as aioredis
-
-    from core.circuit import CircuitBreaker
-
-    async def read() -> str:
-        client = aioredis.Redis.from_url(stack.redis_url)
-        try:
-            return await CircuitBreaker(client, failure_threshold=5, open_seconds=30).state(model)
-        finally:
-            await client.aclose()
-
-    return asyncio.run(read())
-
-
-def assert_costs_match_billing(pipeline: Pipeline, fake: FakeOpenAI) -> None:
-    """Every billed request has exactly one cost record with the same usage, and nothing else does."""
-    billed = {entry["request_id"]: entry for entry in fake.billing_log()}
-    costs = {str(c.attempt_id): c for c in pipeline.costs()}
-    assert set(costs) == set(billed)
-    for request_id, entry in billed.items():
-        cost = costs[request_id]
-        assert cost.model == entry["model"]
-        usage = entry["usage"]
-        assert cost.usage_type == usage["type"]
-        if usage["type"] == "tokens":
-            assert cost.input_tokens == usage["input_tokens"]
-            assert cost.output_tokens == usage["output_tokens"]
-            assert cost.input_audio_tokens == usage["input_token_details"]["audio_tokens"]
-        else:
-            assert cost.billed_audio_seconds == pytest.approx(usage["seconds"])
-        assert cost.usd > 0
 
 
 def test_rate_limit_with_retry_after_then_success(
