@@ -6,9 +6,9 @@ import json
 import uuid
 from datetime import datetime
 from decimal import Decimal
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, Self
 
-from pydantic import AnyHttpUrl, BaseModel, ConfigDict, Field, field_validator
+from pydantic import AnyHttpUrl, BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from core.statuses import JobStatus
 
@@ -20,10 +20,34 @@ ModelName = Annotated[str, Field(min_length=1, max_length=100, pattern=r"^[A-Za-
 MAX_METADATA_BYTES = 16 * 1024
 
 
+def _storable(value: Any) -> None:
+    """Raise unless every string in `value` can be stored in Postgres (no NUL, valid UTF-8)."""
+    if isinstance(value, str):
+        if "\x00" in value:
+            raise ValueError("text must not contain NUL characters")
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            raise ValueError("text must be valid Unicode (no lone surrogates)") from None
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            _storable(key)
+            _storable(item)
+    elif isinstance(value, list):
+        for item in value:
+            _storable(item)
+
+
 class Strict(BaseModel):
-    """A request body: unknown fields are refused."""
+    """A request body: unknown fields are refused, and text must be storable."""
 
     model_config = ConfigDict(extra="forbid")
+
+    @model_validator(mode="after")
+    def _storable_text(self) -> Self:
+        for name in type(self).model_fields:
+            _storable(getattr(self, name))
+        return self
 
 
 class BatchOptions(Strict):

@@ -35,10 +35,10 @@ class ApiServer:
                     return int(line.split()[1]) * 1024
         raise AssertionError("no VmRSS")
 
-    def client(self, key: str | None = None, **kwargs: object) -> httpx.Client:
+    def client(self, key: str | None = None, timeout: float = 60.0) -> httpx.Client:
         """An httpx client for the server, authenticated with `key`."""
         headers = {"Authorization": f"Bearer {key}"} if key else {}
-        return httpx.Client(base_url=self.url, headers=headers, timeout=60.0, **kwargs)  # type: ignore[arg-type]
+        return httpx.Client(base_url=self.url, headers=headers, timeout=timeout)
 
 
 def import_bucket(stack: Stack) -> str:
