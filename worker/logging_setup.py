@@ -31,11 +31,16 @@ def _setup_logging(loglevel: int | str | None = None, **_: Any) -> None:
     logging.getLogger(__name__).debug("logging configured")
 
 
+# Task arguments that are ids (see tests/unit/test_task_arguments.py) and go on every line of the task.
+CONTEXT_KWARGS = ("batch_id", "job_id", "group_id", "attempt")
+
+
 @task_prerun.connect
-def _bind_task(task_id: str | None = None, task: Any = None, **_: Any) -> None:
+def _bind_task(task_id: str | None = None, task: Any = None, kwargs: Any = None, **_: Any) -> None:
     if task_id is None:
         return
-    _tokens[task_id] = bind_log_context(task=getattr(task, "name", None), task_id=task_id)
+    ids = {k: v for k, v in (kwargs or {}).items() if k in CONTEXT_KWARGS}
+    _tokens[task_id] = bind_log_context(task=getattr(task, "name", None), task_id=task_id, **ids)
 
 
 @task_postrun.connect

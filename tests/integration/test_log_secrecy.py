@@ -63,6 +63,7 @@ def test_full_run_logs_leak_neither_the_api_key_nor_transcript_text(
     assert any(line["level"] == "debug" for line in worker_lines)
     # Lines logged inside a task carry the task's context; the batch's end names its batch.
     assert any(line.get("task_id") and line.get("task") for line in worker_lines)
+    assert any(line.get("group_id") and line.get("task") == "voxq.transcribe.group" for line in worker_lines)
     assert any(line.get("batch_id") == run.batch["id"] for line in worker_lines)
     api_lines = [json.loads(line) for line in texts[run.logs[0].name].splitlines() if line.startswith("{")]
     assert api_lines and all({"ts", "level", "logger", "event"} <= set(line) for line in api_lines)
