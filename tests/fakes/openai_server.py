@@ -16,7 +16,9 @@ What it bills (usage):
   output_tokens = ceil(len(text) / 4) + 1 (the end token), input = audio + text, total = input + output.
 - whisper-1 and gpt-transcribe: `{"type": "duration", "seconds": ceil(seconds)}`.
 Only successful answers are billed; every billed answer is in `billing_log()` with the caller's
-X-Client-Request-Id. A request that hangs (a scripted timeout) is never answered and never billed.
+X-Client-Request-Id. A request that hangs (a scripted timeout) is never answered and never billed, and
+neither is one whose client hangs up during the configured latency (request log code
+`client_disconnected`), so the billing log is exactly what clients received.
 
 Scripted behaviour, per model, at runtime (Python API in-process; JSON under `/_fake/...` otherwise):
 latency, a fault mix by probability from a seeded RNG, a queue of scripted answers for the next
@@ -524,6 +526,17 @@ class FakeOpenAI:
             type="server_error",
         )
 
+    async def _client_left_during(self, request: Request, seconds: float) -> bool:
+        """Wait `seconds`; True as soon as the client disconnects in that time."""
+        try:
+            async with asyncio.timeout(seconds):
+                while True:
+                    message = await request.receive()
+                    if message["type"] == "http.disconnect":
+                        return True
+        except TimeoutError:
+            return False
+
     async def _hang(self, request: Request, seconds: float) -> None:
         """Answer nothing until the client gives up (disconnects) or `seconds` pass."""
         with contextlib.suppress(TimeoutError):
@@ -555,7 +568,7 @@ class FakeOpenAI:
         response.headers["x-request-id"] = x_request_id
         response.headers["openai-version"] = "2020-10-01"
         entry["status"] = response.status_code
-        if response.status_code >= 400 and entry["code"] != "timeout":
+        if response.status_code >= 400 and entry["code"] not in ("timeout", "client_disconnected"):
             entry["code"] = _error_code(response)
         self._log(entry)
         return response
@@ -618,8 +631,10 @@ class FakeOpenAI:
                     "x-ratelimit-remaining-requests": "0",
                 },
             )
-        if delay > 0:
-            await asyncio.sleep(delay)
+        if delay > 0 and await self._client_left_during(request, delay):
+            # The client gave up (its timeout was shorter than our latency): nothing is billed.
+            entry["code"] = "client_disconnected"
+            return _error(499, "Client closed request.", type="server_error")
         if fault is not None and fault.kind == "timeout":
             entry["code"] = "timeout"
             await self._hang(request, fault.seconds if fault.seconds is not None else behaviour.hang_seconds)

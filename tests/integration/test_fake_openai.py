@@ -292,6 +292,21 @@ def test_rpm_limit_and_file_size_limit(fake_openai: FakeOpenAI) -> None:
     assert isinstance(whisper, TranscriptionResult) and whisper.text == "tone440"
 
 
+def test_client_giving_up_during_latency_is_not_billed(fake_openai: FakeOpenAI) -> None:
+    fake_openai.configure(MINI, latency=3.0)
+    started = time.monotonic()
+    [gave_up] = _provider_call(fake_openai, [_req(tones([440]), request_id="slow")], timeout=0.5)
+    assert isinstance(gave_up, ProviderError) and gave_up.code == "timeout"
+    assert time.monotonic() - started < 2.0
+    [entry] = wait_until(fake_openai.request_log, timeout=10, what="the abandoned request logged")
+    assert entry["request_id"] == "slow" and entry["code"] == "client_disconnected" and not entry["billed"]
+    assert fake_openai.billing_log() == []
+    fake_openai.configure(MINI, latency=0.2)
+    [ok] = _provider_call(fake_openai, [_req(tones([440]), request_id="fast")], timeout=5)
+    assert isinstance(ok, TranscriptionResult)
+    assert [b["request_id"] for b in fake_openai.billing_log()] == ["fast"]
+
+
 def test_random_faults_are_reproducible_with_a_seed(fake_openai: FakeOpenAI) -> None:
     audio = tones([440])
 
