@@ -48,8 +48,16 @@ def retry_delay(attempt: int) -> float:
     return float(min(2 ** (attempt - 1), 600))
 
 
-def _post(url: str, body: bytes, headers: dict[str, str], allow_private: bool) -> httpx.Response:
-    with httpx.Client(timeout=TIMEOUT_SECONDS, follow_redirects=False) as client:
+def post_guarded(
+    url: str,
+    body: bytes,
+    headers: dict[str, str],
+    *,
+    allow_private: bool,
+    transport: httpx.BaseTransport | None = None,
+) -> httpx.Response:
+    """POST, following redirects by hand so that every hop passes the SSRF guard."""
+    with httpx.Client(timeout=TIMEOUT_SECONDS, follow_redirects=False, transport=transport) as client:
         for _ in range(MAX_REDIRECTS + 1):
             check_url(url, allow_private=allow_private)
             response = client.post(url, content=body, headers=headers)
@@ -95,7 +103,9 @@ def deliver(batch_id: uuid.UUID, *, attempt: int) -> DeliveryResult:
     http_status: int | None = None
     error: str | None = None
     try:
-        response = _post(batch.webhook_url, body, headers, settings.webhook_allow_private)
+        response = post_guarded(
+            batch.webhook_url, body, headers, allow_private=settings.webhook_allow_private
+        )
         http_status = response.status_code
         ok = 200 <= response.status_code < 300
         if not ok:
