@@ -272,8 +272,9 @@ class FakeOpenAI:
             self.max_file_bytes = MAX_FILE_BYTES
             # gpt-4o(-mini)-transcribe refuse audio longer than this (OpenAI: 1400 s per request).
             self.max_audio_seconds = MAX_TOKEN_MODEL_AUDIO_SECONDS
-            self.in_flight = 0
-            self.max_in_flight = 0
+            # Requests of an earlier test may still be in flight: keep counting them, not from zero.
+            self.in_flight: int = getattr(self, "in_flight", 0)
+            self.max_in_flight = self.in_flight
 
     def seed(self, seed: int) -> None:
         """Re-seed the RNG behind random faults and latency jitter."""

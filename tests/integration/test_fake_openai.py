@@ -399,3 +399,15 @@ def test_tone_samples_helper_is_what_the_fake_hears() -> None:
     assert samples.size == 16_000
     assert float(np.abs(samples[:8000]).max()) == pytest.approx(0.5, abs=0.01)
     assert float(np.abs(samples[8000:]).max()) == 0.0
+
+
+def test_fixture_points_settings_at_the_fake_and_starts_clean(fake_openai: FakeOpenAI) -> None:
+    from core.settings import get_settings
+
+    settings = get_settings()
+    assert settings.openai_base_url == fake_openai.base_url
+    assert settings.openai_api_key is not None
+    assert settings.openai_api_key.get_secret_value() == FAKE_OPENAI_API_KEY
+    assert fake_openai.base_url.startswith("http://127.0.0.1:") and fake_openai.base_url.endswith("/v1")
+    assert fake_openai.billing_log() == [] and fake_openai.request_log() == []
+    assert fake_openai.behaviour(MINI).latency == 0.0
