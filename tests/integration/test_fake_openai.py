@@ -248,12 +248,14 @@ def test_tones_silence_and_short_audio(fake_openai: FakeOpenAI) -> None:
             _req(tones([1000, 1000], fmt="mp3"), filename="a.mp3"),
             _req(silent),
             _req(short),
+            _req(encode(tone_samples([330, 5000], rate=44_100), rate=44_100, fmt="wav"), filename="cd.wav"),
         ],
     )
-    assert [r.text for r in results[:3] if isinstance(r, TranscriptionResult)] == [
+    assert [r.text for r in results if isinstance(r, TranscriptionResult)] == [
         "tone250 tone2000 tone750",
         "tone1000 tone1000",
         "",
+        "tone330 tone5000",  # 44.1 kHz: resampled to 16 kHz first
     ]
     assert isinstance(results[3], ProviderError) and results[3].code == "audio_too_short"
     assert results[3].kind is ErrorKind.INVALID_AUDIO
