@@ -32,9 +32,10 @@ DEDUPE_HITS = Counter("voxq_dedupe_hits_total", "Jobs that reused the transcript
 FALLBACKS = Counter("voxq_fallbacks_total", "Moves from one model to the next.", ["from_model", "to_model"])
 CIRCUIT_STATE = Gauge(
     "voxq_circuit_open",
-    "1 when the model's circuit breaker is open, else 0.",
+    "1 when the model's circuit breaker is not closed, else 0 (the state a worker process saw last).",
     ["model"],
-    multiprocess_mode="max",
+    # The latest value any process set, not the max: a circuit that closed again must read 0.
+    multiprocess_mode="mostrecent",
 )
 RATE_LIMIT_WAIT_SECONDS = Counter(
     "voxq_rate_limiter_wait_seconds_total", "Seconds spent waiting on the shared rate limiter.", ["model"]

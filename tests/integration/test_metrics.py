@@ -429,16 +429,14 @@ from pathlib import Path
 metrics.DEDUPE_HITS.inc(100)  # before the switch: in-process only, never in the files
 path = Path(sys.argv[1])
 enable_multiprocess(path)
-children = []
-for n in (1, 2):
+# One after the other: the first child sees the circuit open, the second sees it closed again.
+for n, circuit in ((1, 1), (2, 0)):
     pid = os.fork()
     if pid == 0:
         metrics.DEDUPE_HITS.inc(n)
         metrics.ATTEMPTS.labels(model="m", outcome="success").inc(10 * n)
-        metrics.CIRCUIT_STATE.labels(model="m").set(n - 1)
+        metrics.CIRCUIT_STATE.labels(model="m").set(circuit)
         os._exit(0)
-    children.append(pid)
-for pid in children:
     os.waitpid(pid, 0)
     mark_process_dead(pid)
 from prometheus_client import generate_latest
@@ -462,4 +460,4 @@ def test_multiprocess_switch_after_import_sums_forked_children(tmp_path: Path) -
     parsed = parse_samples(result.stdout)
     assert value(parsed, "voxq_dedupe_hits_total") == 3  # 1 + 2, the parent's 100 is not counted
     assert value(parsed, "voxq_attempts_total", model="m", outcome="success") == 30
-    assert value(parsed, "voxq_circuit_open", model="m") == 1  # max over the processes
+    assert value(parsed, "voxq_circuit_open", model="m") == 0  # the latest state, not the max
