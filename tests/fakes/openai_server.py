@@ -6,7 +6,7 @@ headers (`x-request-id`, `retry-after-ms`, `retry-after`, `x-ratelimit-*`).
 
 What it "hears": it transcribes pure tones, so tests can check content and order without speech.
 The audio is decoded with PyAV to 16 kHz mono, split at silences (20 ms frames; a frame is silent below
-max(0.01, 5% of the loudest frame's) RMS; gaps under 0.1 s are bridged and regions under 0.05 s dropped),
+max(0.01, 5% of the loudest frame's) RMS; gaps up to 0.1 s are bridged and regions under 60 ms dropped),
 and each region becomes the word `tone<F>`, F its dominant FFT frequency rounded to the nearest 10 Hz:
 "tone440 tone880". Silent audio gives "". Audio under 0.1 s gets OpenAI's 400 `audio_too_short`.
 
@@ -25,6 +25,11 @@ latency, a fault mix by probability from a seeded RNG, a queue of scripted answe
 requests, quota exhaustion (now or after N billed requests), model_not_found, an RPM limit (sliding
 60 s window of accepted requests), the maximum file size (413 above it; 25 MB like OpenAI) and the
 longest audio gpt-4o models accept (400 above it; 1400 s like OpenAI).
+
+Admin endpoints: POST /_fake/reset; POST /_fake/seed {"seed"}; POST /_fake/config {"max_file_bytes",
+"max_audio_seconds", "models": {id: shutdown_date}}; GET|POST /_fake/models/{model} (ModelBehaviour
+fields, plus "exhaust_quota_after"); POST /_fake/models/{model}/script [fault, ...] (a kind name or
+a Fault as a dict); GET /_fake/billing; GET /_fake/requests.
 
 Run in-process: `fake = FakeOpenAI().start(); fake.base_url  # http://127.0.0.1:N/v1; fake.stop()`.
 Run alone: `python -m tests.fakes.openai_server --port N`.
