@@ -82,11 +82,11 @@ def test_success_resets_consecutive_failures(stack: Stack) -> None:
 
 def test_half_open_lets_exactly_one_probe(stack: Stack) -> None:
     async def body(r1: aioredis.Redis, r2: aioredis.Redis) -> None:
-        a = CircuitBreaker(r1, failure_threshold=1, open_seconds=0.4)
-        b = CircuitBreaker(r2, failure_threshold=1, open_seconds=0.4)
+        a = CircuitBreaker(r1, failure_threshold=1, open_seconds=1.0)
+        b = CircuitBreaker(r2, failure_threshold=1, open_seconds=1.0)
         await a.record_failure(MODEL)
         assert not await b.allow(MODEL)
-        await asyncio.sleep(0.5)
+        await asyncio.sleep(1.1)
         assert await b.state(MODEL) == "half_open"
         # Many workers ask at once: exactly one gets the probe.
         answers = await asyncio.gather(*[(a if i % 2 else b).allow(MODEL) for i in range(20)])
@@ -95,7 +95,7 @@ def test_half_open_lets_exactly_one_probe(stack: Stack) -> None:
         await a.record_failure(MODEL)
         assert await a.state(MODEL) == "open"
         assert not await b.allow(MODEL)
-        await asyncio.sleep(0.5)
+        await asyncio.sleep(1.1)
         assert await b.allow(MODEL)  # the next probe
         assert not await a.allow(MODEL)
         await b.record_success(MODEL)  # the probe succeeds: closed for everyone
@@ -111,9 +111,9 @@ def test_trip_opens_now_for_the_given_time(stack: Stack) -> None:
     async def body(r1: aioredis.Redis, r2: aioredis.Redis) -> None:
         a = CircuitBreaker(r1, failure_threshold=5, open_seconds=30)
         b = CircuitBreaker(r2, failure_threshold=5, open_seconds=30)
-        await a.trip(MODEL, seconds=0.3)  # e.g. insufficient_quota
+        await a.trip(MODEL, seconds=1.0)  # e.g. insufficient_quota
         assert not await b.allow(MODEL)
-        await asyncio.sleep(0.4)
+        await asyncio.sleep(1.1)
         assert await b.state(MODEL) == "half_open"
         assert await b.allow(MODEL)
         await a.trip(MODEL)  # default: open_seconds
