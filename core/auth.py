@@ -83,3 +83,29 @@ def revoke_key(session: Session, key_id_or_prefix: str) -> bool:
         update(ApiKey).where(cond, ApiKey.revoked_at.is_(None)).values(revoked_at=datetime.now(UTC))
     )
     return bool(result.rowcount)  # type: ignore[attr-defined]
+
+
+@dataclass(frozen=True)
+class KeyInfo:
+    """A key as operators see it: never its plaintext or hash."""
+
+    id: str
+    tenant_name: str
+    name: str | None
+    prefix: str
+    created_at: datetime
+    last_used_at: datetime | None
+    revoked_at: datetime | None
+
+
+def list_keys(session: Session, tenant_name: str | None = None) -> list[KeyInfo]:
+    """Every key (of one tenant, if given), oldest first."""
+    query = (
+        select(ApiKey, Tenant.name).join(Tenant, Tenant.id == ApiKey.tenant_id).order_by(ApiKey.created_at)
+    )
+    if tenant_name is not None:
+        query = query.where(Tenant.name == tenant_name)
+    return [
+        KeyInfo(str(k.id), tname, k.name, k.prefix, k.created_at, k.last_used_at, k.revoked_at)
+        for k, tname in session.execute(query).all()
+    ]
