@@ -1,0 +1,113 @@
+"""API building blocks without I/O: transcript export, filenames, cursors, idempotency hashing, problems."""
+
+from __future__ import annotations
+
+import uuid
+
+import pytest
+from fastapi.testclient import TestClient
+
+from api.idempotency import canonical_json, request_hash, valid_key
+from api.ingest import clean_filename
+from api.main import create_app
+from api.problems import Problem
+from api.service import decode_cursor, encode_cursor
+from api.transcripts import render, to_srt, to_vtt
+from core.models import Job, Transcript
+
+
+def _transcript(segments: list[dict[str, object]] | None) -> Transcript:
+    return Transcript(text="hi there", segments=segments, model="whisper-1", language="en")
+
+
+def test_srt_and_vtt_use_original_file_time() -> None:
+    t = _transcript(
+        [{"start": 0.0, "end": 0.5, "text": " hi"}, {"start": 3725.0049, "end": 3726.9996, "text": "there "}]
+    )
+    assert to_srt(t) == "1\n00:00:00,000 --> 00:00:00,500\nhi\n\n2\n01:02:05,005 --> 01:02:07,000\nthere\n"
+    assert (
+        to_vtt(t) == "WEBVTT\n\n00:00:00.000 --> 00:00:00.500\nhi\n\n01:02:05.005 --> 01:02:07.000\nthere\n"
+    )
+
+
+@pytest.mark.parametrize(
+    "segments", [None, [], [{"start": 0, "end": 1, "text": "  "}], [{"text": "no times"}]]
+)
+def test_srt_without_timestamps_is_a_409_problem(segments: list[dict[str, object]] | None) -> None:
+    with pytest.raises(Problem) as caught:
+        to_srt(_transcript(segments))
+    assert caught.value.status == 409 and caught.value.code == "timestamps_unavailable"
+
+
+def test_render_txt_and_json() -> None:
+    job = Job(id=uuid.uuid4(), duration_seconds=1.5)
+    t = _transcript(None)
+    assert render(job, t, "txt") == ("hi there", "text/plain; charset=utf-8")
+    body, media = render(job, t, "json")
+    assert media == "application/json" and body["text"] == "hi there" and body["job_id"] == str(job.id)
+
+
+@pytest.mark.parametrize(
+    ("raw", "expected"),
+    [
+        (b"caf\xc3\xa9 \xf0\x9f\x8e\xb5.mp3", "café 🎵.mp3"),
+        (b"a\x00b\x07c\x1b[31m.wav", "abc[31m.wav"),
+        ("line\u2028break\r\n.wav", "linebreak.wav"),
+        (b"\x01\x02", None),
+        (b"\xff\xfe.wav", "\ufffd\ufffd.wav"),
+        ("../../x.wav", "../../x.wav"),
+        (None, None),
+    ],
+)
+def test_clean_filename_keeps_unicode_and_drops_control_characters(
+    raw: bytes | str | None, expected: str | None
+) -> None:
+    assert clean_filename(raw) == expected
+
+
+def test_cursor_round_trip_and_garbage() -> None:
+    ident = uuid.uuid4()
+    assert decode_cursor(encode_cursor(ident)) == ident
+    assert decode_cursor(None) is None
+    for bad in ("!!", "abcd", "a" * 30):
+        with pytest.raises(Problem) as caught:
+            decode_cursor(bad)
+        assert caught.value.code == "invalid_cursor"
+
+
+def test_request_hash_ignores_json_key_order_but_not_values() -> None:
+    a = request_hash("POST", "/v1/batches", "", canonical_json(b'{"a": 1, "b": [1, 2]}'))
+    b = request_hash("POST", "/v1/batches", "", canonical_json(b'{"b":[1,2],"a":1}'))
+    c = request_hash("POST", "/v1/batches", "", canonical_json(b'{"a": 2, "b": [1, 2]}'))
+    d = request_hash("POST", "/v1/batches/x/submit", "", canonical_json(b'{"a": 1, "b": [1, 2]}'))
+    assert a == b and len({a, c, d}) == 3
+    assert canonical_json(b"not json") == b"not json" and canonical_json(b"  ") == b""
+    assert valid_key("abc-123") and not valid_key("") and not valid_key("x" * 256) and not valid_key("é")
+
+
+def test_framework_errors_are_problem_documents() -> None:
+    client = TestClient(create_app(), raise_server_exceptions=False)
+    cases = [
+        (client.get("/v1/batches"), 401, "unauthorized"),
+        (client.get("/v1/batches", headers={"Authorization": "Basic abc"}), 401, "unauthorized"),
+        (client.get("/nope"), 404, "not_found"),
+        (client.delete("/v1/batches"), 405, "method_not_allowed"),
+    ]
+    for resp, status, code in cases:
+        assert resp.status_code == status
+        assert resp.headers["content-type"] == "application/problem+json"
+        body = resp.json()
+        assert (
+            body["code"] == code and body["status"] == status and body["type"] == f"urn:voxq:problem:{code}"
+        )
+        assert body["title"] and body["detail"]
+    assert client.get("/v1/batches").headers["www-authenticate"].startswith("Bearer")
+
+
+def test_openapi_documents_bearer_auth_and_multipart_uploads() -> None:
+    spec = create_app().openapi()
+    assert any(s.get("scheme") == "bearer" for s in spec["components"]["securitySchemes"].values())
+    files = spec["paths"]["/v1/batches/{batch_id}/files"]["post"]["requestBody"]["content"]
+    assert "multipart/form-data" in files
+    create = spec["components"]["schemas"]["BatchCreate"]
+    assert create.get("additionalProperties") is False
