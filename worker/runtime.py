@@ -44,8 +44,20 @@ class Runtime:
     _semaphore: asyncio.Semaphore | None = None
 
     def run(self, coro: Coroutine[Any, Any, T]) -> T:
-        """Run a coroutine to completion on the process's loop."""
-        return self.loop.run_until_complete(coro)
+        """Run a coroutine to completion on the process's loop.
+
+        If it is interrupted (a soft time limit raised inside the loop), every task it left behind is
+        cancelled and awaited here, so none of them wakes up inside the next task run on this loop.
+        """
+        try:
+            return self.loop.run_until_complete(coro)
+        except BaseException:
+            leftovers = [t for t in asyncio.all_tasks(self.loop) if not t.done()]
+            for task in leftovers:
+                task.cancel()
+            if leftovers:
+                self.loop.run_until_complete(asyncio.gather(*leftovers, return_exceptions=True))
+            raise
 
     @property
     def semaphore(self) -> asyncio.Semaphore:

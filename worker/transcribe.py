@@ -138,6 +138,7 @@ class ChainRunner:
         self.provider = rt.provider()
         self.circuit = rt.circuit()
         self.limiter = rt.limiter()
+        self.rate_limited = bool(rt.settings.model_rpm_limit or rt.settings.model_audio_seconds_per_minute)
 
     async def run(
         self,
@@ -299,9 +300,11 @@ class ChainRunner:
     async def _call(
         self, piece: Piece, data: bytes, seconds: float, prompt: str | None, model: str, retry: int
     ) -> tuple[_RawAnswer | None, ProviderError | None, uuid.UUID, Decimal, float | None]:
-        await self.limiter.acquire(model, seconds)  # counts its own waits in metrics
-        estimate = budget.estimate_usd(model, seconds)
-        if not await asyncio.to_thread(budget.reserve, piece.job.batch_id, estimate):
+        if self.rate_limited:
+            await self.limiter.acquire(model, seconds)  # counts its own waits in metrics
+        # Without a budget there is nothing to reserve against: skip the round trip.
+        estimate = budget.estimate_usd(model, seconds) if piece.batch.budget_usd is not None else Decimal(0)
+        if estimate and not await asyncio.to_thread(budget.reserve, piece.job.batch_id, estimate):
             raise JobEnded(
                 JobStatus.SKIPPED,
                 "budget_exceeded",

@@ -7,6 +7,7 @@ import uuid
 from collections.abc import Iterator
 from contextlib import AbstractContextManager
 from decimal import Decimal
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -24,7 +25,7 @@ from tests.pipeline_support import (
     hosted_env,
     tones,
 )
-from tests.support import Stack, celery_worker
+from tests.support import Stack, celery_worker, wait_until
 
 
 @pytest.fixture
@@ -227,3 +228,19 @@ def test_cost_records_match_the_billing_log_under_random_faults(
     assert b.status == "completed"
     for job_id in jobs:
         assert pipeline.transcript(job_id).text == f"tone{300 + 20 * jobs.index(job_id)}"  # type: ignore[union-attr]
+
+
+def test_worker_start_warns_about_models_retiring_within_90_days(
+    stack: Stack, fake_openai: FakeOpenAI, tmp_path: Path
+) -> None:
+    from datetime import date, timedelta
+
+    today = date.today()
+    fake_openai.add_model(PRIMARY, shutdown_date=(today + timedelta(days=30)).isoformat())
+    fake_openai.add_model(SECOND, shutdown_date=(today + timedelta(days=365)).isoformat())
+    log = tmp_path / "worker.log"
+    with celery_worker(stack, concurrency=1, queues="maintenance", env=hosted_env(), log_path=log):
+        wait_until(lambda: "MODEL RETIRING" in log.read_text(errors="replace"), timeout=60, what="warning")
+    lines = [line for line in log.read_text(errors="replace").splitlines() if "MODEL RETIRING" in line]
+    assert len(lines) == 1 and PRIMARY in lines[0]
+    assert (today + timedelta(days=30)).isoformat() in lines[0]
