@@ -114,6 +114,35 @@ class TimeMap:
         )
 
 
+class PcmFile:
+    """s16 samples in a file, sliceable like an array; each slice is one read.
+
+    Reads instead of a memory map so that scanning a 6-hour file does not leave hundreds of MB of mapped
+    pages counted in the worker's RSS.
+    """
+
+    def __init__(self, path: Path, samples: int) -> None:
+        self.path = path
+        self.samples = samples
+
+    def __len__(self) -> int:
+        return self.samples
+
+    def __getitem__(self, index: slice) -> Int16Array:
+        start, stop, step = index.indices(self.samples)
+        if step != 1:
+            raise ValueError("PcmFile supports contiguous slices only")
+        count = max(stop - start, 0)
+        if count == 0:
+            return np.zeros(0, dtype=np.int16)
+        with open(self.path, "rb") as fh:
+            fh.seek(start * 2)
+            return np.frombuffer(fh.read(count * 2), dtype="<i2").astype(np.int16)
+
+
+Samples = Int16Array | PcmFile
+
+
 @dataclass
 class DecodedAudio:
     """Normalised PCM in a temporary file, plus what decoding learned. Close it to delete the file."""
@@ -128,11 +157,9 @@ class DecodedAudio:
         """Decoded duration in seconds."""
         return self.samples / SAMPLE_RATE
 
-    def pcm(self) -> Int16Array:
-        """The samples, memory-mapped (pages load on demand, not all at once)."""
-        if self.samples == 0:
-            return np.zeros(0, dtype=np.int16)
-        return np.memmap(self.path, dtype=np.int16, mode="r", shape=(self.samples,))
+    def pcm(self) -> PcmFile:
+        """The samples, read from the file slice by slice (never all in memory, never mapped)."""
+        return PcmFile(self.path, self.samples)
 
     def close(self) -> None:
         """Delete the temporary PCM file."""
@@ -194,7 +221,7 @@ def decode_to_pcm(source: str | Path, *, max_seconds: float, tmp_dir: str | None
         raise
 
 
-def frame_levels_db(pcm: Int16Array, block_frames: int = 2000) -> FloatArray:
+def frame_levels_db(pcm: Samples, block_frames: int = 2000) -> FloatArray:
     """Level of each 30 ms frame in dBFS (the last partial frame counts as a frame)."""
     n_frames = math.ceil(len(pcm) / FRAME_SAMPLES)
     levels = np.empty(n_frames, dtype=np.float64)
