@@ -7,6 +7,7 @@ exceptions — goes through `problem_response`, so clients can branch on `code` 
 from __future__ import annotations
 
 import logging
+import traceback
 from http import HTTPStatus
 from typing import Any
 
@@ -148,8 +149,11 @@ async def _on_validation_error(_: Request, exc: Exception) -> JSONResponse:
     )
 
 
-async def _on_unexpected(_: Request, exc: Exception) -> JSONResponse:
-    log.exception("unhandled error", exc_info=exc)
+async def _on_unexpected(request: Request, exc: Exception) -> JSONResponse:
+    # The exception's message can carry request data (SQL parameters: prompts, metadata, filenames),
+    # so only its type and the stack go to the log.
+    stack = "".join(traceback.format_tb(exc.__traceback__))
+    log.error("unhandled %s on %s %s\n%s", type(exc).__name__, request.method, request.url.path, stack)
     return problem_response(500, "internal_error", "an unexpected error occurred")
 
 

@@ -25,7 +25,7 @@ from tests.api_helpers import (  # noqa: F401
     start_api_server,
     stop_api_server,
 )
-from tests.support import Stack
+from tests.support import Stack, wait_until
 
 SMALL_LIMIT = 256 * 1024
 
@@ -235,3 +235,26 @@ def test_filenames_are_data_only(api: ApiServer, stack: Stack) -> None:
         row = session.get(Job, uuid.UUID(job["id"]))
         assert row is not None and row.object_key is not None
         assert row.object_key.endswith(job["sha256"]) and "etc" not in row.object_key
+
+
+def test_client_going_away_mid_upload_leaves_nothing(api: ApiServer) -> None:
+    key = make_key("acme")
+    with api.client(key) as c:
+        batch_id = c.post("/v1/batches", json={}).json()["id"]
+    port = int(api.url.rsplit(":", 1)[1])
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        sock.sendall(
+            (
+                f"POST /v1/batches/{batch_id}/files HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {key}\r\n"
+                "Content-Type: multipart/form-data; boundary=b\r\n"
+                f"Content-Length: {200 * 1024 * 1024}\r\n\r\n"
+                '--b\r\nContent-Disposition: form-data; name="file"; filename="cut.wav"\r\n\r\n'
+            ).encode()
+            + sine_wav(1.0)
+        )
+        for _ in range(40):  # 40 MB: several S3 parts are written before we vanish
+            sock.sendall(b"\0" * (1024 * 1024))
+        # the upload really is under way in S3 (a multipart upload exists) before we go away
+        wait_until(lambda: _tenant_objects("acme"), timeout=30, what="the upload to reach S3")
+    wait_until(lambda: _tenant_objects("acme") == [], timeout=30, what="the partial upload to be removed")
+    assert _jobs() == 0

@@ -394,3 +394,80 @@ def test_health_and_openapi(api: ApiServer) -> None:
     ):
         assert path in spec["paths"], path
     assert httpx.get(api.url + "/docs", timeout=10).status_code == 200
+
+
+def test_presigned_upload_with_wrong_size_or_hash_is_rejected_at_submit(api: ApiServer) -> None:
+    data = sine_wav(1.0)
+    with api.client(make_key("acme")) as c:
+        batch = c.post("/v1/batches", json={}).json()
+        short = c.post(
+            f"/v1/batches/{batch['id']}/uploads", json={"filename": "s.wav", "bytes": len(data) + 10}
+        ).json()
+        wrong_hash = c.post(
+            f"/v1/batches/{batch['id']}/uploads",
+            json={"filename": "h.wav", "bytes": len(data), "sha256": "0" * 64, "content_type": "audio/wav"},
+        ).json()
+        assert wrong_hash["headers"] == {"Content-Type": "audio/wav"}
+        for slot in (short, wrong_hash):
+            assert (
+                httpx.put(slot["upload_url"], content=data, headers=slot["headers"], timeout=30).status_code
+                == 200
+            )
+        out = c.post(f"/v1/batches/{batch['id']}/submit").json()
+        assert sorted(r["code"] for r in out["rejected"]) == ["sha256_mismatch", "size_mismatch"]
+        assert out["queued"] == 0
+        for slot in (short, wrong_hash):
+            assert c.get(f"/v1/jobs/{slot['job_id']}").json()["status"] == "failed"
+    storage = Storage()
+    with session_scope() as session:
+        tenant_id = session.scalars(select(Job.tenant_id)).first()
+    assert (
+        storage.client.list_objects_v2(Bucket=storage.bucket, Prefix=f"{tenant_id}/").get("KeyCount", 0) == 0
+    )
+
+
+def test_jobs_list_pages_with_cursor_in_upload_order(api: ApiServer) -> None:
+    with api.client(make_key("acme")) as c:
+        batch = c.post("/v1/batches", json={}).json()
+        files = [("file", (f"{i}.wav", sine_wav(0.2 + i / 10), "audio/wav")) for i in range(5)]
+        uploaded = [j["id"] for j in c.post(f"/v1/batches/{batch['id']}/files", files=files).json()["jobs"]]
+        seen: list[str] = []
+        cursor = None
+        while True:
+            page = c.get(
+                f"/v1/batches/{batch['id']}/jobs",
+                params={"limit": 2, **({"cursor": cursor} if cursor else {})},
+            ).json()
+            assert len(page["items"]) <= 2
+            seen += [j["id"] for j in page["items"]]
+            cursor = page["next_cursor"]
+            if not cursor:
+                break
+        assert seen == uploaded
+
+
+def test_readyz_is_503_and_submit_is_503_when_redis_is_down(stack: Stack) -> None:
+    from core.embedded import free_port
+    from tests.api_helpers import start_api_server, stop_api_server
+
+    server = start_api_server(stack, VOXQ_REDIS_URL=f"redis://127.0.0.1:{free_port()}/0")
+    try:
+        health = httpx.get(server.url + "/healthz", timeout=15)
+        assert health.status_code == 200
+        checks = health.json()["checks"]
+        assert checks["database"] == "ok" and checks["s3"] == "ok" and checks["redis"].startswith("error")
+        ready = httpx.get(server.url + "/readyz", timeout=15)
+        assert ready.status_code == 503 and ready.headers["content-type"] == "application/problem+json"
+        assert ready.json()["code"] == "not_ready" and "redis" in ready.json()["detail"]
+        with server.client(make_key("acme")) as c:
+            batch = c.post("/v1/batches", json={}).json()
+            job = c.post(f"/v1/batches/{batch['id']}/files", files=_files(("a.wav", sine_wav(0.5)))).json()[
+                "jobs"
+            ][0]
+            refused = c.post(f"/v1/batches/{batch['id']}/submit")
+            assert refused.status_code == 503 and refused.json()["code"] == "queue_unavailable"
+            assert (
+                c.get(f"/v1/jobs/{job['id']}").json()["status"] == "uploaded"
+            )  # put back, can be submitted again
+    finally:
+        stop_api_server(server)
