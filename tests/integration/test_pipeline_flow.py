@@ -317,3 +317,25 @@ def test_sweeper_requeues_expired_leases_and_gives_up_at_the_limit(
         dead = s.execute(select(Attempt).where(Attempt.id == dead_attempt)).scalar_one()
     assert dead.outcome == AttemptOutcome.ABANDONED.value
     assert pipeline.batch_row(batch).status == BatchStatus.COMPLETED.value
+
+
+def test_twins_waiting_on_a_failed_leader_share_its_failure(
+    pipeline: Pipeline, worker: WorkerFactory, fake_openai: FakeOpenAI
+) -> None:
+    fake_openai.script(PRIMARY, [{"kind": "invalid_file", "message": "Audio file is corrupted (leader)"}])
+    fake_openai.script(SECOND, [{"kind": "invalid_file", "message": "still corrupted"}])
+    tenant = pipeline.tenant()
+    batch = pipeline.batch(tenant)
+    audio = tones(810)
+    jobs = [pipeline.job(tenant, batch, audio, filename=f"{i}.wav") for i in range(3)]
+    with worker():
+        pipeline.submit(jobs)
+        rows = pipeline.wait_terminal(jobs)
+    assert [r.status for r in rows.values()] == ["failed"] * 3
+    assert {r.error_code for r in rows.values()} == {"invalid_audio"}
+    assert {r.error_message for r in rows.values()} == {"Audio file is corrupted (leader)"}
+    leaders = [j for j in jobs if rows[j].deduplicated_from_id is None]
+    assert len(leaders) == 1
+    # Only the leader ever called a provider: one try on each model.
+    assert len(pipeline.attempts()) == 2 and all(a.job_id == leaders[0] for a in pipeline.attempts())
+    assert pipeline.batch_row(batch).status == BatchStatus.FAILED.value
