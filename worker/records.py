@@ -41,6 +41,7 @@ from core.statuses import (
 )
 
 TERMINAL_VALUES = tuple(s.value for s in JOB_TERMINAL)
+LIVE_VALUES = tuple(s.value for s in JobStatus if s not in JOB_TERMINAL)
 
 
 def now() -> datetime:
@@ -785,6 +786,12 @@ class FinishedBatch:
 def finish_batch_if_done(batch_id: uuid.UUID) -> FinishedBatch | None:
     """If every job of the batch is terminal, move it to completed/failed by CAS (once)."""
     with session_scope() as session:
+        # Cheap first: one index probe per live status, not a count over a batch of thousands of jobs.
+        live = session.execute(
+            select(Job.id).where(Job.batch_id == batch_id, Job.status.in_(LIVE_VALUES)).limit(1)
+        ).first()
+        if live is not None:
+            return None
         counts = dict(
             session.execute(
                 select(Job.status, func.count()).where(Job.batch_id == batch_id).group_by(Job.status)
