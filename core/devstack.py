@@ -56,6 +56,18 @@ def _die_with_parent() -> None:
         libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
 
 
+def _stop_postmaster(pg_dir: Path, timeout: float = 30.0) -> None:
+    """Fast-shutdown the Postgres of `pg_dir` by its pid file (pg_ctl daemonized it: in no child's group)."""
+    with contextlib.suppress(OSError, ValueError, IndexError):
+        pid = int((pg_dir / "postmaster.pid").read_text().splitlines()[0])
+        if str(pg_dir).encode() not in Path(f"/proc/{pid}/cmdline").read_bytes():
+            return  # a stale file whose pid now belongs to someone else
+        os.kill(pid, signal.SIGINT)
+        deadline = time.monotonic() + timeout
+        while Path(f"/proc/{pid}").exists() and time.monotonic() < deadline:
+            time.sleep(0.1)
+
+
 def write_secret(path: Path, value: str) -> None:
     """Write a secret file readable by its owner only (0600 from the first byte)."""
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -261,6 +273,9 @@ class DevStack:
             if server is not None:
                 with contextlib.suppress(Exception):
                     server.stop()
+        if self.postgres is not None:
+            # pg_ctl can fail (e.g. someone tightened a parent folder's mode): stop it by its pid file.
+            _stop_postmaster(self.postgres.data_dir)
         self.postgres = self.redis = self.s3 = None
         self._write_pids()
         if self._lock_file is not None:
@@ -359,15 +374,7 @@ class DevStack:
                         if str(self.data_dir).encode() in cmdline.read_bytes():
                             os.killpg(int(pid), signal.SIGKILL)
             path.unlink(missing_ok=True)
-        # pg_ctl daemonizes Postgres, so it is not in any child's group: stop it by its pid file.
-        pg_dir = self.data_dir / "postgres"
-        with contextlib.suppress(OSError, ValueError, IndexError):
-            pid = int((pg_dir / "postmaster.pid").read_text().splitlines()[0])
-            if str(pg_dir).encode() in Path(f"/proc/{pid}/cmdline").read_bytes():
-                os.kill(pid, signal.SIGINT)  # fast shutdown
-                deadline = time.monotonic() + 30
-                while Path(f"/proc/{pid}").exists() and time.monotonic() < deadline:
-                    time.sleep(0.1)
+        _stop_postmaster(self.data_dir / "postgres")
 
     def _saved_ports(self) -> dict[str, int]:
         path = self.data_dir / "ports.json"

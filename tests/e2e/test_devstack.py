@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -16,6 +19,7 @@ from pathlib import Path
 
 import boto3
 import httpx
+import pytest
 import redis
 from botocore.config import Config
 
@@ -123,6 +127,13 @@ def _children(pid: int) -> dict[int, str]:
     return found
 
 
+def _parent(pid: int) -> int:
+    try:
+        return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+    except (OSError, ValueError, IndexError):
+        return 0
+
+
 def _alive(pid: int) -> bool:
     try:
         stat = Path(f"/proc/{pid}/stat").read_text()
@@ -160,8 +171,19 @@ def _s3(data_dir: Path, endpoint: str) -> object:
     )
 
 
-def test_voxq_dev_up_healthy_supervised_stopped_and_restarted(tmp_path: Path) -> None:
-    data_dir = tmp_path / "voxq-data"
+@pytest.fixture
+def work_dir() -> Iterator[Path]:
+    """A scratch dir outside pytest's basetemp: concurrent pytest sessions chmod that to 0700, which
+    locks out embedded Postgres' own system user."""
+    path = Path(tempfile.mkdtemp(prefix="voxq-e2e-"))
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def test_voxq_dev_up_healthy_supervised_stopped_and_restarted(work_dir: Path) -> None:
+    data_dir = work_dir / "voxq-data"
     marker = f"persist-{time.time_ns()}"
 
     with voxq_dev(data_dir, "first") as run:
@@ -232,8 +254,10 @@ def test_voxq_dev_up_healthy_supervised_stopped_and_restarted(tmp_path: Path) ->
         os.kill(worker_pid, signal.SIGKILL)
 
         def restarted() -> bool:
+            # A direct child: the old worker's pool processes carry the same command line.
             return any(
-                "-n worker@%h" in cmd and p != worker_pid for p, cmd in _children(run.proc.pid).items()
+                "-n worker@%h" in cmd and p != worker_pid and _parent(p) == run.proc.pid
+                for p, cmd in _children(run.proc.pid).items()
             )
 
         wait_until(restarted, timeout=30, what="the worker to be restarted")
@@ -252,9 +276,13 @@ def test_voxq_dev_up_healthy_supervised_stopped_and_restarted(tmp_path: Path) ->
             all_pids |= set(_children(pid))
         run.proc.send_signal(signal.SIGTERM)
         assert run.proc.wait(60) == 0
-        wait_until(
-            lambda: not [p for p in all_pids if _alive(p)], timeout=10, what="every child of voxq dev to exit"
-        )
+
+        def leftovers() -> list[str]:
+            return [tree.get(p, str(p)) for p in all_pids if _alive(p)]
+
+        with contextlib.suppress(AssertionError):
+            wait_until(lambda: not leftovers(), timeout=10)
+        assert leftovers() == []
         assert _in_session(run.proc.pid) == []
         out = run.text()
         order = [
@@ -280,8 +308,8 @@ def test_voxq_dev_up_healthy_supervised_stopped_and_restarted(tmp_path: Path) ->
         assert json.loads((data_dir / "ports.json").read_text())  # ports remembered for stable URLs
 
 
-def test_second_voxq_dev_on_same_data_dir_is_refused(tmp_path: Path) -> None:
-    data_dir = tmp_path / "voxq-data"
+def test_second_voxq_dev_on_same_data_dir_is_refused(work_dir: Path) -> None:
+    data_dir = work_dir / "voxq-data"
     with voxq_dev(data_dir, "owner") as first:
         _wait_up(first)
         with voxq_dev(data_dir, "intruder") as second:
