@@ -28,6 +28,7 @@ def _setup_logging(loglevel: int | str | None = None, **_: Any) -> None:
     explicit = "VOXQ_LOG_LEVEL" in os.environ
     level = settings.log_level if explicit or loglevel in (None, 0, "") else loglevel
     configure_logging(settings.log_format, level)
+    logging.captureWarnings(True)  # Python warnings become log lines (JSON too), not bare stderr text
     logging.getLogger(__name__).debug("logging configured")
 
 

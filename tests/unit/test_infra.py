@@ -242,7 +242,7 @@ def test_workers_consume_every_queue_and_are_probed_by_worker_health() -> None:
     for dep, node in ((worker, "worker@%h"), (local, "local@%h")):
         container = dep["spec"]["template"]["spec"]["containers"][0]
         command = _command(container)
-        assert command[:4] == ["celery", "-A", "worker.app", "worker"]
+        assert command[:5] == ["celery", "--quiet", "-A", "worker.app", "worker"]
         assert "-E" in command  # task events, for Flower
         # `voxq worker-health` pings exactly these node names on its own host.
         assert command[command.index("-n") + 1] == node
