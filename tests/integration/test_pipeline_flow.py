@@ -339,3 +339,21 @@ def test_twins_waiting_on_a_failed_leader_share_its_failure(
     # Only the leader ever called a provider: one try on each model.
     assert len(pipeline.attempts()) == 2 and all(a.job_id == leaders[0] for a in pipeline.attempts())
     assert pipeline.batch_row(batch).status == BatchStatus.FAILED.value
+
+
+def test_identical_audio_prepared_by_concurrent_tasks_is_still_transcribed_once(
+    pipeline: Pipeline, worker: WorkerFactory, fake_openai: FakeOpenAI
+) -> None:
+    fake_openai.configure(PRIMARY, latency=1.0)
+    tenant = pipeline.tenant()
+    batch = pipeline.batch(tenant)
+    audio = tones(1230, 460)
+    jobs = [pipeline.job(tenant, batch, audio, filename=f"{i}.wav") for i in range(6)]
+    with worker(concurrency=2):
+        for job in jobs:  # one prepare task each: two worker processes race on the same audio
+            pipeline.submit([job])
+        rows = pipeline.wait_terminal(jobs)
+    assert all(r.status == "succeeded" for r in rows.values())
+    assert len(fake_openai.billing_log()) == 1
+    assert sum(1 for r in rows.values() if r.deduplicated_from_id is None) == 1
+    assert {pipeline.transcript(j).text for j in jobs} == {"tone1230 tone460"}  # type: ignore[union-attr]
