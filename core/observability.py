@@ -15,9 +15,9 @@ import os
 import re
 import shutil
 import threading
-from collections.abc import Awaitable, Callable, Iterable, MutableMapping
+from collections.abc import Iterable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from prometheus_client import REGISTRY, CollectorRegistry, generate_latest, multiprocess
 from prometheus_client.core import GaugeMetricFamily
@@ -254,36 +254,6 @@ def metrics_router(registry: CollectorRegistry | None = None) -> APIRouter:
         return Response(render(reg), media_type=CONTENT_TYPE_LATEST)
 
     return router
-
-
-ASGIApp = Callable[
-    [MutableMapping[str, Any], Callable[[], Awaitable[Any]], Callable[[Any], Awaitable[None]]],
-    Awaitable[None],
-]
-
-
-def metrics_asgi_app(registry: CollectorRegistry | None = None) -> ASGIApp:
-    """A bare ASGI app serving the API registry (for `app.mount`), rendering in a thread."""
-    import anyio.to_thread
-
-    reg = registry or api_registry()
-
-    async def app(
-        scope: MutableMapping[str, Any],
-        receive: Callable[[], Awaitable[Any]],
-        send: Callable[[Any], Awaitable[None]],
-    ) -> None:
-        body = await anyio.to_thread.run_sync(render, reg)
-        await send(
-            {
-                "type": "http.response.start",
-                "status": 200,
-                "headers": [(b"content-type", CONTENT_TYPE_LATEST.encode())],
-            }
-        )
-        await send({"type": "http.response.body", "body": body})
-
-    return app
 
 
 # --- Flower ----------------------------------------------------------------------------------------
