@@ -25,6 +25,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO
 
+from pydantic import SecretStr
+
 from core import names
 from core.embedded import HOST, EmbeddedPostgres, SeaweedS3, ValkeyRedis, port_is_free, wait_for_port
 from core.errors import ConfigError
@@ -39,6 +41,31 @@ WORKER_QUEUES = (
     names.QUEUE_TRANSCRIBE_LOW,
     names.QUEUE_MAINTENANCE,
     names.QUEUE_WEBHOOKS,
+)
+# What docker-compose gives every voxq service (its `x-voxq-env`); `voxq dev` gives its children the same
+# names, so both recipes run the same code the same way (tests/unit/test_compose.py keeps them equal).
+SHARED_ENV = (
+    "VOXQ_ENVIRONMENT",
+    "VOXQ_DATABASE_URL",
+    "VOXQ_REDIS_URL",
+    "VOXQ_S3_ENDPOINT_URL",
+    "VOXQ_S3_BUCKET",
+    "VOXQ_S3_REGION",
+    "VOXQ_S3_ACCESS_KEY_ID",
+    "VOXQ_S3_SECRET_ACCESS_KEY",
+    "VOXQ_IMPORT_BUCKETS",
+    "VOXQ_WEBHOOK_SECRET",
+    "VOXQ_FLOWER_USER",
+    "VOXQ_FLOWER_PASSWORD",
+    "OPENAI_API_KEY",
+    "OPENAI_BASE_URL",
+    "VOXQ_PRIMARY_MODEL",
+    "VOXQ_FALLBACK_MODELS",
+    "VOXQ_LOCAL_CONCURRENCY",
+    "VOXQ_LOCAL_MODEL_CACHE_DIR",
+    "VOXQ_DATA_DIR",
+    "VOXQ_LOG_FORMAT",
+    "VOXQ_LOG_LEVEL",
 )
 CHILD_STOP_TIMEOUT = 20.0
 BACKOFF_MAX_SECONDS = 30.0
@@ -66,6 +93,17 @@ def _stop_postmaster(pg_dir: Path, timeout: float = 30.0) -> None:
         deadline = time.monotonic() + timeout
         while Path(f"/proc/{pid}").exists() and time.monotonic() < deadline:
             time.sleep(0.1)
+
+
+def _env_value(value: object) -> str:
+    """A setting's value as the environment variable that sets it."""
+    if value is None:
+        return ""
+    if isinstance(value, SecretStr):
+        return value.get_secret_value()
+    if isinstance(value, list):
+        return ",".join(str(v) for v in value)
+    return str(value)
 
 
 def write_secret(path: Path, value: str) -> None:
@@ -471,7 +509,10 @@ class DevStack:
         os.environ.update({k: v for k, v in self.env.items() if k.startswith("VOXQ_")})
         reset_settings_cache()
         dispose_engine()
-        self.env.setdefault("VOXQ_S3_BUCKET", get_settings().s3_bucket)
+        settings = get_settings()
+        for key in SHARED_ENV:
+            if key not in self.env:
+                self.env[key] = _env_value(getattr(settings, key.removeprefix("VOXQ_").lower()))
 
     def _prepare(self) -> None:
         from core.db import upgrade

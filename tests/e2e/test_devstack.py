@@ -23,6 +23,7 @@ import pytest
 import redis
 from botocore.config import Config
 
+from core.devstack import SHARED_ENV
 from core.embedded import free_port
 from tests.support import REPO_ROOT, wait_until
 
@@ -269,6 +270,12 @@ def test_voxq_dev_up_healthy_supervised_stopped_and_restarted(work_dir: Path) ->
         names = {"weed mini", "valkey-server", "uvicorn", "-n worker@%h", "-n local@%h", " beat ", "flower"}
         for name in names:
             assert any(name in cmd for cmd in tree.values()), f"{name} not running under voxq dev"
+        # Every child gets the variables compose gives its services.
+        for pid, cmd in tree.items():
+            if "uvicorn" in cmd or "-n local@%h" in cmd:
+                environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+                keys = {item.split(b"=", 1)[0].decode() for item in environ if b"=" in item}
+                assert set(SHARED_ENV) <= keys, set(SHARED_ENV) - keys
         postmaster = int((data_dir / "postgres" / "postmaster.pid").read_text().split()[0])
         assert _alive(postmaster)
         all_pids = set(tree) | {postmaster}

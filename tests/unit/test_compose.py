@@ -11,7 +11,7 @@ import yaml
 from pydantic import SecretStr
 
 from core import names
-from core.devstack import WORKER_QUEUES
+from core.devstack import SHARED_ENV, WORKER_QUEUES
 from core.settings import Settings
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -195,3 +195,9 @@ def test_prometheus_scrapes_the_worker_metrics_port() -> None:
         env = _environment(SERVICES[service])
         assert int(env["VOXQ_WORKER_METRICS_PORT"]) == sd["port"]
         assert env["VOXQ_WORKER_METRICS_HOST"] == "0.0.0.0"
+
+
+def test_voxq_dev_passes_children_the_variables_compose_passes() -> None:
+    assert set(COMPOSE["x-voxq-env"]) == set(SHARED_ENV)
+    for service in APP_SERVICES:
+        assert set(SHARED_ENV) <= set(_environment(SERVICES[service]))
