@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import random
 import time
 import uuid
 from collections import Counter
@@ -53,6 +54,7 @@ log = logging.getLogger(__name__)
 LOCAL = "local"
 PROMPT_TAIL_CHARS = 300
 MAX_SPLIT_DEPTH = 3
+MAX_BLOCKED_ROUNDS = 3
 
 
 def derived_key(tenant_id: uuid.UUID, job_id: uuid.UUID, index: int | None = None) -> str:
@@ -75,6 +77,14 @@ def compose_prompt(batch_prompt: str | None, previous_text: str | None) -> str |
 
 class Handoff(Exception):
     """Raised when the chain reaches `local`: the job goes to the local engine's queue."""
+
+
+class _ChainBlocked(Exception):
+    """Raised when every usable model was skipped because its circuit is open (not retired)."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
 
 
 class JobEnded(Exception):
@@ -151,7 +161,36 @@ class ChainRunner:
         start: int = 0,
         depth: int = 0,
     ) -> Answer:
-        """Transcribe `data` (FLAC, `seconds` long) with the first model of `chain[start:]` that can."""
+        """Transcribe `data` (FLAC, `seconds` long) with the first model of `chain[start:]` that can.
+
+        When the chain ran out only because circuits were open (a provider outage the fleet already
+        noticed), wait for them to half-open and go again, up to `MAX_BLOCKED_ROUNDS` times and never past
+        the task's deadline, rather than failing files during a short outage.
+        """
+        rounds = 0
+        while True:
+            try:
+                return await self._run_once(piece, data, seconds, prompt, chain, start=start, depth=depth)
+            except _ChainBlocked as blocked:
+                rounds += 1
+                wait = self.settings.circuit_open_seconds * random.uniform(1.0, 1.2)
+                timeout = self.settings.provider_timeout_seconds
+                if rounds > MAX_BLOCKED_ROUNDS or time.monotonic() + wait + timeout > self.deadline:
+                    raise JobEnded(JobStatus.FAILED, ModelUnavailable.code, blocked.message) from None
+                await asyncio.sleep(wait)
+
+    async def _run_once(
+        self,
+        piece: Piece,
+        data: bytes,
+        seconds: float,
+        prompt: str | None,
+        chain: list[str],
+        *,
+        start: int,
+        depth: int,
+    ) -> Answer:
+        blocked = False
         invalid: ProviderError | None = None
         invalid_index = -1
         empty: Answer | None = None
@@ -164,7 +203,9 @@ class ChainRunner:
             if invalid is not None and i > invalid_index + 1:
                 break
             if not await self.circuit.allow(model):
-                last_error = f"{model}: circuit open"
+                state = await self.circuit.state(model)
+                blocked = blocked or state != "retired"
+                last_error = f"{model}: circuit {state}"
                 self._fallback(model, chain, i)
                 i += 1
                 continue
@@ -280,11 +321,10 @@ class ChainRunner:
             raise JobEnded(JobStatus.FAILED, "invalid_audio", invalid.message)
         if empty is not None:
             return empty
-        raise JobEnded(
-            JobStatus.FAILED,
-            ModelUnavailable.code,
-            f"no model in the chain could transcribe this audio (last: {last_error or 'none tried'})",
-        )
+        message = f"no model in the chain could transcribe this audio (last: {last_error or 'none tried'})"
+        if blocked:
+            raise _ChainBlocked(message)
+        raise JobEnded(JobStatus.FAILED, ModelUnavailable.code, message)
 
     def _fallback(self, model: str, chain: list[str], i: int) -> None:
         metrics.FALLBACKS.labels(

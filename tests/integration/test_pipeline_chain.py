@@ -3,6 +3,7 @@ circuit breaking, re-chunking, and cost records that match the provider's billin
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 from collections.abc import Iterator
 from contextlib import AbstractContextManager
@@ -244,3 +245,31 @@ def test_worker_start_warns_about_models_retiring_within_90_days(
     lines = [line for line in log.read_text(errors="replace").splitlines() if "MODEL RETIRING" in line]
     assert len(lines) == 1 and PRIMARY in lines[0]
     assert (today + timedelta(days=30)).isoformat() in lines[0]
+
+
+def test_an_open_circuit_delays_jobs_instead_of_failing_them(
+    stack: Stack, pipeline: Pipeline, worker: WorkerFactory, fake_openai: FakeOpenAI
+) -> None:
+    import time
+
+    import redis.asyncio as aioredis
+
+    from core.circuit import CircuitBreaker
+
+    async def trip() -> None:
+        client = aioredis.Redis.from_url(stack.redis_url)
+        try:
+            await CircuitBreaker(client, failure_threshold=5, open_seconds=3).trip(PRIMARY, seconds=3)
+        finally:
+            await client.aclose()
+
+    _, job = one_job(pipeline, tones(560), models=[PRIMARY])
+    with worker(VOXQ_CIRCUIT_OPEN_SECONDS="1"):
+        asyncio.run(trip())
+        tripped_at = time.time()
+        pipeline.submit([job])
+        rows = pipeline.wait_terminal([job], timeout=60)
+    assert rows[job].status == JobStatus.SUCCEEDED.value
+    (attempt,) = pipeline.attempts(job)
+    assert attempt.outcome == AttemptOutcome.SUCCESS.value
+    assert attempt.started_at.timestamp() >= tripped_at + 2.5  # waited for the circuit to half-open
