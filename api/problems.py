@@ -15,6 +15,7 @@ from fastapi import FastAPI, Request
 from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from pydantic import BaseModel, ConfigDict
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from core.errors import AudioError, EmptyAudio, StorageError, UnsupportedMedia, VoxqError
@@ -40,6 +41,35 @@ _STATUS_CODES = {
     500: "internal_error",
     503: "service_unavailable",
 }
+
+
+class ProblemDocument(BaseModel):
+    """An error answer (RFC 9457) with voxq's stable `code`."""
+
+    model_config = ConfigDict(extra="allow")
+
+    type: str
+    title: str
+    status: int
+    detail: str
+    code: str
+
+
+def problem_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI `responses` documenting problem+json answers for these statuses."""
+    schema = {"$ref": "#/components/schemas/ProblemDocument"}
+    return {
+        status: {
+            "description": HTTPStatus(status).phrase,
+            "content": {PROBLEM_MEDIA_TYPE: {"schema": schema}},
+        }
+        for status in statuses
+    }
+
+
+# What every authenticated /v1 route can answer besides success.
+COMMON_PROBLEMS = problem_responses(400, 401, 404, 409, 422, 503)
+UPLOAD_PROBLEMS = problem_responses(413, 415)
 
 
 class Problem(Exception):
@@ -157,8 +187,24 @@ async def _on_unexpected(request: Request, exc: Exception) -> JSONResponse:
     return problem_response(500, "internal_error", "an unexpected error occurred")
 
 
+def _with_problem_schema(app: FastAPI) -> None:
+    """Add ProblemDocument to the OpenAPI components the `responses` above refer to."""
+    build = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            schema = build()
+            components = schema.setdefault("components", {}).setdefault("schemas", {})
+            components["ProblemDocument"] = ProblemDocument.model_json_schema()
+            app.openapi_schema = schema
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
+
+
 def install_problem_handlers(app: FastAPI) -> None:
-    """Make every error of `app` a problem document."""
+    """Make every error of `app` a problem document (and document it in the OpenAPI)."""
+    _with_problem_schema(app)
     app.add_exception_handler(Problem, _on_problem)
     app.add_exception_handler(VoxqError, _on_voxq_error)
     app.add_exception_handler(StarletteHTTPException, _on_http_exception)

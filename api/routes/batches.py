@@ -16,7 +16,7 @@ from api import service
 from api.deps import SessionDep, StorageDep, TenantContext, TenantDep
 from api.idempotency import HEADER, IdempotencyStore, Outcome, conflict_problem, valid_key
 from api.ingest import accept_files, discard, forget_new_objects, receive_multipart
-from api.problems import Problem
+from api.problems import COMMON_PROBLEMS, UPLOAD_PROBLEMS, Problem, problem_responses
 from api.schemas import (
     BatchCreate,
     BatchOut,
@@ -38,7 +38,7 @@ from core.settings import get_settings
 from core.statuses import JOB_TERMINAL, BatchStatus, JobStatus
 from core.storage import Storage, content_key, parse_s3_uri
 
-router = APIRouter(prefix="/v1/batches", tags=["batches"])
+router = APIRouter(prefix="/v1/batches", tags=["batches"], responses=COMMON_PROBLEMS)
 
 MULTIPART_FILES_BODY: dict[str, Any] = {
     "requestBody": {
@@ -125,7 +125,11 @@ def list_jobs(
 
 
 @router.post(
-    "/{batch_id}/files", status_code=201, response_model=UploadOut, openapi_extra=MULTIPART_FILES_BODY
+    "/{batch_id}/files",
+    status_code=201,
+    response_model=UploadOut,
+    openapi_extra=MULTIPART_FILES_BODY,
+    responses=UPLOAD_PROBLEMS,
 )
 async def upload_files(
     batch_id: uuid.UUID, request: Request, tenant: TenantDep, storage: StorageDep
@@ -217,7 +221,9 @@ def _add_files(
     return 201, jsonable_encoder(out)
 
 
-@router.post("/{batch_id}/uploads", status_code=201, response_model=PresignedUploadOut)
+@router.post(
+    "/{batch_id}/uploads", status_code=201, response_model=PresignedUploadOut, responses=UPLOAD_PROBLEMS
+)
 def create_presigned_upload(
     batch_id: uuid.UUID,
     body: PresignedUploadCreate,
@@ -258,7 +264,12 @@ def create_presigned_upload(
     )
 
 
-@router.post("/{batch_id}/imports", status_code=201, response_model=ImportOut)
+@router.post(
+    "/{batch_id}/imports",
+    status_code=201,
+    response_model=ImportOut,
+    responses=problem_responses(403, 413, 415),
+)
 def import_objects(
     batch_id: uuid.UUID, body: ImportCreate, tenant: TenantDep, storage: StorageDep
 ) -> ImportOut:

@@ -11,7 +11,7 @@ from botocore.config import Config
 from fastapi import APIRouter
 from fastapi.responses import JSONResponse
 
-from api.problems import problem_response
+from api.problems import problem_response, problem_responses
 from api.schemas import HealthOut
 from core import db
 from core.settings import get_settings
@@ -83,7 +83,7 @@ def healthz() -> HealthOut:
     return HealthOut(status="ok", checks=run_checks())
 
 
-@router.get("/readyz", response_model=HealthOut, responses={503: {"description": "a dependency is down"}})
+@router.get("/readyz", response_model=HealthOut, responses=problem_responses(503))
 def readyz() -> JSONResponse:
     """Readiness: 200 when Postgres, Redis and S3 answer, else a 503 problem naming the failing checks."""
     checks = run_checks()

@@ -16,7 +16,7 @@ from sqlalchemy import delete, func, select, update
 from api import service
 from api.deps import SessionDep, StorageDep, TenantContext, TenantDep
 from api.ingest import Received, accept_files, discard, forget_new_objects
-from api.problems import Problem
+from api.problems import COMMON_PROBLEMS, UPLOAD_PROBLEMS, Problem
 from api.schemas import AttemptList, AttemptOut, BatchOptions, JobOut, TranscriptFormat
 from api.transcripts import render
 from core.db import session_scope
@@ -24,7 +24,7 @@ from core.models import Attempt, CostRecord, Job, JobChunk, Transcript
 from core.statuses import JOB_TERMINAL, JobStatus
 from core.storage import Storage
 
-router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
+router = APIRouter(prefix="/v1/jobs", tags=["jobs"], responses=COMMON_PROBLEMS)
 
 OPTION_FIELDS = frozenset(BatchOptions.model_fields)
 
@@ -55,7 +55,9 @@ SINGLE_JOB_BODY: dict[str, Any] = {
 }
 
 
-@router.post("", status_code=202, response_model=JobOut, openapi_extra=SINGLE_JOB_BODY)
+@router.post(
+    "", status_code=202, response_model=JobOut, openapi_extra=SINGLE_JOB_BODY, responses=UPLOAD_PROBLEMS
+)
 async def submit_one(request: Request, tenant: TenantDep, storage: StorageDep) -> JSONResponse:
     """Upload one file with the batch options as form fields: a one-file batch, queued at once."""
     from api.routes.batches import ingest_multipart

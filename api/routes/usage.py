@@ -10,11 +10,11 @@ from sqlalchemy import case, cast, func, select
 from sqlalchemy.types import Date, String
 
 from api.deps import SessionDep, TenantDep
-from api.problems import Problem
+from api.problems import COMMON_PROBLEMS, Problem
 from api.schemas import GroupBy, UsageOut, UsageRow
 from core.models import CostRecord
 
-router = APIRouter(prefix="/v1", tags=["usage"])
+router = APIRouter(prefix="/v1", tags=["usage"], responses=COMMON_PROBLEMS)
 
 DEFAULT_WINDOW = timedelta(days=30)
 

@@ -111,3 +111,13 @@ def test_openapi_documents_bearer_auth_and_multipart_uploads() -> None:
     assert "multipart/form-data" in files
     create = spec["components"]["schemas"]["BatchCreate"]
     assert create.get("additionalProperties") is False
+    job_404 = spec["paths"]["/v1/jobs/{job_id}"]["get"]["responses"]["404"]["content"]
+    assert job_404["application/problem+json"]["schema"] == {"$ref": "#/components/schemas/ProblemDocument"}
+    assert set(spec["components"]["schemas"]["ProblemDocument"]["required"]) == {
+        "type",
+        "title",
+        "status",
+        "detail",
+        "code",
+    }
+    assert "413" in spec["paths"]["/v1/batches/{batch_id}/files"]["post"]["responses"]
