@@ -653,7 +653,7 @@ def close_attempt(
             usage_type = getattr(priced, "usage_type", None) or (
                 str(usage.get("type")) if usage and usage.get("type") else "none"
             )
-            session.execute(
+            inserted = session.execute(
                 insert(CostRecord)
                 .values(
                     id=uuid7(),
@@ -675,7 +675,11 @@ def close_attempt(
                     estimated=bool(priced.estimated) if priced is not None else False,
                 )
                 .on_conflict_do_nothing(index_elements=[CostRecord.attempt_id])
-            )
+                .returning(CostRecord.id)
+            ).first()
+            if inserted is None:
+                # Already charged (an abandoned call's estimate): count it once.
+                usd, billed = Decimal(0), 0.0
             session.execute(
                 update(Job)
                 .where(Job.id == job_id)
@@ -849,3 +853,29 @@ def batches_of(job_ids: list[uuid.UUID]) -> set[uuid.UUID]:
         return set()
     with session_scope() as session:
         return set(session.execute(select(Job.batch_id).where(Job.id.in_(job_ids))).scalars())
+
+
+def charge_abandoned(
+    attempt_id: uuid.UUID, *, tenant_id: uuid.UUID, job_id: uuid.UUID, model: str, audio_seconds: float
+) -> None:
+    """Record an estimated cost for a hosted call whose worker died waiting: it may have been billed."""
+    from core.pricing import price_attempt
+
+    with session_scope() as session:
+        batch_id = session.execute(select(Job.batch_id).where(Job.id == job_id)).scalar()
+    if batch_id is None:
+        return
+    priced = price_attempt(model, None, audio_seconds)
+    priced.estimated = True
+    close_attempt(
+        attempt_id,
+        outcome=AttemptOutcome.ABANDONED,
+        latency_ms=None,
+        tenant_id=tenant_id,
+        batch_id=batch_id,
+        job_id=job_id,
+        model=model,
+        error_code="worker_lost",
+        error_message="the worker died during the call; cost estimated from the audio's duration",
+        priced=priced,
+    )

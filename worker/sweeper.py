@@ -4,8 +4,12 @@
   broker). With `run_count < VOXQ_JOB_MAX_ATTEMPTS` it goes back to `queued` and is sent to `prepare`
   again (prepare is cheap and idempotent, and its claim increments `run_count`); at the limit it fails
   with `too_many_attempts`, so a file that crashes workers cannot loop forever.
-- Attempts still `pending` for a job whose run the sweeper just ended, or older than the task time limit
-  (no live task can still be waiting on them), become `abandoned`.
+- Attempts still `pending` for a job whose run the sweeper just ended, or hosted ones pending for more
+  than twice the provider timeout (the row is written when the call starts, so no live call is that old;
+  local ones: the task time limit), become `abandoned`. A late answer from a call thought dead still
+  closes its attempt with the real outcome. The provider may have billed an abandoned hosted call
+  (its worker died waiting for the answer), so each gets a cost record estimated from its duration and
+  marked `estimated`: the bill may be slightly high, never silently low.
 All in a few set-based statements; `FOR UPDATE SKIP LOCKED` lets two sweepers run without stepping on
 each other.
 """
@@ -15,14 +19,24 @@ from __future__ import annotations
 import uuid
 from dataclasses import dataclass, field
 from datetime import timedelta
+from typing import Any
 
-from sqlalchemy import select, update
+from sqlalchemy import and_, or_, select, update
 
 from core.db import session_scope
 from core.models import Attempt, Job
 from core.settings import get_settings
 from core.statuses import AttemptOutcome, JobStatus
 from worker import completion, dispatch, records
+
+_ABANDONED_COLUMNS = (
+    Attempt.id,
+    Attempt.tenant_id,
+    Attempt.job_id,
+    Attempt.model,
+    Attempt.provider,
+    Attempt.audio_seconds,
+)
 
 
 @dataclass
@@ -40,6 +54,7 @@ def sweep(*, limit: int = 1000) -> SweepReport:
     report = SweepReport()
     ts = records.now()
     by_priority: dict[str, list[uuid.UUID]] = {}
+    abandoned: list[Any] = []
     with session_scope() as session:
         expired = session.execute(
             select(Job.id, Job.run_count, Job.priority, Job.batch_id)
@@ -67,19 +82,38 @@ def sweep(*, limit: int = 1000) -> SweepReport:
             report.requeued = [r.id for r in requeue]
         ended = [r.id for r in expired]
         if ended:
-            result = session.execute(
+            abandoned += session.execute(
                 update(Attempt)
                 .where(Attempt.job_id.in_(ended), Attempt.outcome == AttemptOutcome.PENDING.value)
                 .values(outcome=AttemptOutcome.ABANDONED.value, ended_at=ts, error_code="worker_lost")
-            )
-            report.abandoned_attempts += int(result.rowcount)  # type: ignore[attr-defined]
-        stale = ts - timedelta(seconds=settings.task_time_limit + settings.provider_timeout_seconds)
-        result = session.execute(
+                .returning(*_ABANDONED_COLUMNS)
+            ).all()
+        # A hosted attempt is written when its call starts, so one pending past twice the provider timeout
+        # has no live caller; a local one may legitimately run for many minutes.
+        hosted_stale = ts - timedelta(seconds=2 * settings.provider_timeout_seconds + 10)
+        local_stale = ts - timedelta(seconds=settings.task_time_limit + 60)
+        abandoned += session.execute(
             update(Attempt)
-            .where(Attempt.outcome == AttemptOutcome.PENDING.value, Attempt.started_at < stale)
+            .where(
+                Attempt.outcome == AttemptOutcome.PENDING.value,
+                or_(
+                    and_(Attempt.provider != "local", Attempt.started_at < hosted_stale),
+                    Attempt.started_at < local_stale,
+                ),
+            )
             .values(outcome=AttemptOutcome.ABANDONED.value, ended_at=ts, error_code="worker_lost")
-        )
-        report.abandoned_attempts += int(result.rowcount)  # type: ignore[attr-defined]
+            .returning(*_ABANDONED_COLUMNS)
+        ).all()
+    report.abandoned_attempts = len(abandoned)
+    for a in abandoned:
+        if a.provider != "local" and a.job_id is not None:
+            records.charge_abandoned(
+                a.id,
+                tenant_id=a.tenant_id,
+                job_id=a.job_id,
+                model=a.model,
+                audio_seconds=a.audio_seconds or 0.0,
+            )
     for r in give_up:
         if records.end_job(
             r.id,

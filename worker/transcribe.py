@@ -350,35 +350,37 @@ class ChainRunner:
                 "budget_exceeded",
                 f"the batch's budget of ${piece.batch.budget_usd} would be passed by this file",
             )
-        try:
-            attempt_id = await asyncio.to_thread(
-                records.open_attempt,
-                tenant_id=piece.job.tenant_id,
-                job_id=piece.job.id,
-                chunk_index=piece.index,
-                model=model,
-                provider=getattr(self.provider, "name", "openai"),
-                retry_number=retry,
-                audio_seconds=seconds,
-                request_bytes=len(data),
-                worker=self.rt.worker_name,
-            )
-        except BaseException:
-            await asyncio.to_thread(budget.release, piece.job.batch_id, estimate)
-            raise
-        request = TranscriptionRequest(
-            audio=data,
-            filename=audio.FLAC_FILENAME,
-            content_type=audio.FLAC_CONTENT_TYPE,
-            model=model,
-            audio_seconds=seconds,
-            language=piece.batch.language,
-            prompt=prompt,
-            request_id=str(attempt_id),
-            want_timestamps=True,
-        )
-        started = time.monotonic()
+        # The attempt row is written once a slot is free, so `started_at` is when the call really starts
+        # and a pending attempt older than the provider timeout belongs to a dead worker (see sweeper).
         async with self.rt.semaphore:
+            try:
+                attempt_id = await asyncio.to_thread(
+                    records.open_attempt,
+                    tenant_id=piece.job.tenant_id,
+                    job_id=piece.job.id,
+                    chunk_index=piece.index,
+                    model=model,
+                    provider=getattr(self.provider, "name", "openai"),
+                    retry_number=retry,
+                    audio_seconds=seconds,
+                    request_bytes=len(data),
+                    worker=self.rt.worker_name,
+                )
+            except BaseException:
+                await asyncio.to_thread(budget.release, piece.job.batch_id, estimate)
+                raise
+            request = TranscriptionRequest(
+                audio=data,
+                filename=audio.FLAC_FILENAME,
+                content_type=audio.FLAC_CONTENT_TYPE,
+                model=model,
+                audio_seconds=seconds,
+                language=piece.batch.language,
+                prompt=prompt,
+                request_id=str(attempt_id),
+                want_timestamps=True,
+            )
+            started = time.monotonic()
             try:
                 result = await self.provider.transcribe(request)
             except ProviderError as exc:

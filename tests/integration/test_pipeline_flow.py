@@ -4,6 +4,8 @@ chunk stitching, budget stop, priority, redelivery and the sweeper."""
 from __future__ import annotations
 
 import itertools
+import os
+import signal
 import subprocess
 import sys
 import uuid
@@ -306,7 +308,16 @@ def test_sweeper_requeues_expired_leases_and_gives_up_at_the_limit(
             .where(Job.id == hopeless)
             .values(status="processing", lease_owner="dead:1", lease_expires_at=past, run_count=5)
         )
-        s.add(Attempt(id=dead_attempt, tenant_id=tenant, job_id=revived, model=PRIMARY, provider="openai"))
+        s.add(
+            Attempt(
+                id=dead_attempt,
+                tenant_id=tenant,
+                job_id=revived,
+                model=PRIMARY,
+                provider="openai",
+                audio_seconds=60.0,
+            )
+        )
     with worker():
         send(stack, "voxq.maintenance.sweep", "maintenance")
         rows = pipeline.wait_terminal([revived, hopeless])
@@ -316,6 +327,10 @@ def test_sweeper_requeues_expired_leases_and_gives_up_at_the_limit(
     with Session(pipeline.engine) as s:
         dead = s.execute(select(Attempt).where(Attempt.id == dead_attempt)).scalar_one()
     assert dead.outcome == AttemptOutcome.ABANDONED.value
+    # The dead call may have been billed: it carries an estimated cost, on the job's bill too.
+    (estimate,) = [c for c in pipeline.costs(revived) if c.attempt_id == dead_attempt]
+    assert estimate.estimated and estimate.usd > 0
+    assert rows[revived].cost_usd == sum((c.usd for c in pipeline.costs(revived)), Decimal(0))
     assert pipeline.batch_row(batch).status == BatchStatus.COMPLETED.value
 
 
@@ -357,3 +372,52 @@ def test_identical_audio_prepared_by_concurrent_tasks_is_still_transcribed_once(
     assert len(fake_openai.billing_log()) == 1
     assert sum(1 for r in rows.values() if r.deduplicated_from_id is None) == 1
     assert {pipeline.transcript(j).text for j in jobs} == {"tone1230 tone460"}  # type: ignore[union-attr]
+
+
+def _children(pid: int) -> list[int]:
+    kids = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as fh:
+                    fields = fh.read().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(fields[1]) == pid:
+                kids.append(int(entry))
+    return kids
+
+
+def test_a_worker_killed_mid_call_is_recovered_and_the_lost_call_accounted(
+    stack: Stack, pipeline: Pipeline, fake_openai: FakeOpenAI, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    fake_openai.configure(PRIMARY, latency=3.0)
+    tenant = pipeline.tenant()
+    batch = pipeline.batch(tenant)
+    job = pipeline.job(tenant, batch, tones(940))
+    with celery_worker(stack, concurrency=1, env=hosted_env()) as proc:
+        pipeline.submit([job])
+        wait_until(lambda: pipeline.attempts(job), timeout=60, what="the first call in flight")
+        (child,) = _children(proc.pid)
+        os.kill(child, signal.SIGKILL)  # the pool process dies mid-call; its task message is requeued
+        rows = pipeline.wait_terminal([job], timeout=90)
+    assert rows[job].status == JobStatus.SUCCEEDED.value
+    assert len(pipeline.transcripts(job)) == 1
+    lost, done = pipeline.attempts(job)
+    assert (lost.outcome, done.outcome) == (AttemptOutcome.PENDING.value, AttemptOutcome.SUCCESS.value)
+    # The sweeper closes the lost call once no live call could still be waiting on it, and charges an
+    # estimate for it: the provider may have billed it.
+    from core.settings import reset_settings_cache
+    from worker.sweeper import sweep
+
+    monkeypatch.setenv("VOXQ_PROVIDER_TIMEOUT_SECONDS", "1")
+    reset_settings_cache()
+    wait_until(lambda: sweep().abandoned_attempts, timeout=30, interval=1.0, what="lost attempt abandoned")
+    lost, done = pipeline.attempts(job)
+    assert lost.outcome == AttemptOutcome.ABANDONED.value
+    costs = {c.attempt_id: c for c in pipeline.costs(job)}
+    assert set(costs) == {lost.id, done.id}
+    assert costs[lost.id].estimated and costs[lost.id].usd > 0
+    billed = {e["request_id"] for e in fake_openai.billing_log()}
+    assert str(done.id) in billed and billed <= {str(lost.id), str(done.id)}
+    assert pipeline.jobs([job])[job].cost_usd == costs[lost.id].usd + costs[done.id].usd
