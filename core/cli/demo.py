@@ -20,12 +20,17 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from decimal import Decimal
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import httpx
 
+from core.client import TERMINAL_JOB_STATUSES, ApiError, VoxqClient
+
+if TYPE_CHECKING:
+    from core.devstack import DevStack
+
 SAMPLES_DIR = Path(__file__).resolve().parents[2] / "samples"
-TERMINAL_JOB = frozenset({"succeeded", "failed", "cancelled", "skipped"})
+TERMINAL_JOB = frozenset(TERMINAL_JOB_STATUSES)
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -58,70 +63,6 @@ def load_samples(folder: Path) -> list[Sample]:
     return [
         Sample(folder / item["file"], item.get("kind", "auto"), item.get("text", "")) for item in manifest
     ]
-
-
-class DemoClient:
-    """The few API calls the demo makes (the `voxq` CLI client covers the rest of the API)."""
-
-    def __init__(self, base_url: str, api_key: str) -> None:
-        self.http = httpx.Client(
-            base_url=base_url, headers={"Authorization": f"Bearer {api_key}"}, timeout=120.0
-        )
-
-    def close(self) -> None:
-        """Close the connection pool."""
-        self.http.close()
-
-    def _ok(self, response: httpx.Response) -> Any:
-        if response.status_code >= 400:
-            raise RuntimeError(
-                f"{response.request.method} {response.request.url.path}: {response.text[:300]}"
-            )
-        return response.json() if response.content else None
-
-    def create_batch(self, name: str) -> str:
-        """A new batch; its id."""
-        return str(self._ok(self.http.post("/v1/batches", json={"name": name, "profile": "auto"}))["id"])
-
-    def upload(self, batch_id: str, paths: list[Path]) -> list[dict[str, Any]]:
-        """Upload files as multipart `file` parts (streamed from disk); the jobs created."""
-        with contextlib.ExitStack() as stack:
-            files = [("file", (p.name, stack.enter_context(open(p, "rb")))) for p in paths]
-            jobs: list[dict[str, Any]] = self._ok(
-                self.http.post(f"/v1/batches/{batch_id}/files", files=files)
-            )["jobs"]
-        return jobs
-
-    def submit(self, batch_id: str) -> dict[str, Any]:
-        """Queue every uploaded job."""
-        result: dict[str, Any] = self._ok(self.http.post(f"/v1/batches/{batch_id}/submit"))
-        return result
-
-    def batch(self, batch_id: str) -> dict[str, Any]:
-        """The batch's status, counts and totals."""
-        result: dict[str, Any] = self._ok(self.http.get(f"/v1/batches/{batch_id}"))
-        return result
-
-    def jobs(self, batch_id: str) -> list[dict[str, Any]]:
-        """Every job of the batch (all pages)."""
-        items: list[dict[str, Any]] = []
-        cursor: str | None = None
-        while True:
-            params: dict[str, str | int] = {"limit": 100}
-            if cursor:
-                params["cursor"] = cursor
-            page = self._ok(self.http.get(f"/v1/batches/{batch_id}/jobs", params=params))
-            items += page["items"]
-            cursor = page.get("next_cursor")
-            if not cursor:
-                return items
-
-    def transcript(self, job_id: str) -> str:
-        """The plain-text transcript."""
-        response = self.http.get(f"/v1/jobs/{job_id}/transcript", params={"format": "txt"})
-        if response.status_code >= 400:
-            raise RuntimeError(f"transcript of {job_id}: {response.text[:300]}")
-        return response.text
 
 
 def progress_line(batch: dict[str, Any], started: float) -> str:
@@ -212,22 +153,21 @@ def run_demo(args: argparse.Namespace) -> int:
             stack.stop()
 
 
-def _wait_healthy(client: DemoClient, timeout: float) -> None:
+def _wait_healthy(client: VoxqClient, timeout: float) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        with contextlib.suppress(httpx.HTTPError):
-            if client.http.get("/healthz").status_code == 200:
+        with contextlib.suppress(httpx.HTTPError, ApiError):
+            if client.health().get("status") == "ok":
                 return
         time.sleep(0.2)
     raise RuntimeError("the API did not become healthy")
 
 
-def _transcribe(api_url: str, api_key: str, samples: list[Sample], timeout: float, stack: Any) -> int:
-    client = DemoClient(api_url, api_key)
-    try:
+def _transcribe(api_url: str, api_key: str, samples: list[Sample], timeout: float, stack: DevStack) -> int:
+    with VoxqClient(api_url, api_key) as client:
         _wait_healthy(client, 60)
-        batch_id = client.create_batch("voxq demo")
-        jobs = client.upload(batch_id, [s.path for s in samples])
+        batch_id = str(client.create_batch(name="voxq demo", profile="auto")["id"])
+        jobs = client.upload_files(batch_id, [s.path for s in samples])
         total_bytes = sum(s.path.stat().st_size for s in samples)
         print(f"Uploaded {len(jobs)} files ({total_bytes / 1024:.0f} KiB) to batch {batch_id}")
         submitted = client.submit(batch_id)
@@ -235,34 +175,29 @@ def _transcribe(api_url: str, api_key: str, samples: list[Sample], timeout: floa
             print(f"  rejected {rejected['job_id']}: {rejected['code']} {rejected['message']}")
         started = time.monotonic()
         tty = sys.stdout.isatty()
-        last = ""
-        while True:
-            stack.supervise_once()  # the demo is the supervisor while it runs
-            batch = client.batch(batch_id)
+        shown = [""]
+
+        def on_update(batch: dict[str, Any]) -> None:
+            stack.supervise_once()  # the demo is the stack's supervisor while it waits
             line = progress_line(batch, started)
             if tty:
                 print("\r" + line, end="", flush=True)
-            elif line.split("  $")[0] != last.split("  $")[0]:
-                print(line, flush=True)
-            last = line
-            counts = batch.get("counts") or {}
-            total = int(batch.get("total_jobs") or 0)
-            if total and sum(int(counts.get(s, 0)) for s in TERMINAL_JOB) >= total:
-                break
-            if time.monotonic() - started > timeout:
-                print(f"\ntimed out after {timeout:.0f}s; logs in {stack.log_dir}", file=sys.stderr)
-                return 1
-            time.sleep(0.5)
+            elif line.split("  $")[0] != shown[0].split("  $")[0]:
+                print(line, flush=True)  # a log, not a terminal: one line per change
+            shown[0] = line
+
+        try:
+            client.wait(batch_id, poll_seconds=0.5, timeout=timeout, on_update=on_update)
+        except TimeoutError:
+            print(f"\ntimed out after {timeout:.0f}s; logs in {stack.log_dir}", file=sys.stderr)
+            return 1
         if tty:
             print()
-        elapsed = time.monotonic() - started
-        return _report(client, batch_id, elapsed)
-    finally:
-        client.close()
+        return _report(client, batch_id, time.monotonic() - started)
 
 
-def _report(client: DemoClient, batch_id: str, elapsed: float) -> int:
-    jobs = sorted(client.jobs(batch_id), key=lambda j: str(j.get("filename")))
+def _report(client: VoxqClient, batch_id: str, elapsed: float) -> int:
+    jobs = sorted(client.iter_jobs(batch_id), key=lambda j: str(j.get("filename")))
     failed = 0
     print()
     for job in jobs:
@@ -273,7 +208,7 @@ def _report(client: DemoClient, batch_id: str, elapsed: float) -> int:
             head += ", reused an identical file's transcript"
         print(head + ")")
         if job["status"] == "succeeded":
-            text = client.transcript(str(job["id"])).strip()
+            text = client.transcript(str(job["id"]), "txt").strip()
             print(textwrap.fill(text, width=100, initial_indent="   ", subsequent_indent="   "))
         else:
             failed += 1
