@@ -12,6 +12,7 @@ import hashlib
 import json
 import unicodedata
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -32,6 +33,8 @@ MAX_FIELD_BYTES = 64 * 1024
 MAX_FILENAME_CHARS = 1000
 # Multipart framing (boundaries, part headers) on top of the file bytes a request may carry.
 MULTIPART_OVERHEAD_BYTES = 1024 * 1024
+# Files of one request probed and copied at once (S3 round trips, not CPU).
+ACCEPT_PARALLELISM = 8
 # Control characters, lone surrogates, and line/paragraph separators (they break logs and CSV exports).
 _DROPPED_CATEGORIES = frozenset({"Cc", "Cs", "Zl", "Zp"})
 
@@ -353,34 +356,44 @@ def discard(storage: Storage, received: Received) -> None:
     _delete_keys(storage, [f.temp_key for f in received.files if f.temp_key])
 
 
+def _accept_one(storage: Storage, tenant_id: uuid.UUID, item: ReceivedFile) -> AcceptedFile:
+    """Probe one received file and copy it to its content key (the temporary object stays)."""
+    name = item.filename or "a file"
+    if item.size == 0 or item.temp_key is None:
+        raise Problem(400, "empty_file", f"{name} is empty")
+    try:
+        result = probe_s3_object(storage.client, storage.bucket, item.temp_key, item.size)
+    except EmptyAudio as exc:
+        raise Problem(400, "empty_audio", f"{name}: {exc.message}") from exc
+    except AudioError as exc:
+        problem = from_voxq_error(exc)
+        problem.detail = f"{name}: {exc.message}"
+        raise problem from exc
+    key = content_key(str(tenant_id), item.sha256)
+    new_object = storage.head(key) is None
+    if new_object:
+        storage.copy(item.temp_key, key)
+    return AcceptedFile(item, key, result, new_object)
+
+
 def accept_files(storage: Storage, tenant_id: uuid.UUID, received: Received) -> list[AcceptedFile]:
     """Probe every file and move it to its content key; all or nothing (a rejection removes them all).
 
-    Blocking (S3 and PyAV): call from a worker thread.
+    Files are probed in parallel (each is a few S3 round trips). Blocking: call from a worker thread.
     """
     accepted: list[AcceptedFile] = []
-    created: list[str] = []
-    try:
-        for item in received.files:
-            if item.size == 0 or item.temp_key is None:
-                raise Problem(400, "empty_file", f"{item.filename or 'a file'} is empty")
+    failure: BaseException | None = None
+    workers = max(1, min(ACCEPT_PARALLELISM, len(received.files)))
+    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="voxq-accept") as pool:
+        futures = [pool.submit(_accept_one, storage, tenant_id, item) for item in received.files]
+        for future in futures:  # in upload order, so the first bad file is the one reported
             try:
-                result = probe_s3_object(storage.client, storage.bucket, item.temp_key, item.size)
-            except EmptyAudio as exc:
-                raise Problem(400, "empty_audio", f"{item.filename or 'a file'}: {exc.message}") from exc
-            except AudioError as exc:
-                problem = from_voxq_error(exc)
-                problem.detail = f"{item.filename or 'a file'}: {exc.message}"
-                raise problem from exc
-            key = content_key(str(tenant_id), item.sha256)
-            new_object = storage.head(key) is None
-            if new_object:
-                storage.copy(item.temp_key, key)
-                created.append(key)
-            accepted.append(AcceptedFile(item, key, result, new_object))
-    except BaseException:
-        _delete_keys(storage, created)
+                accepted.append(future.result())
+            except BaseException as exc:
+                failure = failure or exc
+    if failure is not None:
+        forget_new_objects(storage, accepted)
         discard(storage, received)
-        raise
+        raise failure
     discard(storage, received)
     return accepted
