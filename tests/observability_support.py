@@ -62,10 +62,12 @@ def full_run(
     env: dict[str, str] | None = None,
     batch_options: dict[str, Any] | None = None,
     before_scrape: Callable[[], object] | None = None,
+    settled: Callable[[Samples], bool] | None = None,
     timeout: float = 180.0,
 ) -> RunResult:
     """Upload `files` into one batch through a real API process, let a real worker transcribe them
-    through the fake OpenAI server, then scrape the worker's and the API's /metrics."""
+    through the fake OpenAI server, then scrape the worker's (once `settled` accepts it) and the API's
+    /metrics."""
     env = {"OPENAI_BASE_URL": fake.base_url, **(env or {})}
     metrics_port = free_port()
     log_dir = stack.work_dir / f"run-{time.time_ns()}"
@@ -104,11 +106,13 @@ def full_run(
             jobs = client.get(f"/v1/batches/{batch_id}/jobs", params={"limit": 100}).json()["items"]
             if before_scrape is not None:
                 before_scrape()
-            worker_text = wait_until(
-                lambda: _scrape(f"http://127.0.0.1:{metrics_port}/metrics"),
-                timeout=30,
-                what="worker /metrics",
-            )
+
+            def scraped() -> str | None:
+                text = _scrape(f"http://127.0.0.1:{metrics_port}/metrics")
+                # Work after the last database write (a metric bumped after commit) may still be landing.
+                return text if text and (settled is None or settled(parse_samples(text))) else None
+
+            worker_text = wait_until(scraped, timeout=30, what="worker /metrics settled")
             api_text = httpx.get(server.url + "/metrics", timeout=30).text
         return RunResult(final, jobs, parse_samples(worker_text), parse_samples(api_text), logs)
     finally:

@@ -303,6 +303,7 @@ def test_a_run_moves_each_family_as_the_run_says(stack: Stack, fake_openai: Fake
         fake_openai,
         [("one.flac", one), ("two.flac", two), ("one-again.flac", one)],
         models=[PRIMARY, FALLBACK],
+        settled=lambda m: sample(m, "voxq_jobs_finished_total", status=JobStatus.SUCCEEDED.value) >= 3,
     )
     assert run.batch["status"] == "completed", run.batch
     w, a = run.worker_metrics, run.api_metrics
@@ -396,6 +397,9 @@ def test_rate_limiter_waits_and_webhook_deliveries_are_counted(stack: Stack, fak
             env={"VOXQ_WEBHOOK_ALLOW_PRIVATE": "true", "VOXQ_MODEL_RPM_LIMIT": "60"},
             batch_options={"webhook_url": f"http://127.0.0.1:{server.server_address[1]}/hook"},
             before_scrape=lambda: wait_until(lambda: _Receiver.received, timeout=60, what="webhook received"),
+            settled=lambda m: (
+                sample(m, "voxq_webhook_deliveries_total", outcome=WebhookStatus.DELIVERED.value) > 0
+            ),
         )
     finally:
         server.shutdown()
