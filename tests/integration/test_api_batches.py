@@ -215,6 +215,16 @@ def test_import_from_allowed_bucket_by_reference(api: ApiServer, stack: Stack) -
         assert refused.status_code == 403 and refused.json()["code"] == "bucket_not_allowed"
         missing = c.post(f"/v1/batches/{batch['id']}/imports", json={"s3_uris": [uri + ".nope"]})
         assert missing.status_code == 422 and missing.json()["code"] == "object_not_found"
+        storage.upload_bytes(b"%PDF-1.4 not audio" * 100, "calls/2026/report.mp3")
+        mixed = [uri, f"s3://{import_bucket(stack)}/calls/2026/report.mp3"]
+        refused_pdf = c.post(f"/v1/batches/{batch['id']}/imports", json={"s3_uris": mixed})
+        assert refused_pdf.status_code == 415 and refused_pdf.json()["code"] == "unsupported_media"
+        assert c.get(f"/v1/batches/{batch['id']}").json()["total_jobs"] == 1  # all or nothing
+
+        auto = c.post("/v1/batches", json={"auto_submit": True}).json()
+        queued = c.post(f"/v1/batches/{auto['id']}/imports", json={"s3_uris": [uri]})
+        assert queued.status_code == 201 and queued.json()["jobs"][0]["status"] == "queued"
+        assert redis_queue_length(stack, "ingest") == 1
 
 
 def _finish_job(job_id: str, *, segments: list[dict[str, object]] | None, text: str = "hello there") -> None:
