@@ -15,6 +15,7 @@ from pydantic import AliasChoices
 
 from core import metrics, names
 from core.settings import Settings
+from core.statuses import JobStatus, WebhookStatus
 
 INFRA = Path(__file__).resolve().parents[2] / "infra"
 K8S = INFRA / "k8s"
@@ -90,6 +91,27 @@ def test_prometheus_config_scrapes_api_and_workers() -> None:
         assert job.get("metrics_path", "/metrics") == "/metrics"
     relabel = jobs["voxq-kubernetes-pods"]["relabel_configs"]
     assert relabel[0]["action"] == "keep" and "prometheus_io_scrape" in relabel[0]["source_labels"][0]
+
+
+def test_alert_rules_parse_and_query_existing_metrics() -> None:
+    config = yaml.safe_load((INFRA / "prometheus" / "prometheus.yml").read_text())
+    assert config["rule_files"] == ["alerts.yml"]
+    rules = yaml.safe_load((INFRA / "prometheus" / "alerts.yml").read_text())
+    samples = exposed_samples()
+    alerts = [rule for group in rules["groups"] for rule in group["rules"]]
+    assert len({a["alert"] for a in alerts}) == len(alerts) >= 5
+    for rule in alerts:
+        assert rule["labels"]["severity"] in {"critical", "warning", "info"}
+        assert rule["annotations"]["summary"]
+        expr = rule["expr"]
+        names_used = re.findall(r"\bvoxq_[a-z0-9_]+", expr)
+        assert names_used and all(n in samples for n in names_used), (rule["alert"], names_used)
+        for opening, closing in ("()", "[]", "{}"):
+            assert expr.count(opening) == expr.count(closing), expr
+        for status in re.findall(r'status="([a-z_]+)"', expr):
+            assert status in {s.value for s in JobStatus}
+        for outcome in re.findall(r'outcome=~?"([a-z_|]+)"', expr):
+            assert set(outcome.split("|")) <= {s.value for s in WebhookStatus}
 
 
 # --- Grafana ---------------------------------------------------------------------------------------
