@@ -277,11 +277,14 @@ class DevStack:
                 raise ConfigError(f"port {port} for the {what} is in use: pass another port")
         self.env = self._base_child_env()
         embedded = self._start_servers()
+        self._check_stop()
         self._activate_env()
         self._prepare()
         api_key = self._dev_api_key()
+        self._check_stop()
         self._start_children()
         self._wait_ready(wait_timeout)
+        self._check_stop()
         self.info = DevInfo(
             data_dir=self.data_dir,
             api_url=f"http://{HOST}:{self.api_port}",
@@ -297,6 +300,10 @@ class DevStack:
             embedded=embedded,
         )
         return self.info
+
+    def _check_stop(self) -> None:
+        if self._stopping.is_set():  # SIGTERM/Ctrl-C while starting: unwind what is up
+            raise KeyboardInterrupt
 
     def stop(self) -> None:
         """Stop children in reverse start order, then the embedded servers in reverse order."""

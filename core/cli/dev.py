@@ -55,6 +55,9 @@ def run_dev(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         print(f"voxq dev: {exc}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        print("voxq dev stopped while starting.", flush=True)
+        return 0
     print(info.describe(), flush=True)
     print("Ctrl-C stops everything.", flush=True)
     stack.run()
