@@ -31,6 +31,10 @@ FILES_PER_REQUEST = 20
 BYTES_PER_REQUEST = 64 * 1024 * 1024
 TERMINAL_JOB_STATUSES = ("succeeded", "failed", "cancelled", "skipped")
 CHUNK = 256 * 1024
+# Problem codes that mean "this file is bad" (the others mean the request or the server is).
+REJECTED_FILE_CODES = frozenset(
+    {"unsupported_media", "empty_file", "empty_audio", "file_too_large", "audio_too_long"}
+)
 
 Progress = Callable[[int], None]  # called with the number of bytes just sent
 
@@ -208,12 +212,26 @@ class VoxqClient:
     # -- uploads ----------------------------------------------------------------------------------
 
     def upload_files(
-        self, batch_id: str, paths: Sequence[str | Path], progress: Progress | None = None
+        self,
+        batch_id: str,
+        paths: Sequence[str | Path],
+        progress: Progress | None = None,
+        *,
+        skip_rejected: bool = False,
     ) -> list[dict[str, Any]]:
-        """Upload files (big ones presigned, small ones several per request); one job per file, in order."""
+        """Upload files (big ones presigned, small ones several per request); one job per file, in order.
+
+        The server refuses a whole request when one file in it is bad. With `skip_rejected`, the files of
+        a refused request are sent again one by one and each bad file comes back as
+        `{"id": None, "filename", "status": "rejected", "error": {"code", "message"}}` instead of raising.
+        """
         results: dict[int, dict[str, Any]] = {}
         pending: list[tuple[int, Path]] = []
         pending_bytes = 0
+
+        def flush() -> None:
+            results.update(self._upload_group(batch_id, pending, progress, skip_rejected))
+
         for index, raw in enumerate(paths):
             path = Path(raw)
             size = path.stat().st_size
@@ -221,21 +239,37 @@ class VoxqClient:
                 results[index] = self.upload_presigned(batch_id, path, progress)
                 continue
             if pending and (len(pending) >= FILES_PER_REQUEST or pending_bytes + size > BYTES_PER_REQUEST):
-                results.update(
-                    zip(
-                        [i for i, _ in pending],
-                        self._upload_multipart(batch_id, pending, progress),
-                        strict=True,
-                    )
-                )
+                flush()
                 pending, pending_bytes = [], 0
             pending.append((index, path))
             pending_bytes += size
         if pending:
-            results.update(
-                zip([i for i, _ in pending], self._upload_multipart(batch_id, pending, progress), strict=True)
-            )
+            flush()
         return [results[i] for i in range(len(paths))]
+
+    def _upload_group(
+        self, batch_id: str, items: Sequence[tuple[int, Path]], progress: Progress | None, skip_rejected: bool
+    ) -> dict[int, dict[str, Any]]:
+        try:
+            jobs = self._upload_multipart(batch_id, items, progress)
+            return dict(zip([i for i, _ in items], jobs, strict=True))
+        except ApiError as exc:
+            if not skip_rejected or exc.code not in REJECTED_FILE_CODES:
+                raise
+            if len(items) == 1:
+                index, path = items[0]
+                return {
+                    index: {
+                        "id": None,
+                        "filename": path.name,
+                        "status": "rejected",
+                        "error": {"code": exc.code, "message": exc.detail},
+                    }
+                }
+        out: dict[int, dict[str, Any]] = {}
+        for item in items:  # find the bad file(s): one request each
+            out.update(self._upload_group(batch_id, [item], progress, skip_rejected))
+        return out
 
     def upload_file(
         self, batch_id: str, path: str | Path, progress: Progress | None = None

@@ -189,11 +189,21 @@ def run_submit(args: argparse.Namespace) -> int:
                 priority=args.priority,
                 prompt=args.prompt,
             )
-            jobs = client.upload_files(batch["id"], [p for p, _ in inputs], progress=on_bytes)
+            jobs = client.upload_files(
+                batch["id"], [p for p, _ in inputs], progress=on_bytes, skip_rejected=True
+            )
             bar.draw(
                 total_bytes, total_bytes, f"uploaded {_mb(total_bytes)} in {len(jobs)} files", force=True
             )
             bar.finish()
+            refused = [(rel, job) for (_, rel), job in zip(inputs, jobs, strict=True) if job["id"] is None]
+            for rel, job in refused:
+                print(
+                    f"voxq: skipped {rel}: {job['error']['code']} ({job['error']['message']})",
+                    file=sys.stderr,
+                )
+            if len(refused) == len(jobs):
+                return _fail("no file was accepted")
             submitted = client.submit(batch["id"])
             for rejected in submitted.get("rejected", []):
                 print(f"voxq: rejected {rejected['job_id']}: {rejected['code']}", file=sys.stderr)
@@ -202,13 +212,16 @@ def run_submit(args: argparse.Namespace) -> int:
                 f"batch {batch['id']}: {submitted['queued']} of {len(jobs)} files queued",
                 file=sys.stderr,
             )
+            accepted = [(item, job) for item, job in zip(inputs, jobs, strict=True) if job["id"] is not None]
             if not (args.wait or args.out):
-                return 0
+                return 1 if refused else 0
             final = client.wait(batch["id"], timeout=args.timeout, on_update=_job_progress(bar))
             bar.finish()
-            failed = final["counts"].get("failed", 0) + final["counts"].get("skipped", 0)
+            failed = final["counts"].get("failed", 0) + final["counts"].get("skipped", 0) + len(refused)
             if args.out:
-                written = _write_transcripts(client, args.out, args.format, inputs, jobs)
+                written = _write_transcripts(
+                    client, args.out, args.format, [i for i, _ in accepted], [j for _, j in accepted]
+                )
                 print(f"wrote {written} transcripts to {args.out}", file=sys.stderr)
             print(
                 f"batch {batch['id']} {final['status']}: {final['counts'].get('succeeded', 0)} succeeded, "

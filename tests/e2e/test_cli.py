@@ -96,6 +96,7 @@ def test_cli_keys_submit_wait_status_download_usage(stack: Stack, tmp_path: Path
     shutil.copy(SAMPLES / "voicemail-dentist.flac", inputs / "voicemail-dentist.flac")
     (inputs / "tone.wav").write_bytes(sine_wav(1.0))
     (inputs / ".hidden.wav").write_bytes(b"not sent")
+    (inputs / "broken.mp3").write_bytes(os.urandom(50_000))  # skipped, the rest goes on
 
     created = voxq(stack, "keys", "create", "--tenant", "e2e-cli", "--name", "laptop")
     assert created.returncode == 0, created.stderr
@@ -128,12 +129,13 @@ def test_cli_keys_submit_wait_status_download_usage(stack: Stack, tmp_path: Path
             api_url=api_url,
             key=key,
         )
-        assert submitted.returncode in (0, 1), submitted.stderr
+        assert submitted.returncode == 1, submitted.stderr  # one input was refused
+        assert "skipped broken.mp3: unsupported_media" in submitted.stderr
         batch_id = submitted.stdout.strip().splitlines()[0]
         uuid.UUID(batch_id)
         assert "uploading" in submitted.stderr or "uploaded" in submitted.stderr  # the progress bar
         assert re.search(r"jobs \d+/3 done, cost so far \$", submitted.stderr), submitted.stderr
-        assert "3 of 3 files queued" in submitted.stderr
+        assert "3 of 4 files queued" in submitted.stderr
 
         # one transcript per speech input, at its relative path, with the words that were spoken
         for rel, sample in (
@@ -143,7 +145,7 @@ def test_cli_keys_submit_wait_status_download_usage(stack: Stack, tmp_path: Path
             written = (out_dir / rel).read_text()
             reference = _words(manifest[sample]["text"])
             assert len(reference & _words(written)) / len(reference) >= 0.6, (rel, written)
-        assert not (out_dir / ".hidden.txt").exists()
+        assert not (out_dir / ".hidden.txt").exists() and not (out_dir / "broken.txt").exists()
 
         status = voxq(stack, "status", batch_id, "--json", api_url=api_url, key=key)
         assert status.returncode == 0, status.stderr

@@ -32,6 +32,17 @@ class _Api:
         if path == "/v1/batches/b1/files":
             body = request.read()
             names = [part.split(b'"')[0].decode() for part in body.split(b'filename="')[1:]]
+            if any(n.startswith("bad") for n in names):
+                return httpx.Response(
+                    415,
+                    json={
+                        "type": "urn:voxq:problem:unsupported_media",
+                        "title": "Unsupported Media Type",
+                        "status": 415,
+                        "detail": "not audio",
+                        "code": "unsupported_media",
+                    },
+                )
             return httpx.Response(
                 201, json={"batch_id": "b1", "jobs": [{"id": f"j-{n}", "filename": n} for n in names]}
             )
@@ -105,6 +116,23 @@ def test_upload_files_packs_small_files_and_presigns_big_ones(tmp_path: Path) ->
     assert all(
         r.headers["authorization"] == "Bearer vq_key" for r in api.requests if r.url.host == "api.test"
     )
+
+
+def test_skip_rejected_finds_the_bad_file_and_keeps_the_others(tmp_path: Path) -> None:
+    paths = []
+    for name in ("a.wav", "bad.mp3", "c.wav"):
+        (tmp_path / name).write_bytes(b"x" * 10)
+        paths.append(tmp_path / name)
+    api = _Api()
+    with _client(api) as client:
+        with pytest.raises(ApiError):
+            client.upload_files("b1", paths)
+        jobs = client.upload_files("b1", paths, skip_rejected=True)
+    assert [j["id"] for j in jobs] == ["j-a.wav", None, "j-c.wav"]
+    assert jobs[1]["status"] == "rejected" and jobs[1]["error"] == {
+        "code": "unsupported_media",
+        "message": "not audio",
+    }
 
 
 def test_wait_polls_until_finished_and_reports_updates() -> None:
