@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime, timedelta
@@ -20,7 +21,7 @@ from tests.api_helpers import (  # noqa: F401
     redis_queue_length,
     sine_wav,
 )
-from tests.support import Stack
+from tests.support import Stack, wait_until
 
 
 def _count(model: type[Batch] | type[Job]) -> int:
@@ -136,3 +137,52 @@ def test_multipart_upload_with_key_replays_without_storing_twice(api: ApiServer,
     listed = storage.client.list_objects_v2(Bucket=storage.bucket, Prefix=f"{tenant_id}/")
     keys = [o["Key"] for o in listed.get("Contents", [])]
     assert len(keys) == 1 and "/incoming/" not in keys[0]  # one content-addressed object, no leftovers
+
+
+def test_duplicate_upload_while_the_first_is_streaming_gets_409(api: ApiServer) -> None:
+    key = make_key("acme")
+    wav = sine_wav(1.0)
+    with api.client(key) as c:
+        batch_id = c.post("/v1/batches", json={}).json()["id"]
+    head = b'--q\r\nContent-Disposition: form-data; name="file"; filename="slow.wav"\r\n\r\n'
+    tail = b"\r\n--q--\r\n"
+    port = int(api.url.rsplit(":", 1)[1])
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:
+        sock.sendall(
+            (
+                f"POST /v1/batches/{batch_id}/files HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {key}\r\n"
+                "Idempotency-Key: same\r\nContent-Type: multipart/form-data; boundary=q\r\n"
+                f"Content-Length: {len(head) + len(wav) + len(tail)}\r\n\r\n"
+            ).encode()
+            + head
+            + wav[:1000]
+        )
+        wait_until(lambda: _count_keys() == 1, timeout=10, what="the first upload to claim its key")
+        with api.client(key) as c:
+            second = c.post(
+                f"/v1/batches/{batch_id}/files",
+                files=[("file", ("slow.wav", wav, "audio/wav"))],
+                headers={"Idempotency-Key": "same"},
+            )
+        assert second.status_code == 409 and second.json()["code"] == "idempotency_request_in_progress"
+        sock.sendall(wav[1000:] + tail)
+        answer = b""
+        while b'"jobs"' not in answer:
+            chunk = sock.recv(65536)
+            if not chunk:
+                break
+            answer += chunk
+    assert answer.startswith(b"HTTP/1.1 201"), answer[:300]
+    with api.client(key) as c:
+        third = c.post(
+            f"/v1/batches/{batch_id}/files",
+            files=[("file", ("slow.wav", wav, "audio/wav"))],
+            headers={"Idempotency-Key": "same"},
+        )
+    assert third.status_code == 201 and third.headers.get("idempotent-replayed") == "true"
+    assert _count(Job) == 1
+
+
+def _count_keys() -> int:
+    with session_scope() as session:
+        return int(session.scalar(select(func.count()).select_from(IdempotencyRecord)) or 0)
