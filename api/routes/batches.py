@@ -31,6 +31,7 @@ from api.schemas import (
     SubmitOut,
     UploadOut,
 )
+from core import metrics
 from core.db import session_scope
 from core.errors import AudioError
 from core.models import Batch, Job
@@ -448,8 +449,11 @@ def _verify_presigned(storage: Storage, tenant: TenantContext, job: Job) -> Reje
                 uploaded_at=now,
             )
         )
-    if key != job.object_key and updated.rowcount:  # type: ignore[attr-defined]
-        storage.delete(job.object_key)
+    if updated.rowcount:  # type: ignore[attr-defined]
+        metrics.UPLOADED_BYTES.inc(size)
+        metrics.AUDIO_SUBMITTED_SECONDS.inc(result.duration_seconds)
+        if key != job.object_key:
+            storage.delete(job.object_key)
     return None
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import re
 import uuid
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
@@ -67,9 +68,16 @@ def test_create_get_and_list_batches_with_cursor_pagination(api: ApiServer) -> N
         assert bad.status_code == 400 and bad.json()["code"] == "invalid_cursor"
 
 
+def _uploaded_bytes_metric(api: ApiServer) -> float:
+    text = httpx.get(api.url + "/metrics", timeout=10).text
+    match = re.search(r"^voxq_uploaded_bytes_total (\S+)$", text, re.MULTILINE)
+    return float(match.group(1)) if match else 0.0
+
+
 def test_upload_files_streams_to_content_addressed_keys(api: ApiServer, stack: Stack) -> None:
     key = make_key("acme")
     one, two = sine_wav(1.0), sine_wav(2.0, freq=300)
+    metric_before = _uploaded_bytes_metric(api)
     with api.client(key) as c:
         batch = c.post("/v1/batches", json={"profile": "podcast"}).json()
         resp = c.post(
@@ -89,6 +97,7 @@ def test_upload_files_streams_to_content_addressed_keys(api: ApiServer, stack: S
         assert job["sample_rate"] == 16000 and job["channels"] == 1 and job["attempts"] == 0
         stats = c.get(f"/v1/batches/{batch['id']}").json()
         assert stats["counts"]["uploaded"] == 2 and stats["total_jobs"] == 2 and stats["progress"] == 0.0
+    assert _uploaded_bytes_metric(api) - metric_before == len(one) + len(two)
 
     storage = Storage()
     with session_scope() as session:
