@@ -28,7 +28,15 @@ from typing import IO
 from pydantic import SecretStr
 
 from core import names
-from core.embedded import HOST, EmbeddedPostgres, SeaweedS3, ValkeyRedis, port_is_free, wait_for_port
+from core.embedded import (
+    HOST,
+    EmbeddedPostgres,
+    SeaweedS3,
+    ValkeyRedis,
+    free_port,
+    port_is_free,
+    wait_for_port,
+)
 from core.errors import ConfigError
 
 DEV_DATABASE = "voxq"
@@ -237,8 +245,8 @@ class DevStack:
         with_beat: bool = True,
     ) -> None:
         self.data_dir = Path(data_dir).expanduser().resolve()
-        self.api_port = api_port
-        self.flower_port = flower_port
+        self.api_port = api_port or free_port()  # 0: any free port
+        self.flower_port = flower_port or free_port()
         self.base_env = dict(os.environ if env is None else env)
         self.say = say or (lambda msg: print(msg, flush=True))
         self.with_flower = with_flower
@@ -631,10 +639,18 @@ class DevStack:
         for name, port in ports:
             if name not in by_name:
                 continue  # Flower is optional (the demo runs without it)
-            try:
-                wait_for_port(port, timeout, proc=by_name[name].proc)
-            except (RuntimeError, TimeoutError) as exc:
-                raise ConfigError(f"{name} did not start: {exc}; see {by_name[name].log_path}") from exc
+            log = by_name[name].log_path
+            deadline = time.monotonic() + timeout
+            while True:
+                self._check_stop()
+                try:
+                    wait_for_port(port, 1.0, proc=by_name[name].proc)
+                    break
+                except TimeoutError as exc:
+                    if time.monotonic() > deadline:
+                        raise ConfigError(f"{name} did not start: {exc}; see {log}") from exc
+                except RuntimeError as exc:  # it exited
+                    raise ConfigError(f"{name} did not start: {exc}; see {log}") from exc
 
 
 def install_stop_handlers(stack: DevStack) -> None:

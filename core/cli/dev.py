@@ -39,8 +39,8 @@ def add_stack_arguments(parser: argparse.ArgumentParser) -> None:
         default=os.environ.get("VOXQ_DATA_DIR", ".voxq"),
         help="where data, logs and dev secrets live (default .voxq)",
     )
-    parser.add_argument("--api-port", type=int, default=8000)
-    parser.add_argument("--flower-port", type=int, default=5555)
+    parser.add_argument("--api-port", type=int, default=8000, help="0 picks a free port")
+    parser.add_argument("--flower-port", type=int, default=5555, help="0 picks a free port")
 
 
 def run_dev(args: argparse.Namespace) -> int:
