@@ -12,6 +12,7 @@ import hashlib
 import json
 import unicodedata
 import uuid
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
@@ -20,8 +21,10 @@ from python_multipart.exceptions import MultipartParseError
 from python_multipart.multipart import MultipartParser, parse_options_header
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import ClientDisconnect, Request
+from starlette.responses import JSONResponse
 
-from api.problems import Problem, from_voxq_error
+from api.idempotency import HEADER, IdempotencyStore, Outcome, conflict_problem, valid_key
+from api.problems import PROBLEM_MEDIA_TYPE, Problem, from_voxq_error
 from core.errors import AudioError, EmptyAudio
 from core.probe import ProbeResult, probe_s3_object
 from core.settings import get_settings
@@ -397,3 +400,53 @@ def accept_files(storage: Storage, tenant_id: uuid.UUID, received: Received) -> 
         raise failure
     discard(storage, received)
     return accepted
+
+
+async def ingest_multipart(
+    request: Request,
+    tenant_id: uuid.UUID,
+    storage: Storage,
+    *,
+    allowed_fields: frozenset[str],
+    finish: Callable[[Received], tuple[int, dict[str, Any]]],
+) -> JSONResponse:
+    """Stream a multipart upload, then `finish` it (blocking: probe, create jobs), honouring idempotency.
+
+    Shared by `/v1/batches/{id}/files` and `/v1/jobs`. With an `Idempotency-Key` already answered, the
+    body is only hashed (nothing is stored) and the first answer is replayed when the hashes match.
+    """
+    store = IdempotencyStore()
+    key = request.headers.get(HEADER)
+    replay_of = None
+    if key is not None:
+        if not valid_key(key):
+            raise Problem(400, "invalid_idempotency_key", "Idempotency-Key must be 1-255 ASCII characters")
+        begun = await run_in_threadpool(store.begin, tenant_id, key, "POST", request.url.path, None)
+        if begun.outcome in (Outcome.IN_PROGRESS, Outcome.MISMATCH):
+            status, body = conflict_problem(begun.outcome)
+            return JSONResponse(body, status_code=status, media_type=PROBLEM_MEDIA_TYPE)
+        if begun.outcome is Outcome.REPLAY:
+            replay_of = begun
+    try:
+        received = await receive_multipart(
+            request, storage, tenant_id, allowed_fields=allowed_fields, hash_only=replay_of is not None
+        )
+        fingerprint = received.fingerprint(request.url.path)
+        if replay_of is not None:
+            if replay_of.request_hash != fingerprint:
+                status, body = conflict_problem(Outcome.MISMATCH)
+                return JSONResponse(body, status_code=status, media_type=PROBLEM_MEDIA_TYPE)
+            return JSONResponse(
+                replay_of.body, status_code=replay_of.status or 200, headers={"Idempotent-Replayed": "true"}
+            )
+        if not received.files:
+            await run_in_threadpool(discard, storage, received)
+            raise Problem(400, "no_files", "send at least one part named `file`")
+        status, payload = await run_in_threadpool(finish, received)
+        if key is not None:
+            await run_in_threadpool(store.complete, tenant_id, key, status, payload, fingerprint)
+            key = None
+        return JSONResponse(payload, status_code=status)
+    finally:
+        if key is not None and replay_of is None:
+            await run_in_threadpool(store.release, tenant_id, key)

@@ -10,8 +10,6 @@ from typing import Annotated, Any, Literal, Self
 
 from pydantic import AnyHttpUrl, BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from core.statuses import JobStatus
-
 ProfileName = Literal["voicemail", "podcast", "auto"]
 PriorityName = Literal["high", "normal", "low"]
 TranscriptFormat = Literal["txt", "json", "srt", "vtt"]
@@ -290,6 +288,3 @@ class HealthOut(BaseModel):
 
     status: str
     checks: dict[str, str]
-
-
-JOB_STATUS_VALUES = tuple(s.value for s in JobStatus)

@@ -11,7 +11,6 @@ import uuid
 from collections.abc import Iterable, Sequence
 from datetime import UTC, datetime
 from decimal import Decimal
-from typing import Any
 
 from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session
@@ -266,8 +265,3 @@ def enqueue_or_revert(job_ids: Sequence[uuid.UUID], priority: str, revert_to: st
                 .values(status=revert_to, queued_at=None)
             )
         raise Problem(503, "queue_unavailable", "the job queue is unreachable; submit again later") from exc
-
-
-def usd(value: Any) -> float:
-    """A NUMERIC amount as a JSON number."""
-    return float(value or 0)

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import hashlib
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime, timedelta
+from functools import partial
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Query, Request
@@ -15,8 +17,14 @@ from starlette.concurrency import run_in_threadpool
 
 from api import service
 from api.deps import SessionDep, StorageDep, TenantContext, TenantDep
-from api.idempotency import HEADER, IdempotencyStore, Outcome, conflict_problem, valid_key
-from api.ingest import accept_files, discard, forget_new_objects, receive_multipart
+from api.ingest import (
+    Received,
+    accept_files,
+    clean_filename,
+    forget_new_objects,
+    incoming_key,
+    ingest_multipart,
+)
 from api.problems import COMMON_PROBLEMS, UPLOAD_PROBLEMS, Problem, from_voxq_error, problem_responses
 from api.schemas import (
     BatchCreate,
@@ -141,7 +149,13 @@ async def upload_files(
 ) -> JSONResponse:
     """Upload one or many `file` parts; each is streamed to S3, probed, and becomes one job."""
     await run_in_threadpool(_accepting_batch, tenant, batch_id)
-    return await ingest_multipart(request, tenant, storage, batch_id=batch_id, allowed_fields=frozenset())
+    return await ingest_multipart(
+        request,
+        tenant.tenant_id,
+        storage,
+        allowed_fields=frozenset(),
+        finish=partial(_add_files, tenant, storage, batch_id),
+    )
 
 
 def _accepting_batch(tenant: TenantContext, batch_id: uuid.UUID) -> None:
@@ -149,60 +163,10 @@ def _accepting_batch(tenant: TenantContext, batch_id: uuid.UUID) -> None:
         service.ensure_accepting(service.get_batch(session, tenant, batch_id))
 
 
-async def ingest_multipart(
-    request: Request,
-    tenant: TenantContext,
-    storage: Storage,
-    *,
-    batch_id: uuid.UUID | None,
-    allowed_fields: frozenset[str],
-) -> JSONResponse:
-    """Shared by `/v1/batches/{id}/files` and `/v1/jobs`: stream, probe, create jobs, honour idempotency."""
-    from api.routes.jobs import create_single_job  # the one-file batch lives with jobs
-
-    store = IdempotencyStore()
-    key = request.headers.get(HEADER)
-    replay_of = None
-    if key is not None:
-        if not valid_key(key):
-            raise Problem(400, "invalid_idempotency_key", "Idempotency-Key must be 1-255 ASCII characters")
-        begun = await run_in_threadpool(store.begin, tenant.tenant_id, key, "POST", request.url.path, None)
-        if begun.outcome in (Outcome.IN_PROGRESS, Outcome.MISMATCH):
-            status, body = conflict_problem(begun.outcome)
-            return JSONResponse(body, status_code=status, media_type="application/problem+json")
-        if begun.outcome is Outcome.REPLAY:
-            replay_of = begun
-    try:
-        received = await receive_multipart(
-            request, storage, tenant.tenant_id, allowed_fields=allowed_fields, hash_only=replay_of is not None
-        )
-        fingerprint = received.fingerprint(request.url.path)
-        if replay_of is not None:
-            if replay_of.request_hash != fingerprint:
-                status, body = conflict_problem(Outcome.MISMATCH)
-                return JSONResponse(body, status_code=status, media_type="application/problem+json")
-            return JSONResponse(
-                replay_of.body, status_code=replay_of.status or 200, headers={"Idempotent-Replayed": "true"}
-            )
-        if not received.files:
-            await run_in_threadpool(discard, storage, received)
-            raise Problem(400, "no_files", "send at least one part named `file`")
-        if batch_id is None:
-            status, payload = await run_in_threadpool(create_single_job, tenant, storage, received)
-        else:
-            status, payload = await run_in_threadpool(_add_files, tenant, storage, batch_id, received)
-        if key is not None:
-            await run_in_threadpool(store.complete, tenant.tenant_id, key, status, payload, fingerprint)
-            key = None
-        return JSONResponse(payload, status_code=status)
-    finally:
-        if key is not None and replay_of is None:
-            await run_in_threadpool(store.release, tenant.tenant_id, key)
-
-
 def _add_files(
-    tenant: TenantContext, storage: Storage, batch_id: uuid.UUID, received: Any
+    tenant: TenantContext, storage: Storage, batch_id: uuid.UUID, received: Received
 ) -> tuple[int, dict[str, Any]]:
+    """Accept the received files into the batch (queued at once with `auto_submit`); blocking."""
     accepted = accept_files(storage, tenant.tenant_id, received)
     try:
         with session_scope() as session:
@@ -240,8 +204,6 @@ def create_presigned_upload(
     limit = get_settings().max_upload_bytes
     if body.bytes > limit:
         raise Problem(413, "file_too_large", f"a file may be at most {limit} bytes (VOXQ_MAX_UPLOAD_BYTES)")
-    from api.ingest import clean_filename, incoming_key
-
     batch = service.get_batch(session, tenant, batch_id)
     service.ensure_accepting(batch)
     key = incoming_key(tenant.tenant_id)
@@ -402,8 +364,6 @@ def _verify_presigned(storage: Storage, tenant: TenantContext, job: Job) -> Reje
     if size != job.bytes:
         code, message = "size_mismatch", f"uploaded {size} bytes, declared {job.bytes}"
     elif job.sha256 is not None:
-        import hashlib
-
         digest = hashlib.sha256()
         for chunk in storage.iter_chunks(job.object_key):
             digest.update(chunk)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import uuid
 from datetime import UTC, datetime
+from functools import partial
 from typing import Any
 
 from fastapi import APIRouter, Request, Response
@@ -15,7 +16,7 @@ from sqlalchemy import delete, func, select, update
 
 from api import service
 from api.deps import SessionDep, StorageDep, TenantContext, TenantDep
-from api.ingest import Received, accept_files, discard, forget_new_objects
+from api.ingest import Received, accept_files, discard, forget_new_objects, ingest_multipart
 from api.problems import COMMON_PROBLEMS, UPLOAD_PROBLEMS, Problem
 from api.schemas import AttemptList, AttemptOut, BatchOptions, JobOut, TranscriptFormat
 from api.transcripts import render
@@ -60,9 +61,13 @@ SINGLE_JOB_BODY: dict[str, Any] = {
 )
 async def submit_one(request: Request, tenant: TenantDep, storage: StorageDep) -> JSONResponse:
     """Upload one file with the batch options as form fields: a one-file batch, queued at once."""
-    from api.routes.batches import ingest_multipart
-
-    return await ingest_multipart(request, tenant, storage, batch_id=None, allowed_fields=OPTION_FIELDS)
+    return await ingest_multipart(
+        request,
+        tenant.tenant_id,
+        storage,
+        allowed_fields=OPTION_FIELDS,
+        finish=partial(create_single_job, tenant, storage),
+    )
 
 
 def _options_from_form(fields: dict[str, list[str]]) -> BatchOptions:
