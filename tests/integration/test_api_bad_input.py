@@ -121,7 +121,7 @@ def test_too_big_by_content_length_is_413_before_the_body_is_read(small_api: Api
             if not chunk:
                 break
             answer += chunk
-        assert time.monotonic() - started < 5
+        assert time.monotonic() - started < 15  # an answer at all proves it: we sent only the headers
     head, _, body = answer.partition(b"\r\n\r\n")
     assert head.startswith(b"HTTP/1.1 413"), head
     assert b"application/problem+json" in head and b'"file_too_large"' in body
