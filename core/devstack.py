@@ -15,6 +15,7 @@ import json
 import os
 import secrets
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -101,6 +102,17 @@ def _stop_postmaster(pg_dir: Path, timeout: float = 30.0) -> None:
         deadline = time.monotonic() + timeout
         while Path(f"/proc/{pid}").exists() and time.monotonic() < deadline:
             time.sleep(0.1)
+
+
+def _answers(port: int | None) -> bool:
+    """True when something accepts connections on 127.0.0.1:port."""
+    if port is None:
+        return False
+    try:
+        with socket.create_connection((HOST, port), timeout=1.0):
+            return True
+    except OSError:
+        return False
 
 
 def _env_value(value: object) -> str:
@@ -261,6 +273,7 @@ class DevStack:
         self.info: DevInfo | None = None
         self._lock_file: IO[str] | None = None
         self._stopping = threading.Event()
+        self._next_postgres_check = 0.0
 
     # -- lifecycle -------------------------------------------------------------------------------
 
@@ -376,6 +389,15 @@ class DevStack:
                 self.say(f"{server.process.name} exited; restarting")
                 server.start()
                 self._write_pids()
+        if self.postgres is not None and now >= self._next_postgres_check:
+            # pg_ctl daemonized Postgres (it is not our child): check that its port still answers.
+            self._next_postgres_check = now + 5.0
+            if not _answers(self.postgres.port):
+                self.say("postgres is not answering; restarting")
+                _stop_postmaster(self.postgres.data_dir)  # if it hangs rather than died
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")
+                    self.postgres.start()
 
     def run(self, poll_seconds: float = 0.5) -> None:
         """Supervise until `request_stop()` (a signal handler calls it), then stop everything."""

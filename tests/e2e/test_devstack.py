@@ -265,6 +265,16 @@ def test_voxq_dev_up_healthy_supervised_stopped_and_restarted(work_dir: Path) ->
         wait_until(lambda: not any(_alive(p) for p in pool), timeout=10, what="the dead worker's pool to go")
         assert "worker exited" in run.text()
 
+        # A crashed Valkey or Postgres is started again too, on the same port and data.
+        valkey = next(p for p, cmd in _children(run.proc.pid).items() if "valkey-server" in cmd)
+        os.kill(valkey, signal.SIGKILL)
+        os.kill(int((data_dir / "postgres" / "postmaster.pid").read_text().split()[0]), signal.SIGKILL)
+        wait_until(healthy, timeout=60, interval=0.5, what="/healthz ok after Valkey and Postgres crashed")
+        assert "valkey exited; restarting" in run.text()
+        assert "postgres is not answering; restarting" in run.text()
+        assert redis.Redis.from_url(run.printed("Redis")).get(marker) == b"kept"
+        assert _batches_status(api, api_key) == 200
+
         # SIGTERM: every child stops, in reverse start order, and nothing is left behind.
         tree = _children(run.proc.pid)
         names = {"weed mini", "valkey-server", "uvicorn", "-n worker@%h", "-n local@%h", " beat ", "flower"}
