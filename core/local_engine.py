@@ -25,6 +25,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -267,6 +268,7 @@ class LocalProvider:
         self._model: WhisperModel | None = None
         self._load_lock = threading.Lock()
         self._slots = threading.BoundedSemaphore(self.concurrency)
+        self._model_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="voxq-local-model")
         self.model_path: Path | None = None
 
     @property
@@ -293,14 +295,18 @@ class LocalProvider:
                     "(pip install 'voxq[local]')"
                 ) from exc
             started = time.perf_counter()
-            model = WhisperModel(
+            # Build the model on this provider's own long-lived thread, whatever thread called load():
+            # measured here, a model built on a thread that then exits (a background loader at worker
+            # start) costs ~3x the CPU per transcription afterwards (its CPU thread pool is orphaned).
+            model = self._model_thread.submit(
+                WhisperModel,
                 str(spec.path),  # a directory: faster-whisper never downloads for a directory
                 device="auto",
                 compute_type=self.compute_type,
                 cpu_threads=self.cpu_threads,
                 num_workers=self.concurrency,
                 local_files_only=True,
-            )
+            ).result()
             log.info(
                 "local model %s loaded in %.1fs (cpu_threads=%d, concurrency=%d, compute_type=%s)",
                 spec.name,
