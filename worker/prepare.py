@@ -15,6 +15,9 @@ For a list of job ids (one `prepare` task, ≤ 50 jobs from one API call):
 5. Leaders are packed into groups (worker.grouping); each group gets one transcribe task on its
    priority's queue — or, when its chain starts with `local`, one local task per job.
 
+Jobs of one task are prepared by `PREPARE_THREADS` threads at once (S3 and Postgres round trips overlap;
+PyAV decodes without the GIL); identical audio in two threads is still serialised by `records.dedupe`.
+
 Leases: while a job waits in the broker for its transcribe task its lease is the broker's visibility
 timeout plus the job lease, since a queue backlog is not a dead worker; the transcribe task renews it.
 An unexpected error (S3 down) leaves the job `processing`; the sweeper re-queues it when the lease ends.
@@ -24,7 +27,9 @@ from __future__ import annotations
 
 import logging
 import tempfile
+import threading
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from botocore.exceptions import ClientError
@@ -37,6 +42,8 @@ from worker import audio, completion, dispatch, grouping, records
 from worker.transcribe import derived_key
 
 log = logging.getLogger(__name__)
+
+PREPARE_THREADS = 4
 
 
 @dataclass
@@ -51,6 +58,12 @@ class PrepareReport:
     grouped: int = 0
     groups: list[uuid.UUID] = field(default_factory=list)
     errors: int = 0
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
+
+    def add(self, outcome: str) -> None:
+        """Count one job's outcome (called from the prepare threads)."""
+        with self._lock:
+            setattr(self, outcome, getattr(self, outcome) + 1)
 
 
 def _download(storage: Storage, job: records.ClaimedJob, target: str) -> None:
@@ -67,7 +80,7 @@ def _download(storage: Storage, job: records.ClaimedJob, target: str) -> None:
 def _fail(job: records.ClaimedJob, code: str, message: str, report: PrepareReport) -> None:
     if records.end_job(job.id, status=JobStatus.FAILED, code=code, message=message):
         completion.job_finished(job.id, job.batch_id)
-    report.failed += 1
+    report.add("failed")
 
 
 def _store(storage: Storage, job: records.ClaimedJob, prepared: audio.PreparedAudio) -> None:
@@ -145,7 +158,7 @@ def prepare_one(
                 )
                 if done:
                     completion.job_finished(job.id, job.batch_id)
-                report.silent += 1
+                report.add("silent")
                 return None
             decision = records.dedupe(
                 job_id=job.id,
@@ -160,10 +173,10 @@ def prepare_one(
                 and records.copy_transcript(job.id, decision.twin_id)
             ):
                 completion.job_finished(job.id, job.batch_id)
-                report.deduplicated += 1
+                report.add("deduplicated")
                 return None
             if decision.kind == "wait":
-                report.waiting += 1
+                report.add("waiting")
                 return None
             _store(storage, job, prepared)
             chain = grouping.model_chain(job.batch.models, settings)
@@ -188,17 +201,20 @@ def prepare_jobs(job_ids: list[uuid.UUID], *, owner: str) -> PrepareReport:
     if not claimed:
         return report
     storage = Storage(settings)
-    items: list[grouping.GroupItem] = []
-    for job in claimed:
+
+    def run(job: records.ClaimedJob) -> grouping.GroupItem | None:
         try:
-            item = prepare_one(job, storage, settings, report)
+            return prepare_one(job, storage, settings, report)
         except Exception:
             # Left processing: the sweeper re-queues it when its lease ends (run_count bounds the loop).
             log.exception("prepare failed for job %s", job.id)
-            report.errors += 1
-            continue
-        if item is not None:
-            items.append(item)
+            report.add("errors")
+            return None
+
+    # Download, decode and upload are mostly waiting on S3 and Postgres: overlap a few jobs. Each thread
+    # holds one file's temp PCM at a time, so disk and memory stay bounded by PREPARE_THREADS files.
+    with ThreadPoolExecutor(max_workers=min(PREPARE_THREADS, len(claimed))) as pool:
+        items = [item for item in pool.map(run, claimed) if item is not None]
     plans = grouping.plan_groups(items, settings)
     group_ids = records.assign_groups(plans)
     records.extend_leases([i.job_id for i in items], owner=owner, lease_seconds=lease)

@@ -796,13 +796,12 @@ def finish_batch_if_done(batch_id: uuid.UUID) -> FinishedBatch | None:
         ).first()
         if live is not None:
             return None
-        counts = dict(
-            session.execute(
+        counts: dict[str, int] = {
+            status: int(n)
+            for status, n in session.execute(
                 select(Job.status, func.count()).where(Job.batch_id == batch_id).group_by(Job.status)
-            )
-            .tuples()
-            .all()
-        )
+            ).all()
+        }
         if not counts or any(status not in TERMINAL_VALUES for status in counts):
             return None
         succeeded = counts.get(JobStatus.SUCCEEDED.value, 0)
@@ -832,13 +831,12 @@ def batch_summary(batch_id: uuid.UUID) -> dict[str, Any] | None:
         ).first()
         if batch is None:
             return None
-        counts = dict(
-            session.execute(
+        counts: dict[str, int] = {
+            status: int(n)
+            for status, n in session.execute(
                 select(Job.status, func.count()).where(Job.batch_id == batch_id).group_by(Job.status)
-            )
-            .tuples()
-            .all()
-        )
+            ).all()
+        }
     return {
         "batch_id": str(batch.id),
         "status": batch.status,

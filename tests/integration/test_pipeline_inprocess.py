@@ -1,0 +1,55 @@
+"""The prepare and transcribe stages called in this process (warnings are errors here, unlike in a worker)
+against the real servers and the fake provider: the plain functions behind the Celery tasks."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+
+from core.statuses import BatchStatus, JobStatus
+from tests.fakes.openai_server import FakeOpenAI
+from tests.pipeline_support import Pipeline, assert_costs_match_billing, hosted_env, tones
+from tests.support import Stack
+
+
+@pytest.fixture
+def pipeline(stack: Stack, fake_openai: FakeOpenAI, monkeypatch: pytest.MonkeyPatch) -> Iterator[Pipeline]:
+    from core.settings import reset_settings_cache
+
+    for key, value in hosted_env().items():
+        monkeypatch.setenv(key, value)
+    reset_settings_cache()
+    p = Pipeline(stack)
+    yield p
+    p.close()
+    from worker.runtime import close_runtime
+
+    close_runtime()
+
+
+def test_prepare_then_transcribe_a_group_in_process(pipeline: Pipeline, fake_openai: FakeOpenAI) -> None:
+    from worker.prepare import prepare_jobs
+    from worker.runtime import get_runtime
+    from worker.transcribe import transcribe_group
+
+    tenant = pipeline.tenant()
+    batch = pipeline.batch(tenant)
+    jobs = [pipeline.job(tenant, batch, tones(250 + 10 * i)) for i in range(12)]
+    jobs.append(pipeline.job(tenant, batch, tones(250)))  # a twin of the first
+    report = prepare_jobs(jobs, owner="test:1")
+    assert (report.claimed, report.grouped, report.waiting, report.errors) == (13, 12, 1, 0)
+    assert len(report.groups) == 1
+    # A second prepare of the same ids claims nothing: the jobs are no longer queued.
+    assert prepare_jobs(jobs, owner="test:2").claimed == 0
+    rt = get_runtime()
+    counts = rt.run(transcribe_group(rt, report.groups[0]))
+    assert counts == {"succeeded": 12}
+    rows = pipeline.jobs(jobs)
+    assert all(r.status == JobStatus.SUCCEEDED.value for r in rows.values())
+    assert rows[jobs[-1]].deduplicated_from_id == jobs[0]
+    # Running the group again finds nothing left to do and calls nobody.
+    assert rt.run(transcribe_group(rt, report.groups[0])) == {}
+    assert len(fake_openai.billing_log()) == 12
+    assert_costs_match_billing(pipeline, fake_openai)
+    assert pipeline.batch_row(batch).status == BatchStatus.COMPLETED.value
