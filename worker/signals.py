@@ -122,4 +122,5 @@ def warn_retiring_models() -> list[tuple[str, str]]:
 
 @worker_ready.connect
 def _on_ready(**_: Any) -> None:
-    warn_retiring_models()
+    # In the background: an unreachable provider must not hold up the worker's start.
+    threading.Thread(target=warn_retiring_models, name="voxq-model-check", daemon=True).start()
