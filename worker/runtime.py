@@ -12,6 +12,7 @@ import asyncio
 import os
 import socket
 from collections.abc import Coroutine
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -113,6 +114,7 @@ class Runtime:
             self.loop.run_until_complete(self.http.aclose())
             if self._redis is not None:
                 self.loop.run_until_complete(self._redis.aclose())
+            self.loop.run_until_complete(self.loop.shutdown_default_executor())
         finally:
             self.loop.close()
 
@@ -126,6 +128,11 @@ def get_runtime() -> Runtime:
     if _runtime is None or _runtime.pid != os.getpid():
         settings = get_settings()
         loop = asyncio.new_event_loop()
+        # Database and S3 calls of a group run in threads (`asyncio.to_thread`): give them as many threads
+        # as the DB pool has connections, not the default of cores + 4.
+        loop.set_default_executor(
+            ThreadPoolExecutor(max_workers=max(settings.database_pool_size, 4), thread_name_prefix="voxq-io")
+        )
         limits = httpx.Limits(
             max_connections=max(settings.max_in_flight, 10),
             max_keepalive_connections=max(settings.max_in_flight, 10),
