@@ -12,10 +12,11 @@ import hashlib
 import json
 import unicodedata
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any
+from functools import partial
+from typing import Any, TypeVar
 
 from python_multipart.exceptions import MultipartParseError
 from python_multipart.multipart import MultipartParser, parse_options_header
@@ -24,11 +25,14 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse
 
 from api.idempotency import HEADER, IdempotencyStore, Outcome, conflict_problem, valid_key
+from api.locks import object_locks
 from api.problems import PROBLEM_MEDIA_TYPE, Problem, from_voxq_error
 from core.errors import AudioError, EmptyAudio
 from core.probe import ProbeResult, probe_s3_object
 from core.settings import get_settings
 from core.storage import Storage, content_key
+
+T = TypeVar("T")
 
 FILE_FIELD = "file"
 MAX_FILES_PER_REQUEST = 1000
@@ -74,7 +78,7 @@ class AcceptedFile:
     received: ReceivedFile
     object_key: str
     probe: ProbeResult
-    new_object: bool  # this request created the object (so a later failure must delete it)
+    new_object: bool = False  # this request created the object (so a later failure must delete it)
 
 
 @dataclass
@@ -359,8 +363,8 @@ def discard(storage: Storage, received: Received) -> None:
     _delete_keys(storage, [f.temp_key for f in received.files if f.temp_key])
 
 
-def _accept_one(storage: Storage, tenant_id: uuid.UUID, item: ReceivedFile) -> AcceptedFile:
-    """Probe one received file and copy it to its content key (the temporary object stays)."""
+def _probe_one(storage: Storage, tenant_id: uuid.UUID, item: ReceivedFile) -> AcceptedFile:
+    """Probe one received file (still at its temporary key) and name its content key."""
     name = item.filename or "a file"
     if item.size == 0 or item.temp_key is None:
         raise Problem(400, "empty_file", f"{name} is empty")
@@ -372,34 +376,61 @@ def _accept_one(storage: Storage, tenant_id: uuid.UUID, item: ReceivedFile) -> A
         problem = from_voxq_error(exc)
         problem.detail = f"{name}: {exc.message}"
         raise problem from exc
-    key = content_key(str(tenant_id), item.sha256)
-    new_object = storage.head(key) is None
-    if new_object:
-        storage.copy(item.temp_key, key)
-    return AcceptedFile(item, key, result, new_object)
+    return AcceptedFile(item, content_key(str(tenant_id), item.sha256), result, new_object=False)
 
 
-def accept_files(storage: Storage, tenant_id: uuid.UUID, received: Received) -> list[AcceptedFile]:
-    """Probe every file and move it to its content key; all or nothing (a rejection removes them all).
+def _place(storage: Storage, item: AcceptedFile) -> None:
+    """Copy a file to its content key unless that object exists (same bytes: nothing to do)."""
+    assert item.received.temp_key is not None
+    if storage.head(item.object_key) is None:
+        storage.copy(item.received.temp_key, item.object_key)
+        item.new_object = True
 
-    Files are probed in parallel (each is a few S3 round trips). Blocking: call from a worker thread.
-    """
-    accepted: list[AcceptedFile] = []
+
+def _run_all(kind: str, fn: Callable[[Any], T], items: Sequence[Any]) -> list[T]:
+    """Run `fn` over `items` in parallel (S3 round trips); results in order, first failure raised."""
+    results: list[T] = []
     failure: BaseException | None = None
-    workers = max(1, min(ACCEPT_PARALLELISM, len(received.files)))
-    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="voxq-accept") as pool:
-        futures = [pool.submit(_accept_one, storage, tenant_id, item) for item in received.files]
-        for future in futures:  # in upload order, so the first bad file is the one reported
+    with ThreadPoolExecutor(
+        max_workers=max(1, min(ACCEPT_PARALLELISM, len(items))), thread_name_prefix=kind
+    ) as pool:
+        for future in [pool.submit(fn, item) for item in items]:
             try:
-                accepted.append(future.result())
+                results.append(future.result())
             except BaseException as exc:
                 failure = failure or exc
     if failure is not None:
-        forget_new_objects(storage, accepted)
-        discard(storage, received)
         raise failure
-    discard(storage, received)
-    return accepted
+    return results
+
+
+def accept_files(
+    storage: Storage, tenant_id: uuid.UUID, received: Received, record: Callable[[list[AcceptedFile]], T]
+) -> T:
+    """Probe every file, put it at its content key and `record` the jobs; all or nothing.
+
+    The objects' locks are held from "make sure the object is there" to "the jobs using it are
+    committed", so a concurrent delete of a job with the same audio cannot remove it in between. Any
+    failure removes what this request created. Blocking: call from a worker thread.
+    """
+    try:
+        accepted = _run_all("voxq-probe", partial(_probe_one, storage, tenant_id), received.files)
+        with object_locks(a.object_key for a in accepted):
+            try:
+                _run_all("voxq-place", partial(_place, storage), _first_per_key(accepted))
+                return record(accepted)
+            except BaseException:
+                forget_new_objects(storage, accepted)
+                raise
+    finally:
+        discard(storage, received)
+
+
+def _first_per_key(accepted: Sequence[AcceptedFile]) -> list[AcceptedFile]:
+    seen: dict[str, AcceptedFile] = {}
+    for item in accepted:
+        seen.setdefault(item.object_key, item)
+    return list(seen.values())
 
 
 async def ingest_multipart(

@@ -39,6 +39,7 @@ KEY_IDEMPOTENCY_LOCK = REDIS_PREFIX + "idem:"  # + tenant + ":" + key
 KEY_GROUP_BUFFER = REDIS_PREFIX + "group:"  # + group key
 KEY_METRICS = REDIS_PREFIX + "metrics:"
 KEY_MODEL_RETIRED = REDIS_PREFIX + "retired:"  # + model
+KEY_OBJECT_LOCK = REDIS_PREFIX + "objlock:"  # + sha256 of an audio object key (upload vs delete)
 
 
 def transcribe_queue_for(priority: str) -> str:

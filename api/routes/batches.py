@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import uuid
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import ExitStack
 from datetime import UTC, datetime, timedelta
 from functools import partial
 from typing import Annotated, Any
@@ -18,13 +19,14 @@ from starlette.concurrency import run_in_threadpool
 from api import service
 from api.deps import SessionDep, StorageDep, TenantContext, TenantDep
 from api.ingest import (
+    AcceptedFile,
     Received,
     accept_files,
     clean_filename,
-    forget_new_objects,
     incoming_key,
     ingest_multipart,
 )
+from api.locks import object_lock
 from api.problems import COMMON_PROBLEMS, UPLOAD_PROBLEMS, Problem, from_voxq_error, problem_responses
 from api.schemas import (
     BatchCreate,
@@ -167,8 +169,8 @@ def _add_files(
     tenant: TenantContext, storage: Storage, batch_id: uuid.UUID, received: Received
 ) -> tuple[int, dict[str, Any]]:
     """Accept the received files into the batch (queued at once with `auto_submit`); blocking."""
-    accepted = accept_files(storage, tenant.tenant_id, received)
-    try:
+
+    def record(accepted: list[AcceptedFile]) -> tuple[UploadOut, list[uuid.UUID], str]:
         with session_scope() as session:
             batch = service.get_batch(session, tenant, batch_id, lock=True)
             service.ensure_accepting(batch)
@@ -178,14 +180,13 @@ def _add_files(
                 queued = service.mark_queued(
                     session, batch, [JobStatus.UPLOADED.value], job_ids=[j.id for j in jobs]
                 )
-            priority = batch.priority
             for job in jobs:
                 if job.id in queued:
                     job.status = JobStatus.QUEUED.value
             out = UploadOut(batch_id=batch_id, jobs=[service.job_brief(j) for j in jobs])
-    except BaseException:
-        forget_new_objects(storage, accepted)
-        raise
+            return out, queued, batch.priority
+
+    out, queued, priority = accept_files(storage, tenant.tenant_id, received, record)
     service.enqueue_or_revert(queued, priority, JobStatus.UPLOADED.value)
     return 201, jsonable_encoder(out)
 
@@ -391,10 +392,22 @@ def _verify_presigned(storage: Storage, tenant: TenantContext, job: Job) -> Reje
             )
         return RejectedJob(job_id=job.id, code=code, message=message)
     key = job.object_key
-    if job.sha256 is not None:
-        key = content_key(str(tenant.tenant_id), job.sha256)
-        if storage.head(key) is None:
-            storage.copy(job.object_key, key)
+    with ExitStack() as locked:
+        if job.sha256 is not None:
+            key = content_key(str(tenant.tenant_id), job.sha256)
+            locked.enter_context(object_lock(key))  # see api.locks: an upload vs a delete of the same audio
+            if storage.head(key) is None:
+                storage.copy(job.object_key, key)
+        updated = _mark_presigned_uploaded(job, key, result, now)
+    if updated:
+        metrics.UPLOADED_BYTES.inc(size)
+        metrics.AUDIO_SUBMITTED_SECONDS.inc(result.duration_seconds)
+        if key != job.object_key:
+            storage.delete(job.object_key)
+    return None
+
+
+def _mark_presigned_uploaded(job: Job, key: str, result: ProbeResult, now: datetime) -> bool:
     with session_scope() as session:
         updated = session.execute(
             update(Job)
@@ -409,12 +422,7 @@ def _verify_presigned(storage: Storage, tenant: TenantContext, job: Job) -> Reje
                 uploaded_at=now,
             )
         )
-    if updated.rowcount:  # type: ignore[attr-defined]
-        metrics.UPLOADED_BYTES.inc(size)
-        metrics.AUDIO_SUBMITTED_SECONDS.inc(result.duration_seconds)
-        if key != job.object_key:
-            storage.delete(job.object_key)
-    return None
+    return bool(updated.rowcount)  # type: ignore[attr-defined]
 
 
 @router.post("/{batch_id}/cancel", response_model=BatchOut)

@@ -16,7 +16,8 @@ from sqlalchemy import delete, func, select, update
 
 from api import service
 from api.deps import SessionDep, StorageDep, TenantContext, TenantDep
-from api.ingest import Received, accept_files, discard, forget_new_objects, ingest_multipart
+from api.ingest import AcceptedFile, Received, accept_files, discard, ingest_multipart
+from api.locks import object_locks
 from api.problems import COMMON_PROBLEMS, UPLOAD_PROBLEMS, Problem
 from api.schemas import AttemptList, AttemptOut, BatchOptions, JobOut, TranscriptFormat
 from api.transcripts import render
@@ -105,8 +106,8 @@ def create_single_job(
     except Problem:
         discard(storage, received)
         raise
-    accepted = accept_files(storage, tenant.tenant_id, received)
-    try:
+
+    def record(accepted: list[AcceptedFile]) -> tuple[JobOut, list[uuid.UUID], str]:
         with session_scope() as session:
             batch = service.new_batch(tenant, options, auto_submit=True)
             session.add(batch)
@@ -115,11 +116,9 @@ def create_single_job(
             ids = service.mark_queued(session, batch, [JobStatus.UPLOADED.value], [j.id for j in jobs])
             session.flush()
             session.refresh(jobs[0])
-            out = service.job_out(jobs[0], 0)
-            priority = batch.priority
-    except BaseException:
-        forget_new_objects(storage, accepted)
-        raise
+            return service.job_out(jobs[0], 0), ids, batch.priority
+
+    out, ids, priority = accept_files(storage, tenant.tenant_id, received, record)
     service.enqueue_or_revert(ids, priority, JobStatus.UPLOADED.value)
     return 202, jsonable_encoder(out)
 
@@ -219,6 +218,16 @@ def delete_job(job_id: uuid.UUID, tenant: TenantDep, storage: StorageDep) -> Res
 
     Audio shared with another live job of the tenant (same content) stays until that job is deleted too.
     """
+    with session_scope() as session:
+        object_key = service.get_job(session, tenant, job_id).object_key
+    # The object's lock keeps an upload of the same audio from committing a job that uses it between
+    # our "who else uses it" count and the delete.
+    with object_locks([object_key] if object_key else []):
+        _delete_job_locked(job_id, tenant, storage)
+    return Response(status_code=204)
+
+
+def _delete_job_locked(job_id: uuid.UUID, tenant: TenantContext, storage: Storage) -> None:
     now = datetime.now(UTC)
     with session_scope() as session:
         job = service.get_job(session, tenant, job_id)
@@ -249,4 +258,3 @@ def delete_job(job_id: uuid.UUID, tenant: TenantDep, storage: StorageDep) -> Res
         storage.delete(key)
     with session_scope() as session:
         session.execute(update(Job).where(Job.id == job_id).values(object_key=None, filename=None))
-    return Response(status_code=204)

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import hashlib
 import re
+import threading
+import time
 import uuid
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 
@@ -465,10 +468,15 @@ def test_jobs_list_pages_with_cursor_in_upload_order(api: ApiServer) -> None:
         assert seen == uploaded
 
 
-def test_readyz_is_503_and_submit_is_503_when_redis_is_down(stack: Stack) -> None:
+def test_readyz_is_503_and_submit_is_503_when_redis_is_down(api: ApiServer, stack: Stack) -> None:
     from core.embedded import free_port
     from tests.api_helpers import start_api_server, stop_api_server
 
+    key = make_key("acme")
+    with api.client(key) as c:  # uploaded while Redis was up
+        batch = c.post("/v1/batches", json={}).json()
+        files = _files(("a.wav", sine_wav(0.5)))
+        job = c.post(f"/v1/batches/{batch['id']}/files", files=files).json()["jobs"][0]
     server = start_api_server(stack, VOXQ_REDIS_URL=f"redis://127.0.0.1:{free_port()}/0")
     try:
         health = httpx.get(server.url + "/healthz", timeout=15)
@@ -478,15 +486,58 @@ def test_readyz_is_503_and_submit_is_503_when_redis_is_down(stack: Stack) -> Non
         ready = httpx.get(server.url + "/readyz", timeout=15)
         assert ready.status_code == 503 and ready.headers["content-type"] == "application/problem+json"
         assert ready.json()["code"] == "not_ready" and "redis" in ready.json()["detail"]
-        with server.client(make_key("acme")) as c:
-            batch = c.post("/v1/batches", json={}).json()
-            job = c.post(f"/v1/batches/{batch['id']}/files", files=_files(("a.wav", sine_wav(0.5)))).json()[
-                "jobs"
-            ][0]
+        with server.client(key) as c:
+            no_lock = c.post(f"/v1/batches/{batch['id']}/files", files=_files(("b.wav", sine_wav(0.7))))
+            assert no_lock.status_code == 503 and no_lock.json()["code"] == "service_unavailable"
             refused = c.post(f"/v1/batches/{batch['id']}/submit")
             assert refused.status_code == 503 and refused.json()["code"] == "queue_unavailable"
-            assert (
-                c.get(f"/v1/jobs/{job['id']}").json()["status"] == "uploaded"
-            )  # put back, can be submitted again
+            # put back, so it can be submitted again
+            assert c.get(f"/v1/jobs/{job['id']}").json()["status"] == "uploaded"
+            assert c.get(f"/v1/batches/{batch['id']}").json()["total_jobs"] == 1
     finally:
         stop_api_server(server)
+
+
+def test_delete_and_upload_of_the_same_audio_take_the_objects_lock(api: ApiServer, stack: Stack) -> None:
+    import redis as redis_lib
+
+    from core import names
+
+    key = make_key("acme")
+    data = sine_wav(1.0)
+    with api.client(key) as c:
+        batch = c.post("/v1/batches", json={}).json()
+        job = c.post(f"/v1/batches/{batch['id']}/files", files=_files(("a.wav", data))).json()["jobs"][0]
+    with session_scope() as session:
+        row = session.get(Job, uuid.UUID(job["id"]))
+        assert row is not None and row.object_key
+        object_key = row.object_key
+    client = redis_lib.Redis.from_url(stack.redis_url)
+    lock = client.lock(names.KEY_OBJECT_LOCK + hashlib.sha256(object_key.encode()).hexdigest(), timeout=60)
+    assert lock.acquire(blocking=False)
+    results: dict[str, int] = {}
+
+    def run(name: str, call: Callable[[httpx.Client], httpx.Response]) -> None:
+        with api.client(key) as c:
+            results[name] = call(c).status_code
+
+    def upload(c: httpx.Client) -> httpx.Response:
+        return c.post(f"/v1/batches/{batch['id']}/files", files=_files(("same.wav", data)))
+
+    threads = [
+        threading.Thread(target=run, args=("delete", lambda c: c.delete(f"/v1/jobs/{job['id']}"))),
+        threading.Thread(target=run, args=("upload", upload)),
+    ]
+    for thread in threads:
+        thread.start()
+    time.sleep(1.5)
+    assert results == {}  # both wait for the object's lock
+    lock.release()
+    for thread in threads:
+        thread.join(30)
+    client.close()
+    assert results == {"delete": 204, "upload": 201}
+    with api.client(key) as c:  # whichever went first, the new job's audio is there
+        jobs = c.get(f"/v1/batches/{batch['id']}/jobs").json()["items"]
+    assert [j["filename"] for j in jobs] == ["same.wav"]
+    assert Storage().head(object_key) is not None
