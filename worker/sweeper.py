@@ -4,6 +4,8 @@
   broker). With `run_count < VOXQ_JOB_MAX_ATTEMPTS` it goes back to `queued` and is sent to `prepare`
   again (prepare is cheap and idempotent, and its claim increments `run_count`); at the limit it fails
   with `too_many_attempts`, so a file that crashes workers cannot loop forever.
+- A job still `queued` one broker visibility timeout after it was queued lost its `prepare` message
+  (e.g. the task failed while Postgres was down and was acked): `prepare` is sent again.
 - Attempts still `pending` for a job whose run the sweeper just ended, or hosted ones pending for more
   than twice the provider timeout (the row is written when the call starts, so no live call is that old;
   local ones: the task time limit), become `abandoned`. A late answer from a call thought dead still
@@ -44,6 +46,7 @@ class SweepReport:
     """What one sweep did."""
 
     requeued: list[uuid.UUID] = field(default_factory=list)
+    resent: list[uuid.UUID] = field(default_factory=list)
     failed: list[uuid.UUID] = field(default_factory=list)
     abandoned_attempts: int = 0
 
@@ -80,6 +83,27 @@ def sweep(*, limit: int = 1000) -> SweepReport:
             for r in requeue:
                 by_priority.setdefault(r.priority, []).append(r.id)
             report.requeued = [r.id for r in requeue]
+        # A job still `queued` a whole visibility timeout after it was queued has lost its prepare message
+        # (a redelivery would have come by then): send it again. Claiming is by CAS, so a message that
+        # was merely slow is harmless.
+        lost_cutoff = ts - timedelta(seconds=settings.celery_visibility_timeout)
+        lost = select(Job.id).where(
+            Job.status == JobStatus.QUEUED.value,
+            Job.deleted_at.is_(None),
+            or_(
+                Job.queued_at < lost_cutoff,
+                and_(Job.queued_at.is_(None), Job.created_at < lost_cutoff),
+            ),
+        )
+        resent = session.execute(
+            update(Job)
+            .where(Job.id.in_(lost.limit(limit).with_for_update(skip_locked=True).scalar_subquery()))
+            .values(queued_at=ts)
+            .returning(Job.id, Job.priority)
+        ).all()
+        for job_id, priority in resent:
+            by_priority.setdefault(priority, []).append(job_id)
+        report.resent = [job_id for job_id, _ in resent]
         ended = [r.id for r in expired]
         if ended:
             abandoned += session.execute(

@@ -82,6 +82,7 @@ def sweep() -> dict[str, int]:
     report = run_sweep()
     return {
         "requeued": len(report.requeued),
+        "resent": len(report.resent),
         "failed": len(report.failed),
         "abandoned_attempts": report.abandoned_attempts,
     }

@@ -287,13 +287,14 @@ def test_redelivered_group_task_gives_one_transcript_and_honest_attempts(
     assert row.status == JobStatus.SUCCEEDED.value
 
 
-def test_sweeper_requeues_expired_leases_and_gives_up_at_the_limit(
+def test_sweeper_requeues_expired_leases_resends_lost_jobs_and_gives_up_at_the_limit(
     stack: Stack, pipeline: Pipeline, worker: WorkerFactory, fake_openai: FakeOpenAI
 ) -> None:
     tenant = pipeline.tenant()
     batch = pipeline.batch(tenant)
     revived = pipeline.job(tenant, batch, tones(990))
     hopeless = pipeline.job(tenant, batch, tones(330))
+    lost = pipeline.job(tenant, batch, tones(660))  # queued long ago; its prepare message was lost
     past = datetime.now(UTC) - timedelta(minutes=5)
     dead_attempt = uuid.uuid4()
     with Session(pipeline.engine) as s, s.begin():
@@ -308,6 +309,7 @@ def test_sweeper_requeues_expired_leases_and_gives_up_at_the_limit(
             .where(Job.id == hopeless)
             .values(status="processing", lease_owner="dead:1", lease_expires_at=past, run_count=5)
         )
+        s.execute(update(Job).where(Job.id == lost).values(queued_at=datetime.now(UTC) - timedelta(hours=3)))
         s.add(
             Attempt(
                 id=dead_attempt,
@@ -320,10 +322,11 @@ def test_sweeper_requeues_expired_leases_and_gives_up_at_the_limit(
         )
     with worker():
         send(stack, "voxq.maintenance.sweep", "maintenance")
-        rows = pipeline.wait_terminal([revived, hopeless])
+        rows = pipeline.wait_terminal([revived, hopeless, lost])
     assert rows[revived].status == "succeeded" and rows[revived].run_count == 2
     assert pipeline.transcript(revived).text == "tone990"  # type: ignore[union-attr]
     assert (rows[hopeless].status, rows[hopeless].error_code) == ("failed", "too_many_attempts")
+    assert rows[lost].status == "succeeded" and rows[lost].run_count == 1
     with Session(pipeline.engine) as s:
         dead = s.execute(select(Attempt).where(Attempt.id == dead_attempt)).scalar_one()
     assert dead.outcome == AttemptOutcome.ABANDONED.value
