@@ -1,4 +1,4 @@
-"""`voxq submit|status|download|usage` (over the API, `VOXQ_API_URL`/`VOXQ_API_KEY`) and `voxq keys`.
+"""`voxq submit|status|download|usage` (over the API, `VOXQ_API_URL`/`VOXQ_API_KEY`), `keys`, `sweep-uploads`.
 
 `keys` is an operator command: it talks to the database directly (VOXQ_DATABASE_URL), because the API
 has no endpoint that mints keys. Progress goes to stderr; ids and transcripts go to stdout.
@@ -20,7 +20,7 @@ SKIPPED_NAMES = frozenset({".DS_Store", "Thumbs.db", "desktop.ini"})
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    """Add `submit`, `status`, `download`, `usage` and `keys`."""
+    """Add `submit`, `status`, `download`, `usage`, `keys` and `sweep-uploads`."""
     submit = sub.add_parser("submit", help="upload audio files or folders as one batch and queue them")
     submit.add_argument("paths", nargs="+", metavar="PATH", help="files, or folders (searched recursively)")
     submit.add_argument("--profile", choices=("voicemail", "podcast", "auto"), default="auto")
@@ -71,6 +71,12 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     revoke = keys_sub.add_parser("revoke", help="revoke a key by id or prefix")
     revoke.add_argument("key", metavar="ID_OR_PREFIX")
     revoke.set_defaults(handler=run_keys_revoke)
+
+    sweep = sub.add_parser(
+        "sweep-uploads", help="remove leftovers of uploads killed mid-way (operator; S3 and the database)"
+    )
+    sweep.add_argument("--older-than-hours", type=float, default=24.0)
+    sweep.set_defaults(handler=run_sweep_uploads)
 
 
 # -- progress -------------------------------------------------------------------------------------
@@ -412,4 +418,19 @@ def run_keys_revoke(args: argparse.Namespace) -> int:
     if not revoked:
         return _fail(f"no active key {args.key!r}")
     print(f"revoked {args.key}", file=sys.stderr)
+    return 0
+
+
+def run_sweep_uploads(args: argparse.Namespace) -> int:
+    """Remove what uploads killed mid-way left under `incoming/` (operator; uses S3 and the database)."""
+    from datetime import timedelta
+
+    from core.storage import Storage
+    from core.uploads import sweep_incoming
+
+    result = sweep_incoming(Storage(), timedelta(hours=args.older_than_hours))
+    print(
+        f"aborted {result.aborted_multipart_uploads} multipart uploads, "
+        f"deleted {result.deleted_objects} temporary objects"
+    )
     return 0
