@@ -16,7 +16,7 @@ from functools import lru_cache
 import redis
 from redis.exceptions import LockError, RedisError
 
-from api.problems import Problem
+from api.problems import RETRY, Problem
 from core import names
 from core.settings import get_settings
 
@@ -40,9 +40,13 @@ def object_lock(object_key: str) -> Iterator[None]:
     try:
         acquired = lock.acquire()
     except RedisError as exc:
-        raise Problem(503, "service_unavailable", "Redis is unreachable; try again shortly") from exc
+        raise Problem(
+            503, "service_unavailable", "Redis is unreachable; try again shortly", headers=RETRY
+        ) from exc
     if not acquired:
-        raise Problem(503, "service_unavailable", "the audio object is busy; try again shortly")
+        raise Problem(
+            503, "service_unavailable", "the audio object is busy; try again shortly", headers=RETRY
+        )
     try:
         yield
     finally:

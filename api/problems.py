@@ -67,6 +67,9 @@ def problem_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
     }
 
 
+# Sent with 503s: a dependency is briefly unavailable, try again after this many seconds.
+RETRY = {"Retry-After": "5"}
+
 # What every authenticated /v1 route can answer besides success.
 COMMON_PROBLEMS = problem_responses(400, 401, 404, 409, 422, 503)
 UPLOAD_PROBLEMS = problem_responses(413, 415)

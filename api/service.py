@@ -17,7 +17,7 @@ from sqlalchemy.orm import Session
 
 from api.deps import TenantContext
 from api.ingest import AcceptedFile
-from api.problems import Problem, not_found
+from api.problems import RETRY, Problem, not_found
 from api.schemas import BatchOptions, BatchOut, JobBrief, JobError, JobOut, StatusCounts
 from core import dispatch, metrics
 from core.db import session_scope
@@ -264,4 +264,6 @@ def enqueue_or_revert(job_ids: Sequence[uuid.UUID], priority: str, revert_to: st
                 .where(Job.id.in_(list(job_ids)), Job.status == JobStatus.QUEUED.value)
                 .values(status=revert_to, queued_at=None)
             )
-        raise Problem(503, "queue_unavailable", "the job queue is unreachable; submit again later") from exc
+        raise Problem(
+            503, "queue_unavailable", "the job queue is unreachable; submit again later", headers=RETRY
+        ) from exc

@@ -86,12 +86,15 @@ def create_batch(body: BatchCreate, tenant: TenantDep, session: SessionDep) -> B
 def list_batches(
     tenant: TenantDep,
     session: SessionDep,
+    status: BatchStatus | None = None,
     cursor: str | None = None,
     limit: Annotated[int, Query(ge=1, le=service.MAX_PAGE)] = service.DEFAULT_PAGE,
 ) -> BatchPage:
-    """The tenant's batches, newest first; pass `next_cursor` back as `cursor` for the next page."""
+    """The tenant's batches, newest first, optionally of one status; pass `next_cursor` back as `cursor`."""
     after = service.decode_cursor(cursor)
     query = select(Batch).where(Batch.tenant_id == tenant.tenant_id)
+    if status is not None:
+        query = query.where(Batch.status == status.value)
     if after is not None:
         query = query.where(Batch.id < after)
     batches = list(session.scalars(query.order_by(Batch.id.desc()).limit(limit + 1)).all())

@@ -67,6 +67,10 @@ def test_create_get_and_list_batches_with_cursor_pagination(api: ApiServer) -> N
                 break
         assert pages == 3
         assert seen == list(reversed(ids))  # newest first, each exactly once
+        c.post(f"/v1/batches/{ids[2]}/cancel")
+        cancelled = c.get("/v1/batches", params={"status": "cancelled"}).json()["items"]
+        assert [b["id"] for b in cancelled] == [ids[2]]
+        assert len(c.get("/v1/batches", params={"status": "open"}).json()["items"]) == 6
         bad = c.get("/v1/batches", params={"cursor": "not-a-cursor!"})
         assert bad.status_code == 400 and bad.json()["code"] == "invalid_cursor"
 
@@ -489,8 +493,10 @@ def test_readyz_is_503_and_submit_is_503_when_redis_is_down(api: ApiServer, stac
         with server.client(key) as c:
             no_lock = c.post(f"/v1/batches/{batch['id']}/files", files=_files(("b.wav", sine_wav(0.7))))
             assert no_lock.status_code == 503 and no_lock.json()["code"] == "service_unavailable"
+            assert no_lock.headers["retry-after"] == "5"
             refused = c.post(f"/v1/batches/{batch['id']}/submit")
             assert refused.status_code == 503 and refused.json()["code"] == "queue_unavailable"
+            assert refused.headers["retry-after"] == "5"
             # put back, so it can be submitted again
             assert c.get(f"/v1/jobs/{job['id']}").json()["status"] == "uploaded"
             assert c.get(f"/v1/batches/{batch['id']}").json()["total_jobs"] == 1
