@@ -165,9 +165,12 @@ class VoxqClient:
         result: dict[str, Any] = self._json("GET", f"/v1/batches/{batch_id}")
         return result
 
-    def iter_batches(self, page_size: int = 100) -> Iterator[dict[str, Any]]:
-        """Every batch of the tenant, newest first (follows cursors)."""
-        yield from self._paginate("/v1/batches", {"limit": page_size})
+    def iter_batches(self, status: str | None = None, page_size: int = 100) -> Iterator[dict[str, Any]]:
+        """Every batch of the tenant (optionally of one status), newest first (follows cursors)."""
+        params: dict[str, Any] = {"limit": page_size}
+        if status:
+            params["status"] = status
+        yield from self._paginate("/v1/batches", params)
 
     def iter_jobs(
         self, batch_id: str, status: str | None = None, page_size: int = 200
