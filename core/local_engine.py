@@ -345,7 +345,7 @@ class LocalProvider:
                     beam_size=5,
                 )
                 # The generator does the decoding: consume it while holding the slot.
-                segments = _segments_to_dicts(raw_segments)
+                segments = segments_to_dicts(raw_segments)
             language = info.language
         text = " ".join(seg["text"] for seg in segments if seg["text"]).strip()
         return TranscriptionResult(
@@ -363,7 +363,7 @@ class LocalProvider:
         return await asyncio.to_thread(self.transcribe_sync, request)
 
 
-def _segments_to_dicts(raw_segments: Any) -> list[dict[str, Any]]:
+def segments_to_dicts(raw_segments: Any) -> list[dict[str, Any]]:
     """Plain dicts in seconds, with start/end kept monotonic so subtitle export never goes backwards."""
     out: list[dict[str, Any]] = []
     floor = 0.0

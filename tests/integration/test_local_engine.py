@@ -29,6 +29,7 @@ from core.local_engine import (
     BundledSource,
     LocalProvider,
     bundled_source,
+    decode_audio,
     get_local_provider,
     prepare_bundled_model,
     reset_local_provider,
@@ -375,3 +376,35 @@ def test_loading_on_a_thread_that_exits_costs_no_extra_cpu_per_transcription() -
         assert proc.returncode == 0, proc.stderr.decode()[-3000:]
         cpu[mode] = float(proc.stdout.decode().strip().splitlines()[-1])
     assert cpu["short-lived-thread"] < 1.5 * cpu["main-thread"], cpu
+
+
+def test_any_rate_and_channel_layout_is_downmixed_and_resampled(provider: LocalProvider) -> None:
+    fixture = next(f for f in load_fixtures() if f.path.name == "vm06_insurance.flac")
+    mono16k = decode_audio(fixture.path.read_bytes())
+    # 44.1 kHz stereo WAV of the same speech (linear resampling is enough for this purpose).
+    t_out = np.arange(int(len(mono16k) * 44_100 / 16_000)) / 44_100
+    upsampled = np.interp(t_out, np.arange(len(mono16k)) / 16_000, mono16k)
+    stereo = np.stack([upsampled, upsampled * 0.5], axis=1).reshape(-1)
+    pcm = (np.clip(stereo, -1, 1) * 32767).astype("<i2")
+    buffer = io.BytesIO()
+    with wave.open(buffer, "wb") as out:
+        out.setnchannels(2)
+        out.setsampwidth(2)
+        out.setframerate(44_100)
+        out.writeframes(pcm.tobytes())
+    result = provider.transcribe_sync(_request(buffer.getvalue(), "stereo.wav"))
+    assert result.extra["audio_seconds"] == pytest.approx(fixture.seconds, abs=0.05)
+    assert word_error_rate([fixture.text], [result.text]) <= MAX_WER, result.text
+
+
+def test_concurrent_transcriptions_share_one_model() -> None:
+    fixtures = load_fixtures()[:3]
+    engine = LocalProvider(Settings(local_model_cache_dir=str(CACHE_DIR), local_concurrency=2))
+
+    async def all_at_once() -> list[TranscriptionResult]:
+        return await asyncio.gather(*(engine.transcribe(_request(f.path.read_bytes())) for f in fixtures))
+
+    results = asyncio.run(all_at_once())
+    assert engine.concurrency == 2 and engine.loaded
+    wer = word_error_rate([f.text for f in fixtures], [r.text for r in results])
+    assert wer <= MAX_WER, [r.text for r in results]
