@@ -48,17 +48,24 @@ def _lock_and_state(job_id: uuid.UUID) -> tuple[str, str | None, str | None, str
         return job.status, job.error_code, job.error_message, job.priority, followers
 
 
-def job_finished(job_id: uuid.UUID, batch_id: uuid.UUID) -> None:
+def job_finished(job_id: uuid.UUID, batch_id: uuid.UUID, *, check_batch: bool = True) -> None:
     """Resolve followers and finish batches after `job_id` became terminal."""
     state = _lock_and_state(job_id)
-    batches = {batch_id}
+    batches = {batch_id} if check_batch else set()
     if state is not None:
         status, code, message, priority, followers = state
+        ended: list[uuid.UUID] = []
         for follower in followers:
             if status == JobStatus.SUCCEEDED.value:
-                records.copy_transcript(follower, job_id)
-            elif status == JobStatus.FAILED.value:
-                records.end_job(follower, status=JobStatus.FAILED, code=code, message=message)
+                if records.copy_transcript(follower, job_id):
+                    ended.append(follower)
+            elif status == JobStatus.FAILED.value and records.end_job(
+                follower, status=JobStatus.FAILED, code=code, message=message
+            ):
+                ended.append(follower)
+        # A follower may have followers of its own (a re-run leader that found another leader).
+        for follower in ended:
+            job_finished(follower, batch_id, check_batch=False)
         if followers and status not in (JobStatus.SUCCEEDED.value, JobStatus.FAILED.value):
             requeued = records.release_followers(job_id)
             if requeued:

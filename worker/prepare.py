@@ -5,7 +5,7 @@ For a list of job ids (one `prepare` task, ≤ 50 jobs from one API call):
 2. Per job, with no database session open: stream the source object from S3 to a temp file, decode and
    bound it (worker.audio). Bad audio fails that job with `unsupported_media` / `empty_audio` /
    `audio_too_long` and the rest go on; a missing source object fails it with `source_missing`.
-3. Save the probe (duration, codec, fingerprint, speech seconds, time map), then dedupe within the tenant:
+3. Save the probe (duration, codec, speech seconds, time map), then dedupe within the tenant:
    a finished twin's transcript is copied (zero cost, no call); a twin still in flight is waited for
    (`deduplicated_from_id` set; worker.completion finishes it with the twin); otherwise this job leads.
    Audio in which the VAD finds nothing is finished at once with an empty transcript and no call.
@@ -139,7 +139,6 @@ def prepare_one(
                         codec=prepared.decoded.probe.codec,
                         sample_rate=prepared.decoded.probe.sample_rate,
                         channels=prepared.decoded.probe.channels,
-                        fingerprint=prepared.decoded.fingerprint,
                         speech_seconds=prepared.speech_seconds,
                         time_map=prepared.time_map.to_json(),
                     )

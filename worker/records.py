@@ -141,6 +141,7 @@ def claim_jobs(job_ids: list[uuid.UUID], *, owner: str, lease_seconds: float) ->
                 started_at=func.coalesce(Job.started_at, ts),
                 group_id=None,
                 deduplicated_from_id=None,
+                fingerprint=None,  # set again by `dedupe`, which is what makes it a leader
                 error_code=None,
                 error_message=None,
             )
@@ -250,13 +251,12 @@ class ProbedJob:
     codec: str | None
     sample_rate: int | None
     channels: int | None
-    fingerprint: str
     speech_seconds: float
     time_map: dict[str, Any]
 
 
 def save_probes(probes: list[ProbedJob]) -> None:
-    """Store decode/VAD results of processing jobs (one statement per job, one transaction)."""
+    """Store decode/VAD results of processing jobs (not the fingerprint: `dedupe` writes that)."""
     if not probes:
         return
     with session_scope() as session:
@@ -269,7 +269,6 @@ def save_probes(probes: list[ProbedJob]) -> None:
                     codec=p.codec,
                     sample_rate=p.sample_rate,
                     channels=p.channels,
-                    fingerprint=p.fingerprint,
                     speech_seconds=p.speech_seconds,
                     time_map=p.time_map,
                 )
@@ -291,8 +290,10 @@ def dedupe(
     """Find a twin (same tenant, same PCM fingerprint, same language and prompt options).
 
     Serialised per (tenant, fingerprint) with a transaction-scoped advisory lock, so two workers preparing
-    identical audio at once cannot both become leaders. The caller must already have saved this job's
-    fingerprint (in `save_probes`) — the lock holder's decision is then visible to the next one.
+    identical audio at once cannot both become leaders. The job's fingerprint is written here, under the
+    lock, together with the decision: a processing job with a fingerprint and no `deduplicated_from_id`
+    is therefore always a decided leader, never a twin that has not decided yet (which could still end up
+    following someone, making chains of followers).
     """
     with session_scope() as session:
         session.execute(
@@ -315,7 +316,9 @@ def dedupe(
             .order_by(Job.finished_at)
             .limit(1)
         ).scalar()
+        mark = update(Job).where(Job.id == job_id, Job.status == JobStatus.PROCESSING.value)
         if finished is not None:
+            session.execute(mark.values(fingerprint=fingerprint))
             return DedupeDecision("copy", finished)
         inflight = session.execute(
             select(Job.id)
@@ -331,12 +334,16 @@ def dedupe(
         if inflight is not None:
             # A follower holds no lease: it is finished (or released) by its leader's outcome.
             session.execute(
-                update(Job)
-                .where(Job.id == job_id, Job.status == JobStatus.PROCESSING.value)
-                .values(deduplicated_from_id=inflight, lease_expires_at=None, lease_owner=None)
+                mark.values(
+                    fingerprint=fingerprint,
+                    deduplicated_from_id=inflight,
+                    lease_expires_at=None,
+                    lease_owner=None,
+                )
             )
             return DedupeDecision("wait", inflight)
-        # Leader: this job's fingerprint is already committed, so the next twin to take the lock finds it.
+        # Leader: committed with the lock held, so the next twin to take the lock finds it.
+        session.execute(mark.values(fingerprint=fingerprint))
         return DedupeDecision("leader")
 
 

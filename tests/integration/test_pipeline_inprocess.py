@@ -9,7 +9,7 @@ import pytest
 
 from core.statuses import BatchStatus, JobStatus
 from tests.fakes.openai_server import FakeOpenAI
-from tests.pipeline_support import Pipeline, assert_costs_match_billing, hosted_env, tones
+from tests.pipeline_support import PRIMARY, Pipeline, assert_costs_match_billing, hosted_env, tones
 from tests.support import Stack
 
 
@@ -52,4 +52,44 @@ def test_prepare_then_transcribe_a_group_in_process(pipeline: Pipeline, fake_ope
     assert rt.run(transcribe_group(rt, report.groups[0])) == {}
     assert len(fake_openai.billing_log()) == 12
     assert_costs_match_billing(pipeline, fake_openai)
+    assert pipeline.batch_row(batch).status == BatchStatus.COMPLETED.value
+
+
+def test_followers_of_followers_are_finished_with_the_leader(pipeline: Pipeline) -> None:
+    from sqlalchemy import update
+    from sqlalchemy.orm import Session
+
+    from core.models import Job
+    from worker import completion, records
+
+    tenant = pipeline.tenant()
+    batch = pipeline.batch(tenant)
+    leader, middle, last = (pipeline.job(tenant, batch, tones(300 + i)) for i in range(3))
+    with Session(pipeline.engine) as s, s.begin():
+        s.execute(update(Job).where(Job.id == leader).values(status="processing", fingerprint="f" * 64))
+        # `middle` was a leader of its own once (it has a follower), then re-ran and followed `leader`.
+        s.execute(
+            update(Job)
+            .where(Job.id == middle)
+            .values(status="processing", fingerprint="f" * 64, deduplicated_from_id=leader)
+        )
+        s.execute(
+            update(Job)
+            .where(Job.id == last)
+            .values(status="processing", fingerprint="f" * 64, deduplicated_from_id=middle)
+        )
+    assert records.succeed_job(
+        leader,
+        group_id=None,
+        text_="tone300",
+        segments=[],
+        language=None,
+        model=PRIMARY,
+        attempt_id=None,
+        provenance={},
+    )
+    completion.job_finished(leader, batch)
+    rows = pipeline.jobs([leader, middle, last])
+    assert [rows[j].status for j in (leader, middle, last)] == ["succeeded"] * 3
+    assert pipeline.transcript(last).text == "tone300"  # type: ignore[union-attr]
     assert pipeline.batch_row(batch).status == BatchStatus.COMPLETED.value
