@@ -20,7 +20,8 @@ PyAV decodes without the GIL); identical audio in two threads is still serialise
 
 Leases: while a job waits in the broker for its transcribe task its lease is the broker's visibility
 timeout plus the job lease, since a queue backlog is not a dead worker; the transcribe task renews it.
-An unexpected error (S3 down) leaves the job `processing`; the sweeper re-queues it when the lease ends.
+An unexpected error (S3 down) leaves the job `processing` with a lease ending in 60 s x run_count; the
+sweeper then re-queues it, until `VOXQ_JOB_MAX_ATTEMPTS` runs have been spent.
 """
 
 from __future__ import annotations
@@ -44,6 +45,7 @@ from worker.transcribe import derived_key
 log = logging.getLogger(__name__)
 
 PREPARE_THREADS = 4
+RETRY_AFTER_ERROR_SECONDS = 60.0
 
 
 @dataclass
@@ -205,9 +207,14 @@ def prepare_jobs(job_ids: list[uuid.UUID], *, owner: str) -> PrepareReport:
         try:
             return prepare_one(job, storage, settings, report)
         except Exception:
-            # Left processing: the sweeper re-queues it when its lease ends (run_count bounds the loop).
+            # Left processing with a lease ending soon (later on each run): the sweeper re-queues it, and
+            # run_count bounds the loop.
             log.exception("prepare failed for job %s", job.id)
             report.add("errors")
+            try:
+                records.release_soon(job.id, after_seconds=RETRY_AFTER_ERROR_SECONDS * job.run_count)
+            except Exception:
+                log.exception("could not shorten the lease of job %s", job.id)
             return None
 
     # Download, decode and upload are mostly waiting on S3 and Postgres: overlap a few jobs. Each thread

@@ -188,6 +188,16 @@ def extend_leases(job_ids: list[uuid.UUID], *, owner: str, lease_seconds: float)
     return int(result.rowcount)  # type: ignore[attr-defined]
 
 
+def release_soon(job_id: uuid.UUID, *, after_seconds: float) -> None:
+    """Let a job's lease run out soon after an unexpected error, so the sweeper gives it another run."""
+    with session_scope() as session:
+        session.execute(
+            update(Job)
+            .where(Job.id == job_id, Job.status == JobStatus.PROCESSING.value)
+            .values(lease_expires_at=now() + timedelta(seconds=after_seconds))
+        )
+
+
 def end_job(
     job_id: uuid.UUID,
     *,

@@ -55,6 +55,7 @@ LOCAL = "local"
 PROMPT_TAIL_CHARS = 300
 MAX_SPLIT_DEPTH = 3
 MAX_BLOCKED_ROUNDS = 3
+RETRY_AFTER_ERROR_SECONDS = 60.0
 
 
 def derived_key(tenant_id: uuid.UUID, job_id: uuid.UUID, index: int | None = None) -> str:
@@ -576,9 +577,13 @@ async def transcribe_group(rt: Runtime, group_id: uuid.UUID) -> dict[str, int]:
     counts: Counter[str] = Counter()
     for job, result in zip(jobs, results, strict=True):
         if isinstance(result, BaseException):
-            # Left `processing`: its lease runs out and the sweeper gives it another run.
+            # Left `processing` with a lease ending soon: the sweeper gives it another run.
             log.error("job %s: %s: %s", job.id, type(result).__name__, result)
             counts["error"] += 1
+            try:
+                await asyncio.to_thread(records.release_soon, job.id, after_seconds=RETRY_AFTER_ERROR_SECONDS)
+            except Exception:
+                log.exception("could not shorten the lease of job %s", job.id)
         else:
             counts[result] += 1
     await asyncio.to_thread(records.finish_group, group_id)

@@ -93,3 +93,31 @@ def test_followers_of_followers_are_finished_with_the_leader(pipeline: Pipeline)
     assert [rows[j].status for j in (leader, middle, last)] == ["succeeded"] * 3
     assert pipeline.transcript(last).text == "tone300"  # type: ignore[union-attr]
     assert pipeline.batch_row(batch).status == BatchStatus.COMPLETED.value
+
+
+def test_an_unexpected_prepare_error_hands_the_job_back_to_the_sweeper_soon(pipeline: Pipeline) -> None:
+    from datetime import UTC, datetime, timedelta
+
+    from sqlalchemy import update
+    from sqlalchemy.orm import Session
+
+    from core.models import Job
+    from worker.prepare import prepare_jobs
+    from worker.sweeper import sweep
+
+    tenant = pipeline.tenant()
+    batch = pipeline.batch(tenant)
+    job = pipeline.job(tenant, batch, tones(300))
+    with Session(pipeline.engine) as s, s.begin():
+        # A source URI with no key: not a missing object but an error nobody planned for.
+        s.execute(update(Job).where(Job.id == job).values(source_uri="s3://bucket-only/"))
+    report = prepare_jobs([job], owner="test:1")
+    assert (report.claimed, report.errors) == (1, 1)
+    row = pipeline.jobs([job])[job]
+    assert row.status == "processing" and row.run_count == 1
+    assert row.lease_expires_at is not None
+    assert row.lease_expires_at - datetime.now(UTC) < timedelta(seconds=61)  # not the 2-hour broker lease
+    with Session(pipeline.engine) as s, s.begin():
+        s.execute(update(Job).where(Job.id == job).values(lease_expires_at=datetime.now(UTC)))
+    assert sweep().requeued == [job]
+    assert pipeline.jobs([job])[job].status == "queued"
