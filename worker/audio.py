@@ -402,8 +402,9 @@ class PreparedAudio:
             parts.append(np.asarray(pcm[s0:s1], dtype=np.int16))
         return np.concatenate(parts) if parts else np.zeros(0, dtype=np.int16)
 
-    def iter_chunks(self, max_bytes: int = MAX_UPLOAD_BYTES) -> Iterator[EncodedChunk]:
+    def iter_chunks(self, max_bytes: int | None = None) -> Iterator[EncodedChunk]:
         """Encode each planned chunk (halving any that encodes above `max_bytes`), one at a time."""
+        max_bytes = MAX_UPLOAD_BYTES if max_bytes is None else max_bytes
         pending = list(self.time_map.chunks)
         final: list[tuple[float, float]] = []
         index = 0

@@ -87,7 +87,8 @@ def _fail(job: records.ClaimedJob, code: str, message: str, report: PrepareRepor
 
 def _store(storage: Storage, job: records.ClaimedJob, prepared: audio.PreparedAudio) -> None:
     chunk_rows = []
-    single = len(prepared.time_map.chunks) == 1
+    planned = len(prepared.time_map.chunks)
+    single = planned == 1
     for chunk in prepared.iter_chunks():
         key = derived_key(job.tenant_id, job.id, None if single and chunk.index == 0 else chunk.index)
         storage.upload_bytes(chunk.flac, key, content_type=audio.FLAC_CONTENT_TYPE)
@@ -99,9 +100,11 @@ def _store(storage: Storage, job: records.ClaimedJob, prepared: audio.PreparedAu
                 "object_key": key,
             }
         )
-    # iter_chunks may have split an oversized chunk: store the final plan.
     if len(chunk_rows) > 1:
         records.save_chunks(job.id, chunk_rows)
+    if len(chunk_rows) != planned:
+        # iter_chunks halved a chunk that encoded above the upload limit: keep the final plan.
+        records.save_time_map(job.id, prepared.time_map.to_json())
 
 
 def prepare_one(

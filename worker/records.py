@@ -286,6 +286,12 @@ def save_probes(probes: list[ProbedJob]) -> None:
     metrics.AUDIO_SUBMITTED_SECONDS.inc(sum(p.duration_seconds for p in probes))
 
 
+def save_time_map(job_id: uuid.UUID, time_map: dict[str, Any]) -> None:
+    """Replace a job's time map (after its chunk plan changed)."""
+    with session_scope() as session:
+        session.execute(update(Job).where(Job.id == job_id).values(time_map=time_map))
+
+
 @dataclass(frozen=True)
 class DedupeDecision:
     """What to do with a job whose audio may have been seen before."""

@@ -121,3 +121,31 @@ def test_an_unexpected_prepare_error_hands_the_job_back_to_the_sweeper_soon(pipe
         s.execute(update(Job).where(Job.id == job).values(lease_expires_at=datetime.now(UTC)))
     assert sweep().requeued == [job]
     assert pipeline.jobs([job])[job].status == "queued"
+
+
+def test_chunks_halved_for_the_upload_limit_keep_order_and_original_time(
+    pipeline: Pipeline, fake_openai: FakeOpenAI, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from tests.audio_fixtures import sequence, wav_bytes
+    from worker import audio
+    from worker.prepare import prepare_jobs
+    from worker.runtime import get_runtime
+    from worker.transcribe import transcribe_group
+
+    freqs = [300, 500, 700, 900]
+    lead, tone_s, gap = 0.5, 1.0, 1.5
+    tenant = pipeline.tenant()
+    batch = pipeline.batch(tenant, models=["whisper-1"])
+    job = pipeline.job(tenant, batch, wav_bytes(sequence([(f, tone_s) for f in freqs], gap=gap, lead=lead)))
+    # One planned chunk whose FLAC is "too big": prepare halves it until each part fits.
+    monkeypatch.setattr(audio, "MAX_UPLOAD_BYTES", 12_000)
+    report = prepare_jobs([job], owner="test:1")
+    rt = get_runtime()
+    assert rt.run(transcribe_group(rt, report.groups[0])) == {"succeeded": 1}
+    attempts = pipeline.attempts(job)
+    assert len(attempts) >= 2  # one planned chunk went out in several parts
+    transcript = pipeline.transcript(job)
+    assert transcript is not None and transcript.text == "tone300 tone500 tone700 tone900"
+    starts = [seg["start"] for seg in transcript.segments or [] if seg["text"]]
+    for i, start in enumerate(starts):
+        assert start == pytest.approx(lead + i * (tone_s + gap), abs=0.08)
