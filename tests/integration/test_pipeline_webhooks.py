@@ -115,3 +115,28 @@ def test_webhook_to_a_private_address_is_refused(stack: Stack, pipeline: Pipelin
     assert [d.status for d in rows] == ["refused"]
     assert "non-public" in (rows[0].error or "")
     assert receiver.received == []
+
+
+def test_deliver_in_process_records_each_try(
+    stack: Stack, pipeline: Pipeline, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from core.settings import reset_settings_cache
+    from core.statuses import WebhookStatus
+    from worker.webhooks import deliver
+
+    with Receiver(fail_first=1) as receiver:
+        tenant = pipeline.tenant()
+        batch = pipeline.batch(tenant, webhook_url=receiver.url)
+        monkeypatch.setenv("VOXQ_WEBHOOK_ALLOW_PRIVATE", "true")
+        monkeypatch.setenv("VOXQ_WEBHOOK_MAX_ATTEMPTS", "2")
+        reset_settings_cache()
+        first = deliver(batch, attempt=1)
+        second = deliver(batch, attempt=2)
+        monkeypatch.setenv("VOXQ_WEBHOOK_ALLOW_PRIVATE", "false")
+        reset_settings_cache()
+        third = deliver(batch, attempt=3)
+    assert (first.status, first.retry_in) == (WebhookStatus.FAILED, 1.0)
+    assert (second.status, second.retry_in) == (WebhookStatus.DELIVERED, None)
+    assert (third.status, third.retry_in) == (WebhookStatus.REFUSED, None)
+    assert len(receiver.received) == 2
+    assert [d.status for d in deliveries(pipeline)] == ["failed", "delivered", "refused"]
