@@ -42,3 +42,23 @@ def test_local_only_chain_transcribes_a_voicemail_end_to_end(stack: Stack, pipel
     assert len(costs) == 1 and costs[0].usd == 0 and (costs[0].compute_seconds or 0) > 0
     assert costs[0].attempt_id == attempts[0].id
     assert pipeline.batch_row(batch).status == BatchStatus.COMPLETED.value
+
+
+def test_local_stage_in_process(stack: Stack, pipeline: Pipeline) -> None:
+    from worker.local import transcribe_local
+    from worker.prepare import prepare_jobs
+
+    tenant = pipeline.tenant()
+    batch = pipeline.batch(tenant, language="en")
+    data = (REPO_ROOT / "samples" / "voicemail-school.mp3").read_bytes()
+    job = pipeline.job(tenant, batch, data, filename="voicemail-school.mp3")
+    report = prepare_jobs([job], owner="test:1")
+    assert report.grouped == 1 and len(report.groups) == 1
+    assert transcribe_local(job, report.groups[0], worker="test:1") == JobStatus.SUCCEEDED.value
+    # A second delivery of the same local task finds the job finished and does nothing.
+    assert transcribe_local(job, report.groups[0], worker="test:1") == "not_claimed"
+    row = pipeline.jobs([job])[job]
+    assert row.status == JobStatus.SUCCEEDED.value and row.model and row.model.startswith("local:")
+    assert len(pipeline.attempts(job)) == 1
+    transcript = pipeline.transcript(job)
+    assert transcript is not None and transcript.language == "en" and len(transcript.text) > 20
