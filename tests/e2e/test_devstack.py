@@ -135,6 +135,25 @@ def _parent(pid: int) -> int:
         return 0
 
 
+def _listening_addresses(pids: set[int]) -> set[str]:
+    """IPv4/IPv6 addresses the given processes accept TCP connections on (from /proc/net/tcp*)."""
+    inodes: set[str] = set()
+    for pid in pids:
+        with contextlib.suppress(OSError):
+            for fd in Path(f"/proc/{pid}/fd").iterdir():
+                with contextlib.suppress(OSError):
+                    target = os.readlink(fd)
+                    if target.startswith("socket:["):
+                        inodes.add(target[8:-1])
+    found: set[str] = set()
+    for table in ("tcp", "tcp6"):
+        for line in Path(f"/proc/net/{table}").read_text().splitlines()[1:]:
+            fields = line.split()
+            if fields[3] == "0A" and fields[9] in inodes:  # 0A: LISTEN
+                found.add(fields[1].rsplit(":", 1)[0])
+    return found
+
+
 def _alive(pid: int) -> bool:
     try:
         stat = Path(f"/proc/{pid}/stat").read_text()
@@ -277,16 +296,25 @@ def test_voxq_dev_up_healthy_supervised_stopped_and_restarted(work_dir: Path) ->
 
         # SIGTERM: every child stops, in reverse start order, and nothing is left behind.
         tree = _children(run.proc.pid)
+
+        def postmaster_now() -> int:
+            return int((data_dir / "postgres" / "postmaster.pid").read_text().split()[0])
+
         names = {"weed mini", "valkey-server", "uvicorn", "-n worker@%h", "-n local@%h", " beat ", "flower"}
         for name in names:
             assert any(name in cmd for cmd in tree.values()), f"{name} not running under voxq dev"
+        # Every server and child listens on loopback only (127.0.0.1 is 0100007F in /proc/net/tcp).
+        listening = _listening_addresses(set(tree) | {postmaster_now()})
+        assert "0100007F" in listening
+        assert listening <= {"0100007F", "00000000000000000000000001000000"}, listening
+
         # Every child gets the variables compose gives its services.
         for pid, cmd in tree.items():
             if "uvicorn" in cmd or "-n local@%h" in cmd:
                 environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
                 keys = {item.split(b"=", 1)[0].decode() for item in environ if b"=" in item}
                 assert set(SHARED_ENV) <= keys, set(SHARED_ENV) - keys
-        postmaster = int((data_dir / "postgres" / "postmaster.pid").read_text().split()[0])
+        postmaster = postmaster_now()
         assert _alive(postmaster)
         all_pids = set(tree) | {postmaster}
         for pid in tree:
