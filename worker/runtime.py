@@ -1,16 +1,21 @@
 """Per-process runtime of a worker: one event loop, one shared httpx client, one async Redis client.
 
 Built after fork (in `worker_process_init`, or lazily on first use) and never shared across processes.
-Celery's prefork children run one task at a time, so each task drives the process's one event loop with
-`run()`; the httpx connection pool and the in-flight semaphore then outlive single tasks, which is what
-lets a group task keep `VOXQ_MAX_IN_FLIGHT` requests open at once on one connection pool.
+The loop runs forever in a background thread of the process; a task hands it a coroutine with `run()`
+and waits for the result. So the httpx connection pool and the `VOXQ_MAX_IN_FLIGHT` semaphore are shared
+by every task of the process, whatever the Celery pool: a prefork child runs one group at a time, and a
+`-P threads -c N` transcribe worker runs N groups at once on the same client and the same in-flight
+bound — the way to keep hundreds of requests open from one 2-core host without N copies of everything.
 """
 
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
+import contextlib
 import os
 import socket
+import threading
 from collections.abc import Coroutine
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -41,23 +46,24 @@ class Runtime:
     http: httpx.AsyncClient
     storage: Storage
     worker_name: str
+    thread: threading.Thread | None = None
     _redis: aioredis.Redis | None = None
     _semaphore: asyncio.Semaphore | None = None
 
     def run(self, coro: Coroutine[Any, Any, T]) -> T:
-        """Run a coroutine to completion on the process's loop.
+        """Run a coroutine on the process's loop and wait for its result (from any thread but the loop's).
 
-        If it is interrupted (a soft time limit raised inside the loop), every task it left behind is
-        cancelled and awaited here, so none of them wakes up inside the next task run on this loop.
+        If the wait is interrupted (a Celery soft time limit raised in this thread), the coroutine is
+        cancelled, so nothing it started keeps running behind the next task's back.
         """
+        future = asyncio.run_coroutine_threadsafe(coro, self.loop)
         try:
-            return self.loop.run_until_complete(coro)
+            return future.result()
         except BaseException:
-            leftovers = [t for t in asyncio.all_tasks(self.loop) if not t.done()]
-            for task in leftovers:
-                task.cancel()
-            if leftovers:
-                self.loop.run_until_complete(asyncio.gather(*leftovers, return_exceptions=True))
+            if not future.done():
+                future.cancel()
+                with contextlib.suppress(BaseException):
+                    concurrent.futures.wait([future], timeout=10)
             raise
 
     @property
@@ -109,49 +115,63 @@ class Runtime:
         )
 
     def close(self) -> None:
-        """Close clients and the loop (process shutdown)."""
+        """Close clients, stop the loop's thread and close the loop (process shutdown)."""
         try:
-            self.loop.run_until_complete(self.http.aclose())
+            self.run(self.http.aclose())
             if self._redis is not None:
-                self.loop.run_until_complete(self._redis.aclose())
-            self.loop.run_until_complete(self.loop.shutdown_default_executor())
+                self.run(self._redis.aclose())
+            self.run(self.loop.shutdown_default_executor())
         finally:
-            self.loop.close()
+            self.loop.call_soon_threadsafe(self.loop.stop)
+            if self.thread is not None:
+                self.thread.join(10)
+            if not self.loop.is_running():
+                self.loop.close()
 
 
 _runtime: Runtime | None = None
+_lock = threading.Lock()
 
 
 def get_runtime() -> Runtime:
     """This process's runtime, built on first use after fork."""
     global _runtime
-    if _runtime is None or _runtime.pid != os.getpid():
-        settings = get_settings()
-        loop = asyncio.new_event_loop()
-        # Database and S3 calls of a group run in threads (`asyncio.to_thread`): give them as many threads
-        # as the DB pool has connections, not the default of cores + 4.
-        loop.set_default_executor(
-            ThreadPoolExecutor(max_workers=max(settings.database_pool_size, 4), thread_name_prefix="voxq-io")
-        )
-        limits = httpx.Limits(
-            max_connections=max(settings.max_in_flight, 10),
-            max_keepalive_connections=max(settings.max_in_flight, 10),
-        )
-        http = httpx.AsyncClient(limits=limits, timeout=settings.provider_timeout_seconds)
-        _runtime = Runtime(
-            pid=os.getpid(),
-            settings=settings,
-            loop=loop,
-            http=http,
-            storage=Storage(settings),
-            worker_name=f"{socket.gethostname()}:{os.getpid()}",
-        )
-    return _runtime
+    with _lock:
+        if _runtime is None or _runtime.pid != os.getpid():
+            _runtime = _build()
+        return _runtime
+
+
+def _build() -> Runtime:
+    settings = get_settings()
+    loop = asyncio.new_event_loop()
+    # Database and S3 calls of a group run in threads (`asyncio.to_thread`): give them as many threads
+    # as the DB pool has connections, not the default of cores + 4.
+    loop.set_default_executor(
+        ThreadPoolExecutor(max_workers=max(settings.database_pool_size, 4), thread_name_prefix="voxq-io")
+    )
+    limits = httpx.Limits(
+        max_connections=max(settings.max_in_flight, 10),
+        max_keepalive_connections=max(settings.max_in_flight, 10),
+    )
+    http = httpx.AsyncClient(limits=limits, timeout=settings.provider_timeout_seconds)
+    thread = threading.Thread(target=loop.run_forever, name="voxq-loop", daemon=True)
+    thread.start()
+    return Runtime(
+        pid=os.getpid(),
+        settings=settings,
+        loop=loop,
+        http=http,
+        storage=Storage(settings),
+        worker_name=f"{socket.gethostname()}:{os.getpid()}",
+        thread=thread,
+    )
 
 
 def close_runtime() -> None:
     """Close this process's runtime if it has one."""
     global _runtime
-    if _runtime is not None and _runtime.pid == os.getpid():
-        _runtime.close()
-    _runtime = None
+    with _lock:
+        if _runtime is not None and _runtime.pid == os.getpid():
+            _runtime.close()
+        _runtime = None

@@ -424,3 +424,25 @@ def test_a_worker_killed_mid_call_is_recovered_and_the_lost_call_accounted(
     billed = {e["request_id"] for e in fake_openai.billing_log()}
     assert str(done.id) in billed and billed <= {str(lost.id), str(done.id)}
     assert pipeline.jobs([job])[job].cost_usd == costs[lost.id].usd + costs[done.id].usd
+
+
+def test_a_threaded_worker_runs_several_groups_on_one_client(
+    stack: Stack, pipeline: Pipeline, fake_openai: FakeOpenAI
+) -> None:
+    fake_openai.configure(PRIMARY, latency=1.5)
+    tenant = pipeline.tenant()
+    jobs: list[uuid.UUID] = []
+    for prompt in ("a", "b", "c"):  # three batches with different options: three groups
+        batch = pipeline.batch(tenant, prompt=prompt)
+        jobs += [pipeline.job(tenant, batch, tones(300 + 10 * len(jobs) + i)) for i in range(15)]
+    env = hosted_env(VOXQ_DATABASE_POOL_SIZE="16")
+    with celery_worker(stack, concurrency=1, queues="ingest", env=env, name="prep"):
+        pipeline.submit(jobs)  # prepared by a prefork worker...
+        wait_until(lambda: all(j.group_id for j in pipeline.jobs(jobs).values()), timeout=60, what="grouped")
+    # ...then one process with a thread pool takes all three groups at once.
+    with celery_worker(stack, pool="threads", concurrency=3, queues="transcribe", env=env, name="threads"):
+        rows = pipeline.wait_terminal(jobs, timeout=60)
+    assert all(r.status == "succeeded" for r in rows.values())
+    assert len({r.group_id for r in rows.values()}) == 3
+    assert fake_openai.max_in_flight > 15  # more than any one group holds
+    assert len({a.worker for j in jobs for a in pipeline.attempts(j)}) == 1  # one process did it all
