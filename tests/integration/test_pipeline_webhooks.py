@@ -140,3 +140,26 @@ def test_deliver_in_process_records_each_try(
     assert (third.status, third.retry_in) == (WebhookStatus.REFUSED, None)
     assert len(receiver.received) == 2
     assert [d.status for d in deliveries(pipeline)] == ["failed", "delivered", "refused"]
+
+
+def test_delivery_gives_up_after_the_last_attempt(
+    stack: Stack, pipeline: Pipeline, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from core.settings import reset_settings_cache
+    from core.statuses import WebhookStatus
+    from worker.webhooks import deliver, retry_delay
+
+    monkeypatch.setenv("VOXQ_WEBHOOK_ALLOW_PRIVATE", "true")
+    monkeypatch.setenv("VOXQ_WEBHOOK_MAX_ATTEMPTS", "3")
+    reset_settings_cache()
+    with Receiver(fail_first=100) as receiver:
+        tenant = pipeline.tenant()
+        batch = pipeline.batch(tenant, webhook_url=receiver.url)
+        results = [deliver(batch, attempt=n) for n in (1, 2, 3)]
+    assert [(r.status, r.retry_in) for r in results] == [
+        (WebhookStatus.FAILED, retry_delay(1)),
+        (WebhookStatus.FAILED, retry_delay(2)),
+        (WebhookStatus.GAVE_UP, None),
+    ]
+    assert retry_delay(1) < retry_delay(2) < retry_delay(20) == 600
+    assert [d.status for d in deliveries(pipeline)] == ["failed", "failed", "gave_up"]
