@@ -285,4 +285,7 @@ def configure_logging(
         taken = logging.getLogger(name)
         taken.handlers = []
         taken.propagate = True
+        # Someone's dictConfig/fileConfig may have disabled it or raised its level; ours decides now.
+        taken.disabled = False
+        taken.setLevel(logging.NOTSET)
     return handler

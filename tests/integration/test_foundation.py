@@ -117,7 +117,7 @@ def test_storage_round_trip_60mb_bounded_memory(stack: Stack) -> None:
         total += len(chunk)
     growth = _status_mb("VmHWM") - before  # the peak while moving it, not what is left afterwards
     assert total == size and sha.hexdigest() == stored.sha256
-    assert growth < 30, f"RSS grew {growth:.0f} MB moving a 60 MB object (should not scale with size)"
+    assert growth < 40, f"RSS grew {growth:.0f} MB moving a 60 MB object (should not scale with size)"
     assert storage.delete_prefix("tenant-x/") >= 3
     assert storage.head(key) is None
 
