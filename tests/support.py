@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -154,4 +156,7 @@ def celery_worker(
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait(10)
+        # Pool children outlive a SIGKILLed parent; none may run into the next test's tasks.
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(proc.pid, signal.SIGKILL)
         log.close()
