@@ -22,7 +22,9 @@ from api.schemas import BatchOptions, BatchOut, JobBrief, JobError, JobOut, Stat
 from core import dispatch, metrics
 from core.db import session_scope
 from core.models import Attempt, Batch, Job
+from core.settings import get_settings
 from core.statuses import JOB_TERMINAL, BatchStatus, JobStatus
+from core.webhooks import WebhookRefused, WebhookUnresolvable, check_url
 
 MAX_PAGE = 200
 DEFAULT_PAGE = 50
@@ -161,6 +163,22 @@ def load_job_out(session: Session, job: Job) -> JobOut:
 def job_brief(job: Job) -> JobBrief:
     """The short view an upload answers with."""
     return JobBrief(id=job.id, filename=job.filename, status=job.status, bytes=job.bytes, sha256=job.sha256)
+
+
+def check_webhook(options: BatchOptions) -> None:
+    """422 `webhook_url_forbidden` when the webhook URL points at a non-public address (SSRF guard).
+
+    A host that does not resolve now is accepted: DNS may be transiently down, and every delivery
+    checks the URL again (and every redirect hop) before sending anything.
+    """
+    if not options.webhook_url:
+        return
+    try:
+        check_url(str(options.webhook_url), allow_private=get_settings().webhook_allow_private)
+    except WebhookUnresolvable:
+        return
+    except WebhookRefused as exc:
+        raise Problem(422, "webhook_url_forbidden", exc.message) from None
 
 
 def new_batch(tenant: TenantContext, options: BatchOptions, *, auto_submit: bool) -> Batch:

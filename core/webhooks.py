@@ -30,6 +30,10 @@ class WebhookRefused(VoxqError):
     code = "webhook_url_refused"
 
 
+class WebhookUnresolvable(WebhookRefused):
+    """Raised when a webhook host does not resolve (may be transient; delivery checks again)."""
+
+
 def sign(secret: str, body: bytes, *, timestamp: int | None = None) -> str:
     """The `X-Voxq-Signature` header value for this body."""
     ts = int(time.time()) if timestamp is None else timestamp
@@ -77,7 +81,7 @@ def check_url(url: str, *, allow_private: bool) -> None:
     try:
         infos = socket.getaddrinfo(host, parts.port or (443 if parts.scheme == "https" else 80))
     except (socket.gaierror, UnicodeError) as exc:
-        raise WebhookRefused(f"webhook host {host!r} does not resolve") from exc
+        raise WebhookUnresolvable(f"webhook host {host!r} does not resolve") from exc
     for info in infos:
         addr = ipaddress.ip_address(str(info[4][0]).split("%", 1)[0])
         if _forbidden(addr):

@@ -76,6 +76,7 @@ MULTIPART_FILES_BODY: dict[str, Any] = {
 @router.post("", status_code=201, response_model=BatchOut)
 def create_batch(body: BatchCreate, tenant: TenantDep, session: SessionDep) -> BatchOut:
     """Create a batch; add files to it, then submit (or set `auto_submit`)."""
+    service.check_webhook(body)
     batch = service.new_batch(tenant, body, auto_submit=body.auto_submit)
     session.add(batch)
     session.commit()

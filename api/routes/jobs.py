@@ -103,6 +103,7 @@ def create_single_job(
                 422, "one_file_only", "POST /v1/jobs takes exactly one `file`; use a batch for more"
             )
         options = _options_from_form(received.fields)
+        service.check_webhook(options)
     except Problem:
         discard(storage, received)
         raise
