@@ -112,6 +112,11 @@ def _ping_ok(host: str, timeout: float, *, any_host: bool) -> bool:
     # The node names `voxq dev` and compose give workers; `limit=1` returns at the first answer.
     destination = None if any_host else [f"worker@{host}", f"local@{host}"]
     try:
+        # Fail fast when the broker is down (kombu would retry for seconds): the heartbeat decides then.
+        with app.connection_for_write() as conn:
+            conn.ensure_connection(
+                max_retries=1, interval_start=0, interval_step=0, timeout=max(1, int(timeout))
+            )
         replies = app.control.ping(destination=destination, timeout=timeout, limit=1) or []
     except Exception:  # broker down or refusing: fall back to the heartbeat row
         return False
