@@ -78,13 +78,10 @@ class Storage:
             max_concurrency=2,
             use_threads=True,
         )
-        # s3transfer buffers up to 10 parts of a non-seekable stream by default (80 MB at 8 MB parts);
-        # cap what one transfer may hold so memory stays bounded whatever the object's size.
-        self.transfer_config.max_in_memory_upload_chunks = 3
-        self.transfer_config.max_in_memory_download_chunks = 3
         # s3transfer buffers up to 10 parts of a non-seekable stream by default (80 MB at 8 MB parts):
-        # two (one per upload thread) bound an upload's memory whatever the object's size.
+        # two (one per transfer thread) bound a transfer's memory whatever the object's size.
         self.transfer_config.max_in_memory_upload_chunks = 2
+        self.transfer_config.max_in_memory_download_chunks = 2
 
     def ensure_bucket(self) -> None:
         """Create the bucket if it does not exist yet."""
