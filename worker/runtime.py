@@ -79,7 +79,15 @@ class Runtime:
         if self._redis is None:
             import redis.asyncio as aioredis
 
-            self._redis = aioredis.Redis.from_url(self.settings.redis_url)
+            # One connection per request in flight at most, and a wait rather than an error when they
+            # are all busy: redis-py's default pool raises MaxConnectionsError past 100 connections,
+            # which failed whole groups at 256 in flight.
+            pool = aioredis.BlockingConnectionPool.from_url(
+                self.settings.redis_url,
+                max_connections=max(self.settings.max_in_flight, 10) + 16,
+                timeout=60,
+            )
+            self._redis = aioredis.Redis.from_pool(pool)  # owns the pool: aclose() closes it
         return self._redis
 
     def provider(self) -> Provider:

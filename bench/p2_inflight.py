@@ -1,0 +1,92 @@
+"""P2: with a 2 s provider latency, achieved files/s vs the ideal in-flight limit / latency.
+
+Target: ≥ 90% of ideal with ≥ 256 in flight on one 2-core worker host. Scale: `VOXQ_BENCH_P2_FILES`
+(default 2048 = 8 × 256) distinct 15 s voicemails, `VOXQ_BENCH_P2_IN_FLIGHT` (default 256).
+The ingest stage runs first, alone, until every job is grouped, so the transcribe stage is measured on
+its own: one transcribe worker (`-P threads -c 8`, `VOXQ_MAX_IN_FLIGHT`), files/s = files / (last
+attempt's end - first attempt's start). End-to-end time of the stage (worker start to last job) too.
+"""
+
+from __future__ import annotations
+
+import time
+
+from bench import host_facts, write_section
+from bench._harness import (
+    PRIMARY,
+    BenchStack,
+    accounting,
+    attempt_window,
+    env_int,
+    make_files,
+    prepare_only,
+    render_facts,
+    verdict,
+    wait_ready,
+)
+
+SECTION = "p2_inflight"
+LATENCY = 2.0
+
+
+def main() -> None:
+    """Measure and write the `p2_inflight` section of docs/benchmarks.md."""
+    n = env_int("VOXQ_BENCH_P2_FILES", 2048)
+    in_flight = env_int("VOXQ_BENCH_P2_IN_FLIGHT", 256)
+    threads = env_int("VOXQ_BENCH_P2_THREADS", 8)
+    facts = host_facts("celery", "httpx", "sqlalchemy", "psycopg")
+    t0 = time.perf_counter()
+    stack = BenchStack().start()
+    try:
+        stack.fake("POST", f"/_fake/models/{PRIMARY}", {"latency": LATENCY})
+        job_ids = stack.jobs(make_files(n))
+        prepare_seconds = prepare_only(stack, job_ids)
+        print(f"prepared {n} in {prepare_seconds:.1f}s", flush=True)
+        with stack.worker(
+            queues="transcribe.high,transcribe,transcribe.low",
+            concurrency=threads,
+            pool="threads",
+            name="transcribe",
+            VOXQ_MAX_IN_FLIGHT=str(in_flight),
+        ):
+            started = time.perf_counter()
+            wait_ready(stack, "transcribe")
+            finished = stack.wait_done(n, timeout=600)
+        window, mean_latency = attempt_window(stack)
+        acct = accounting(stack)
+        statuses = stack.status_counts()
+    finally:
+        stack.stop()
+    ideal = in_flight / LATENCY
+    achieved = n / window
+    share = achieved / ideal
+    body = "\n".join(
+        [
+            "## P2 in-flight requests at 2 s latency (`bench/p2_inflight.py`)",
+            "",
+            f"{n} distinct 15 s voicemails, prepared first (ingest alone: {prepare_seconds:.1f} s); "
+            f"then one transcribe worker, `-P threads -c {threads}`, `VOXQ_MAX_IN_FLIGHT={in_flight}`; "
+            f"fake provider latency {LATENCY:.0f} s.",
+            "",
+            "| measure | value |",
+            "|---|---|",
+            f"| ideal files/s (in flight ÷ latency) | {ideal:.1f} |",
+            f"| achieved files/s (first attempt start → last attempt end) | {achieved:.1f} |",
+            f"| share of ideal (target ≥ 90%) | {share:.1%} {verdict(share >= 0.9)} |",
+            f"| mean attempt latency seen by the worker | {mean_latency:.2f} s |",
+            f"| stage wall time incl. worker start | {finished - started:.1f} s |",
+            "",
+            f"- statuses: {statuses}; rows: {acct}",
+            "",
+            "Host and versions:",
+            "",
+            *render_facts(facts),
+            f"- benchmark wall time: {time.perf_counter() - t0:.0f} s",
+        ]
+    )
+    write_section(SECTION, body)
+    print(body)
+
+
+if __name__ == "__main__":
+    main()
