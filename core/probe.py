@@ -25,6 +25,9 @@ PROBE_MAX_PACKETS = 400
 # Random bytes sniffed as MPEG audio decode into a few frames between errors: a real file decodes
 # cleanly, so more errors than this in the probed span mean "not audio".
 PROBE_MAX_DECODE_ERRORS = 2
+# Real audio tops out at 768 kHz (professional DXD is 352.8/384 kHz); a header claiming more is forged.
+MAX_SAMPLE_RATE = 768_000
+MAX_CHANNELS = 64
 
 
 @dataclass(frozen=True)
@@ -85,6 +88,8 @@ def _probe_container(container: Any) -> ProbeResult:
         raise EmptyAudio("the file contains no audio samples")
     if sample_rate <= 0 or channels <= 0:
         raise UnsupportedMedia("the audio stream has no sample rate or channels")
+    if sample_rate > MAX_SAMPLE_RATE or channels > MAX_CHANNELS:
+        raise UnsupportedMedia(f"implausible audio header: {sample_rate} Hz, {channels} channels")
     duration = _duration(container, stream)
     if duration is None or duration <= 0:
         duration = decoded_samples / sample_rate

@@ -1,0 +1,320 @@
+"""Malformed and hostile input through the real API and real worker processes.
+
+Each kind gets a clear, stable code from the API (refused at upload) or from the worker (the job fails
+with a reason), no worker process dies, and good files submitted alongside them are transcribed.
+Kinds already covered elsewhere (test_api_bad_input: empty file, random bytes, PDF renamed .mp3, text
+file, header-only WAV, control characters and `..` in filenames; test_api_idempotency: a key reused with
+another body; test_pipeline_flow: garbage and over-long audio in the worker) are not repeated one by one;
+this file adds the missing kinds and the "alongside" and "no worker died" checks.
+
+Every file is generated here with PyAV, numpy, wave and struct; no ffmpeg command is needed.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import struct
+import time
+import uuid
+import zipfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import av
+import httpx
+import numpy as np
+import pytest
+from sqlalchemy import select
+
+from core.db import session_scope
+from core.models import Job
+from core.storage import Storage
+from tests.api_helpers import (  # noqa: F401
+    ApiServer,
+    api_fixture,
+    api_server_fixture,
+    make_key,
+    sine_wav,
+    wav_header,
+)
+from tests.fakes.openai_server import FakeOpenAI
+from tests.fakes.tones import tones
+from tests.pipeline_support import hosted_env
+from tests.support import Stack, celery_worker, wait_until
+
+# --- generators -------------------------------------------------------------------------------------
+
+
+def _crc8(data: bytes) -> int:
+    crc = 0
+    for b in data:
+        crc ^= b
+        for _ in range(8):
+            crc = ((crc << 1) ^ 0x07) & 0xFF if crc & 0x80 else (crc << 1) & 0xFF
+    return crc
+
+
+def _crc16(data: bytes) -> int:
+    crc = 0
+    for b in data:
+        crc ^= b << 8
+        for _ in range(8):
+            crc = ((crc << 1) ^ 0x8005) & 0xFFFF if crc & 0x8000 else (crc << 1) & 0xFFFF
+    return crc
+
+
+def _utf8_number(n: int) -> bytes:
+    if n < 0x80:
+        return bytes([n])
+    if n < 0x800:
+        return bytes([0xC0 | n >> 6, 0x80 | n & 0x3F])
+    return bytes([0xE0 | n >> 12, 0x80 | (n >> 6) & 0x3F, 0x80 | n & 0x3F])
+
+
+def silent_flac(seconds: float, *, declare_length: bool, rate: int = 8000) -> bytes:
+    """A valid FLAC of digital silence built frame by frame (CONSTANT subframes of 65,535 samples).
+
+    Ten hours take ~64 KB. With `declare_length=False` STREAMINFO says "length unknown", so only
+    decoding reveals how long it is (a decompression bomb for anyone who decodes it all).
+    """
+    block = 65535
+    frames = -(-int(seconds * rate) // block)
+    total = frames * block if declare_length else 0
+    info = struct.pack(">HH", block, block) + b"\0" * 6
+    info += ((rate << 44) | (15 << 36) | total).to_bytes(8, "big") + b"\0" * 16  # mono, 16 bit, no MD5
+    out = [b"fLaC", bytes([0x80, 0, 0, len(info)]), info]
+    for n in range(frames):
+        # fixed blocking, block size from the 16-bit field, 8 kHz, mono, 16 bit
+        head = b"\xff\xf8\x74\x08" + _utf8_number(n) + struct.pack(">H", block - 1)
+        frame = head + bytes([_crc8(head)]) + b"\x00\x00\x00"  # CONSTANT subframe, value 0
+        out.append(frame + struct.pack(">H", _crc16(frame)))
+    return b"".join(out)
+
+
+def _video_only(fmt: str) -> bytes:
+    buf = io.BytesIO()
+    with av.open(buf, "w", format=fmt) as container:
+        stream = container.add_stream("mpeg4", rate=10)
+        stream.width, stream.height, stream.pix_fmt = 64, 48, "yuv420p"
+        for i in range(10):
+            frame = av.VideoFrame.from_ndarray(np.full((48, 64, 3), i * 20, np.uint8), format="rgb24")
+            for packet in stream.encode(frame):
+                container.mux(packet)
+        for packet in stream.encode(None):
+            container.mux(packet)
+    return buf.getvalue()
+
+
+def _zip_renamed() -> bytes:
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as z:
+        z.writestr("song.mp3", b"\xff\xfb\x90\x00" * 1000)
+    return buf.getvalue()
+
+
+# (name, bytes, HTTP status, code) refused by the API at upload
+def api_refused() -> list[tuple[str, bytes, int, str]]:
+    """Every hostile upload the API itself must refuse, with its status and stable code."""
+    wav = sine_wav(1.0)
+    mp3 = tones([440, 880], fmt="mp3")
+    flac = tones([440, 880], fmt="flac")
+    pcm = b"\x01\x02" * 16000
+    return [
+        ("truncated-header.wav", wav[:30], 415, "unsupported_media"),
+        ("truncated.mp3", mp3[:60], 415, "unsupported_media"),
+        ("truncated.flac", flac[:30], 415, "unsupported_media"),
+        ("archive.mp3", _zip_renamed(), 415, "unsupported_media"),
+        ("id3-tag-only.mp3", b"ID3\x04\x00\x00\x00\x00\x00\x10" + b"\0" * 16, 415, "unsupported_media"),
+        ("video-only.mp4", _video_only("mp4"), 415, "unsupported_media"),
+        ("no-audio-stream.mkv", _video_only("matroska"), 415, "unsupported_media"),
+        ("zero-channels.wav", wav_header(len(pcm), channels=0) + pcm, 415, "unsupported_media"),
+        ("zero-rate.wav", wav_header(len(pcm), rate=0) + pcm, 415, "unsupported_media"),
+        ("absurd-rate.wav", wav_header(len(pcm), rate=2_000_000_000) + pcm, 415, "unsupported_media"),
+    ]
+
+
+def _problem(resp: httpx.Response, status: int, code: str) -> dict[str, Any]:
+    assert resp.status_code == status, (resp.status_code, resp.text[:300])
+    assert resp.headers["content-type"] == "application/problem+json"
+    body = resp.json()
+    assert body["code"] == code and body["status"] == status and body["detail"]
+    return dict(body)
+
+
+def _children(pid: int) -> set[int]:
+    kids = set()
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as fh:
+                    fields = fh.read().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(fields[1]) == pid:
+                kids.add(int(entry))
+    return kids
+
+
+def _tenant_prefix_objects(tenant_name: str) -> list[str]:
+    from core.models import Tenant
+
+    with session_scope() as session:
+        tenant_id = session.scalar(select(Tenant.id).where(Tenant.name == tenant_name))
+    storage = Storage()
+    listed = storage.client.list_objects_v2(Bucket=storage.bucket, Prefix=f"{tenant_id}/")
+    uploads = storage.client.list_multipart_uploads(Bucket=storage.bucket, Prefix=f"{tenant_id}/")
+    return [o["Key"] for o in listed.get("Contents", [])] + [u["Key"] for u in uploads.get("Uploads", [])]
+
+
+@pytest.fixture
+def worker_proc(stack: Stack, fake_openai: FakeOpenAI) -> Iterator[Any]:
+    with celery_worker(stack, env=hosted_env(), concurrency=2) as proc:
+        wait_until(lambda: len(_children(proc.pid)) == 2, timeout=60, what="pool children up")
+        yield proc
+
+
+def test_hostile_files_get_stable_codes_and_good_files_alongside_succeed(
+    api: ApiServer, worker_proc: Any, tmp_path: Path
+) -> None:
+    pids_before = {worker_proc.pid, *_children(worker_proc.pid)}
+    key = make_key("hostile")
+    refused = api_refused()
+    with api.client(key, timeout=120) as c:
+        batch = c.post("/v1/batches", json={"name": "hostile"}).json()
+        good_ids = []
+        for n, (name, payload, status, code) in enumerate(refused):
+            # each hostile file alone, and next to a good file in one request (all-or-nothing)
+            _problem(
+                c.post(f"/v1/batches/{batch['id']}/files", files=[("file", (name, payload))]), status, code
+            )
+            mixed = c.post(
+                f"/v1/batches/{batch['id']}/files",
+                files=[("file", (f"good-{n}.flac", tones([500 + 10 * n]))), ("file", (name, payload))],
+            )
+            _problem(mixed, status, code)
+            _problem(c.post("/v1/jobs", files=[("file", (name, payload))]), status, code)
+        # files the API cannot judge without decoding them all go to the worker
+        bomb = silent_flac(10 * 3600, declare_length=False)
+        assert len(bomb) < 100_000  # ten hours of audio in ~64 KB
+        long_declared = silent_flac(6.5 * 3600, declare_length=True)
+        hostile_names = {
+            "bomb": "ten-hours-of-silence.flac",
+            "long": "six-and-a-half-hours.flac",
+            "slashes": "a/b\\c/../../d.flac",
+            "dots": "..",
+            "long_name": "x" * 500 + ".flac",
+            "controls": "\x1b[31mred\x07.flac",
+        }
+        payloads = {
+            "bomb": bomb,
+            "long": long_declared,
+            "slashes": tones([610]),
+            "dots": tones([620]),
+            "long_name": tones([630]),
+            "controls": tones([640]),
+        }
+        goods = {f"good-{i}.flac": tones([700 + 20 * i, 1200]) for i in range(4)}
+        files = [("file", (hostile_names[k], payloads[k])) for k in hostile_names]
+        files += [("file", (name, data)) for name, data in goods.items()]
+        resp = c.post(f"/v1/batches/{batch['id']}/files", files=files)
+        assert resp.status_code == 201, resp.text
+        uploaded = resp.json()["jobs"]
+        assert len(uploaded) == len(files)
+        by_kind = {k: uploaded[i] for i, k in enumerate(hostile_names)}
+        by_name = {j["filename"]: j for j in uploaded}
+        # names are data: kept (bounded, control characters dropped), never used as storage paths
+        assert by_kind["slashes"]["filename"] == "a/b\\c/../../d.flac"
+        assert by_kind["dots"]["filename"] == ".."
+        assert by_kind["long_name"]["filename"] == "x" * 500 + ".flac"
+        # (httpx escapes some control characters itself; raw ones are in test_api_bad_input)
+        assert by_kind["controls"]["filename"].startswith("[31mred")
+        assert not any(ord(ch) < 32 for ch in by_kind["controls"]["filename"])
+        submitted = c.post(f"/v1/batches/{batch['id']}/submit")
+        assert submitted.status_code in (200, 202), submitted.text
+        good_ids = [by_name[n]["id"] for n in goods]
+        good_ids += [by_kind[k]["id"] for k in ("slashes", "dots", "long_name", "controls")]
+
+        def finished() -> list[dict[str, Any]] | None:
+            jobs = c.get(f"/v1/batches/{batch['id']}/jobs", params={"limit": 200}).json()["items"]
+            return jobs if all(j["status"] in ("succeeded", "failed") for j in jobs) else None
+
+        started = time.monotonic()
+        jobs = {j["id"]: j for j in wait_until(finished, timeout=240, interval=0.5, what="jobs finished")}
+        elapsed = time.monotonic() - started
+        bomb_job = jobs[by_kind["bomb"]["id"]]
+        long_job = jobs[by_kind["long"]["id"]]
+        for job in (bomb_job, long_job):
+            assert job["status"] == "failed"
+            assert job["error"]["code"] == "audio_too_long", job
+            assert job["error"]["message"]
+        for job_id in good_ids:
+            assert jobs[job_id]["status"] == "succeeded", jobs[job_id]
+        text = c.get(f"/v1/jobs/{by_name['good-0.flac']['id']}/transcript").text.strip()
+        assert text == "tone700 tone1200"
+        assert elapsed < 200
+    with session_scope() as session:
+        rows = session.execute(
+            select(Job.object_key, Job.sha256).where(Job.batch_id == uuid.UUID(batch["id"]))
+        )
+        for object_key, sha in rows:
+            assert (
+                object_key and object_key.endswith(sha) and ".." not in object_key and "\\" not in object_key
+            )
+    # no worker process died or was replaced
+    assert worker_proc.poll() is None
+    assert {worker_proc.pid, *_children(worker_proc.pid)} == pids_before
+
+
+def test_huge_multipart_part_counts_are_refused_cheaply(api: ApiServer) -> None:
+    key = make_key("parts")
+    with api.client(key, timeout=120) as c:
+        batch_id = c.post("/v1/batches", json={}).json()["id"]
+        boundary = "pp"
+        part = (
+            f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="p.wav"\r\n'
+            "Content-Type: audio/wav\r\n\r\nx\r\n"
+        ).encode()
+        body = part * 5000 + f"--{boundary}--\r\n".encode()
+        started = time.monotonic()
+        resp = c.post(
+            f"/v1/batches/{batch_id}/files",
+            content=body,
+            headers={"Content-Type": f"multipart/form-data; boundary={boundary}"},
+        )
+        _problem(resp, 422, "too_many_files")
+        assert time.monotonic() - started < 60
+        # thousands of tiny form fields on the one-file endpoint: refused, not a 5xx
+        fields = (f'--{boundary}\r\nContent-Disposition: form-data; name="language"\r\n\r\nen\r\n').encode()
+        resp = c.post(
+            "/v1/jobs",
+            content=fields * 20000 + f"--{boundary}--\r\n".encode(),
+            headers={"Content-Type": f"multipart/form-data; boundary={boundary}"},
+        )
+        assert 400 <= resp.status_code < 500, resp.text[:300]
+        assert resp.headers["content-type"] == "application/problem+json"
+        assert c.get("/readyz").status_code == 200
+    wait_until(lambda: _tenant_prefix_objects("parts") == [], timeout=30, what="no leftovers")
+
+
+def test_idempotency_key_reused_with_another_body_is_refused_alongside_uploads(api: ApiServer) -> None:
+    with api.client(make_key("idem")) as c:
+        first = c.post("/v1/batches", json={"name": "one"}, headers={"Idempotency-Key": "k-1"})
+        assert first.status_code == 201
+        _problem(
+            c.post("/v1/batches", json={"name": "two"}, headers={"Idempotency-Key": "k-1"}),
+            422,
+            "idempotency_key_reused",
+        )
+        again = c.post("/v1/batches", json={"name": "one"}, headers={"Idempotency-Key": "k-1"})
+        assert again.json()["id"] == first.json()["id"]
+        # the same key on another route is another request too: refused, nothing stored
+        upload = c.post(
+            f"/v1/batches/{first.json()['id']}/files",
+            files=[("file", ("a.wav", sine_wav(0.5)))],
+            headers={"Idempotency-Key": "k-1"},
+        )
+        _problem(upload, 422, "idempotency_key_reused")
+        ok = c.post(f"/v1/batches/{first.json()['id']}/files", files=[("file", ("a.wav", sine_wav(0.5)))])
+        assert ok.status_code == 201, ok.text
