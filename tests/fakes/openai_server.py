@@ -125,7 +125,7 @@ class ModelBehaviour:
 
     latency: float = 0.0  # seconds added before answering
     latency_jitter: float = 0.0  # plus uniform(0, jitter)
-    faults: dict[str, float] = field(default_factory=dict)  # kind -> probability per request
+    faults: dict[str, float] = field(default_factory=dict)  # kind[:status] -> probability per request
     retry_after_ms: int | None = 250  # sent with random rate_limit faults
     quota_after: int | None = None  # insufficient_quota once this many requests were billed (0 = now)
     gone: bool = False  # 404 model_not_found from now on
@@ -453,7 +453,14 @@ class FakeOpenAI:
         for kind, probability in behaviour.faults.items():
             cumulative += probability
             if draw < cumulative:
-                return Fault(kind, retry_after_ms=behaviour.retry_after_ms), behaviour
+                # "server_error:503" picks a status for a random fault (a 5% mix of 500 and 503)
+                name, _, status = kind.partition(":")
+                return (
+                    Fault(
+                        name, status=int(status) if status else None, retry_after_ms=behaviour.retry_after_ms
+                    ),
+                    behaviour,
+                )
         return None, behaviour
 
     def _rpm_check(self, model: str, behaviour: ModelBehaviour) -> float | None:

@@ -1,0 +1,413 @@
+"""The chaos run: thousands of short jobs through real processes while things break.
+
+API (uvicorn), two Celery worker processes, beat, Valkey, Postgres and SeaweedFS, plus the fake OpenAI
+server with a fault mix (15% 429 with Retry-After, 5% 500/503, 2% read timeouts) and the primary
+model's quota exhausted halfway through. Files go in through the HTTP API. During the run a worker is
+killed with SIGKILL twice (a replacement starts each time), Redis restarts once and Postgres once.
+
+Afterwards: every job is terminal (none stuck, none lost); no job has two transcripts and each
+succeeded job's transcript came from one successful attempt of that job; the fake's billing log and
+voxq's cost records reconcile request by request; jobs whose primary call hit the exhausted quota went
+to the fallback model at once. The figures are printed at the end.
+
+Accounting of calls in flight when a worker is SIGKILLed (decision, see worker/sweeper.py): voxq cannot
+know whether the provider finished such a call, so the sweeper closes the attempt as `abandoned` and
+records one cost *marked estimated*. The fake bills what it processed and answered; a request whose
+client hung up first is not billed. So reconciliation is exact for every answered call (same usage,
+same cents), every billed request has exactly one cost record, and the only cost records without a
+billed request are estimated ones of abandoned attempts (an honest, visible over-estimate; never a
+silent double charge).
+
+VOXQ_CHAOS_JOBS scales the run (default 2000).
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import uuid
+import wave
+from collections import Counter, defaultdict
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from sqlalchemy import create_engine, func, select
+from sqlalchemy.orm import Session
+
+from core.embedded import EmbeddedPostgres, ValkeyRedis
+from core.models import Attempt, CostRecord, Job, Transcript
+from core.statuses import JOB_TERMINAL, AttemptOutcome, JobStatus
+from tests.api_helpers import start_api_server, stop_api_server
+from tests.fakes.fixtures import FAKE_OPENAI_API_KEY
+from tests.fakes.openai_server import FakeOpenAI
+from tests.fakes.tones import tone_samples
+from tests.support import REPO_ROOT, Stack, celery_worker, wait_until
+
+pytestmark = pytest.mark.chaos
+
+PRIMARY = "gpt-4o-mini-transcribe"
+FALLBACK = "whisper-1"
+JOBS = int(os.environ.get("VOXQ_CHAOS_JOBS", "2000"))
+FILES_PER_REQUEST = 50
+TERMINAL = {s.value for s in JOB_TERMINAL}
+
+
+def _wav(freqs: list[int]) -> bytes:
+    samples = tone_samples(freqs, tone_seconds=0.35, gap_seconds=0.25, lead_seconds=0.1)
+    buf = io.BytesIO()
+    with wave.open(buf, "wb") as out:
+        out.setnchannels(1)
+        out.setsampwidth(2)
+        out.setframerate(16_000)
+        out.writeframes((samples * 32767).astype("<i2").tobytes())
+    return buf.getvalue()
+
+
+def _file_tones(i: int) -> list[int]:
+    """Two tones per file, unique per index (no two files share audio, so nothing is deduplicated)."""
+    return [300 + 10 * (i % 60), 1000 + 10 * (i // 60)]
+
+
+@contextmanager
+def _beat(stack: Stack, env: dict[str, str]) -> Iterator[subprocess.Popen[bytes]]:
+    log = open(stack.work_dir / "beat.log", "wb")  # noqa: SIM115
+    proc = subprocess.Popen(
+        [
+            *(sys.executable, "-m", "celery", "-A", "worker.app", "beat", "-l", "INFO"),
+            *(
+                "-s",
+                str(stack.work_dir / "celerybeat-schedule"),
+                "--pidfile",
+                str(stack.work_dir / "beat.pid"),
+            ),
+        ],
+        cwd=REPO_ROOT,
+        env=stack.child_env(**env),
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+    try:
+        yield proc
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(5)
+        log.close()
+
+
+class Uploader(threading.Thread):
+    """Sends the files through the API in requests of 50, retrying (with Idempotency-Key) through outages."""
+
+    def __init__(self, url: str, key: str) -> None:
+        super().__init__(daemon=True)
+        self.url = url
+        self.key = key
+        self.job_ids: list[str] = []
+        self.expected: dict[str, str] = {}
+        self.retried_requests = 0
+        self.error: BaseException | None = None
+
+    def _post(self, client: httpx.Client, path: str, idem: str, **kwargs: Any) -> dict[str, Any]:
+        deadline = time.monotonic() + 180
+        while True:
+            try:
+                resp = client.post(path, headers={"Idempotency-Key": idem}, **kwargs)
+                if resp.status_code in (200, 201, 202):
+                    return dict(resp.json())
+                if resp.status_code < 500 and resp.status_code not in (409, 429):
+                    raise AssertionError(f"{path}: {resp.status_code} {resp.text}")
+            except httpx.TransportError:
+                pass
+            if time.monotonic() > deadline:
+                raise AssertionError(f"{path}: the API did not recover within 180 s")
+            self.retried_requests += 1
+            time.sleep(1.0)
+
+    def run(self) -> None:
+        try:
+            with httpx.Client(
+                base_url=self.url, headers={"Authorization": f"Bearer {self.key}"}, timeout=60
+            ) as c:
+                for start in range(0, JOBS, FILES_PER_REQUEST):
+                    indexes = range(start, min(start + FILES_PER_REQUEST, JOBS))
+                    batch = self._post(
+                        c,
+                        "/v1/batches",
+                        f"chaos-batch-{start}",
+                        json={"name": f"chaos-{start}", "auto_submit": True},
+                    )
+                    files = [("file", (f"f{i}.wav", _wav(_file_tones(i)), "audio/wav")) for i in indexes]
+                    out = self._post(
+                        c, f"/v1/batches/{batch['id']}/files", f"chaos-files-{start}", files=files
+                    )
+                    for i, job in zip(indexes, out["jobs"], strict=True):
+                        self.job_ids.append(job["id"])
+                        self.expected[job["id"]] = " ".join(f"tone{f}" for f in _file_tones(i))
+        except BaseException as exc:  # reported by the test thread
+            self.error = exc
+
+
+def _kill_group(proc: subprocess.Popen[bytes]) -> None:
+    """SIGKILL the worker and its pool children at once (a host or container dying)."""
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait(10)
+
+
+def test_chaos_run(s3_server: tuple[str, str, str]) -> None:
+    started = time.monotonic()
+    # Not under pytest's basetemp: other pytest sessions chmod /tmp/pytest-of-<user> to 0700, and the
+    # embedded Postgres runs as its own system user (as root), so a restart there could not reach its data.
+    work = Path(tempfile.mkdtemp(prefix="voxq-chaos-"))
+    endpoint, access, secret = s3_server
+    with ExitStack() as cleanup:
+        cleanup.callback(shutil.rmtree, work, ignore_errors=True)
+        postgres = EmbeddedPostgres(work / "postgres")
+        postgres.start()
+        cleanup.callback(postgres.stop)
+        redis_server = ValkeyRedis(work / "valkey", persist=True)  # production Redis keeps an AOF
+        redis_server.start()
+        cleanup.callback(redis_server.stop)
+        database_url = postgres.create_database("voxq_chaos")
+        from core.db import upgrade
+
+        upgrade(database_url)
+        stack = Stack(
+            database_url=database_url,
+            redis_url=redis_server.url,
+            s3_endpoint_url=endpoint,
+            s3_access_key_id=access,
+            s3_secret_access_key=secret,
+            s3_bucket=f"voxq-chaos-{uuid.uuid4().hex[:8]}",
+            work_dir=work,
+        )
+        fake = FakeOpenAI().start()
+        cleanup.callback(fake.stop)
+        fake.seed(7)
+        mix = {"rate_limit": 0.15, "server_error": 0.025, "server_error:503": 0.025, "timeout": 0.02}
+        for model in (PRIMARY, FALLBACK):
+            fake.configure(model, faults=dict(mix), latency=0.05, latency_jitter=0.2, hang_seconds=60.0)
+        fake.exhaust_quota(PRIMARY, after=JOBS // 2)
+        env = {
+            "OPENAI_BASE_URL": fake.base_url,
+            "OPENAI_API_KEY": FAKE_OPENAI_API_KEY,
+            "VOXQ_PRIMARY_MODEL": PRIMARY,
+            "VOXQ_FALLBACK_MODELS": FALLBACK,
+            "VOXQ_PROVIDER_TIMEOUT_SECONDS": "3",
+            "VOXQ_MAX_RETRIES": "6",
+            "VOXQ_RETRY_BASE_SECONDS": "0.2",
+            "VOXQ_RETRY_MAX_SECONDS": "2",
+            "VOXQ_CIRCUIT_FAILURE_THRESHOLD": "20",
+            "VOXQ_CIRCUIT_OPEN_SECONDS": "5",
+            "VOXQ_JOB_LEASE_SECONDS": "90",
+            "VOXQ_JOB_MAX_ATTEMPTS": "10",
+            "VOXQ_CELERY_VISIBILITY_TIMEOUT": "120",
+        }
+        saved_env = dict(os.environ)
+        cleanup.callback(stack.reset_process_state)  # runs last: settings from the restored environment
+        cleanup.callback(lambda: (os.environ.clear(), os.environ.update(saved_env)))
+        os.environ.update({**stack.env(), **env})
+        stack.reset_process_state()
+        stack.ensure_bucket()
+        from tests.api_helpers import make_key
+
+        key = make_key("chaos")
+        api = start_api_server(stack, **env)
+        cleanup.callback(stop_api_server, api)
+        cleanup.enter_context(_beat(stack, env))
+        workers = [cleanup.enter_context(celery_worker(stack, name=f"w{n}", env=env)) for n in (1, 2)]
+
+        engine = create_engine(database_url, pool_pre_ping=True)
+        cleanup.callback(engine.dispose)
+
+        def progress() -> int | None:
+            try:
+                with Session(engine) as s:
+                    return int(s.scalar(select(func.count()).where(Job.status.in_(TERMINAL))) or 0)
+            except Exception:  # Postgres restarting
+                return None
+
+        uploader = Uploader(api.url, key)
+        uploader.start()
+        events: list[str] = []
+        plan = [(0.15, "kill"), (0.30, "redis"), (0.50, "postgres"), (0.70, "kill")]
+        replacements = 0
+        budget = 600 + JOBS * 0.5
+        while plan:
+            if time.monotonic() - started > budget:
+                raise AssertionError(f"chaos events not all reached: {plan}, done {progress()}")
+            if uploader.error:
+                raise uploader.error
+            done = progress()
+            if done is not None and done >= plan[0][0] * JOBS:
+                _, what = plan.pop(0)
+                at = f"{what} at {done}/{JOBS} terminal, t={time.monotonic() - started:.0f}s"
+                if what == "kill":
+                    _kill_group(workers.pop(0))
+                    replacements += 1
+                    workers.append(
+                        cleanup.enter_context(celery_worker(stack, name=f"r{replacements}", env=env))
+                    )
+                elif what == "redis":
+                    redis_server.restart()
+                else:
+                    postgres.restart()
+                events.append(at)
+                print(f"chaos: {at}", flush=True)
+            time.sleep(0.5)
+        uploader.join(timeout=600)
+        assert not uploader.is_alive()
+        if uploader.error:
+            raise uploader.error
+        assert len(uploader.job_ids) == JOBS
+
+        def all_terminal() -> bool:
+            return progress() == JOBS
+
+        wait_until(all_terminal, timeout=budget, interval=2.0, what="every job terminal")
+        worker_pids = [w.pid for w in workers]
+        assert all(w.poll() is None for w in workers), "a worker died on its own"
+
+        def no_pending() -> bool:
+            with Session(engine) as s:
+                return not s.scalar(
+                    select(func.count()).where(Attempt.outcome == AttemptOutcome.PENDING.value)
+                )
+
+        # the sweeper (every 30 s) closes calls lost with the killed workers once 2x the timeout passed
+        wait_until(no_pending, timeout=120, interval=2.0, what="lost attempts closed by the sweeper")
+        wall = time.monotonic() - started
+
+        with Session(engine) as s:
+            jobs = {str(j.id): j for j in s.execute(select(Job)).scalars()}
+            attempts = list(s.execute(select(Attempt).order_by(Attempt.started_at, Attempt.id)).scalars())
+            transcripts = list(s.execute(select(Transcript)).scalars())
+            costs = list(s.execute(select(CostRecord)).scalars())
+
+    # -- none lost, none stuck ---------------------------------------------------------------
+    assert set(jobs) == set(uploader.job_ids)
+    statuses = Counter(j.status for j in jobs.values())
+    assert set(statuses) <= {JobStatus.SUCCEEDED.value, JobStatus.FAILED.value}, statuses
+    for j in jobs.values():
+        if j.status == JobStatus.FAILED.value:
+            assert j.error_code and j.error_message, (j.id, j.error_code)
+
+    # -- one transcript per succeeded job, from one successful attempt of that job -------------
+    by_attempt = {a.id: a for a in attempts}
+    per_job = Counter(str(t.job_id) for t in transcripts)
+    assert max(per_job.values()) == 1
+    succeeded = {jid for jid, j in jobs.items() if j.status == JobStatus.SUCCEEDED.value}
+    assert set(per_job) == succeeded
+    successes_per_job: dict[str, int] = Counter(
+        str(a.job_id) for a in attempts if a.outcome == AttemptOutcome.SUCCESS.value
+    )
+    for t in transcripts:
+        source = by_attempt[t.attempt_id] if t.attempt_id else None
+        assert source is not None and source.outcome == AttemptOutcome.SUCCESS.value
+        assert str(source.job_id) == str(t.job_id) and source.model == t.model
+        assert t.text == uploader.expected[str(t.job_id)]
+
+    # -- billing reconciliation, request by request ------------------------------------------
+    billed = {e["request_id"]: e for e in fake.billing_log()}
+    by_cost = {str(c.attempt_id): c for c in costs}
+    assert len(by_cost) == len(costs)  # one cost record per attempt at most
+    missing = set(billed) - set(by_cost)
+    assert not missing, f"billed requests without a cost record: {sorted(missing)[:5]}"
+    unbilled = {aid: c for aid, c in by_cost.items() if aid not in billed}
+    for aid, c in unbilled.items():
+        # only a call lost with a killed worker may carry a cost nobody billed, and it says so
+        assert c.estimated and by_attempt[uuid.UUID(aid)].outcome == AttemptOutcome.ABANDONED.value, aid
+    exact_usd = 0
+    for request_id, entry in billed.items():
+        cost = by_cost[request_id]
+        attempt = by_attempt[uuid.UUID(request_id)]
+        assert cost.model == entry["model"] == attempt.model
+        if attempt.outcome == AttemptOutcome.ABANDONED.value:
+            assert cost.estimated  # billed, but the answer never reached voxq: estimated, charged once
+            continue
+        assert attempt.outcome == AttemptOutcome.SUCCESS.value, (request_id, attempt.outcome)
+        assert not cost.estimated
+        usage = entry["usage"]
+        assert cost.usage_type == usage["type"]
+        if usage["type"] == "tokens":
+            assert (cost.input_tokens, cost.output_tokens, cost.input_audio_tokens) == (
+                usage["input_tokens"],
+                usage["output_tokens"],
+                usage["input_token_details"]["audio_tokens"],
+            )
+        else:
+            assert cost.billed_audio_seconds == pytest.approx(usage["seconds"])
+        exact_usd += 1
+    job_cost = sum((j.cost_usd or 0) for j in jobs.values())
+    assert job_cost == sum(c.usd for c in costs if c.job_id is not None)
+
+    # -- quota: straight to the fallback, no retries on the primary ----------------------------
+    per_chunk: dict[tuple[str, int | None], list[Attempt]] = defaultdict(list)
+    for a in attempts:
+        per_chunk[(str(a.job_id), a.chunk_index)].append(a)
+    quota_hits = 0
+    gaps: list[float] = []
+    for tries in per_chunk.values():
+        for n, a in enumerate(tries):
+            if a.model == PRIMARY and a.error_code == "insufficient_quota":
+                quota_hits += 1
+                # never retried: the quota answer closes as a fallback and the very next call of this
+                # piece goes to the fallback model
+                assert a.outcome == AttemptOutcome.FALLBACK.value, (a.id, a.outcome)
+                if n + 1 < len(tries):
+                    nxt = tries[n + 1]
+                    assert nxt.model == FALLBACK, [(b.model, b.error_code, b.retry_number) for b in tries]
+                    if a.ended_at is not None:
+                        gaps.append((nxt.started_at - a.ended_at).total_seconds())
+                # a later run of the job (redelivery) may probe the primary again once its circuit
+                # half-opens, but never as a retry of the quota answer
+                assert all(b.retry_number == 0 for b in tries[n + 1 :] if b.model == PRIMARY)
+    assert quota_hits > 0, "the primary's quota never ran out"
+    fallback_jobs = sum(1 for t in transcripts if t.model == FALLBACK)
+    assert fallback_jobs > 0
+
+    figures = {
+        "jobs": len(jobs),
+        "succeeded": statuses[JobStatus.SUCCEEDED.value],
+        "failed": statuses[JobStatus.FAILED.value],
+        "failure codes": dict(Counter(j.error_code for j in jobs.values() if j.error_code)),
+        "attempts": len(attempts),
+        "retries": sum(1 for a in attempts if a.retry_number > 0),
+        "attempt outcomes": dict(Counter(a.outcome for a in attempts)),
+        "quota answers on the primary": quota_hits,
+        "quota answer -> fallback call, median/max s": (
+            round(sorted(gaps)[len(gaps) // 2], 2) if gaps else None,
+            round(max(gaps), 2) if gaps else None,
+        ),
+        "fallbacks (transcripts by the fallback)": fallback_jobs,
+        "redeliveries (jobs run more than once)": sum(1 for j in jobs.values() if j.run_count > 1),
+        "jobs with >1 successful call": sum(1 for n in successes_per_job.values() if n > 1),
+        "billed requests": len(billed),
+        "cost records": len(costs),
+        "exactly reconciled": exact_usd,
+        "estimated (abandoned) costs": sum(1 for c in costs if c.estimated),
+        "estimated costs nobody billed": len(unbilled),
+        "upload requests retried": uploader.retried_requests,
+        "chaos events": events,
+        "worker pids at the end": worker_pids,
+        "wall time s": round(wall, 1),
+    }
+    print("\n== chaos figures ==", file=sys.stderr)
+    for name, value in figures.items():
+        print(f"  {name}: {value}", file=sys.stderr)
+    print(f"== chaos figures ==\n{figures}", flush=True)
+    assert len(events) == 4
