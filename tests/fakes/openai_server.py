@@ -314,7 +314,8 @@ class FakeOpenAI:
                     raise ValueError(f"unknown behaviour {key!r}")
                 if key == "faults":
                     for kind in value:
-                        Fault(kind=kind)  # validates the name
+                        name, _, status = kind.partition(":")
+                        Fault(kind=name, status=int(status) if status else None)  # validates it
                     value = dict(value)
                 setattr(behaviour, key, value)
             return ModelBehaviour(**asdict(behaviour))
