@@ -330,3 +330,65 @@ def attempt_window(stack: BenchStack) -> tuple[float, float]:
     window = stack.count("SELECT extract(epoch FROM max(ended_at) - min(started_at)) FROM attempts")
     mean = stack.count("SELECT avg(latency_ms) / 1000 FROM attempts")
     return float(window), float(mean or 0)
+
+
+def api_key(tenant_name: str = "bench") -> str:
+    """A fresh API key for a tenant (created if needed)."""
+    from core.auth import create_key
+    from core.db import session_scope
+
+    with session_scope() as session:
+        return create_key(session, tenant_name).plaintext
+
+
+@contextmanager
+def api_server(stack: BenchStack) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
+    """`uvicorn api.main:app` on a free loopback port with the stack's settings: (base URL, process)."""
+    from core.embedded import free_port, wait_for_port
+
+    port = free_port()
+    log = open(stack.dir / f"api-{port}.log", "wb")  # noqa: SIM115
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "uvicorn", "api.main:app", "--host", "127.0.0.1", "--port", str(port),
+         "--no-access-log"],
+        cwd=REPO_ROOT, env=stack.stack.child_env(), stdout=log, stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )  # fmt: skip
+    try:
+        wait_for_port(port, timeout=60)
+        import httpx
+
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            try:
+                if httpx.get(f"{url}/healthz", timeout=5).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.2)
+        yield url, proc
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        log.close()
+
+
+def rss_mb(pid: int, field_name: str = "VmRSS") -> float:
+    """A process's resident set (or VmHWM, its peak) in MB."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(field_name + ":"):
+            return int(line.split()[1]) / 1024
+    return 0.0
+
+
+def children(pid: int) -> list[int]:
+    """Direct child pids of a process."""
+    try:
+        text = Path(f"/proc/{pid}/task/{pid}/children").read_text()
+    except OSError:
+        return []
+    return [int(p) for p in text.split()]

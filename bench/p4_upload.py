@@ -1,0 +1,195 @@
+"""P4: API multipart upload MB/s vs direct boto3 PUT to the same S3; P4b: GET /v1/jobs/{id} latency.
+
+P4 target: API ≥ 0.8 × direct MB/s. `VOXQ_BENCH_P4_FILES` (default 200) distinct 5 MB WAVs (16 kHz mono
+noise, valid audio: the API probes what it stores), `VOXQ_BENCH_P4_CONCURRENCY` (default 4) uploads at
+once on both sides: one file per `POST /v1/batches/{id}/files` request through one uvicorn process vs
+`put_object` of the same bytes from 4 threads to the same SeaweedFS, alternated twice (direct, API,
+direct, API) and the best of each kept.
+
+P4b target: p99 ≤ 25 ms with 100 concurrent clients on the jobs just uploaded, for
+`VOXQ_BENCH_P4B_SECONDS` (default 15) each:
+- polling: 100 clients each sending `GET /v1/jobs/{id}` every 0.5 s (200 requests/s offered) — how a
+  fleet of clients waiting for results behaves; this is the figure held against the target;
+- saturation: 100 clients in a closed loop (each sends its next request as soon as the last answered);
+  by Little's law its latency is 100 ÷ throughput, so it shows the server's ceiling, not a service time.
+The load generator (one asyncio process) shares the 2 cores with the API, Postgres and SeaweedFS.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import statistics
+import struct
+import time
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import numpy as np
+
+from bench import host_facts, write_section
+from bench._harness import BenchStack, api_key, api_server, env_int, render_facts, verdict
+
+SECTION = "p4_upload"
+MB = 1_000_000
+
+
+def base_wav(size: int) -> bytes:
+    """A valid 16 kHz mono 16-bit WAV of `size` bytes (low noise)."""
+    n = (size - 44) // 2
+    pcm = (np.random.default_rng(7).normal(0, 800, n)).astype(np.int16).tobytes()
+    header = b"RIFF" + struct.pack("<I", 36 + len(pcm)) + b"WAVEfmt "
+    header += struct.pack("<IHHIIHH", 16, 1, 1, 16_000, 32_000, 2, 16) + b"data" + struct.pack("<I", len(pcm))
+    return header + pcm
+
+
+def variant(base: bytes, i: int, salt: int) -> bytes:
+    """`base` with a few samples changed: distinct content (no dedupe), still valid audio."""
+    tag = struct.pack("<QQ", i, salt)
+    return base[:1000] + tag + base[1000 + len(tag) :]
+
+
+def direct_put(stack: BenchStack, base: bytes, n: int, concurrency: int, salt: int) -> float:
+    """MB/s of boto3 put_object straight to the bucket."""
+    from core.storage import Storage
+
+    client = Storage().client  # the same client settings voxq uses
+    bucket = stack.stack.s3_bucket
+
+    def put(i: int) -> None:
+        client.put_object(Bucket=bucket, Key=f"bench-direct/{salt}/{i}.wav", Body=variant(base, i, salt))
+
+    started = time.perf_counter()
+    with ThreadPoolExecutor(concurrency) as pool:
+        list(pool.map(put, range(n)))
+    return n * len(base) / MB / (time.perf_counter() - started)
+
+
+def api_upload(
+    url: str, key: str, base: bytes, n: int, concurrency: int, salt: int
+) -> tuple[float, list[str]]:
+    """MB/s of multipart uploads through the API, one file per request; the job ids."""
+    import httpx
+
+    headers = {"Authorization": f"Bearer {key}"}
+    with httpx.Client(base_url=url, headers=headers, timeout=120) as client:
+        batch = client.post("/v1/batches", json={}).json()["id"]
+        ids: list[str] = []
+
+        def upload(i: int) -> None:
+            files = [("file", (f"f{i}.wav", variant(base, i, salt), "audio/wav"))]
+            response = client.post(f"/v1/batches/{batch}/files", files=files)
+            response.raise_for_status()
+            ids.extend(j["id"] for j in response.json()["jobs"])
+
+        started = time.perf_counter()
+        with ThreadPoolExecutor(concurrency) as pool:
+            list(pool.map(upload, range(n)))
+        return n * len(base) / MB / (time.perf_counter() - started), ids
+
+
+async def poll_latencies(
+    url: str, key: str, ids: list[str], seconds: float, interval: float | None
+) -> list[float]:
+    """Latencies (s) of GET /v1/jobs/{id} from 100 clients; `interval` None = closed loop."""
+    import httpx
+
+    latencies: list[float] = []
+    errors = 0
+    limits = httpx.Limits(max_connections=100, max_keepalive_connections=100)
+    async with httpx.AsyncClient(base_url=url, headers={"Authorization": f"Bearer {key}"},
+                                 limits=limits, timeout=30) as client:  # fmt: skip
+        end = time.perf_counter() + seconds
+
+        async def one_client(k: int) -> None:
+            nonlocal errors
+            rnd = random.Random(k)
+            if interval:
+                await asyncio.sleep(rnd.random() * interval)
+            while time.perf_counter() < end:
+                t0 = time.perf_counter()
+                response = await client.get(f"/v1/jobs/{rnd.choice(ids)}")
+                latencies.append(time.perf_counter() - t0)
+                if response.status_code != 200:
+                    errors += 1
+                if interval:
+                    await asyncio.sleep(max(0.0, interval - (time.perf_counter() - t0)))
+
+        await asyncio.gather(*(one_client(k) for k in range(100)))
+    if errors:
+        raise RuntimeError(f"{errors} GET /v1/jobs/{{id}} answers were not 200")
+    return latencies
+
+
+def pct(values: list[float], q: float) -> float:
+    """The q-quantile in ms."""
+    return statistics.quantiles(values, n=1000)[int(q * 1000) - 1] * 1000
+
+
+def main() -> None:
+    """Measure and write the `p4_upload` section of docs/benchmarks.md."""
+    n = env_int("VOXQ_BENCH_P4_FILES", 200)
+    concurrency = env_int("VOXQ_BENCH_P4_CONCURRENCY", 4)
+    seconds = env_int("VOXQ_BENCH_P4B_SECONDS", 15)
+    facts = host_facts("fastapi", "starlette", "uvicorn", "boto3", "sqlalchemy")
+    t0 = time.perf_counter()
+    base = base_wav(5 * MB)
+    stack = BenchStack().start()
+    direct: list[float] = []
+    via_api: list[float] = []
+    results: dict[str, Any] = {}
+    try:
+        key = api_key()
+        with api_server(stack) as (url, _proc):
+            ids: list[str] = []
+            for round_ in range(2):
+                direct.append(direct_put(stack, base, n, concurrency, salt=round_))
+                rate, new_ids = api_upload(url, key, base, n, concurrency, salt=100 + round_)
+                via_api.append(rate)
+                ids += new_ids
+                print(f"round {round_}: direct {direct[-1]:.1f} MB/s, API {via_api[-1]:.1f} MB/s", flush=True)
+            for name, interval in (("polling", 0.5), ("saturation", None)):
+                lat = asyncio.run(poll_latencies(url, key, ids, seconds, interval))
+                results[name] = {
+                    "n": len(lat),
+                    "rps": len(lat) / seconds,
+                    "p50": pct(lat, 0.5),
+                    "p99": pct(lat, 0.99),
+                    "max": max(lat) * 1000,
+                }
+                print(name, results[name], flush=True)
+    finally:
+        stack.stop()
+    ratio = max(via_api) / max(direct)
+    poll = results["polling"]
+    sat = results["saturation"]
+    body = "\n".join(
+        [
+            "## P4 upload throughput and P4b job status latency (`bench/p4_upload.py`)",
+            "",
+            f"{n} distinct 5 MB WAVs per round, {concurrency} at once, two rounds each (best kept); one "
+            "uvicorn process; the same embedded SeaweedFS for both.",
+            "",
+            "| measure | value |",
+            "|---|---|",
+            f"| direct boto3 put_object MB/s (rounds) | {max(direct):.1f} ({', '.join(f'{d:.1f}' for d in direct)}) |",
+            f"| API multipart MB/s (rounds) | {max(via_api):.1f} ({', '.join(f'{d:.1f}' for d in via_api)}) |",
+            f"| P4 ratio (target ≥ 0.80) | {ratio:.2f} {verdict(ratio >= 0.8)} |",
+            f"| P4b polling, 100 clients every 0.5 s: requests/s, p50, p99, max | {poll['rps']:.0f}, "
+            f"{poll['p50']:.1f} ms, {poll['p99']:.1f} ms, {poll['max']:.0f} ms |",
+            f"| P4b p99 (target ≤ 25 ms) | {poll['p99']:.1f} ms {verdict(poll['p99'] <= 25)} |",
+            f"| P4b saturation, 100 clients closed loop: requests/s, p50, p99 | {sat['rps']:.0f}, "
+            f"{sat['p50']:.1f} ms, {sat['p99']:.1f} ms |",
+            "",
+            "Host and versions:",
+            "",
+            *render_facts(facts),
+            f"- benchmark wall time: {time.perf_counter() - t0:.0f} s",
+        ]
+    )
+    write_section(SECTION, body)
+    print(body)
+
+
+if __name__ == "__main__":
+    main()
