@@ -167,6 +167,31 @@ class DecodedAudio:
             self.path.unlink()
 
 
+def _demuxed_seconds(source: str, stop_after: float) -> float | None:
+    """The first audio stream's length from its packets' durations (no decoding); None when unknown.
+
+    Stops counting once past `stop_after`: that is all the caller needs to know.
+    """
+    try:
+        with av.open(source, mode="r") as container:
+            stream = container.streams.audio[0]
+            if stream.time_base is None:
+                return None
+            total = 0
+            limit = stop_after / float(stream.time_base)
+            for packet in container.demux(stream):
+                if packet.duration is None:
+                    if packet.size:
+                        return None  # a packet of unknown length: only decoding can tell
+                    continue
+                total += packet.duration
+                if total > limit:
+                    break
+            return float(total * stream.time_base)
+    except (av.error.FFmpegError, IndexError, ValueError):
+        return None
+
+
 def decode_to_pcm(source: str | Path, *, max_seconds: float, tmp_dir: str | None = None) -> DecodedAudio:
     """Decode the first audio stream of `source` to 16 kHz mono s16 in a temp file, bounded in length."""
     max_samples = int(max_seconds * SAMPLE_RATE)
@@ -189,6 +214,10 @@ def decode_to_pcm(source: str | Path, *, max_seconds: float, tmp_dir: str | None
                 ctx = stream.codec_context
                 probe = ProbeInfo(codec=ctx.name, sample_rate=ctx.sample_rate or None, channels=ctx.channels)
                 declared = container.duration / 1_000_000 if container.duration else None
+                if declared is None:
+                    # No length in the header (e.g. a few KB of FLAC that decode to hours of silence):
+                    # add up the packets' durations first, which reads the file but decodes nothing.
+                    declared = _demuxed_seconds(str(source), max_seconds * 1.05 + 1)
                 if declared is not None and declared > max_seconds * 1.05 + 1:
                     raise AudioTooLong(f"audio is {declared:.0f} s long; the limit is {max_seconds:.0f} s")
                 resampler = av.AudioResampler(format="s16", layout="mono", rate=SAMPLE_RATE)

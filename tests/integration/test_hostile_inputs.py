@@ -318,3 +318,19 @@ def test_idempotency_key_reused_with_another_body_is_refused_alongside_uploads(a
         _problem(upload, 422, "idempotency_key_reused")
         ok = c.post(f"/v1/batches/{first.json()['id']}/files", files=[("file", ("a.wav", sine_wav(0.5)))])
         assert ok.status_code == 201, ok.text
+
+
+def test_a_decompression_bomb_is_refused_without_decoding_it(tmp_path: Path) -> None:
+    from core.errors import AudioTooLong
+    from worker.audio import decode_to_pcm
+
+    bomb = tmp_path / "bomb.flac"
+    bomb.write_bytes(silent_flac(10 * 3600, declare_length=False))
+    with av.open(str(bomb)) as container:  # the header really does not tell the length
+        assert container.duration is None
+    started = time.monotonic()
+    with pytest.raises(AudioTooLong, match="limit"):
+        decode_to_pcm(bomb, max_seconds=6 * 3600, tmp_dir=str(tmp_path))
+    # decoding even the allowed 6 h would take many seconds and ~700 MB of temporary PCM
+    assert time.monotonic() - started < 3.0
+    assert [p.name for p in tmp_path.iterdir()] == ["bomb.flac"]
