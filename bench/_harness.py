@@ -17,7 +17,7 @@ import time
 import uuid
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Any
 
@@ -126,10 +126,8 @@ class BenchStack:
                 except subprocess.TimeoutExpired:
                     proc.kill()
         for server in reversed(self._servers):
-            try:
+            with suppress(Exception):  # best effort at teardown
                 server.stop()
-            except Exception:
-                pass
         self._tmp.cleanup()
 
     # -- fake provider ---------------------------------------------------------------------------
@@ -192,7 +190,11 @@ class BenchStack:
                 }
             )
         with ThreadPoolExecutor(16) as pool:
-            list(pool.map(lambda p: storage.upload_bytes(p[0], p[1]["object_key"]), zip(files, rows)))
+            list(
+                pool.map(
+                    lambda p: storage.upload_bytes(p[0], p[1]["object_key"]), zip(files, rows, strict=True)
+                )
+            )
         with session_scope() as session:
             for start in range(0, len(rows), 1000):
                 session.execute(insert(Job), rows[start : start + 1000])

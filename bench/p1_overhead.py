@@ -1,6 +1,6 @@
 """P1: pipeline files/s with an instant fake provider vs raw Celery no-op tasks/s, same broker, same run.
 
-Target: files/s ≥ 0.5 × no-op tasks/s. Scale: `VOXQ_BENCH_P1_JOBS` (default 5000) voicemail-length
+Target: files/s ≥ 0.5 x no-op tasks/s. Scale: `VOXQ_BENCH_P1_JOBS` (default 5000) voicemail-length
 (15 s, two tones between silences) distinct FLAC files, pre-uploaded to S3 with `queued` job rows.
 - no-op: `bench._noop` worker, prefork -c 2, one task per file, timed from the first send until the
   last task counted itself;
@@ -26,6 +26,7 @@ from bench._harness import (
 )
 
 SECTION = "p1_overhead"
+ACCOUNTING_OK = "one attempt, one cost record, one transcript per file"
 QUEUES_TRANSCRIBE = "transcribe.high,transcribe,transcribe.low"
 
 
@@ -103,7 +104,7 @@ def main() -> None:
             f"| ratio (target ≥ 0.50) | {ratio:.3f} {verdict(ratio >= 0.5)} |",
             "",
             f"- job statuses after the run: {statuses}; rows: {acct} "
-            f"({'one attempt, one cost record, one transcript per file' if ok_acct else 'ACCOUNTING MISMATCH'})",
+            f"({ACCOUNTING_OK if ok_acct else 'ACCOUNTING MISMATCH'})",
             "",
             "Host and versions:",
             "",

@@ -1,7 +1,7 @@
 """P2: with a 2 s provider latency, achieved files/s vs the ideal in-flight limit / latency.
 
 Target: ≥ 90% of ideal with ≥ 256 in flight on one 2-core worker host. Scale: `VOXQ_BENCH_P2_FILES`
-(default 2048 = 8 × 256) distinct 15 s voicemails, `VOXQ_BENCH_P2_IN_FLIGHT` (default 256).
+(default 2048 = 8 x 256) distinct 15 s voicemails, `VOXQ_BENCH_P2_IN_FLIGHT` (default 256).
 The ingest stage runs first, alone, until every job is grouped, so the transcribe stage is measured on
 its own: one transcribe worker (`-P threads -c 8`, `VOXQ_MAX_IN_FLIGHT`), files/s = files / (last
 attempt's end - first attempt's start). End-to-end time of the stage (worker start to last job) too.
@@ -34,6 +34,7 @@ def main() -> None:
     n = env_int("VOXQ_BENCH_P2_FILES", 2048)
     in_flight = env_int("VOXQ_BENCH_P2_IN_FLIGHT", 256)
     threads = env_int("VOXQ_BENCH_P2_THREADS", 8)
+    pool_size = env_int("VOXQ_BENCH_P2_DB_POOL", 10)
     facts = host_facts("celery", "httpx", "sqlalchemy", "psycopg")
     t0 = time.perf_counter()
     stack = BenchStack().start()
@@ -48,6 +49,7 @@ def main() -> None:
             pool="threads",
             name="transcribe",
             VOXQ_MAX_IN_FLIGHT=str(in_flight),
+            VOXQ_DATABASE_POOL_SIZE=str(pool_size),
         ):
             started = time.perf_counter()
             wait_ready(stack, "transcribe")
@@ -65,7 +67,8 @@ def main() -> None:
             "## P2 in-flight requests at 2 s latency (`bench/p2_inflight.py`)",
             "",
             f"{n} distinct 15 s voicemails, prepared first (ingest alone: {prepare_seconds:.1f} s); "
-            f"then one transcribe worker, `-P threads -c {threads}`, `VOXQ_MAX_IN_FLIGHT={in_flight}`; "
+            f"then one transcribe worker, `-P threads -c {threads}`, `VOXQ_MAX_IN_FLIGHT={in_flight}`, "
+            f"`VOXQ_DATABASE_POOL_SIZE={pool_size}` (and as many I/O threads); "
             f"fake provider latency {LATENCY:.0f} s.",
             "",
             "| measure | value |",

@@ -1,6 +1,6 @@
 """P4: API multipart upload MB/s vs direct boto3 PUT to the same S3; P4b: GET /v1/jobs/{id} latency.
 
-P4 target: API ≥ 0.8 × direct MB/s. `VOXQ_BENCH_P4_FILES` (default 200) distinct 5 MB WAVs (16 kHz mono
+P4 target: API ≥ 0.8 x direct MB/s. `VOXQ_BENCH_P4_FILES` (default 200) distinct 5 MB WAVs (16 kHz mono
 noise, valid audio: the API probes what it stores), `VOXQ_BENCH_P4_CONCURRENCY` (default 4) uploads at
 once on both sides: one file per `POST /v1/batches/{id}/files` request through one uvicorn process vs
 `put_object` of the same bytes from 4 threads to the same SeaweedFS, alternated twice (direct, API,
@@ -126,6 +126,10 @@ def pct(values: list[float], q: float) -> float:
     return statistics.quantiles(values, n=1000)[int(q * 1000) - 1] * 1000
 
 
+def _rounds(values: list[float]) -> str:
+    return ", ".join(f"{v:.1f}" for v in values)
+
+
 def main() -> None:
     """Measure and write the `p4_upload` section of docs/benchmarks.md."""
     n = env_int("VOXQ_BENCH_P4_FILES", 200)
@@ -172,8 +176,8 @@ def main() -> None:
             "",
             "| measure | value |",
             "|---|---|",
-            f"| direct boto3 put_object MB/s (rounds) | {max(direct):.1f} ({', '.join(f'{d:.1f}' for d in direct)}) |",
-            f"| API multipart MB/s (rounds) | {max(via_api):.1f} ({', '.join(f'{d:.1f}' for d in via_api)}) |",
+            f"| direct boto3 put_object MB/s (rounds) | {max(direct):.1f} ({_rounds(direct)}) |",
+            f"| API multipart MB/s (rounds) | {max(via_api):.1f} ({_rounds(via_api)}) |",
             f"| P4 ratio (target ≥ 0.80) | {ratio:.2f} {verdict(ratio >= 0.8)} |",
             f"| P4b polling, 100 clients every 0.5 s: requests/s, p50, p99, max | {poll['rps']:.0f}, "
             f"{poll['p50']:.1f} ms, {poll['p99']:.1f} ms, {poll['max']:.0f} ms |",

@@ -152,32 +152,32 @@ def upload_growth(stack: BenchStack, size: int) -> dict[str, float]:
     import httpx
 
     key = api_key()
-    with api_server(stack) as (url, proc):
+    headers = {"Authorization": f"Bearer {key}"}
+    with api_server(stack) as (url, proc), httpx.Client(base_url=url, headers=headers, timeout=600) as client:
         # Warm up the routes the upload uses (imports, pools) so growth is the upload's own.
-        with httpx.Client(base_url=url, headers={"Authorization": f"Bearer {key}"}, timeout=600) as client:
-            client.get("/v1/batches")
-            baseline = rss_mb(proc.pid)
-            peak = baseline
-            done = threading.Event()
+        client.get("/v1/batches")
+        baseline = rss_mb(proc.pid)
+        peak = baseline
+        done = threading.Event()
 
-            def sample() -> None:
-                nonlocal peak
-                while not done.is_set():
-                    peak = max(peak, rss_mb(proc.pid))
-                    time.sleep(0.1)
+        def sample() -> None:
+            nonlocal peak
+            while not done.is_set():
+                peak = max(peak, rss_mb(proc.pid))
+                time.sleep(0.1)
 
-            sampler = threading.Thread(target=sample, daemon=True)
-            sampler.start()
-            boundary = "voxqbench" + "x" * 16
-            started = time.perf_counter()
-            response = client.post(
-                "/v1/jobs",
-                content=wav_stream(size, boundary),
-                headers={"Content-Type": f"multipart/form-data; boundary={boundary}"},
-            )
-            elapsed = time.perf_counter() - started
-            done.set()
-            sampler.join()
+        sampler = threading.Thread(target=sample, daemon=True)
+        sampler.start()
+        boundary = "voxqbench" + "x" * 16
+        started = time.perf_counter()
+        response = client.post(
+            "/v1/jobs",
+            content=wav_stream(size, boundary),
+            headers={"Content-Type": f"multipart/form-data; boundary={boundary}"},
+        )
+        elapsed = time.perf_counter() - started
+        done.set()
+        sampler.join()
     return {
         "baseline": baseline,
         "peak": peak,
