@@ -3,8 +3,8 @@
 P4 target: API ≥ 0.8 x direct MB/s. `VOXQ_BENCH_P4_FILES` (default 200) distinct 5 MB WAVs (16 kHz mono
 noise, valid audio: the API probes what it stores), `VOXQ_BENCH_P4_CONCURRENCY` (default 4) uploads at
 once on both sides: one file per `POST /v1/batches/{id}/files` request through one uvicorn process vs
-`put_object` of the same bytes from 4 threads to the same SeaweedFS, alternated twice (direct, API,
-direct, API) and the best of each kept.
+`put_object` of the same bytes from 4 threads to the same SeaweedFS, back to back;
+`VOXQ_BENCH_P4_ROUNDS` (default 1) alternates more rounds (direct, API, direct, API) and keeps the best.
 
 P4b target: p99 ≤ 25 ms with 100 concurrent clients on the jobs just uploaded, for
 `VOXQ_BENCH_P4B_SECONDS` (default 15) each:
@@ -146,7 +146,7 @@ def main() -> None:
         key = api_key()
         with api_server(stack) as (url, _proc):
             ids: list[str] = []
-            for round_ in range(2):
+            for round_ in range(env_int("VOXQ_BENCH_P4_ROUNDS", 1)):
                 direct.append(direct_put(stack, base, n, concurrency, salt=round_))
                 rate, new_ids = api_upload(url, key, base, n, concurrency, salt=100 + round_)
                 via_api.append(rate)
@@ -171,8 +171,8 @@ def main() -> None:
         [
             "## P4 upload throughput and P4b job status latency (`bench/p4_upload.py`)",
             "",
-            f"{n} distinct 5 MB WAVs per round, {concurrency} at once, two rounds each (best kept); one "
-            "uvicorn process; the same embedded SeaweedFS for both.",
+            f"{n} distinct 5 MB WAVs per round, {concurrency} at once, {len(direct)} round(s), best kept; "
+            "one uvicorn process; the same embedded SeaweedFS for both.",
             "",
             "| measure | value |",
             "|---|---|",
