@@ -14,18 +14,26 @@ changes are compare-and-set, so a redelivered task cannot write a second transcr
 - After a job becomes terminal, `finish_batch_if_done` counts the batch's non-terminal jobs in a *new*
   transaction (after the job's commit), so of two jobs finishing at once at least the later one sees the
   batch done; the batch's own CAS makes exactly one of them the finisher.
+- The writes that follow a paid provider answer (closing the attempt with its cost, keeping a chunk,
+  ending the job) retry through a short database outage (`durable`, up to a minute): losing them would
+  mean calling the provider again and paying twice, or leaving a billed call to an estimate.
 """
 
 from __future__ import annotations
 
+import functools
+import logging
+import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
-from typing import Any, Protocol
+from typing import Any, ParamSpec, Protocol, TypeVar
 
 from sqlalchemy import and_, func, or_, select, text, update
 from sqlalchemy.dialects.postgresql import insert
+from sqlalchemy.exc import OperationalError
 
 from core import metrics
 from core.db import session_scope
@@ -42,6 +50,32 @@ from core.statuses import (
 
 TERMINAL_VALUES = tuple(s.value for s in JOB_TERMINAL)
 LIVE_VALUES = tuple(s.value for s in JobStatus if s not in JOB_TERMINAL)
+# How long the writes after a paid answer wait for Postgres to come back (a restart takes seconds).
+DB_OUTAGE_SECONDS = 60.0
+
+P = ParamSpec("P")
+R = TypeVar("R")
+log = logging.getLogger(__name__)
+
+
+def durable(fn: Callable[P, R]) -> Callable[P, R]:
+    """Retry `fn` (one idempotent transaction) while Postgres is unreachable, up to DB_OUTAGE_SECONDS."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
+        deadline = time.monotonic() + DB_OUTAGE_SECONDS
+        delay = 0.2
+        while True:
+            try:
+                return fn(*args, **kwargs)
+            except OperationalError:
+                if time.monotonic() + delay > deadline:
+                    raise
+                log.warning("database unreachable during %s; retrying in %.1f s", fn.__name__, delay)
+                time.sleep(delay)
+                delay = min(delay * 2, 5.0)
+
+    return wrapper
 
 
 def now() -> datetime:
@@ -198,6 +232,7 @@ def release_soon(job_id: uuid.UUID, *, after_seconds: float) -> None:
         )
 
 
+@durable
 def end_job(
     job_id: uuid.UUID,
     *,
@@ -635,6 +670,7 @@ def open_attempt(
     return attempt_id
 
 
+@durable
 def close_attempt(
     attempt_id: uuid.UUID,
     *,
@@ -720,6 +756,7 @@ def close_attempt(
         metrics.COST_USD.labels(model=model).inc(float(usd))
 
 
+@durable
 def save_chunk_result(
     job_id: uuid.UUID,
     index: int,
@@ -744,6 +781,7 @@ def save_chunk_result(
         )
 
 
+@durable
 def succeed_job(
     job_id: uuid.UUID,
     *,

@@ -1,0 +1,108 @@
+"""A paid provider answer is recorded even when Postgres restarts at that moment (worker.records.durable).
+
+Without the retry, the write fails, the attempt stays pending (later charged as an estimate) and the job
+runs again, paying the provider a second time. Uses its own embedded Postgres, restarted mid-write.
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+import threading
+import time
+from collections.abc import Iterator
+from decimal import Decimal
+from pathlib import Path
+
+import pytest
+from sqlalchemy import select
+
+from core.db import dispose_engine, session_scope, upgrade
+from core.embedded import EmbeddedPostgres
+from core.models import Attempt, Batch, CostRecord, Job, Tenant
+from core.pricing import PricedUsage
+from core.settings import reset_settings_cache
+from core.statuses import AttemptOutcome, BatchStatus, JobStatus
+from worker import records
+
+
+@pytest.fixture
+def own_postgres(monkeypatch: pytest.MonkeyPatch) -> Iterator[EmbeddedPostgres]:
+    # not under pytest's basetemp: its mode is reset by other sessions, and Postgres runs as its own user
+    work = Path(tempfile.mkdtemp(prefix="voxq-db-outage-"))
+    server = EmbeddedPostgres(work / "postgres")
+    server.start()
+    try:
+        url = server.create_database("voxq_outage")
+        upgrade(url)
+        monkeypatch.setenv("VOXQ_DATABASE_URL", url)
+        reset_settings_cache()
+        dispose_engine()
+        yield server
+    finally:
+        dispose_engine()
+        server.stop()
+        shutil.rmtree(work, ignore_errors=True)
+        monkeypatch.undo()
+        reset_settings_cache()
+
+
+def test_a_paid_answer_is_recorded_through_a_postgres_restart(own_postgres: EmbeddedPostgres) -> None:
+    with session_scope() as s:
+        tenant = Tenant(name="outage")
+        s.add(tenant)
+        s.flush()
+        batch = Batch(tenant_id=tenant.id, status=BatchStatus.PROCESSING.value)
+        s.add(batch)
+        s.flush()
+        job = Job(
+            tenant_id=tenant.id,
+            batch_id=batch.id,
+            object_key="k",
+            filename="a.wav",
+            bytes=1,
+            sha256="0" * 64,
+            status=JobStatus.PROCESSING.value,
+            priority="normal",
+        )
+        s.add(job)
+        s.flush()
+        attempt = Attempt(tenant_id=tenant.id, job_id=job.id, model="whisper-1", provider="openai")
+        s.add(attempt)
+        s.flush()
+        ids = (tenant.id, batch.id, job.id, attempt.id)
+    tenant_id, batch_id, job_id, attempt_id = ids
+    priced = PricedUsage(usd=Decimal("0.012"), billed_audio_seconds=2.0, usage_type="duration")
+    own_postgres.stop()  # the database goes away just as the answer arrives
+    errors: list[BaseException] = []
+
+    def write() -> None:
+        try:
+            records.close_attempt(
+                attempt_id,
+                outcome=AttemptOutcome.SUCCESS,
+                latency_ms=12.0,
+                tenant_id=tenant_id,
+                batch_id=batch_id,
+                job_id=job_id,
+                model="whisper-1",
+                http_status=200,
+                priced=priced,
+            )
+        except BaseException as exc:
+            errors.append(exc)
+
+    writer = threading.Thread(target=write)
+    writer.start()
+    time.sleep(2.0)
+    assert writer.is_alive()  # still waiting for the database, not failed
+    own_postgres.start()
+    writer.join(timeout=90)
+    assert not writer.is_alive() and errors == []
+    with session_scope() as s:
+        row = s.get(Attempt, attempt_id)
+        assert row is not None and row.outcome == AttemptOutcome.SUCCESS.value
+        costs = list(s.execute(select(CostRecord).where(CostRecord.attempt_id == attempt_id)).scalars())
+        assert [(c.usd.normalize(), c.estimated) for c in costs] == [(Decimal("0.012"), False)]
+        job_row = s.get(Job, job_id)
+        assert job_row is not None and job_row.cost_usd.normalize() == Decimal("0.012")
