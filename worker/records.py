@@ -73,7 +73,7 @@ def durable(fn: Callable[P, R]) -> Callable[P, R]:
                     raise
                 log.warning("database unreachable during %s; retrying in %.1f s", fn.__name__, delay)
                 time.sleep(delay)
-                delay = min(delay * 2, 5.0)
+                delay = min(delay * 2, 1.0)  # back within a second: the sweeper must not guess first
 
     return wrapper
 
