@@ -136,20 +136,17 @@ def prepare_one(
             _fail(job, exc.code, exc.message, report)
             return None
         try:
-            records.save_probes(
-                [
-                    records.ProbedJob(
-                        id=job.id,
-                        duration_seconds=prepared.decoded.duration,
-                        codec=prepared.decoded.probe.codec,
-                        sample_rate=prepared.decoded.probe.sample_rate,
-                        channels=prepared.decoded.probe.channels,
-                        speech_seconds=prepared.speech_seconds,
-                        time_map=prepared.time_map.to_json(),
-                    )
-                ]
+            probe = records.ProbedJob(
+                id=job.id,
+                duration_seconds=prepared.decoded.duration,
+                codec=prepared.decoded.probe.codec,
+                sample_rate=prepared.decoded.probe.sample_rate,
+                channels=prepared.decoded.probe.channels,
+                speech_seconds=prepared.speech_seconds,
+                time_map=prepared.time_map.to_json(),
             )
             if not prepared.has_speech:
+                records.save_probes([probe])
                 done = records.succeed_job(
                     job.id,
                     group_id=None,
@@ -170,6 +167,7 @@ def prepare_one(
                 fingerprint=prepared.decoded.fingerprint,
                 language=job.batch.language,
                 prompt=job.batch.prompt,
+                probe=probe,  # written with the decision, in the same transaction
             )
             if (
                 decision.kind == "copy"

@@ -309,16 +309,20 @@ def save_probes(probes: list[ProbedJob]) -> None:
             session.execute(
                 update(Job)
                 .where(Job.id == p.id, Job.status == JobStatus.PROCESSING.value)
-                .values(
-                    duration_seconds=p.duration_seconds,
-                    codec=p.codec,
-                    sample_rate=p.sample_rate,
-                    channels=p.channels,
-                    speech_seconds=p.speech_seconds,
-                    time_map=p.time_map,
-                )
+                .values(**_probe_values(p))
             )
     metrics.AUDIO_SUBMITTED_SECONDS.inc(sum(p.duration_seconds for p in probes))
+
+
+def _probe_values(p: ProbedJob) -> dict[str, Any]:
+    return {
+        "duration_seconds": p.duration_seconds,
+        "codec": p.codec,
+        "sample_rate": p.sample_rate,
+        "channels": p.channels,
+        "speech_seconds": p.speech_seconds,
+        "time_map": p.time_map,
+    }
 
 
 def save_time_map(job_id: uuid.UUID, time_map: dict[str, Any]) -> None:
@@ -336,7 +340,13 @@ class DedupeDecision:
 
 
 def dedupe(
-    *, job_id: uuid.UUID, tenant_id: uuid.UUID, fingerprint: str, language: str | None, prompt: str | None
+    *,
+    job_id: uuid.UUID,
+    tenant_id: uuid.UUID,
+    fingerprint: str,
+    language: str | None,
+    prompt: str | None,
+    probe: ProbedJob | None = None,
 ) -> DedupeDecision:
     """Find a twin (same tenant, same PCM fingerprint, same language and prompt options).
 
@@ -345,7 +355,24 @@ def dedupe(
     lock, together with the decision: a processing job with a fingerprint and no `deduplicated_from_id`
     is therefore always a decided leader, never a twin that has not decided yet (which could still end up
     following someone, making chains of followers).
+
+    With `probe`, the job's probe results are written by the same UPDATE (what `save_probes` would do in a
+    transaction of its own: one round trip and one commit per prepared job fewer).
     """
+    decision = _dedupe(job_id, tenant_id, fingerprint, language, prompt, probe)
+    if probe is not None:
+        metrics.AUDIO_SUBMITTED_SECONDS.inc(probe.duration_seconds)
+    return decision
+
+
+def _dedupe(
+    job_id: uuid.UUID,
+    tenant_id: uuid.UUID,
+    fingerprint: str,
+    language: str | None,
+    prompt: str | None,
+    probe: ProbedJob | None,
+) -> DedupeDecision:
     with session_scope() as session:
         session.execute(
             text("SELECT pg_advisory_xact_lock(hashtextextended(:k, 0))"),
@@ -367,7 +394,11 @@ def dedupe(
             .order_by(Job.finished_at)
             .limit(1)
         ).scalar()
-        mark = update(Job).where(Job.id == job_id, Job.status == JobStatus.PROCESSING.value)
+        mark = (
+            update(Job)
+            .where(Job.id == job_id, Job.status == JobStatus.PROCESSING.value)
+            .values(**(_probe_values(probe) if probe is not None else {}))
+        )
         if finished is not None:
             session.execute(mark.values(fingerprint=fingerprint))
             return DedupeDecision("copy", finished)
