@@ -55,7 +55,8 @@ def voicemail_flac(index: int, seconds: float = 15.0) -> bytes:
 class BenchStack:
     """Embedded servers + fake provider + helpers to create jobs, run workers and read results."""
 
-    def __init__(self) -> None:
+    def __init__(self, *, fast_fake: bool = False) -> None:
+        self.fast_fake = fast_fake  # bench._fast_fake: duration from the header, no decoding
         self._tmp = tempfile.TemporaryDirectory(prefix="voxq-bench-")
         self.dir = Path(self._tmp.name)
         self._servers: list[Any] = []
@@ -99,7 +100,15 @@ class BenchStack:
         )
         port = free_port()
         fake = subprocess.Popen(
-            [sys.executable, "-m", "tests.fakes.openai_server", "--port", str(port), "--api-key", FAKE_KEY],
+            [
+                sys.executable,
+                "-m",
+                "bench._fast_fake" if self.fast_fake else "tests.fakes.openai_server",
+                "--port",
+                str(port),
+                "--api-key",
+                FAKE_KEY,
+            ],
             cwd=REPO_ROOT,
             stdout=open(self.dir / "fake.log", "wb"),  # noqa: SIM115
             stderr=subprocess.STDOUT,

@@ -81,7 +81,7 @@ def main() -> None:
     n = env_int("VOXQ_BENCH_P1_JOBS", 5000)
     facts = host_facts("celery", "kombu", "sqlalchemy", "psycopg", "boto3", "av")
     t0 = time.perf_counter()
-    stack = BenchStack().start()
+    stack = BenchStack(fast_fake=True).start()
     try:
         noop = noop_rate(stack, n)
         print(f"no-op: {noop:.0f} tasks/s", flush=True)
@@ -95,7 +95,8 @@ def main() -> None:
         [
             "## P1 pipeline overhead vs raw Celery (`bench/p1_overhead.py`)",
             "",
-            f"{n} distinct 15 s voicemail FLACs, pre-uploaded; fake provider with no latency (own process).",
+            f"{n} distinct 15 s voicemail FLACs, pre-uploaded; fake provider with no latency in its own "
+            "process (`bench/_fast_fake.py`: duration from the FLAC header, no decoding).",
             "",
             "| measure | value |",
             "|---|---|",

@@ -37,7 +37,7 @@ def main() -> None:
     pool_size = env_int("VOXQ_BENCH_P2_DB_POOL", 10)
     facts = host_facts("celery", "httpx", "sqlalchemy", "psycopg")
     t0 = time.perf_counter()
-    stack = BenchStack().start()
+    stack = BenchStack(fast_fake=True).start()
     try:
         stack.fake("POST", f"/_fake/models/{PRIMARY}", {"latency": LATENCY})
         job_ids = stack.jobs(make_files(n))
@@ -69,7 +69,7 @@ def main() -> None:
             f"{n} distinct 15 s voicemails, prepared first (ingest alone: {prepare_seconds:.1f} s); "
             f"then one transcribe worker, `-P threads -c {threads}`, `VOXQ_MAX_IN_FLIGHT={in_flight}`, "
             f"`VOXQ_DATABASE_POOL_SIZE={pool_size}` (and as many I/O threads); "
-            f"fake provider latency {LATENCY:.0f} s.",
+            f"fake provider (`bench/_fast_fake.py`, no decoding) latency {LATENCY:.0f} s.",
             "",
             "| measure | value |",
             "|---|---|",

@@ -39,7 +39,7 @@ def main() -> None:
     n = env_int("VOXQ_BENCH_P3_FILES", 1800)
     facts = host_facts("celery", "httpx", "redis")
     t0 = time.perf_counter()
-    stack = BenchStack().start()
+    stack = BenchStack(fast_fake=True).start()
     try:
         stack.fake("POST", f"/_fake/models/{PRIMARY}", {"rpm_limit": rpm, "latency": 0.2})
         job_ids = stack.jobs(make_files(n))
