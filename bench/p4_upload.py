@@ -108,10 +108,13 @@ async def poll_latencies(
                 await asyncio.sleep(rnd.random() * interval)
             while time.perf_counter() < end:
                 t0 = time.perf_counter()
-                response = await client.get(f"/v1/jobs/{rnd.choice(ids)}")
-                latencies.append(time.perf_counter() - t0)
-                if response.status_code != 200:
+                try:
+                    response = await client.get(f"/v1/jobs/{rnd.choice(ids)}")
+                    if response.status_code != 200:
+                        errors += 1
+                except httpx.HTTPError:  # a timeout (30 s) counts as an error and as its wait
                     errors += 1
+                latencies.append(time.perf_counter() - t0)
                 if interval:
                     await asyncio.sleep(max(0.0, interval - (time.perf_counter() - t0)))
 
