@@ -6,6 +6,7 @@ import importlib
 import pkgutil
 import sys
 import time
+import traceback
 
 import bench
 
@@ -28,12 +29,21 @@ def run(argv: list[str]) -> int:
     if unknown:
         print(f"unknown benchmark(s): {', '.join(unknown)}; available: {', '.join(available())}")
         return 2
+    failed = []
     for name in names:
         print(f"== bench {name}", flush=True)
         started = time.perf_counter()
-        importlib.import_module(f"bench.{name}").main()
+        try:
+            importlib.import_module(f"bench.{name}").main()
+        except Exception:  # one broken benchmark must not cost the others' results
+            traceback.print_exc()
+            failed.append(name)
+            print(f"== bench {name} FAILED after {time.perf_counter() - started:.1f}s", flush=True)
+            continue
         print(f"== bench {name} done in {time.perf_counter() - started:.1f}s", flush=True)
-    return 0
+    if failed:
+        print(f"failed: {', '.join(failed)}")
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":

@@ -90,8 +90,8 @@ def api_upload(
 
 async def poll_latencies(
     url: str, key: str, ids: list[str], seconds: float, interval: float | None
-) -> list[float]:
-    """Latencies (s) of GET /v1/jobs/{id} from 100 clients; `interval` None = closed loop."""
+) -> tuple[list[float], int]:
+    """Latencies (s) of GET /v1/jobs/{id} from 100 clients, and the errors; `interval` None = closed loop."""
     import httpx
 
     latencies: list[float] = []
@@ -119,9 +119,7 @@ async def poll_latencies(
                     await asyncio.sleep(max(0.0, interval - (time.perf_counter() - t0)))
 
         await asyncio.gather(*(one_client(k) for k in range(100)))
-    if errors:
-        raise RuntimeError(f"{errors} GET /v1/jobs/{{id}} answers were not 200")
-    return latencies
+    return latencies, errors
 
 
 def pct(values: list[float], q: float) -> float:
@@ -156,8 +154,9 @@ def main() -> None:
                 ids += new_ids
                 print(f"round {round_}: direct {direct[-1]:.1f} MB/s, API {via_api[-1]:.1f} MB/s", flush=True)
             for name, interval in (("polling", 0.5), ("saturation", None)):
-                lat = asyncio.run(poll_latencies(url, key, ids, seconds, interval))
+                lat, errors = asyncio.run(poll_latencies(url, key, ids, seconds, interval))
                 results[name] = {
+                    "errors": errors,
                     "n": len(lat),
                     "rps": len(lat) / seconds,
                     "p50": pct(lat, 0.5),
@@ -183,10 +182,10 @@ def main() -> None:
             f"| API multipart MB/s (rounds) | {max(via_api):.1f} ({_rounds(via_api)}) |",
             f"| P4 ratio (target ≥ 0.80) | {ratio:.2f} {verdict(ratio >= 0.8)} |",
             f"| P4b polling, 100 clients every 0.5 s: requests/s, p50, p99, max | {poll['rps']:.0f}, "
-            f"{poll['p50']:.1f} ms, {poll['p99']:.1f} ms, {poll['max']:.0f} ms |",
+            f"{poll['p50']:.1f} ms, {poll['p99']:.1f} ms, {poll['max']:.0f} ms ({poll['errors']} errors) |",
             f"| P4b p99 (target ≤ 25 ms) | {poll['p99']:.1f} ms {verdict(poll['p99'] <= 25)} |",
             f"| P4b saturation, 100 clients closed loop: requests/s, p50, p99 | {sat['rps']:.0f}, "
-            f"{sat['p50']:.1f} ms, {sat['p99']:.1f} ms |",
+            f"{sat['p50']:.1f} ms, {sat['p99']:.1f} ms ({sat['errors']} errors/30 s timeouts) |",
             "",
             "Host and versions:",
             "",
