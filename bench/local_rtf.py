@@ -262,10 +262,22 @@ def render(rows: list[Row], facts: dict[str, str], provider: Any, elapsed: float
             )
         )
     ratios = [r.pipeline_total / r.raw_voxq_options for r in rows]
+    e2e_ratios = [r.end_to_end / r.raw_voxq_options for r in rows if r.end_to_end]
     lines += [
         "",
         f"Median pipeline ÷ raw (same options): **{statistics.median(ratios):.2f}x**. "
         "The pipeline trims silence before the model sees the audio, so on padded files it can beat raw.",
+        "",
+        f"P6 target, RTF ratio ≤ 1.1: pipeline {statistics.median(ratios):.2f}x "
+        + ("**PASS**" if statistics.median(ratios) <= 1.1 else "**MISS**")
+        + (
+            f"; end to end (job through API, queue and worker) "
+            f"{statistics.median(e2e_ratios):.2f}x "
+            + ("**PASS**" if statistics.median(e2e_ratios) <= 1.1 else "**MISS**")
+            if e2e_ratios
+            else "; end to end not measured in this run (see below)"
+        )
+        + ".",
         "",
         f"- model: `{provider.name}`, compute type `{provider.compute_type}`, "
         f"cpu_threads {provider.cpu_threads}, beam size 5",
