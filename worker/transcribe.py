@@ -37,9 +37,12 @@ import random
 import time
 import uuid
 from collections import Counter
+from collections.abc import Awaitable
 from dataclasses import dataclass, field
 from decimal import Decimal
 from typing import Any
+
+from redis.exceptions import RedisError
 
 from core import metrics
 from core.errors import ModelUnavailable
@@ -239,7 +242,7 @@ class ChainRunner:
                             error_code="empty_transcript" if has_next else None,
                             **close,
                         )
-                        await self.circuit.record_success(model)
+                        await self._note(self.circuit.record_success(model))
                         empty = Answer("", None, answer.language, model, [attempt_id])
                         last_error = f"{model}: empty transcript"
                         self._fallback(model, chain, i)
@@ -254,7 +257,7 @@ class ChainRunner:
                         http_status=200,
                         **close,
                     )
-                    await self.circuit.record_success(model)
+                    await self._note(self.circuit.record_success(model))
                     return Answer(answer.text, answer.segments, answer.language, model, [attempt_id])
                 assert err is not None
                 last_error = f"{model}: {err.message}"
@@ -272,9 +275,9 @@ class ChainRunner:
                 if err.kind == ErrorKind.RETRY:
                     if err.http_status == 429:
                         if err.retry_after:
-                            await self.limiter.penalize(model, err.retry_after)
+                            await self._note(self.limiter.penalize(model, err.retry_after))
                     else:
-                        await self.circuit.record_failure(model)
+                        await self._note(self.circuit.record_failure(model))
                     retry += 1
                     from core.retry import backoff_delay
 
@@ -312,9 +315,9 @@ class ChainRunner:
                         raise JobEnded(JobStatus.FAILED, "invalid_audio", err.message)
                     invalid, invalid_index = err, i
                 elif err.model_gone:
-                    await self.circuit.retire(model)
+                    await self._note(self.circuit.retire(model))
                 elif err.opens_circuit:
-                    await self.circuit.trip(model)
+                    await self._note(self.circuit.trip(model))
                 self._fallback(model, chain, i)
                 i += 1
                 break
@@ -326,6 +329,14 @@ class ChainRunner:
         if blocked:
             raise _ChainBlocked(message)
         raise JobEnded(JobStatus.FAILED, ModelUnavailable.code, message)
+
+    async def _note(self, bookkeeping: Awaitable[Any]) -> None:
+        """Circuit and rate-limiter bookkeeping after a call: a Redis blip (a restart) here is logged, and
+        must not throw away an answer already paid for (the job would run and pay again)."""
+        try:
+            await bookkeeping
+        except (RedisError, OSError) as exc:
+            log.warning("circuit/limiter bookkeeping skipped: %s", type(exc).__name__)
 
     def _fallback(self, model: str, chain: list[str], i: int) -> None:
         metrics.FALLBACKS.labels(
