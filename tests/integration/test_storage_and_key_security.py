@@ -29,8 +29,9 @@ from tests.support import Stack
 
 @pytest.fixture
 def short_presign_api(stack: Stack) -> Iterator[ApiServer]:
-    """An API whose presigned upload URLs live 2 seconds."""
-    server = start_api_server(stack, VOXQ_S3_PRESIGN_EXPIRY_SECONDS="2")
+    """An API whose presigned upload URLs live 4 seconds (signing time is whole seconds, so a loaded
+    machine needs some margin for the fresh URL to still be valid when it is used)."""
+    server = start_api_server(stack, VOXQ_S3_PRESIGN_EXPIRY_SECONDS="4")
     try:
         yield server
     finally:
@@ -45,7 +46,7 @@ def test_presigned_upload_url_from_the_api_expires(short_presign_api: ApiServer)
         fresh = c.post(f"/v1/batches/{batch_id}/uploads", json=ask).json()
         stale = c.post(f"/v1/batches/{batch_id}/uploads", json=ask).json()
         assert httpx.put(fresh["upload_url"], content=wav, headers=fresh["headers"]).status_code == 200
-        time.sleep(3.0)
+        time.sleep(5.5)
         late = httpx.put(stale["upload_url"], content=wav, headers=stale["headers"])
         assert late.status_code == 403, late.text
         assert b"expired" in late.content.lower() or b"AccessDenied" in late.content
@@ -54,9 +55,9 @@ def test_presigned_upload_url_from_the_api_expires(short_presign_api: ApiServer)
 def test_presigned_get_expires(stack: Stack) -> None:
     storage = Storage()
     storage.upload_bytes(b"voice", "sec/get-expiry")
-    url = storage.presign_get("sec/get-expiry", expires=1)
+    url = storage.presign_get("sec/get-expiry", expires=3)  # whole-second signing: keep a margin
     assert httpx.get(url).content == b"voice"
-    time.sleep(2.5)
+    time.sleep(4.5)
     late = httpx.get(url)
     assert late.status_code == 403 and late.content != b"voice"
 
