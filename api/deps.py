@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import uuid
-from collections.abc import Iterator
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Annotated
@@ -33,8 +33,14 @@ class TenantContext:
     key_id: uuid.UUID
 
 
-def get_session() -> Iterator[Session]:
-    """A session for one request; routes commit what they change."""
+async def get_session() -> AsyncIterator[Session]:
+    """A session for one request; routes commit what they change.
+
+    Async on purpose: a sync generator's teardown needs a threadpool thread to give the connection
+    back, and under load every thread can be a route waiting for a connection held by a finished
+    request whose teardown waits for a thread (a deadlock until the pool timeout). Creating a Session
+    does not connect, and closing one only returns its connection to the pool, so both run on the loop.
+    """
     session = get_sessionmaker()()
     try:
         yield session

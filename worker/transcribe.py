@@ -46,6 +46,7 @@ from redis.exceptions import RedisError
 
 from core import metrics
 from core.errors import ModelUnavailable
+from core.logging import bind_log_context, log_context
 from core.providers.base import ErrorKind, ProviderError, TranscriptionRequest
 from core.statuses import AttemptOutcome, ChunkStatus, JobStatus
 from worker import audio, budget, completion, dispatch, records
@@ -352,6 +353,13 @@ class ChainRunner:
     async def _call(
         self, piece: Piece, data: bytes, seconds: float, prompt: str | None, model: str, retry: int
     ) -> tuple[_RawAnswer | None, ProviderError | None, uuid.UUID, Decimal, float | None]:
+        # Lines logged during the call carry the model and retry number (never the audio or text).
+        with log_context(model=model, retry=retry, chunk=piece.index):
+            return await self._call_in_context(piece, data, seconds, prompt, model, retry)
+
+    async def _call_in_context(
+        self, piece: Piece, data: bytes, seconds: float, prompt: str | None, model: str, retry: int
+    ) -> tuple[_RawAnswer | None, ProviderError | None, uuid.UUID, Decimal, float | None]:
         if self.rate_limited:
             await self.limiter.acquire(model, seconds)  # counts its own waits in metrics
         # Without a budget there is nothing to reserve against: skip the round trip.
@@ -381,6 +389,7 @@ class ChainRunner:
             except BaseException:
                 await asyncio.to_thread(budget.release, piece.job.batch_id, estimate)
                 raise
+            bind_log_context(attempt=str(attempt_id))  # undone when _call's log_context exits
             request = TranscriptionRequest(
                 audio=data,
                 filename=audio.FLAC_FILENAME,
@@ -475,6 +484,13 @@ async def transcribe_job(
     rt: Runtime, runner: ChainRunner, job: records.GroupJob, batch: records.BatchOptions, group_id: uuid.UUID
 ) -> str:
     """Transcribe one job of a group to the end (succeeded, failed, skipped or handed off)."""
+    with log_context(job_id=str(job.id), batch_id=str(job.batch_id), group_id=str(group_id)):
+        return await _transcribe_job(rt, runner, job, batch, group_id)
+
+
+async def _transcribe_job(
+    rt: Runtime, runner: ChainRunner, job: records.GroupJob, batch: records.BatchOptions, group_id: uuid.UUID
+) -> str:
     chain = model_chain(batch.models, rt.settings)
     tmap = audio.TimeMap.from_json(job.time_map)
     texts: list[str] = []
