@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+import anyio.to_thread
 from fastapi import APIRouter, FastAPI
 
 from api.idempotency import IdempotencyMiddleware
@@ -9,6 +13,7 @@ from api.problems import install_problem_handlers
 from api.routes import batches, health, jobs, usage
 from core.logging import configure_logging
 from core.observability import metrics_router
+from core.settings import get_settings
 
 # Every router the app serves. Add a module's router here (e.g. observability's `/metrics`).
 ROUTERS: list[APIRouter] = [
@@ -26,10 +31,20 @@ Every error is `application/problem+json` with a stable `code`. POSTs accept an 
 """
 
 
+@asynccontextmanager
+async def _lifespan(_: FastAPI) -> AsyncIterator[None]:
+    # Sync routes run on anyio's thread pool (40 threads) and each holds a DB connection while it runs.
+    # With fewer connections than threads, a burst leaves threads queued on the pool for its whole
+    # timeout; as many threads as connections keeps the queue in front of the threads instead.
+    pool = get_settings().database_pool_size
+    anyio.to_thread.current_default_thread_limiter().total_tokens = max(8, 2 * pool)
+    yield
+
+
 def create_app() -> FastAPI:
     """A new app with every router, the idempotency middleware and problem+json error handlers."""
     configure_logging()  # one redacting JSON (or human) handler, uvicorn's loggers included
-    app = FastAPI(title="voxq", version="0.1.0", description=DESCRIPTION)
+    app = FastAPI(title="voxq", version="0.1.0", description=DESCRIPTION, lifespan=_lifespan)
     for router in ROUTERS:
         app.include_router(router)
     install_problem_handlers(app)
