@@ -176,7 +176,9 @@ class Storage:
         self.client.head_bucket(Bucket=self.bucket)
 
 
-def make_s3_client(settings: Settings) -> S3Client:
+def make_s3_client(
+    settings: Settings, *, connect_timeout: float = 5, read_timeout: float = 60, max_attempts: int = 5
+) -> S3Client:
     """A boto3 S3 client with path-style addressing and SigV4, as SeaweedFS and MinIO need."""
     return boto3.client(
         "s3",
@@ -187,9 +189,9 @@ def make_s3_client(settings: Settings) -> S3Client:
         config=Config(
             signature_version="s3v4",
             s3={"addressing_style": "path"},
-            retries={"max_attempts": 5, "mode": "standard"},
-            connect_timeout=5,
-            read_timeout=60,
+            retries={"max_attempts": max_attempts, "mode": "standard"},
+            connect_timeout=connect_timeout,
+            read_timeout=read_timeout,
             max_pool_connections=32,
             request_checksum_calculation="when_required",
             response_checksum_validation="when_required",

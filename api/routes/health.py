@@ -7,7 +7,6 @@ from concurrent.futures import ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
 
 import redis
-from botocore.config import Config
 from fastapi import APIRouter
 from fastapi.responses import JSONResponse
 
@@ -15,6 +14,7 @@ from api.problems import problem_response, problem_responses
 from api.schemas import HealthOut
 from core import db
 from core.settings import get_settings
+from core.storage import make_s3_client
 
 router = APIRouter(tags=["health"])
 
@@ -40,22 +40,8 @@ def _check_redis() -> None:
 
 def _check_s3() -> None:
     settings = get_settings()
-    import boto3
-
-    client = boto3.client(
-        "s3",
-        endpoint_url=settings.s3_endpoint_url,
-        aws_access_key_id=settings.s3_access_key_id,
-        aws_secret_access_key=settings.s3_secret_access_key.get_secret_value(),
-        region_name=settings.s3_region,
-        config=Config(
-            signature_version="s3v4",
-            s3={"addressing_style": "path"},
-            connect_timeout=1,
-            read_timeout=2,
-            retries={"max_attempts": 1},
-        ),
-    )
+    # Fail fast: one try with short timeouts, so a dead S3 answers within the check's budget.
+    client = make_s3_client(settings, connect_timeout=1, read_timeout=2, max_attempts=1)
     client.head_bucket(Bucket=settings.s3_bucket)
 
 
