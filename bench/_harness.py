@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from bench import REPO_ROOT
+from bench import REPO_ROOT, write_section
 
 FAKE_KEY = "sk-voxq-bench-fake-key-0123456789"
 PRIMARY = "gpt-4o-mini-transcribe"
@@ -276,6 +276,21 @@ class BenchStack:
 def render_facts(facts: dict[str, str]) -> list[str]:
     """Host facts as markdown list lines."""
     return [f"- {key}: {value}" for key, value in facts.items()]
+
+
+def publish(section: str, lines: list[str], facts: dict[str, str], started: float) -> None:
+    """Append host facts and wall time to a benchmark's lines, write its section, and print it."""
+    body = "\n".join(
+        [
+            *lines,
+            "Host and versions:",
+            "",
+            *render_facts(facts),
+            f"- benchmark wall time: {time.perf_counter() - started:.0f} s",
+        ]
+    )
+    write_section(section, body)
+    print(body)
 
 
 def verdict(ok: bool) -> str:

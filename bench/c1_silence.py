@@ -21,8 +21,8 @@ from pathlib import Path
 
 import numpy as np
 
-from bench import REPO_ROOT, host_facts, write_section
-from bench._harness import BenchStack, accounting, render_facts, verdict, wait_ready
+from bench import REPO_ROOT, host_facts
+from bench._harness import BenchStack, accounting, publish, verdict, wait_ready
 
 SECTION = "c1_silence"
 SPEECH = REPO_ROOT / "tests" / "fixtures" / "speech"
@@ -131,7 +131,8 @@ def main() -> None:
     wer_trim = 100 * hyp_trim_edits / ref_words
     wer_orig = 100 * hyp_orig_edits / ref_words
     ok = ratio <= 0.7 and wer_trim <= wer_full + 1
-    body = "\n".join(
+    publish(
+        SECTION,
         [
             "## C1 billed vs submitted seconds with typical voicemail silence (`bench/c1_silence.py`)",
             "",
@@ -156,14 +157,10 @@ def main() -> None:
             "",
             f"- statuses: {statuses}; rows: {acct}",
             "",
-            "Host and versions:",
-            "",
-            *render_facts(facts),
-            f"- benchmark wall time: {time.perf_counter() - t0:.0f} s",
-        ]
+        ],
+        facts,
+        t0,
     )
-    write_section(SECTION, body)
-    print(body)
 
 
 if __name__ == "__main__":

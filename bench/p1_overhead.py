@@ -14,13 +14,13 @@ import subprocess
 import sys
 import time
 
-from bench import REPO_ROOT, host_facts, write_section
+from bench import REPO_ROOT, host_facts
 from bench._harness import (
     BenchStack,
     accounting,
     env_int,
     make_files,
-    render_facts,
+    publish,
     verdict,
     wait_ready,
 )
@@ -97,7 +97,8 @@ def main() -> None:
         stack.stop()
     ratio = files / noop
     ok_acct = acct["succeeded"] == n == acct["attempts"] == acct["cost_records"] == acct["transcripts"]
-    body = "\n".join(
+    publish(
+        SECTION,
         [
             "## P1 pipeline overhead vs raw Celery (`bench/p1_overhead.py`)",
             "",
@@ -114,14 +115,10 @@ def main() -> None:
             f"- job statuses after the run: {statuses}; rows: {acct} "
             f"({ACCOUNTING_OK if ok_acct else 'ACCOUNTING MISMATCH'})",
             "",
-            "Host and versions:",
-            "",
-            *render_facts(facts),
-            f"- benchmark wall time: {time.perf_counter() - t0:.0f} s",
-        ]
+        ],
+        facts,
+        t0,
     )
-    write_section(SECTION, body)
-    print(body)
 
 
 if __name__ == "__main__":

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import time
 
-from bench import host_facts, write_section
+from bench import host_facts
 from bench._harness import (
     PRIMARY,
     BenchStack,
@@ -20,7 +20,7 @@ from bench._harness import (
     env_int,
     make_files,
     prepare_only,
-    render_facts,
+    publish,
     verdict,
     wait_ready,
 )
@@ -62,7 +62,8 @@ def main() -> None:
     ideal = in_flight / LATENCY
     achieved = n / window
     share = achieved / ideal
-    body = "\n".join(
+    publish(
+        SECTION,
         [
             "## P2 in-flight requests at 2 s latency (`bench/p2_inflight.py`)",
             "",
@@ -81,14 +82,10 @@ def main() -> None:
             "",
             f"- statuses: {statuses}; rows: {acct}",
             "",
-            "Host and versions:",
-            "",
-            *render_facts(facts),
-            f"- benchmark wall time: {time.perf_counter() - t0:.0f} s",
-        ]
+        ],
+        facts,
+        t0,
     )
-    write_section(SECTION, body)
-    print(body)
 
 
 if __name__ == "__main__":

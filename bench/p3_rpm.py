@@ -13,7 +13,7 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from bench import host_facts, write_section
+from bench import host_facts
 from bench._harness import (
     PRIMARY,
     BenchStack,
@@ -21,7 +21,7 @@ from bench._harness import (
     env_int,
     make_files,
     prepare_only,
-    render_facts,
+    publish,
     verdict,
     wait_ready,
 )
@@ -68,7 +68,8 @@ def main() -> None:
     sustained = len(ok) / ((end - start) / 60)
     share = sustained / rpm
     share_429 = len(limited) / len(requests)
-    body = "\n".join(
+    publish(
+        SECTION,
         [
             "## P3 provider RPM limit (`bench/p3_rpm.py`)",
             "",
@@ -85,14 +86,10 @@ def main() -> None:
             "",
             f"- statuses: {statuses}; rows: {acct}",
             "",
-            "Host and versions:",
-            "",
-            *render_facts(facts),
-            f"- benchmark wall time: {time.perf_counter() - t0:.0f} s",
-        ]
+        ],
+        facts,
+        t0,
     )
-    write_section(SECTION, body)
-    print(body)
 
 
 if __name__ == "__main__":

@@ -27,8 +27,8 @@ from typing import Any
 
 import numpy as np
 
-from bench import host_facts, write_section
-from bench._harness import BenchStack, api_key, api_server, env_int, render_facts, verdict
+from bench import host_facts
+from bench._harness import BenchStack, api_key, api_server, env_int, publish, verdict
 
 SECTION = "p4_upload"
 MB = 1_000_000
@@ -169,7 +169,8 @@ def main() -> None:
     ratio = max(via_api) / max(direct)
     poll = results["polling"]
     sat = results["saturation"]
-    body = "\n".join(
+    publish(
+        SECTION,
         [
             "## P4 upload throughput and P4b job status latency (`bench/p4_upload.py`)",
             "",
@@ -187,14 +188,10 @@ def main() -> None:
             f"| P4b saturation, 100 clients closed loop: requests/s, p50, p99 | {sat['rps']:.0f}, "
             f"{sat['p50']:.1f} ms, {sat['p99']:.1f} ms ({sat['errors']} errors/30 s timeouts) |",
             "",
-            "Host and versions:",
-            "",
-            *render_facts(facts),
-            f"- benchmark wall time: {time.perf_counter() - t0:.0f} s",
-        ]
+        ],
+        facts,
+        t0,
     )
-    write_section(SECTION, body)
-    print(body)
 
 
 if __name__ == "__main__":

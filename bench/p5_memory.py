@@ -23,14 +23,14 @@ from pathlib import Path
 
 import numpy as np
 
-from bench import host_facts, write_section
+from bench import host_facts
 from bench._harness import (
     BenchStack,
     api_key,
     api_server,
     children,
     env_int,
-    render_facts,
+    publish,
     rss_mb,
     verdict,
     wait_ready,
@@ -202,7 +202,8 @@ def main() -> None:
         print("upload", up, flush=True)
     finally:
         stack.stop()
-    body = "\n".join(
+    publish(
+        SECTION,
         [
             "## P5 memory: long file in a worker, big upload through the API (`bench/p5_memory.py`)",
             "",
@@ -219,14 +220,10 @@ def main() -> None:
             f"{up['growth']:.0f} MB |",
             f"| API growth target ≤ 100 MB | {verdict(up['growth'] <= 100)} |",
             "",
-            "Host and versions:",
-            "",
-            *render_facts(facts),
-            f"- benchmark wall time: {time.perf_counter() - t0:.0f} s",
-        ]
+        ],
+        facts,
+        t0,
     )
-    write_section(SECTION, body)
-    print(body)
 
 
 if __name__ == "__main__":
