@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from collections.abc import Iterator
-from contextlib import AbstractContextManager
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
@@ -27,24 +25,6 @@ from tests.pipeline_support import (
     tones,
 )
 from tests.support import Stack, celery_worker, wait_until
-
-
-@pytest.fixture
-def pipeline(stack: Stack, fake_openai: FakeOpenAI) -> Iterator[Pipeline]:
-    p = Pipeline(stack)
-    yield p
-    p.close()
-
-
-@pytest.fixture
-def worker(stack: Stack, fake_openai: FakeOpenAI) -> WorkerFactory:
-    def start(concurrency: int = 2, queues: str | None = None, **env: str) -> AbstractContextManager[Any]:
-        kwargs: dict[str, Any] = {"concurrency": concurrency, "env": hosted_env(**env)}
-        if queues:
-            kwargs["queues"] = queues
-        return celery_worker(stack, **kwargs)
-
-    return start
 
 
 def one_job(pipeline: Pipeline, data: bytes, **batch: Any) -> tuple[uuid.UUID, uuid.UUID]:

@@ -9,8 +9,6 @@ import signal
 import subprocess
 import sys
 import uuid
-from collections.abc import Iterator
-from contextlib import AbstractContextManager
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from typing import Any
@@ -35,24 +33,6 @@ from tests.pipeline_support import (
 )
 from tests.support import Stack, celery_worker, wait_until
 from worker.audio import encode_flac
-
-
-@pytest.fixture
-def pipeline(stack: Stack, fake_openai: FakeOpenAI) -> Iterator[Pipeline]:
-    p = Pipeline(stack)
-    yield p
-    p.close()
-
-
-@pytest.fixture
-def worker(stack: Stack, fake_openai: FakeOpenAI) -> WorkerFactory:
-    def start(concurrency: int = 2, queues: str | None = None, **env: str) -> AbstractContextManager[Any]:
-        kwargs: dict[str, Any] = {"concurrency": concurrency, "env": hosted_env(**env)}
-        if queues:
-            kwargs["queues"] = queues
-        return celery_worker(stack, **kwargs)
-
-    return start
 
 
 def send(stack: Stack, task: str, queue: str, **kwargs: Any) -> None:

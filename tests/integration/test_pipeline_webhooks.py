@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import threading
-from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
@@ -14,7 +13,6 @@ from sqlalchemy.orm import Session
 
 from core.models import WebhookDelivery
 from core.webhooks import SIGNATURE_HEADER, verify_signature
-from tests.fakes.openai_server import FakeOpenAI
 from tests.pipeline_support import Pipeline, hosted_env, tones
 from tests.support import Stack, celery_worker, wait_until
 
@@ -53,13 +51,6 @@ class Receiver:
     def __exit__(self, *exc: object) -> None:
         self.server.shutdown()
         self.server.server_close()
-
-
-@pytest.fixture
-def pipeline(stack: Stack, fake_openai: FakeOpenAI) -> Iterator[Pipeline]:
-    p = Pipeline(stack)
-    yield p
-    p.close()
 
 
 def deliveries(pipeline: Pipeline) -> list[WebhookDelivery]:

@@ -1,0 +1,34 @@
+"""Fixtures shared by the pipeline's integration tests (a module may override them with its own)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import AbstractContextManager
+from typing import Any
+
+import pytest
+
+from tests.fakes.openai_server import FakeOpenAI
+from tests.pipeline_support import Pipeline, WorkerFactory, hosted_env
+from tests.support import Stack, celery_worker
+
+
+@pytest.fixture
+def pipeline(stack: Stack, fake_openai: FakeOpenAI) -> Iterator[Pipeline]:
+    """Rows, audio and polling helpers over the stack, with the fake OpenAI server running."""
+    p = Pipeline(stack)
+    yield p
+    p.close()
+
+
+@pytest.fixture
+def worker(stack: Stack, fake_openai: FakeOpenAI) -> WorkerFactory:
+    """Starts real Celery workers pointed at the fake OpenAI server."""
+
+    def start(concurrency: int = 2, queues: str | None = None, **env: str) -> AbstractContextManager[Any]:
+        kwargs: dict[str, Any] = {"concurrency": concurrency, "env": hosted_env(**env)}
+        if queues:
+            kwargs["queues"] = queues
+        return celery_worker(stack, **kwargs)
+
+    return start
