@@ -31,7 +31,7 @@ from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from typing import Any, ParamSpec, Protocol, TypeVar
 
-from sqlalchemy import and_, func, or_, select, text, update
+from sqlalchemy import ColumnElement, and_, func, or_, select, text, update
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.exc import OperationalError
 
@@ -232,6 +232,14 @@ def release_soon(job_id: uuid.UUID, *, after_seconds: float) -> None:
         )
 
 
+def _processing_job(job_id: uuid.UUID, group_id: uuid.UUID | None) -> list[ColumnElement[bool]]:
+    """The compare-and-set condition for finishing a job: still processing (and, given one, in this group)."""
+    conditions: list[ColumnElement[bool]] = [Job.id == job_id, Job.status == JobStatus.PROCESSING.value]
+    if group_id is not None:
+        conditions.append(Job.group_id == group_id)
+    return conditions
+
+
 @durable
 def end_job(
     job_id: uuid.UUID,
@@ -242,9 +250,7 @@ def end_job(
     group_id: uuid.UUID | None = None,
 ) -> bool:
     """Move a processing job to a terminal status (failed/skipped) by CAS; True when this call did it."""
-    conditions = [Job.id == job_id, Job.status == JobStatus.PROCESSING.value]
-    if group_id is not None:
-        conditions.append(Job.group_id == group_id)
+    conditions = _processing_job(job_id, group_id)
     with session_scope() as session:
         row = session.execute(
             update(Job)
@@ -825,9 +831,7 @@ def succeed_job(
     provenance: dict[str, Any],
 ) -> bool:
     """Write the job's one transcript and move it `processing → succeeded`; True when this call did it."""
-    conditions = [Job.id == job_id, Job.status == JobStatus.PROCESSING.value]
-    if group_id is not None:
-        conditions.append(Job.group_id == group_id)
+    conditions = _processing_job(job_id, group_id)
     with session_scope() as session:
         job = session.execute(
             update(Job)
