@@ -25,9 +25,7 @@ ALL_QUEUES = (
 TASK_HEARTBEAT = "voxq.maintenance.heartbeat"
 TASK_PREPARE_JOB = "voxq.ingest.prepare_job"
 TASK_TRANSCRIBE_GROUP = "voxq.transcribe.group"
-TASK_TRANSCRIBE_CHUNK = "voxq.transcribe.chunk"
 TASK_TRANSCRIBE_LOCAL = "voxq.local.transcribe"
-TASK_FINALIZE_JOB = "voxq.transcribe.finalize_job"
 TASK_SWEEP = "voxq.maintenance.sweep"
 TASK_DELIVER_WEBHOOK = "voxq.webhooks.deliver"
 
