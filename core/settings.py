@@ -11,6 +11,8 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 PLACEHOLDER_SECRETS = frozenset({"", "changeme", "change-me", "changethis", "secret", "password", "admin"})
 
 Environment = Literal["dev", "test", "production"]
+# How the chunks of one long file share context (see worker/transcribe.py's docstring).
+ChunkContext = Literal["alternate", "sequential", "none"]
 
 
 def _split_csv(value: object) -> object:
@@ -59,6 +61,10 @@ class Settings(BaseSettings):
     max_upload_bytes: int = 2 * 1024**3
     max_audio_seconds: float = 6 * 3600.0
     max_chunk_seconds: float = 600.0
+    # alternate: even chunks at once, then odd chunks at once, each prompted with its predecessor's tail
+    # (2 round trips per file); sequential: one chunk after another, every seam prompted (N round trips);
+    # none: every chunk at once, batch prompt only.
+    chunk_context: ChunkContext = "alternate"
     max_in_flight: int = 64
     max_retries: int = 4
     retry_base_seconds: float = 0.5

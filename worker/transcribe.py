@@ -5,10 +5,26 @@ concurrently; provider calls share the process's httpx client and are bounded by
 of `VOXQ_MAX_IN_FLIGHT`, so a 2-core host keeps hundreds of requests open. Database and S3 calls run in
 threads so they never stall the loop.
 
-Long files: the chunks of one job run one after another, each prompted with the tail of the previous
-chunk's text (continuity of names and spelling across the cut matters more than the latency of one file);
-parallelism comes from running many jobs — and many chunked jobs — of a group at once. A chunk already
-transcribed by an earlier run (kept in `job_chunks`) is not sent again.
+Long files (`VOXQ_CHUNK_CONTEXT`): a chunk can be prompted with the tail of its predecessor's text
+(continuity of names and spelling across the cut) only once that text exists, so "all chunks in parallel"
+and "every chunk prompted with the previous tail" cannot both hold. `plan_waves` decides the order:
+
+- `alternate` (default): wave 1 sends chunks 0, 2, 4, … at once (batch prompt only); wave 2 sends 1, 3,
+  5, … at once, each prompted with the batch prompt + the tail of its predecessor's wave-1 text. Two
+  provider round trips per file whatever its length, the same cost as sequential, and every other seam
+  carries context.
+- `sequential`: one chunk after another, every seam prompted; latency = one round trip per chunk.
+- `none`: every chunk at once, batch prompt only; one round trip, no context across seams.
+
+A chunk already transcribed by an earlier run (kept in `job_chunks`) is never sent again; its text prompts
+its successor (a run of pending chunks after it starts in wave 1 with that tail). Each chunk's result is
+saved as soon as it arrives, so a killed run resumes without paying again. At most `CHUNKS_AT_ONCE`
+chunks of one job are read and sent at a time (a chunk's FLAC is held in memory while it is sent), so a
+6-hour file does not hold 18 chunks at once; past twice `CHUNKS_AT_ONCE` chunks a wave takes more than one
+round trip. The process's in-flight semaphore bounds every call as before. When one chunk ends the job
+(failure, skip, hand-off to `local`, or an unexpected error), its siblings start no new call, the calls
+already in flight are awaited and closed like any other (answers saved), and the job ends once.
+Stitching: texts joined in chunk order, segments mapped to original time, provenance in chunk order.
 
 For each piece of audio the chain (`batch.models` or `VOXQ_PRIMARY_MODEL` + `VOXQ_FALLBACK_MODELS`) is:
 circuit allows? → rate limiter → budget reservation → attempt row (pending, own transaction) → call →
@@ -32,13 +48,14 @@ close attempt (+ cost record for a billed answer, same transaction). Then by the
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import random
 import time
 import uuid
 from collections import Counter
-from collections.abc import Awaitable
-from dataclasses import dataclass, field
+from collections.abc import Awaitable, Collection
+from dataclasses import dataclass, field, replace
 from decimal import Decimal
 from typing import Any
 
@@ -48,6 +65,7 @@ from core import metrics
 from core.errors import ModelUnavailable
 from core.logging import bind_log_context, log_context
 from core.providers.base import ErrorKind, ProviderError, TranscriptionRequest
+from core.settings import ChunkContext
 from core.statuses import AttemptOutcome, ChunkStatus, JobStatus
 from worker import audio, budget, completion, dispatch, records
 from worker.grouping import model_chain
@@ -60,6 +78,7 @@ PROMPT_TAIL_CHARS = 300
 MAX_SPLIT_DEPTH = 3
 MAX_BLOCKED_ROUNDS = 3
 RETRY_AFTER_ERROR_SECONDS = 60.0
+CHUNKS_AT_ONCE = 8
 
 
 def derived_key(tenant_id: uuid.UUID, job_id: uuid.UUID, index: int | None = None) -> str:
@@ -80,8 +99,48 @@ def compose_prompt(batch_prompt: str | None, previous_text: str | None) -> str |
     return "\n".join(parts) if parts else None
 
 
+@dataclass(frozen=True)
+class Send:
+    """One chunk to send: its position in the job and the position whose text's tail prompts it."""
+
+    position: int
+    context: int | None = None  # None: the batch prompt only
+
+
+def plan_waves(count: int, done: Collection[int], mode: ChunkContext) -> list[list[Send]]:
+    """The waves in which a job's `count` chunks are sent; chunks in `done` are already transcribed.
+
+    Every chunk of a wave is sent at once; a wave starts when the previous one has answered, so a chunk's
+    context is always a chunk already done or of an earlier wave. With `alternate`, each run of pending
+    chunks sends its 1st, 3rd, … chunk in wave 1 (the run's first chunk prompted by its stored
+    predecessor, if any) and its 2nd, 4th, … in wave 2, prompted by their wave-1 predecessors.
+    """
+    pending = [i for i in range(count) if i not in done]
+    if not pending:
+        return []
+    if mode == "none":
+        return [[Send(i) for i in pending]]
+    if mode == "sequential":
+        return [[Send(i, i - 1 if i > 0 else None)] for i in pending]
+    first: list[Send] = []
+    second: list[Send] = []
+    run_start = 0
+    for i in pending:
+        if i == 0 or i - 1 in done:
+            run_start = i
+        if (i - run_start) % 2 == 0:
+            first.append(Send(i, i - 1 if i > 0 and i == run_start else None))
+        else:
+            second.append(Send(i, i - 1))
+    return [wave for wave in (first, second) if wave]
+
+
 class Handoff(Exception):
     """Raised when the chain reaches `local`: the job goes to the local engine's queue."""
+
+
+class _Halted(Exception):
+    """Raised instead of starting a call once a sibling chunk has ended the job."""
 
 
 class _ChainBlocked(Exception):
@@ -123,6 +182,21 @@ class Piece:
     object_key: str
     offset: float  # start in trimmed time
     seconds: float
+    # Set when a sibling chunk ended the job: no new call starts for this piece.
+    halt: asyncio.Event | None = field(default=None, compare=False)
+
+    @property
+    def halted(self) -> bool:
+        """A sibling chunk ended the job."""
+        return self.halt is not None and self.halt.is_set()
+
+    async def pause(self, seconds: float) -> None:
+        """Sleep `seconds`, or less when a sibling ends the job meanwhile."""
+        if self.halt is None:
+            await asyncio.sleep(seconds)
+            return
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self.halt.wait(), timeout=seconds)
 
 
 def _relative_segments(answer: Answer, seconds: float) -> list[dict[str, Any]]:
@@ -182,7 +256,7 @@ class ChainRunner:
                 timeout = self.settings.provider_timeout_seconds
                 if rounds > MAX_BLOCKED_ROUNDS or time.monotonic() + wait + timeout > self.deadline:
                     raise JobEnded(JobStatus.FAILED, ModelUnavailable.code, blocked.message) from None
-                await asyncio.sleep(wait)
+                await piece.pause(wait)
 
     async def _run_once(
         self,
@@ -302,7 +376,7 @@ class ChainRunner:
                     await asyncio.to_thread(
                         records.close_attempt, attempt_id, outcome=AttemptOutcome.RETRIED, **common, **close
                     )
-                    await asyncio.sleep(delay)
+                    await piece.pause(delay)
                     continue
                 if err.kind == ErrorKind.TOO_LARGE:
                     await asyncio.to_thread(
@@ -360,8 +434,12 @@ class ChainRunner:
     async def _call_in_context(
         self, piece: Piece, data: bytes, seconds: float, prompt: str | None, model: str, retry: int
     ) -> tuple[_RawAnswer | None, ProviderError | None, uuid.UUID, Decimal, float | None]:
+        if piece.halted:
+            raise _Halted()
         if self.rate_limited:
             await self.limiter.acquire(model, seconds)  # counts its own waits in metrics
+            if piece.halted:
+                raise _Halted()
         # Without a budget there is nothing to reserve against: skip the round trip.
         estimate = budget.estimate_usd(model, seconds) if piece.batch.budget_usd is not None else Decimal(0)
         if estimate and not await asyncio.to_thread(budget.reserve, piece.job.batch_id, estimate):
@@ -373,6 +451,9 @@ class ChainRunner:
         # The attempt row is written once a slot is free, so `started_at` is when the call really starts
         # and a pending attempt older than the provider timeout belongs to a dead worker (see sweeper).
         async with self.rt.semaphore:
+            if piece.halted:
+                await asyncio.to_thread(budget.release, piece.job.batch_id, estimate)
+                raise _Halted()
             try:
                 attempt_id = await asyncio.to_thread(
                     records.open_attempt,
@@ -488,51 +569,113 @@ async def transcribe_job(
         return await _transcribe_job(rt, runner, job, batch, group_id)
 
 
+@dataclass
+class _Done:
+    """One piece's result as stitched into the job: segments in original time."""
+
+    text: str
+    segments: list[dict[str, Any]]
+    model: str
+    attempt_ids: list[uuid.UUID]
+    language: str | None = None
+
+
+def _stored_result(stored: dict[str, Any] | None) -> _Done | None:
+    """A chunk transcribed by an earlier run (kept in `job_chunks`), or None."""
+    if stored is None or stored["status"] != ChunkStatus.SUCCEEDED.value:
+        return None
+    return _Done(
+        stored["text"] or "",
+        stored["segments"] or [],
+        stored["model"] or "",
+        [stored["attempt_id"]] if stored["attempt_id"] else [],
+    )
+
+
+async def _send_piece(
+    rt: Runtime,
+    runner: ChainRunner,
+    piece: Piece,
+    previous_text: str | None,
+    chain: list[str],
+    tmap: audio.TimeMap,
+) -> _Done:
+    """Transcribe one piece through the chain and keep a chunk's result at once (a re-run reuses it)."""
+    data = await asyncio.to_thread(_read, rt, piece.object_key)
+    prompt = compose_prompt(piece.batch.prompt, previous_text)
+    answer = await runner.run(piece, data, piece.seconds, prompt, chain)
+    del data
+    mapped = audio.map_segments(
+        answer.segments, text=answer.text, offset=piece.offset, duration=piece.seconds, tmap=tmap
+    )
+    if piece.index is not None:
+        await asyncio.to_thread(
+            records.save_chunk_result,
+            piece.job.id,
+            piece.index,
+            text_=answer.text,
+            segments=mapped,
+            model=answer.model,
+            attempt_id=answer.attempt_ids[-1],
+        )
+    return _Done(answer.text, mapped, answer.model, answer.attempt_ids, answer.language)
+
+
+async def _run_wave(
+    rt: Runtime,
+    runner: ChainRunner,
+    pieces: list[Piece],
+    wave: list[Send],
+    results: dict[int, _Done],
+    chain: list[str],
+    tmap: audio.TimeMap,
+    halt: asyncio.Event,
+) -> None:
+    """Send a wave's chunks at once; the first to end the job halts its siblings, which are awaited.
+
+    A halted sibling starts no new call; a call already in flight finishes and is closed and saved as
+    usual, so no attempt is left pending and nothing paid for is thrown away. The first error is raised.
+    """
+    errors: list[BaseException] = []
+    at_once = asyncio.Semaphore(CHUNKS_AT_ONCE)
+
+    async def one(send: Send) -> None:
+        context = results[send.context].text if send.context is not None else None
+        try:
+            async with at_once:
+                if halt.is_set():
+                    return
+                results[send.position] = await _send_piece(
+                    rt, runner, pieces[send.position], context, chain, tmap
+                )
+        except _Halted:
+            pass
+        except BaseException as exc:
+            errors.append(exc)
+            halt.set()
+            raise
+
+    await asyncio.gather(*(one(send) for send in wave), return_exceptions=True)
+    if errors:
+        raise errors[0]
+
+
 async def _transcribe_job(
     rt: Runtime, runner: ChainRunner, job: records.GroupJob, batch: records.BatchOptions, group_id: uuid.UUID
 ) -> str:
     chain = model_chain(batch.models, rt.settings)
     tmap = audio.TimeMap.from_json(job.time_map)
-    texts: list[str] = []
-    segments: list[dict[str, Any]] = []
-    attempt_ids: list[uuid.UUID] = []
-    models: list[str] = []
-    language: str | None = None
-    previous: str | None = None
+    halt = asyncio.Event()
+    pieces: list[Piece] = []
+    results: dict[int, _Done] = {}
+    for position, (piece, stored) in enumerate(pieces_of(job, batch)):
+        pieces.append(replace(piece, halt=halt))
+        kept = _stored_result(stored)
+        if kept is not None:
+            results[position] = kept
     try:
-        for piece, stored in pieces_of(job, batch):
-            if stored is not None and stored["status"] == ChunkStatus.SUCCEEDED.value:
-                text = stored["text"] or ""
-                texts.append(text)
-                segments.extend(stored["segments"] or [])
-                models.append(stored["model"] or "")
-                if stored["attempt_id"]:
-                    attempt_ids.append(stored["attempt_id"])
-                previous = text
-                continue
-            data = await asyncio.to_thread(_read, rt, piece.object_key)
-            answer = await runner.run(
-                piece, data, piece.seconds, compose_prompt(batch.prompt, previous), chain
-            )
-            mapped = audio.map_segments(
-                answer.segments, text=answer.text, offset=piece.offset, duration=piece.seconds, tmap=tmap
-            )
-            if piece.index is not None:
-                await asyncio.to_thread(
-                    records.save_chunk_result,
-                    job.id,
-                    piece.index,
-                    text_=answer.text,
-                    segments=mapped,
-                    model=answer.model,
-                    attempt_id=answer.attempt_ids[-1],
-                )
-            texts.append(answer.text)
-            segments.extend(mapped)
-            attempt_ids.extend(answer.attempt_ids)
-            models.append(answer.model)
-            language = language or answer.language
-            previous = answer.text
+        for wave in plan_waves(len(pieces), set(results), rt.settings.chunk_context):
+            await _run_wave(rt, runner, pieces, wave, results, chain, tmap, halt)
     except Handoff:
         await asyncio.to_thread(dispatch.send_local, job.id, group_id)
         return "handoff"
@@ -547,8 +690,13 @@ async def _transcribe_job(
         ):
             await asyncio.to_thread(completion.job_finished, job.id, job.batch_id)
         return ended.status.value
+    ordered = [results[position] for position in range(len(pieces))]
+    models = [done.model for done in ordered]
+    attempt_ids = [a for done in ordered for a in done.attempt_ids]
+    language = next((done.language for done in ordered if done.language), None)
+    segments = [seg for done in ordered for seg in done.segments]
     model = Counter(models).most_common(1)[0][0] if models else "none"
-    text = " ".join(t.strip() for t in texts if t and t.strip())
+    text = " ".join(d.text.strip() for d in ordered if d.text and d.text.strip())
     provenance = {
         "attempt_ids": [str(a) for a in attempt_ids],
         "models": models,

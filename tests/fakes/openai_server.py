@@ -353,7 +353,8 @@ class FakeOpenAI:
             return [dict(entry) for entry in self._billing]
 
     def request_log(self) -> list[dict[str, Any]]:
-        """Every request received: {request_id, model, status, code, fault, ts, x_request_id}."""
+        """Every request received: {request_id, model, status, code, fault, prompt, received, ts,
+        x_request_id}; `received` is when the request arrived and `ts` when it was answered (epoch s)."""
         with self._lock:
             return [dict(entry) for entry in self._requests]
 
@@ -589,6 +590,8 @@ class FakeOpenAI:
             "fault": None,
             "code": None,
             "billed": False,
+            "prompt": None,
+            "received": time.time(),
         }
         with self._lock:
             self.in_flight += 1
@@ -635,6 +638,7 @@ class FakeOpenAI:
             response_format = str(form.get("response_format") or "json")
             granularities = [str(g) for g in form.getlist("timestamp_granularities[]")]
             prompt = str(form.get("prompt") or "")
+            entry["prompt"] = prompt or None
             language = form.get("language")
         finally:
             await form.close()

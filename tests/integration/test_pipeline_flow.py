@@ -171,13 +171,15 @@ def test_long_file_is_chunked_at_silences_and_stitched_in_order(
         start = lead + i * (tone_s + gap)
         assert seg["start"] == pytest.approx(start, abs=0.08)
         assert seg["end"] == pytest.approx(start + tone_s, abs=0.08)
-    # Each chunk after the first was prompted with the batch prompt and the previous chunk's text.
+    # Odd chunks were prompted with the batch prompt and the previous chunk's text, even chunks (sent
+    # at once in the first wave, VOXQ_CHUNK_CONTEXT=alternate) with the batch prompt only.
     costs = sorted(pipeline.costs(prompted), key=lambda c: c.created_at)
     attempts = {a.id: a for a in pipeline.attempts(prompted)}
     by_index = sorted(costs, key=lambda c: attempts[c.attempt_id].chunk_index or 0)
     first_prompt_tokens = by_index[0].input_text_tokens or 0
     assert first_prompt_tokens <= 2  # "Tones." only
-    assert all((c.input_text_tokens or 0) > first_prompt_tokens for c in by_index[1:])
+    assert all((c.input_text_tokens or 0) == first_prompt_tokens for c in by_index[2::2])
+    assert all((c.input_text_tokens or 0) > first_prompt_tokens for c in by_index[1::2])
     # Far less audio was sent than the file holds: long silences were collapsed.
     sent = sum(a.audio_seconds or 0 for a in pipeline.attempts(timed))
     assert sent == pytest.approx(rows[timed].speech_seconds, abs=0.01)
