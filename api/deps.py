@@ -1,22 +1,35 @@
-"""Request dependencies as `Annotated` aliases: a DB session, the caller's tenant, the storage client."""
+"""Request dependencies as `Annotated` aliases: a DB session, the caller's tenant, the storage client.
+
+No request may hold a database connection while it waits for a threadpool thread: sync routes run on
+anyio's limited pool, and FastAPI validates a sync route's response on that pool too. A session still
+holding its connection after the route returned, waiting for a thread, while every thread waits for a
+connection, is a deadlock that only the pool timeout (30 s) breaks (the P4b closed-loop stall). So
+routers use `SessionRoute`: a sync endpoint's request session is closed in the endpoint's own thread.
+"""
 
 from __future__ import annotations
 
+import functools
+import inspect
+import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from typing import Annotated
+from typing import Annotated, Any
 
 from fastapi import Depends, Request
+from fastapi.routing import APIRoute
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy import or_, update
 from sqlalchemy.orm import Session
+from starlette.concurrency import run_in_threadpool
 
 from api.problems import Problem
 from core import auth
 from core.db import get_sessionmaker, session_scope
 from core.models import ApiKey
+from core.settings import get_settings
 from core.storage import Storage
 
 # Writing last_used_at on every request would make each GET a write; once a minute is enough.
@@ -36,16 +49,37 @@ class TenantContext:
 async def get_session() -> AsyncIterator[Session]:
     """A session for one request; routes commit what they change.
 
-    Async on purpose: a sync generator's teardown needs a threadpool thread to give the connection
-    back, and under load every thread can be a route waiting for a connection held by a finished
-    request whose teardown waits for a thread (a deadlock until the pool timeout). Creating a Session
-    does not connect, and closing one only returns its connection to the pool, so both run on the loop.
+    Async on purpose: a sync generator's teardown would need a threadpool thread. Creating a Session
+    does not connect. `SessionRoute` closes it when a sync endpoint returns (in that endpoint's thread);
+    the close here only covers async endpoints and is a no-op after that.
     """
     session = get_sessionmaker()()
     try:
         yield session
     finally:
         session.close()
+
+
+def _closing_sessions(endpoint: Callable[..., Any]) -> Callable[..., Any]:
+    @functools.wraps(endpoint)  # FastAPI reads the signature (and its annotations) through __wrapped__
+    def run(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return endpoint(*args, **kwargs)
+        finally:
+            for value in kwargs.values():
+                if isinstance(value, Session):
+                    value.close()  # the connection goes back before the response is validated
+
+    return run
+
+
+class SessionRoute(APIRoute):
+    """A route whose sync endpoint closes its request session before it returns (see module docstring)."""
+
+    def __init__(self, path: str, endpoint: Callable[..., Any], **kwargs: Any) -> None:
+        if not inspect.iscoroutinefunction(endpoint):
+            endpoint = _closing_sessions(endpoint)
+        super().__init__(path, endpoint, **kwargs)
 
 
 def _unauthorized(detail: str) -> Problem:
@@ -70,13 +104,57 @@ def resolve_tenant(plaintext: str) -> TenantContext | None:
         return TenantContext(tenant_id=key.tenant_id, key_id=key.id)
 
 
-def get_tenant(
+class KeyCache:
+    """Valid keys (by hash) -> tenant, each for `VOXQ_AUTH_CACHE_SECONDS` after it was looked up.
+
+    A cached key skips the database; a revoked key or a disabled tenant is refused once its entry is
+    older than the TTL. Unknown keys are never cached. Bounded: emptied when it reaches MAX_ENTRIES.
+    """
+
+    MAX_ENTRIES = 10_000
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        self._clock = clock
+        self._entries: dict[str, tuple[float, TenantContext]] = {}
+
+    def get(self, key_hash: str, ttl: float) -> TenantContext | None:
+        """The tenant cached for this key hash less than `ttl` seconds ago, or None."""
+        entry = self._entries.get(key_hash)
+        if entry is None or self._clock() - entry[0] >= ttl:
+            return None
+        return entry[1]
+
+    def put(self, key_hash: str, tenant: TenantContext) -> None:
+        """Remember a key that was just found valid."""
+        if len(self._entries) >= self.MAX_ENTRIES:
+            self._entries.clear()
+        self._entries[key_hash] = (self._clock(), tenant)
+
+
+_key_cache = KeyCache()
+
+
+async def tenant_for_key(plaintext: str) -> TenantContext | None:
+    """`resolve_tenant` behind the process's key cache (a hit needs no thread and no database)."""
+    ttl = get_settings().auth_cache_seconds
+    key_hash = auth.hash_key(plaintext)
+    if ttl > 0:
+        cached = _key_cache.get(key_hash, ttl)
+        if cached is not None:
+            return cached
+    tenant = await run_in_threadpool(resolve_tenant, plaintext)
+    if tenant is not None and ttl > 0:
+        _key_cache.put(key_hash, tenant)
+    return tenant
+
+
+async def get_tenant(
     credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
 ) -> TenantContext:
     """The caller's tenant from `Authorization: Bearer <key>`; 401 when missing, unknown or revoked."""
     if credentials is None or credentials.scheme.lower() != "bearer" or not credentials.credentials:
         raise _unauthorized("missing API key: send `Authorization: Bearer <key>`")
-    tenant = resolve_tenant(credentials.credentials)
+    tenant = await tenant_for_key(credentials.credentials)
     if tenant is None:
         raise _unauthorized("invalid or revoked API key")
     return tenant

@@ -270,12 +270,12 @@ class IdempotencyMiddleware:
 
 
 async def _tenant_of(authorization: str) -> uuid.UUID | None:
-    from api.deps import resolve_tenant
+    from api.deps import tenant_for_key
 
     scheme, _, token = authorization.partition(" ")
     if scheme.lower() != "bearer" or not token.strip():
         return None
-    tenant = await run_in_threadpool(resolve_tenant, token.strip())
+    tenant = await tenant_for_key(token.strip())
     return tenant.tenant_id if tenant else None
 
 

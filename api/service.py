@@ -20,7 +20,7 @@ from api.ingest import AcceptedFile
 from api.problems import RETRY, Problem, not_found
 from api.schemas import BatchOptions, BatchOut, JobBrief, JobError, JobOut, StatusCounts
 from core import dispatch, metrics
-from core.db import session_scope
+from core.db import get_sessionmaker, session_scope
 from core.models import Attempt, Batch, Job
 from core.settings import get_settings
 from core.statuses import JOB_TERMINAL, BatchStatus, JobStatus
@@ -153,6 +153,25 @@ def job_out(job: Job, attempts: int) -> JobOut:
         started_at=job.started_at,
         finished_at=job.finished_at,
     )
+
+
+def read_job_out(tenant: TenantContext, job_id: uuid.UUID) -> JobOut:
+    """The tenant's job with its attempt count, in one statement outside a transaction (the polled read).
+
+    One SELECT is its own snapshot, so autocommit saves the BEGIN and ROLLBACK round trips; the
+    connection goes back to the pool before the answer is built. Blocking: call from a worker thread.
+    """
+    attempts = select(func.count()).where(Attempt.job_id == Job.id).scalar_subquery()
+    with get_sessionmaker()() as session:
+        session.connection(execution_options={"isolation_level": "AUTOCOMMIT"})
+        row = session.execute(
+            select(Job, attempts).where(
+                Job.id == job_id, Job.tenant_id == tenant.tenant_id, Job.deleted_at.is_(None)
+            )
+        ).first()
+    if row is None:
+        raise not_found("job")
+    return job_out(row[0], int(row[1]))
 
 
 def load_job_out(session: Session, job: Job) -> JobOut:

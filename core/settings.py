@@ -107,6 +107,9 @@ class Settings(BaseSettings):
     api_host: str = "127.0.0.1"
     api_port: int = 8000
     idempotency_ttl_seconds: int = 24 * 3600
+    # Each API process remembers a valid key (by its hash) for this long, so a polling client's requests
+    # skip the key lookup; a revoked key or a disabled tenant is refused within it. 0 = look up every time.
+    auth_cache_seconds: float = Field(default=5.0, ge=0)
     log_format: Literal["json", "human"] = "json"
     log_level: str = "INFO"
 

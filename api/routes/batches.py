@@ -17,7 +17,7 @@ from sqlalchemy import select, update
 from starlette.concurrency import run_in_threadpool
 
 from api import service
-from api.deps import SessionDep, StorageDep, TenantContext, TenantDep
+from api.deps import SessionDep, SessionRoute, StorageDep, TenantContext, TenantDep
 from api.ingest import (
     AcceptedFile,
     Received,
@@ -53,7 +53,9 @@ from core.storage import Storage, content_key, parse_s3_uri
 # Objects of one import request checked at once (S3 round trips, not CPU).
 IMPORT_PARALLELISM = 8
 
-router = APIRouter(prefix="/v1/batches", tags=["batches"], responses=COMMON_PROBLEMS)
+router = APIRouter(
+    prefix="/v1/batches", tags=["batches"], responses=COMMON_PROBLEMS, route_class=SessionRoute
+)
 
 MULTIPART_FILES_BODY: dict[str, Any] = {
     "requestBody": {

@@ -13,9 +13,10 @@ from fastapi.encoders import jsonable_encoder
 from fastapi.responses import JSONResponse, PlainTextResponse
 from pydantic import ValidationError
 from sqlalchemy import delete, func, select, update
+from starlette.concurrency import run_in_threadpool
 
 from api import service
-from api.deps import SessionDep, StorageDep, TenantContext, TenantDep
+from api.deps import SessionDep, SessionRoute, StorageDep, TenantContext, TenantDep
 from api.ingest import AcceptedFile, Received, accept_files, discard, ingest_multipart
 from api.locks import object_locks
 from api.problems import COMMON_PROBLEMS, UPLOAD_PROBLEMS, Problem
@@ -26,7 +27,7 @@ from core.models import Attempt, CostRecord, Job, JobChunk, Transcript
 from core.statuses import JOB_TERMINAL, JobStatus
 from core.storage import Storage
 
-router = APIRouter(prefix="/v1/jobs", tags=["jobs"], responses=COMMON_PROBLEMS)
+router = APIRouter(prefix="/v1/jobs", tags=["jobs"], responses=COMMON_PROBLEMS, route_class=SessionRoute)
 
 OPTION_FIELDS = frozenset(BatchOptions.model_fields)
 
@@ -125,9 +126,10 @@ def create_single_job(
 
 
 @router.get("/{job_id}", response_model=JobOut)
-def get_job(job_id: uuid.UUID, tenant: TenantDep, session: SessionDep) -> JobOut:
+async def get_job(job_id: uuid.UUID, tenant: TenantDep) -> JobOut:
     """A job's status, error, probe results, producing model, attempt count, cost and dedupe link."""
-    return service.load_job_out(session, service.get_job(session, tenant, job_id))
+    # The polled endpoint: one thread hop, one query, the connection back before the answer is built.
+    return await run_in_threadpool(service.read_job_out, tenant, job_id)
 
 
 @router.get(

@@ -9,12 +9,12 @@ from fastapi import APIRouter, Query
 from sqlalchemy import case, cast, func, select
 from sqlalchemy.types import Date, String
 
-from api.deps import SessionDep, TenantDep
+from api.deps import SessionDep, SessionRoute, TenantDep
 from api.problems import COMMON_PROBLEMS, Problem
 from api.schemas import GroupBy, UsageOut, UsageRow
 from core.models import CostRecord
 
-router = APIRouter(prefix="/v1", tags=["usage"], responses=COMMON_PROBLEMS)
+router = APIRouter(prefix="/v1", tags=["usage"], responses=COMMON_PROBLEMS, route_class=SessionRoute)
 
 DEFAULT_WINDOW = timedelta(days=30)
 

@@ -9,6 +9,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import time
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -17,6 +18,7 @@ from pathlib import Path
 import httpx
 
 from core.embedded import free_port
+from core.settings import get_settings
 from tests.api_helpers import sine_wav
 from tests.support import REPO_ROOT, Stack, wait_until
 
@@ -178,6 +180,8 @@ def test_cli_keys_submit_wait_status_download_usage(stack: Stack, tmp_path: Path
         assert key[:10] in listed.stdout and "active" in listed.stdout and key not in listed.stdout
         revoked = voxq(stack, "keys", "revoke", key[:10])
         assert revoked.returncode == 0, revoked.stderr
+        # The API remembers a valid key for VOXQ_AUTH_CACHE_SECONDS: revocation is effective after that.
+        time.sleep(get_settings().auth_cache_seconds + 0.2)
         refused = voxq(stack, "status", batch_id, api_url=api_url, key=key)
         assert refused.returncode == 1 and "unauthorized" in refused.stderr
         assert "revoked" in voxq(stack, "keys", "list").stdout

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 import uuid
 from decimal import Decimal
 from typing import Any
@@ -12,6 +13,7 @@ from sqlalchemy import func, select
 from core import auth
 from core.db import session_scope
 from core.models import Attempt, CostRecord, Job, Transcript
+from core.settings import get_settings
 from core.storage import Storage
 from tests.api_helpers import ApiServer, api_fixture, api_server_fixture, make_key, sine_wav  # noqa: F401
 from tests.support import Stack
@@ -125,6 +127,8 @@ def test_missing_invalid_and_revoked_keys_get_401_everywhere(api: ApiServer, sta
         spec = c.get("/openapi.json").json()["paths"]
     with session_scope() as session:
         assert auth.revoke_key(session, issued.id)
+    # The server remembers a valid key for VOXQ_AUTH_CACHE_SECONDS: revocation is effective after that.
+    time.sleep(get_settings().auth_cache_seconds + 0.2)
     job_id = str(uuid.uuid4())
     checked = 0
     for path, ops in spec.items():

@@ -7,6 +7,7 @@ import uuid
 import pytest
 from fastapi.testclient import TestClient
 
+from api.deps import KeyCache, TenantContext
 from api.idempotency import canonical_json, request_hash, valid_key
 from api.ingest import clean_filename
 from api.main import create_app
@@ -121,3 +122,25 @@ def test_openapi_documents_bearer_auth_and_multipart_uploads() -> None:
         "code",
     }
     assert "413" in spec["paths"]["/v1/batches/{batch_id}/files"]["post"]["responses"]
+
+
+def test_key_cache_forgets_an_entry_after_its_ttl() -> None:
+    now = [100.0]
+    cache = KeyCache(clock=lambda: now[0])
+    tenant = TenantContext(tenant_id=uuid.uuid4(), key_id=uuid.uuid4())
+    assert cache.get("h", ttl=5) is None  # unknown keys are never answered from the cache
+    cache.put("h", tenant)
+    now[0] += 4.9
+    assert cache.get("h", ttl=5) == tenant
+    now[0] += 0.1
+    assert cache.get("h", ttl=5) is None  # a revoked key is refused once its entry is TTL old
+    assert cache.get("other", ttl=5) is None
+
+
+def test_key_cache_is_bounded() -> None:
+    cache = KeyCache(clock=lambda: 0.0)
+    tenant = TenantContext(tenant_id=uuid.uuid4(), key_id=uuid.uuid4())
+    for i in range(KeyCache.MAX_ENTRIES + 5):
+        cache.put(str(i), tenant)
+    assert len(cache._entries) <= KeyCache.MAX_ENTRIES
+    assert cache.get(str(KeyCache.MAX_ENTRIES + 4), ttl=1) == tenant
