@@ -44,8 +44,9 @@ DEV_DATABASE = "voxq"
 DEV_TENANT = "dev"
 # The general worker consumes these in this order; `local` gets its own worker (CPU-heavy, few slots).
 WORKER_QUEUES = (
-    names.QUEUE_INGEST,
+    names.QUEUE_INGEST_HIGH,
     names.QUEUE_TRANSCRIBE_HIGH,
+    names.QUEUE_INGEST,
     names.QUEUE_TRANSCRIBE,
     names.QUEUE_TRANSCRIBE_LOW,
     names.QUEUE_MAINTENANCE,

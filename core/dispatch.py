@@ -45,7 +45,7 @@ def enqueue_jobs(job_ids: Sequence[uuid.UUID | str], *, priority: str = "normal"
         app.send_task(
             names.TASK_PREPARE_JOB,
             kwargs={"job_ids": ids[start : start + JOBS_PER_TASK], "priority": priority},
-            queue=names.QUEUE_INGEST,
+            queue=names.ingest_queue_for(priority),
         )
         sent += 1
     return sent

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-# Celery queues. Workers consume high before normal before low (see worker.app).
+# Celery queues. Workers consume high before normal before low (see worker.app), for ingest (prepare)
+# as for transcription, so a high batch is never stuck behind a big normal one at either stage.
+QUEUE_INGEST_HIGH = "ingest.high"
 QUEUE_INGEST = "ingest"
 QUEUE_TRANSCRIBE_HIGH = "transcribe.high"
 QUEUE_TRANSCRIBE = "transcribe"
@@ -11,9 +13,11 @@ QUEUE_LOCAL = "local"
 QUEUE_MAINTENANCE = "maintenance"
 QUEUE_WEBHOOKS = "webhooks"
 
+# In the order a worker consuming them all takes them: a high batch's whole path first.
 ALL_QUEUES = (
-    QUEUE_INGEST,
+    QUEUE_INGEST_HIGH,
     QUEUE_TRANSCRIBE_HIGH,
+    QUEUE_INGEST,
     QUEUE_TRANSCRIBE,
     QUEUE_TRANSCRIBE_LOW,
     QUEUE_LOCAL,
@@ -38,6 +42,11 @@ KEY_GROUP_BUFFER = REDIS_PREFIX + "group:"  # + group key
 KEY_METRICS = REDIS_PREFIX + "metrics:"
 KEY_MODEL_RETIRED = REDIS_PREFIX + "retired:"  # + model
 KEY_OBJECT_LOCK = REDIS_PREFIX + "objlock:"  # + sha256 of an audio object key (upload vs delete)
+
+
+def ingest_queue_for(priority: str) -> str:
+    """The ingest (prepare) queue a batch of this priority uses."""
+    return QUEUE_INGEST_HIGH if priority == "high" else QUEUE_INGEST
 
 
 def transcribe_queue_for(priority: str) -> str:

@@ -108,7 +108,7 @@ def wait_until(check: Callable[[], T], timeout: float = 30.0, interval: float = 
 def celery_worker(
     stack: Stack,
     *,
-    queues: str = "ingest,transcribe.high,transcribe,transcribe.low,local,maintenance,webhooks",
+    queues: str = "ingest.high,transcribe.high,ingest,transcribe,transcribe.low,local,maintenance,webhooks",
     concurrency: int = 2,
     pool: str = "prefork",
     name: str = "w1",

@@ -31,7 +31,8 @@ def make_celery(settings: Settings | None = None) -> Celery:
         broker_connection_retry_on_startup=True,
         broker_transport_options={
             "visibility_timeout": settings.celery_visibility_timeout,
-            # Lower number = consumed first; kombu's Redis transport polls queues in this order.
+            # Queues are polled in the order the worker's -Q lists them (names.ALL_QUEUES without -Q):
+            # ingest.high, transcribe.high, ingest, transcribe, transcribe.low, ...
             "queue_order_strategy": "priority",
         },
         task_ignore_result=True,

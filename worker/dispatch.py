@@ -21,7 +21,7 @@ def send_prepare(job_ids: Sequence[uuid.UUID], *, priority: str) -> None:
         _send(
             names.TASK_PREPARE_JOB,
             {"job_ids": ids[start : start + 50], "priority": priority},
-            names.QUEUE_INGEST,
+            names.ingest_queue_for(priority),
         )
 
 

@@ -24,7 +24,7 @@ from tests.speech import load_fixtures, normalise, word_error_rate
 from tests.support import Stack, celery_worker
 
 LOCAL_MODEL = "local:whisper-base"
-HOSTED_QUEUES = "ingest,transcribe.high,transcribe,transcribe.low,maintenance,webhooks"
+HOSTED_QUEUES = "ingest.high,transcribe.high,ingest,transcribe,transcribe.low,maintenance,webhooks"
 MAX_WER = 0.15
 
 

@@ -223,7 +223,7 @@ def test_high_priority_batches_are_transcribed_first(
     normal_jobs = [pipeline.job(tenant, normal, tones(300 + 10 * i)) for i in range(3)]
     high_jobs = [pipeline.job(tenant, high, tones(700 + 10 * i)) for i in range(3)]
     # Prepare both (normal first) with a worker that does not transcribe...
-    with worker(concurrency=1, queues="ingest"):
+    with worker(concurrency=1, queues="ingest.high,ingest"):
         pipeline.submit(normal_jobs, priority="normal")
         pipeline.submit(high_jobs, priority="high")
 

@@ -107,3 +107,21 @@ def test_dispatchers_send_ids_and_small_enums_only(monkeypatch: pytest.MonkeyPat
         seen.add(name)
     # Every task that is not beat-scheduled has a dispatcher exercised here.
     assert seen == set(tasks) - SCHEDULED_ONLY
+
+
+def test_prepare_tasks_go_to_their_priority_ingest_queue(monkeypatch: pytest.MonkeyPatch) -> None:
+    sent: list[str] = []
+
+    def record(self: Celery, name: str, args: Any = None, kwargs: Any = None, **options: Any) -> None:
+        sent.append(options["queue"])
+
+    monkeypatch.setattr(Celery, "send_task", record)
+    import core.dispatch
+    import worker.dispatch
+
+    ids = [uuid.uuid4()]
+    core.dispatch.enqueue_jobs(ids, priority="high")
+    core.dispatch.enqueue_jobs(ids, priority="normal")
+    worker.dispatch.send_prepare(ids, priority="high")
+    worker.dispatch.send_prepare(ids, priority="low")
+    assert sent == [names.QUEUE_INGEST_HIGH, names.QUEUE_INGEST, names.QUEUE_INGEST_HIGH, names.QUEUE_INGEST]
