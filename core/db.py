@@ -1,13 +1,25 @@
-"""Database engine and sessions, created lazily once per process (after a worker forks)."""
+"""Database engine and sessions, created lazily once per process (after a worker forks).
+
+Stale pooled connections (Postgres restarted, connection killed) are found at checkout without a round
+trip: a connection whose socket is readable while idle has been closed by the server (or holds a message
+it sent unasked), and only then — or after `PING_AFTER_IDLE_SECONDS` unused — is it pinged. SQLAlchemy's
+`pool_pre_ping` pinged on every checkout: one extra round trip per transaction, 12-14% of the transcribe
+worker's samples in P1/P2 (docs/benchmarks.md). A connection that still dies mid-statement invalidates
+the whole pool (SQLAlchemy's disconnect handling), and the writes after a paid answer retry through an
+outage (`worker.records.durable`).
+"""
 
 from __future__ import annotations
 
 import os
+import select
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
-from sqlalchemy import Engine, create_engine, text
+from sqlalchemy import Engine, create_engine, event, exc, text
 from sqlalchemy.orm import Session, sessionmaker
 
 from core.settings import get_settings
@@ -17,18 +29,60 @@ _engine_pid: int | None = None
 _sessionmaker: sessionmaker[Session] | None = None
 
 MIGRATIONS_DIR = Path(__file__).resolve().parent.parent / "migrations"
+# A pooled connection unused for longer than this is pinged at checkout (NAT/firewall idle drops send no
+# FIN, so its socket would not look readable).
+PING_AFTER_IDLE_SECONDS = 30.0
+_CHECKED_IN = "voxq_checked_in"
+
+
+def _socket_readable(dbapi_conn: Any) -> bool:
+    """True when the idle connection's socket has something to read: EOF or an unasked server message."""
+    fileno = getattr(dbapi_conn, "fileno", None)
+    if fileno is None:
+        return True  # cannot tell: ping
+    try:
+        poller = select.poll()
+        poller.register(fileno(), select.POLLIN | select.POLLPRI)
+        return bool(poller.poll(0))
+    except Exception:  # a closed connection or a bad descriptor: ping
+        return True
+
+
+def _watch_pool(engine: Engine) -> None:
+    """Ping a pooled connection at checkout only when it may be stale (see the module docstring)."""
+
+    @event.listens_for(engine, "checkin")
+    def _checkin(dbapi_conn: Any, record: Any) -> None:
+        record.info[_CHECKED_IN] = time.monotonic()
+
+    @event.listens_for(engine, "checkout")
+    def _checkout(dbapi_conn: Any, record: Any, proxy: Any) -> None:
+        checked_in = record.info.get(_CHECKED_IN)
+        if checked_in is None:
+            return  # fresh from connect()
+        if time.monotonic() - checked_in < PING_AFTER_IDLE_SECONDS and not _socket_readable(dbapi_conn):
+            return
+        try:
+            alive = engine.dialect.do_ping(dbapi_conn)
+            dbapi_conn.rollback()  # the ping's SELECT opened a transaction; the session starts its own
+        except Exception as error:
+            raise exc.DisconnectionError(f"stale pooled connection: {type(error).__name__}") from error
+        if not alive:
+            raise exc.DisconnectionError("stale pooled connection")
 
 
 def make_engine(url: str, *, pool_size: int = 10) -> Engine:
-    """A new engine with pre-ping (survives a Postgres restart) and short connect timeouts."""
-    return create_engine(
+    """A new engine that survives a Postgres restart (stale connections found at checkout, see above)."""
+    engine = create_engine(
         url,
         pool_size=pool_size,
         max_overflow=pool_size,
-        pool_pre_ping=True,
+        pool_pre_ping=False,
         pool_recycle=1800,
         connect_args={"connect_timeout": 10} if url.startswith("postgresql") else {},
     )
+    _watch_pool(engine)
+    return engine
 
 
 def get_engine() -> Engine:

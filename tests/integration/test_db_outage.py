@@ -106,3 +106,22 @@ def test_a_paid_answer_is_recorded_through_a_postgres_restart(own_postgres: Embe
         assert [(c.usd.normalize(), c.estimated) for c in costs] == [(Decimal("0.012"), False)]
         job_row = s.get(Job, job_id)
         assert job_row is not None and job_row.cost_usd.normalize() == Decimal("0.012")
+
+
+def test_a_pooled_connection_from_before_a_restart_is_replaced_at_checkout(
+    own_postgres: EmbeddedPostgres,
+) -> None:
+    # core.db pings only connections that may be stale (no pre-ping round trip on every checkout): one
+    # the server closed must still be noticed at checkout, not fail the first statement after a restart.
+    from sqlalchemy import text
+
+    from core.db import get_engine
+
+    with session_scope() as s:
+        first = s.execute(text("SELECT pg_backend_pid()")).scalar()
+    assert get_engine().pool.checkedin() == 1  # pooled, idle, well under PING_AFTER_IDLE_SECONDS
+    own_postgres.stop()
+    own_postgres.start()
+    with session_scope() as s:
+        second = s.execute(text("SELECT pg_backend_pid()")).scalar()
+    assert second != first
