@@ -48,9 +48,23 @@ def _lock_and_state(job_id: uuid.UUID) -> tuple[str, str | None, str | None, str
         return job.status, job.error_code, job.error_message, job.priority, followers
 
 
-def job_finished(job_id: uuid.UUID, batch_id: uuid.UUID, *, check_batch: bool = True) -> None:
-    """Resolve followers and finish batches after `job_id` became terminal."""
-    state = _lock_and_state(job_id)
+def job_finished(
+    job_id: uuid.UUID,
+    batch_id: uuid.UUID,
+    *,
+    check_batch: bool = True,
+    succeeded: records.Succeeded | None = None,
+) -> None:
+    """Resolve followers and finish batches after `job_id` became terminal.
+
+    With `succeeded` (what `records.succeed_job` returned: the job succeeded and its followers were read
+    under the dedupe lock in that same transaction) the state is not read again.
+    """
+    state: tuple[str, str | None, str | None, str, list[uuid.UUID]] | None
+    if succeeded is not None:
+        state = (JobStatus.SUCCEEDED.value, None, None, "normal", succeeded.followers)
+    else:
+        state = _lock_and_state(job_id)
     batches = {batch_id} if check_batch else set()
     if state is not None:
         status, code, message, priority, followers = state

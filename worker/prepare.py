@@ -157,8 +157,8 @@ def prepare_one(
                     attempt_id=None,
                     provenance={"reason": "no speech found by the VAD; no provider was called"},
                 )
-                if done:
-                    completion.job_finished(job.id, job.batch_id)
+                if done is not None:
+                    completion.job_finished(job.id, job.batch_id, succeeded=done)
                 report.add("silent")
                 return None
             decision = records.dedupe(

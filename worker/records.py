@@ -729,68 +729,131 @@ def close_attempt(
 
     All in one transaction, together with settling the budget reservation (committed += actual - reserved).
     """
-    ts = now()
-    usd = priced.usd if priced is not None else Decimal(0)
-    billed = priced.billed_audio_seconds if priced is not None else 0.0
+    close = AttemptClose(
+        attempt_id=attempt_id,
+        outcome=outcome,
+        latency_ms=latency_ms,
+        tenant_id=tenant_id,
+        batch_id=batch_id,
+        job_id=job_id,
+        model=model,
+        reserved_usd=reserved_usd,
+        http_status=http_status,
+        error_code=error_code,
+        error_message=error_message,
+        priced=priced,
+        usage=usage,
+        compute_seconds=compute_seconds,
+    )
     with session_scope() as session:
-        session.execute(
-            update(Attempt)
-            .where(Attempt.id == attempt_id)
-            .values(
-                outcome=outcome.value,
-                http_status=http_status,
-                error_code=error_code,
-                error_message=(error_message or "")[:2000] or None,
-                ended_at=ts,
-                latency_ms=latency_ms,
-            )
-        )
-        if priced is not None or compute_seconds is not None:
-            usage_type = getattr(priced, "usage_type", None) or (
-                str(usage.get("type")) if usage and usage.get("type") else "none"
-            )
-            inserted = session.execute(
-                insert(CostRecord)
-                .values(
-                    id=uuid7(),
-                    tenant_id=tenant_id,
-                    batch_id=batch_id,
-                    job_id=job_id,
-                    attempt_id=attempt_id,
-                    model=model,
-                    usage_type=usage_type,
-                    billed_audio_seconds=billed,
-                    input_tokens=getattr(priced, "input_tokens", None),
-                    input_audio_tokens=getattr(priced, "input_audio_tokens", None),
-                    input_text_tokens=getattr(priced, "input_text_tokens", None),
-                    output_tokens=getattr(priced, "output_tokens", None),
-                    compute_seconds=compute_seconds,
-                    unit_prices=dict(priced.unit_prices) if priced is not None else {},
-                    price_table_version=priced.price_table_version if priced is not None else "local",
-                    usd=usd,
-                    estimated=bool(priced.estimated) if priced is not None else False,
-                )
-                .on_conflict_do_nothing(index_elements=[CostRecord.attempt_id])
-                .returning(CostRecord.id)
-            ).first()
-            if inserted is None:
-                # Already charged (an abandoned call's estimate): count it once.
-                usd, billed = Decimal(0), 0.0
-            session.execute(
-                update(Job)
-                .where(Job.id == job_id)
-                .values(cost_usd=Job.cost_usd + usd, billed_seconds=Job.billed_seconds + billed)
-            )
-        if priced is not None or reserved_usd:
+        totals = _close_attempt_in(session, close)
+        if totals.touches_batch:
             _add_batch_totals(
-                session, batch_id, billed_seconds=billed, cost=usd, committed=usd - reserved_usd
+                session, batch_id, billed_seconds=totals.billed, cost=totals.usd, committed=totals.committed
             )
-    metrics.ATTEMPTS.labels(model=model, outcome=outcome.value).inc()
-    if latency_ms is not None:
-        metrics.PROVIDER_LATENCY.labels(model=model).observe(latency_ms / 1000.0)
-    if priced is not None:
-        metrics.AUDIO_BILLED_SECONDS.labels(model=model).inc(billed)
-        metrics.COST_USD.labels(model=model).inc(float(usd))
+    _count_close(close, totals)
+
+
+@dataclass(frozen=True)
+class AttemptClose:
+    """Everything `close_attempt` writes for one attempt (also passed to `succeed_job` to do it there)."""
+
+    attempt_id: uuid.UUID
+    outcome: AttemptOutcome
+    latency_ms: float | None
+    tenant_id: uuid.UUID
+    batch_id: uuid.UUID
+    job_id: uuid.UUID
+    model: str
+    reserved_usd: Decimal = Decimal(0)
+    http_status: int | None = None
+    error_code: str | None = None
+    error_message: str | None = None
+    priced: PricedLike | None = None
+    usage: dict[str, Any] | None = None
+    compute_seconds: float | None = None
+
+
+@dataclass(frozen=True)
+class _CloseTotals:
+    """What closing an attempt adds to its batch's totals."""
+
+    usd: Decimal
+    billed: float
+    committed: Decimal
+    touches_batch: bool
+
+
+def _close_attempt_in(session: Any, c: AttemptClose) -> _CloseTotals:
+    """The attempt's UPDATE, its cost record and the job's totals; the batch's are the caller's to add."""
+    ts = now()
+    usd = c.priced.usd if c.priced is not None else Decimal(0)
+    billed = c.priced.billed_audio_seconds if c.priced is not None else 0.0
+    session.execute(
+        update(Attempt)
+        .where(Attempt.id == c.attempt_id)
+        .values(
+            outcome=c.outcome.value,
+            http_status=c.http_status,
+            error_code=c.error_code,
+            error_message=(c.error_message or "")[:2000] or None,
+            ended_at=ts,
+            latency_ms=c.latency_ms,
+        )
+    )
+    priced, usage = c.priced, c.usage
+    if priced is not None or c.compute_seconds is not None:
+        usage_type = getattr(priced, "usage_type", None) or (
+            str(usage.get("type")) if usage and usage.get("type") else "none"
+        )
+        inserted = session.execute(
+            insert(CostRecord)
+            .values(
+                id=uuid7(),
+                tenant_id=c.tenant_id,
+                batch_id=c.batch_id,
+                job_id=c.job_id,
+                attempt_id=c.attempt_id,
+                model=c.model,
+                usage_type=usage_type,
+                billed_audio_seconds=billed,
+                input_tokens=getattr(priced, "input_tokens", None),
+                input_audio_tokens=getattr(priced, "input_audio_tokens", None),
+                input_text_tokens=getattr(priced, "input_text_tokens", None),
+                output_tokens=getattr(priced, "output_tokens", None),
+                compute_seconds=c.compute_seconds,
+                unit_prices=dict(priced.unit_prices) if priced is not None else {},
+                price_table_version=priced.price_table_version if priced is not None else "local",
+                usd=usd,
+                estimated=bool(priced.estimated) if priced is not None else False,
+            )
+            .on_conflict_do_nothing(index_elements=[CostRecord.attempt_id])
+            .returning(CostRecord.id)
+        ).first()
+        if inserted is None:
+            # Already charged (an abandoned call's estimate): count it once.
+            usd, billed = Decimal(0), 0.0
+        session.execute(
+            update(Job)
+            .where(Job.id == c.job_id)
+            .values(cost_usd=Job.cost_usd + usd, billed_seconds=Job.billed_seconds + billed)
+        )
+    return _CloseTotals(
+        usd=usd,
+        billed=billed,
+        committed=usd - c.reserved_usd,
+        touches_batch=priced is not None or bool(c.reserved_usd),
+    )
+
+
+def _count_close(c: AttemptClose, totals: _CloseTotals) -> None:
+    """Metrics of a closed attempt (after its commit)."""
+    metrics.ATTEMPTS.labels(model=c.model, outcome=c.outcome.value).inc()
+    if c.latency_ms is not None:
+        metrics.PROVIDER_LATENCY.labels(model=c.model).observe(c.latency_ms / 1000.0)
+    if c.priced is not None:
+        metrics.AUDIO_BILLED_SECONDS.labels(model=c.model).inc(totals.billed)
+        metrics.COST_USD.labels(model=c.model).inc(float(totals.usd))
 
 
 @durable
@@ -818,6 +881,17 @@ def save_chunk_result(
         )
 
 
+@dataclass(frozen=True)
+class Succeeded:
+    """A job this call moved to `succeeded`, with its dedupe followers (read under the dedupe lock)."""
+
+    followers: list[uuid.UUID]
+
+
+class _TranscriptExists(Exception):
+    """An earlier run's transcript is already stored: roll this transaction back and look again."""
+
+
 @durable
 def succeed_job(
     job_id: uuid.UUID,
@@ -829,13 +903,42 @@ def succeed_job(
     model: str,
     attempt_id: uuid.UUID | None,
     provenance: dict[str, Any],
-) -> bool:
-    """Write the job's one transcript and move it `processing → succeeded`; True when this call did it."""
-    conditions = _processing_job(job_id, group_id)
+    close: AttemptClose | None = None,
+) -> Succeeded | None:
+    """Write the job's one transcript and move it `processing → succeeded`; None unless this call did it.
+
+    One transaction does what used to take three: with `close`, the answering attempt is closed (cost
+    record, totals) first — committed even when the job's compare-and-set fails, a paid answer is always
+    recorded; then the job's CAS and its transcript; then its dedupe followers are read under the same
+    advisory lock `dedupe` takes (so a follower attached at the last moment is never missed), for
+    `completion.job_finished`. The batch's totals get one UPDATE for both (the batch row is the hot one).
+    """
+    for _ in range(2):
+        try:
+            return _succeed(job_id, group_id, text_, segments, language, model, attempt_id, provenance, close)
+        except _TranscriptExists:
+            continue  # the second pass sees the transcript and only closes the attempt
+    return None
+
+
+def _succeed(
+    job_id: uuid.UUID,
+    group_id: uuid.UUID | None,
+    text_: str,
+    segments: list[dict[str, Any]],
+    language: str | None,
+    model: str,
+    attempt_id: uuid.UUID | None,
+    provenance: dict[str, Any],
+    close: AttemptClose | None,
+) -> Succeeded | None:
+    has_transcript = select(Transcript.id).where(Transcript.job_id == job_id).exists()
+    succeeded: Succeeded | None = None
     with session_scope() as session:
+        totals = _close_attempt_in(session, close) if close is not None else None
         job = session.execute(
             update(Job)
-            .where(*conditions)
+            .where(*_processing_job(job_id, group_id), ~has_transcript)
             .values(
                 status=JobStatus.SUCCEEDED.value,
                 model=model,
@@ -845,33 +948,58 @@ def succeed_job(
                 error_code=None,
                 error_message=None,
             )
-            .returning(Job.tenant_id, Job.batch_id, Job.duration_seconds)
+            .returning(Job.tenant_id, Job.batch_id, Job.duration_seconds, Job.fingerprint)
         ).first()
-        if job is None:
-            return False
-        inserted = session.execute(
-            insert(Transcript)
-            .values(
-                id=uuid7(),
-                tenant_id=job.tenant_id,
-                job_id=job_id,
-                attempt_id=attempt_id,
-                text=text_,
-                language=language,
-                segments=segments,
-                model=model,
-                provenance=provenance,
+        if job is not None:
+            inserted = session.execute(
+                insert(Transcript)
+                .values(
+                    id=uuid7(),
+                    tenant_id=job.tenant_id,
+                    job_id=job_id,
+                    attempt_id=attempt_id,
+                    text=text_,
+                    language=language,
+                    segments=segments,
+                    model=model,
+                    provenance=provenance,
+                )
+                .on_conflict_do_nothing(index_elements=[Transcript.job_id])
+                .returning(Transcript.id)
+            ).first()
+            if inserted is None:
+                # Stored by another run between our CAS and insert: keep that one, undo ours.
+                raise _TranscriptExists()
+            if job.fingerprint:
+                session.execute(
+                    text("SELECT pg_advisory_xact_lock(hashtextextended(:k, 0))"),
+                    {"k": f"{job.tenant_id}:{job.fingerprint}"},
+                )
+            succeeded = Succeeded(
+                followers=list(
+                    session.execute(
+                        select(Job.id).where(
+                            Job.deduplicated_from_id == job_id, Job.status == JobStatus.PROCESSING.value
+                        )
+                    ).scalars()
+                )
             )
-            .on_conflict_do_nothing(index_elements=[Transcript.job_id])
-            .returning(Transcript.id)
-        ).first()
-        if inserted is None:
-            # A transcript already exists (an earlier run wrote it): keep that one, undo nothing else.
-            session.rollback()
-            return False
-        _add_batch_totals(session, job.batch_id, audio_seconds=job.duration_seconds or 0.0)
-    metrics.JOBS_FINISHED.labels(status=JobStatus.SUCCEEDED.value).inc()
-    return True
+        batch_id = job.batch_id if job is not None else close.batch_id if close is not None else None
+        audio_seconds = (job.duration_seconds or 0.0) if job is not None else 0.0
+        if batch_id is not None and (job is not None or (totals is not None and totals.touches_batch)):
+            _add_batch_totals(
+                session,
+                batch_id,
+                audio_seconds=audio_seconds,
+                billed_seconds=totals.billed if totals is not None else 0.0,
+                cost=totals.usd if totals is not None else Decimal(0),
+                committed=totals.committed if totals is not None else Decimal(0),
+            )
+    if close is not None and totals is not None:
+        _count_close(close, totals)
+    if succeeded is not None:
+        metrics.JOBS_FINISHED.labels(status=JobStatus.SUCCEEDED.value).inc()
+    return succeeded
 
 
 @dataclass(frozen=True)

@@ -170,6 +170,9 @@ class Answer:
     language: str | None
     model: str
     attempt_ids: list[uuid.UUID] = field(default_factory=list)
+    # With `run(..., defer_close=True)`: the answering attempt, not yet closed; the caller closes it in
+    # the transaction that stores the transcript (`records.succeed_job(close=...)`) or on its way out.
+    pending_close: records.AttemptClose | None = None
 
 
 @dataclass(frozen=True)
@@ -239,8 +242,11 @@ class ChainRunner:
         *,
         start: int = 0,
         depth: int = 0,
+        defer_close: bool = False,
     ) -> Answer:
         """Transcribe `data` (FLAC, `seconds` long) with the first model of `chain[start:]` that can.
+
+        With `defer_close`, a successful answer's attempt is returned unclosed (`Answer.pending_close`).
 
         When the chain ran out only because circuits were open (a provider outage the fleet already
         noticed), wait for them to half-open and go again, up to `MAX_BLOCKED_ROUNDS` times and never past
@@ -249,7 +255,9 @@ class ChainRunner:
         rounds = 0
         while True:
             try:
-                return await self._run_once(piece, data, seconds, prompt, chain, start=start, depth=depth)
+                return await self._run_once(
+                    piece, data, seconds, prompt, chain, start=start, depth=depth, defer_close=defer_close
+                )
             except _ChainBlocked as blocked:
                 rounds += 1
                 wait = self.settings.circuit_open_seconds * random.uniform(1.0, 1.2)
@@ -268,6 +276,7 @@ class ChainRunner:
         *,
         start: int,
         depth: int,
+        defer_close: bool = False,
     ) -> Answer:
         blocked = False
         invalid: ProviderError | None = None
@@ -323,17 +332,25 @@ class ChainRunner:
                         self._fallback(model, chain, i)
                         i += 1
                         break
-                    await asyncio.to_thread(
-                        records.close_attempt,
-                        attempt_id,
+                    success = records.AttemptClose(
+                        attempt_id=attempt_id,
                         outcome=AttemptOutcome.SUCCESS,
                         priced=priced,
                         usage=usage,
                         http_status=200,
                         **close,
                     )
+                    if not defer_close:
+                        await asyncio.to_thread(records.close_attempt, **vars(success))
                     await self._note(self.circuit.record_success(model))
-                    return Answer(answer.text, answer.segments, answer.language, model, [attempt_id])
+                    return Answer(
+                        answer.text,
+                        answer.segments,
+                        answer.language,
+                        model,
+                        [attempt_id],
+                        pending_close=success if defer_close else None,
+                    )
                 assert err is not None
                 last_error = f"{model}: {err.message}"
                 common: dict[str, Any] = {
@@ -578,6 +595,7 @@ class _Done:
     model: str
     attempt_ids: list[uuid.UUID]
     language: str | None = None
+    pending_close: records.AttemptClose | None = None  # see Answer.pending_close
 
 
 def _stored_result(stored: dict[str, Any] | None) -> _Done | None:
@@ -603,7 +621,8 @@ async def _send_piece(
     """Transcribe one piece through the chain and keep a chunk's result at once (a re-run reuses it)."""
     data = await asyncio.to_thread(_read, rt, piece.object_key)
     prompt = compose_prompt(piece.batch.prompt, previous_text)
-    answer = await runner.run(piece, data, piece.seconds, prompt, chain)
+    # A whole job's answer is closed with its transcript (`records.succeed_job(close=...)`).
+    answer = await runner.run(piece, data, piece.seconds, prompt, chain, defer_close=piece.index is None)
     del data
     mapped = audio.map_segments(
         answer.segments, text=answer.text, offset=piece.offset, duration=piece.seconds, tmap=tmap
@@ -618,7 +637,7 @@ async def _send_piece(
             model=answer.model,
             attempt_id=answer.attempt_ids[-1],
         )
-    return _Done(answer.text, mapped, answer.model, answer.attempt_ids, answer.language)
+    return _Done(answer.text, mapped, answer.model, answer.attempt_ids, answer.language, answer.pending_close)
 
 
 async def _run_wave(
@@ -690,6 +709,12 @@ async def _transcribe_job(
         ):
             await asyncio.to_thread(completion.job_finished, job.id, job.batch_id)
         return ended.status.value
+    except BaseException:
+        # An answered attempt not yet closed with its transcript is closed on any way out.
+        for kept in results.values():
+            if kept.pending_close is not None:
+                await asyncio.to_thread(records.close_attempt, **vars(kept.pending_close))
+        raise
     ordered = [results[position] for position in range(len(pieces))]
     models = [done.model for done in ordered]
     attempt_ids = [a for done in ordered for a in done.attempt_ids]
@@ -714,9 +739,10 @@ async def _transcribe_job(
         model=model,
         attempt_id=attempt_ids[-1] if attempt_ids else None,
         provenance=provenance,
+        close=next((d.pending_close for d in ordered if d.pending_close is not None), None),
     )
-    if done:
-        await asyncio.to_thread(completion.job_finished, job.id, job.batch_id)
+    if done is not None:
+        await asyncio.to_thread(completion.job_finished, job.id, job.batch_id, succeeded=done)
     return JobStatus.SUCCEEDED.value
 
 
