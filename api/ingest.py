@@ -1,14 +1,18 @@
-"""Streaming multipart ingest: each file part goes to S3 while it is hashed, never whole in memory or on disk.
+"""Streaming multipart ingest: each file part is hashed as it arrives, never whole on disk.
 
-A file part is written to a temporary key `{tenant}/incoming/{uuid}` (S3 multipart upload in
-`s3_multipart_chunk_bytes` parts), then probed by reading only what the demuxer needs from S3, then
-server-side copied to its content-addressed key. Any rejection removes everything this request wrote.
-Filenames are data only: they never reach an object key.
+A file that fits in one S3 part (`s3_multipart_chunk_bytes`) is buffered anyway: while the request
+holds at most `HOLD_BYTES_PER_REQUEST` of such files, they stay in memory, are probed there and PUT
+once, straight to their content-addressed key (their SHA-256 is known when the part ends). Any other
+file part is written to a temporary key `{tenant}/incoming/{uuid}` (S3 multipart upload in parts of
+that size, so memory stays bounded whatever the size), probed by reading only what the demuxer needs
+from S3, then server-side copied to its content key. Any rejection removes everything this request
+wrote. Filenames are data only: they never reach an object key.
 """
 
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import unicodedata
 import uuid
@@ -28,7 +32,7 @@ from api.idempotency import HEADER, IdempotencyStore, Outcome, conflict_problem,
 from api.locks import object_locks
 from api.problems import PROBLEM_MEDIA_TYPE, Problem, from_voxq_error
 from core.errors import AudioError, EmptyAudio
-from core.probe import ProbeResult, probe_s3_object
+from core.probe import ProbeResult, probe, probe_s3_object
 from core.settings import get_settings
 from core.storage import Storage, content_key
 
@@ -42,6 +46,8 @@ MAX_FILENAME_CHARS = 1000
 MULTIPART_OVERHEAD_BYTES = 1024 * 1024
 # Files of one request probed and copied at once (S3 round trips, not CPU).
 ACCEPT_PARALLELISM = 8
+# One-part files a request keeps in memory until they are probed and stored (the rest go to S3 at once).
+HOLD_BYTES_PER_REQUEST = 32 * 1024 * 1024
 # Control characters, lone surrogates, and line/paragraph separators (they break logs and CSV exports).
 _DROPPED_CATEGORIES = frozenset({"Cc", "Cs", "Zl", "Zp"})
 
@@ -62,13 +68,14 @@ def incoming_key(tenant_id: uuid.UUID) -> str:
 
 @dataclass
 class ReceivedFile:
-    """One file part as received: where it was written, its size and hash."""
+    """One file part as received: where it was written (or its bytes, when held), its size and hash."""
 
     filename: str | None
     content_type: str | None
     temp_key: str | None
     size: int
     sha256: str
+    data: bytes | None = field(default=None, repr=False)  # held in memory: not written anywhere yet
 
 
 @dataclass
@@ -111,6 +118,7 @@ class _PartWriter:
         self.part_size = get_settings().s3_multipart_chunk_bytes
         self.upload_id: str | None = None
         self.parts: list[dict[str, Any]] = []
+        self.stored = False  # an object exists at `key`
 
     async def write(self, data: bytes) -> None:
         self.size += len(data)
@@ -142,17 +150,21 @@ class _PartWriter:
         )
         self.parts.append({"ETag": answer["ETag"], "PartNumber": number})
 
-    async def finish(self) -> bool:
-        """Complete the object; False when the part was empty (nothing was written)."""
+    async def finish(self, hold_limit: int = 0) -> bytes | None:
+        """Complete the part: its bytes when it fits in one S3 part and `hold_limit` (nothing written),
+        else None after completing the object at `key` (nothing either for an empty part)."""
         if self.storage is None or self.size == 0:
-            return False
+            return None
         assert self.key is not None
         client, bucket, key = self.storage.client, self.storage.bucket, self.key
         if self.upload_id is None:
             body = bytes(self.buffer)
             self.buffer.clear()
+            if len(body) <= hold_limit:
+                return body
             await run_in_threadpool(lambda: client.put_object(Bucket=bucket, Key=key, Body=body))
-            return True
+            self.stored = True
+            return None
         if self.buffer:
             await self._flush_part()
         upload_id, parts = self.upload_id, self.parts
@@ -165,7 +177,8 @@ class _PartWriter:
             )
         )
         self.upload_id = None
-        return True
+        self.stored = True
+        return None
 
     async def abort(self) -> None:
         """Drop whatever was written of this part."""
@@ -248,6 +261,7 @@ async def receive_multipart(
     field_name: str | None = None
     field_value = bytearray()
     in_headers = False
+    held = 0
     try:
         async for chunk in request.stream():
             if not chunk:
@@ -281,15 +295,17 @@ async def receive_multipart(
                         )
                         in_headers = False
                     if writer is not None:
-                        written = await writer.finish()
+                        data = await writer.finish(HOLD_BYTES_PER_REQUEST - held)
+                        held += len(data or b"")
                         filename, ctype = _file_meta(headers)
                         received.files.append(
                             ReceivedFile(
                                 filename=filename,
                                 content_type=ctype,
-                                temp_key=writer.key if written else None,
+                                temp_key=writer.key if writer.stored else None,
                                 size=writer.size,
                                 sha256=writer.sha.hexdigest(),
+                                data=data,
                             )
                         )
                         writer = None
@@ -364,12 +380,16 @@ def discard(storage: Storage, received: Received) -> None:
 
 
 def _probe_one(storage: Storage, tenant_id: uuid.UUID, item: ReceivedFile) -> AcceptedFile:
-    """Probe one received file (still at its temporary key) and name its content key."""
+    """Probe one received file (in memory or at its temporary key) and name its content key."""
     name = item.filename or "a file"
-    if item.size == 0 or item.temp_key is None:
+    if item.size == 0 or (item.temp_key is None and item.data is None):
         raise Problem(400, "empty_file", f"{name} is empty")
     try:
-        result = probe_s3_object(storage.client, storage.bucket, item.temp_key, item.size)
+        if item.data is not None:
+            result = probe(io.BytesIO(item.data))
+        else:
+            assert item.temp_key is not None
+            result = probe_s3_object(storage.client, storage.bucket, item.temp_key, item.size)
     except EmptyAudio as exc:
         raise Problem(400, "empty_audio", f"{name}: {exc.message}") from exc
     except AudioError as exc:
@@ -380,15 +400,24 @@ def _probe_one(storage: Storage, tenant_id: uuid.UUID, item: ReceivedFile) -> Ac
 
 
 def _place(storage: Storage, item: AcceptedFile) -> None:
-    """Copy a file to its content key unless that object exists (same bytes: nothing to do)."""
-    assert item.received.temp_key is not None
-    if storage.head(item.object_key) is None:
+    """Put a file at its content key unless that object exists (same bytes: nothing to do).
+
+    A held file is PUT there once; a file at a temporary key is copied server-side.
+    """
+    if storage.head(item.object_key) is not None:
+        return
+    if item.received.data is not None:
+        storage.upload_bytes(item.received.data, item.object_key)
+    else:
+        assert item.received.temp_key is not None
         storage.copy(item.received.temp_key, item.object_key)
-        item.new_object = True
+    item.new_object = True
 
 
 def _run_all(kind: str, fn: Callable[[Any], T], items: Sequence[Any]) -> list[T]:
     """Run `fn` over `items` in parallel (S3 round trips); results in order, first failure raised."""
+    if len(items) == 1:  # the common one-file request: no pool to start
+        return [fn(items[0])]
     results: list[T] = []
     failure: BaseException | None = None
     with ThreadPoolExecutor(
