@@ -368,15 +368,20 @@ def api_key(tenant_name: str = "bench") -> str:
 
 
 @contextmanager
-def api_server(stack: BenchStack) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
-    """`uvicorn api.main:app` on a free loopback port with the stack's settings: (base URL, process)."""
+def api_server(stack: BenchStack, workers: int = 1) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
+    """`uvicorn api.main:app` on a free loopback port with the stack's settings: (base URL, process).
+
+    With `workers` > 1 uvicorn forks that many server processes behind one socket (the process
+    returned is their supervisor), as a production API on a multi-core host runs.
+    """
     from core.embedded import free_port, wait_for_port
 
     port = free_port()
     log = open(stack.dir / f"api-{port}.log", "wb")  # noqa: SIM115
+    extra = ["--workers", str(workers)] if workers > 1 else []
     proc = subprocess.Popen(
         [sys.executable, "-m", "uvicorn", "api.main:app", "--host", "127.0.0.1", "--port", str(port),
-         "--no-access-log"],
+         "--no-access-log", *extra],
         cwd=REPO_ROOT, env=stack.stack.child_env(), stdout=log, stderr=subprocess.STDOUT,
         start_new_session=True,
     )  # fmt: skip
