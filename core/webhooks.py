@@ -7,7 +7,10 @@ exactly that.
 SSRF guard: a webhook URL must be http(s) and every address its host resolves to must be public —
 private (RFC 1918), loopback, link-local, unique-local (fc00::/7), multicast, reserved and unspecified
 addresses are refused, on the first request and on every redirect hop, unless
-`VOXQ_WEBHOOK_ALLOW_PRIVATE=true` (development, tests).
+`VOXQ_WEBHOOK_ALLOW_PRIVATE=true` (development, tests). `resolve_checked` returns the addresses it
+checked, and delivery (worker.webhooks) connects to exactly those: the host is never resolved a second
+time, so a DNS answer that changes between the check and the connection (DNS rebinding) cannot slip a
+private address in. The resolver is a parameter (default: the system's `getaddrinfo`).
 """
 
 from __future__ import annotations
@@ -17,11 +20,15 @@ import hmac
 import ipaddress
 import socket
 import time
+from collections.abc import Callable
 from urllib.parse import urlsplit
 
 from core.errors import VoxqError
 
 SIGNATURE_HEADER = "X-Voxq-Signature"
+
+# (host, port) -> the addresses it resolves to, in the order to try them.
+Resolver = Callable[[str, int], list[str]]
 
 
 class WebhookRefused(VoxqError):
@@ -70,19 +77,46 @@ def _forbidden(addr: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
     )
 
 
-def check_url(url: str, *, allow_private: bool) -> None:
-    """Raise WebhookRefused unless `url` is http(s) to a host whose every address is public."""
+def system_resolver(host: str, port: int) -> list[str]:
+    """Every address the system resolver gives for `host`, in its order, without duplicates."""
+    out: list[str] = []
+    for info in socket.getaddrinfo(host, port, type=socket.SOCK_STREAM):
+        address = str(info[4][0])
+        if address not in out:
+            out.append(address)
+    return out
+
+
+def _http_url(url: str) -> tuple[str, int]:
     parts = urlsplit(url)
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise WebhookRefused("webhook URL must be an absolute http(s) URL")
-    if allow_private:
-        return
-    host = parts.hostname
+    return parts.hostname, parts.port or (443 if parts.scheme == "https" else 80)
+
+
+def resolve_checked(url: str, *, allow_private: bool, resolver: Resolver | None = None) -> list[str]:
+    """The addresses to connect to for `url`, every one public (unless `allow_private`).
+
+    Raise WebhookRefused for a non-http(s) URL or a host with any non-public address, and
+    WebhookUnresolvable when the host does not resolve.
+    """
+    host, port = _http_url(url)
     try:
-        infos = socket.getaddrinfo(host, parts.port or (443 if parts.scheme == "https" else 80))
+        addresses = (resolver or system_resolver)(host, port)
     except (socket.gaierror, UnicodeError) as exc:
         raise WebhookUnresolvable(f"webhook host {host!r} does not resolve") from exc
-    for info in infos:
-        addr = ipaddress.ip_address(str(info[4][0]).split("%", 1)[0])
-        if _forbidden(addr):
-            raise WebhookRefused(f"webhook host {host!r} resolves to a non-public address")
+    if not addresses:
+        raise WebhookUnresolvable(f"webhook host {host!r} does not resolve")
+    if not allow_private:
+        for address in addresses:
+            if _forbidden(ipaddress.ip_address(address.split("%", 1)[0])):
+                raise WebhookRefused(f"webhook host {host!r} resolves to a non-public address")
+    return addresses
+
+
+def check_url(url: str, *, allow_private: bool, resolver: Resolver | None = None) -> None:
+    """Raise WebhookRefused unless `url` is http(s) to a host whose every address is public."""
+    _http_url(url)
+    if allow_private:
+        return
+    resolve_checked(url, allow_private=False, resolver=resolver)

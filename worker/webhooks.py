@@ -3,8 +3,14 @@
 Each try is one `webhook_deliveries` row (attempt number, HTTP status, error). A 2xx is delivered; any
 other answer or a network error is retried with exponential backoff (1 s, 2 s, 4 s … capped at 10 min, a
 countdown well under the broker's visibility timeout) up to `VOXQ_WEBHOOK_MAX_ATTEMPTS`, then the last row
-is `gave_up`. A URL the SSRF guard refuses (core.webhooks) is recorded `refused` and never retried.
-Redirects are followed by hand (at most 3) so every hop passes the guard.
+is `gave_up`. A URL the SSRF guard refuses (core.webhooks) is recorded `refused` and never retried; a
+host that does not resolve right now is a failed try (retried). Redirects are followed by hand (at most
+3) so every hop passes the guard.
+
+Connections are pinned (`PinnedBackend`): each hop's host is resolved once, by the guard, and the TCP
+connection goes to one of exactly those checked addresses — httpx never resolves the name again, so a
+rebinding DNS answer (public for the check, private for the connection) cannot reach a private address.
+The URL keeps the hostname, so the Host header, TLS SNI and certificate verification are for the name.
 """
 
 from __future__ import annotations
@@ -12,9 +18,11 @@ from __future__ import annotations
 import json
 import logging
 import uuid
+from collections.abc import Iterable
 from dataclasses import dataclass
 from urllib.parse import urljoin
 
+import httpcore
 import httpx
 from sqlalchemy import select, update
 from sqlalchemy.dialects.postgresql import insert
@@ -25,7 +33,14 @@ from core.ids import uuid7
 from core.models import Batch, WebhookDelivery
 from core.settings import get_settings
 from core.statuses import WebhookStatus
-from core.webhooks import SIGNATURE_HEADER, WebhookRefused, check_url, sign
+from core.webhooks import (
+    SIGNATURE_HEADER,
+    Resolver,
+    WebhookRefused,
+    WebhookUnresolvable,
+    resolve_checked,
+    sign,
+)
 from worker import records
 
 log = logging.getLogger(__name__)
@@ -48,6 +63,60 @@ def retry_delay(attempt: int) -> float:
     return float(min(2 ** (attempt - 1), 600))
 
 
+class PinnedBackend(httpcore.NetworkBackend):
+    """Connects a host only to the addresses the SSRF guard checked for it; never resolves a name."""
+
+    def __init__(self, inner: httpcore.NetworkBackend | None = None) -> None:
+        self._inner = inner or httpcore.SyncBackend()
+        self._pins: dict[str, list[str]] = {}
+
+    def pin(self, host: str, addresses: list[str]) -> None:
+        """From now on, connections to `host` go to these addresses (tried in order)."""
+        self._pins[host.lower()] = list(addresses)
+
+    def connect_tcp(
+        self,
+        host: str,
+        port: int,
+        timeout: float | None = None,
+        local_address: str | None = None,
+        socket_options: Iterable[httpcore.SOCKET_OPTION] | None = None,
+    ) -> httpcore.NetworkStream:
+        addresses = self._pins.get(host.lower())
+        if not addresses:
+            raise httpcore.ConnectError(f"no checked address for host {host!r}")
+        error: Exception | None = None
+        for address in addresses:
+            try:
+                return self._inner.connect_tcp(
+                    address, port, timeout=timeout, local_address=local_address, socket_options=socket_options
+                )
+            except (httpcore.ConnectError, httpcore.ConnectTimeout) as exc:
+                error = exc
+        assert error is not None
+        raise error
+
+    def connect_unix_socket(
+        self,
+        path: str,
+        timeout: float | None = None,
+        socket_options: Iterable[httpcore.SOCKET_OPTION] | None = None,
+    ) -> httpcore.NetworkStream:
+        raise httpcore.ConnectError("a unix socket is not a webhook target")
+
+    def sleep(self, seconds: float) -> None:
+        self._inner.sleep(seconds)
+
+
+class PinnedTransport(httpx.HTTPTransport):
+    """httpx's own transport (request/response mapping, error translation) over a pinned pool."""
+
+    def __init__(self, backend: PinnedBackend) -> None:
+        super().__init__()
+        # HTTPTransport has no network-backend option: the same httpcore pool it builds, with ours.
+        self._pool = httpcore.ConnectionPool(ssl_context=httpx.create_ssl_context(), network_backend=backend)
+
+
 def post_guarded(
     url: str,
     body: bytes,
@@ -55,11 +124,18 @@ def post_guarded(
     *,
     allow_private: bool,
     transport: httpx.BaseTransport | None = None,
+    resolver: Resolver | None = None,
+    network_backend: httpcore.NetworkBackend | None = None,
 ) -> httpx.Response:
-    """POST, following redirects by hand so that every hop passes the SSRF guard."""
-    with httpx.Client(timeout=TIMEOUT_SECONDS, follow_redirects=False, transport=transport) as client:
+    """POST, following redirects by hand; every hop passes the SSRF guard and connects only to the
+    addresses the guard checked. `transport` replaces the pinned one (tests without a network)."""
+    backend = PinnedBackend(network_backend)
+    with httpx.Client(
+        timeout=TIMEOUT_SECONDS, follow_redirects=False, transport=transport or PinnedTransport(backend)
+    ) as client:
         for _ in range(MAX_REDIRECTS + 1):
-            check_url(url, allow_private=allow_private)
+            addresses = resolve_checked(url, allow_private=allow_private, resolver=resolver)
+            backend.pin(httpx.URL(url).raw_host.decode("ascii"), addresses)
             response = client.post(url, content=body, headers=headers)
             if response.status_code in (301, 302, 303, 307, 308) and "location" in response.headers:
                 url = urljoin(url, response.headers["location"])
@@ -110,6 +186,9 @@ def deliver(batch_id: uuid.UUID, *, attempt: int) -> DeliveryResult:
         ok = 200 <= response.status_code < 300
         if not ok:
             error = f"HTTP {response.status_code}"
+    except WebhookUnresolvable as exc:
+        ok = False  # DNS may be down right now: a failed try, retried like any other
+        error = exc.message
     except WebhookRefused as exc:
         return _record(delivery_id, WebhookStatus.REFUSED, None, exc.message, None)
     except httpx.HTTPError as exc:

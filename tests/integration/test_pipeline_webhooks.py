@@ -154,3 +154,29 @@ def test_delivery_gives_up_after_the_last_attempt(
     ]
     assert retry_delay(1) < retry_delay(2) < retry_delay(20) == 600
     assert [d.status for d in deliveries(pipeline)] == ["failed", "failed", "gave_up"]
+
+
+def test_delivery_to_a_hostname_goes_to_its_checked_address_and_dns_failure_is_retried(
+    stack: Stack, pipeline: Pipeline, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from core.settings import reset_settings_cache
+    from core.statuses import WebhookStatus
+    from worker.webhooks import deliver
+
+    monkeypatch.setenv("VOXQ_WEBHOOK_ALLOW_PRIVATE", "true")
+    reset_settings_cache()
+    with Receiver(fail_first=0) as receiver:
+        tenant = pipeline.tenant()
+        # A name, not an address: resolved once by the guard, then connected by address (pinned).
+        url = receiver.url.replace("127.0.0.1", "localhost")
+        named = pipeline.batch(tenant, webhook_url=url)
+        delivered = deliver(named, attempt=1)
+        unresolvable = pipeline.batch(tenant, webhook_url="http://hooks.voxq-test.invalid/x")
+        dns_down = deliver(unresolvable, attempt=1)
+    assert delivered.status == WebhookStatus.DELIVERED
+    ((headers, _),) = receiver.received
+    assert headers["Host"] == url.split("/")[2]  # the name, not the address
+    # A host that does not resolve right now is a failed try, retried later (not refused for good).
+    assert (dns_down.status, dns_down.retry_in) == (WebhookStatus.FAILED, 1.0)
+    rows = {d.batch_id: d for d in deliveries(pipeline)}
+    assert "does not resolve" in (rows[unresolvable].error or "")
