@@ -219,6 +219,28 @@ class JobChunk(Base):
     created_at: Mapped[datetime] = _created()
 
 
+class JobAnswer(Base):
+    """A paid provider answer for one piece of a job (the whole file, or one chunk), kept in the same
+    transaction that closes its attempt: any later run of the job (redelivery, sweeper requeue, new group)
+    reuses it instead of paying for the same audio again. `start_seconds`/`end_seconds` are the piece's
+    bounds in trimmed time: an answer is reused only for the same piece of the same plan."""
+
+    __tablename__ = "job_answers"
+    __table_args__ = (UniqueConstraint("job_id", "piece"),)
+
+    id: Mapped[uuid.UUID] = _pk()
+    job_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"))
+    piece: Mapped[str] = mapped_column(String(32))  # "whole" or "chunk:<index>"
+    start_seconds: Mapped[float] = mapped_column(Float)
+    end_seconds: Mapped[float] = mapped_column(Float)
+    text: Mapped[str] = mapped_column(Text)
+    segments: Mapped[list[Any] | None] = mapped_column(JSONB)  # original time
+    language: Mapped[str | None] = mapped_column(String(16))
+    model: Mapped[str] = mapped_column(String(100))
+    attempt_id: Mapped[uuid.UUID | None] = mapped_column(ForeignKey("attempts.id", ondelete="SET NULL"))
+    created_at: Mapped[datetime] = _created()
+
+
 class Attempt(Base):
     """One provider call (hosted or local), written before the call and closed after it."""
 

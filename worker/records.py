@@ -14,8 +14,11 @@ changes are compare-and-set, so a redelivered task cannot write a second transcr
 - After a job becomes terminal, `finish_batch_if_done` counts the batch's non-terminal jobs in a *new*
   transaction (after the job's commit), so of two jobs finishing at once at least the later one sees the
   batch done; the batch's own CAS makes exactly one of them the finisher.
-- The writes that follow a paid provider answer (closing the attempt with its cost, keeping a chunk,
-  ending the job) retry through a short database outage (`durable`, up to a minute): losing them would
+- A paid answer is kept (`job_answers`: text, original-time segments, language, model, attempt) in the
+  transaction that closes its attempt, for the whole file as for each chunk, whatever became of the run
+  (it may have lost its group to a requeue): any later run of the job reuses it instead of calling again.
+- The writes that follow a paid provider answer (closing the attempt with its cost and answer, ending
+  the job) retry through a short database outage (`durable`, up to a minute): losing them would
   mean calling the provider again and paying twice, or leaving a billed call to an estimate.
 """
 
@@ -26,7 +29,7 @@ import logging
 import time
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from typing import Any, ParamSpec, Protocol, TypeVar
@@ -38,7 +41,7 @@ from sqlalchemy.exc import OperationalError
 from core import metrics
 from core.db import session_scope
 from core.ids import uuid7
-from core.models import Attempt, Batch, CostRecord, Group, Job, JobChunk, Transcript
+from core.models import Attempt, Batch, CostRecord, Group, Job, JobAnswer, JobChunk, Transcript
 from core.statuses import (
     JOB_TERMINAL,
     AttemptOutcome,
@@ -594,6 +597,9 @@ class GroupJob:
     speech_seconds: float
     time_map: dict[str, Any]
     chunks: list[dict[str, Any]]  # [{index, object_key, status, text, segments, model, attempt_id}]
+    # Paid answers kept by earlier runs, by piece key: {start_seconds, end_seconds, text, segments,
+    # language, model, attempt_id}
+    answers: dict[str, dict[str, Any]] = field(default_factory=dict)
 
 
 def claim_group(
@@ -628,6 +634,20 @@ def claim_group(
             if ids
             else []
         )
+        answer_rows = (
+            session.execute(select(JobAnswer).where(JobAnswer.job_id.in_(ids))).scalars().all() if ids else []
+        )
+    answers: dict[uuid.UUID, dict[str, dict[str, Any]]] = {}
+    for a in answer_rows:
+        answers.setdefault(a.job_id, {})[a.piece] = {
+            "start_seconds": a.start_seconds,
+            "end_seconds": a.end_seconds,
+            "text": a.text,
+            "segments": a.segments,
+            "language": a.language,
+            "model": a.model,
+            "attempt_id": a.attempt_id,
+        }
     by_job: dict[uuid.UUID, list[dict[str, Any]]] = {}
     for c in chunk_rows:
         by_job.setdefault(c.job_id, []).append(
@@ -650,6 +670,7 @@ def claim_group(
             speech_seconds=r.speech_seconds or 0.0,
             time_map=r.time_map or {},
             chunks=by_job.get(r.id, []),
+            answers=answers.get(r.id, {}),
         )
         for r in rows
     ]
@@ -671,6 +692,90 @@ def finish_group(group_id: uuid.UUID) -> None:
             )
             .values(status=GroupStatus.DONE.value, finished_at=now())
         )
+
+
+def piece_key(index: int | None) -> str:
+    """The `job_answers.piece` of a job's piece: the whole file, or one chunk."""
+    return "whole" if index is None else f"chunk:{index}"
+
+
+# Bounds are stored rounded in the time map; a stored answer is for the same piece within a millisecond.
+_SAME_BOUNDS_SECONDS = 1e-3
+_ANSWER_COLUMNS = ("start_seconds", "end_seconds", "text", "segments", "language", "model", "attempt_id")
+
+
+@dataclass(frozen=True)
+class KeptAnswer:
+    """A paid answer for one piece of a job, as kept in `job_answers`."""
+
+    job_id: uuid.UUID
+    index: int | None  # chunk index; None for the whole file
+    start_seconds: float  # the piece's bounds in trimmed time
+    end_seconds: float
+    text: str
+    segments: list[dict[str, Any]]  # original time
+    language: str | None
+    model: str
+    attempt_id: uuid.UUID
+
+
+def stored_answer(job: GroupJob, index: int | None, start: float, end: float) -> dict[str, Any] | None:
+    """The answer an earlier run kept for this piece (same bounds), if any."""
+    kept = job.answers.get(piece_key(index))
+    if kept is None:
+        return None
+    same = (
+        abs(float(kept["start_seconds"]) - start) <= _SAME_BOUNDS_SECONDS
+        and abs(float(kept["end_seconds"]) - end) <= _SAME_BOUNDS_SECONDS
+    )
+    return kept if same else None
+
+
+def _keep_answer(session: Any, answer: KeptAnswer) -> None:
+    """Store a paid answer (the first one for a piece wins; one for a re-planned piece replaces it)."""
+    stmt = insert(JobAnswer).values(
+        id=uuid7(),
+        job_id=answer.job_id,
+        piece=piece_key(answer.index),
+        start_seconds=answer.start_seconds,
+        end_seconds=answer.end_seconds,
+        text=answer.text,
+        segments=answer.segments,
+        language=answer.language,
+        model=answer.model,
+        attempt_id=answer.attempt_id,
+    )
+    session.execute(
+        stmt.on_conflict_do_update(
+            index_elements=[JobAnswer.job_id, JobAnswer.piece],
+            set_={c: getattr(stmt.excluded, c) for c in _ANSWER_COLUMNS},
+            where=or_(
+                func.abs(JobAnswer.start_seconds - stmt.excluded.start_seconds) > _SAME_BOUNDS_SECONDS,
+                func.abs(JobAnswer.end_seconds - stmt.excluded.end_seconds) > _SAME_BOUNDS_SECONDS,
+            ),
+        )
+    )
+    if answer.index is not None:
+        session.execute(
+            update(JobChunk)
+            .where(JobChunk.job_id == answer.job_id, JobChunk.index == answer.index)
+            .values(
+                status=ChunkStatus.SUCCEEDED.value,
+                text=answer.text,
+                segments=answer.segments,
+                model=answer.model,
+                attempt_id=answer.attempt_id,
+            )
+        )
+
+
+@durable
+def keep_answer(answer: KeptAnswer) -> None:
+    """Keep an answer assembled from several calls (a piece split after a 413): each call is already
+    closed with its cost; this makes the whole piece reusable by a later run."""
+    with session_scope() as session:
+        if session.execute(select(Job.deleted_at).where(Job.id == answer.job_id)).scalar() is None:
+            _keep_answer(session, answer)
 
 
 def open_attempt(
@@ -724,10 +829,13 @@ def close_attempt(
     priced: PricedLike | None = None,
     usage: dict[str, Any] | None = None,
     compute_seconds: float | None = None,
+    answer: KeptAnswer | None = None,
 ) -> None:
     """Close an attempt; for a billed answer write its cost record and add it to job and batch totals.
 
-    All in one transaction, together with settling the budget reservation (committed += actual - reserved).
+    All in one transaction, together with settling the budget reservation (committed += actual - reserved)
+    and keeping `answer` (the paid transcript of the piece) for any later run of the job, whatever became
+    of this run (a deleted job's answer is not kept).
     """
     close = AttemptClose(
         attempt_id=attempt_id,
@@ -744,6 +852,7 @@ def close_attempt(
         priced=priced,
         usage=usage,
         compute_seconds=compute_seconds,
+        answer=answer,
     )
     with session_scope() as session:
         totals = _close_attempt_in(session, close)
@@ -772,6 +881,7 @@ class AttemptClose:
     priced: PricedLike | None = None
     usage: dict[str, Any] | None = None
     compute_seconds: float | None = None
+    answer: KeptAnswer | None = None  # the paid answer, kept in the same transaction
 
 
 @dataclass(frozen=True)
@@ -833,11 +943,14 @@ def _close_attempt_in(session: Any, c: AttemptClose) -> _CloseTotals:
         if inserted is None:
             # Already charged (an abandoned call's estimate): count it once.
             usd, billed = Decimal(0), 0.0
-        session.execute(
+        job = session.execute(
             update(Job)
             .where(Job.id == c.job_id)
             .values(cost_usd=Job.cost_usd + usd, billed_seconds=Job.billed_seconds + billed)
-        )
+            .returning(Job.deleted_at)
+        ).first()
+        if c.answer is not None and job is not None and job.deleted_at is None:
+            _keep_answer(session, c.answer)
     return _CloseTotals(
         usd=usd,
         billed=billed,

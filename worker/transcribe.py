@@ -16,14 +16,16 @@ and "every chunk prompted with the previous tail" cannot both hold. `plan_waves`
 - `sequential`: one chunk after another, every seam prompted; latency = one round trip per chunk.
 - `none`: every chunk at once, batch prompt only; one round trip, no context across seams.
 
-A chunk already transcribed by an earlier run (kept in `job_chunks`) is never sent again; its text prompts
-its successor (a run of pending chunks after it starts in wave 1 with that tail). Each chunk's result is
-saved as soon as it arrives, so a killed run resumes without paying again. At most `CHUNKS_AT_ONCE`
-chunks of one job are read and sent at a time (a chunk's FLAC is held in memory while it is sent), so a
-6-hour file does not hold 18 chunks at once; past twice `CHUNKS_AT_ONCE` chunks a wave takes more than one
-round trip. The process's in-flight semaphore bounds every call as before. When one chunk ends the job
-(failure, skip, hand-off to `local`, or an unexpected error), its siblings start no new call, the calls
-already in flight are awaited and closed like any other (answers saved), and the job ends once.
+Every paid answer (whole file or chunk) is kept in `job_answers` by the transaction that closes its
+attempt, even when this run has meanwhile lost its job (the sweeper requeued it): a piece with a kept
+answer is never sent again by any later run of the job (nor a chunk kept in `job_chunks` by this run);
+its text prompts its successor (a run of pending chunks after it starts in wave 1 with that tail).
+At most `CHUNKS_AT_ONCE` chunks of one job are read and sent at a time (a chunk's FLAC is held in
+memory while it is sent), so a 6-hour file does not hold 18 chunks at once; past twice `CHUNKS_AT_ONCE`
+chunks a wave takes more than one round trip. The process's in-flight semaphore bounds every call as
+before. When one chunk ends the job (failure, skip, hand-off to `local`, or an unexpected error), its
+siblings start no new call, the calls already in flight are awaited and closed like any other (answers
+kept), and the job ends once.
 Stitching: texts joined in chunk order, segments mapped to original time, provenance in chunk order.
 
 For each piece of audio the chain (`batch.models` or `VOXQ_PRIMARY_MODEL` + `VOXQ_FALLBACK_MODELS`) is:
@@ -173,6 +175,7 @@ class Answer:
     # With `run(..., defer_close=True)`: the answering attempt, not yet closed; the caller closes it in
     # the transaction that stores the transcript (`records.succeed_job(close=...)`) or on its way out.
     pending_close: records.AttemptClose | None = None
+    kept: bool = False  # stored in `job_answers` with the close of its attempt (see `_kept`)
 
 
 @dataclass(frozen=True)
@@ -316,6 +319,7 @@ class ChainRunner:
                     usage = answer.extra_usage
                     if not answer.text.strip():
                         outcome = AttemptOutcome.FALLBACK if has_next else AttemptOutcome.SUCCESS
+                        kept = None if has_next else _kept(piece, answer, attempt_id, depth)
                         await asyncio.to_thread(
                             records.close_attempt,
                             attempt_id,
@@ -324,20 +328,23 @@ class ChainRunner:
                             usage=usage,
                             http_status=200,
                             error_code="empty_transcript" if has_next else None,
+                            answer=kept,
                             **close,
                         )
                         await self._note(self.circuit.record_success(model))
-                        empty = Answer("", None, answer.language, model, [attempt_id])
+                        empty = Answer("", None, answer.language, model, [attempt_id], kept=kept is not None)
                         last_error = f"{model}: empty transcript"
                         self._fallback(model, chain, i)
                         i += 1
                         break
+                    kept = _kept(piece, answer, attempt_id, depth)
                     success = records.AttemptClose(
                         attempt_id=attempt_id,
                         outcome=AttemptOutcome.SUCCESS,
                         priced=priced,
                         usage=usage,
                         http_status=200,
+                        answer=kept,
                         **close,
                     )
                     if not defer_close:
@@ -350,6 +357,7 @@ class ChainRunner:
                         model,
                         [attempt_id],
                         pending_close=success if defer_close else None,
+                        kept=kept is not None,
                     )
                 assert err is not None
                 last_error = f"{model}: {err.message}"
@@ -559,6 +567,31 @@ class _RawAnswer(Answer):
     extra_usage: dict[str, Any] | None = None
 
 
+def _kept(piece: Piece, answer: Answer, attempt_id: uuid.UUID, depth: int) -> records.KeptAnswer | None:
+    """The piece's answer as kept with the close of its attempt (not a half of a split piece: the
+    assembled answer of those is kept once both halves are in)."""
+    if depth:
+        return None
+    return _kept_answer(piece, answer, attempt_id)
+
+
+def _kept_answer(piece: Piece, answer: Answer, attempt_id: uuid.UUID) -> records.KeptAnswer:
+    tmap = audio.TimeMap.from_json(piece.job.time_map)
+    return records.KeptAnswer(
+        job_id=piece.job.id,
+        index=piece.index,
+        start_seconds=piece.offset,
+        end_seconds=piece.offset + piece.seconds,
+        text=answer.text,
+        segments=audio.map_segments(
+            answer.segments, text=answer.text, offset=piece.offset, duration=piece.seconds, tmap=tmap
+        ),
+        language=answer.language,
+        model=answer.model,
+        attempt_id=attempt_id,
+    )
+
+
 def _read(rt: Runtime, key: str) -> bytes:
     return b"".join(rt.storage.iter_chunks(key))
 
@@ -598,6 +631,20 @@ class _Done:
     pending_close: records.AttemptClose | None = None  # see Answer.pending_close
 
 
+def _kept_result(job: records.GroupJob, piece: Piece) -> _Done | None:
+    """A piece an earlier run of this job paid for (kept in `job_answers`), or None."""
+    kept = records.stored_answer(job, piece.index, piece.offset, piece.offset + piece.seconds)
+    if kept is None:
+        return None
+    return _Done(
+        kept["text"],
+        kept["segments"] or [],
+        kept["model"],
+        [kept["attempt_id"]] if kept["attempt_id"] else [],
+        kept["language"],
+    )
+
+
 def _stored_result(stored: dict[str, Any] | None) -> _Done | None:
     """A chunk transcribed by an earlier run (kept in `job_chunks`), or None."""
     if stored is None or stored["status"] != ChunkStatus.SUCCEEDED.value:
@@ -618,7 +665,7 @@ async def _send_piece(
     chain: list[str],
     tmap: audio.TimeMap,
 ) -> _Done:
-    """Transcribe one piece through the chain and keep a chunk's result at once (a re-run reuses it)."""
+    """Transcribe one piece through the chain (its answer is kept at once: a later run reuses it)."""
     data = await asyncio.to_thread(_read, rt, piece.object_key)
     prompt = compose_prompt(piece.batch.prompt, previous_text)
     # A whole job's answer is closed with its transcript (`records.succeed_job(close=...)`).
@@ -627,16 +674,8 @@ async def _send_piece(
     mapped = audio.map_segments(
         answer.segments, text=answer.text, offset=piece.offset, duration=piece.seconds, tmap=tmap
     )
-    if piece.index is not None:
-        await asyncio.to_thread(
-            records.save_chunk_result,
-            piece.job.id,
-            piece.index,
-            text_=answer.text,
-            segments=mapped,
-            model=answer.model,
-            attempt_id=answer.attempt_ids[-1],
-        )
+    if not answer.kept:  # assembled from a split piece's halves: keep the whole piece now
+        await asyncio.to_thread(records.keep_answer, _kept_answer(piece, answer, answer.attempt_ids[-1]))
     return _Done(answer.text, mapped, answer.model, answer.attempt_ids, answer.language, answer.pending_close)
 
 
@@ -689,7 +728,7 @@ async def _transcribe_job(
     results: dict[int, _Done] = {}
     for position, (piece, stored) in enumerate(pieces_of(job, batch)):
         pieces.append(replace(piece, halt=halt))
-        kept = _stored_result(stored)
+        kept = _kept_result(job, piece) or _stored_result(stored)
         if kept is not None:
             results[position] = kept
     try:

@@ -23,7 +23,7 @@ from api.problems import COMMON_PROBLEMS, UPLOAD_PROBLEMS, Problem
 from api.schemas import AttemptList, AttemptOut, BatchOptions, JobOut, TranscriptFormat
 from api.transcripts import render
 from core.db import session_scope
-from core.models import Attempt, CostRecord, Job, JobChunk, Transcript
+from core.models import Attempt, CostRecord, Job, JobAnswer, JobChunk, Transcript
 from core.statuses import JOB_TERMINAL, JobStatus
 from core.storage import Storage
 
@@ -240,6 +240,7 @@ def _delete_job_locked(job_id: uuid.UUID, tenant: TenantContext, storage: Storag
                 update(Job).where(Job.id == job.id).values(status=JobStatus.CANCELLED.value, finished_at=now)
             )
         session.execute(delete(Transcript).where(Transcript.job_id == job.id))
+        session.execute(delete(JobAnswer).where(JobAnswer.job_id == job.id))  # kept paid answers: text too
         chunk_keys = [
             k for k in session.scalars(select(JobChunk.object_key).where(JobChunk.job_id == job.id)) if k
         ]

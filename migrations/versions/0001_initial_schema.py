@@ -1,4 +1,5 @@
-"""Initial schema: tenants, keys, batches, jobs, groups, chunks, attempts, transcripts, costs, webhooks.
+"""Initial schema: tenants, keys, batches, jobs, groups, chunks, answers, attempts, transcripts, costs,
+webhooks.
 
 Revision ID: 0001
 Revises:
@@ -314,6 +315,31 @@ def upgrade() -> None:
         "ix_cost_records_tenant_id_created_at", "cost_records", ["tenant_id", "created_at"], unique=False
     )
     op.create_table(
+        "job_answers",
+        sa.Column("id", sa.UUID(), nullable=False),
+        sa.Column("job_id", sa.UUID(), nullable=False),
+        sa.Column("piece", sa.String(length=32), nullable=False),
+        sa.Column("start_seconds", sa.Float(), nullable=False),
+        sa.Column("end_seconds", sa.Float(), nullable=False),
+        sa.Column("text", sa.Text(), nullable=False),
+        sa.Column("segments", postgresql.JSONB(astext_type=sa.Text()), nullable=True),
+        sa.Column("language", sa.String(length=16), nullable=True),
+        sa.Column("model", sa.String(length=100), nullable=False),
+        sa.Column("attempt_id", sa.UUID(), nullable=True),
+        sa.Column("created_at", sa.DateTime(timezone=True), server_default=sa.text("now()"), nullable=False),
+        sa.ForeignKeyConstraint(
+            ["attempt_id"],
+            ["attempts.id"],
+            name=op.f("fk_job_answers_attempt_id_attempts"),
+            ondelete="SET NULL",
+        ),
+        sa.ForeignKeyConstraint(
+            ["job_id"], ["jobs.id"], name=op.f("fk_job_answers_job_id_jobs"), ondelete="CASCADE"
+        ),
+        sa.PrimaryKeyConstraint("id", name=op.f("pk_job_answers")),
+        sa.UniqueConstraint("job_id", "piece", name=op.f("uq_job_answers_job_id_piece")),
+    )
+    op.create_table(
         "transcripts",
         sa.Column("id", sa.UUID(), nullable=False),
         sa.Column("tenant_id", sa.UUID(), nullable=False),
@@ -344,6 +370,7 @@ def upgrade() -> None:
 
 def downgrade() -> None:
     op.drop_table("transcripts")
+    op.drop_table("job_answers")
     op.drop_index("ix_cost_records_tenant_id_created_at", table_name="cost_records")
     op.drop_index(op.f("ix_cost_records_job_id"), table_name="cost_records")
     op.drop_index(op.f("ix_cost_records_batch_id"), table_name="cost_records")
