@@ -245,7 +245,10 @@ class Attempt(Base):
     """One provider call (hosted or local), written before the call and closed after it."""
 
     __tablename__ = "attempts"
-    __table_args__ = (Index("ix_attempts_model_outcome", "model", "outcome"),)
+    __table_args__ = (
+        Index("ix_attempts_model_outcome", "model", "outcome"),
+        Index("ix_attempts_settlement", "settlement"),
+    )
 
     id: Mapped[uuid.UUID] = _pk()
     tenant_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("tenants.id", ondelete="CASCADE"))
@@ -264,6 +267,9 @@ class Attempt(Base):
     started_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
     ended_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     latency_ms: Mapped[float | None] = mapped_column(Float)
+    # For an abandoned hosted call charged an estimate (core/billing.py): unsettled | billed | not_billed
+    settlement: Mapped[str | None] = mapped_column(String(20))
+    settled_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
 
 
 class Transcript(Base):

@@ -62,6 +62,14 @@ class AttemptOutcome(StrEnum):
     ABANDONED = "abandoned"  # its worker died; the sweeper closed it
 
 
+class Settlement(StrEnum):
+    """Where an abandoned hosted call's bill stands (see core/billing.py); NULL for a call closed normally."""
+
+    UNSETTLED = "unsettled"  # an estimate is charged; the provider's export will tell
+    BILLED = "billed"  # the provider billed it: its cost record holds the exact usage
+    NOT_BILLED = "not_billed"  # absent from an export covering the call: no cost record
+
+
 class WebhookStatus(StrEnum):
     """Outcome of one webhook delivery attempt."""
 

@@ -49,6 +49,7 @@ from core.statuses import (
     ChunkStatus,
     GroupStatus,
     JobStatus,
+    Settlement,
 )
 
 TERMINAL_VALUES = tuple(s.value for s in JOB_TERMINAL)
@@ -892,25 +893,33 @@ class _CloseTotals:
     billed: float
     committed: Decimal
     touches_batch: bool
+    late: bool = False  # a late answer: the totals moved by a difference, the metrics count the answer
 
 
 def _close_attempt_in(session: Any, c: AttemptClose) -> _CloseTotals:
     """The attempt's UPDATE, its cost record and the job's totals; the batch's are the caller's to add."""
-    ts = now()
     usd = c.priced.usd if c.priced is not None else Decimal(0)
     billed = c.priced.billed_audio_seconds if c.priced is not None else 0.0
-    session.execute(
+    values = {
+        "outcome": c.outcome.value,
+        "http_status": c.http_status,
+        "error_code": c.error_code,
+        "error_message": (c.error_message or "")[:2000] or None,
+        "ended_at": now(),
+        "latency_ms": c.latency_ms,
+    }
+    # Compare-and-set against the sweeper: an attempt it already abandoned (and charged an estimate) is
+    # closed by `_close_late`, which puts the truth in place of the estimate.
+    closed = session.execute(
         update(Attempt)
-        .where(Attempt.id == c.attempt_id)
-        .values(
-            outcome=c.outcome.value,
-            http_status=c.http_status,
-            error_code=c.error_code,
-            error_message=(c.error_message or "")[:2000] or None,
-            ended_at=ts,
-            latency_ms=c.latency_ms,
-        )
-    )
+        .where(Attempt.id == c.attempt_id, Attempt.outcome != AttemptOutcome.ABANDONED.value)
+        .values(**values)
+        .returning(Attempt.id)
+    ).first()
+    if closed is None:
+        late = _close_late(session, c, values)
+        if late is not None:
+            return late
     priced, usage = c.priced, c.usage
     if priced is not None or c.compute_seconds is not None:
         usage_type = getattr(priced, "usage_type", None) or (
@@ -959,14 +968,55 @@ def _close_attempt_in(session: Any, c: AttemptClose) -> _CloseTotals:
     )
 
 
+def _close_late(session: Any, c: AttemptClose, values: dict[str, Any]) -> _CloseTotals | None:
+    """Close an attempt the sweeper abandoned (its worker looked dead) with the answer that came after all.
+
+    A priced answer replaces the estimate with the exact cost, an HTTP error answer (never billed) removes
+    it, and only the difference moves the job's and batch's totals; the dead worker's budget reservation
+    was already turned into the estimate by the sweeper (`core.billing.charge_estimate`), so committed
+    moves by the same difference. A transport error tells nothing about the bill: the estimate stays,
+    unsettled, for `voxq billing settle`. None: not such a case (no row, or a local attempt).
+    """
+    from core import billing
+
+    row = session.execute(
+        update(Attempt).where(Attempt.id == c.attempt_id).values(**values).returning(Attempt.id)
+    ).first()
+    if row is None or c.compute_seconds is not None:
+        return None
+    if c.priced is None and c.http_status is None:
+        return _CloseTotals(usd=Decimal(0), billed=0.0, committed=Decimal(0), touches_batch=False)
+    delta = billing.rebill(
+        session,
+        attempt_id=c.attempt_id,
+        tenant_id=c.tenant_id,
+        batch_id=c.batch_id,
+        job_id=c.job_id,
+        model=c.model,
+        priced=c.priced,
+        settlement=Settlement.BILLED if c.priced is not None else Settlement.NOT_BILLED,
+    )
+    if (
+        c.answer is not None
+        and session.execute(select(Job.id).where(Job.id == c.job_id, Job.deleted_at.is_(None))).first()
+    ):
+        _keep_answer(session, c.answer)
+    return _CloseTotals(
+        usd=delta.usd, billed=delta.billed_seconds, committed=delta.usd, touches_batch=True, late=True
+    )
+
+
 def _count_close(c: AttemptClose, totals: _CloseTotals) -> None:
     """Metrics of a closed attempt (after its commit)."""
     metrics.ATTEMPTS.labels(model=c.model, outcome=c.outcome.value).inc()
     if c.latency_ms is not None:
         metrics.PROVIDER_LATENCY.labels(model=c.model).observe(c.latency_ms / 1000.0)
     if c.priced is not None:
-        metrics.AUDIO_BILLED_SECONDS.labels(model=c.model).inc(totals.billed)
-        metrics.COST_USD.labels(model=c.model).inc(float(totals.usd))
+        # Counters only go up: a late answer counts what it billed (the sweeper's estimate never was).
+        billed = c.priced.billed_audio_seconds if totals.late else totals.billed
+        usd = c.priced.usd if totals.late else totals.usd
+        metrics.AUDIO_BILLED_SECONDS.labels(model=c.model).inc(max(billed, 0.0))
+        metrics.COST_USD.labels(model=c.model).inc(max(float(usd), 0.0))
 
 
 @durable
@@ -1188,29 +1238,3 @@ def batches_of(job_ids: list[uuid.UUID]) -> set[uuid.UUID]:
         return set()
     with session_scope() as session:
         return set(session.execute(select(Job.batch_id).where(Job.id.in_(job_ids))).scalars())
-
-
-def charge_abandoned(
-    attempt_id: uuid.UUID, *, tenant_id: uuid.UUID, job_id: uuid.UUID, model: str, audio_seconds: float
-) -> None:
-    """Record an estimated cost for a hosted call whose worker died waiting: it may have been billed."""
-    from core.pricing import price_attempt
-
-    with session_scope() as session:
-        batch_id = session.execute(select(Job.batch_id).where(Job.id == job_id)).scalar()
-    if batch_id is None:
-        return
-    priced = price_attempt(model, None, audio_seconds)
-    priced.estimated = True
-    close_attempt(
-        attempt_id,
-        outcome=AttemptOutcome.ABANDONED,
-        latency_ms=None,
-        tenant_id=tenant_id,
-        batch_id=batch_id,
-        job_id=job_id,
-        model=model,
-        error_code="worker_lost",
-        error_message="the worker died during the call; cost estimated from the audio's duration",
-        priced=priced,
-    )

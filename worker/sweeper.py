@@ -8,10 +8,18 @@
   (e.g. the task failed while Postgres was down and was acked): `prepare` is sent again.
 - Attempts still `pending` for a job whose run the sweeper just ended, or hosted ones pending for more
   than twice the provider timeout (the row is written when the call starts, so no live call is that old;
-  local ones: the task time limit), become `abandoned`. A late answer from a call thought dead still
-  closes its attempt with the real outcome. The provider may have billed an abandoned hosted call
-  (its worker died waiting for the answer), so each gets a cost record estimated from its duration and
-  marked `estimated`: the bill may be slightly high, never silently low.
+  local ones: the task time limit), become `abandoned` — by compare-and-set on `pending`, so an attempt
+  its worker closed first is left alone.
+
+Billing of an abandoned hosted call (decision; core/billing.py has the whole story): whether the provider
+billed it is unknowable here — it may have answered and billed just before the worker died (the
+two-generals window between the provider's bill and our commit). So, in the same transaction as the
+abandon, it is charged a conservative estimate (list price x duration, `estimated`, the attempt marked
+`settlement = unsettled`): budgets stay safe, the bill may be high for a while but never silently low.
+The truth replaces the estimate later, adding only the difference to the totals: a late answer from a
+worker that was alive after all (`records.close_attempt`), or `voxq billing settle` against the
+provider's per-request usage export (billed: exact cost; absent from an export covering the call:
+estimate removed, attempt stays `abandoned`, marked `not_billed`).
 All in a few set-based statements; `FOR UPDATE SKIP LOCKED` lets two sweepers run without stepping on
 each other.
 """
@@ -25,6 +33,7 @@ from typing import Any
 
 from sqlalchemy import and_, or_, select, update
 
+from core import billing
 from core.db import session_scope
 from core.models import Attempt, Job
 from core.settings import get_settings
@@ -39,6 +48,13 @@ _ABANDONED_COLUMNS = (
     Attempt.provider,
     Attempt.audio_seconds,
 )
+
+
+_ABANDON = {
+    "outcome": AttemptOutcome.ABANDONED.value,
+    "error_code": "worker_lost",
+    "error_message": "the worker died during the call; cost estimated until settled",
+}
 
 
 @dataclass
@@ -109,7 +125,7 @@ def sweep(*, limit: int = 1000) -> SweepReport:
             abandoned += session.execute(
                 update(Attempt)
                 .where(Attempt.job_id.in_(ended), Attempt.outcome == AttemptOutcome.PENDING.value)
-                .values(outcome=AttemptOutcome.ABANDONED.value, ended_at=ts, error_code="worker_lost")
+                .values(**_ABANDON, ended_at=ts)
                 .returning(*_ABANDONED_COLUMNS)
             ).all()
         # A hosted attempt is written when its call starts, so one pending past twice the provider timeout
@@ -125,19 +141,21 @@ def sweep(*, limit: int = 1000) -> SweepReport:
                     Attempt.started_at < local_stale,
                 ),
             )
-            .values(outcome=AttemptOutcome.ABANDONED.value, ended_at=ts, error_code="worker_lost")
+            .values(**_ABANDON, ended_at=ts)
             .returning(*_ABANDONED_COLUMNS)
         ).all()
+        # The estimate is charged with the abandon, in one transaction: a late answer (which locks the
+        # attempt row) finds either a pending attempt or an abandoned one with its estimate, never between.
+        for a in abandoned:
+            if a.provider != "local" and a.job_id is not None:
+                billing.charge_estimate(
+                    session,
+                    attempt_id=a.id,
+                    job_id=a.job_id,
+                    model=a.model,
+                    audio_seconds=a.audio_seconds or 0.0,
+                )
     report.abandoned_attempts = len(abandoned)
-    for a in abandoned:
-        if a.provider != "local" and a.job_id is not None:
-            records.charge_abandoned(
-                a.id,
-                tenant_id=a.tenant_id,
-                job_id=a.job_id,
-                model=a.model,
-                audio_seconds=a.audio_seconds or 0.0,
-            )
     for r in give_up:
         if records.end_job(
             r.id,

@@ -15,6 +15,7 @@ SUBCOMMAND_MODULES = (
     "core.cli.demo",
     "core.cli.client_commands",
     "core.cli.ops",
+    "core.cli.billing",
 )
 
 

@@ -241,6 +241,8 @@ def upgrade() -> None:
         sa.Column("started_at", sa.DateTime(timezone=True), server_default=sa.text("now()"), nullable=False),
         sa.Column("ended_at", sa.DateTime(timezone=True), nullable=True),
         sa.Column("latency_ms", sa.Float(), nullable=True),
+        sa.Column("settlement", sa.String(length=20), nullable=True),
+        sa.Column("settled_at", sa.DateTime(timezone=True), nullable=True),
         sa.ForeignKeyConstraint(
             ["job_id"], ["jobs.id"], name=op.f("fk_attempts_job_id_jobs"), ondelete="SET NULL"
         ),
@@ -251,6 +253,7 @@ def upgrade() -> None:
     )
     op.create_index(op.f("ix_attempts_job_id"), "attempts", ["job_id"], unique=False)
     op.create_index("ix_attempts_model_outcome", "attempts", ["model", "outcome"], unique=False)
+    op.create_index("ix_attempts_settlement", "attempts", ["settlement"], unique=False)
     op.create_table(
         "job_chunks",
         sa.Column("id", sa.UUID(), nullable=False),
@@ -376,6 +379,7 @@ def downgrade() -> None:
     op.drop_index(op.f("ix_cost_records_batch_id"), table_name="cost_records")
     op.drop_table("cost_records")
     op.drop_table("job_chunks")
+    op.drop_index("ix_attempts_settlement", table_name="attempts")
     op.drop_index("ix_attempts_model_outcome", table_name="attempts")
     op.drop_index(op.f("ix_attempts_job_id"), table_name="attempts")
     op.drop_table("attempts")

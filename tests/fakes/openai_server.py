@@ -29,7 +29,7 @@ longest audio gpt-4o models accept (400 above it; 1400 s like OpenAI).
 Admin endpoints: POST /_fake/reset; POST /_fake/seed {"seed"}; POST /_fake/config {"max_file_bytes",
 "max_audio_seconds", "models": {id: shutdown_date}}; GET|POST /_fake/models/{model} (ModelBehaviour
 fields, plus "exhaust_quota_after"); POST /_fake/models/{model}/script [fault, ...] (a kind name or
-a Fault as a dict); GET /_fake/billing; GET /_fake/requests.
+a Fault as a dict); GET /_fake/billing[?since=&until=] (Unix seconds of billing); GET /_fake/requests.
 
 Run in-process: `fake = FakeOpenAI().start(); fake.base_url  # http://127.0.0.1:N/v1; fake.stop()`.
 Run alone: `python -m tests.fakes.openai_server --port N`.
@@ -873,7 +873,14 @@ class FakeOpenAI:
         return JSONResponse({"ok": True})
 
     async def _admin_billing(self, request: Request) -> Response:
-        return JSONResponse(self.billing_log())
+        """The billing log, like a provider's per-request usage export; `?since=&until=` (Unix seconds)
+        keep the requests billed in that range."""
+        try:
+            since = float(request.query_params.get("since", "-inf"))
+            until = float(request.query_params.get("until", "inf"))
+        except ValueError:
+            return JSONResponse({"error": "since and until are Unix timestamps"}, status_code=400)
+        return JSONResponse([e for e in self.billing_log() if since <= e["ts"] <= until])
 
     async def _admin_requests(self, request: Request) -> Response:
         return JSONResponse(self.request_log())
