@@ -9,6 +9,7 @@ routers use `SessionRoute`: a sync endpoint's request session is closed in the e
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import inspect
 import time
@@ -132,19 +133,38 @@ class KeyCache:
 
 
 _key_cache = KeyCache()
+# Lookups in progress by key hash: concurrent misses for one key share one lookup (a client fleet
+# using one key would otherwise all queue on the same api_keys row's last_used_at update).
+_lookups: dict[str, asyncio.Future[TenantContext | None]] = {}
 
 
 async def tenant_for_key(plaintext: str) -> TenantContext | None:
     """`resolve_tenant` behind the process's key cache (a hit needs no thread and no database)."""
     ttl = get_settings().auth_cache_seconds
     key_hash = auth.hash_key(plaintext)
-    if ttl > 0:
-        cached = _key_cache.get(key_hash, ttl)
-        if cached is not None:
-            return cached
-    tenant = await run_in_threadpool(resolve_tenant, plaintext)
-    if tenant is not None and ttl > 0:
+    if ttl <= 0:
+        return await run_in_threadpool(resolve_tenant, plaintext)
+    cached = _key_cache.get(key_hash, ttl)
+    if cached is not None:
+        return cached
+    pending = _lookups.get(key_hash)
+    if pending is not None:
+        await asyncio.wait([pending])  # our own cancellation propagates; the shared lookup goes on
+        if not pending.cancelled():
+            return pending.result()
+        return await run_in_threadpool(resolve_tenant, plaintext)  # the shared lookup failed: our own
+    future: asyncio.Future[TenantContext | None] = asyncio.get_running_loop().create_future()
+    _lookups[key_hash] = future
+    try:
+        tenant = await run_in_threadpool(resolve_tenant, plaintext)
+    except BaseException:
+        future.cancel()  # waiters look the key up themselves (and meet the same error, if any)
+        raise
+    finally:
+        del _lookups[key_hash]
+    if tenant is not None:
         _key_cache.put(key_hash, tenant)
+    future.set_result(tenant)
     return tenant
 
 

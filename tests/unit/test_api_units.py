@@ -144,3 +144,59 @@ def test_key_cache_is_bounded() -> None:
         cache.put(str(i), tenant)
     assert len(cache._entries) <= KeyCache.MAX_ENTRIES
     assert cache.get(str(KeyCache.MAX_ENTRIES + 4), ttl=1) == tenant
+
+
+def test_concurrent_lookups_of_one_key_share_one_database_lookup(monkeypatch: pytest.MonkeyPatch) -> None:
+    import asyncio
+    import threading
+    import time
+
+    from api import deps
+
+    calls: list[str] = []
+    tenant = TenantContext(tenant_id=uuid.uuid4(), key_id=uuid.uuid4())
+
+    def slow_lookup(plaintext: str) -> TenantContext:
+        calls.append(threading.current_thread().name)
+        time.sleep(0.2)
+        return tenant
+
+    monkeypatch.setattr(deps, "resolve_tenant", slow_lookup)
+    key = f"vq_single-flight-{uuid.uuid4().hex}"
+
+    async def burst() -> list[TenantContext | None]:
+        return list(await asyncio.gather(*(deps.tenant_for_key(key) for _ in range(20))))
+
+    assert asyncio.run(burst()) == [tenant] * 20
+    assert len(calls) == 1
+    assert not deps._lookups  # nothing left in flight
+
+
+def test_waiters_look_up_themselves_when_the_shared_lookup_fails(monkeypatch: pytest.MonkeyPatch) -> None:
+    import asyncio
+    import time
+
+    from api import deps
+
+    tenant = TenantContext(tenant_id=uuid.uuid4(), key_id=uuid.uuid4())
+    calls = 0
+
+    def flaky_lookup(plaintext: str) -> TenantContext:
+        nonlocal calls
+        calls += 1
+        time.sleep(0.1)
+        if calls == 1:
+            raise RuntimeError("database blip")
+        return tenant
+
+    monkeypatch.setattr(deps, "resolve_tenant", flaky_lookup)
+    key = f"vq_flaky-{uuid.uuid4().hex}"
+
+    async def burst() -> list[object]:
+        return list(
+            await asyncio.gather(*(deps.tenant_for_key(key) for _ in range(3)), return_exceptions=True)
+        )
+
+    results = asyncio.run(burst())
+    assert isinstance(results[0], RuntimeError)  # the leader meets the error
+    assert results[1:] == [tenant, tenant]  # the others were not failed by it
