@@ -11,8 +11,12 @@ Pipeline (PyAV, no ffmpeg subprocess):
    cannot make the worker decode for hours.
 2. `find_speech` is an energy VAD over 30 ms frames: a frame is speech when its level is above an adaptive
    threshold (`max(-50 dBFS, min(noise floor + 12 dB, loud level - 15 dB))`). Speech runs are padded by
-   `PAD_SECONDS` on each side and merged when they touch, so leading/trailing silence is cut and every
-   inner pause longer than 2 x pad collapses to 2 x pad. What is kept is a list of original-time
+   `PAD_SECONDS` on each side and merged when they touch, so every inner pause longer than 2 x pad
+   collapses to 2 x pad; before the first speech `LEAD_PAD_SECONDS` of the recording's own lead-in is
+   kept and after the last `TAIL_PAD_SECONDS` of its tail, the rest of both is cut. Why a lead-in: with
+   0.3 s the local engine (Whisper base) got the first word wrong in ~1 voicemail in 8 ("Hello Carlos" ->
+   "The low Carlos"): its own VAD keeps 0.4 s before speech, and less than that hurts the first word;
+   bench/c1_silence.py measures it (docs/benchmarks.md, C1). What is kept is a list of original-time
    intervals; `TimeMap` maps a time in the trimmed audio back to the original file.
 3. `plan_chunks` splits the trimmed audio into chunks ≤ `max_chunk_seconds`, cutting at a collapsed pause
    (an interval join) in the last half of each window when there is one, else at the quietest 0.3 s.
@@ -44,7 +48,9 @@ from core.errors import AudioTooLong, EmptyAudio, UnsupportedMedia
 SAMPLE_RATE = 16_000
 FRAME_SAMPLES = 480  # 30 ms at 16 kHz
 FRAME_SECONDS = FRAME_SAMPLES / SAMPLE_RATE
-PAD_SECONDS = 0.3
+PAD_SECONDS = 0.3  # kept around speech inside the file: a pause longer than 2 x this collapses to 2 x this
+LEAD_PAD_SECONDS = 1.0  # kept before the first speech (the recording's lead-in)
+TAIL_PAD_SECONDS = 0.3  # kept after the last speech (the recording's tail; more made no difference)
 ABS_FLOOR_DB = -50.0
 MIN_SPEECH_FRAMES = 2
 MAX_UPLOAD_BYTES = 24 * 1024 * 1024  # below the provider's 25 MB (26,214,400 bytes) with headroom
@@ -276,7 +282,11 @@ def speech_threshold_db(levels: FloatArray) -> float:
 
 
 def find_speech(levels: FloatArray, *, trim: bool = True) -> list[tuple[int, int]]:
-    """Frame ranges `[start, end)` to keep: padded speech runs, merged where they touch."""
+    """Frame ranges `[start, end)` to keep: padded speech runs, merged where they touch.
+
+    Each run gets `PAD_SECONDS` either side; the first run keeps `LEAD_PAD_SECONDS` before it instead and
+    the last one `TAIL_PAD_SECONDS` after it (the lead-in and tail a recording starts and ends with).
+    """
     n = len(levels)
     if n == 0:
         return []
@@ -284,6 +294,8 @@ def find_speech(levels: FloatArray, *, trim: bool = True) -> list[tuple[int, int
         return [(0, n)]
     voiced = levels > speech_threshold_db(levels)
     pad = round(PAD_SECONDS / FRAME_SECONDS)
+    lead = round(LEAD_PAD_SECONDS / FRAME_SECONDS)
+    tail = round(TAIL_PAD_SECONDS / FRAME_SECONDS)
     runs: list[tuple[int, int]] = []
     i = 0
     while i < n:
@@ -300,6 +312,9 @@ def find_speech(levels: FloatArray, *, trim: bool = True) -> list[tuple[int, int
             else:
                 runs.append((start, end))
         i = j
+    if runs:
+        runs[0] = (max(runs[0][0] - max(lead - pad, 0), 0), runs[0][1])
+        runs[-1] = (runs[-1][0], min(runs[-1][1] + max(tail - pad, 0), n))
     return runs
 
 

@@ -92,20 +92,60 @@ def test_trim_cuts_edges_and_collapses_long_pauses_with_an_exact_time_map(tmp_pa
     try:
         tmap = prepared.time_map
         assert len(tmap.intervals) == 2
-        # Each kept interval is the tone plus PAD_SECONDS either side.
-        pad = audio.PAD_SECONDS
-        assert prepared.speech_seconds == pytest.approx(2 * (1 + 2 * pad), abs=0.07)
+        # The lead-in before the first tone, PAD_SECONDS either side of the pause, the tail after the last.
+        pad, lead, tail = audio.PAD_SECONDS, audio.LEAD_PAD_SECONDS, audio.TAIL_PAD_SECONDS
+        assert lead < 2 and tail < 3  # this layout needs the edges to be cut
+        assert prepared.speech_seconds == pytest.approx((lead + 1 + pad) + (pad + 1 + tail), abs=0.07)
+        assert tmap.intervals[0][1] == pytest.approx(2.0 - lead, abs=0.03)
         # The start of each tone, in trimmed time, maps back to where it is in the original.
-        assert tmap.to_original(pad) == pytest.approx(2.0, abs=0.04)
+        assert tmap.to_original(lead) == pytest.approx(2.0, abs=0.04)
         second_start = tmap.intervals[1][0] + pad
         assert tmap.to_original(second_start) == pytest.approx(8.0, abs=0.04)
         # The trimmed audio really is the tones: its energy sits where the map says.
         trimmed = prepared.trimmed_pcm(0, prepared.speech_seconds)
         assert len(trimmed) == pytest.approx(prepared.speech_seconds * 16_000, abs=2)
-        first_tone = trimmed[int(pad * 16_000) + 100 : int((pad + 0.9) * 16_000)]
+        first_tone = trimmed[int(lead * 16_000) + 100 : int((lead + 0.9) * 16_000)]
         assert np.abs(first_tone).mean() > 1000
+        assert np.abs(trimmed[: int((lead - 0.05) * 16_000)]).max() == 0  # the lead-in is the file's own
     finally:
         prepared.close()
+
+
+def test_lead_in_and_tail_are_kept_but_never_beyond_the_file(tmp_path: Path) -> None:
+    # Speech 0.2 s after the start and 0.12 s before the end: less than the lead-in/tail, so all is kept.
+    assert audio.LEAD_PAD_SECONDS > 0.2 and audio.TAIL_PAD_SECONDS > 0.12
+    samples = np.concatenate([silence(0.2), tone(440, 1), silence(4), tone(660, 1), silence(0.12)])
+    prepared = audio.prepare_audio(write(tmp_path, wav_bytes(samples)), max_seconds=60, max_chunk_seconds=600)
+    try:
+        intervals = prepared.time_map.intervals
+        assert intervals[0][1] == 0.0
+        last_end = intervals[-1][1] + intervals[-1][2]
+        assert last_end == pytest.approx(6.32, abs=0.001)
+        # The inner pause is still collapsed to 2 x PAD_SECONDS: the lead-in/tail apply to the edges only.
+        assert len(intervals) == 2
+        assert intervals[1][1] - (intervals[0][1] + intervals[0][2]) == pytest.approx(
+            4 - 2 * audio.PAD_SECONDS, abs=0.07
+        )
+    finally:
+        prepared.close()
+
+
+def test_lead_in_and_tail_lengths_are_the_settings(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    samples = np.concatenate([silence(3), tone(440, 1), silence(3)])
+    path = write(tmp_path, wav_bytes(samples))
+    for lead, tail in ((0.3, 0.3), (1.0, 0.5), (2.0, 2.5)):
+        monkeypatch.setattr(audio, "LEAD_PAD_SECONDS", lead)
+        monkeypatch.setattr(audio, "TAIL_PAD_SECONDS", tail)
+        prepared = audio.prepare_audio(path, max_seconds=60, max_chunk_seconds=600)
+        try:
+            (start, original, length), *rest = prepared.time_map.intervals
+            assert not rest and start == 0.0
+            assert original == pytest.approx(3.0 - lead, abs=0.035)
+            assert original + length == pytest.approx(4.0 + tail, abs=0.035)
+            # Time 0 of what is sent is the start of the lead-in in the original file.
+            assert prepared.time_map.to_original(lead) == pytest.approx(3.0, abs=0.035)
+        finally:
+            prepared.close()
 
 
 def test_all_silence_has_no_speech(tmp_path: Path) -> None:
