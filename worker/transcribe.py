@@ -11,8 +11,8 @@ and "every chunk prompted with the previous tail" cannot both hold. `plan_waves`
 
 - `alternate` (default): wave 1 sends chunks 0, 2, 4, … at once (batch prompt only); wave 2 sends 1, 3,
   5, … at once, each prompted with the batch prompt + the tail of its predecessor's wave-1 text. Two
-  provider round trips per file whatever its length, the same cost as sequential, and every other seam
-  carries context.
+  provider round trips per file (up to 18 chunks, see below), the same cost as sequential, and every
+  other seam carries context.
 - `sequential`: one chunk after another, every seam prompted; latency = one round trip per chunk.
 - `none`: every chunk at once, batch prompt only; one round trip, no context across seams.
 
@@ -20,12 +20,13 @@ Every paid answer (whole file or chunk) is kept in `job_answers` by the transact
 attempt, even when this run has meanwhile lost its job (the sweeper requeued it): a piece with a kept
 answer is never sent again by any later run of the job (nor a chunk kept in `job_chunks` by this run);
 its text prompts its successor (a run of pending chunks after it starts in wave 1 with that tail).
-At most `CHUNKS_AT_ONCE` chunks of one job are read and sent at a time (a chunk's FLAC is held in
-memory while it is sent), so a 6-hour file does not hold 18 chunks at once; past twice `CHUNKS_AT_ONCE`
-chunks a wave takes more than one round trip. The process's in-flight semaphore bounds every call as
-before. When one chunk ends the job (failure, skip, hand-off to `local`, or an unexpected error), its
-siblings start no new call, the calls already in flight are awaited and closed like any other (answers
-kept), and the job ends once.
+At most `CHUNKS_AT_ONCE` (9) chunks of one job are read and sent at a time, because a chunk's FLAC
+(~11 MB per 600 s of speech) is held in memory while it is sent: a file of up to 18 chunks (3 h at the
+default chunk length) takes two round trips; a 6-hour file (36 chunks) takes four rather than holding
+18 chunks in memory at once. The process's in-flight semaphore bounds every call as before. When one
+chunk ends the job (failure, skip, hand-off to `local`, or an unexpected error), its siblings start no
+new call, the calls already in flight are awaited and closed like any other (answers kept), and the job
+ends once.
 Stitching: texts joined in chunk order, segments mapped to original time, provenance in chunk order.
 
 For each piece of audio the chain (`batch.models` or `VOXQ_PRIMARY_MODEL` + `VOXQ_FALLBACK_MODELS`) is:
@@ -80,7 +81,7 @@ PROMPT_TAIL_CHARS = 300
 MAX_SPLIT_DEPTH = 3
 MAX_BLOCKED_ROUNDS = 3
 RETRY_AFTER_ERROR_SECONDS = 60.0
-CHUNKS_AT_ONCE = 8
+CHUNKS_AT_ONCE = 9
 
 
 def derived_key(tenant_id: uuid.UUID, job_id: uuid.UUID, index: int | None = None) -> str:
