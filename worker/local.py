@@ -21,8 +21,8 @@ from core.pricing import price_attempt
 from core.providers.base import ProviderError, TranscriptionRequest
 from core.settings import get_settings
 from core.statuses import AttemptOutcome, ChunkStatus, JobStatus
-from core.storage import Storage
 from worker import audio, completion, records
+from worker.runtime import get_runtime
 from worker.transcribe import compose_prompt, pieces_of
 
 log = logging.getLogger(__name__)
@@ -49,7 +49,7 @@ def transcribe_local(job_id: uuid.UUID, group_id: uuid.UUID, *, worker: str) -> 
         return "not_claimed"
     batch = records.load_batches({job.batch_id})[job.batch_id]
     provider = get_local_provider()
-    storage = Storage()
+    storage = get_runtime().storage  # this process's client: building a boto3 client costs tens of ms
     tmap = audio.TimeMap.from_json(job.time_map)
     texts: list[str] = []
     segments: list[dict[str, Any]] = []
