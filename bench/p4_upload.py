@@ -178,6 +178,7 @@ def _phase(url: str, key: str, ids: list[str], seconds: int, interval: float | N
         "p50": pct(lat, 0.5),
         "p99": pct(lat, 0.99),
         "max": max(lat) * 1000,
+        "load": os.getloadavg()[0],  # the host's 1-min load average as the phase ends
     }
 
 
@@ -238,10 +239,12 @@ def main() -> None:
             f"| {label}: API multipart MB/s (rounds) | {best_api:.1f} ({_rounds(via_api[workers])}) |",
             f"| {label}: P4 ratio (target ≥ 0.80) | {ratio:.2f} {verdict(ratio >= 0.8)} |",
             f"| {label}: P4b polling, 100 clients every 0.5 s: requests/s, p50, p99, max | "
-            f"{poll['rps']:.0f}, {p50:.1f} ms, {p99:.1f} ms, {top:.0f} ms ({poll['errors']:.0f} errors) |",
+            f"{poll['rps']:.0f}, {p50:.1f} ms, {p99:.1f} ms, {top:.0f} ms ({poll['errors']:.0f} errors; "
+            f"load {poll['load']:.1f}) |",
             f"| {label}: P4b p99 (target ≤ 25 ms) | {poll['p99']:.1f} ms {verdict(poll['p99'] <= 25)} |",
             f"| {label}: P4b saturation, 100 clients closed loop: requests/s, p50, p99 | {sat['rps']:.0f}, "
-            f"{sat['p50']:.1f} ms, {sat['p99']:.1f} ms ({sat['errors']:.0f} errors/30 s timeouts) |",
+            f"{sat['p50']:.1f} ms, {sat['p99']:.1f} ms ({sat['errors']:.0f} errors/30 s timeouts; "
+            f"load {sat['load']:.1f}) |",
         ]
     lines.append("")
     publish(SECTION, lines, facts, t0)
