@@ -80,6 +80,10 @@ class Settings(BaseSettings):
     model_rpm_limit: int = 0
     model_audio_seconds_per_minute: float = 0.0
     trim_silence: bool = True
+    # A whole job's derived FLAC up to this size waits for its group task in Redis instead of S3 (0: off);
+    # not while Redis already uses more than the second setting (worker.derived).
+    derived_inline_max_bytes: int = 256 * 1024
+    derived_inline_redis_max_bytes: int = 256 * 1024 * 1024
 
     # Local engine.
     local_model_dir: str | None = None

@@ -6,7 +6,8 @@
    `queued` to be prepared again on their own. The followers are read under the same advisory lock that
    `records.dedupe` takes, so a follower attached at the last moment is never missed.
 2. The batch is finished (completed/failed by CAS) if that was its last non-terminal job, and its webhook
-   is queued.
+   is queued. A group task checks its batches once, after all its jobs ended (`finish_batches`), instead
+   of once per job: a batch is never done while a job of it in the same group is still running.
 """
 
 from __future__ import annotations
@@ -86,7 +87,12 @@ def job_finished(
                 dispatch.send_prepare(requeued, priority=priority)
         if followers:
             batches |= records.batches_of(followers)
-    for bid in batches:
+    finish_batches(batches)
+
+
+def finish_batches(batch_ids: set[uuid.UUID]) -> None:
+    """Finish each of these batches that has no live job left (by CAS, once) and queue its webhook."""
+    for bid in batch_ids:
         finished = records.finish_batch_if_done(bid)
         if finished is not None:
             log.info("batch finished", extra={"batch_id": str(bid), "status": finished.status})

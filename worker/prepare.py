@@ -11,7 +11,8 @@ For a list of job ids (one `prepare` task, ≤ 50 jobs from one API call):
    Audio in which the VAD finds nothing is finished at once with an empty transcript and no call.
 4. Leaders' trimmed audio is encoded as 16 kHz mono FLAC and stored under `{tenant}/derived/{job}.flac`
    (long files: one object per chunk, `{tenant}/derived/{job}/{index}.flac`, with `job_chunks` rows), so
-   later stages never decode the original again.
+   later stages never decode the original again. A whole small file's FLAC waits in Redis under that
+   name instead (worker.derived).
 5. Leaders are packed into groups (worker.grouping); each group gets one transcribe task on its
    priority's queue — or, when its chain starts with `local`, one local task per job.
 
@@ -39,7 +40,7 @@ from core.errors import AudioError
 from core.settings import Settings, get_settings
 from core.statuses import JobStatus
 from core.storage import Storage, parse_s3_uri
-from worker import audio, completion, dispatch, grouping, records
+from worker import audio, completion, derived, dispatch, grouping, records
 from worker.runtime import get_runtime
 from worker.transcribe import derived_key
 
@@ -69,11 +70,20 @@ class PrepareReport:
             setattr(self, outcome, getattr(self, outcome) + 1)
 
 
-def _download(storage: Storage, job: records.ClaimedJob, target: str) -> None:
+def _download(storage: Storage, job: records.ClaimedJob, target: str, settings: Settings) -> None:
     with open(target, "wb") as fh:
         if job.source_uri:
             bucket, key = parse_s3_uri(job.source_uri)
             storage.download_to(key, fh, bucket=bucket)
+        elif (
+            job.object_key
+            and job.size_bytes is not None
+            and job.size_bytes < settings.s3_multipart_threshold_bytes
+        ):
+            # A small upload (a voicemail): one streamed GET. `download_to` (s3transfer) sends a HEAD first
+            # and builds a transfer manager with its own threads for every file.
+            for part in storage.iter_chunks(job.object_key):
+                fh.write(part)
         elif job.object_key:
             storage.download_to(job.object_key, fh)
         else:
@@ -86,13 +96,17 @@ def _fail(job: records.ClaimedJob, code: str, message: str, report: PrepareRepor
     report.add("failed")
 
 
-def _store(storage: Storage, job: records.ClaimedJob, prepared: audio.PreparedAudio) -> None:
+def _store(
+    storage: Storage, job: records.ClaimedJob, prepared: audio.PreparedAudio, settings: Settings, inline: bool
+) -> None:
     chunk_rows = []
     planned = len(prepared.time_map.chunks)
     single = planned == 1
     for chunk in prepared.iter_chunks():
         key = derived_key(job.tenant_id, job.id, None if single and chunk.index == 0 else chunk.index)
-        storage.upload_bytes(chunk.flac, key, content_type=audio.FLAC_CONTENT_TYPE)
+        # A whole small file waits in Redis (worker.derived); chunks and large files go to S3.
+        if not (inline and single and derived.put_inline(settings, key, chunk.flac)):
+            storage.upload_bytes(chunk.flac, key, content_type=audio.FLAC_CONTENT_TYPE)
         chunk_rows.append(
             {
                 "index": chunk.index,
@@ -109,13 +123,17 @@ def _store(storage: Storage, job: records.ClaimedJob, prepared: audio.PreparedAu
 
 
 def prepare_one(
-    job: records.ClaimedJob, storage: Storage, settings: Settings, report: PrepareReport
+    job: records.ClaimedJob,
+    storage: Storage,
+    settings: Settings,
+    report: PrepareReport,
+    inline: bool = False,
 ) -> grouping.GroupItem | None:
     """Normalise, dedupe and store one claimed job; returns it when it needs transcribing."""
     with tempfile.TemporaryDirectory(prefix="voxq-prep-") as tmp:
         source = f"{tmp}/source"
         try:
-            _download(storage, job, source)
+            _download(storage, job, source, settings)
         except ClientError as exc:
             code = str(exc.response.get("Error", {}).get("Code", ""))
             if code in {"404", "NoSuchKey", "NotFound", "NoSuchBucket"}:
@@ -181,8 +199,8 @@ def prepare_one(
             if decision.kind == "wait":
                 report.add("waiting")
                 return None
-            _store(storage, job, prepared)
             chain = grouping.model_chain(job.batch.models, settings)
+            _store(storage, job, prepared, settings, inline and chain[0] != "local")
             return grouping.GroupItem(
                 job_id=job.id,
                 tenant_id=job.tenant_id,
@@ -205,10 +223,11 @@ def prepare_jobs(job_ids: list[uuid.UUID], *, owner: str) -> PrepareReport:
         return report
     # The process's client (built once after fork): a new boto3 client per task was 30% of prepare's CPU.
     storage = get_runtime().storage
+    inline = derived.inline_allowed(settings)
 
     def run(job: records.ClaimedJob) -> grouping.GroupItem | None:
         try:
-            return prepare_one(job, storage, settings, report)
+            return prepare_one(job, storage, settings, report, inline)
         except Exception:
             # Left processing with a lease ending soon (later on each run): the sweeper re-queues it, and
             # run_count bounds the loop.

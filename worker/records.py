@@ -126,6 +126,7 @@ class ClaimedJob:
     source_uri: str | None
     run_count: int
     batch: BatchOptions
+    size_bytes: int | None = None  # size of the uploaded object (None for an imported `source_uri`)
 
 
 def _batch_options(row: Any) -> BatchOptions:
@@ -183,7 +184,9 @@ def claim_jobs(job_ids: list[uuid.UUID], *, owner: str, lease_seconds: float) ->
                 error_code=None,
                 error_message=None,
             )
-            .returning(Job.id, Job.tenant_id, Job.batch_id, Job.object_key, Job.source_uri, Job.run_count)
+            .returning(
+                Job.id, Job.tenant_id, Job.batch_id, Job.object_key, Job.source_uri, Job.run_count, Job.bytes
+            )
         ).all()
         batch_ids = {r.batch_id for r in rows}
         if batch_ids:
@@ -206,6 +209,7 @@ def claim_jobs(job_ids: list[uuid.UUID], *, owner: str, lease_seconds: float) ->
             source_uri=r.source_uri,
             run_count=r.run_count,
             batch=batches[r.batch_id],
+            size_bytes=r.bytes,
         )
         for r in rows
     ]

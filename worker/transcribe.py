@@ -70,7 +70,7 @@ from core.logging import bind_log_context, log_context
 from core.providers.base import ErrorKind, ProviderError, TranscriptionRequest
 from core.settings import ChunkContext
 from core.statuses import AttemptOutcome, ChunkStatus, JobStatus
-from worker import audio, budget, completion, dispatch, records
+from worker import audio, budget, completion, derived, dispatch, records
 from worker.grouping import model_chain
 from worker.runtime import Runtime
 
@@ -593,10 +593,6 @@ def _kept_answer(piece: Piece, answer: Answer, attempt_id: uuid.UUID) -> records
     )
 
 
-def _read(rt: Runtime, key: str) -> bytes:
-    return b"".join(rt.storage.iter_chunks(key))
-
-
 def pieces_of(
     job: records.GroupJob, batch: records.BatchOptions
 ) -> list[tuple[Piece, dict[str, Any] | None]]:
@@ -667,7 +663,7 @@ async def _send_piece(
     tmap: audio.TimeMap,
 ) -> _Done:
     """Transcribe one piece through the chain (its answer is kept at once: a later run reuses it)."""
-    data = await asyncio.to_thread(_read, rt, piece.object_key)
+    data = await derived.read(rt, piece.object_key)
     prompt = compose_prompt(piece.batch.prompt, previous_text)
     # A whole job's answer is closed with its transcript (`records.succeed_job(close=...)`).
     answer = await runner.run(piece, data, piece.seconds, prompt, chain, defer_close=piece.index is None)
@@ -736,6 +732,8 @@ async def _transcribe_job(
         for wave in plan_waves(len(pieces), set(results), rt.settings.chunk_context):
             await _run_wave(rt, runner, pieces, wave, results, chain, tmap, halt)
     except Handoff:
+        if not job.chunks:
+            await derived.spill(rt, derived_key(job.tenant_id, job.id))  # the local worker reads S3
         await asyncio.to_thread(dispatch.send_local, job.id, group_id)
         return "handoff"
     except JobEnded as ended:
@@ -747,7 +745,8 @@ async def _transcribe_job(
             message=ended.message,
             group_id=group_id,
         ):
-            await asyncio.to_thread(completion.job_finished, job.id, job.batch_id)
+            # The group checks its batches once at its end (transcribe_group).
+            await asyncio.to_thread(completion.job_finished, job.id, job.batch_id, check_batch=False)
         return ended.status.value
     except BaseException:
         # An answered attempt not yet closed with its transcript is closed on any way out.
@@ -782,7 +781,9 @@ async def _transcribe_job(
         close=next((d.pending_close for d in ordered if d.pending_close is not None), None),
     )
     if done is not None:
-        await asyncio.to_thread(completion.job_finished, job.id, job.batch_id, succeeded=done)
+        await asyncio.to_thread(
+            completion.job_finished, job.id, job.batch_id, check_batch=False, succeeded=done
+        )
     return JobStatus.SUCCEEDED.value
 
 
@@ -815,6 +816,10 @@ async def transcribe_group(rt: Runtime, group_id: uuid.UUID) -> dict[str, int]:
         )
     finally:
         renewer.cancel()
+    # One batch check per batch of the group, after every job of it here ended (each job skipped its own:
+    # its siblings were still live, so the batch could not be done). Handed-off or failed-to-run jobs are
+    # still live; the local worker or the sweeper checks when they end.
+    await asyncio.to_thread(completion.finish_batches, {j.batch_id for j in jobs})
     counts: Counter[str] = Counter()
     for job, result in zip(jobs, results, strict=True):
         if isinstance(result, BaseException):
@@ -827,5 +832,14 @@ async def transcribe_group(rt: Runtime, group_id: uuid.UUID) -> dict[str, int]:
                 log.exception("could not shorten the lease of job %s", job.id)
         else:
             counts[result] += 1
+    # Ended (or handed off, with a copy in S3): their Redis-kept FLACs are no longer needed.
+    await derived.forget(
+        rt,
+        [
+            derived_key(job.tenant_id, job.id)
+            for job, result in zip(jobs, results, strict=True)
+            if not job.chunks and not isinstance(result, BaseException)
+        ],
+    )
     await asyncio.to_thread(records.finish_group, group_id)
     return dict(counts)

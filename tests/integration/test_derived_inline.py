@@ -1,0 +1,120 @@
+"""A small job's derived FLAC waits in Redis instead of S3 (worker.derived), and no file is lost by it:
+a redelivered group task still reads it, it is dropped once the job ended, and if Redis lost it the job
+goes back to `prepare` (via the sweeper) and is transcribed from its original upload."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+
+import pytest
+import redis
+from sqlalchemy import update
+from sqlalchemy.orm import Session
+
+from core.models import Job
+from core.statuses import JobStatus
+from tests.fakes.openai_server import FakeOpenAI
+from tests.pipeline_support import Pipeline, hosted_env, tones
+from tests.support import Stack
+
+
+@pytest.fixture
+def pipeline(stack: Stack, fake_openai: FakeOpenAI, monkeypatch: pytest.MonkeyPatch) -> Iterator[Pipeline]:
+    from core.settings import reset_settings_cache
+
+    for key, value in hosted_env().items():
+        monkeypatch.setenv(key, value)
+    reset_settings_cache()
+    p = Pipeline(stack)
+    yield p
+    p.close()
+    from worker.runtime import close_runtime
+
+    close_runtime()
+
+
+def _stored(stack: Stack, key: str) -> tuple[bool, bool]:
+    """(in Redis, in S3) for a derived object key."""
+    from core.storage import Storage
+    from worker.derived import inline_key
+
+    client = redis.Redis.from_url(stack.redis_url)
+    try:
+        in_redis = bool(client.exists(inline_key(key)))
+    finally:
+        client.close()
+    return in_redis, Storage().head(key) is not None
+
+
+def test_a_small_files_flac_waits_in_redis_is_read_again_on_redelivery_and_dropped_when_done(
+    pipeline: Pipeline, stack: Stack, fake_openai: FakeOpenAI
+) -> None:
+    from worker import derived
+    from worker.prepare import prepare_jobs
+    from worker.runtime import get_runtime
+    from worker.transcribe import derived_key, transcribe_group
+
+    tenant = pipeline.tenant()
+    batch = pipeline.batch(tenant)
+    job = pipeline.job(tenant, batch, tones(410))
+    report = prepare_jobs([job], owner="test:1")
+    key = derived_key(tenant, job)
+    assert _stored(stack, key) == (True, False)  # no S3 PUT
+    rt = get_runtime()
+    first = rt.run(derived.read(rt, key))
+    assert first[:4] == b"fLaC"
+    assert rt.run(derived.read(rt, key)) == first  # reading does not consume: a redelivery finds it
+    assert rt.run(transcribe_group(rt, report.groups[0])) == {"succeeded": 1}
+    assert pipeline.jobs([job])[job].status == JobStatus.SUCCEEDED.value
+    assert _stored(stack, key) == (False, False)  # dropped once the job ended
+    assert len(fake_openai.billing_log()) == 1
+
+
+def test_a_flac_lost_from_redis_sends_the_job_back_to_prepare_not_to_failure(
+    pipeline: Pipeline, stack: Stack, fake_openai: FakeOpenAI
+) -> None:
+    from worker.prepare import prepare_jobs
+    from worker.runtime import get_runtime
+    from worker.sweeper import sweep
+    from worker.transcribe import derived_key, transcribe_group
+
+    tenant = pipeline.tenant()
+    batch = pipeline.batch(tenant)
+    job = pipeline.job(tenant, batch, tones(420))
+    report = prepare_jobs([job], owner="test:1")
+    stack.flush_redis()  # Redis restarted without persistence while the job waited
+    rt = get_runtime()
+    assert rt.run(transcribe_group(rt, report.groups[0])) == {"error": 1}
+    row = pipeline.jobs([job])[job]
+    assert row.status == JobStatus.PROCESSING.value  # not failed: handed back soon
+    assert row.lease_expires_at is not None
+    assert row.lease_expires_at - datetime.now(UTC) < timedelta(seconds=61)
+    assert pipeline.attempts(job) == [] and fake_openai.billing_log() == []  # nothing sent without audio
+    with Session(pipeline.engine) as s, s.begin():
+        s.execute(update(Job).where(Job.id == job).values(lease_expires_at=datetime.now(UTC)))
+    assert sweep().requeued == [job]
+    again = prepare_jobs([job], owner="test:2")  # what the sweeper's prepare message does
+    assert _stored(stack, derived_key(tenant, job))[0]
+    assert rt.run(transcribe_group(rt, again.groups[0])) == {"succeeded": 1}
+    assert pipeline.jobs([job])[job].status == JobStatus.SUCCEEDED.value
+    assert len(fake_openai.billing_log()) == 1
+
+
+def test_with_inline_off_the_flac_goes_to_s3(
+    pipeline: Pipeline, stack: Stack, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from core.settings import reset_settings_cache
+    from worker.prepare import prepare_jobs
+    from worker.runtime import get_runtime
+    from worker.transcribe import derived_key, transcribe_group
+
+    monkeypatch.setenv("VOXQ_DERIVED_INLINE_MAX_BYTES", "0")
+    reset_settings_cache()
+    tenant = pipeline.tenant()
+    batch = pipeline.batch(tenant)
+    job = pipeline.job(tenant, batch, tones(430))
+    report = prepare_jobs([job], owner="test:1")
+    assert _stored(stack, derived_key(tenant, job)) == (False, True)
+    rt = get_runtime()
+    assert rt.run(transcribe_group(rt, report.groups[0])) == {"succeeded": 1}
