@@ -797,9 +797,9 @@ def open_attempt(
 ) -> uuid.UUID:
     """Insert a pending attempt before the call; its id doubles as the provider request id."""
     attempt_id = uuid7()
-    with session_scope() as session:
-        session.execute(
-            insert(Attempt).values(
+    open_attempts(
+        [
+            PendingAttempt(
                 id=attempt_id,
                 tenant_id=tenant_id,
                 job_id=job_id,
@@ -807,14 +807,42 @@ def open_attempt(
                 model=model,
                 provider=provider,
                 retry_number=retry_number,
-                outcome=AttemptOutcome.PENDING.value,
                 audio_seconds=audio_seconds,
                 request_bytes=request_bytes,
                 worker=worker,
-                started_at=now(),
+            )
+        ]
+    )
+    return attempt_id
+
+
+@dataclass(frozen=True)
+class PendingAttempt:
+    """An attempt row to write before its call (see `open_attempts`)."""
+
+    id: uuid.UUID
+    tenant_id: uuid.UUID
+    job_id: uuid.UUID
+    chunk_index: int | None
+    model: str
+    provider: str
+    retry_number: int
+    audio_seconds: float
+    request_bytes: int
+    worker: str
+
+
+def open_attempts(rows: list[PendingAttempt]) -> None:
+    """Insert pending attempts (one statement, one transaction) before their calls start."""
+    if not rows:
+        return
+    ts = now()
+    with session_scope() as session:
+        session.execute(
+            insert(Attempt).values(
+                [{**vars(r), "outcome": AttemptOutcome.PENDING.value, "started_at": ts} for r in rows]
             )
         )
-    return attempt_id
 
 
 @durable

@@ -30,8 +30,10 @@ ends once.
 Stitching: texts joined in chunk order, segments mapped to original time, provenance in chunk order.
 
 For each piece of audio the chain (`batch.models` or `VOXQ_PRIMARY_MODEL` + `VOXQ_FALLBACK_MODELS`) is:
-circuit allows? → rate limiter → budget reservation → attempt row (pending, own transaction) → call →
-close attempt (+ cost record for a billed answer, same transaction). Then by the error's kind:
+circuit allows? → rate limiter → budget reservation → attempt row (pending, committed before the call;
+calls starting at the same moment share one INSERT, `Runtime.attempts`) → call → close attempt (+ cost
+record for a billed answer, same transaction; for a whole job's answer, the same transaction as its
+transcript). Then by the error's kind:
 
 - RETRY (429, 408, 409, 5xx, timeouts): back off with full jitter, honouring Retry-After; after
   `VOXQ_MAX_RETRIES` retries — or when the wait would run past the task's time limit — next model.
@@ -66,6 +68,7 @@ from redis.exceptions import RedisError
 
 from core import metrics
 from core.errors import ModelUnavailable
+from core.ids import uuid7
 from core.logging import bind_log_context, log_context
 from core.providers.base import ErrorKind, ProviderError, TranscriptionRequest
 from core.settings import ChunkContext
@@ -480,18 +483,22 @@ class ChainRunner:
             if piece.halted:
                 await asyncio.to_thread(budget.release, piece.job.batch_id, estimate)
                 raise _Halted()
+            attempt_id = uuid7()
             try:
-                attempt_id = await asyncio.to_thread(
-                    records.open_attempt,
-                    tenant_id=piece.job.tenant_id,
-                    job_id=piece.job.id,
-                    chunk_index=piece.index,
-                    model=model,
-                    provider=getattr(self.provider, "name", "openai"),
-                    retry_number=retry,
-                    audio_seconds=seconds,
-                    request_bytes=len(data),
-                    worker=self.rt.worker_name,
+                # Shares its INSERT with the other calls starting now (Runtime.attempts).
+                await self.rt.attempts.open(
+                    records.PendingAttempt(
+                        id=attempt_id,
+                        tenant_id=piece.job.tenant_id,
+                        job_id=piece.job.id,
+                        chunk_index=piece.index,
+                        model=model,
+                        provider=getattr(self.provider, "name", "openai"),
+                        retry_number=retry,
+                        audio_seconds=seconds,
+                        request_bytes=len(data),
+                        worker=self.rt.worker_name,
+                    )
                 )
             except BaseException:
                 await asyncio.to_thread(budget.release, piece.job.batch_id, estimate)
