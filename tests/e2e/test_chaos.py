@@ -463,11 +463,13 @@ def test_chaos_run(s3_server: tuple[str, str, str]) -> None:
         billed_per_job[str(a.job_id)].append(a)
     source_of = {str(t.job_id): t.attempt_id for t in transcripts}
     paid_twice = {job_id: tries for job_id, tries in billed_per_job.items() if len(tries) > 1}
+    lost_answers: Counter[str] = Counter()
     for job_id, tries in paid_twice.items():
         for a in tries:
             if a.id == source_of.get(job_id):
                 continue
             cancelled = abs((a.started_at - redis_restarted_at).total_seconds()) < 30
+            lost_answers["SIGKILL" if a.worker in killed else "broker-loss cancel"] += 1
             assert a.outcome == AttemptOutcome.ABANDONED.value and (a.worker in killed or cancelled), [
                 (b.outcome, b.worker, b.started_at) for b in tries
             ]
@@ -514,6 +516,7 @@ def test_chaos_run(s3_server: tuple[str, str, str]) -> None:
         "redeliveries (jobs run more than once)": sum(1 for j in jobs.values() if j.run_count > 1),
         "jobs with >1 successful call": sum(1 for n in successes_per_job.values() if n > 1),
         "jobs paid twice (first answer lost with its worker)": len(paid_twice),
+        "  billed answers lost, by cause": dict(lost_answers),
         "billed requests": len(billed),
         "cost records": len(costs),
         "settlement before": before_settling,
