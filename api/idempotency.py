@@ -2,7 +2,9 @@
 
 The row's primary key (tenant, key) is the lock: the first request inserts it "in progress", so a
 concurrent duplicate finds it and gets 409 instead of running twice. Only successful (2xx) answers are
-stored; an error releases the key so the client can retry with it.
+stored; an error releases the key so the client can retry with it. Storing the answer and releasing the
+key retry through a short Postgres outage (`core.db.durable`): a request that failed *because* Postgres
+restarted must not leave its key "in progress" (every retry of the client would get 409 for an hour).
 
 JSON POSTs are handled by `IdempotencyMiddleware` (it hashes the body). Multipart uploads hash their
 parts while streaming and call `IdempotencyStore` from the route, so a replay never stores audio twice.
@@ -24,7 +26,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from api.problems import PROBLEM_MEDIA_TYPE, problem_body
-from core.db import session_scope
+from core.db import durable, session_scope
 from core.models import IdempotencyRecord
 from core.settings import get_settings
 
@@ -127,6 +129,7 @@ class IdempotencyStore:
             return Begin(Outcome.IN_PROGRESS)
         return Begin(Outcome.REPLAY, row.response_status, row.response_body, row.request_hash)
 
+    @durable
     def complete(
         self, tenant_id: uuid.UUID, key: str, status: int, body: Any, req_hash: str | None = None
     ) -> None:
@@ -141,6 +144,7 @@ class IdempotencyStore:
                 .values(**values)
             )
 
+    @durable
     def release(self, tenant_id: uuid.UUID, key: str) -> None:
         """Forget an in-progress claim (the request failed; the key may be used again)."""
         with session_scope() as session:

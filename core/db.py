@@ -6,23 +6,57 @@ it sent unasked), and only then â€” or after `PING_AFTER_IDLE_SECONDS` unused â€
 `pool_pre_ping` pinged on every checkout: one extra round trip per transaction, 12-14% of the transcribe
 worker's samples in P1/P2 (docs/benchmarks.md). A connection that still dies mid-statement invalidates
 the whole pool (SQLAlchemy's disconnect handling), and the writes after a paid answer retry through an
-outage (`worker.records.durable`).
+outage (`durable`).
 """
 
 from __future__ import annotations
 
+import functools
+import logging
 import os
 import select
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, ParamSpec, TypeVar
 
 from sqlalchemy import Engine, create_engine, event, exc, text
 from sqlalchemy.orm import Session, sessionmaker
 
 from core.settings import get_settings
+
+# How long writes that must not be lost wait for Postgres to come back (a restart takes seconds).
+DB_OUTAGE_SECONDS = 60.0
+
+P = ParamSpec("P")
+R = TypeVar("R")
+log = logging.getLogger(__name__)
+
+
+def durable(fn: Callable[P, R]) -> Callable[P, R]:
+    """Retry `fn` (one idempotent transaction) while Postgres is unreachable, up to DB_OUTAGE_SECONDS.
+
+    For writes whose loss costs more than a wait: the worker's writes after a paid provider answer, and
+    the API's release of an idempotency key (a key left "in progress" would refuse the client's retry).
+    """
+
+    @functools.wraps(fn)
+    def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
+        deadline = time.monotonic() + DB_OUTAGE_SECONDS
+        delay = 0.2
+        while True:
+            try:
+                return fn(*args, **kwargs)
+            except exc.OperationalError:
+                if time.monotonic() + delay > deadline:
+                    raise
+                log.warning("database unreachable during %s; retrying in %.1f s", fn.__name__, delay)
+                time.sleep(delay)
+                delay = min(delay * 2, 1.0)  # back within a second: the sweeper must not guess first
+
+    return wrapper
+
 
 _engine: Engine | None = None
 _engine_pid: int | None = None

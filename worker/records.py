@@ -24,22 +24,18 @@ changes are compare-and-set, so a redelivered task cannot write a second transcr
 
 from __future__ import annotations
 
-import functools
 import logging
-import time
 import uuid
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
-from typing import Any, ParamSpec, Protocol, TypeVar
+from typing import Any, Protocol
 
 from sqlalchemy import ColumnElement, and_, func, or_, select, text, update
 from sqlalchemy.dialects.postgresql import insert
-from sqlalchemy.exc import OperationalError
 
 from core import metrics
-from core.db import session_scope
+from core.db import durable, session_scope
 from core.ids import uuid7
 from core.models import Attempt, Batch, CostRecord, Group, Job, JobAnswer, JobChunk, Transcript
 from core.statuses import (
@@ -54,32 +50,7 @@ from core.statuses import (
 
 TERMINAL_VALUES = tuple(s.value for s in JOB_TERMINAL)
 LIVE_VALUES = tuple(s.value for s in JobStatus if s not in JOB_TERMINAL)
-# How long the writes after a paid answer wait for Postgres to come back (a restart takes seconds).
-DB_OUTAGE_SECONDS = 60.0
-
-P = ParamSpec("P")
-R = TypeVar("R")
 log = logging.getLogger(__name__)
-
-
-def durable(fn: Callable[P, R]) -> Callable[P, R]:
-    """Retry `fn` (one idempotent transaction) while Postgres is unreachable, up to DB_OUTAGE_SECONDS."""
-
-    @functools.wraps(fn)
-    def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
-        deadline = time.monotonic() + DB_OUTAGE_SECONDS
-        delay = 0.2
-        while True:
-            try:
-                return fn(*args, **kwargs)
-            except OperationalError:
-                if time.monotonic() + delay > deadline:
-                    raise
-                log.warning("database unreachable during %s; retrying in %.1f s", fn.__name__, delay)
-                time.sleep(delay)
-                delay = min(delay * 2, 1.0)  # back within a second: the sweeper must not guess first
-
-    return wrapper
 
 
 def now() -> datetime:

@@ -1,4 +1,4 @@
-"""A paid provider answer is recorded even when Postgres restarts at that moment (worker.records.durable).
+"""A paid provider answer is recorded even when Postgres restarts at that moment (core.db.durable).
 
 Without the retry, the write fails, the attempt stays pending (later charged as an estimate) and the job
 runs again, paying the provider a second time. Uses its own embedded Postgres, restarted mid-write.
@@ -125,3 +125,36 @@ def test_a_pooled_connection_from_before_a_restart_is_replaced_at_checkout(
     with session_scope() as s:
         second = s.execute(text("SELECT pg_backend_pid()")).scalar()
     assert second != first
+
+
+def test_an_idempotency_key_is_released_through_a_postgres_restart(own_postgres: EmbeddedPostgres) -> None:
+    """A request that failed because Postgres went away must not leave its key "in progress": the
+    client's retry with the same key would be refused with 409 for an hour."""
+    from api.idempotency import IdempotencyStore, Outcome
+
+    with session_scope() as s:
+        tenant = Tenant(name="idem-outage")
+        s.add(tenant)
+        s.flush()
+        tenant_id = tenant.id
+    store = IdempotencyStore()
+    assert store.begin(tenant_id, "k-1", "POST", "/v1/batches", "h").outcome is Outcome.NEW
+    assert store.begin(tenant_id, "k-1", "POST", "/v1/batches", "h").outcome is Outcome.IN_PROGRESS
+    own_postgres.stop()  # the request fails because the database went away; its finally releases the key
+    errors: list[BaseException] = []
+
+    def release() -> None:
+        try:
+            store.release(tenant_id, "k-1")
+        except BaseException as exc:
+            errors.append(exc)
+
+    releaser = threading.Thread(target=release)
+    releaser.start()
+    time.sleep(2.0)
+    assert releaser.is_alive()  # waiting for the database, not given up
+    own_postgres.start()
+    releaser.join(timeout=90)
+    assert not releaser.is_alive() and errors == []
+    # the client's retry with the same key runs (instead of 409 "still running")
+    assert store.begin(tenant_id, "k-1", "POST", "/v1/batches", "h").outcome is Outcome.NEW
