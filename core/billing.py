@@ -390,25 +390,9 @@ def settle(
                         report.charged_missing += 1
                     else:
                         report.settled_billed += 1
-                    delta = rebill(
-                        session,
-                        attempt_id=a.id,
-                        tenant_id=a.tenant_id,
-                        batch_id=batch_id,
-                        job_id=a.job_id,
-                        model=entry.model or a.model,
-                        priced=priced,
-                        settlement=Settlement.BILLED,
+                    report.usd_delta += _settle_one(
+                        session, a, batch_id, entry.model or a.model, priced, Settlement.BILLED
                     )
-                    _add_totals(
-                        session,
-                        job_id=None,
-                        batch_id=batch_id,
-                        usd=delta.usd,
-                        billed_seconds=delta.billed_seconds,
-                        committed=delta.usd,
-                    )
-                    report.usd_delta += delta.usd
                 elif _same_usage(cost, priced):
                     report.already_recorded += 1
                 else:
@@ -418,26 +402,39 @@ def settle(
                 continue  # settled meanwhile (a late answer)
             started = a.started_at
             if since is not None and covered_until is not None and since <= started <= covered_until:
-                delta = rebill(
-                    session,
-                    attempt_id=a.id,
-                    tenant_id=a.tenant_id,
-                    batch_id=batch_id,
-                    job_id=a.job_id,
-                    model=a.model,
-                    priced=None,
-                    settlement=Settlement.NOT_BILLED,
-                )
-                _add_totals(
-                    session,
-                    job_id=None,
-                    batch_id=batch_id,
-                    usd=delta.usd,
-                    billed_seconds=delta.billed_seconds,
-                    committed=delta.usd,
-                )
-                report.usd_delta += delta.usd
+                report.usd_delta += _settle_one(session, a, batch_id, a.model, None, Settlement.NOT_BILLED)
                 report.settled_not_billed += 1
             else:
                 report.left_unsettled += 1
     return report
+
+
+def _settle_one(
+    session: Session,
+    a: Any,
+    batch_id: uuid.UUID | None,
+    model: str,
+    priced: Any | None,
+    settlement: Settlement,
+) -> Decimal:
+    """`rebill` one attempt and move its batch's totals (cost, billed seconds, committed budget) by the
+    difference; returns the change in USD."""
+    delta = rebill(
+        session,
+        attempt_id=a.id,
+        tenant_id=a.tenant_id,
+        batch_id=batch_id,
+        job_id=a.job_id,
+        model=model,
+        priced=priced,
+        settlement=settlement,
+    )
+    _add_totals(
+        session,
+        job_id=None,
+        batch_id=batch_id,
+        usd=delta.usd,
+        billed_seconds=delta.billed_seconds,
+        committed=delta.usd,
+    )
+    return delta.usd
