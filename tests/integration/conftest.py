@@ -8,6 +8,9 @@ from typing import Any
 
 import pytest
 
+# One API server process for the whole session, defined here once: a module that imports the fixture
+# defines its own session-scoped copy, and each copy kept a server (and its warm DB pool) to the end.
+from tests.api_helpers import api_fixture, api_server_fixture  # noqa: F401
 from tests.fakes.openai_server import FakeOpenAI
 from tests.pipeline_support import Pipeline, WorkerFactory, hosted_env
 from tests.support import Stack, celery_worker

@@ -16,10 +16,8 @@ from sqlalchemy import func, select
 from core.db import session_scope
 from core.models import Job, Tenant
 from core.storage import Storage
-from tests.api_helpers import (  # noqa: F401
+from tests.api_helpers import (
     ApiServer,
-    api_fixture,
-    api_server_fixture,
     make_key,
     sine_wav,
     start_api_server,

@@ -17,10 +17,8 @@ from sqlalchemy import select
 from core.db import session_scope
 from core.models import Attempt, Batch, CostRecord, Job, Transcript
 from core.storage import Storage, content_key
-from tests.api_helpers import (  # noqa: F401  (fixtures are imported to register them)
+from tests.api_helpers import (
     ApiServer,
-    api_fixture,
-    api_server_fixture,
     import_bucket,
     make_key,
     redis_queue_length,

@@ -13,10 +13,8 @@ from sqlalchemy import func, select, update
 from core.db import session_scope
 from core.models import Batch, IdempotencyRecord, Job
 from core.storage import Storage
-from tests.api_helpers import (  # noqa: F401
+from tests.api_helpers import (
     ApiServer,
-    api_fixture,
-    api_server_fixture,
     make_key,
     redis_queue_length,
     sine_wav,

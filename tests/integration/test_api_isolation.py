@@ -15,7 +15,7 @@ from core.db import session_scope
 from core.models import Attempt, CostRecord, Job, Transcript
 from core.settings import get_settings
 from core.storage import Storage
-from tests.api_helpers import ApiServer, api_fixture, api_server_fixture, make_key, sine_wav  # noqa: F401
+from tests.api_helpers import ApiServer, make_key, sine_wav
 from tests.support import Stack
 
 PUBLIC = {"/healthz", "/readyz", "/metrics", "/openapi.json", "/docs", "/docs/oauth2-redirect", "/redoc"}

@@ -13,7 +13,7 @@ import pytest
 from core.db import session_scope
 from core.models import Job
 from core.storage import Storage
-from tests.api_helpers import ApiServer, api_fixture, api_server_fixture, make_key, wav_header  # noqa: F401
+from tests.api_helpers import ApiServer, make_key, wav_header
 
 GIB = 1024**3
 BLOCK = 1024 * 1024

@@ -13,7 +13,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from schemathesis.checks import positive_data_acceptance
 
-from tests.api_helpers import ApiServer, api_fixture, api_server_fixture, make_key, sine_wav  # noqa: F401
+from tests.api_helpers import ApiServer, make_key, sine_wav
 
 EXAMPLES_PER_OPERATION = 40
 

@@ -14,7 +14,7 @@ from core.db import session_scope
 from core.models import Job, Tenant
 from core.storage import Storage
 from core.uploads import sweep_incoming
-from tests.api_helpers import ApiServer, api_fixture, api_server_fixture, make_key, sine_wav  # noqa: F401
+from tests.api_helpers import ApiServer, make_key, sine_wav
 
 
 def test_sweep_removes_abandoned_incoming_data_only(api: ApiServer) -> None:

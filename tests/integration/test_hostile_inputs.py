@@ -31,10 +31,8 @@ from sqlalchemy import select
 from core.db import session_scope
 from core.models import Job
 from core.storage import Storage
-from tests.api_helpers import (  # noqa: F401
+from tests.api_helpers import (
     ApiServer,
-    api_fixture,
-    api_server_fixture,
     make_key,
     sine_wav,
     wav_header,

@@ -15,7 +15,7 @@ from api.problems import Problem
 from api.schemas import BatchOptions
 from core.settings import reset_settings_cache
 from core.webhooks import WebhookRefused, check_url
-from tests.api_helpers import ApiServer, api_fixture, api_server_fixture, make_key, sine_wav  # noqa: F401
+from tests.api_helpers import ApiServer, make_key, sine_wav
 from worker.webhooks import post_guarded
 
 # One address per refused range, as the URL host (IPv6 in brackets).
