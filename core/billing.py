@@ -65,15 +65,30 @@ def _add_totals(
             .values(cost_usd=Job.cost_usd + usd, billed_seconds=Job.billed_seconds + billed_seconds)
         )
     if batch_id is not None and (usd or billed_seconds or committed):
-        session.execute(
-            update(Batch)
-            .where(Batch.id == batch_id)
-            .values(
-                cost_usd=Batch.cost_usd + usd,
-                billed_seconds=Batch.billed_seconds + billed_seconds,
-                committed_usd=Batch.committed_usd + committed,
-            )
+        add_batch_totals(session, batch_id, billed_seconds=billed_seconds, cost=usd, committed=committed)
+
+
+def add_batch_totals(
+    session: Session,
+    batch_id: uuid.UUID,
+    *,
+    audio_seconds: float = 0.0,
+    billed_seconds: float = 0.0,
+    cost: Decimal = Decimal(0),
+    committed: Decimal = Decimal(0),
+) -> None:
+    """Move a batch's totals by these deltas in one `SET x = x + :delta` UPDATE (never read-modify-write;
+    the batch row is the hot one, so callers fold everything of one transaction into one call)."""
+    session.execute(
+        update(Batch)
+        .where(Batch.id == batch_id)
+        .values(
+            audio_seconds=Batch.audio_seconds + audio_seconds,
+            billed_seconds=Batch.billed_seconds + billed_seconds,
+            cost_usd=Batch.cost_usd + cost,
+            committed_usd=Batch.committed_usd + committed,
         )
+    )
 
 
 def charge_estimate(

@@ -35,6 +35,7 @@ from sqlalchemy import ColumnElement, and_, func, or_, select, text, update
 from sqlalchemy.dialects.postgresql import insert
 
 from core import metrics
+from core.billing import add_batch_totals
 from core.db import durable, session_scope
 from core.ids import uuid7
 from core.models import Attempt, Batch, CostRecord, Group, Job, JobAnswer, JobChunk, Transcript
@@ -245,31 +246,10 @@ def end_job(
             .returning(Job.batch_id, Job.duration_seconds)
         ).first()
         if row is not None:
-            _add_batch_totals(session, row.batch_id, audio_seconds=row.duration_seconds or 0.0)
+            add_batch_totals(session, row.batch_id, audio_seconds=row.duration_seconds or 0.0)
     if row is not None:
         metrics.JOBS_FINISHED.labels(status=status.value).inc()
     return row is not None
-
-
-def _add_batch_totals(
-    session: Any,
-    batch_id: uuid.UUID,
-    *,
-    audio_seconds: float = 0.0,
-    billed_seconds: float = 0.0,
-    cost: Decimal = Decimal(0),
-    committed: Decimal = Decimal(0),
-) -> None:
-    session.execute(
-        update(Batch)
-        .where(Batch.id == batch_id)
-        .values(
-            audio_seconds=Batch.audio_seconds + audio_seconds,
-            billed_seconds=Batch.billed_seconds + billed_seconds,
-            cost_usd=Batch.cost_usd + cost,
-            committed_usd=Batch.committed_usd + committed,
-        )
-    )
 
 
 @dataclass(frozen=True)
@@ -451,7 +431,7 @@ def copy_transcript(job_id: uuid.UUID, twin_id: uuid.UUID) -> bool:
             )
             .on_conflict_do_nothing(index_elements=[Transcript.job_id])
         )
-        _add_batch_totals(session, job.batch_id, audio_seconds=job.duration_seconds or 0.0)
+        add_batch_totals(session, job.batch_id, audio_seconds=job.duration_seconds or 0.0)
     metrics.DEDUPE_HITS.inc()
     metrics.JOBS_FINISHED.labels(status=JobStatus.SUCCEEDED.value).inc()
     return True
@@ -861,7 +841,7 @@ def close_attempt(
     with session_scope() as session:
         totals = _close_attempt_in(session, close)
         if totals.touches_batch:
-            _add_batch_totals(
+            add_batch_totals(
                 session, batch_id, billed_seconds=totals.billed, cost=totals.usd, committed=totals.committed
             )
     _count_close(close, totals)
@@ -1153,7 +1133,7 @@ def _succeed(
         batch_id = job.batch_id if job is not None else close.batch_id if close is not None else None
         audio_seconds = (job.duration_seconds or 0.0) if job is not None else 0.0
         if batch_id is not None and (job is not None or (totals is not None and totals.touches_batch)):
-            _add_batch_totals(
+            add_batch_totals(
                 session,
                 batch_id,
                 audio_seconds=audio_seconds,
