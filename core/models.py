@@ -30,7 +30,6 @@ from core.ids import uuid7
 from core.statuses import (
     AttemptOutcome,
     BatchStatus,
-    ChunkStatus,
     GroupStatus,
     JobStatus,
     Priority,
@@ -200,7 +199,8 @@ class Job(Base):
 
 
 class JobChunk(Base):
-    """One slice of a long file, transcribed on its own and stitched back in `index` order."""
+    """One slice of a long file in its job's chunk plan, transcribed on its own and stitched back in `index`
+    order. The plan only: a chunk's paid answer is kept in `job_answers` (piece `chunk:<index>`)."""
 
     __tablename__ = "job_chunks"
     __table_args__ = (UniqueConstraint("job_id", "index"),)
@@ -211,11 +211,6 @@ class JobChunk(Base):
     start_seconds: Mapped[float] = mapped_column(Float)  # in the original file's time
     end_seconds: Mapped[float] = mapped_column(Float)
     object_key: Mapped[str | None] = mapped_column(Text)
-    status: Mapped[str] = mapped_column(String(20), default=ChunkStatus.PENDING.value)
-    text: Mapped[str | None] = mapped_column(Text)
-    segments: Mapped[list[Any] | None] = mapped_column(JSONB)
-    model: Mapped[str | None] = mapped_column(String(100))
-    attempt_id: Mapped[uuid.UUID | None] = mapped_column(UUID(as_uuid=True))
     created_at: Mapped[datetime] = _created()
 
 

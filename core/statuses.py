@@ -43,14 +43,6 @@ class GroupStatus(StrEnum):
     DONE = "done"
 
 
-class ChunkStatus(StrEnum):
-    """Lifecycle of one chunk of a long file."""
-
-    PENDING = "pending"
-    SUCCEEDED = "succeeded"
-    FAILED = "failed"
-
-
 class AttemptOutcome(StrEnum):
     """What became of one provider call."""
 

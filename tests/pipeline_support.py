@@ -15,7 +15,7 @@ from sqlalchemy import create_engine, select
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session
 
-from core.models import Attempt, Batch, CostRecord, Job, Tenant, Transcript
+from core.models import Attempt, Batch, CostRecord, Job, JobAnswer, JobChunk, Tenant, Transcript
 from core.statuses import JOB_TERMINAL, BatchStatus, JobStatus
 from core.storage import Storage, content_key
 from tests.audio_fixtures import sequence, wav_bytes
@@ -172,6 +172,19 @@ class Pipeline:
             if job_id is not None:
                 q = q.where(Attempt.job_id == job_id)
             return list(s.execute(q).scalars())
+
+    def chunks(self, job_id: uuid.UUID) -> list[JobChunk]:
+        """The job's chunk plan, in index order."""
+        with Session(self.engine) as s:
+            q = select(JobChunk).where(JobChunk.job_id == job_id).order_by(JobChunk.index)
+            return list(s.execute(q).scalars())
+
+    def answers(self, job_id: uuid.UUID) -> dict[str, JobAnswer]:
+        """The job's kept paid answers, by piece (`whole` or `chunk:<index>`)."""
+        with Session(self.engine) as s:
+            return {
+                a.piece: a for a in s.execute(select(JobAnswer).where(JobAnswer.job_id == job_id)).scalars()
+            }
 
     def costs(self, job_id: uuid.UUID | None = None) -> list[CostRecord]:
         """Cost records (of one job, or all)."""

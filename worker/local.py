@@ -5,8 +5,9 @@ hosted-provider workers. The model is loaded once per process (see worker.signal
 when its chain is `local` only (no API key) or when the hosted models of its chain gave up; the task
 holds the job only while its `group_id` still matches (the same token as the group task).
 
-Each call is an attempt (model `local:<name>`) with a cost record of USD 0 carrying the compute seconds.
-Chunks already transcribed by a hosted model are kept; the remaining ones are transcribed here in order.
+Each call is an attempt (model `local:<name>`) with a cost record of USD 0 carrying the compute seconds,
+closed together with its answer (`job_answers`, like a hosted one). Pieces with an answer kept by an
+earlier run (hosted or local) are reused; the remaining ones are transcribed here in order.
 The local engine transcribes whole chunks itself (no 25 MB limit), so a failure here fails the job.
 """
 
@@ -20,7 +21,7 @@ from typing import Any
 from core.pricing import price_attempt
 from core.providers.base import ProviderError, TranscriptionRequest
 from core.settings import get_settings
-from core.statuses import AttemptOutcome, ChunkStatus, JobStatus
+from core.statuses import AttemptOutcome, JobStatus
 from worker import audio, completion, records
 from worker.runtime import get_runtime
 from worker.transcribe import compose_prompt, pieces_of
@@ -57,12 +58,16 @@ def transcribe_local(job_id: uuid.UUID, group_id: uuid.UUID, *, worker: str) -> 
     models: list[str] = []
     language: str | None = None
     previous: str | None = None
-    for piece, stored in pieces_of(job, batch):
-        if stored is not None and stored["status"] == ChunkStatus.SUCCEEDED.value:
-            texts.append(stored["text"] or "")
-            segments.extend(stored["segments"] or [])
-            models.append(stored["model"] or "")
-            previous = stored["text"]
+    for piece in pieces_of(job, batch):
+        kept = records.stored_answer(job, piece.index, piece.offset, piece.offset + piece.seconds)
+        if kept is not None:
+            texts.append(kept["text"])
+            segments.extend(kept["segments"] or [])
+            models.append(kept["model"])
+            if kept["attempt_id"] is not None:
+                attempt_ids.append(kept["attempt_id"])
+            language = language or kept["language"]
+            previous = kept["text"]
             continue
         data = b"".join(storage.iter_chunks(piece.object_key))
         provider.load()
@@ -119,6 +124,9 @@ def transcribe_local(job_id: uuid.UUID, group_id: uuid.UUID, *, worker: str) -> 
                 completion.job_finished(job.id, job.batch_id)
             return JobStatus.FAILED.value
         elapsed = time.monotonic() - started
+        mapped = audio.map_segments(
+            result.segments, text=result.text, offset=piece.offset, duration=piece.seconds, tmap=tmap
+        )
         records.close_attempt(
             attempt_id,
             outcome=AttemptOutcome.SUCCESS,
@@ -126,15 +134,19 @@ def transcribe_local(job_id: uuid.UUID, group_id: uuid.UUID, *, worker: str) -> 
             http_status=None,
             priced=price_attempt(model, None, piece.seconds),
             compute_seconds=result.compute_seconds if result.compute_seconds is not None else elapsed,
+            answer=records.KeptAnswer(
+                job_id=job.id,
+                index=piece.index,
+                start_seconds=piece.offset,
+                end_seconds=piece.offset + piece.seconds,
+                text=result.text,
+                segments=mapped,
+                language=result.language,
+                model=model,
+                attempt_id=attempt_id,
+            ),
             **close,
         )
-        mapped = audio.map_segments(
-            result.segments, text=result.text, offset=piece.offset, duration=piece.seconds, tmap=tmap
-        )
-        if piece.index is not None:
-            records.save_chunk_result(
-                job.id, piece.index, text_=result.text, segments=mapped, model=model, attempt_id=attempt_id
-            )
         texts.append(result.text)
         segments.extend(mapped)
         attempt_ids.append(attempt_id)

@@ -43,7 +43,6 @@ from core.statuses import (
     JOB_TERMINAL,
     AttemptOutcome,
     BatchStatus,
-    ChunkStatus,
     GroupStatus,
     JobStatus,
     Settlement,
@@ -505,7 +504,7 @@ def assign_groups(plans: list[GroupPlan]) -> list[uuid.UUID]:
 
 
 def save_chunks(job_id: uuid.UUID, chunks: list[dict[str, Any]]) -> None:
-    """Create (or reset, on a re-run) the chunk rows of a long job."""
+    """Create (or re-plan, on a re-run) the chunk rows of a long job (its plan; answers: `job_answers`)."""
     if not chunks:
         return
     with session_scope() as session:
@@ -517,7 +516,6 @@ def save_chunks(job_id: uuid.UUID, chunks: list[dict[str, Any]]) -> None:
                 start_seconds=c["start_seconds"],
                 end_seconds=c["end_seconds"],
                 object_key=c["object_key"],
-                status=ChunkStatus.PENDING.value,
             )
             session.execute(
                 stmt.on_conflict_do_update(
@@ -526,11 +524,6 @@ def save_chunks(job_id: uuid.UUID, chunks: list[dict[str, Any]]) -> None:
                         "start_seconds": stmt.excluded.start_seconds,
                         "end_seconds": stmt.excluded.end_seconds,
                         "object_key": stmt.excluded.object_key,
-                        "status": ChunkStatus.PENDING.value,
-                        "text": None,
-                        "segments": None,
-                        "model": None,
-                        "attempt_id": None,
                     },
                 )
             )
@@ -552,7 +545,7 @@ class GroupJob:
     duration_seconds: float
     speech_seconds: float
     time_map: dict[str, Any]
-    chunks: list[dict[str, Any]]  # [{index, object_key, status, text, segments, model, attempt_id}]
+    chunks: list[dict[str, Any]]  # the chunk plan: [{index, object_key}]
     # Paid answers kept by earlier runs, by piece key: {start_seconds, end_seconds, text, segments,
     # language, model, attempt_id}
     answers: dict[str, dict[str, Any]] = field(default_factory=dict)
@@ -583,10 +576,10 @@ def claim_group(
         ids = [r.id for r in rows]
         chunk_rows = (
             session.execute(
-                select(JobChunk).where(JobChunk.job_id.in_(ids)).order_by(JobChunk.job_id, JobChunk.index)
-            )
-            .scalars()
-            .all()
+                select(JobChunk.job_id, JobChunk.index, JobChunk.object_key)
+                .where(JobChunk.job_id.in_(ids))
+                .order_by(JobChunk.job_id, JobChunk.index)
+            ).all()
             if ids
             else []
         )
@@ -606,17 +599,7 @@ def claim_group(
         }
     by_job: dict[uuid.UUID, list[dict[str, Any]]] = {}
     for c in chunk_rows:
-        by_job.setdefault(c.job_id, []).append(
-            {
-                "index": c.index,
-                "object_key": c.object_key,
-                "status": c.status,
-                "text": c.text,
-                "segments": c.segments,
-                "model": c.model,
-                "attempt_id": c.attempt_id,
-            }
-        )
+        by_job.setdefault(c.job_id, []).append({"index": c.index, "object_key": c.object_key})
     jobs = [
         GroupJob(
             id=r.id,
@@ -711,18 +694,6 @@ def _keep_answer(session: Any, answer: KeptAnswer) -> None:
             ),
         )
     )
-    if answer.index is not None:
-        session.execute(
-            update(JobChunk)
-            .where(JobChunk.job_id == answer.job_id, JobChunk.index == answer.index)
-            .values(
-                status=ChunkStatus.SUCCEEDED.value,
-                text=answer.text,
-                segments=answer.segments,
-                model=answer.model,
-                attempt_id=answer.attempt_id,
-            )
-        )
 
 
 @durable
@@ -1000,31 +971,6 @@ def _count_close(c: AttemptClose, totals: _CloseTotals) -> None:
         usd = c.priced.usd if totals.late else totals.usd
         metrics.AUDIO_BILLED_SECONDS.labels(model=c.model).inc(max(billed, 0.0))
         metrics.COST_USD.labels(model=c.model).inc(max(float(usd), 0.0))
-
-
-@durable
-def save_chunk_result(
-    job_id: uuid.UUID,
-    index: int,
-    *,
-    text_: str,
-    segments: list[dict[str, Any]],
-    model: str,
-    attempt_id: uuid.UUID,
-) -> None:
-    """Keep one chunk's transcript (original-time segments) so a re-run resumes after it."""
-    with session_scope() as session:
-        session.execute(
-            update(JobChunk)
-            .where(JobChunk.job_id == job_id, JobChunk.index == index)
-            .values(
-                status=ChunkStatus.SUCCEEDED.value,
-                text=text_,
-                segments=segments,
-                model=model,
-                attempt_id=attempt_id,
-            )
-        )
 
 
 @dataclass(frozen=True)

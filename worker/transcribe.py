@@ -18,7 +18,7 @@ and "every chunk prompted with the previous tail" cannot both hold. `plan_waves`
 
 Every paid answer (whole file or chunk) is kept in `job_answers` by the transaction that closes its
 attempt, even when this run has meanwhile lost its job (the sweeper requeued it): a piece with a kept
-answer is never sent again by any later run of the job (nor a chunk kept in `job_chunks` by this run);
+answer is never sent again by any later run of the job (`job_chunks` holds only the chunk plan);
 its text prompts its successor (a run of pending chunks after it starts in wave 1 with that tail).
 At most `CHUNKS_AT_ONCE` (9) chunks of one job are read and sent at a time, because a chunk's FLAC
 (~11 MB per 600 s of speech) is held in memory while it is sent: a file of up to 18 chunks (3 h at the
@@ -72,7 +72,7 @@ from core.ids import uuid7
 from core.logging import bind_log_context, log_context
 from core.providers.base import ErrorKind, ProviderError, TranscriptionRequest
 from core.settings import ChunkContext
-from core.statuses import AttemptOutcome, ChunkStatus, JobStatus
+from core.statuses import AttemptOutcome, JobStatus
 from worker import audio, budget, completion, derived, dispatch, records
 from worker.grouping import model_chain
 from worker.runtime import Runtime
@@ -600,18 +600,15 @@ def _kept_answer(piece: Piece, answer: Answer, attempt_id: uuid.UUID) -> records
     )
 
 
-def pieces_of(
-    job: records.GroupJob, batch: records.BatchOptions
-) -> list[tuple[Piece, dict[str, Any] | None]]:
-    """A job's pieces in order, each with its stored chunk row (when it has one)."""
+def pieces_of(job: records.GroupJob, batch: records.BatchOptions) -> list[Piece]:
+    """A job's pieces in order: the whole (trimmed) file, or its chunks."""
     tmap = audio.TimeMap.from_json(job.time_map)
     if not job.chunks:
-        piece = Piece(job, batch, None, derived_key(job.tenant_id, job.id), 0.0, tmap.trimmed_seconds)
-        return [(piece, None)]
-    out: list[tuple[Piece, dict[str, Any] | None]] = []
+        return [Piece(job, batch, None, derived_key(job.tenant_id, job.id), 0.0, tmap.trimmed_seconds)]
+    out: list[Piece] = []
     for chunk in job.chunks:
         t0, t1 = tmap.chunks[chunk["index"]]
-        out.append((Piece(job, batch, chunk["index"], chunk["object_key"], t0, t1 - t0), chunk))
+        out.append(Piece(job, batch, chunk["index"], chunk["object_key"], t0, t1 - t0))
     return out
 
 
@@ -646,18 +643,6 @@ def _kept_result(job: records.GroupJob, piece: Piece) -> _Done | None:
         kept["model"],
         [kept["attempt_id"]] if kept["attempt_id"] else [],
         kept["language"],
-    )
-
-
-def _stored_result(stored: dict[str, Any] | None) -> _Done | None:
-    """A chunk transcribed by an earlier run (kept in `job_chunks`), or None."""
-    if stored is None or stored["status"] != ChunkStatus.SUCCEEDED.value:
-        return None
-    return _Done(
-        stored["text"] or "",
-        stored["segments"] or [],
-        stored["model"] or "",
-        [stored["attempt_id"]] if stored["attempt_id"] else [],
     )
 
 
@@ -730,9 +715,9 @@ async def _transcribe_job(
     halt = asyncio.Event()
     pieces: list[Piece] = []
     results: dict[int, _Done] = {}
-    for position, (piece, stored) in enumerate(pieces_of(job, batch)):
+    for position, piece in enumerate(pieces_of(job, batch)):
         pieces.append(replace(piece, halt=halt))
-        kept = _kept_result(job, piece) or _stored_result(stored)
+        kept = _kept_result(job, piece)
         if kept is not None:
             results[position] = kept
     try:

@@ -262,11 +262,6 @@ def upgrade() -> None:
         sa.Column("start_seconds", sa.Float(), nullable=False),
         sa.Column("end_seconds", sa.Float(), nullable=False),
         sa.Column("object_key", sa.Text(), nullable=True),
-        sa.Column("status", sa.String(length=20), nullable=False),
-        sa.Column("text", sa.Text(), nullable=True),
-        sa.Column("segments", postgresql.JSONB(astext_type=sa.Text()), nullable=True),
-        sa.Column("model", sa.String(length=100), nullable=True),
-        sa.Column("attempt_id", sa.UUID(), nullable=True),
         sa.Column("created_at", sa.DateTime(timezone=True), server_default=sa.text("now()"), nullable=False),
         sa.ForeignKeyConstraint(
             ["job_id"], ["jobs.id"], name=op.f("fk_job_chunks_job_id_jobs"), ondelete="CASCADE"

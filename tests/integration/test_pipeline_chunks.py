@@ -1,5 +1,6 @@
 """Long files through real Celery workers and the fake provider: how a job's chunks are sent
-(`VOXQ_CHUNK_CONTEXT`), which prompt each carries, resume from stored chunks, and a chunk ending the job."""
+(`VOXQ_CHUNK_CONTEXT`), which prompt each carries, resume from kept chunk answers, and a chunk ending the
+job."""
 
 from __future__ import annotations
 
@@ -8,15 +9,17 @@ import uuid
 from typing import Any
 
 import pytest
-from sqlalchemy import select, update
+from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from core.models import Attempt, JobChunk
-from core.statuses import AttemptOutcome, ChunkStatus, JobStatus
+from core.models import Attempt, JobAnswer
+from core.statuses import AttemptOutcome, JobStatus
 from tests.audio_fixtures import sequence, wav_bytes
 from tests.fakes.openai_server import FakeOpenAI
 from tests.pipeline_support import PRIMARY, SECOND, Pipeline, WorkerFactory
 from tests.support import wait_until
+from worker.audio import TimeMap
+from worker.records import piece_key
 from worker.transcribe import compose_prompt
 
 FREQS = [300, 450, 600, 750, 900, 1050, 1200, 1350, 1500, 1650]
@@ -29,11 +32,14 @@ def long_audio() -> bytes:
     return wav_bytes(sequence([(f, TONE) for f in FREQS], gap=GAP, lead=LEAD))
 
 
-def chunk_rows(pipeline: Pipeline, job: uuid.UUID) -> list[JobChunk]:
-    with Session(pipeline.engine) as s:
-        return list(
-            s.execute(select(JobChunk).where(JobChunk.job_id == job).order_by(JobChunk.index)).scalars()
-        )
+def chunk_texts(pipeline: Pipeline, job: uuid.UUID) -> dict[int, str]:
+    """Each chunk's kept answer text (`job_answers`), by chunk index."""
+    answers = pipeline.answers(job)
+    return {
+        c.index: answers[piece_key(c.index)].text
+        for c in pipeline.chunks(job)
+        if piece_key(c.index) in answers
+    }
 
 
 def requests_by_chunk(pipeline: Pipeline, fake: FakeOpenAI, job: uuid.UUID) -> dict[int, dict[str, Any]]:
@@ -66,7 +72,7 @@ def test_alternate_sends_even_chunks_at_once_then_odd_ones_with_their_predecesso
         pipeline.submit([job])
         rows = pipeline.wait_terminal([job])
     assert rows[job].status == JobStatus.SUCCEEDED.value
-    chunks = chunk_rows(pipeline, job)
+    chunks = pipeline.chunks(job)
     assert len(chunks) >= 4
     requests = requests_by_chunk(pipeline, fake_openai, job)
     assert sorted(requests) == [c.index for c in chunks]
@@ -79,9 +85,11 @@ def test_alternate_sends_even_chunks_at_once_then_odd_ones_with_their_predecesso
     assert min(r["received"] for r in odd) >= max(r["ts"] for r in even)
     # Even chunks carry the batch prompt only; odd chunks the batch prompt + their predecessor's tail.
     assert all(r["prompt"] == PROMPT for r in even)
+    texts = chunk_texts(pipeline, job)
+    assert sorted(texts) == [c.index for c in chunks]  # every chunk's answer kept
     for chunk in chunks:
         if chunk.index % 2 == 1:
-            previous = chunks[chunk.index - 1].text
+            previous = texts[chunk.index - 1]
             assert previous
             prompt = requests[chunk.index]["prompt"]
             assert prompt == compose_prompt(PROMPT, previous)
@@ -111,13 +119,14 @@ def test_sequential_sends_one_chunk_after_another_each_prompted_with_the_previou
         pipeline.submit([job])
         rows = pipeline.wait_terminal([job])
     assert rows[job].status == JobStatus.SUCCEEDED.value
-    chunks = chunk_rows(pipeline, job)
+    chunks = pipeline.chunks(job)
     assert len(chunks) >= 4
     requests = requests_by_chunk(pipeline, fake_openai, job)
+    texts = chunk_texts(pipeline, job)
     assert requests[0]["prompt"] == PROMPT
     for a, b in itertools.pairwise(chunks):
         assert requests[b.index]["received"] >= requests[a.index]["ts"]  # one after another
-        assert requests[b.index]["prompt"] == compose_prompt(PROMPT, a.text)
+        assert requests[b.index]["prompt"] == compose_prompt(PROMPT, texts[a.index])
     transcript = pipeline.transcript(job)
     assert transcript is not None and transcript.text == " ".join(f"tone{f}" for f in FREQS)
 
@@ -128,16 +137,23 @@ def test_a_resumed_job_reuses_stored_chunks_and_prompts_their_successors_with_th
     tenant = pipeline.tenant()
     job = pipeline.job(tenant, pipeline.batch(tenant, models=[PRIMARY], prompt=PROMPT), long_audio())
     prepare_only(pipeline, worker, [job], **CHUNKED)
-    chunks = chunk_rows(pipeline, job)
+    chunks = pipeline.chunks(job)
     assert len(chunks) >= 4
-    # An earlier run transcribed chunk 1 and was killed: its answer is in job_chunks (a text the fake
-    # would never produce, so reuse is visible).
+    # An earlier run paid for chunk 1 and was killed: its answer is kept in job_answers, for the same
+    # bounds of the same plan (a text the fake would never produce, so reuse is visible).
     stored_text = "storedwords from an earlier run"
+    start, end = TimeMap.from_json(pipeline.jobs([job])[job].time_map).chunks[1]
     with Session(pipeline.engine) as s, s.begin():
-        s.execute(
-            update(JobChunk)
-            .where(JobChunk.job_id == job, JobChunk.index == 1)
-            .values(status=ChunkStatus.SUCCEEDED.value, text=stored_text, segments=[], model=PRIMARY)
+        s.add(
+            JobAnswer(
+                job_id=job,
+                piece=piece_key(1),
+                start_seconds=start,
+                end_seconds=end,
+                text=stored_text,
+                segments=[],
+                model=PRIMARY,
+            )
         )
     with worker(concurrency=1, queues="transcribe.high,transcribe,transcribe.low", **CHUNKED):
         rows = pipeline.wait_terminal([job])
@@ -151,7 +167,7 @@ def test_a_resumed_job_reuses_stored_chunks_and_prompts_their_successors_with_th
     transcript = pipeline.transcript(job)
     assert transcript is not None
     words = transcript.text.split()
-    first = chunk_rows(pipeline, job)[0].text or ""
+    first = chunk_texts(pipeline, job)[0]
     assert transcript.text.startswith(f"{first.strip()} {stored_text} ")
     assert words[-1] == f"tone{FREQS[-1]}"
 
@@ -175,7 +191,7 @@ def test_a_chunk_that_ends_the_job_halts_its_siblings_and_leaves_no_call_open(
     # Wave 2 never started; the wave-1 siblings' answers were kept (paid for, reusable).
     assert all((a.chunk_index or 0) % 2 == 0 for a in attempts)
     assert [a.outcome for a in attempts].count(AttemptOutcome.FAILED.value) == 1
-    saved = {c.index for c in chunk_rows(pipeline, job) if c.status == ChunkStatus.SUCCEEDED.value}
+    saved = set(chunk_texts(pipeline, job))
     succeeded = {a.chunk_index for a in attempts if a.outcome == AttemptOutcome.SUCCESS.value}
     assert saved == succeeded and len(succeeded) == len(attempts) - 1
     assert len(fake_openai.billing_log()) == len(succeeded)

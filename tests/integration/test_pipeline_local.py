@@ -6,9 +6,12 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from sqlalchemy.orm import Session
 
+from core.models import JobAnswer
+from core.settings import reset_settings_cache
 from core.statuses import AttemptOutcome, BatchStatus, JobStatus
-from tests.pipeline_support import Pipeline
+from tests.pipeline_support import PRIMARY, Pipeline
 from tests.support import REPO_ROOT, Stack, celery_worker
 
 
@@ -62,3 +65,51 @@ def test_local_stage_in_process(stack: Stack, pipeline: Pipeline) -> None:
     assert len(pipeline.attempts(job)) == 1
     transcript = pipeline.transcript(job)
     assert transcript is not None and transcript.language == "en" and len(transcript.text) > 20
+
+
+def test_local_stage_reuses_kept_chunk_answers_and_keeps_its_own(
+    stack: Stack, pipeline: Pipeline, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from worker.audio import TimeMap
+    from worker.local import transcribe_local
+    from worker.prepare import prepare_jobs
+    from worker.records import piece_key
+
+    monkeypatch.setenv("VOXQ_MAX_CHUNK_SECONDS", "4")
+    monkeypatch.setenv("VOXQ_SHORT_FILE_SECONDS", "2")
+    reset_settings_cache()
+    tenant = pipeline.tenant()
+    batch = pipeline.batch(tenant, language="en")
+    data = (REPO_ROOT / "samples" / "voicemail-dentist.flac").read_bytes()
+    job = pipeline.job(tenant, batch, data, filename="voicemail-dentist.flac")
+    report = prepare_jobs([job], owner="test:1")
+    chunks = pipeline.chunks(job)
+    assert len(chunks) >= 2
+    # A hosted run paid for chunk 0 before the job was handed to the local engine.
+    stored = "storedwords from a hosted run"
+    start, end = TimeMap.from_json(pipeline.jobs([job])[job].time_map).chunks[0]
+    with Session(pipeline.engine) as s, s.begin():
+        s.add(
+            JobAnswer(
+                job_id=job,
+                piece=piece_key(0),
+                start_seconds=start,
+                end_seconds=end,
+                text=stored,
+                model=PRIMARY,
+            )
+        )
+    assert transcribe_local(job, report.groups[0], worker="test:1") == JobStatus.SUCCEEDED.value
+    attempts = pipeline.attempts(job)
+    assert sorted(a.chunk_index or 0 for a in attempts) == [c.index for c in chunks[1:]]  # chunk 0 not sent
+    transcript = pipeline.transcript(job)
+    assert transcript is not None and transcript.text.startswith(f"{stored} ")
+    # Each local answer is kept with its attempt, like a hosted one; the reused one is left as it was.
+    answers = pipeline.answers(job)
+    assert sorted(answers) == sorted(piece_key(c.index) for c in chunks)
+    assert (answers[piece_key(0)].text, answers[piece_key(0)].model) == (stored, PRIMARY)
+    for attempt in attempts:
+        kept = answers[piece_key(attempt.chunk_index)]
+        assert (
+            kept.attempt_id == attempt.id and kept.model.startswith("local:") and kept.text in transcript.text
+        )
