@@ -54,12 +54,21 @@ class Stack:
         return env
 
     def reset_process_state(self) -> None:
-        """Forget cached settings, engines and clients so they are rebuilt from the environment."""
+        """Forget cached settings, engines and clients so they are rebuilt from the environment.
+
+        That includes the Celery apps that send tasks in process: the API's producer and, once imported
+        (a unit test may have imported it under default settings), the worker's app.
+        """
         from core.db import dispose_engine
+        from core.dispatch import reset_producer
         from core.settings import reset_settings_cache
 
         reset_settings_cache()
         dispose_engine()
+        reset_producer()
+        worker_app = sys.modules.get("worker.app")
+        if worker_app is not None:
+            worker_app.follow_settings()
 
     def truncate_database(self) -> None:
         """Empty every voxq table (fast, keeps the schema)."""

@@ -197,3 +197,32 @@ def test_celery_task_runs_in_real_worker_and_writes_postgres(stack: Stack) -> No
             assert pid != os.getpid()
         finally:
             engine.dispose()
+
+
+def test_tasks_sent_in_process_reach_this_stacks_broker(
+    stack: Stack, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The worker's Celery app built under another environment (a unit test imports it with defaults)
+    is pointed at this stack's broker again, so in-process worker code (the sweeper) sends here."""
+    import redis
+
+    import core.dispatch
+    import worker.app
+    from core import names
+    from core.settings import reset_settings_cache
+    from worker.dispatch import send_prepare
+
+    with monkeypatch.context() as elsewhere:
+        elsewhere.setenv("VOXQ_REDIS_URL", "redis://127.0.0.1:9/0")
+        reset_settings_cache()
+        worker.app.follow_settings()
+        assert worker.app.app.conf.broker_url == "redis://127.0.0.1:9/0"
+        assert core.dispatch._producer().conf.broker_url == "redis://127.0.0.1:9/0"  # the API's, cached
+    stack.reset_process_state()
+    send_prepare([uuid.uuid4()], priority="normal")
+    core.dispatch.enqueue_jobs([uuid.uuid4()], priority="normal")
+    client = redis.Redis.from_url(stack.redis_url)
+    try:
+        assert client.llen(names.QUEUE_INGEST) == 2
+    finally:
+        client.close()
