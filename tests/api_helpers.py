@@ -2,20 +2,18 @@
 
 from __future__ import annotations
 
-import io
 import subprocess
 import sys
 import time
-import wave
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
-import numpy as np
 import pytest
 
 from core.embedded import free_port, wait_for_port
+from tests.audio_fixtures import tone, wav_bytes
 from tests.support import REPO_ROOT, Stack
 
 
@@ -116,14 +114,7 @@ def make_key(tenant: str) -> str:
 
 def sine_wav(seconds: float = 1.0, rate: int = 16000, freq: float = 440.0) -> bytes:
     """A mono 16-bit PCM WAV of a sine tone."""
-    buf = io.BytesIO()
-    with wave.open(buf, "wb") as out:
-        out.setnchannels(1)
-        out.setsampwidth(2)
-        out.setframerate(rate)
-        t = np.arange(int(seconds * rate)) / rate
-        out.writeframes((np.sin(2 * np.pi * freq * t) * 8000).astype("<i2").tobytes())
-    return buf.getvalue()
+    return wav_bytes(tone(freq, seconds, rate=rate, amplitude=8000 / 32767), rate=rate)
 
 
 def wav_header(data_bytes: int, rate: int = 16000, channels: int = 1) -> bytes:

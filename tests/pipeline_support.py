@@ -7,8 +7,9 @@ import hashlib
 import uuid
 from collections.abc import Callable
 from contextlib import AbstractContextManager
+from datetime import datetime
 from decimal import Decimal
-from typing import Any
+from typing import Any, NamedTuple
 
 import pytest
 from sqlalchemy import create_engine, select
@@ -79,6 +80,61 @@ def assert_costs_match_billing(pipeline: Pipeline, fake: FakeOpenAI) -> None:
         else:
             assert cost.billed_audio_seconds == pytest.approx(usage["seconds"])
         assert cost.usd > 0
+
+
+class JobRows(NamedTuple):
+    """The ids `processing_job_rows` wrote."""
+
+    tenant_id: uuid.UUID
+    batch_id: uuid.UUID
+    job_id: uuid.UUID
+
+
+def processing_job_rows(
+    *,
+    tenant_name: str | None = None,
+    budget_usd: Decimal | None = None,
+    lease_owner: str | None = None,
+    lease_expires_at: datetime | None = None,
+) -> JobRows:
+    """A tenant, a `processing` batch and a `processing` job (no audio behind it), written through this
+    process's database settings (`core.db`): for tests of records, the sweeper and settlement, no worker."""
+    from core.db import session_scope
+
+    with session_scope() as s:
+        tenant = Tenant(name=tenant_name or f"t-{uuid.uuid4().hex[:8]}")
+        s.add(tenant)
+        s.flush()
+        batch = Batch(tenant_id=tenant.id, status=BatchStatus.PROCESSING.value, budget_usd=budget_usd)
+        s.add(batch)
+        s.flush()
+        job = Job(
+            tenant_id=tenant.id,
+            batch_id=batch.id,
+            object_key="k",
+            filename="a.wav",
+            bytes=1,
+            sha256="0" * 64,
+            status=JobStatus.PROCESSING.value,
+            priority="normal",
+            lease_owner=lease_owner,
+            lease_expires_at=lease_expires_at,
+        )
+        s.add(job)
+        s.flush()
+        return JobRows(tenant.id, batch.id, job.id)
+
+
+def pending_attempt_row(tenant_id: uuid.UUID, job_id: uuid.UUID, *, model: str, **values: Any) -> uuid.UUID:
+    """A hosted call's attempt, still `pending` (as written before the call), through `core.db`; `values`
+    sets other columns (`started_at`, `audio_seconds`, `worker`, ...)."""
+    from core.db import session_scope
+
+    with session_scope() as s:
+        attempt = Attempt(tenant_id=tenant_id, job_id=job_id, model=model, provider="openai", **values)
+        s.add(attempt)
+        s.flush()
+        return attempt.id
 
 
 class Pipeline:
@@ -185,6 +241,25 @@ class Pipeline:
             return {
                 a.piece: a for a in s.execute(select(JobAnswer).where(JobAnswer.job_id == job_id)).scalars()
             }
+
+    def keep_chunk_answer(self, job_id: uuid.UUID, index: int, text: str, *, model: str = PRIMARY) -> None:
+        """Keep an answer for one chunk of a prepared job, as an earlier run that paid for it would have
+        (the chunk's bounds from the job's time map: the same piece of the same plan)."""
+        from worker.audio import TimeMap
+
+        start, end = TimeMap.from_json(self.jobs([job_id])[job_id].time_map).chunks[index]
+        with Session(self.engine) as s, s.begin():
+            s.add(
+                JobAnswer(
+                    job_id=job_id,
+                    piece=f"chunk:{index}",
+                    start_seconds=start,
+                    end_seconds=end,
+                    text=text,
+                    segments=[],
+                    model=model,
+                )
+            )
 
     def costs(self, job_id: uuid.UUID | None = None) -> list[CostRecord]:
         """Cost records (of one job, or all)."""

@@ -29,7 +29,6 @@ VOXQ_CHAOS_JOBS scales the run (default 2000).
 from __future__ import annotations
 
 import contextlib
-import io
 import json
 import os
 import shutil
@@ -41,7 +40,6 @@ import tempfile
 import threading
 import time
 import uuid
-import wave
 from collections import Counter, defaultdict
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
@@ -60,9 +58,9 @@ from core.models import Attempt, Batch, CostRecord, Job, Transcript
 from core.pricing import price_attempt
 from core.statuses import JOB_TERMINAL, AttemptOutcome, JobStatus, Settlement
 from tests.api_helpers import start_api_server, stop_api_server
+from tests.audio_fixtures import tone_samples, wav_bytes
 from tests.fakes.fixtures import FAKE_OPENAI_API_KEY
 from tests.fakes.openai_server import FakeOpenAI
-from tests.fakes.tones import tone_samples
 from tests.support import REPO_ROOT, Stack, celery_worker, wait_until
 
 pytestmark = pytest.mark.chaos
@@ -75,14 +73,7 @@ TERMINAL = {s.value for s in JOB_TERMINAL}
 
 
 def _wav(freqs: list[int]) -> bytes:
-    samples = tone_samples(freqs, tone_seconds=0.35, gap_seconds=0.25, lead_seconds=0.1)
-    buf = io.BytesIO()
-    with wave.open(buf, "wb") as out:
-        out.setnchannels(1)
-        out.setsampwidth(2)
-        out.setframerate(16_000)
-        out.writeframes((samples * 32767).astype("<i2").tobytes())
-    return buf.getvalue()
+    return wav_bytes(tone_samples(freqs, tone_seconds=0.35, gap_seconds=0.25, lead_seconds=0.1))
 
 
 def _file_tones(i: int) -> list[int]:

@@ -19,10 +19,11 @@ from sqlalchemy import select
 
 from core.db import dispose_engine, session_scope, upgrade
 from core.embedded import EmbeddedPostgres
-from core.models import Attempt, Batch, CostRecord, Job, Tenant
+from core.models import Attempt, CostRecord, Job, Tenant
 from core.pricing import PricedUsage
 from core.settings import reset_settings_cache
-from core.statuses import AttemptOutcome, BatchStatus, JobStatus
+from core.statuses import AttemptOutcome
+from tests.pipeline_support import pending_attempt_row, processing_job_rows
 from worker import records
 
 
@@ -48,30 +49,8 @@ def own_postgres(monkeypatch: pytest.MonkeyPatch) -> Iterator[EmbeddedPostgres]:
 
 
 def test_a_paid_answer_is_recorded_through_a_postgres_restart(own_postgres: EmbeddedPostgres) -> None:
-    with session_scope() as s:
-        tenant = Tenant(name="outage")
-        s.add(tenant)
-        s.flush()
-        batch = Batch(tenant_id=tenant.id, status=BatchStatus.PROCESSING.value)
-        s.add(batch)
-        s.flush()
-        job = Job(
-            tenant_id=tenant.id,
-            batch_id=batch.id,
-            object_key="k",
-            filename="a.wav",
-            bytes=1,
-            sha256="0" * 64,
-            status=JobStatus.PROCESSING.value,
-            priority="normal",
-        )
-        s.add(job)
-        s.flush()
-        attempt = Attempt(tenant_id=tenant.id, job_id=job.id, model="whisper-1", provider="openai")
-        s.add(attempt)
-        s.flush()
-        ids = (tenant.id, batch.id, job.id, attempt.id)
-    tenant_id, batch_id, job_id, attempt_id = ids
+    tenant_id, batch_id, job_id = processing_job_rows(tenant_name="outage")
+    attempt_id = pending_attempt_row(tenant_id, job_id, model="whisper-1")
     priced = PricedUsage(usd=Decimal("0.012"), billed_audio_seconds=2.0, usage_type="duration")
     own_postgres.stop()  # the database goes away just as the answer arrives
     errors: list[BaseException] = []

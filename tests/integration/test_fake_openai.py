@@ -20,9 +20,9 @@ from core.embedded import free_port, wait_for_port
 from core.pricing import price_attempt
 from core.providers.base import ErrorKind, ProviderError, TranscriptionRequest, TranscriptionResult
 from core.providers.openai import OpenAIProvider, list_models, retiring_models
+from tests.audio_fixtures import encode, tone_samples, tones
 from tests.fakes.fixtures import FAKE_OPENAI_API_KEY
 from tests.fakes.openai_server import FakeOpenAI, Fault
-from tests.fakes.tones import encode, tone_samples, tones
 from tests.support import REPO_ROOT, wait_until
 
 MINI = "gpt-4o-mini-transcribe"

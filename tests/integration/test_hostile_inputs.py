@@ -37,8 +37,8 @@ from tests.api_helpers import (
     sine_wav,
     wav_header,
 )
+from tests.audio_fixtures import tones
 from tests.fakes.openai_server import FakeOpenAI
-from tests.fakes.tones import tones
 from tests.pipeline_support import hosted_env
 from tests.support import Stack, celery_worker, wait_until
 

@@ -8,14 +8,12 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import io
 import itertools
 import json
 import os
 import subprocess
 import sys
 import textwrap
-import wave
 from pathlib import Path
 
 import numpy as np
@@ -37,6 +35,7 @@ from core.local_engine import (
 )
 from core.providers.base import ErrorKind, ProviderError, TranscriptionRequest, TranscriptionResult
 from core.settings import Settings
+from tests.audio_fixtures import wav_bytes
 from tests.speech import SpeechFixture, load_fixtures, normalise, word_error_rate
 from tests.support import REPO_ROOT
 
@@ -54,17 +53,6 @@ def _request(audio: bytes, filename: str = "clip.flac", language: str | None = N
         audio_seconds=0.0,
         language=language,
     )
-
-
-def _wav_bytes(samples: np.ndarray, rate: int = 16_000) -> bytes:
-    pcm = (np.clip(samples, -1.0, 1.0) * 32767).astype("<i2")
-    buffer = io.BytesIO()
-    with wave.open(buffer, "wb") as out:
-        out.setnchannels(1)
-        out.setsampwidth(2)
-        out.setframerate(rate)
-        out.writeframes(pcm.tobytes())
-    return buffer.getvalue()
 
 
 @pytest.fixture(scope="module")
@@ -131,7 +119,7 @@ def test_segment_and_word_timestamps_are_monotonic_and_on_the_speech(
 def test_silence_gives_empty_text(provider: LocalProvider, noise: float) -> None:
     rng = np.random.default_rng(7)
     samples = rng.normal(0.0, noise, 16_000 * 12) if noise else np.zeros(16_000 * 12)
-    result = provider.transcribe_sync(_request(_wav_bytes(samples), "silence.wav"))
+    result = provider.transcribe_sync(_request(wav_bytes(samples), "silence.wav"))
     assert result.text == ""
     assert result.segments == []
     assert result.extra["audio_seconds"] == pytest.approx(12.0, abs=0.01)
@@ -384,15 +372,8 @@ def test_any_rate_and_channel_layout_is_downmixed_and_resampled(provider: LocalP
     # 44.1 kHz stereo WAV of the same speech (linear resampling is enough for this purpose).
     t_out = np.arange(int(len(mono16k) * 44_100 / 16_000)) / 44_100
     upsampled = np.interp(t_out, np.arange(len(mono16k)) / 16_000, mono16k)
-    stereo = np.stack([upsampled, upsampled * 0.5], axis=1).reshape(-1)
-    pcm = (np.clip(stereo, -1, 1) * 32767).astype("<i2")
-    buffer = io.BytesIO()
-    with wave.open(buffer, "wb") as out:
-        out.setnchannels(2)
-        out.setsampwidth(2)
-        out.setframerate(44_100)
-        out.writeframes(pcm.tobytes())
-    result = provider.transcribe_sync(_request(buffer.getvalue(), "stereo.wav"))
+    stereo = np.stack([upsampled, upsampled * 0.5], axis=1)
+    result = provider.transcribe_sync(_request(wav_bytes(stereo, rate=44_100), "stereo.wav"))
     assert result.extra["audio_seconds"] == pytest.approx(fixture.seconds, abs=0.05)
     assert word_error_rate([fixture.text], [result.text]) <= MAX_WER, result.text
 

@@ -12,13 +12,12 @@ import pytest
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from core.models import Attempt, JobAnswer
+from core.models import Attempt
 from core.statuses import AttemptOutcome, JobStatus
 from tests.audio_fixtures import sequence, wav_bytes
 from tests.fakes.openai_server import FakeOpenAI
 from tests.pipeline_support import PRIMARY, SECOND, Pipeline, WorkerFactory
 from tests.support import wait_until
-from worker.audio import TimeMap
 from worker.records import piece_key
 from worker.transcribe import compose_prompt
 
@@ -142,19 +141,7 @@ def test_a_resumed_job_reuses_stored_chunks_and_prompts_their_successors_with_th
     # An earlier run paid for chunk 1 and was killed: its answer is kept in job_answers, for the same
     # bounds of the same plan (a text the fake would never produce, so reuse is visible).
     stored_text = "storedwords from an earlier run"
-    start, end = TimeMap.from_json(pipeline.jobs([job])[job].time_map).chunks[1]
-    with Session(pipeline.engine) as s, s.begin():
-        s.add(
-            JobAnswer(
-                job_id=job,
-                piece=piece_key(1),
-                start_seconds=start,
-                end_seconds=end,
-                text=stored_text,
-                segments=[],
-                model=PRIMARY,
-            )
-        )
+    pipeline.keep_chunk_answer(job, 1, stored_text)
     with worker(concurrency=1, queues="transcribe.high,transcribe,transcribe.low", **CHUNKED):
         rows = pipeline.wait_terminal([job])
     assert rows[job].status == JobStatus.SUCCEEDED.value

@@ -6,9 +6,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from sqlalchemy.orm import Session
 
-from core.models import JobAnswer
 from core.settings import reset_settings_cache
 from core.statuses import AttemptOutcome, BatchStatus, JobStatus
 from tests.pipeline_support import PRIMARY, Pipeline
@@ -70,7 +68,6 @@ def test_local_stage_in_process(stack: Stack, pipeline: Pipeline) -> None:
 def test_local_stage_reuses_kept_chunk_answers_and_keeps_its_own(
     stack: Stack, pipeline: Pipeline, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from worker.audio import TimeMap
     from worker.local import transcribe_local
     from worker.prepare import prepare_jobs
     from worker.records import piece_key
@@ -87,18 +84,7 @@ def test_local_stage_reuses_kept_chunk_answers_and_keeps_its_own(
     assert len(chunks) >= 2
     # A hosted run paid for chunk 0 before the job was handed to the local engine.
     stored = "storedwords from a hosted run"
-    start, end = TimeMap.from_json(pipeline.jobs([job])[job].time_map).chunks[0]
-    with Session(pipeline.engine) as s, s.begin():
-        s.add(
-            JobAnswer(
-                job_id=job,
-                piece=piece_key(0),
-                start_seconds=start,
-                end_seconds=end,
-                text=stored,
-                model=PRIMARY,
-            )
-        )
+    pipeline.keep_chunk_answer(job, 0, stored)
     assert transcribe_local(job, report.groups[0], worker="test:1") == JobStatus.SUCCEEDED.value
     attempts = pipeline.attempts(job)
     assert sorted(a.chunk_index or 0 for a in attempts) == [c.index for c in chunks[1:]]  # chunk 0 not sent

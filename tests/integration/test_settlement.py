@@ -16,9 +16,10 @@ import pytest
 from sqlalchemy import select
 
 from core.db import session_scope
-from core.models import Attempt, Batch, CostRecord, Job, Tenant
+from core.models import Attempt, Batch, CostRecord, Job
 from core.pricing import price_attempt
-from core.statuses import AttemptOutcome, BatchStatus, JobStatus, Settlement
+from core.statuses import AttemptOutcome, Settlement
+from tests.pipeline_support import JobRows, pending_attempt_row, processing_job_rows
 from tests.support import Stack
 from worker import budget, records
 from worker.sweeper import sweep
@@ -33,49 +34,20 @@ USAGE = {
 }
 
 
-def _job(budget_usd: Decimal | None = None) -> tuple[uuid.UUID, uuid.UUID, uuid.UUID]:
-    """A tenant, a processing batch and a processing job (lease far ahead: not the sweeper's to requeue)."""
-    with session_scope() as s:
-        tenant = Tenant(name=f"t-{uuid.uuid4().hex[:8]}")
-        s.add(tenant)
-        s.flush()
-        batch = Batch(tenant_id=tenant.id, status=BatchStatus.PROCESSING.value, budget_usd=budget_usd)
-        s.add(batch)
-        s.flush()
-        job = Job(
-            tenant_id=tenant.id,
-            batch_id=batch.id,
-            object_key="k",
-            filename="a.wav",
-            bytes=1,
-            sha256="0" * 64,
-            status=JobStatus.PROCESSING.value,
-            priority="normal",
-            lease_owner="alive:1",
-            lease_expires_at=datetime.now(UTC) + timedelta(hours=1),
-        )
-        s.add(job)
-        s.flush()
-        return tenant.id, batch.id, job.id
+def _job(budget_usd: Decimal | None = None) -> JobRows:
+    """A processing job whose lease is far ahead: not the sweeper's to requeue."""
+    return processing_job_rows(
+        budget_usd=budget_usd, lease_owner="alive:1", lease_expires_at=datetime.now(UTC) + timedelta(hours=1)
+    )
 
 
 def _attempt(
     tenant_id: uuid.UUID, job_id: uuid.UUID, *, started: datetime, seconds: float = 12.0
 ) -> uuid.UUID:
     """A hosted call whose worker went quiet at `started` (still pending)."""
-    with session_scope() as s:
-        a = Attempt(
-            tenant_id=tenant_id,
-            job_id=job_id,
-            model=MODEL,
-            provider="openai",
-            audio_seconds=seconds,
-            started_at=started,
-            worker="gone:1",
-        )
-        s.add(a)
-        s.flush()
-        return a.id
+    return pending_attempt_row(
+        tenant_id, job_id, model=MODEL, audio_seconds=seconds, started_at=started, worker="gone:1"
+    )
 
 
 def _costs(attempt_id: uuid.UUID) -> list[CostRecord]:
