@@ -56,8 +56,9 @@ class Stack:
     def reset_process_state(self) -> None:
         """Forget cached settings, engines and clients so they are rebuilt from the environment.
 
-        That includes the Celery apps that send tasks in process: the API's producer and, once imported
-        (a unit test may have imported it under default settings), the worker's app.
+        That includes what in-process code built from earlier settings: the API's Celery producer and,
+        once imported (a unit test may have imported them under default settings), the worker's Celery
+        app and the worker runtime (clients and a settings snapshot, built by the first stage run here).
         """
         from core.db import dispose_engine
         from core.dispatch import reset_producer
@@ -69,6 +70,9 @@ class Stack:
         worker_app = sys.modules.get("worker.app")
         if worker_app is not None:
             worker_app.follow_settings()
+        worker_runtime = sys.modules.get("worker.runtime")
+        if worker_runtime is not None:
+            worker_runtime.close_runtime()
 
     def truncate_database(self) -> None:
         """Empty every voxq table (fast, keeps the schema)."""

@@ -25,6 +25,17 @@ def pipeline(stack: Stack, fake_openai: FakeOpenAI) -> Iterator[Pipeline]:
 
 
 @pytest.fixture
+def hosted_settings(stack: Stack, monkeypatch: pytest.MonkeyPatch) -> None:
+    """This process's settings are a hosted-chain worker's (`hosted_env`): for worker stages run in process
+    (the stack resets the runtime they build)."""
+    from core.settings import reset_settings_cache
+
+    for key, value in hosted_env().items():
+        monkeypatch.setenv(key, value)
+    reset_settings_cache()
+
+
+@pytest.fixture
 def worker(stack: Stack, fake_openai: FakeOpenAI) -> WorkerFactory:
     """Starts real Celery workers pointed at the fake OpenAI server."""
 

@@ -4,7 +4,6 @@ goes back to `prepare` (via the sweeper) and is transcribed from its original up
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 
 import pytest
@@ -15,23 +14,10 @@ from sqlalchemy.orm import Session
 from core.models import Job
 from core.statuses import JobStatus
 from tests.fakes.openai_server import FakeOpenAI
-from tests.pipeline_support import Pipeline, hosted_env, tones
+from tests.pipeline_support import Pipeline, tones
 from tests.support import Stack
 
-
-@pytest.fixture
-def pipeline(stack: Stack, fake_openai: FakeOpenAI, monkeypatch: pytest.MonkeyPatch) -> Iterator[Pipeline]:
-    from core.settings import reset_settings_cache
-
-    for key, value in hosted_env().items():
-        monkeypatch.setenv(key, value)
-    reset_settings_cache()
-    p = Pipeline(stack)
-    yield p
-    p.close()
-    from worker.runtime import close_runtime
-
-    close_runtime()
+pytestmark = pytest.mark.usefixtures("hosted_settings")  # worker stages run in this process
 
 
 def _stored(stack: Stack, key: str) -> tuple[bool, bool]:

@@ -3,29 +3,13 @@ against the real servers and the fake provider: the plain functions behind the C
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import pytest
 
 from core.statuses import BatchStatus, JobStatus
 from tests.fakes.openai_server import FakeOpenAI
-from tests.pipeline_support import PRIMARY, Pipeline, assert_costs_match_billing, hosted_env, tones
-from tests.support import Stack
+from tests.pipeline_support import PRIMARY, Pipeline, assert_costs_match_billing, tones
 
-
-@pytest.fixture
-def pipeline(stack: Stack, fake_openai: FakeOpenAI, monkeypatch: pytest.MonkeyPatch) -> Iterator[Pipeline]:
-    from core.settings import reset_settings_cache
-
-    for key, value in hosted_env().items():
-        monkeypatch.setenv(key, value)
-    reset_settings_cache()
-    p = Pipeline(stack)
-    yield p
-    p.close()
-    from worker.runtime import close_runtime
-
-    close_runtime()
+pytestmark = pytest.mark.usefixtures("hosted_settings")  # worker stages run in this process
 
 
 def test_prepare_then_transcribe_a_group_in_process(pipeline: Pipeline, fake_openai: FakeOpenAI) -> None:
