@@ -8,7 +8,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -173,3 +173,58 @@ def celery_worker(
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(proc.pid, signal.SIGKILL)
         log.close()
+
+
+def run_voxq(
+    args: Sequence[str], env: dict[str, str], *, timeout: float = 120
+) -> subprocess.CompletedProcess[str]:
+    """The `voxq` CLI run as a user runs it (`python -m core.cli` from the repository), output captured."""
+    return subprocess.run(
+        [sys.executable, "-m", "core.cli", *args],
+        cwd=REPO_ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+@contextmanager
+def voxq_dev_process(
+    data_dir: Path, env: dict[str, str], output: Path
+) -> Iterator[tuple[subprocess.Popen[bytes], int, int]]:
+    """`voxq dev` on free API and Flower ports, printing to `output`: yields (process, API port, Flower
+    port), and stops it at the end (SIGTERM; its process group is killed if it does not stop in 60 s)."""
+    from core.embedded import free_port
+
+    api_port, flower_port = free_port(), free_port()
+    with open(output, "wb") as out:
+        proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "core.cli",
+                "dev",
+                "--data-dir",
+                str(data_dir),
+                "--api-port",
+                str(api_port),
+                "--flower-port",
+                str(flower_port),
+            ],
+            cwd=REPO_ROOT,
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    try:
+        yield proc, api_port, flower_port
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(60)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait(10)

@@ -6,9 +6,7 @@ import json
 import os
 import re
 import shutil
-import signal
 import subprocess
-import sys
 import time
 import uuid
 from collections.abc import Iterator
@@ -17,10 +15,9 @@ from pathlib import Path
 
 import httpx
 
-from core.embedded import free_port
 from core.settings import get_settings
 from tests.api_helpers import sine_wav
-from tests.support import REPO_ROOT, Stack, wait_until
+from tests.support import REPO_ROOT, Stack, run_voxq, voxq_dev_process, wait_until
 
 SAMPLES = REPO_ROOT / "samples"
 START_TIMEOUT = 120.0
@@ -33,61 +30,24 @@ def _words(text: str) -> set[str]:
 @contextmanager
 def voxq_dev(stack: Stack, data_dir: Path) -> Iterator[str]:
     """`voxq dev` on the test stack's servers (it starts only API, workers, beat, Flower); yields its URL."""
-    api_port, flower_port = free_port(), free_port()
     output = data_dir.parent / "voxq-dev.out"
     env = stack.child_env()
     env.pop("OPENAI_API_KEY", None)  # the chain is the offline model only
-    with open(output, "wb") as out:
-        proc = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "core.cli",
-                "dev",
-                "--data-dir",
-                str(data_dir),
-                "--api-port",
-                str(api_port),
-                "--flower-port",
-                str(flower_port),
-            ],
-            cwd=REPO_ROOT,
-            env=env,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
+    with voxq_dev_process(data_dir, env, output) as (proc, api_port, _):
 
-    def up() -> bool:
-        assert proc.poll() is None, f"voxq dev exited:\n{output.read_text(errors='replace')[-3000:]}"
-        return "Ctrl-C stops everything" in output.read_text(errors="replace")
+        def up() -> bool:
+            assert proc.poll() is None, f"voxq dev exited:\n{output.read_text(errors='replace')[-3000:]}"
+            return "Ctrl-C stops everything" in output.read_text(errors="replace")
 
-    try:
         wait_until(up, timeout=START_TIMEOUT, interval=0.3, what="voxq dev to start")
         yield f"http://127.0.0.1:{api_port}"
-    finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(60)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait(10)
 
 
 def voxq(
     stack: Stack, *args: str, api_url: str = "", key: str = "", timeout: float = 600
 ) -> subprocess.CompletedProcess[str]:
     """Run the `voxq` CLI as a user would."""
-    env = stack.child_env(VOXQ_API_URL=api_url, VOXQ_API_KEY=key)
-    return subprocess.run(
-        [sys.executable, "-m", "core.cli", *args],
-        cwd=REPO_ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
+    return run_voxq(args, stack.child_env(VOXQ_API_URL=api_url, VOXQ_API_KEY=key), timeout=timeout)
 
 
 def test_cli_keys_submit_wait_status_download_usage(stack: Stack, tmp_path: Path) -> None:

@@ -24,8 +24,7 @@ import redis
 from botocore.config import Config
 
 from core.devstack import SHARED_ENV
-from core.embedded import free_port
-from tests.support import REPO_ROOT, wait_until
+from tests.support import REPO_ROOT, voxq_dev_process, wait_until
 
 START_TIMEOUT = 90.0
 
@@ -61,39 +60,9 @@ def _dev_env() -> dict[str, str]:
 @contextmanager
 def voxq_dev(data_dir: Path, tag: str) -> Iterator[DevRun]:
     """Run `voxq dev` until the with-block ends, then make sure it is gone."""
-    api_port, flower_port = free_port(), free_port()
     output = data_dir.parent / f"voxq-dev-{tag}.out"
-    with open(output, "wb") as out:
-        proc = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "core.cli",
-                "dev",
-                "--data-dir",
-                str(data_dir),
-                "--api-port",
-                str(api_port),
-                "--flower-port",
-                str(flower_port),
-            ],
-            cwd=REPO_ROOT,
-            env=_dev_env(),
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-    run = DevRun(proc, output, api_port, flower_port)
-    try:
-        yield run
-    finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(60)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait(10)
+    with voxq_dev_process(data_dir, _dev_env(), output) as (proc, api_port, flower_port):
+        yield DevRun(proc, output, api_port, flower_port)
 
 
 def _wait_up(run: DevRun) -> None:

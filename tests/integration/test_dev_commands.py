@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import socket
-import subprocess
-import sys
 import time
 import uuid
 from datetime import UTC, datetime, timedelta
@@ -13,18 +11,7 @@ from sqlalchemy import create_engine, inspect, text
 
 from core.embedded import create_database, drop_database, free_port
 from core.models import Base
-from tests.support import REPO_ROOT, Stack, celery_worker, wait_until
-
-
-def _voxq(args: list[str], env: dict[str, str], timeout: float = 120) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "core.cli", *args],
-        cwd=REPO_ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
+from tests.support import Stack, celery_worker, run_voxq, wait_until
 
 
 def test_migrate_brings_a_new_database_to_head(stack: Stack, postgres_admin_url: str) -> None:
@@ -32,14 +19,14 @@ def test_migrate_brings_a_new_database_to_head(stack: Stack, postgres_admin_url:
     url = create_database(postgres_admin_url, name)
     engine = create_engine(url)
     try:
-        result = _voxq(["migrate", "--timeout", "30"], stack.child_env(VOXQ_DATABASE_URL=url))
+        result = run_voxq(["migrate", "--timeout", "30"], stack.child_env(VOXQ_DATABASE_URL=url))
         assert result.returncode == 0, result.stderr
         assert "database at head" in result.stdout
         assert {t.name for t in Base.metadata.sorted_tables} <= set(inspect(engine).get_table_names())
         with engine.connect() as conn:
             assert conn.execute(text("SELECT version_num FROM alembic_version")).scalar()
         # Idempotent: compose runs it on every `up`.
-        assert _voxq(["migrate"], stack.child_env(VOXQ_DATABASE_URL=url)).returncode == 0
+        assert run_voxq(["migrate"], stack.child_env(VOXQ_DATABASE_URL=url)).returncode == 0
     finally:
         engine.dispose()
         drop_database(postgres_admin_url, name)
@@ -48,7 +35,7 @@ def test_migrate_brings_a_new_database_to_head(stack: Stack, postgres_admin_url:
 def test_migrate_waits_then_gives_up_without_printing_the_url(stack: Stack) -> None:
     url = f"postgresql+psycopg://voxq:hunter2-secret@127.0.0.1:{free_port()}/voxq"
     began = time.monotonic()
-    result = _voxq(["migrate", "--timeout", "2"], stack.child_env(VOXQ_DATABASE_URL=url))
+    result = run_voxq(["migrate", "--timeout", "2"], stack.child_env(VOXQ_DATABASE_URL=url))
     assert result.returncode == 1
     assert time.monotonic() - began >= 2  # it waited for the database before giving up
     assert "database not reachable" in result.stderr
@@ -56,7 +43,7 @@ def test_migrate_waits_then_gives_up_without_printing_the_url(stack: Stack) -> N
 
 
 def test_worker_health_fails_without_a_worker(stack: Stack) -> None:
-    result = _voxq(["worker-health", "--timeout", "1"], stack.child_env())
+    result = run_voxq(["worker-health", "--timeout", "1"], stack.child_env())
     assert result.returncode == 1
     assert "no live worker" in result.stderr
 
@@ -64,13 +51,13 @@ def test_worker_health_fails_without_a_worker(stack: Stack) -> None:
 def test_worker_health_answers_for_a_real_worker_on_this_host(stack: Stack) -> None:
     with celery_worker(stack, queues="maintenance", concurrency=1, name="worker"):
         wait_until(
-            lambda: _voxq(["worker-health", "--timeout", "2"], stack.child_env()).returncode == 0,
+            lambda: run_voxq(["worker-health", "--timeout", "2"], stack.child_env()).returncode == 0,
             timeout=60,
             interval=1,
             what="worker-health to see the worker",
         )
     # Gone (warm shutdown done): no ping answer (heartbeats aside, hence --max-age 0).
-    gone = _voxq(["worker-health", "--timeout", "1", "--max-age", "0"], stack.child_env())
+    gone = run_voxq(["worker-health", "--timeout", "1", "--max-age", "0"], stack.child_env())
     assert gone.returncode == 1
 
 
@@ -87,13 +74,13 @@ def test_worker_health_accepts_a_fresh_heartbeat_when_ping_fails(stack: Stack) -
                 ),
                 {"w": host, "t": datetime.now(UTC)},
             )
-        assert _voxq(["worker-health", "--timeout", "1"], stack.child_env(**broken_broker)).returncode == 0
+        assert run_voxq(["worker-health", "--timeout", "1"], stack.child_env(**broken_broker)).returncode == 0
         with engine.begin() as conn:
             conn.execute(
                 text("UPDATE worker_heartbeats SET last_seen_at = :t WHERE worker = :w"),
                 {"w": host, "t": datetime.now(UTC) - timedelta(minutes=10)},
             )
-        stale = _voxq(
+        stale = run_voxq(
             ["worker-health", "--timeout", "1", "--max-age", "60"], stack.child_env(**broken_broker)
         )
         assert stale.returncode == 1
