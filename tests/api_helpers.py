@@ -7,7 +7,9 @@ import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
+from decimal import Decimal
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -110,6 +112,60 @@ def make_key(tenant: str) -> str:
 
     with session_scope() as session:
         return auth.create_key(session, tenant).plaintext
+
+
+def finish_job(
+    job_id: str,
+    *,
+    text: str = "hello there",
+    segments: list[dict[str, Any]] | None = None,
+    model: str = "whisper-1",
+    usd: Decimal = Decimal("0.0002"),
+    billed_seconds: float = 2.0,
+    succeed: bool = True,
+) -> None:
+    """Write what a worker writes when a job succeeds (answering attempt, cost record, transcript), and
+    unless `succeed` is false the job's move to `succeeded`: for API tests that need a finished job."""
+    import uuid
+
+    from core.db import session_scope
+    from core.models import Attempt, CostRecord, Job, Transcript
+
+    with session_scope() as session:
+        job = session.get(Job, uuid.UUID(job_id))
+        assert job is not None
+        attempt = Attempt(
+            tenant_id=job.tenant_id, job_id=job.id, model=model, provider="openai", outcome="success"
+        )
+        session.add(attempt)
+        session.flush()
+        session.add(
+            CostRecord(
+                tenant_id=job.tenant_id,
+                batch_id=job.batch_id,
+                job_id=job.id,
+                attempt_id=attempt.id,
+                model=model,
+                usage_type="duration",
+                billed_audio_seconds=billed_seconds,
+                price_table_version="test",
+                usd=usd,
+            )
+        )
+        session.add(
+            Transcript(
+                tenant_id=job.tenant_id,
+                job_id=job.id,
+                attempt_id=attempt.id,
+                text=text,
+                segments=segments,
+                model=model,
+            )
+        )
+        if succeed:
+            job.status = "succeeded"
+            job.model = model
+            job.cost_usd = usd
 
 
 def sine_wav(seconds: float = 1.0, rate: int = 16000, freq: float = 440.0) -> bytes:

@@ -9,16 +9,16 @@ import time
 import uuid
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
-from decimal import Decimal
 
 import httpx
 from sqlalchemy import select
 
 from core.db import session_scope
-from core.models import Attempt, Batch, CostRecord, Job, Transcript
+from core.models import Batch, CostRecord, Job, Transcript
 from core.storage import Storage, content_key
 from tests.api_helpers import (
     ApiServer,
+    finish_job,
     import_bucket,
     make_key,
     redis_queue_length,
@@ -241,44 +241,6 @@ def test_import_from_allowed_bucket_by_reference(api: ApiServer, stack: Stack) -
         assert redis_queue_length(stack, "ingest") == 1
 
 
-def _finish_job(job_id: str, *, segments: list[dict[str, object]] | None, text: str = "hello there") -> None:
-    """Write what a worker writes when a job succeeds (the pipeline is another engineer's issue)."""
-    with session_scope() as session:
-        job = session.get(Job, uuid.UUID(job_id))
-        assert job is not None
-        attempt = Attempt(
-            tenant_id=job.tenant_id, job_id=job.id, model="whisper-1", provider="openai", outcome="success"
-        )
-        session.add(attempt)
-        session.flush()
-        session.add(
-            CostRecord(
-                tenant_id=job.tenant_id,
-                batch_id=job.batch_id,
-                job_id=job.id,
-                attempt_id=attempt.id,
-                model="whisper-1",
-                usage_type="duration",
-                billed_audio_seconds=2.0,
-                price_table_version="test",
-                usd=Decimal("0.0002"),
-            )
-        )
-        session.add(
-            Transcript(
-                tenant_id=job.tenant_id,
-                job_id=job.id,
-                attempt_id=attempt.id,
-                text=text,
-                segments=segments,
-                model="whisper-1",
-            )
-        )
-        job.status = "succeeded"
-        job.model = "whisper-1"
-        job.cost_usd = Decimal("0.0002")
-
-
 def test_transcript_formats_attempts_and_usage(api: ApiServer) -> None:
     key = make_key("acme")
     with api.client(key) as c:
@@ -289,14 +251,14 @@ def test_transcript_formats_attempts_and_usage(api: ApiServer) -> None:
         ).json()["jobs"]
         not_ready = c.get(f"/v1/jobs/{jobs[0]['id']}/transcript")
         assert not_ready.status_code == 409 and not_ready.json()["code"] == "transcript_not_ready"
-        _finish_job(
+        finish_job(
             jobs[0]["id"],
             segments=[
                 {"start": 0.0, "end": 1.5, "text": " hello"},
                 {"start": 61.25, "end": 3662.5, "text": "there"},
             ],
         )
-        _finish_job(jobs[1]["id"], segments=None, text="no stamps")
+        finish_job(jobs[1]["id"], segments=None, text="no stamps")
         txt = c.get(f"/v1/jobs/{jobs[0]['id']}/transcript")
         assert (
             txt.status_code == 200
@@ -366,7 +328,7 @@ def test_cancel_retry_and_delete(api: ApiServer, stack: Stack) -> None:
         assert retried["status"] == "queued" and retried["error"] is None
         assert redis_queue_length(stack, "ingest") == 1
 
-        _finish_job(jobs[0]["id"], segments=None)
+        finish_job(jobs[0]["id"], segments=None)
         storage = Storage()
         with session_scope() as session:
             shared_key = session.get(Job, uuid.UUID(jobs[0]["id"])).object_key  # type: ignore[union-attr]

@@ -12,10 +12,10 @@ from sqlalchemy import func, select
 
 from core import auth
 from core.db import session_scope
-from core.models import Attempt, CostRecord, Job, Transcript
+from core.models import Job
 from core.settings import get_settings
 from core.storage import Storage
-from tests.api_helpers import ApiServer, make_key, sine_wav
+from tests.api_helpers import ApiServer, finish_job, make_key, sine_wav
 from tests.support import Stack
 
 PUBLIC = {"/healthz", "/readyz", "/metrics", "/openapi.json", "/docs", "/docs/oauth2-redirect", "/redoc"}
@@ -30,29 +30,11 @@ def _seed_tenant_a(c: httpx.Client) -> tuple[str, str]:
             ("file", ("f.wav", sine_wav(0.7), "audio/wav")),
         ],
     ).json()["jobs"]
+    # Attempt, cost and transcript rows on a job left `uploaded`: only tenant A may see any of them.
+    finish_job(
+        jobs[0]["id"], text="top secret", model="m", usd=Decimal("1.5"), billed_seconds=1.0, succeed=False
+    )
     with session_scope() as session:
-        job = session.get(Job, uuid.UUID(jobs[0]["id"]))
-        assert job is not None
-        attempt = Attempt(
-            tenant_id=job.tenant_id, job_id=job.id, model="m", provider="openai", outcome="success"
-        )
-        session.add(attempt)
-        session.flush()
-        session.add(
-            Transcript(tenant_id=job.tenant_id, job_id=job.id, text="top secret", model="m", segments=None)
-        )
-        session.add(
-            CostRecord(
-                tenant_id=job.tenant_id,
-                batch_id=job.batch_id,
-                job_id=job.id,
-                attempt_id=attempt.id,
-                model="m",
-                price_table_version="t",
-                usd=Decimal("1.5"),
-                billed_audio_seconds=1.0,
-            )
-        )
         failed = session.get(Job, uuid.UUID(jobs[1]["id"]))
         assert failed is not None
         failed.status = "failed"
