@@ -16,7 +16,7 @@ import pytest
 
 from core.embedded import free_port, wait_for_port
 from tests.audio_fixtures import tone, wav_bytes
-from tests.support import REPO_ROOT, Stack
+from tests.support import REPO_ROOT, Stack, stop_process
 
 
 @dataclass
@@ -80,13 +80,7 @@ def start_api_server(stack: Stack, **env: str) -> ApiServer:
 
 def stop_api_server(server: ApiServer) -> None:
     """Stop the server process."""
-    if server.proc.poll() is None:
-        server.proc.terminate()
-        try:
-            server.proc.wait(15)
-        except subprocess.TimeoutExpired:
-            server.proc.kill()
-            server.proc.wait(5)
+    stop_process(server.proc, grace=15)
 
 
 @pytest.fixture(scope="session", name="api_server")

@@ -117,6 +117,23 @@ def wait_until(check: Callable[[], T], timeout: float = 30.0, interval: float = 
     raise AssertionError(f"timed out after {timeout}s waiting for {what or check!r} (last={last!r})")
 
 
+def stop_process(proc: subprocess.Popen[bytes], *, grace: float, kill_group: bool = False) -> None:
+    """Stop a child process: SIGTERM, then SIGKILL after `grace` seconds (to its whole process group with
+    `kill_group`; it was started with `start_new_session`). Nothing to do if it already ended."""
+    if proc.poll() is not None:
+        return
+    proc.terminate()
+    try:
+        proc.wait(grace)
+    except subprocess.TimeoutExpired:
+        if kill_group:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(proc.pid, signal.SIGKILL)
+        else:
+            proc.kill()
+        proc.wait(10)
+
+
 @contextmanager
 def celery_worker(
     stack: Stack,
@@ -162,13 +179,7 @@ def celery_worker(
     try:
         yield proc
     finally:
-        if proc.poll() is None:
-            proc.terminate()
-            try:
-                proc.wait(30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(10)
+        stop_process(proc, grace=30)
         # Pool children outlive a SIGKILLed parent; none may run into the next test's tasks.
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(proc.pid, signal.SIGKILL)
@@ -221,10 +232,4 @@ def voxq_dev_process(
     try:
         yield proc, api_port, flower_port
     finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(60)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait(10)
+        stop_process(proc, grace=60, kill_group=True)

@@ -61,7 +61,7 @@ from tests.api_helpers import start_api_server, stop_api_server
 from tests.audio_fixtures import tone_samples, wav_bytes
 from tests.fakes.fixtures import FAKE_OPENAI_API_KEY
 from tests.fakes.openai_server import FakeOpenAI
-from tests.support import REPO_ROOT, Stack, celery_worker, wait_until
+from tests.support import REPO_ROOT, Stack, celery_worker, stop_process, wait_until
 
 pytestmark = pytest.mark.chaos
 
@@ -103,12 +103,7 @@ def _beat(stack: Stack, env: dict[str, str]) -> Iterator[subprocess.Popen[bytes]
     try:
         yield proc
     finally:
-        proc.terminate()
-        try:
-            proc.wait(15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(5)
+        stop_process(proc, grace=15)
         log.close()
 
 

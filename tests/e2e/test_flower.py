@@ -13,7 +13,7 @@ import pytest
 
 from core import names
 from core.embedded import free_port, wait_for_port
-from tests.support import REPO_ROOT, Stack, celery_worker, wait_until
+from tests.support import REPO_ROOT, Stack, celery_worker, stop_process, wait_until
 
 USER = "ops"
 
@@ -40,12 +40,7 @@ def flower(stack: Stack) -> Iterator[tuple[str, str]]:
         wait_for_port(port, 60, proc=proc)
         yield f"http://127.0.0.1:{port}", password
     finally:
-        proc.terminate()
-        try:
-            proc.wait(20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(10)
+        stop_process(proc, grace=20)
     # Flower's own log never shows the password (it travels in the environment, not argv).
     assert password not in log_path.read_text(errors="replace")
 
