@@ -162,6 +162,22 @@ def finish_job(
             job.cost_usd = usd
 
 
+def tenant_objects(tenant_name: str) -> list[str]:
+    """Every object and unfinished multipart upload under the tenant's prefix in the bucket."""
+    from sqlalchemy import select
+
+    from core.db import session_scope
+    from core.models import Tenant
+    from core.storage import Storage
+
+    with session_scope() as session:
+        tenant_id = session.scalar(select(Tenant.id).where(Tenant.name == tenant_name))
+    storage = Storage()
+    listed = storage.client.list_objects_v2(Bucket=storage.bucket, Prefix=f"{tenant_id}/")
+    uploads = storage.client.list_multipart_uploads(Bucket=storage.bucket, Prefix=f"{tenant_id}/")
+    return [o["Key"] for o in listed.get("Contents", [])] + [u["Key"] for u in uploads.get("Uploads", [])]
+
+
 def sine_wav(seconds: float = 1.0, rate: int = 16000, freq: float = 440.0) -> bytes:
     """A mono 16-bit PCM WAV of a sine tone."""
     return wav_bytes(tone(freq, seconds, rate=rate, amplitude=8000 / 32767), rate=rate)

@@ -117,6 +117,21 @@ def wait_until(check: Callable[[], T], timeout: float = 30.0, interval: float = 
     raise AssertionError(f"timed out after {timeout}s waiting for {what or check!r} (last={last!r})")
 
 
+def child_pids(pid: int) -> list[int]:
+    """The live direct children of a process (from /proc), e.g. a Celery worker's pool processes."""
+    kids = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as fh:
+                    fields = fh.read().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(fields[1]) == pid:
+                kids.append(int(entry))
+    return kids
+
+
 def stop_process(proc: subprocess.Popen[bytes], *, grace: float, kill_group: bool = False) -> None:
     """Stop a child process: SIGTERM, then SIGKILL after `grace` seconds (to its whole process group with
     `kill_group`; it was started with `start_new_session`). Nothing to do if it already ended."""

@@ -14,27 +14,18 @@ import pytest
 from sqlalchemy import func, select
 
 from core.db import session_scope
-from core.models import Job, Tenant
-from core.storage import Storage
+from core.models import Job
 from tests.api_helpers import (
     ApiServer,
     make_key,
     sine_wav,
     start_api_server,
     stop_api_server,
+    tenant_objects,
 )
 from tests.support import Stack, wait_until
 
 SMALL_LIMIT = 256 * 1024
-
-
-def _tenant_objects(tenant_name: str) -> list[str]:
-    with session_scope() as session:
-        tenant_id = session.scalar(select(Tenant.id).where(Tenant.name == tenant_name))
-    storage = Storage()
-    listed = storage.client.list_objects_v2(Bucket=storage.bucket, Prefix=f"{tenant_id}/")
-    uploads = storage.client.list_multipart_uploads(Bucket=storage.bucket, Prefix=f"{tenant_id}/")
-    return [o["Key"] for o in listed.get("Contents", [])] + [u["Key"] for u in uploads.get("Uploads", [])]
 
 
 def _jobs() -> int:
@@ -85,7 +76,7 @@ def test_bad_files_are_refused_and_leave_nothing(
         _assert_problem(single, status, code)
         assert c.get("/v1/batches").json()["items"][0]["id"] == batch["id"]  # /v1/jobs made no batch
     assert _jobs() == 0
-    assert _tenant_objects("acme") == []
+    assert tenant_objects("acme") == []
 
 
 @pytest.fixture
@@ -123,7 +114,7 @@ def test_too_big_by_content_length_is_413_before_the_body_is_read(small_api: Api
     head, _, body = answer.partition(b"\r\n\r\n")
     assert head.startswith(b"HTTP/1.1 413"), head
     assert b"application/problem+json" in head and b'"file_too_large"' in body
-    assert _tenant_objects("acme") == [] and _jobs() == 0
+    assert tenant_objects("acme") == [] and _jobs() == 0
 
 
 def test_too_big_while_streaming_is_413_and_aborts_the_s3_upload(small_api: ApiServer) -> None:
@@ -164,7 +155,7 @@ def test_too_big_while_streaming_is_413_and_aborts_the_s3_upload(small_api: ApiS
     assert answer.startswith(b"HTTP/1.1 413"), answer[:200]
     assert b"application/problem+json" in answer and b'"file_too_large"' in answer
     assert sent < SMALL_LIMIT + 8 * 1024 * 1024  # answered long before the 640 MB were offered
-    assert _tenant_objects("acme") == [] and _jobs() == 0
+    assert tenant_objects("acme") == [] and _jobs() == 0
     with small_api.client(key) as c:  # presigned uploads respect the limit too
         ask = c.post(f"/v1/batches/{batch_id}/uploads", json={"filename": "p.wav", "bytes": SMALL_LIMIT + 1})
         _assert_problem(ask, 413, "file_too_large")
@@ -253,6 +244,6 @@ def test_client_going_away_mid_upload_leaves_nothing(api: ApiServer) -> None:
         for _ in range(40):  # 40 MB: several S3 parts are written before we vanish
             sock.sendall(b"\0" * (1024 * 1024))
         # the upload really is under way in S3 (a multipart upload exists) before we go away
-        wait_until(lambda: _tenant_objects("acme"), timeout=30, what="the upload to reach S3")
-    wait_until(lambda: _tenant_objects("acme") == [], timeout=30, what="the partial upload to be removed")
+        wait_until(lambda: tenant_objects("acme"), timeout=30, what="the upload to reach S3")
+    wait_until(lambda: tenant_objects("acme") == [], timeout=30, what="the partial upload to be removed")
     assert _jobs() == 0

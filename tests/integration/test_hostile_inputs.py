@@ -13,7 +13,6 @@ Every file is generated here with PyAV, numpy, wave and struct; no ffmpeg comman
 from __future__ import annotations
 
 import io
-import os
 import struct
 import time
 import uuid
@@ -30,17 +29,17 @@ from sqlalchemy import select
 
 from core.db import session_scope
 from core.models import Job
-from core.storage import Storage
 from tests.api_helpers import (
     ApiServer,
     make_key,
     sine_wav,
+    tenant_objects,
     wav_header,
 )
 from tests.audio_fixtures import tones
 from tests.fakes.openai_server import FakeOpenAI
 from tests.pipeline_support import hosted_env
-from tests.support import Stack, celery_worker, wait_until
+from tests.support import Stack, celery_worker, child_pids, wait_until
 
 # --- generators -------------------------------------------------------------------------------------
 
@@ -141,42 +140,17 @@ def _problem(resp: httpx.Response, status: int, code: str) -> dict[str, Any]:
     return dict(body)
 
 
-def _children(pid: int) -> set[int]:
-    kids = set()
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                with open(f"/proc/{entry}/stat") as fh:
-                    fields = fh.read().rsplit(")", 1)[1].split()
-            except OSError:
-                continue
-            if int(fields[1]) == pid:
-                kids.add(int(entry))
-    return kids
-
-
-def _tenant_prefix_objects(tenant_name: str) -> list[str]:
-    from core.models import Tenant
-
-    with session_scope() as session:
-        tenant_id = session.scalar(select(Tenant.id).where(Tenant.name == tenant_name))
-    storage = Storage()
-    listed = storage.client.list_objects_v2(Bucket=storage.bucket, Prefix=f"{tenant_id}/")
-    uploads = storage.client.list_multipart_uploads(Bucket=storage.bucket, Prefix=f"{tenant_id}/")
-    return [o["Key"] for o in listed.get("Contents", [])] + [u["Key"] for u in uploads.get("Uploads", [])]
-
-
 @pytest.fixture
 def worker_proc(stack: Stack, fake_openai: FakeOpenAI) -> Iterator[Any]:
     with celery_worker(stack, env=hosted_env(), concurrency=2) as proc:
-        wait_until(lambda: len(_children(proc.pid)) == 2, timeout=60, what="pool children up")
+        wait_until(lambda: len(child_pids(proc.pid)) == 2, timeout=60, what="pool children up")
         yield proc
 
 
 def test_hostile_files_get_stable_codes_and_good_files_alongside_succeed(
     api: ApiServer, worker_proc: Any, tmp_path: Path
 ) -> None:
-    pids_before = {worker_proc.pid, *_children(worker_proc.pid)}
+    pids_before = {worker_proc.pid, *child_pids(worker_proc.pid)}
     key = make_key("hostile")
     refused = api_refused()
     with api.client(key, timeout=120) as c:
@@ -262,7 +236,7 @@ def test_hostile_files_get_stable_codes_and_good_files_alongside_succeed(
             )
     # no worker process died or was replaced
     assert worker_proc.poll() is None
-    assert {worker_proc.pid, *_children(worker_proc.pid)} == pids_before
+    assert {worker_proc.pid, *child_pids(worker_proc.pid)} == pids_before
 
 
 def test_huge_multipart_part_counts_are_refused_cheaply(api: ApiServer) -> None:
@@ -293,7 +267,7 @@ def test_huge_multipart_part_counts_are_refused_cheaply(api: ApiServer) -> None:
         assert 400 <= resp.status_code < 500, resp.text[:300]
         assert resp.headers["content-type"] == "application/problem+json"
         assert c.get("/readyz").status_code == 200
-    wait_until(lambda: _tenant_prefix_objects("parts") == [], timeout=30, what="no leftovers")
+    wait_until(lambda: tenant_objects("parts") == [], timeout=30, what="no leftovers")
 
 
 def test_idempotency_key_reused_with_another_body_is_refused_alongside_uploads(api: ApiServer) -> None:

@@ -31,7 +31,7 @@ from tests.pipeline_support import (
     hosted_env,
     tones,
 )
-from tests.support import Stack, celery_worker, wait_until
+from tests.support import Stack, celery_worker, child_pids, wait_until
 from worker.audio import encode_flac
 
 
@@ -357,20 +357,6 @@ def test_identical_audio_prepared_by_concurrent_tasks_is_still_transcribed_once(
     assert {pipeline.transcript(j).text for j in jobs} == {"tone1230 tone460"}  # type: ignore[union-attr]
 
 
-def _children(pid: int) -> list[int]:
-    kids = []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                with open(f"/proc/{entry}/stat") as fh:
-                    fields = fh.read().rsplit(")", 1)[1].split()
-            except OSError:
-                continue
-            if int(fields[1]) == pid:
-                kids.append(int(entry))
-    return kids
-
-
 def test_a_worker_killed_mid_call_is_recovered_and_the_lost_call_accounted(
     stack: Stack, pipeline: Pipeline, fake_openai: FakeOpenAI, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -381,7 +367,7 @@ def test_a_worker_killed_mid_call_is_recovered_and_the_lost_call_accounted(
     with celery_worker(stack, concurrency=1, env=hosted_env()) as proc:
         pipeline.submit([job])
         wait_until(lambda: pipeline.attempts(job), timeout=60, what="the first call in flight")
-        (child,) = _children(proc.pid)
+        (child,) = child_pids(proc.pid)
         os.kill(child, signal.SIGKILL)  # the pool process dies mid-call; its task message is requeued
         rows = pipeline.wait_terminal([job], timeout=90)
     assert rows[job].status == JobStatus.SUCCEEDED.value
