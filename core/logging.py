@@ -241,6 +241,7 @@ QUIET_LIBRARIES = (
 MAX_EVENT_CHARS = 4000
 
 # Loggers that install their own handlers and would bypass ours (and our redaction).
+_ACCESS_LOGGER = "uvicorn.access"
 _TAKEN_OVER = ("uvicorn", "uvicorn.error", "uvicorn.access", "celery", "celery.task", "celery.redirected")
 
 
@@ -283,8 +284,12 @@ def configure_logging(
         logging.getLogger(name).setLevel(max(logging.WARNING, level))
     for name in _TAKEN_OVER:
         taken = logging.getLogger(name)
+        # `uvicorn --no-access-log` (Config(access_log=False)) leaves the access logger with no handler
+        # and no propagation; uvicorn then skips access logging only while `hasHandlers()` is False, so
+        # re-attaching it to our root handler would turn the access log back on (~2% of a request).
+        switched_off = name == _ACCESS_LOGGER and not taken.handlers and not taken.propagate
         taken.handlers = []
-        taken.propagate = True
+        taken.propagate = not switched_off
         # Someone's dictConfig/fileConfig may have disabled it or raised its level; ours decides now.
         taken.disabled = False
         taken.setLevel(logging.NOTSET)

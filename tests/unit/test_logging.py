@@ -186,6 +186,38 @@ def test_takes_over_library_loggers(stream: io.StringIO) -> None:
     assert "tok-secret-1" not in str(record["event"])
 
 
+@pytest.fixture
+def uvicorn_loggers() -> Iterator[None]:
+    """Put uvicorn's loggers back as they were (uvicorn's Config reconfigures them globally)."""
+    names = ("uvicorn", "uvicorn.error", "uvicorn.access", "uvicorn.asgi")
+    saved = {n: (list(logging.getLogger(n).handlers), logging.getLogger(n).propagate) for n in names}
+    saved_levels = {n: logging.getLogger(n).level for n in names}
+    yield
+    for name, (handlers, propagate) in saved.items():
+        logger = logging.getLogger(name)
+        logger.handlers, logger.propagate = handlers, propagate
+        logger.setLevel(saved_levels[name])
+
+
+@pytest.mark.parametrize("access_log", [True, False])
+def test_uvicorn_access_log_follows_its_switch(
+    stream: io.StringIO, uvicorn_loggers: None, access_log: bool
+) -> None:
+    import uvicorn
+
+    # What `uvicorn api.main:app [--no-access-log]` does: configure its loggers, then import the app
+    # (whose create_app calls configure_logging); its protocols log access only if hasHandlers().
+    uvicorn.Config("api.main:app", access_log=access_log)
+    configure_logging("json", "INFO", stream=stream, redacted_values=[])
+    configure_logging("json", "INFO", stream=stream, redacted_values=[])  # a second call changes nothing
+    access = logging.getLogger("uvicorn.access")
+    assert access.hasHandlers() is access_log
+    if access.hasHandlers():
+        access.info('127.0.0.1:1 - "GET /v1/jobs/x HTTP/1.1" 200')
+    logging.getLogger("uvicorn.error").info("Application startup complete.")
+    assert [r["logger"] for r in _lines(stream)] == ["uvicorn.access"] * access_log + ["uvicorn.error"]
+
+
 def test_long_events_are_cut(stream: io.StringIO) -> None:
     from core.logging import MAX_EVENT_CHARS
 
