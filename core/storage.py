@@ -9,7 +9,10 @@ from dataclasses import dataclass
 from typing import IO, TYPE_CHECKING, Any
 
 import boto3
+import botocore.auth
 from boto3.s3.transfer import TransferConfig
+from botocore.auth import S3SigV4Auth
+from botocore.awsrequest import AWSRequest
 from botocore.config import Config
 from botocore.exceptions import ClientError
 
@@ -20,7 +23,54 @@ if TYPE_CHECKING:
     from mypy_boto3_s3 import S3Client
 
 _SAFE_PART = re.compile(r"^[A-Za-z0-9_.-]+$")
+_SHA256_HEX = re.compile(r"[0-9a-f]{64}")
 READ_CHUNK = 1024 * 1024
+
+# `put_object(..., **{KNOWN_SHA256: digest})`: the SHA-256 (hex) of exactly the Body, already computed
+# by the caller; SigV4 signs it as the payload hash instead of hashing the body a second time.
+KNOWN_SHA256 = "VoxqBodySha256"
+_KNOWN_SHA256_CONTEXT = "voxq_body_sha256"
+_KNOWN_PAYLOAD_SIGNER = "voxq-s3v4-known-payload"
+
+
+class KnownPayloadS3SigV4Auth(S3SigV4Auth):
+    """S3 SigV4 that signs a body whose SHA-256 the caller already knows, instead of hashing it again.
+
+    Only a request whose context carries the digest (see `KNOWN_SHA256`) gets it; anything else is
+    hashed as usual. The server recomputes the payload hash and refuses the request when it differs
+    (`XAmzContentSHA256Mismatch`), so a wrong digest fails the PUT: it never stores other bytes.
+    """
+
+    def payload(self, request: AWSRequest) -> str:
+        """The known digest when the payload is signed at all, else botocore's own answer."""
+        known = request.context.get(_KNOWN_SHA256_CONTEXT)
+        this: Any = self  # botocore's own checks; the stubs omit these private methods
+        if (
+            known is None
+            or this._is_streaming_checksum_payload(request)
+            or not this._should_sha256_sign_payload(request)
+        ):
+            return str(super().payload(request))
+        return str(known)
+
+
+botocore.auth.AUTH_TYPE_MAPS.setdefault(_KNOWN_PAYLOAD_SIGNER, KnownPayloadS3SigV4Auth)
+
+
+def _take_known_sha256(params: dict[str, Any], context: dict[str, Any], **_: Any) -> None:
+    """before-parameter-build: move our pseudo-parameter into the request context (S3 never sees it)."""
+    known = params.pop(KNOWN_SHA256, None)
+    if known is not None:
+        if not isinstance(known, str) or not _SHA256_HEX.fullmatch(known):
+            raise ValueError(f"{KNOWN_SHA256} must be a lowercase hex SHA-256")
+        context[_KNOWN_SHA256_CONTEXT] = known
+
+
+def _choose_known_payload_signer(signature_version: str, context: dict[str, Any], **_: Any) -> str | None:
+    """choose-signer: plain S3 SigV4 requests that carry a known digest use `KnownPayloadS3SigV4Auth`."""
+    if context.get(_KNOWN_SHA256_CONTEXT) and signature_version in {"s3v4", "v4"}:
+        return _KNOWN_PAYLOAD_SIGNER
+    return None
 
 
 def content_key(tenant_id: str, sha256: str) -> str:
@@ -104,10 +154,16 @@ class Storage:
         self.client.upload_fileobj(reader, self.bucket, key, Config=self.transfer_config)  # type: ignore[arg-type]
         return StoredObject(key=key, bytes=reader.size, sha256=reader.sha.hexdigest())
 
-    def upload_bytes(self, data: bytes, key: str, content_type: str | None = None) -> None:
-        """Put a small object in one request."""
+    def upload_bytes(
+        self, data: bytes | bytearray, key: str, content_type: str | None = None, *, sha256: str | None = None
+    ) -> None:
+        """Put an object in one request. `sha256`: the hex SHA-256 of `data` when the caller already
+        has it (it is signed as the payload hash instead of hashing `data` again; S3 refuses a wrong one)."""
         extra: dict[str, Any] = {"ContentType": content_type} if content_type else {}
-        self.client.put_object(Bucket=self.bucket, Key=key, Body=data, **extra)
+        if sha256 is not None:
+            extra[KNOWN_SHA256] = sha256
+        # botocore takes a bytearray as it is (its stubs say bytes): a held upload buffer is not copied.
+        self.client.put_object(Bucket=self.bucket, Key=key, Body=data, **extra)  # type: ignore[arg-type]
 
     def download_to(self, key: str, fileobj: IO[bytes], *, bucket: str | None = None) -> None:
         """Stream an object into `fileobj` (ranged, multipart-aware)."""
@@ -180,7 +236,7 @@ def make_s3_client(
     settings: Settings, *, connect_timeout: float = 5, read_timeout: float = 60, max_attempts: int = 5
 ) -> S3Client:
     """A boto3 S3 client with path-style addressing and SigV4, as SeaweedFS and MinIO need."""
-    return boto3.client(
+    client = boto3.client(
         "s3",
         endpoint_url=settings.s3_endpoint_url,
         aws_access_key_id=settings.s3_access_key_id,
@@ -197,3 +253,7 @@ def make_s3_client(
             response_checksum_validation="when_required",
         ),
     )
+    for operation in ("PutObject", "UploadPart"):
+        client.meta.events.register(f"before-parameter-build.s3.{operation}", _take_known_sha256)
+        client.meta.events.register(f"choose-signer.s3.{operation}", _choose_known_payload_signer)  # type: ignore[arg-type]
+    return client
