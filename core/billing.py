@@ -32,9 +32,9 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
-from typing import Any
+from typing import Any, cast
 
-from sqlalchemy import delete, insert, select, update
+from sqlalchemy import Table, bindparam, delete, insert, select, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.orm import Session
 
@@ -68,6 +68,22 @@ def _add_totals(
         add_batch_totals(session, batch_id, billed_seconds=billed_seconds, cost=usd, committed=committed)
 
 
+# Built once: the batch row's UPDATE runs once per completion transaction (and per budget move), and an
+# ORM-enabled `update(Batch)` was compiled and cache-keyed on each call.
+_BATCH_TABLE = cast(Table, Batch.__table__)
+_BATCHES = _BATCH_TABLE.c
+_ADD_BATCH_TOTALS = (
+    update(_BATCH_TABLE)
+    .where(_BATCHES.id == bindparam("batch"))
+    .values(
+        audio_seconds=_BATCHES.audio_seconds + bindparam("audio"),
+        billed_seconds=_BATCHES.billed_seconds + bindparam("billed"),
+        cost_usd=_BATCHES.cost_usd + bindparam("cost"),
+        committed_usd=_BATCHES.committed_usd + bindparam("committed"),
+    )
+)
+
+
 def add_batch_totals(
     session: Session,
     batch_id: uuid.UUID,
@@ -80,14 +96,14 @@ def add_batch_totals(
     """Move a batch's totals by these deltas in one `SET x = x + :delta` UPDATE (never read-modify-write;
     the batch row is the hot one, so callers fold everything of one transaction into one call)."""
     session.execute(
-        update(Batch)
-        .where(Batch.id == batch_id)
-        .values(
-            audio_seconds=Batch.audio_seconds + audio_seconds,
-            billed_seconds=Batch.billed_seconds + billed_seconds,
-            cost_usd=Batch.cost_usd + cost,
-            committed_usd=Batch.committed_usd + committed,
-        )
+        _ADD_BATCH_TOTALS,
+        {
+            "batch": batch_id,
+            "audio": float(audio_seconds),
+            "billed": float(billed_seconds),
+            "cost": Decimal(cost),
+            "committed": Decimal(committed),
+        },
     )
 
 

@@ -13,13 +13,14 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import logging
 import os
 import socket
 import threading
-from collections.abc import Coroutine
+from collections.abc import Coroutine, Hashable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 import httpx
 
@@ -32,15 +33,115 @@ if TYPE_CHECKING:
     from core.circuit import CircuitBreaker
     from core.providers.base import Provider
     from core.ratelimit import RateLimiter
+    from worker import records
 
 T = TypeVar("T")
+RowT = TypeVar("RowT")
+ResultT = TypeVar("ResultT")
+log = logging.getLogger(__name__)
 HTTP_SHARD_CONNECTIONS = 32
 # How long an attempt row waits for others to share its INSERT (AttemptOpener).
 OPEN_ATTEMPTS_WINDOW_SECONDS = 0.003
 OPEN_ATTEMPTS_MAX_ROWS = 256
+# How long an answered job waits for others to share its completion transaction (CompletionWriter).
+COMPLETIONS_WINDOW_SECONDS = 0.01
+COMPLETIONS_MAX_ROWS = 128
 
 
-class AttemptOpener:
+class _GroupWriter(Generic[RowT, ResultT]):
+    """Rows handed in by concurrent calls, written together by one writer; each call awaits its own result.
+
+    The writer starts when the first row arrives, waits `window` seconds for others, writes up to
+    `max_rows` at once, and goes on while rows keep arriving (rows that come in during a write go in the
+    next one). When writing a group fails, each of its rows is written on its own (`_write_one`), so one
+    bad row — or a failed group — fails only the calls it must.
+    """
+
+    window = 0.0
+    max_rows = 256
+
+    def __init__(self) -> None:
+        self._waiting: list[tuple[RowT, asyncio.Future[ResultT]]] = []
+        self._writer: asyncio.Task[None] | None = None
+
+    async def _submit(self, row: RowT) -> ResultT:
+        future: asyncio.Future[ResultT] = asyncio.get_running_loop().create_future()
+        self._waiting.append((row, future))
+        if self._writer is None or self._writer.done():
+            self._writer = asyncio.ensure_future(self._write())
+        return await future
+
+    async def _write_rows(self, rows: list[RowT]) -> list[ResultT]:
+        """Write these rows together (one transaction); their results in order."""
+        raise NotImplementedError
+
+    async def _write_one(self, row: RowT) -> ResultT:
+        """Write one row on its own (after its group's write failed)."""
+        (result,) = await self._write_rows([row])
+        return result
+
+    def _key(self, row: RowT) -> Hashable | None:
+        """Rows with the same key never share a write (None: no such constraint)."""
+        return None
+
+    def _take(self) -> list[tuple[RowT, asyncio.Future[ResultT]]]:
+        batch: list[tuple[RowT, asyncio.Future[ResultT]]] = []
+        later: list[tuple[RowT, asyncio.Future[ResultT]]] = []
+        keys: set[Hashable] = set()
+        for item in self._waiting:
+            key = self._key(item[0])
+            if len(batch) >= self.max_rows or (key is not None and key in keys):
+                later.append(item)
+                continue
+            if key is not None:
+                keys.add(key)
+            batch.append(item)
+        self._waiting = later
+        return batch
+
+    async def _write(self) -> None:
+        if self.window:
+            await asyncio.sleep(self.window)
+        try:
+            while self._waiting:
+                await self._write_batch(self._take())
+        finally:
+            # Only left over when this writer was cancelled (the loop is closing): nobody will write them.
+            for _, future in self._waiting:
+                future.cancel()
+            self._waiting.clear()
+
+    async def _write_batch(self, batch: list[tuple[RowT, asyncio.Future[ResultT]]]) -> None:
+        try:
+            results = await self._write_rows([row for row, _ in batch])
+        except Exception as exc:
+            if len(batch) > 1:
+                log.warning("group write of %d rows failed (%s): writing them one by one", len(batch), exc)
+                await asyncio.gather(*(self._write_alone(item) for item in batch))
+            elif not batch[0][1].done():
+                batch[0][1].set_exception(exc)
+            return
+        except BaseException:
+            for _, future in batch:
+                future.cancel()
+            raise
+        for (_, future), result in zip(batch, results, strict=True):
+            if not future.done():
+                future.set_result(result)
+
+    async def _write_alone(self, item: tuple[RowT, asyncio.Future[ResultT]]) -> None:
+        row, future = item
+        try:
+            result = await self._write_one(row)
+        except Exception as exc:
+            if not future.done():
+                future.set_exception(exc)
+            return
+        if not future.done():
+            future.set_result(result)
+
+
+class AttemptOpener(_GroupWriter[Any, None]):
     """Writes the pending attempt rows of calls about to start in this process together.
 
     Each call awaits its row before it starts (the row is the record that the call happened; the sweeper
@@ -49,51 +150,51 @@ class AttemptOpener:
     write is under way go in the next one.
     """
 
-    def __init__(self) -> None:
-        self._waiting: list[tuple[Any, asyncio.Future[None]]] = []
-        self._writer: asyncio.Task[None] | None = None
+    window = OPEN_ATTEMPTS_WINDOW_SECONDS
+    max_rows = OPEN_ATTEMPTS_MAX_ROWS
 
     async def open(self, row: Any) -> None:
         """Write `row` (a `records.PendingAttempt`) and return once it is committed."""
-        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._waiting.append((row, future))
-        if self._writer is None or self._writer.done():
-            self._writer = asyncio.ensure_future(self._write())
-        await future
+        await self._submit(row)
 
-    async def _write(self) -> None:
-        await asyncio.sleep(OPEN_ATTEMPTS_WINDOW_SECONDS)
-        try:
-            while self._waiting:
-                batch = self._waiting[:OPEN_ATTEMPTS_MAX_ROWS]
-                del self._waiting[:OPEN_ATTEMPTS_MAX_ROWS]
-                await self._write_batch(batch)
-        finally:
-            # Only left over when this writer was cancelled (the loop is closing): nobody will write them.
-            for _, future in self._waiting:
-                future.cancel()
-            self._waiting.clear()
-
-    async def _write_batch(self, batch: list[tuple[Any, asyncio.Future[None]]]) -> None:
+    async def _write_rows(self, rows: list[Any]) -> list[None]:
         from worker import records
 
-        try:
-            await asyncio.to_thread(records.open_attempts, [row for row, _ in batch])
-        except Exception as exc:
-            if len(batch) > 1:
-                # One bad row must not fail its neighbours' calls: write them one by one.
-                for one in batch:
-                    await self._write_batch([one])
-            elif not batch[0][1].done():
-                batch[0][1].set_exception(exc)
-            return
-        except BaseException:
-            for _, future in batch:
-                future.cancel()
-            raise
-        for _, future in batch:
-            if not future.done():
-                future.set_result(None)
+        await asyncio.to_thread(records.open_attempts, rows)
+        return [None] * len(rows)
+
+
+class CompletionWriter(_GroupWriter["records.JobSuccess", "records.Succeeded | None"]):
+    """Group commit of answered jobs: the transcripts (and the closes of their answering attempts) of
+    jobs whose answers came in at about the same moment are written by one transaction
+    (`records.succeed_jobs`), which moves the hot batch row once per batch instead of once per job. Its
+    failure — a database outage, a lost race for a transcript — writes each job on its own with
+    `records.succeed_one` (durable, the per-job rules), so no close is lost and none is billed twice: the
+    group's transaction either committed whole or not at all.
+
+    A row handed in is written even if its caller is cancelled meanwhile (a task's time limit): an
+    answered attempt is always closed.
+    """
+
+    window = COMPLETIONS_WINDOW_SECONDS
+    max_rows = COMPLETIONS_MAX_ROWS
+
+    async def succeed(self, row: records.JobSuccess) -> records.Succeeded | None:
+        """Store `row` (with its attempt's close); what `records.succeed_job` returns, once committed."""
+        return await self._submit(row)
+
+    def _key(self, row: records.JobSuccess) -> Hashable:
+        return row.job_id  # two runs of one job never share a transaction
+
+    async def _write_rows(self, rows: list[records.JobSuccess]) -> list[records.Succeeded | None]:
+        from worker import records
+
+        return await asyncio.to_thread(records.succeed_jobs, rows)
+
+    async def _write_one(self, row: records.JobSuccess) -> records.Succeeded | None:
+        from worker import records
+
+        return await asyncio.to_thread(records.succeed_one, row)
 
 
 @dataclass
@@ -115,6 +216,7 @@ class Runtime:
     _redis: aioredis.Redis | None = None
     _semaphore: asyncio.Semaphore | None = None
     attempts: AttemptOpener = field(default_factory=AttemptOpener)
+    completions: CompletionWriter = field(default_factory=CompletionWriter)
 
     def run(self, coro: Coroutine[Any, Any, T]) -> T:
         """Run a coroutine on the process's loop and wait for its result (from any thread but the loop's).

@@ -177,7 +177,7 @@ class Answer:
     model: str
     attempt_ids: list[uuid.UUID] = field(default_factory=list)
     # With `run(..., defer_close=True)`: the answering attempt, not yet closed; the caller closes it in
-    # the transaction that stores the transcript (`records.succeed_job(close=...)`) or on its way out.
+    # the transaction that stores the transcript (`records.JobSuccess.close`) or on its way out.
     pending_close: records.AttemptClose | None = None
     kept: bool = False  # stored in `job_answers` with the close of its attempt (see `_kept`)
 
@@ -657,7 +657,7 @@ async def _send_piece(
     """Transcribe one piece through the chain (its answer is kept at once: a later run reuses it)."""
     data = await derived.read(rt, piece.object_key)
     prompt = compose_prompt(piece.batch.prompt, previous_text)
-    # A whole job's answer is closed with its transcript (`records.succeed_job(close=...)`).
+    # A whole job's answer is closed with its transcript (`records.JobSuccess.close`).
     answer = await runner.run(piece, data, piece.seconds, prompt, chain, defer_close=piece.index is None)
     del data
     mapped = audio.map_segments(
@@ -760,19 +760,21 @@ async def _transcribe_job(
         "trimmed_seconds": round(tmap.trimmed_seconds, 3),
         "original_seconds": job.duration_seconds,
     }
-    done = await asyncio.to_thread(
-        records.succeed_job,
-        job.id,
-        group_id=group_id,
-        text_=text,
-        segments=segments,
-        language=language or batch.language,
-        model=model,
-        attempt_id=attempt_ids[-1] if attempt_ids else None,
-        provenance=provenance,
-        close=next((d.pending_close for d in ordered if d.pending_close is not None), None),
+    # Written together with the other jobs answered at about the same moment (`Runtime.completions`).
+    done = await rt.completions.succeed(
+        records.JobSuccess(
+            job.id,
+            group_id=group_id,
+            text=text,
+            segments=segments,
+            language=language or batch.language,
+            model=model,
+            attempt_id=attempt_ids[-1] if attempt_ids else None,
+            provenance=provenance,
+            close=next((d.pending_close for d in ordered if d.pending_close is not None), None),
+        )
     )
-    if done is not None:
+    if done is not None and done.followers:
         await asyncio.to_thread(
             completion.job_finished, job.id, job.batch_id, check_batch=False, succeeded=done
         )
