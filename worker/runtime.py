@@ -17,7 +17,7 @@ import logging
 import os
 import socket
 import threading
-from collections.abc import Coroutine, Hashable
+from collections.abc import AsyncIterator, Callable, Coroutine, Hashable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
@@ -39,7 +39,6 @@ T = TypeVar("T")
 RowT = TypeVar("RowT")
 ResultT = TypeVar("ResultT")
 log = logging.getLogger(__name__)
-HTTP_SHARD_CONNECTIONS = 32
 # How long an attempt row waits for others to share its INSERT (AttemptOpener).
 OPEN_ATTEMPTS_WINDOW_SECONDS = 0.003
 OPEN_ATTEMPTS_MAX_ROWS = 256
@@ -197,6 +196,70 @@ class CompletionWriter(_GroupWriter["records.JobSuccess", "records.Succeeded | N
         return await asyncio.to_thread(records.succeed_one, row)
 
 
+class SlotTransport(httpx.AsyncBaseTransport):
+    """An httpx transport that gives each request in flight a keep-alive connection of its own.
+
+    httpcore's connection pool walks all of its connections on every request and every response close
+    (`_assign_requests_to_connections`: expiry, idleness, availability), O(n) per request: at 256 in
+    flight in one pool it took a third of the event loop's time, and still 10-20% of the worker's CPU
+    with 8 shards of 32. Here each connection sits in a pool of its own (`max_connections=1`), and a
+    request takes an idle one from a stack (the most recently used first: its connection is warm) or
+    makes a new one, and gives it back when its response is closed. The process's in-flight semaphore
+    bounds how many exist; requests and responses are exactly what httpx sends and reads anyway.
+    """
+
+    def __init__(self, *, keepalive_expiry: float = 5.0) -> None:
+        self._ssl = httpx.create_ssl_context()  # one for all (building one loads the CA bundle)
+        self._limits = httpx.Limits(
+            max_connections=1, max_keepalive_connections=1, keepalive_expiry=keepalive_expiry
+        )
+        self._idle: list[httpx.AsyncHTTPTransport] = []
+        self._all: list[httpx.AsyncHTTPTransport] = []
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        """Send `request` on an idle connection (or a new one); it is given back when the response closes."""
+        if self._idle:
+            slot = self._idle.pop()
+        else:
+            slot = httpx.AsyncHTTPTransport(verify=self._ssl, limits=self._limits)
+            self._all.append(slot)
+        try:
+            response = await slot.handle_async_request(request)
+        except BaseException:
+            self._idle.append(slot)
+            raise
+        assert isinstance(response.stream, httpx.AsyncByteStream)
+        response.stream = _GiveBack(response.stream, lambda: self._idle.append(slot))
+        return response
+
+    async def aclose(self) -> None:
+        """Close every connection."""
+        for slot in self._all:
+            await slot.aclose()
+        self._all.clear()
+        self._idle.clear()
+
+
+class _GiveBack(httpx.AsyncByteStream):
+    """A response body that hands its connection back (once) when it is closed."""
+
+    def __init__(self, stream: httpx.AsyncByteStream, give_back: Callable[[], None]) -> None:
+        self._stream = stream
+        self._give_back: Callable[[], None] | None = give_back
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        async for chunk in self._stream:
+            yield chunk
+
+    async def aclose(self) -> None:
+        try:
+            await self._stream.aclose()
+        finally:
+            if self._give_back is not None:
+                self._give_back()
+                self._give_back = None
+
+
 @dataclass
 class Runtime:
     """What a worker process shares between its tasks."""
@@ -208,11 +271,6 @@ class Runtime:
     storage: Storage
     worker_name: str
     thread: threading.Thread | None = None
-    # More clients for hosted calls beside `http`, handed out round robin by `provider()`: httpcore's pool
-    # scans every connection on each request (O(n) per request), which at 256 connections in one pool
-    # took a third of the event loop's time; shards of ~32 keep the scan short.
-    http_shards: list[httpx.AsyncClient] = field(default_factory=list)
-    _next_shard: int = 0
     _redis: aioredis.Redis | None = None
     _semaphore: asyncio.Semaphore | None = None
     attempts: AttemptOpener = field(default_factory=AttemptOpener)
@@ -263,10 +321,8 @@ class Runtime:
         from core.providers.openai import OpenAIProvider
 
         key = self.settings.openai_api_key
-        clients = [self.http, *self.http_shards]
-        self._next_shard = (self._next_shard + 1) % len(clients)
         return OpenAIProvider(
-            clients[self._next_shard],
+            self.http,
             base_url=self.settings.openai_base_url,
             api_key=key.get_secret_value() if key is not None else None,
             timeout=self.settings.provider_timeout_seconds,
@@ -295,8 +351,7 @@ class Runtime:
     def close(self) -> None:
         """Close clients, stop the loop's thread and close the loop (process shutdown)."""
         try:
-            for client in (self.http, *self.http_shards):
-                self.run(client.aclose())
+            self.run(self.http.aclose())
             if self._redis is not None:
                 self.run(self._redis.aclose())
             self.run(self.loop.shutdown_default_executor())
@@ -329,16 +384,8 @@ def _build() -> Runtime:
     loop.set_default_executor(
         ThreadPoolExecutor(max_workers=max(settings.database_pool_size, 4), thread_name_prefix="voxq-io")
     )
-    limits = httpx.Limits(
-        max_connections=max(settings.max_in_flight, 10),
-        max_keepalive_connections=max(settings.max_in_flight, 10),
-    )
-    # Each client may hold every request in flight (a single group can use them all); the semaphore is
-    # the bound. See Runtime.http_shards.
-    shards = max(1, -(-settings.max_in_flight // HTTP_SHARD_CONNECTIONS))
-    http, *http_shards = [
-        httpx.AsyncClient(limits=limits, timeout=settings.provider_timeout_seconds) for _ in range(shards)
-    ]
+    # One keep-alive connection per request in flight (SlotTransport); the semaphore is the bound.
+    http = httpx.AsyncClient(transport=SlotTransport(), timeout=settings.provider_timeout_seconds)
     thread = threading.Thread(target=loop.run_forever, name="voxq-loop", daemon=True)
     thread.start()
     return Runtime(
@@ -346,7 +393,6 @@ def _build() -> Runtime:
         settings=settings,
         loop=loop,
         http=http,
-        http_shards=http_shards,
         storage=Storage(settings),
         worker_name=f"{socket.gethostname()}:{os.getpid()}",
         thread=thread,
