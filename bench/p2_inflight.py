@@ -9,7 +9,9 @@ attempt's end - first attempt's start). End-to-end time of the stage (worker sta
 
 from __future__ import annotations
 
+import os
 import time
+from pathlib import Path
 
 from bench import host_facts
 from bench._harness import (
@@ -27,6 +29,12 @@ from bench._harness import (
 
 SECTION = "p2_inflight"
 LATENCY = 2.0
+
+
+def cpu_seconds(pid: int) -> float:
+    """CPU time (user + system) a process has used so far."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def main() -> None:
@@ -50,10 +58,13 @@ def main() -> None:
             name="transcribe",
             VOXQ_MAX_IN_FLIGHT=str(in_flight),
             VOXQ_DATABASE_POOL_SIZE=str(pool_size),
-        ):
+        ) as proc:
             started = time.perf_counter()
             wait_ready(stack, "transcribe")
+            ready, cpu_ready = time.perf_counter(), cpu_seconds(proc.pid)
             finished = stack.wait_done(n, timeout=600)
+            cpu = cpu_seconds(proc.pid) - cpu_ready
+            load_end = os.getloadavg()[0]
         window, mean_latency = attempt_window(stack)
         acct = accounting(stack)
         statuses = stack.status_counts()
@@ -79,6 +90,10 @@ def main() -> None:
             f"| share of ideal (target ≥ 90%) | {share:.1%} {verdict(share >= 0.9)} |",
             f"| mean attempt latency seen by the worker | {mean_latency:.2f} s |",
             f"| stage wall time incl. worker start | {finished - started:.1f} s |",
+            f"| transcribe worker CPU per file (ready → last job) | {cpu / n * 1000:.1f} ms |",
+            f"| transcribe worker CPU use over that time (one core = 100%) | "
+            f"{cpu / (finished - ready):.0%} |",
+            f"| load average (1 min) at the end | {load_end:.2f} |",
             "",
             f"- statuses: {statuses}; rows: {acct}",
             "",
