@@ -759,13 +759,39 @@ def open_attempts(rows: list[PendingAttempt]) -> None:
     """Insert pending attempts (one statement, one transaction) before their calls start."""
     if not rows:
         return
-    ts = now()
     with session_scope() as session:
-        session.execute(
-            insert(Attempt).values(
-                [{**vars(r), "outcome": AttemptOutcome.PENDING.value, "started_at": ts} for r in rows]
-            )
+        _sql(
+            session,
+            _OPEN_ATTEMPTS,
+            {"started_at": now()} | {name: [getattr(r, name) for r in rows] for name in _PENDING_COLUMNS},
         )
+
+
+_PENDING_COLUMNS = (
+    "id",
+    "tenant_id",
+    "job_id",
+    "chunk_index",
+    "model",
+    "provider",
+    "retry_number",
+    "audio_seconds",
+    "request_bytes",
+    "worker",
+)
+# Like the completion statements below: one fixed text for any number of rows (a multi-row VALUES was
+# compiled anew for each row count).
+_OPEN_ATTEMPTS = f"""
+INSERT INTO attempts (id, tenant_id, job_id, chunk_index, model, provider, retry_number, audio_seconds,
+    request_bytes, worker, outcome, started_at)
+SELECT v.id, v.tenant_id, v.job_id, v.chunk_index, v.model, v.provider, v.retry_number, v.audio_seconds,
+    v.request_bytes, v.worker, '{AttemptOutcome.PENDING.value}', %(started_at)s
+FROM unnest(%(id)s::uuid[], %(tenant_id)s::uuid[], %(job_id)s::uuid[], %(chunk_index)s::int[],
+            %(model)s::text[], %(provider)s::text[], %(retry_number)s::int[], %(audio_seconds)s::float8[],
+            %(request_bytes)s::int8[], %(worker)s::text[])
+     AS v(id, tenant_id, job_id, chunk_index, model, provider, retry_number, audio_seconds, request_bytes,
+          worker)
+"""
 
 
 @durable

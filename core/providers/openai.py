@@ -47,6 +47,9 @@ _AUDIO_MESSAGE = re.compile(r"\baudio\b|file format|corrupt|could not (?:decode|
 # OpenAI echoes a masked key in 401 messages ("Incorrect API key provided: sk-ab***cd"); never keep it.
 _KEY_PATTERN = re.compile(r"\b(?:sk|pk|rk)-[A-Za-z0-9_\-*.]{3,}")
 _MAX_MESSAGE_CHARS = 500
+# Request bodies up to this size (a voicemail's FLAC) are joined before sending; a long chunk's is
+# streamed as it is rather than copied.
+JOIN_BODY_MAX_BYTES = 1 << 20
 
 
 def _json_only(model: str) -> bool:
@@ -205,13 +208,19 @@ class OpenAIProvider:
         files = {"file": (request.filename, request.audio, request.content_type)}
         started = time.monotonic()
         try:
-            response = await self._client.post(
+            http_request = self._client.build_request(
+                "POST",
                 f"{self._base_url}/audio/transcriptions",
                 data=data,
                 files=files,
                 headers=self._headers(request.request_id),
                 timeout=httpx.Timeout(self._timeout, connect=min(self._timeout, 10.0)),
             )
+            if len(request.audio) <= JOIN_BODY_MAX_BYTES:
+                # The multipart body as one write instead of one per part header and field (each a
+                # socket send under its own timeout scope); the same bytes and headers go out.
+                await http_request.aread()
+            response = await self._client.send(http_request)
         except httpx.HTTPError as exc:
             raise translate_error(None, exc, secret=self._api_key) from None
         if response.status_code != 200:
