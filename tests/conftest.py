@@ -23,6 +23,22 @@ TEST_S3_ACCESS_KEY = "voxq-test-access"
 TEST_S3_SECRET_KEY = "voxq-test-secret-" + secrets.token_hex(8)
 
 
+# Outside the `stack` fixture (which points them at this session's servers), voxq's settings in the test
+# process point at no server: port 9 (discard) is closed here, so a connection fails at once instead of
+# reaching a server that happens to run on this machine (the defaults name its Redis and Postgres). Child
+# processes get the stack's environment (`Stack.child_env`) on top of this.
+NOWHERE = {
+    "VOXQ_DATABASE_URL": "postgresql+psycopg://voxq@127.0.0.1:9/nowhere",
+    "VOXQ_REDIS_URL": "redis://127.0.0.1:9/0",
+    "VOXQ_S3_ENDPOINT_URL": "http://127.0.0.1:9",
+}
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Point this process's default settings at no server (see NOWHERE)."""
+    os.environ.update(NOWHERE)
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """Mark each test with its tier from its folder, so `-m unit` etc. select by tier."""
     for item in items:
