@@ -65,17 +65,23 @@ def inline_allowed(settings: Settings) -> bool:
     return used < settings.derived_inline_redis_max_bytes
 
 
-def put_inline(settings: Settings, object_key: str, flac: bytes) -> bool:
-    """Keep a small FLAC in Redis for the job's lease; False (store it in S3) if it does not fit or fails."""
-    if len(flac) > settings.derived_inline_max_bytes:
-        return False
+def put_inline_many(settings: Settings, items: list[tuple[str, bytes]]) -> list[bool]:
+    """Keep small FLACs in Redis for their jobs' lease, in one round trip; per item, whether it is kept
+    there (False: it does not fit or the write failed, store it in S3)."""
+    fits = [len(flac) <= settings.derived_inline_max_bytes for _, flac in items]
+    if not any(fits):
+        return fits
     ttl = settings.celery_visibility_timeout + settings.job_lease_seconds
     try:
-        _sync_client(settings).set(inline_key(object_key), flac, ex=ttl)
+        pipe = _sync_client(settings).pipeline(transaction=False)
+        for (key, flac), fit in zip(items, fits, strict=True):
+            if fit:
+                pipe.set(inline_key(key), flac, ex=ttl)
+        pipe.execute()
     except (RedisError, OSError) as exc:
         log.warning("derived audio goes to S3: Redis write failed (%s)", type(exc).__name__)
-        return False
-    return True
+        return [False] * len(items)
+    return fits
 
 
 async def read(rt: Runtime, object_key: str) -> bytes:

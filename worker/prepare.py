@@ -2,22 +2,28 @@
 
 For a list of job ids (one `prepare` task, ≤ 50 jobs from one API call):
 1. Claim them all in one `UPDATE … RETURNING` (`queued → processing`, lease, run_count + 1).
-2. Per job, with no database session open: stream the source object from S3 to a temp file, decode and
-   bound it (worker.audio). Bad audio fails that job with `unsupported_media` / `empty_audio` /
-   `audio_too_long` and the rest go on; a missing source object fails it with `source_missing`.
-3. Save the probe (duration, codec, speech seconds, time map), then dedupe within the tenant:
-   a finished twin's transcript is copied (zero cost, no call); a twin still in flight is waited for
-   (`deduplicated_from_id` set; worker.completion finishes it with the twin); otherwise this job leads.
-   Audio in which the VAD finds nothing is finished at once with an empty transcript and no call.
+2. Per job, with no database session open: get the source object from S3 and decode and bound it
+   (worker.audio). A small upload (≤ `SMALL_SOURCE_BYTES`) is fetched into memory and audio up to
+   `MEMORY_SECONDS` is decoded into memory; anything larger goes through temp files. Bad audio fails
+   that job with `unsupported_media` / `empty_audio` / `audio_too_long` and the rest go on; a missing
+   source object fails it with `source_missing`.
+3. Dedupe within the tenant, writing each job's probe (duration, codec, speech seconds, time map) with
+   its decision: a finished twin's transcript is copied (zero cost, no call); a twin still in flight is
+   waited for (`deduplicated_from_id` set; worker.completion finishes it with the twin); otherwise this
+   job leads. Audio in which the VAD finds nothing is finished at once with an empty transcript and no
+   call. The task's small files are decided together, in one transaction (`records.dedupe_many`, in
+   submission order); a long file, or one past the task's `MEMORY_BUDGET_BYTES` of held PCM, is decided
+   and stored on its own as soon as it is decoded, so disk and memory stay bounded.
 4. Leaders' trimmed audio is encoded as 16 kHz mono FLAC and stored under `{tenant}/derived/{job}.flac`
    (long files: one object per chunk, `{tenant}/derived/{job}/{index}.flac`, with `job_chunks` rows), so
    later stages never decode the original again. A whole small file's FLAC waits in Redis under that
-   name instead (worker.derived).
-5. Leaders are packed into groups (worker.grouping); each group gets one transcribe task on its
-   priority's queue — or, when its chain starts with `local`, one local task per job.
+   name instead (worker.derived; one pipelined round trip for the task's files).
+5. Leaders are packed into groups (worker.grouping) in one transaction that also renews their leases;
+   each group gets one transcribe task on its priority's queue — or, when its chain starts with `local`,
+   one local task per job.
 
-Jobs of one task are prepared by `PREPARE_THREADS` threads at once (S3 and Postgres round trips overlap;
-PyAV decodes without the GIL); identical audio in two threads is still serialised by `records.dedupe`.
+Jobs of one task are downloaded and decoded by `PREPARE_THREADS` threads at once (S3 round trips
+overlap); identical audio in two tasks is still serialised by the advisory locks of `records.dedupe_many`.
 
 Leases: while a job waits in the broker for its transcribe task its lease is the broker's visibility
 timeout plus the job lease, since a queue backlog is not a dead worker; the transcribe task renews it.
@@ -48,6 +54,9 @@ log = logging.getLogger(__name__)
 
 PREPARE_THREADS = 4
 RETRY_AFTER_ERROR_SECONDS = 60.0
+SMALL_SOURCE_BYTES = 4 * 1024 * 1024  # an upload up to this size is downloaded into memory, not to disk
+MEMORY_SECONDS = 120.0  # audio up to this long is decoded in memory (3.84 MB of PCM), longer to a temp file
+MEMORY_BUDGET_BYTES = 64 * 1024 * 1024  # decoded PCM one task keeps in memory to dedupe its files together
 
 
 @dataclass
@@ -70,24 +79,25 @@ class PrepareReport:
             setattr(self, outcome, getattr(self, outcome) + 1)
 
 
-def _download(storage: Storage, job: records.ClaimedJob, target: str, settings: Settings) -> None:
+def _download(storage: Storage, job: records.ClaimedJob, target: str) -> None:
     with open(target, "wb") as fh:
         if job.source_uri:
             bucket, key = parse_s3_uri(job.source_uri)
             storage.download_to(key, fh, bucket=bucket)
-        elif (
-            job.object_key
-            and job.size_bytes is not None
-            and job.size_bytes < settings.s3_multipart_threshold_bytes
-        ):
-            # A small upload (a voicemail): one streamed GET. `download_to` (s3transfer) sends a HEAD first
-            # and builds a transfer manager with its own threads for every file.
-            for part in storage.iter_chunks(job.object_key):
-                fh.write(part)
         elif job.object_key:
             storage.download_to(job.object_key, fh)
         else:
             raise FileNotFoundError("job has no audio object")
+
+
+def _small_upload(job: records.ClaimedJob) -> bool:
+    """Whether the job's source is an upload small enough to GET into memory."""
+    return bool(
+        not job.source_uri
+        and job.object_key
+        and job.size_bytes is not None
+        and job.size_bytes <= SMALL_SOURCE_BYTES
+    )
 
 
 def _fail(job: records.ClaimedJob, code: str, message: str, report: PrepareReport) -> None:
@@ -96,16 +106,97 @@ def _fail(job: records.ClaimedJob, code: str, message: str, report: PrepareRepor
     report.add("failed")
 
 
+class _PcmBudget:
+    """Bytes of decoded PCM a prepare task may keep in memory across its jobs (see `MEMORY_BUDGET_BYTES`)."""
+
+    def __init__(self, limit: int) -> None:
+        self.left = limit
+        self._lock = threading.Lock()
+
+    def take(self, n: int) -> bool:
+        with self._lock:
+            if n > self.left:
+                return False
+            self.left -= n
+            return True
+
+
+@dataclass
+class _Loaded:
+    """A claimed job whose audio is decoded and trimmed, waiting for its dedupe decision."""
+
+    job: records.ClaimedJob
+    prepared: audio.PreparedAudio
+
+    def probe(self) -> records.ProbedJob:
+        p = self.prepared
+        return records.ProbedJob(
+            id=self.job.id,
+            duration_seconds=p.decoded.duration,
+            codec=p.decoded.probe.codec,
+            sample_rate=p.decoded.probe.sample_rate,
+            channels=p.decoded.probe.channels,
+            speech_seconds=p.speech_seconds,
+            time_map=p.time_map.to_json(),
+        )
+
+
+def _load(
+    job: records.ClaimedJob, storage: Storage, settings: Settings, report: PrepareReport, tmp: str | None
+) -> audio.PreparedAudio | None:
+    """Download and decode one job's audio (None when the job failed: missing or bad audio)."""
+    try:
+        source: str | bytes
+        if _small_upload(job):
+            # A small upload (a voicemail): one GET into memory. `download_to` (s3transfer) sends a HEAD
+            # first and builds a transfer manager with its own threads for every file.
+            assert job.object_key is not None
+            source = b"".join(storage.iter_chunks(job.object_key))
+        else:
+            assert tmp is not None, "a job downloaded to disk needs a temp directory"
+            source = f"{tmp}/source"
+            _download(storage, job, source)
+    except ClientError as exc:
+        code = str(exc.response.get("Error", {}).get("Code", ""))
+        if code in {"404", "NoSuchKey", "NotFound", "NoSuchBucket"}:
+            _fail(job, "source_missing", "the uploaded audio object is missing from storage", report)
+            return None
+        raise
+    except FileNotFoundError as exc:
+        _fail(job, "source_missing", str(exc), report)
+        return None
+    try:
+        return audio.prepare_audio(
+            source,
+            max_seconds=settings.max_audio_seconds,
+            max_chunk_seconds=settings.max_chunk_seconds,
+            trim=settings.trim_silence,
+            tmp_dir=tmp,
+            memory_seconds=MEMORY_SECONDS,
+        )
+    except AudioError as exc:
+        _fail(job, exc.code, exc.message, report)
+        return None
+
+
 def _store(
-    storage: Storage, job: records.ClaimedJob, prepared: audio.PreparedAudio, settings: Settings, inline: bool
+    storage: Storage,
+    job: records.ClaimedJob,
+    prepared: audio.PreparedAudio,
+    settings: Settings,
+    inline: bool,
+    to_redis: list[tuple[str, bytes]],
 ) -> None:
+    """Encode and store a leader's FLAC; a whole small file's is appended to `to_redis` instead."""
     chunk_rows = []
     planned = len(prepared.time_map.chunks)
     single = planned == 1
     for chunk in prepared.iter_chunks():
         key = derived_key(job.tenant_id, job.id, None if single and chunk.index == 0 else chunk.index)
         # A whole small file waits in Redis (worker.derived); chunks and large files go to S3.
-        if not (inline and single and derived.put_inline(settings, key, chunk.flac)):
+        if inline and single and len(chunk.flac) <= settings.derived_inline_max_bytes:
+            to_redis.append((key, chunk.flac))
+        else:
             storage.upload_bytes(chunk.flac, key, content_type=audio.FLAC_CONTENT_TYPE)
         chunk_rows.append(
             {
@@ -122,94 +213,108 @@ def _store(
         records.save_time_map(job.id, prepared.time_map.to_json())
 
 
-def prepare_one(
-    job: records.ClaimedJob,
-    storage: Storage,
-    settings: Settings,
-    report: PrepareReport,
-    inline: bool = False,
-) -> grouping.GroupItem | None:
-    """Normalise, dedupe and store one claimed job; returns it when it needs transcribing."""
-    with tempfile.TemporaryDirectory(prefix="voxq-prep-") as tmp:
-        source = f"{tmp}/source"
+def _store_all(
+    storage: Storage, leaders: list[_Loaded], settings: Settings, report: PrepareReport, inline: bool
+) -> list[_Loaded]:
+    """Store the leaders' FLACs, the ones kept in Redis in one round trip; returns the stored ones."""
+    stored: list[tuple[_Loaded, list[tuple[str, bytes]]]] = []
+    for loaded in leaders:
+        to_redis: list[tuple[str, bytes]] = []
         try:
-            _download(storage, job, source, settings)
-        except ClientError as exc:
-            code = str(exc.response.get("Error", {}).get("Code", ""))
-            if code in {"404", "NoSuchKey", "NotFound", "NoSuchBucket"}:
-                _fail(job, "source_missing", "the uploaded audio object is missing from storage", report)
-                return None
-            raise
-        except FileNotFoundError as exc:
-            _fail(job, "source_missing", str(exc), report)
-            return None
+            _store(storage, loaded.job, loaded.prepared, settings, inline, to_redis)
+        except Exception:
+            _release(loaded.job, report)
+            continue
+        stored.append((loaded, to_redis))
+    kept = iter(derived.put_inline_many(settings, [item for _, to_redis in stored for item in to_redis]))
+    done: list[_Loaded] = []
+    for loaded, to_redis in stored:
         try:
-            prepared = audio.prepare_audio(
-                source,
-                max_seconds=settings.max_audio_seconds,
-                max_chunk_seconds=settings.max_chunk_seconds,
-                trim=settings.trim_silence,
-                tmp_dir=tmp,
+            for key, flac in to_redis:
+                if not next(kept):  # Redis refused it: to S3, as any other FLAC
+                    storage.upload_bytes(flac, key, content_type=audio.FLAC_CONTENT_TYPE)
+        except Exception:
+            _release(loaded.job, report)
+            continue
+        done.append(loaded)
+    return done
+
+
+def _release(job: records.ClaimedJob, report: PrepareReport) -> None:
+    """After an unexpected error (S3 down): log it and let the job's lease run out soon."""
+    report.add("errors")
+    # Left processing with a lease ending soon (later on each run): the sweeper re-queues it, and
+    # run_count bounds the loop.
+    log.exception("prepare failed for job %s", job.id)
+    try:
+        records.release_soon(job.id, after_seconds=RETRY_AFTER_ERROR_SECONDS * job.run_count)
+    except Exception:
+        log.exception("could not shorten the lease of job %s", job.id)
+
+
+def _settle(
+    loaded: list[_Loaded], storage: Storage, settings: Settings, report: PrepareReport, inline: bool
+) -> list[grouping.GroupItem]:
+    """Dedupe decoded jobs together (one transaction), finish twins and silence, store the leaders' FLAC."""
+    silent = [x for x in loaded if not x.prepared.has_speech]
+    speech = [x for x in loaded if x.prepared.has_speech]
+    if silent:
+        records.save_probes([x.probe() for x in silent])
+    for x in silent:
+        done = records.succeed_job(
+            x.job.id,
+            group_id=None,
+            text_="",
+            segments=[],
+            language=x.job.batch.language,
+            model="none",
+            attempt_id=None,
+            provenance={"reason": "no speech found by the VAD; no provider was called"},
+        )
+        if done is not None:
+            completion.job_finished(x.job.id, x.job.batch_id, succeeded=done)
+        report.add("silent")
+    decisions = records.dedupe_many(
+        [
+            records.DedupeRequest(
+                job_id=x.job.id,
+                tenant_id=x.job.tenant_id,
+                fingerprint=x.prepared.decoded.fingerprint,
+                language=x.job.batch.language,
+                prompt=x.job.batch.prompt,
+                probe=x.probe(),  # written with the decision, in the same transaction
             )
-        except AudioError as exc:
-            _fail(job, exc.code, exc.message, report)
-            return None
-        try:
-            probe = records.ProbedJob(
-                id=job.id,
-                duration_seconds=prepared.decoded.duration,
-                codec=prepared.decoded.probe.codec,
-                sample_rate=prepared.decoded.probe.sample_rate,
-                channels=prepared.decoded.probe.channels,
-                speech_seconds=prepared.speech_seconds,
-                time_map=prepared.time_map.to_json(),
-            )
-            if not prepared.has_speech:
-                records.save_probes([probe])
-                done = records.succeed_job(
-                    job.id,
-                    group_id=None,
-                    text_="",
-                    segments=[],
-                    language=job.batch.language,
-                    model="none",
-                    attempt_id=None,
-                    provenance={"reason": "no speech found by the VAD; no provider was called"},
-                )
-                if done is not None:
-                    completion.job_finished(job.id, job.batch_id, succeeded=done)
-                report.add("silent")
-                return None
-            decision = records.dedupe(
-                job_id=job.id,
-                tenant_id=job.tenant_id,
-                fingerprint=prepared.decoded.fingerprint,
-                language=job.batch.language,
-                prompt=job.batch.prompt,
-                probe=probe,  # written with the decision, in the same transaction
-            )
-            if (
-                decision.kind == "copy"
-                and decision.twin_id is not None
-                and records.copy_transcript(job.id, decision.twin_id)
-            ):
-                completion.job_finished(job.id, job.batch_id)
-                report.add("deduplicated")
-                return None
-            if decision.kind == "wait":
-                report.add("waiting")
-                return None
-            chain = grouping.model_chain(job.batch.models, settings)
-            _store(storage, job, prepared, settings, inline and chain[0] != "local")
-            return grouping.GroupItem(
-                job_id=job.id,
-                tenant_id=job.tenant_id,
-                batch=job.batch,
-                chain=tuple(chain),
-                seconds=prepared.speech_seconds,
-            )
-        finally:
-            prepared.close()
+            for x in speech
+        ]
+    )
+    leaders: list[_Loaded] = []
+    for x, decision in zip(speech, decisions, strict=True):
+        if (
+            decision.kind == "copy"
+            and decision.twin_id is not None
+            and records.copy_transcript(x.job.id, decision.twin_id)
+        ):
+            completion.job_finished(x.job.id, x.job.batch_id)
+            report.add("deduplicated")
+        elif decision.kind == "wait":
+            report.add("waiting")
+        else:
+            leaders.append(x)
+    chains = {x.job.id: grouping.model_chain(x.job.batch.models, settings) for x in leaders}
+    local = [x for x in leaders if chains[x.job.id][0] == "local"]
+    hosted = [x for x in leaders if chains[x.job.id][0] != "local"]
+    stored = _store_all(storage, hosted, settings, report, inline)
+    stored += _store_all(storage, local, settings, report, False)
+    return [
+        grouping.GroupItem(
+            job_id=x.job.id,
+            tenant_id=x.job.tenant_id,
+            batch=x.job.batch,
+            chain=tuple(chains[x.job.id]),
+            seconds=x.prepared.speech_seconds,
+        )
+        for x in stored
+    ]
 
 
 def prepare_jobs(job_ids: list[uuid.UUID], *, owner: str) -> PrepareReport:
@@ -224,28 +329,56 @@ def prepare_jobs(job_ids: list[uuid.UUID], *, owner: str) -> PrepareReport:
     # The process's client (built once after fork): a new boto3 client per task was 30% of prepare's CPU.
     storage = get_runtime().storage
     inline = derived.inline_allowed(settings)
+    budget = _PcmBudget(MEMORY_BUDGET_BYTES)
+    items: list[grouping.GroupItem] = []
+    held: list[_Loaded] = []
+    lock = threading.Lock()
 
-    def run(job: records.ClaimedJob) -> grouping.GroupItem | None:
+    def load(job: records.ClaimedJob, tmp: str | None) -> None:
+        prepared = _load(job, storage, settings, report, tmp)
+        if prepared is None:
+            return
+        loaded = _Loaded(job, prepared)
+        if prepared.decoded.in_memory and budget.take(2 * prepared.decoded.samples):
+            with lock:
+                held.append(loaded)  # settled with the task's other small files
+            return
+        # A long file (its PCM in a temp file) or past the task's memory budget: on its own.
         try:
-            return prepare_one(job, storage, settings, report, inline)
-        except Exception:
-            # Left processing with a lease ending soon (later on each run): the sweeper re-queues it, and
-            # run_count bounds the loop.
-            log.exception("prepare failed for job %s", job.id)
-            report.add("errors")
-            try:
-                records.release_soon(job.id, after_seconds=RETRY_AFTER_ERROR_SECONDS * job.run_count)
-            except Exception:
-                log.exception("could not shorten the lease of job %s", job.id)
-            return None
+            got = _settle([loaded], storage, settings, report, inline)
+        finally:
+            prepared.close()
+        with lock:
+            items.extend(got)
 
-    # Download, decode and upload are mostly waiting on S3 and Postgres: overlap a few jobs. Each thread
-    # holds one file's temp PCM at a time, so disk and memory stay bounded by PREPARE_THREADS files.
+    def run(job: records.ClaimedJob) -> None:
+        try:
+            if _small_upload(job):
+                load(job, None)  # no temp directory: the source is in memory (a long decode spills to /tmp)
+            else:
+                with tempfile.TemporaryDirectory(prefix="voxq-prep-") as tmp:
+                    load(job, tmp)
+        except Exception:
+            _release(job, report)
+
+    # Download and decode are partly waiting on S3 and partly PyAV without the GIL: overlap a few jobs.
+    # Each thread holds one long file's temp PCM at a time, so disk stays bounded by PREPARE_THREADS
+    # files; small files' PCM stays in memory, bounded by MEMORY_BUDGET_BYTES.
     with ThreadPoolExecutor(max_workers=min(PREPARE_THREADS, len(claimed))) as pool:
-        items = [item for item in pool.map(run, claimed) if item is not None]
+        list(pool.map(run, claimed))
+    order = {job.id: i for i, job in enumerate(claimed)}
+    held.sort(key=lambda x: order[x.job.id])  # decided in the order the API submitted them
+    try:
+        items.extend(_settle(held, storage, settings, report, inline))
+    except Exception:
+        for x in held:
+            _release(x.job, report)
+    finally:
+        for x in held:
+            x.prepared.close()
+    items.sort(key=lambda i: order[i.job_id])
     plans = grouping.plan_groups(items, settings)
-    group_ids = records.assign_groups(plans)
-    records.extend_leases([i.job_id for i in items], owner=owner, lease_seconds=lease)
+    group_ids = records.assign_groups(plans, owner=owner, lease_seconds=lease)
     for plan, gid in zip(plans, group_ids, strict=True):
         if plan.chain and plan.chain[0] == "local":
             for job_id, _ in plan.members:

@@ -35,7 +35,7 @@ from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from typing import Any, Protocol
 
-from sqlalchemy import ColumnElement, and_, func, or_, select, text, update
+from sqlalchemy import ColumnElement, func, or_, select, text, update
 from sqlalchemy.dialects.postgresql import insert
 
 from core import metrics
@@ -123,18 +123,22 @@ def load_batches(batch_ids: set[uuid.UUID]) -> dict[uuid.UUID, BatchOptions]:
     if not batch_ids:
         return {}
     with session_scope() as session:
-        rows = session.execute(
-            select(
-                Batch.id,
-                Batch.tenant_id,
-                Batch.profile,
-                Batch.language,
-                Batch.prompt,
-                Batch.models,
-                Batch.priority,
-                Batch.budget_usd,
-            ).where(Batch.id.in_(batch_ids))
-        ).all()
+        return _load_batches(session, batch_ids)
+
+
+def _load_batches(session: Any, batch_ids: set[uuid.UUID]) -> dict[uuid.UUID, BatchOptions]:
+    rows = session.execute(
+        select(
+            Batch.id,
+            Batch.tenant_id,
+            Batch.profile,
+            Batch.language,
+            Batch.prompt,
+            Batch.models,
+            Batch.priority,
+            Batch.budget_usd,
+        ).where(Batch.id.in_(batch_ids))
+    ).all()
     return {row.id: _batch_options(row) for row in rows}
 
 
@@ -173,7 +177,7 @@ def claim_jobs(job_ids: list[uuid.UUID], *, owner: str, lease_seconds: float) ->
                     status=BatchStatus.PROCESSING.value, submitted_at=func.coalesce(Batch.submitted_at, ts)
                 )
             )
-    batches = load_batches(batch_ids)
+        batches = _load_batches(session, batch_ids) if batch_ids else {}
     order = {jid: i for i, jid in enumerate(job_ids)}
     claimed = [
         ClaimedJob(
@@ -307,6 +311,18 @@ class DedupeDecision:
     twin_id: uuid.UUID | None = None
 
 
+@dataclass(frozen=True)
+class DedupeRequest:
+    """One prepared job asking whether its audio has a twin."""
+
+    job_id: uuid.UUID
+    tenant_id: uuid.UUID
+    fingerprint: str
+    language: str | None
+    prompt: str | None
+    probe: ProbedJob | None = None
+
+
 def dedupe(
     *,
     job_id: uuid.UUID,
@@ -316,85 +332,134 @@ def dedupe(
     prompt: str | None,
     probe: ProbedJob | None = None,
 ) -> DedupeDecision:
-    """Find a twin (same tenant, same PCM fingerprint, same language and prompt options).
+    """Find a twin for one job (see `dedupe_many`)."""
+    return dedupe_many([DedupeRequest(job_id, tenant_id, fingerprint, language, prompt, probe)])[0]
 
-    Serialised per (tenant, fingerprint) with a transaction-scoped advisory lock, so two workers preparing
-    identical audio at once cannot both become leaders. The job's fingerprint is written here, under the
-    lock, together with the decision: a processing job with a fingerprint and no `deduplicated_from_id`
+
+def dedupe_lock_key(tenant_id: uuid.UUID, fingerprint: str) -> str:
+    """The text whose hash is the advisory lock serialising dedupe of this audio in this tenant."""
+    return f"{tenant_id}:{fingerprint}"
+
+
+# Locks every key in one statement, in the order of the lock ids: two transactions taking overlapping
+# sets then queue behind each other instead of deadlocking. (A subquery with ORDER BY is not flattened,
+# so the outer call runs in its order.)
+_LOCK_KEYS = text(
+    "SELECT pg_advisory_xact_lock(h) FROM (SELECT DISTINCT hashtextextended(k, 0) AS h"
+    " FROM unnest(CAST(:keys AS text[])) AS k ORDER BY 1) AS locks"
+)
+_STILL_PROCESSING = text(
+    "SELECT id FROM jobs WHERE id = ANY(CAST(:ids AS uuid[])) AND status = 'processing'"
+    " ORDER BY id FOR UPDATE"
+)
+# For each (tenant, fingerprint, language, prompt): the earliest finished twin with a transcript and the
+# earliest-started decided leader still in flight (a processing job with a fingerprint and no leader).
+_TWINS = text(
+    """
+    SELECT DISTINCT ON (j.tenant_id, j.fingerprint, b.language, b.prompt, j.status)
+           j.id, j.tenant_id, j.fingerprint, b.language, b.prompt, j.status
+    FROM jobs j
+    JOIN batches b ON b.id = j.batch_id
+    WHERE (j.tenant_id, j.fingerprint) IN (
+            SELECT * FROM unnest(CAST(:tenants AS uuid[]), CAST(:fingerprints AS text[])))
+      AND j.deleted_at IS NULL
+      AND j.id <> ALL(CAST(:ids AS uuid[]))
+      AND (
+        (j.status = 'succeeded' AND EXISTS (SELECT 1 FROM transcripts t WHERE t.job_id = j.id))
+        OR (j.status = 'processing' AND j.deduplicated_from_id IS NULL)
+      )
+    ORDER BY j.tenant_id, j.fingerprint, b.language, b.prompt, j.status,
+             CASE WHEN j.status = 'succeeded' THEN j.finished_at END, j.started_at
+    """
+)
+# One UPDATE for every decided job: the fingerprint (what makes a leader), a follower's leader (and no
+# lease: its leader's outcome finishes or releases it) and, given one, the probe.
+_MARK = text(
+    """
+    UPDATE jobs AS j SET
+        fingerprint = v.fingerprint,
+        deduplicated_from_id = v.follows,
+        lease_owner = CASE WHEN v.follows IS NULL THEN j.lease_owner END,
+        lease_expires_at = CASE WHEN v.follows IS NULL THEN j.lease_expires_at END,
+        duration_seconds = CASE WHEN v.probed THEN v.duration_seconds ELSE j.duration_seconds END,
+        codec = CASE WHEN v.probed THEN v.codec ELSE j.codec END,
+        sample_rate = CASE WHEN v.probed THEN v.sample_rate ELSE j.sample_rate END,
+        channels = CASE WHEN v.probed THEN v.channels ELSE j.channels END,
+        speech_seconds = CASE WHEN v.probed THEN v.speech_seconds ELSE j.speech_seconds END,
+        time_map = CASE WHEN v.probed THEN CAST(v.time_map AS jsonb) ELSE j.time_map END,
+        updated_at = now()
+    FROM unnest(
+        CAST(:ids AS uuid[]), CAST(:fingerprints AS text[]), CAST(:follows AS uuid[]),
+        CAST(:probed AS boolean[]), CAST(:durations AS float8[]), CAST(:codecs AS text[]),
+        CAST(:rates AS integer[]), CAST(:channels AS integer[]), CAST(:speech AS float8[]),
+        CAST(:time_maps AS text[])
+    ) AS v(id, fingerprint, follows, probed, duration_seconds, codec, sample_rate, channels,
+           speech_seconds, time_map)
+    WHERE j.id = v.id AND j.status = 'processing'
+    """
+)
+
+
+def dedupe_many(requests: list[DedupeRequest]) -> list[DedupeDecision]:
+    """Find twins (same tenant, same PCM fingerprint, same language and prompt options) for these jobs.
+
+    Serialised per (tenant, fingerprint) with transaction-scoped advisory locks, so two workers preparing
+    identical audio at once cannot both become leaders. Each job's fingerprint is written here, under the
+    lock, together with its decision: a processing job with a fingerprint and no `deduplicated_from_id`
     is therefore always a decided leader, never a twin that has not decided yet (which could still end up
     following someone, making chains of followers).
 
-    With `probe`, the job's probe results are written by the same UPDATE (what `save_probes` would do in a
-    transaction of its own: one round trip and one commit per prepared job fewer).
+    One transaction for all the requests, decided in order as if one after the other: a later request
+    with the same audio as an earlier leader of the list waits for it. A request's `probe` is written by
+    the same UPDATE (what `save_probes` would do in a transaction of its own).
     """
-    decision = _dedupe(job_id, tenant_id, fingerprint, language, prompt, probe)
-    if probe is not None:
-        metrics.AUDIO_SUBMITTED_SECONDS.inc(probe.duration_seconds)
-    return decision
-
-
-def _dedupe(
-    job_id: uuid.UUID,
-    tenant_id: uuid.UUID,
-    fingerprint: str,
-    language: str | None,
-    prompt: str | None,
-    probe: ProbedJob | None,
-) -> DedupeDecision:
+    if not requests:
+        return []
+    ids = [r.job_id for r in requests]
+    decisions: list[DedupeDecision] = []
     with session_scope() as session:
         session.execute(
-            text("SELECT pg_advisory_xact_lock(hashtextextended(:k, 0))"),
-            {"k": f"{tenant_id}:{fingerprint}"},
+            _LOCK_KEYS, {"keys": sorted({dedupe_lock_key(r.tenant_id, r.fingerprint) for r in requests})}
         )
-        twin_filter = and_(
-            Job.tenant_id == tenant_id,
-            Job.fingerprint == fingerprint,
-            Job.id != job_id,
-            Job.deleted_at.is_(None),
-            Batch.language.is_not_distinct_from(language),
-            Batch.prompt.is_not_distinct_from(prompt),
+        processing = set(session.execute(_STILL_PROCESSING, {"ids": ids}).scalars())
+        finished: dict[tuple[Any, ...], uuid.UUID] = {}
+        inflight: dict[tuple[Any, ...], uuid.UUID] = {}
+        pairs = sorted({(r.tenant_id, r.fingerprint) for r in requests})
+        for row in session.execute(
+            _TWINS,
+            {"tenants": [t for t, _ in pairs], "fingerprints": [f for _, f in pairs], "ids": ids},
+        ):
+            target = finished if row.status == JobStatus.SUCCEEDED.value else inflight
+            target[(row.tenant_id, row.fingerprint, row.language, row.prompt)] = row.id
+        for r in requests:
+            key = (r.tenant_id, r.fingerprint, r.language, r.prompt)
+            if key in finished:
+                decisions.append(DedupeDecision("copy", finished[key]))
+            elif key in inflight:
+                decisions.append(DedupeDecision("wait", inflight[key]))
+            else:
+                decisions.append(DedupeDecision("leader"))
+                if r.job_id in processing:
+                    # A leader committed under the lock: the next twin (in this list or after it) finds it.
+                    inflight[key] = r.job_id
+        probes = [r.probe for r in requests]
+        session.execute(
+            _MARK,
+            {
+                "ids": ids,
+                "fingerprints": [r.fingerprint for r in requests],
+                "follows": [d.twin_id if d.kind == "wait" else None for d in decisions],
+                "probed": [p is not None for p in probes],
+                "durations": [p.duration_seconds if p else None for p in probes],
+                "codecs": [p.codec if p else None for p in probes],
+                "rates": [p.sample_rate if p else None for p in probes],
+                "channels": [p.channels if p else None for p in probes],
+                "speech": [p.speech_seconds if p else None for p in probes],
+                "time_maps": [json.dumps(p.time_map) if p else None for p in probes],
+            },
         )
-        finished = session.execute(
-            select(Job.id)
-            .join(Batch, Batch.id == Job.batch_id)
-            .join(Transcript, Transcript.job_id == Job.id)
-            .where(twin_filter, Job.status == JobStatus.SUCCEEDED.value)
-            .order_by(Job.finished_at)
-            .limit(1)
-        ).scalar()
-        mark = (
-            update(Job)
-            .where(Job.id == job_id, Job.status == JobStatus.PROCESSING.value)
-            .values(**(_probe_values(probe) if probe is not None else {}))
-        )
-        if finished is not None:
-            session.execute(mark.values(fingerprint=fingerprint))
-            return DedupeDecision("copy", finished)
-        inflight = session.execute(
-            select(Job.id)
-            .join(Batch, Batch.id == Job.batch_id)
-            .where(
-                twin_filter,
-                Job.status == JobStatus.PROCESSING.value,
-                Job.deduplicated_from_id.is_(None),
-            )
-            .order_by(Job.started_at)
-            .limit(1)
-        ).scalar()
-        if inflight is not None:
-            # A follower holds no lease: it is finished (or released) by its leader's outcome.
-            session.execute(
-                mark.values(
-                    fingerprint=fingerprint,
-                    deduplicated_from_id=inflight,
-                    lease_expires_at=None,
-                    lease_owner=None,
-                )
-            )
-            return DedupeDecision("wait", inflight)
-        # Leader: committed with the lock held, so the next twin to take the lock finds it.
-        session.execute(mark.values(fingerprint=fingerprint))
-        return DedupeDecision("leader")
+    metrics.AUDIO_SUBMITTED_SECONDS.inc(sum(p.duration_seconds for p in probes if p is not None))
+    return decisions
 
 
 def copy_transcript(job_id: uuid.UUID, twin_id: uuid.UUID) -> bool:
@@ -478,32 +543,53 @@ class GroupPlan:
     priority: str
 
 
-def assign_groups(plans: list[GroupPlan]) -> list[uuid.UUID]:
-    """Create the groups and point their (still processing) jobs at them; returns the group ids."""
+_POINT_AT_GROUPS = text(
+    "UPDATE jobs AS j SET group_id = v.group_id, updated_at = now(),"
+    " lease_owner = COALESCE(CAST(:owner AS text), j.lease_owner),"
+    " lease_expires_at = COALESCE(CAST(:expires AS timestamptz), j.lease_expires_at)"
+    " FROM unnest(CAST(:ids AS uuid[]), CAST(:groups AS uuid[])) AS v(id, group_id)"
+    " WHERE j.id = v.id AND j.status = 'processing'"
+)
+
+
+def assign_groups(
+    plans: list[GroupPlan], *, owner: str | None = None, lease_seconds: float | None = None
+) -> list[uuid.UUID]:
+    """Create the groups and point their (still processing) jobs at them; returns the group ids.
+
+    With `owner` and `lease_seconds`, the jobs' leases are renewed by the same UPDATE.
+    """
     ids: list[uuid.UUID] = []
     if not plans:
         return ids
+    rows = []
+    job_ids: list[uuid.UUID] = []
+    job_groups: list[uuid.UUID] = []
+    for plan in plans:
+        gid = uuid7()
+        ids.append(gid)
+        rows.append(
+            {
+                "id": gid,
+                "tenant_id": plan.tenant_id,
+                "batch_id": plan.batch_id,
+                "key": plan.key[:200],
+                "duration_class": plan.duration_class,
+                "status": GroupStatus.PENDING.value,
+                "job_count": len(plan.members),
+                "total_seconds": sum(s for _, s in plan.members),
+            }
+        )
+        for job_id, _ in plan.members:
+            job_ids.append(job_id)
+            job_groups.append(gid)
+    expires = now() + timedelta(seconds=lease_seconds) if owner and lease_seconds is not None else None
     with session_scope() as session:
-        for plan in plans:
-            gid = uuid7()
-            ids.append(gid)
-            session.execute(
-                insert(Group).values(
-                    id=gid,
-                    tenant_id=plan.tenant_id,
-                    batch_id=plan.batch_id,
-                    key=plan.key[:200],
-                    duration_class=plan.duration_class,
-                    status=GroupStatus.PENDING.value,
-                    job_count=len(plan.members),
-                    total_seconds=sum(s for _, s in plan.members),
-                )
-            )
-            session.execute(
-                update(Job)
-                .where(Job.id.in_([j for j, _ in plan.members]), Job.status == JobStatus.PROCESSING.value)
-                .values(group_id=gid)
-            )
+        session.execute(insert(Group).values(rows))
+        session.execute(
+            _POINT_AT_GROUPS,
+            {"ids": job_ids, "groups": job_groups, "owner": owner if expires else None, "expires": expires},
+        )
     return ids
 
 

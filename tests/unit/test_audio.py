@@ -250,3 +250,43 @@ def test_split_quietest_cuts_in_the_gap() -> None:
     left, right, cut = audio.split_quietest(pcm)
     assert 1.0 <= cut <= 1.3
     assert len(left) + len(right) == len(pcm)
+
+
+def test_in_memory_decode_matches_the_temp_file_and_spills_past_its_bound(tmp_path: Path) -> None:
+    samples = sequence([(300, 1.0), (600, 1.0)], lead=0.5)
+    data = audio.encode_flac((np.clip(samples, -1, 1) * 32767).astype(np.int16))
+    on_disk = audio.decode_to_pcm(write(tmp_path, data, "a.flac"), max_seconds=60, tmp_dir=str(tmp_path))
+    in_memory = audio.decode_to_pcm(data, max_seconds=60, memory_seconds=10, tmp_dir=str(tmp_path))
+    spilled = audio.decode_to_pcm(data, max_seconds=60, memory_seconds=1, tmp_dir=str(tmp_path))
+    try:
+        assert in_memory.in_memory and in_memory.path is None
+        assert not on_disk.in_memory and not spilled.in_memory and spilled.path is not None
+        assert spilled.path.exists()
+        # The fingerprint (dedupe's key) does not depend on where the samples were kept.
+        assert in_memory.fingerprint == on_disk.fingerprint == spilled.fingerprint
+        reference = on_disk.pcm()[0 : on_disk.samples]
+        assert np.array_equal(in_memory.pcm(), reference)
+        assert np.array_equal(spilled.pcm()[0 : spilled.samples], reference)
+    finally:
+        for d in (on_disk, in_memory, spilled):
+            d.close()
+    assert [p.name for p in tmp_path.iterdir()] == ["a.flac"]
+
+
+def test_in_memory_decode_resamples_other_formats_like_the_file_path(tmp_path: Path) -> None:
+    data = wav_bytes(sequence([(440, 1.0)], lead=0.5, rate=44_100), rate=44_100, channels=2)
+    from_file = audio.decode_to_pcm(write(tmp_path, data), max_seconds=60)
+    from_bytes = audio.decode_to_pcm(data, max_seconds=60, memory_seconds=60)
+    try:
+        assert from_bytes.in_memory and from_bytes.samples == from_file.samples
+        assert from_bytes.fingerprint == from_file.fingerprint
+    finally:
+        from_file.close()
+        from_bytes.close()
+
+
+def test_in_memory_decode_keeps_the_duration_bound() -> None:
+    with pytest.raises(AudioTooLong):
+        audio.decode_to_pcm(wav_bytes(tone(200, 12.0)), max_seconds=5, memory_seconds=60)
+    with pytest.raises(EmptyAudio):
+        audio.decode_to_pcm(b"", max_seconds=5, memory_seconds=60)
