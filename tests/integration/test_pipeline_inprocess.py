@@ -133,3 +133,47 @@ def test_chunks_halved_for_the_upload_limit_keep_order_and_original_time(
     starts = [seg["start"] for seg in transcript.segments or [] if seg["text"]]
     for i, start in enumerate(starts):
         assert start == pytest.approx(lead + i * (tone_s + gap), abs=0.08)
+
+
+def test_one_prepare_task_dedupes_its_files_as_if_one_after_the_other(
+    pipeline: Pipeline, fake_openai: FakeOpenAI
+) -> None:
+    from worker.prepare import prepare_jobs
+    from worker.runtime import get_runtime
+    from worker.transcribe import transcribe_group
+
+    tenant = pipeline.tenant()
+    english = pipeline.batch(tenant, language="en")
+    french = pipeline.batch(tenant, language="fr")
+    prompted = pipeline.batch(tenant, language="en", prompt="names: Carlos")
+    done = pipeline.job(tenant, english, tones(410))
+    first = prepare_jobs([done], owner="test:1")
+    rt = get_runtime()
+    assert rt.run(transcribe_group(rt, first.groups[0])) == {"succeeded": 1}
+    # One task: a twin of a finished job, two files of new audio with the same options, and the same new
+    # audio under another language (twice) and under a prompt.
+    copy = pipeline.job(tenant, english, tones(410), filename="copy.wav")
+    lead = pipeline.job(tenant, english, tones(520), filename="lead.wav")
+    wait = pipeline.job(tenant, english, tones(520), filename="wait.wav")
+    fr_lead = pipeline.job(tenant, french, tones(520), filename="fr1.wav")
+    fr_wait = pipeline.job(tenant, french, tones(520), filename="fr2.wav")
+    prompt_lead = pipeline.job(tenant, prompted, tones(520), filename="p.wav")
+    jobs = [copy, lead, wait, fr_lead, fr_wait, prompt_lead]
+    report = prepare_jobs(jobs, owner="test:2")
+    assert (report.claimed, report.deduplicated, report.waiting, report.grouped) == (6, 1, 2, 3)
+    rows = pipeline.jobs(jobs)
+    assert rows[copy].status == JobStatus.SUCCEEDED.value and rows[copy].deduplicated_from_id == done
+    assert rows[wait].deduplicated_from_id == lead and rows[wait].lease_expires_at is None
+    assert rows[fr_wait].deduplicated_from_id == fr_lead
+    for leader in (lead, fr_lead, prompt_lead):
+        assert rows[leader].deduplicated_from_id is None and rows[leader].group_id is not None
+        assert rows[leader].lease_expires_at is not None
+    # Every decided job has its fingerprint and probe, written with the decision.
+    assert len({rows[j].fingerprint for j in (lead, wait, fr_lead, fr_wait, prompt_lead)}) == 1
+    assert all(rows[j].duration_seconds and rows[j].time_map for j in jobs)
+    for gid in report.groups:
+        rt.run(transcribe_group(rt, gid))
+    rows = pipeline.jobs(jobs)
+    assert all(r.status == JobStatus.SUCCEEDED.value for r in rows.values())
+    assert len(fake_openai.billing_log()) == 4  # done, lead, fr_lead, prompt_lead
+    assert_costs_match_billing(pipeline, fake_openai)
