@@ -9,6 +9,7 @@ attempt's end - first attempt's start). End-to-end time of the stage (worker sta
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 from pathlib import Path
@@ -37,12 +38,19 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def _workers(processes: int) -> str:
+    return "one transcribe worker" if processes == 1 else f"{processes} transcribe worker processes"
+
+
 def main() -> None:
     """Measure and write the `p2_inflight` section of docs/benchmarks.md."""
     n = env_int("VOXQ_BENCH_P2_FILES", 2048)
     in_flight = env_int("VOXQ_BENCH_P2_IN_FLIGHT", 256)
     threads = env_int("VOXQ_BENCH_P2_THREADS", 8)
     pool_size = env_int("VOXQ_BENCH_P2_DB_POOL", 10)
+    # Transcribe worker processes on the host, the in-flight limit split between them (one per core is
+    # the other deployment shape; 1 by default).
+    processes = env_int("VOXQ_BENCH_P2_PROCESSES", 1)
     facts = host_facts("celery", "httpx", "sqlalchemy", "psycopg")
     t0 = time.perf_counter()
     stack = BenchStack(fast_fake=True).start()
@@ -51,19 +59,26 @@ def main() -> None:
         job_ids = stack.jobs(make_files(n))
         prepare_seconds = prepare_only(stack, job_ids)
         print(f"prepared {n} in {prepare_seconds:.1f}s", flush=True)
-        with stack.worker(
-            queues="transcribe.high,transcribe,transcribe.low",
-            concurrency=threads,
-            pool="threads",
-            name="transcribe",
-            VOXQ_MAX_IN_FLIGHT=str(in_flight),
-            VOXQ_DATABASE_POOL_SIZE=str(pool_size),
-        ) as proc:
+        with contextlib.ExitStack() as workers:
             started = time.perf_counter()
-            wait_ready(stack, "transcribe")
-            ready, cpu_ready = time.perf_counter(), cpu_seconds(proc.pid)
+            procs = [
+                workers.enter_context(
+                    stack.worker(
+                        queues="transcribe.high,transcribe,transcribe.low",
+                        concurrency=threads,
+                        pool="threads",
+                        name=f"transcribe{i}",
+                        VOXQ_MAX_IN_FLIGHT=str(in_flight // processes),
+                        VOXQ_DATABASE_POOL_SIZE=str(pool_size),
+                    )
+                )
+                for i in range(processes)
+            ]
+            for i in range(processes):
+                wait_ready(stack, f"transcribe{i}")
+            ready, cpu_ready = time.perf_counter(), sum(cpu_seconds(p.pid) for p in procs)
             finished = stack.wait_done(n, timeout=600)
-            cpu = cpu_seconds(proc.pid) - cpu_ready
+            cpu = sum(cpu_seconds(p.pid) for p in procs) - cpu_ready
             load_end = os.getloadavg()[0]
         window, mean_latency = attempt_window(stack)
         acct = accounting(stack)
@@ -73,13 +88,15 @@ def main() -> None:
     ideal = in_flight / LATENCY
     achieved = n / window
     share = achieved / ideal
+    all_of = ", all processes" if processes > 1 else ""
     publish(
         SECTION,
         [
             "## P2 in-flight requests at 2 s latency (`bench/p2_inflight.py`)",
             "",
             f"{n} distinct 15 s voicemails, prepared first (ingest alone: {prepare_seconds:.1f} s); "
-            f"then one transcribe worker, `-P threads -c {threads}`, `VOXQ_MAX_IN_FLIGHT={in_flight}`, "
+            f"then {_workers(processes)}, `-P threads -c {threads}`, "
+            f"`VOXQ_MAX_IN_FLIGHT={in_flight // processes}` each, "
             f"`VOXQ_DATABASE_POOL_SIZE={pool_size}` (and as many I/O threads); "
             f"fake provider (`bench/_fast_fake.py`, no decoding) latency {LATENCY:.0f} s.",
             "",
@@ -90,7 +107,7 @@ def main() -> None:
             f"| share of ideal (target ≥ 90%) | {share:.1%} {verdict(share >= 0.9)} |",
             f"| mean attempt latency seen by the worker | {mean_latency:.2f} s |",
             f"| stage wall time incl. worker start | {finished - started:.1f} s |",
-            f"| transcribe worker CPU per file (ready → last job) | {cpu / n * 1000:.1f} ms |",
+            f"| transcribe worker CPU per file (ready → last job{all_of}) | {cpu / n * 1000:.1f} ms |",
             f"| transcribe worker CPU use over that time (one core = 100%) | "
             f"{cpu / (finished - ready):.0%} |",
             f"| load average (1 min) at the end | {load_end:.2f} |",
