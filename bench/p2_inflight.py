@@ -96,7 +96,7 @@ def main() -> None:
             "",
             f"{n} distinct 15 s voicemails, prepared first (ingest alone: {prepare_seconds:.1f} s); "
             f"then {_workers(processes)}, `-P threads -c {threads}`, "
-            f"`VOXQ_MAX_IN_FLIGHT={in_flight // processes}` each, "
+            f"`VOXQ_MAX_IN_FLIGHT={in_flight // processes}`{' each' if processes > 1 else ''}, "
             f"`VOXQ_DATABASE_POOL_SIZE={pool_size}` (and as many I/O threads); "
             f"fake provider (`bench/_fast_fake.py`, no decoding) latency {LATENCY:.0f} s.",
             "",
