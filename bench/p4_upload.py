@@ -37,7 +37,7 @@ from typing import Any
 import numpy as np
 
 from bench import host_facts
-from bench._harness import BenchStack, api_key, api_server, env_int, publish, verdict
+from bench._harness import BenchStack, api_key, api_server, children, env_int, publish, verdict
 
 SECTION = "p4_upload"
 MB = 1_000_000
@@ -76,8 +76,63 @@ def default_client() -> Any:
     )
 
 
+def _tree(pid: int) -> list[int]:
+    return [pid, *(p for child in children(pid) for p in _tree(child))]
+
+
+def _cpu_seconds(pids: list[int], descendants: bool = True) -> float:
+    """User + system CPU seconds of these processes (and their descendants), from /proc."""
+    total = 0
+    for pid in {p for root in pids for p in (_tree(root) if descendants else [root])}:
+        try:
+            fields = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()  # noqa: SIM115
+        except OSError:
+            continue  # gone since it was listed
+        total += int(fields[11]) + int(fields[12])
+    return total / os.sysconf("SC_CLK_TCK")
+
+
+def server_pids(stack: BenchStack) -> list[int]:
+    """The stack's SeaweedFS, Valkey and Postgres server processes (Postgres backends are children)."""
+    pids: list[int] = []
+    for server in stack._servers:
+        proc = getattr(getattr(server, "process", None), "proc", None)
+        pidfile = getattr(server, "data_dir", None)
+        if proc is not None:
+            pids.append(proc.pid)
+        elif pidfile is not None and (pidfile / "postmaster.pid").exists():
+            pids.append(int((pidfile / "postmaster.pid").read_text().split()[0]))
+    return pids
+
+
+class CpuMeter:
+    """CPU milliseconds per file of one phase: this process (the client), the API, the stack's servers."""
+
+    def __init__(self, servers: list[int], api: list[int]) -> None:
+        self.groups = {"client": [os.getpid()], "api": api, "servers": servers}
+        self.reset()
+
+    def reset(self) -> None:
+        """Start counting now."""
+        self.start = {name: self._cpu(name) for name in self.groups}
+
+    def _cpu(self, name: str) -> float:
+        # This process's children are the servers and the API: the client is this process alone.
+        return _cpu_seconds(self.groups[name], descendants=name != "client")
+
+    def per_file(self, n: int) -> dict[str, float]:
+        return {name: (self._cpu(name) - self.start[name]) * 1000 / n for name in self.groups}
+
+
 def direct_put(
-    stack: BenchStack, base: bytes, n: int, concurrency: int, salt: int, *, voxq_client: bool
+    stack: BenchStack,
+    base: bytes,
+    n: int,
+    concurrency: int,
+    salt: int,
+    *,
+    voxq_client: bool,
+    meter: CpuMeter | None = None,
 ) -> float:
     """MB/s of boto3 put_object straight to the bucket (default client, or voxq's client settings)."""
     from core.storage import Storage
@@ -88,6 +143,8 @@ def direct_put(
     def put(i: int) -> None:
         client.put_object(Bucket=bucket, Key=f"bench-direct/{salt}/{i}.wav", Body=variant(base, i, salt))
 
+    if meter is not None:
+        meter.reset()  # the client is made and warm: count the uploads only
     started = time.perf_counter()
     with ThreadPoolExecutor(concurrency) as pool:
         list(pool.map(put, range(n)))
@@ -95,7 +152,7 @@ def direct_put(
 
 
 def api_upload(
-    url: str, key: str, base: bytes, n: int, concurrency: int, salt: int
+    url: str, key: str, base: bytes, n: int, concurrency: int, salt: int, meter: CpuMeter | None = None
 ) -> tuple[float, list[str]]:
     """MB/s of multipart uploads through the API, one file per request; the job ids."""
     import httpx
@@ -111,6 +168,8 @@ def api_upload(
             response.raise_for_status()
             ids.extend(j["id"] for j in response.json()["jobs"])
 
+        if meter is not None:
+            meter.reset()
         started = time.perf_counter()
         with ThreadPoolExecutor(concurrency) as pool:
             list(pool.map(upload, range(n)))
@@ -190,6 +249,15 @@ def pct(values: list[float], q: float) -> float:
     return statistics.quantiles(values, n=1000)[int(q * 1000) - 1] * 1000
 
 
+def _cpu_total(rounds: list[dict[str, float]]) -> float:
+    return statistics.median(sum(r.values()) for r in rounds)
+
+
+def _cpu_text(rounds: list[dict[str, float]]) -> str:
+    med = {k: statistics.median(r[k] for r in rounds) for k in rounds[0]}
+    return f"{_cpu_total(rounds):.1f} ({med['client']:.1f} + {med['api']:.1f} + {med['servers']:.1f})"
+
+
 def _rounds(values: list[float]) -> str:
     return ", ".join(f"{v:.1f}" for v in values)
 
@@ -220,21 +288,30 @@ def main() -> None:
     stack = BenchStack().start()
     direct: dict[int, list[float]] = {}
     direct_voxq: dict[int, list[float]] = {}
+    cpu: dict[int, dict[str, list[dict[str, float]]]] = {}
     via_api: dict[int, list[float]] = {}
     results: dict[int, dict[str, Any]] = {}
     try:
         key = api_key()
         for workers in worker_counts:
             direct[workers], direct_voxq[workers], via_api[workers], results[workers] = [], [], [], {}
-            with api_server(stack, workers=workers) as (url, _proc):
+            cpu[workers] = {"default": [], "voxq": [], "api": []}
+            with api_server(stack, workers=workers) as (url, proc):
+                servers, api = server_pids(stack), [proc.pid]
                 ids: list[str] = []
                 for round_ in range(rounds):
                     salt = 1000 * workers + round_
-                    direct[workers].append(direct_put(stack, base, n, concurrency, salt, voxq_client=False))
-                    direct_voxq[workers].append(
-                        direct_put(stack, base, n, concurrency, 500 + salt, voxq_client=True)
+                    meter = CpuMeter(servers, api)
+                    direct[workers].append(
+                        direct_put(stack, base, n, concurrency, salt, voxq_client=False, meter=meter)
                     )
-                    rate, new_ids = api_upload(url, key, base, n, concurrency, salt=100 + salt)
+                    cpu[workers]["default"].append(meter.per_file(n))
+                    direct_voxq[workers].append(
+                        direct_put(stack, base, n, concurrency, 500 + salt, voxq_client=True, meter=meter)
+                    )
+                    cpu[workers]["voxq"].append(meter.per_file(n))
+                    rate, new_ids = api_upload(url, key, base, n, concurrency, 100 + salt, meter=meter)
+                    cpu[workers]["api"].append(meter.per_file(n))
                     via_api[workers].append(rate)
                     ids += new_ids
                     print(f"{workers} worker(s) round {round_}: direct {direct[workers][-1]:.1f} MB/s, "
@@ -263,6 +340,8 @@ def main() -> None:
         label = "one process" if workers == 1 else f"{workers} workers"
         best_direct, best_api = max(direct[workers]), max(via_api[workers])
         best_voxq = max(direct_voxq[workers])
+        phases = cpu[workers]
+        api_cpu = _cpu_total(phases["api"])
         ratio = best_api / best_direct
         poll, sat = results[workers]["polling"], results[workers]["saturation"]
         p50, p99, top = poll["p50"], poll["p99"], poll["max"]
@@ -275,6 +354,12 @@ def main() -> None:
             f"| {label}: P4 ratio vs the default client (target ≥ 0.80) | {ratio:.2f} "
             f"{verdict(ratio >= 0.8)} |",
             f"| {label}: ratio vs voxq's client settings (stricter) | {best_api / best_voxq:.2f} |",
+            f"| {label}: CPU ms per 5 MB file, client + API + S3/Postgres/Valkey: default-client PUT; "
+            f"voxq-settings PUT; API | {_cpu_text(phases['default'])}; {_cpu_text(phases['voxq'])}; "
+            f"{_cpu_text(phases['api'])} |",
+            f"| {label}: CPU ratio direct ÷ API (what the ratio tends to while the 2 cores are the "
+            f"bottleneck): default client; voxq settings | {_cpu_total(phases['default']) / api_cpu:.2f}; "
+            f"{_cpu_total(phases['voxq']) / api_cpu:.2f} |",
             f"| {label}: P4b polling, 100 clients every 0.5 s: requests/s, p50, p99, max | "
             f"{poll['rps']:.0f}, {p50:.1f} ms, {p99:.1f} ms, {top:.0f} ms ({poll['errors']:.0f} errors; "
             f"load {poll['load']:.1f}) |",
