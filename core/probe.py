@@ -28,6 +28,13 @@ PROBE_MAX_DECODE_ERRORS = 2
 # Real audio tops out at 768 kHz (professional DXD is 352.8/384 kHz); a header claiming more is forged.
 MAX_SAMPLE_RATE = 768_000
 MAX_CHANNELS = 64
+# Containers whose header states every stream parameter (RIFF/WAVE `fmt `, FLAC STREAMINFO): FFmpeg's
+# stream-info search need not read further to learn them. With its default probe size (5 MB) it reads
+# and parses packets of a 5 MB WAV for ~3.2 ms of CPU (P4: ~13% of the API's CPU per uploaded file);
+# with a small one, ~0.3 ms. The decode check below still proves real samples either way. Anything else
+# (MP3, AAC, Ogg, MP4, an ID3 tag before FLAC, ...) keeps FFmpeg's default, where the search matters.
+_SELF_DESCRIBING = ((0, b"RIFF", 8, b"WAVE"), (0, b"fLaC", 0, b"fLaC"))
+SMALL_PROBE_OPTIONS = {"probesize": "4096"}
 
 
 @dataclass(frozen=True)
@@ -43,8 +50,11 @@ class ProbeResult:
 
 def probe(source: IO[bytes] | io.RawIOBase | str | Path) -> ProbeResult:
     """Probe a file or file-like by content; raise UnsupportedMedia or EmptyAudio when it is not audio."""
+    options = SMALL_PROBE_OPTIONS if _self_describing(source) else None
     try:
-        container = av.open(str(source) if isinstance(source, Path) else source, mode="r", timeout=30.0)
+        container = av.open(
+            str(source) if isinstance(source, Path) else source, mode="r", timeout=30.0, options=options
+        )
     except av.FFmpegError as exc:
         raise UnsupportedMedia("the file is not a recognised audio format") from exc
     except (OSError, EOFError) as exc:
@@ -53,6 +63,23 @@ def probe(source: IO[bytes] | io.RawIOBase | str | Path) -> ProbeResult:
         return _probe_container(container)
     finally:
         container.close()
+
+
+def _self_describing(source: IO[bytes] | io.RawIOBase | str | Path) -> bool:
+    """Whether `source` starts like a WAV or a FLAC file (read 12 bytes; a file-like is rewound)."""
+    try:
+        if isinstance(source, str | Path):
+            with open(source, "rb") as fh:
+                head = fh.read(12)
+        else:
+            if not source.seekable():
+                return False
+            start = source.tell()
+            head = source.read(12) or b""
+            source.seek(start)
+    except OSError:
+        return False
+    return any(head[a : a + 4] == m1 and head[b : b + 4] == m2 for a, m1, b, m2 in _SELF_DESCRIBING)
 
 
 def _probe_container(container: Any) -> ProbeResult:
