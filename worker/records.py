@@ -200,10 +200,18 @@ def extend_leases(job_ids: list[uuid.UUID], *, owner: str, lease_seconds: float)
     """Renew the lease of jobs this worker is working on; returns how many are still processing."""
     if not job_ids:
         return 0
+    # Rows locked in id order (the completion writer's order too): two transactions locking the same jobs
+    # in different orders deadlock, and Postgres then aborts one of them.
+    locked = (
+        select(Job.id)
+        .where(Job.id.in_(job_ids), Job.status == JobStatus.PROCESSING.value)
+        .order_by(Job.id)
+        .with_for_update()
+    )
     with session_scope() as session:
         result = session.execute(
             update(Job)
-            .where(Job.id.in_(job_ids), Job.status == JobStatus.PROCESSING.value)
+            .where(Job.id.in_(locked.scalar_subquery()), Job.status == JobStatus.PROCESSING.value)
             .values(lease_owner=owner, lease_expires_at=now() + timedelta(seconds=lease_seconds))
         )
     return int(result.rowcount)  # type: ignore[attr-defined]

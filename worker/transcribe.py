@@ -781,6 +781,27 @@ async def _transcribe_job(
     return JobStatus.SUCCEEDED.value
 
 
+async def keep_leases(
+    ids: list[uuid.UUID], *, owner: str, lease_seconds: float, every: float | None = None
+) -> None:
+    """Renew these jobs' leases every third of a lease until cancelled.
+
+    A renewal that fails (a deadlock Postgres broke, a database outage) is tried again after a tenth of
+    the interval rather than ending the loop: a lease left to run out makes the sweeper hand live jobs to
+    another worker.
+    """
+    interval = every if every is not None else max(lease_seconds / 3, 1)
+    wait = interval
+    while True:
+        await asyncio.sleep(wait)
+        try:
+            await asyncio.to_thread(records.extend_leases, ids, owner=owner, lease_seconds=lease_seconds)
+            wait = interval
+        except Exception as exc:
+            log.warning("lease renewal of %d job(s) failed (%s); retrying", len(ids), type(exc).__name__)
+            wait = interval / 10
+
+
 async def transcribe_group(rt: Runtime, group_id: uuid.UUID) -> dict[str, int]:
     """Transcribe every still-processing job of a group; returns how many ended in each way."""
     settings = rt.settings
@@ -795,14 +816,9 @@ async def transcribe_group(rt: Runtime, group_id: uuid.UUID) -> dict[str, int]:
     runner = ChainRunner(rt, deadline=deadline)
     ids = [j.id for j in jobs]
 
-    async def renew() -> None:
-        while True:
-            await asyncio.sleep(max(settings.job_lease_seconds / 3, 1))
-            await asyncio.to_thread(
-                records.extend_leases, ids, owner=rt.worker_name, lease_seconds=settings.job_lease_seconds
-            )
-
-    renewer = asyncio.ensure_future(renew())
+    renewer = asyncio.ensure_future(
+        keep_leases(ids, owner=rt.worker_name, lease_seconds=settings.job_lease_seconds)
+    )
     try:
         results = await asyncio.gather(
             *(transcribe_job(rt, runner, job, batches[job.batch_id], group_id) for job in jobs),
