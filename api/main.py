@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -65,7 +66,23 @@ async def _lifespan(_: FastAPI) -> AsyncIterator[None]:
     # P4b: 100 clients polling a fresh process waited up to ~0.5 s while each request opened its own
     # Postgres connection (pool grows lazily); the pool's steady size is opened at startup instead.
     await anyio.to_thread.run_sync(warm_db_pool, pool)
+    freeze_startup_objects()
     yield
+
+
+def freeze_startup_objects() -> int:
+    """Put what startup left alive (modules, classes, caches: ~170K objects) out of the collector's scans.
+
+    P4b: after a large upload one API process ran a full (generation 2) collection every ~1.4 s while
+    polled, each ~115 ms over ~210K objects and collecting nothing: a stall for every request in flight
+    (p99 62-108 ms, p50 3.5 ms; measured with gc.callbacks). Frozen objects are still freed by reference
+    counting; only garbage cycles among them would stay. Once per process (later calls change nothing).
+    Returns how many objects are frozen.
+    """
+    if gc.get_freeze_count() == 0:
+        gc.collect()
+        gc.freeze()
+    return gc.get_freeze_count()
 
 
 def create_app() -> FastAPI:
