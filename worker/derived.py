@@ -99,7 +99,7 @@ async def read(rt: Runtime, object_key: str) -> bytes:
 
 
 def _read_s3(rt: Runtime, object_key: str) -> bytes:
-    return b"".join(rt.storage.iter_chunks(object_key))
+    return rt.storage.get_bytes(object_key)
 
 
 async def spill(rt: Runtime, object_key: str) -> None:

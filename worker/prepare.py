@@ -151,7 +151,7 @@ def _load(
             # A small upload (a voicemail): one GET into memory. `download_to` (s3transfer) sends a HEAD
             # first and builds a transfer manager with its own threads for every file.
             assert job.object_key is not None
-            source = b"".join(storage.iter_chunks(job.object_key))
+            source = storage.get_bytes(job.object_key)
         else:
             assert tmp is not None, "a job downloaded to disk needs a temp directory"
             source = f"{tmp}/source"
