@@ -15,10 +15,23 @@ from tests.fakes import openai_server as fake
 _full_decode = fake.decode_audio
 
 
+def _flac_seconds(data: bytes) -> float:
+    """A FLAC file's length from its STREAMINFO block (the 42 bytes that open it); 0 when unknown."""
+    if len(data) < 42 or data[:4] != b"fLaC" or data[4] & 0x7F != 0:
+        return 0.0
+    info = data[8:42]
+    rate = (info[10] << 12) | (info[11] << 4) | (info[12] >> 4)
+    total = ((info[13] & 0xF) << 32) | int.from_bytes(info[14:18], "big")
+    return total / rate if rate else 0.0
+
+
 def header_decode(data: bytes) -> fake.Decoded:
     """Duration from the container header; one tone heard over the whole file."""
     import av
 
+    seconds = _flac_seconds(data)  # what voxq sends: no FFmpeg open per request (~0.2 ms of CPU)
+    if seconds > 0:
+        return fake.Decoded(duration=seconds, regions=[(0.0, seconds, 440)])
     try:
         with av.open(io.BytesIO(data), mode="r") as container:
             stream = container.streams.audio[0]
