@@ -84,7 +84,8 @@ def _profile(stack: BenchStack, tag: str, roots: dict[str, int]) -> list[subproc
             spies.append(
                 subprocess.Popen(
                     [str(Path(sys.executable).parent / "py-spy"), "record", "-r", "100", "-d", seconds,
-                     "--nonblocking", "-f", "raw", "-p", str(pid), "-o", f"{out}/{tag}-{name}-{pid}.txt"],
+                     "--nonblocking", "-f", "raw", "-p", str(pid), "-o", f"{out}/{tag}-{name}-{pid}.txt",
+                     *(["--gil"] if os.environ.get("VOXQ_AB_PYSPY_GIL") else [])],
                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                 )
             )  # fmt: skip
