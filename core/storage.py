@@ -233,18 +233,31 @@ class SignedGetter:
     def get(self, bucket: str, key: str) -> bytes:
         """The whole object (for objects known to be small)."""
         response = self.open(bucket, key)
+        done = False
         try:
-            return response.read()
+            data = response.read()
+            done = True
+            return data
         finally:
-            response.release_conn()
+            _release(response, done)
 
     def iter_chunks(self, bucket: str, key: str, chunk: int = READ_CHUNK) -> Iterator[bytes]:
         """The object's bytes, `chunk` at a time (never held whole)."""
         response = self.open(bucket, key)
+        done = False
         try:
             yield from response.stream(chunk)
+            done = True
         finally:
-            response.release_conn()
+            _release(response, done)
+
+
+def _release(response: urllib3.BaseHTTPResponse, complete: bool) -> None:
+    """Give the connection back to the pool; one whose body was not read to the end (an error, a reader
+    that stopped early) is closed first, so no later request reads the rest of this body as its answer."""
+    if not complete:
+        response.close()
+    response.release_conn()
 
 
 def _backoff(attempt: int) -> None:

@@ -108,6 +108,24 @@ def test_a_large_object_streams_in_bounded_memory(stack: Stack) -> None:
     assert peak < 4 * 1024 * 1024  # never the 24 MB object at once
 
 
+def test_a_reader_that_stops_early_does_not_leave_its_body_to_the_next_request(stack: Stack) -> None:
+    storage = Storage()
+    big = os.urandom(3 * 1024 * 1024)
+    small = os.urandom(5000)
+    storage.upload_bytes(big, "early/big")
+    storage.upload_bytes(small, "early/small")
+    getter = SignedGetter(
+        stack.s3_endpoint_url, stack.s3_access_key_id, stack.s3_secret_access_key, get_settings().s3_region,
+        maxsize=1,
+    )  # fmt: skip
+    for _ in range(3):
+        chunks = getter.iter_chunks(storage.bucket, "early/big", chunk=64 * 1024)
+        assert next(chunks) == big[: 64 * 1024]
+        chunks.close()  # stopped after one chunk: the rest of the body is still on the connection
+        assert getter.get(storage.bucket, "early/small") == small
+        assert b"".join(getter.iter_chunks(storage.bucket, "early/small", chunk=1000)) == small
+
+
 class _Flaky(http.server.BaseHTTPRequestHandler):
     """Answers 503 to the first `fail` GETs, then 200 with `body`."""
 
