@@ -156,7 +156,7 @@ async def upload_files(
     batch_id: uuid.UUID, request: Request, tenant: TenantDep, storage: StorageDep
 ) -> JSONResponse:
     """Upload one or many `file` parts; each is streamed to S3, probed, and becomes one job."""
-    await run_in_threadpool(_accepting_batch, tenant, batch_id)
+    await run_in_threadpool(service.check_accepting, tenant, batch_id)
     return await ingest_multipart(
         request,
         tenant.tenant_id,
@@ -164,11 +164,6 @@ async def upload_files(
         allowed_fields=frozenset(),
         finish=partial(_add_files, tenant, storage, batch_id),
     )
-
-
-def _accepting_batch(tenant: TenantContext, batch_id: uuid.UUID) -> None:
-    with session_scope() as session:
-        service.ensure_accepting(service.get_batch(session, tenant, batch_id))
 
 
 def _add_files(
