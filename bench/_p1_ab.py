@@ -22,6 +22,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from bench import REPO_ROOT
 from bench._harness import FAKE_KEY, PRIMARY, BenchStack, env_int, make_files, wait_ready
 from bench.p1_overhead import QUEUES_TRANSCRIBE, noop_rate
 from bench.p4_upload import _cpu_seconds, server_pids
@@ -126,6 +127,45 @@ def run_tree(stack: BenchStack, tree: str, files: list[bytes], tag: str) -> dict
     return out
 
 
+def noop_cpu(stack: BenchStack, n: int, run: int) -> dict[str, float]:
+    """bench/p1_overhead.py's no-op measure, plus CPU ms per task: the no-op worker, the stack's servers and
+    this process (which sends the tasks)."""
+    import redis
+
+    from bench import _noop
+
+    client = redis.Redis.from_url(stack.stack.redis_url)
+    client.delete(_noop.COUNTER)
+    log = open(stack.dir / f"worker-noopcpu{run}-1.log", "wb")  # noqa: SIM115
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "celery", "-A", "bench._noop", "worker", "-E", "-Q", _noop.QUEUE,
+         "-c", "2", "-P", "prefork", "-n", f"noopcpu{run}@%h", "--without-mingle", "--without-gossip",
+         "-l", "INFO"],
+        cwd=REPO_ROOT, env=stack.stack.child_env(), stdout=log, stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )  # fmt: skip
+    try:
+        wait_ready(stack, f"noopcpu{run}")
+        groups = {"worker": [proc.pid], "servers": server_pids(stack)}
+        before = {k: _cpu_seconds(v) for k, v in groups.items()}
+        me = time.process_time()
+        started = time.perf_counter()
+        for i in range(n):
+            _noop.app.send_task("bench.noop", kwargs={"job_id": str(i)}, queue=_noop.QUEUE)
+        while int(client.get(_noop.COUNTER) or 0) < n:
+            time.sleep(0.05)
+        out = {"tasks_per_s": n / (time.perf_counter() - started)}
+        out["sender_ms"] = (time.process_time() - me) * 1000 / n
+        out.update({f"{k}_ms": (_cpu_seconds(v) - before[k]) * 1000 / n for k, v in groups.items()})
+        out["total_ms"] = out["sender_ms"] + out["worker_ms"] + out["servers_ms"]
+        return out
+    finally:
+        proc.terminate()
+        proc.wait(30)
+        log.close()
+        client.close()
+
+
 def main() -> None:
     """Alternate the trees given on the command line; print one line per run."""
     trees = [str(Path(t).resolve()) for t in sys.argv[1:]]
@@ -136,19 +176,24 @@ def main() -> None:
     stack = BenchStack(fast_fake=True).start()
     try:
         files = make_files(n)
-        print(
-            f"no-op before: {noop_rate(stack, n, 1):.0f} tasks/s (load {os.getloadavg()[0]:.2f})", flush=True
-        )
+        _noop_line(stack, n, 1, "before")
         for r in range(rounds):
             for i, tree in enumerate(trees):
                 res = run_tree(stack, tree, files, f"r{r}t{i}")
                 cells = " ".join(f"{k}={v:.2f}" for k, v in res.items())
                 print(f"round {r} {tree}: {cells}", flush=True)
-        print(
-            f"no-op after: {noop_rate(stack, n, 2):.0f} tasks/s (load {os.getloadavg()[0]:.2f})", flush=True
-        )
+        _noop_line(stack, n, 2, "after")
     finally:
         stack.stop()
+
+
+def _noop_line(stack: BenchStack, n: int, run: int, when: str) -> None:
+    """The no-op rate (with `VOXQ_AB_NOOP_CPU=1` also its CPU ms per task), printed."""
+    if os.environ.get("VOXQ_AB_NOOP_CPU"):
+        cells = " ".join(f"{k}={v:.3f}" for k, v in noop_cpu(stack, n, run).items())
+    else:
+        cells = f"tasks_per_s={noop_rate(stack, n, run):.0f}"
+    print(f"no-op {when}: {cells} (load {os.getloadavg()[0]:.2f})", flush=True)
 
 
 if __name__ == "__main__":
