@@ -5,12 +5,18 @@ Target: ≥ 90% of ideal with ≥ 256 in flight on one 2-core worker host. Scale
 The ingest stage runs first, alone, until every job is grouped, so the transcribe stage is measured on
 its own: one transcribe worker (`-P threads -c 8`, `VOXQ_MAX_IN_FLIGHT`), files/s = files / (last
 attempt's end - first attempt's start). End-to-end time of the stage (worker start to last job) too.
+
+Diagnostics (not published): `VOXQ_BENCH_P2_TIMELINE=PATH` writes every attempt's start, answer and close
+times (seconds from the first start) as CSV and prints requests in flight per 100 ms;
+`VOXQ_BENCH_P2_PYSPY=PATH` records a raw py-spy profile of the transcribe worker (10 s from its start).
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -36,6 +42,37 @@ def cpu_seconds(pid: int) -> float:
     """CPU time (user + system) a process has used so far."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def timeline(stack: BenchStack, path: str) -> None:
+    """Write attempts' start/answer/close times as CSV; print requests in flight per 100 ms."""
+    from sqlalchemy import text
+
+    from core.db import session_scope
+
+    with session_scope() as session:
+        rows = session.execute(
+            text(
+                "SELECT id::text, extract(epoch FROM started_at), latency_ms / 1000.0, "
+                "extract(epoch FROM ended_at) FROM attempts ORDER BY started_at"
+            )
+        ).all()
+    # The fake's side: when each request arrived (headers read) and when its answer was built.
+    fake = {r["request_id"]: (r["received"], r["ts"]) for r in stack.fake("GET", "/_fake/requests")}
+    t0 = float(rows[0][1])
+    spans = [(float(s) - t0, float(s) - t0 + float(lat), float(e) - t0) for _, s, lat, e in rows]
+    with open(path, "w") as out:
+        out.write("start,answered,closed,fake_received,fake_answered\n")
+        for (aid, *_), (s, a, c) in zip(rows, spans, strict=True):
+            received, ts = fake.get(aid, (t0, t0))
+            out.write(f"{s:.4f},{a:.4f},{c:.4f},{received - t0:.4f},{ts - t0:.4f}\n")
+    end = max(c for _, _, c in spans)
+    steps = int(end / 0.1) + 1
+    flight = [0] * steps
+    for s, a, _ in spans:
+        for k in range(int(s / 0.1), min(int(a / 0.1), steps - 1) + 1):
+            flight[k] += 1
+    print("in flight per 100 ms:", " ".join(str(f) for f in flight), flush=True)
 
 
 def _workers(processes: int) -> str:
@@ -77,12 +114,37 @@ def main() -> None:
             for i in range(processes):
                 wait_ready(stack, f"transcribe{i}")
             ready, cpu_ready = time.perf_counter(), sum(cpu_seconds(p.pid) for p in procs)
+            spy = None
+            if os.environ.get("VOXQ_BENCH_P2_PYSPY"):
+                spy = subprocess.Popen(
+                    [
+                        str(Path(sys.executable).parent / "py-spy"),
+                        "record",
+                        "-r",
+                        "200",
+                        "-d",
+                        "10",
+                        "--nonblocking",
+                        "--threads",
+                        "--format",
+                        "raw",
+                        "-o",
+                        os.environ["VOXQ_BENCH_P2_PYSPY"],
+                        "-p",
+                        str(procs[0].pid),
+                    ],
+                    stdout=subprocess.DEVNULL,
+                )
             finished = stack.wait_done(n, timeout=600)
+            if spy is not None:
+                spy.wait(30)
             cpu = sum(cpu_seconds(p.pid) for p in procs) - cpu_ready
             load_end = os.getloadavg()[0]
         window, mean_latency = attempt_window(stack)
         acct = accounting(stack)
         statuses = stack.status_counts()
+        if os.environ.get("VOXQ_BENCH_P2_TIMELINE"):
+            timeline(stack, os.environ["VOXQ_BENCH_P2_TIMELINE"])
     finally:
         stack.stop()
     ideal = in_flight / LATENCY

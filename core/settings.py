@@ -77,6 +77,9 @@ class Settings(BaseSettings):
     job_max_attempts: int = 5
     circuit_failure_threshold: int = 5
     circuit_open_seconds: float = 30.0
+    # How long a worker process trusts a circuit it saw closed with no failures (core/circuit.py); 0: ask
+    # Redis on every call.
+    circuit_local_seconds: float = 1.0
     model_rpm_limit: int = 0
     model_audio_seconds_per_minute: float = 0.0
     trim_silence: bool = True

@@ -98,6 +98,19 @@ async def read(rt: Runtime, object_key: str) -> bytes:
     return await asyncio.to_thread(_read_s3, rt, object_key)
 
 
+async def read_many(rt: Runtime, object_keys: list[str]) -> dict[str, bytes]:
+    """The Redis-kept FLACs among these keys, in one round trip (a group's files; the rest are read one
+    by one with `read`, from Redis or S3). Empty when Redis is unavailable."""
+    if not object_keys:
+        return {}
+    try:
+        values = await rt.redis.mget([inline_key(k) for k in object_keys])
+    except (RedisError, OSError) as exc:
+        log.warning("derived audio read one by one: Redis unavailable (%s)", type(exc).__name__)
+        return {}
+    return {k: v for k, v in zip(object_keys, values, strict=True) if isinstance(v, bytes)}
+
+
 def _read_s3(rt: Runtime, object_key: str) -> bytes:
     return rt.storage.get_bytes(object_key)
 

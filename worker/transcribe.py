@@ -238,6 +238,8 @@ class ChainRunner:
         self.circuit = rt.circuit()
         self.limiter = rt.limiter()
         self.rate_limited = bool(rt.settings.model_rpm_limit or rt.settings.model_audio_seconds_per_minute)
+        # Whole files' FLACs read for the group in one round trip (`derived.read_many`), each taken once.
+        self.audio: dict[str, bytes] = {}
 
     async def run(
         self,
@@ -655,7 +657,9 @@ async def _send_piece(
     tmap: audio.TimeMap,
 ) -> _Done:
     """Transcribe one piece through the chain (its answer is kept at once: a later run reuses it)."""
-    data = await derived.read(rt, piece.object_key)
+    data = runner.audio.pop(piece.object_key, None)
+    if data is None:
+        data = await derived.read(rt, piece.object_key)
     prompt = compose_prompt(piece.batch.prompt, previous_text)
     # A whole job's answer is closed with its transcript (`records.JobSuccess.close`).
     answer = await runner.run(piece, data, piece.seconds, prompt, chain, defer_close=piece.index is None)
@@ -814,6 +818,9 @@ async def transcribe_group(rt: Runtime, group_id: uuid.UUID) -> dict[str, int]:
         return {}
     batches = await asyncio.to_thread(records.load_batches, {j.batch_id for j in jobs})
     runner = ChainRunner(rt, deadline=deadline)
+    runner.audio = await derived.read_many(
+        rt, [derived_key(j.tenant_id, j.id) for j in jobs if not j.chunks and not j.answers]
+    )
     ids = [j.id for j in jobs]
 
     renewer = asyncio.ensure_future(

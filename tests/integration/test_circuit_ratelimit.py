@@ -146,6 +146,121 @@ def test_retire_is_permanent_and_shared(stack: Stack) -> None:
     _run(stack, body)
 
 
+# ---- circuit breaker: a process's local reading of a clean circuit (local_seconds) ----
+
+
+async def _scripts_run(client: aioredis.Redis) -> int:
+    """Lua calls the server has run so far (the breaker's every transition is one)."""
+    stats = await client.info("commandstats")
+    return sum(int(stats.get(f"cmdstat_{name}", {}).get("calls", 0)) for name in ("evalsha", "eval"))
+
+
+def test_a_clean_circuit_is_read_locally_and_successes_are_not_written(stack: Stack) -> None:
+    async def body(r1: aioredis.Redis, r2: aioredis.Redis) -> None:
+        a = CircuitBreaker(r1, failure_threshold=3, open_seconds=30, local_seconds=30)
+        off = CircuitBreaker(r2, failure_threshold=3, open_seconds=30)  # local reading off: as before
+        assert await a.allow(MODEL)  # asks Redis once: closed, no failure counted
+        before = await _scripts_run(r2)
+        for _ in range(100):
+            assert await a.allow(MODEL)
+            await a.record_success(MODEL)
+        assert await _scripts_run(r2) - before == 0  # 200 calls, no round trip
+        for _ in range(10):
+            assert await off.allow(MODEL)
+            await off.record_success(MODEL)
+        assert await _scripts_run(r2) - before >= 20  # without it, every call is two
+
+    _run(stack, body)
+
+
+def test_a_circuit_opened_elsewhere_is_seen_within_the_local_time(stack: Stack) -> None:
+    async def body(r1: aioredis.Redis, r2: aioredis.Redis) -> None:
+        a = CircuitBreaker(r1, failure_threshold=1, open_seconds=30, local_seconds=0.5)
+        b = CircuitBreaker(r2, failure_threshold=1, open_seconds=30, local_seconds=0.5)
+        assert await a.allow(MODEL)
+        await b.record_failure(MODEL)  # another worker opens it
+        assert not await b.allow(MODEL)  # at once for the process that saw the failure
+        assert await a.allow(MODEL)  # a still reads its clean circuit locally (at most local_seconds)
+        await asyncio.sleep(0.6)
+        assert not await a.allow(MODEL)  # then it asks Redis again: open
+        assert await a.state(MODEL) == "open"
+
+    _run(stack, body)
+
+
+def test_a_failure_in_the_process_ends_its_local_reading_at_once(stack: Stack) -> None:
+    async def body(r1: aioredis.Redis, r2: aioredis.Redis) -> None:
+        a = CircuitBreaker(r1, failure_threshold=2, open_seconds=30, local_seconds=30)
+        assert await a.allow(MODEL)
+        await a.record_failure(MODEL)
+        # One failure counted: no local reading; the next success is written and resets the count.
+        await a.record_success(MODEL)
+        assert await r1.hget(names.KEY_CIRCUIT + MODEL, "failures") is None
+        await a.record_failure(MODEL)
+        await a.record_failure(MODEL)
+        assert not await a.allow(MODEL)  # opened by its own failures: seen at once
+        # trip and retire end it too.
+        assert await a.allow("whisper-1")
+        await a.trip("whisper-1", seconds=30)
+        assert not await a.allow("whisper-1")
+        assert await a.allow("gpt-4o-transcribe")
+        await a.retire("gpt-4o-transcribe")
+        assert not await a.allow("gpt-4o-transcribe")
+
+    _run(stack, body)
+
+
+def test_failures_another_process_counted_are_reset_only_by_a_written_success(stack: Stack) -> None:
+    async def body(r1: aioredis.Redis, r2: aioredis.Redis) -> None:
+        a = CircuitBreaker(r1, failure_threshold=3, open_seconds=30, local_seconds=0.3)
+        b = CircuitBreaker(r2, failure_threshold=3, open_seconds=30, local_seconds=0.3)
+        assert await a.allow(MODEL)
+        await b.record_failure(MODEL)
+        await b.record_failure(MODEL)
+        await a.record_success(MODEL)  # within a's local time: not written, the two failures stand
+        assert await r1.hget(names.KEY_CIRCUIT + MODEL, "failures") == b"2"
+        await asyncio.sleep(0.35)
+        assert await a.allow(MODEL)  # asks Redis: closed, but failures counted -> no local reading
+        await a.record_success(MODEL)  # written: consecutive failures reset for everyone
+        assert await r1.hget(names.KEY_CIRCUIT + MODEL, "failures") is None
+        await b.record_failure(MODEL)
+        await b.record_failure(MODEL)
+        assert await b.state(MODEL) == "closed"
+
+    _run(stack, body)
+
+
+def test_half_open_still_lets_exactly_one_probe_with_local_reading(stack: Stack) -> None:
+    async def body(r1: aioredis.Redis, r2: aioredis.Redis) -> None:
+        a = CircuitBreaker(r1, failure_threshold=1, open_seconds=1.0, local_seconds=0.5)
+        b = CircuitBreaker(r2, failure_threshold=1, open_seconds=1.0, local_seconds=0.5)
+        assert await a.allow(MODEL) and await b.allow(MODEL)  # both read it clean
+        await a.record_failure(MODEL)
+        await asyncio.sleep(1.1)  # past open_seconds and both local times
+        answers = await asyncio.gather(*[(a if i % 2 else b).allow(MODEL) for i in range(20)])
+        assert answers.count(True) == 1
+        # The probe's success (written: no process reads a half-open circuit locally) closes it.
+        prober = a if answers.index(True) % 2 else b
+        await prober.record_success(MODEL)
+        assert await a.state(MODEL) == "closed"
+        assert all(
+            await asyncio.gather(*[a.allow(MODEL) for _ in range(5)], *[b.allow(MODEL) for _ in range(5)])
+        )
+
+    _run(stack, body)
+
+
+def test_the_worker_runtime_shares_one_breaker_per_process(stack: Stack) -> None:
+    from worker.runtime import get_runtime
+
+    rt = get_runtime()
+    assert rt.circuit() is rt.circuit()
+    assert rt.circuit().local_seconds == rt.settings.circuit_local_seconds == 1.0
+    # The Redis pool's connections share one driver description (not a package-metadata lookup each).
+    pool = rt.redis.connection_pool
+    assert pool.make_connection().driver_info is pool.make_connection().driver_info
+
+
 # ---- rate limiter ----
 
 

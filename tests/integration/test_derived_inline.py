@@ -104,3 +104,37 @@ def test_with_inline_off_the_flac_goes_to_s3(
     assert _stored(stack, derived_key(tenant, job)) == (False, True)
     rt = get_runtime()
     assert rt.run(transcribe_group(rt, report.groups[0])) == {"succeeded": 1}
+
+
+def test_a_group_reads_its_redis_kept_flacs_in_one_round_trip(
+    pipeline: Pipeline, stack: Stack, fake_openai: FakeOpenAI
+) -> None:
+    from worker import derived
+    from worker.prepare import prepare_jobs
+    from worker.runtime import get_runtime
+    from worker.transcribe import derived_key, transcribe_group
+
+    tenant = pipeline.tenant()
+    batch = pipeline.batch(tenant)
+    jobs = [pipeline.job(tenant, batch, tones(430 + 10 * i)) for i in range(3)]
+    report = prepare_jobs(jobs, owner="test:1")
+    keys = [derived_key(tenant, job) for job in jobs]
+    rt = get_runtime()
+    found = rt.run(derived.read_many(rt, [*keys, f"{tenant}/derived/missing.flac"]))
+    assert sorted(found) == sorted(keys)  # what Redis does not hold is left to `read` (S3)
+    assert all(found[k] == rt.run(derived.read(rt, k)) for k in keys)
+
+    client = redis.Redis.from_url(stack.redis_url)
+    try:
+
+        def calls(command: str) -> int:
+            return int(client.info("commandstats").get(f"cmdstat_{command}", {}).get("calls", 0))
+
+        gets, mgets = calls("get"), calls("mget")
+        (group,) = set(report.groups)
+        assert rt.run(transcribe_group(rt, group)) == {"succeeded": 3}
+        assert calls("mget") - mgets == 1
+        assert calls("get") - gets == 0  # no GET per file
+    finally:
+        client.close()
+    assert len(fake_openai.billing_log()) == 3
