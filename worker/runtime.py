@@ -45,7 +45,11 @@ log = logging.getLogger(__name__)
 OPEN_ATTEMPTS_WINDOW_SECONDS = 0.003
 OPEN_ATTEMPTS_MAX_ROWS = 256
 # How long an answered job waits for others to share its completion transaction (CompletionWriter).
-COMPLETIONS_WINDOW_SECONDS = 0.01
+# 50 ms rather than 10: at 256 in flight a wave of answers lands within ~0.1 s; fewer, larger completion
+# transactions leave the loop, the GIL and the I/O threads to the calls starting in the freed slots
+# (P2 paired runs: 87.5% -> 89.9% of ideal on average). A job's transcript commits at
+# most ~40 ms later.
+COMPLETIONS_WINDOW_SECONDS = 0.05
 COMPLETIONS_MAX_ROWS = 128
 
 
