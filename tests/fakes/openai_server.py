@@ -123,7 +123,7 @@ class Fault:
 class ModelBehaviour:
     """How the fake treats requests for one model."""
 
-    latency: float = 0.0  # seconds added before answering
+    latency: float = 0.0  # seconds from the request's arrival to its answer (reading and parsing included)
     latency_jitter: float = 0.0  # plus uniform(0, jitter)
     faults: dict[str, float] = field(default_factory=dict)  # kind[:status] -> probability per request
     retry_after_ms: int | None = 250  # sent with random rate_limit faults
@@ -593,11 +593,12 @@ class FakeOpenAI:
             "prompt": None,
             "received": time.time(),
         }
+        arrived = time.monotonic()
         with self._lock:
             self.in_flight += 1
             self.max_in_flight = max(self.max_in_flight, self.in_flight)
         try:
-            response = await self._handle_transcribe(request, entry)
+            response = await self._handle_transcribe(request, entry, arrived)
         finally:
             with self._lock:
                 self.in_flight -= 1
@@ -609,7 +610,7 @@ class FakeOpenAI:
         self._log(entry)
         return response
 
-    async def _handle_transcribe(self, request: Request, entry: dict[str, Any]) -> Response:
+    async def _handle_transcribe(self, request: Request, entry: dict[str, Any], arrived: float) -> Response:
         denied = self._auth_error(request)
         if denied is not None:
             return denied
@@ -646,9 +647,12 @@ class FakeOpenAI:
         with self._lock:
             fault, behaviour = self._pick_fault(model)
             wait = None if fault is not None else self._rpm_check(model, behaviour)
-            delay = behaviour.latency + (
+            latency = behaviour.latency + (
                 self._rng.uniform(0, behaviour.latency_jitter) if behaviour.latency_jitter else 0.0
             )
+        # A provider's latency runs from the request's arrival: the time spent here reading and parsing
+        # the upload is part of it, not added to it (else a busy fake answers later than configured).
+        delay = max(0.0, latency - (time.monotonic() - arrived)) if latency > 0 else 0.0
         if model not in self.models and (fault is None or fault.kind == "ok"):
             fault = Fault("model_not_found")
         if fault is not None:

@@ -309,6 +309,44 @@ def test_client_giving_up_during_latency_is_not_billed(fake_openai: FakeOpenAI) 
     assert [b["request_id"] for b in fake_openai.billing_log()] == ["fast"]
 
 
+def test_latency_runs_from_the_requests_arrival(fake_openai: FakeOpenAI) -> None:
+    """A 1 s provider answers 1 s after the request arrived, however long its upload took to read."""
+    fake_openai.configure(MINI, latency=1.0)
+    boundary = "b0undary"
+    head = (
+        f'--{boundary}\r\nContent-Disposition: form-data; name="model"\r\n\r\n{MINI}\r\n'
+        f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="clip.flac"\r\n'
+        "Content-Type: audio/flac\r\n\r\n"
+    ).encode()
+    audio = tones([440])
+    tail = f"\r\n--{boundary}--\r\n".encode()
+
+    def slow_body() -> Any:
+        yield head
+        for i in range(0, len(audio), max(1, len(audio) // 6)):
+            time.sleep(0.1)  # the upload trickles in over ~0.6 s
+            yield audio[i : i + max(1, len(audio) // 6)]
+        yield tail
+
+    started = time.monotonic()
+    answer = httpx.post(
+        f"{fake_openai.base_url}/audio/transcriptions",
+        content=slow_body(),
+        headers={
+            "authorization": f"Bearer {FAKE_OPENAI_API_KEY}",
+            "content-type": f"multipart/form-data; boundary={boundary}",
+        },
+        timeout=10,
+    )
+    elapsed = time.monotonic() - started
+    assert answer.status_code == 200, answer.text
+    assert answer.json()["text"] == "tone440"
+    # Not 1 s after the body was read (that would be >= 1.6 s), but 1 s after the request came in.
+    assert 0.95 <= elapsed < 1.45, elapsed
+    [entry] = fake_openai.request_log()
+    assert 0.95 <= entry["ts"] - entry["received"] < 1.3
+
+
 def test_random_faults_are_reproducible_with_a_seed(fake_openai: FakeOpenAI) -> None:
     audio = tones([440])
 
