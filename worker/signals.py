@@ -7,17 +7,21 @@
   longer); `wait_for_local_model` lets the first local task wait for it.
 - The main process, once ready, reads the provider's `GET /models` (when an API key is set) and logs a
   loud warning for each configured model whose `shutdown_date` is within 90 days.
+- The worker's main process imports the task modules and freezes what startup left alive out of the
+  garbage collector's scans before a prefork pool forks (`freeze_startup_objects`); each child freezes
+  what its own init added, and the main process once more when ready (a threads pool runs tasks in it).
 """
 
 from __future__ import annotations
 
+import gc
 import logging
 import sys
 import threading
 from datetime import UTC, datetime
 from typing import Any
 
-from celery.signals import worker_process_init, worker_process_shutdown, worker_ready
+from celery.signals import worker_init, worker_process_init, worker_process_shutdown, worker_ready
 
 from core.db import dispose_engine, get_engine
 from core.names import QUEUE_LOCAL
@@ -63,6 +67,33 @@ def wait_for_local_model(timeout: float = 600.0) -> None:
 _local_thread: threading.Thread | None = None
 
 
+def freeze_startup_objects(*, import_tasks: bool = False) -> int:
+    """Put every object alive now out of the garbage collector's scans (first importing the task modules).
+
+    P1: a worker process holds ~130K long-lived objects (Celery, SQLAlchemy, botocore, numpy, httpx); each
+    full (generation 2) collection walked all of them. Freezing them took P1's CPU per file from 4.1 to
+    3.4-3.7 ms in the ingest worker and from 2.5 to 1.9-2.0 ms in the transcribe worker. Frozen
+    objects are still freed by reference counting; only garbage cycles among them would stay (modules,
+    classes, caches: none worth a scan). A later call freezes only what was created since (and costs a
+    collection of just that). Returns the frozen count.
+    """
+    if import_tasks:
+        # What the tasks import lazily: imported (and frozen) once in the worker's main process, so that
+        # prefork children inherit it frozen and their start stays short.
+        import worker.prepare
+        import worker.transcribe  # noqa: F401
+
+    gc.collect()
+    gc.freeze()
+    return gc.get_freeze_count()
+
+
+@worker_init.connect
+def _init_worker(**_: Any) -> None:
+    # The main process, before a prefork pool forks its children (or the process a threads pool runs in).
+    freeze_startup_objects(import_tasks=True)
+
+
 @worker_process_init.connect
 def _init_process(**_: Any) -> None:
     global _local_thread
@@ -75,6 +106,7 @@ def _init_process(**_: Any) -> None:
     if QUEUE_LOCAL in queues and "local" in get_settings().model_chain:
         _local_thread = threading.Thread(target=_load_local_model, name="voxq-local-load", daemon=True)
         _local_thread.start()
+    freeze_startup_objects()
 
 
 @worker_process_shutdown.connect
@@ -122,5 +154,6 @@ def warn_retiring_models() -> list[tuple[str, str]]:
 
 @worker_ready.connect
 def _on_ready(**_: Any) -> None:
+    freeze_startup_objects()  # a threads pool runs its tasks in this process
     # In the background: an unreachable provider must not hold up the worker's start.
     threading.Thread(target=warn_retiring_models, name="voxq-model-check", daemon=True).start()

@@ -1,0 +1,72 @@
+"""Worker processes move what startup left alive out of the garbage collector's full scans (P1)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+pytestmark = pytest.mark.unit
+
+# Run in a fresh interpreter: freezing is process-wide and must not leak into the test process.
+_CHECK = """
+import gc, os, sys
+{send}
+frozen = gc.get_freeze_count()
+scanned = {{id(o) for o in gc.get_objects()}}  # the frozen objects are in no generation
+import worker.transcribe, worker.prepare, sqlalchemy.orm
+for module in (worker.transcribe, worker.prepare, sqlalchemy.orm):
+    assert id(vars(module)) not in scanned, module
+later = [[i] for i in range(1000)]  # objects created afterwards are still collected as usual
+assert any(id(x) == id(later[0]) for x in gc.get_objects())
+print(frozen, len(scanned))
+sys.stdout.flush()
+os._exit(0)  # the runtime's loop thread and connections die with the process
+"""
+
+
+def _run(send: str) -> tuple[int, int]:
+    out = subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(_CHECK.format(send=send))],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    frozen, scanned = (int(x) for x in out.stdout.split()[-2:])
+    return frozen, scanned
+
+
+def test_worker_init_imports_the_task_modules_and_freezes_them() -> None:
+    # The main process, before a prefork pool forks or a threads pool starts.
+    frozen, scanned = _run(
+        "import worker.app, worker.signals\n"
+        "from celery.signals import worker_init\n"
+        "assert 'worker.transcribe' not in sys.modules\n"
+        "worker_init.send(sender=None)"
+    )
+    assert frozen > 50_000
+    assert scanned < frozen / 4
+
+
+def test_prefork_child_init_freezes_what_the_child_added() -> None:
+    frozen, scanned = _run(
+        "import worker.app, worker.signals, worker.prepare, worker.transcribe\n"
+        "from celery.signals import worker_process_init\n"
+        "worker_process_init.send(sender=None)"
+    )
+    assert frozen > 50_000
+    assert scanned < frozen / 4
+
+
+def test_worker_ready_freezes_the_process_running_a_threads_pool() -> None:
+    frozen, scanned = _run(
+        "import worker.app, worker.signals, worker.prepare, worker.transcribe\n"
+        "from celery.signals import worker_ready\n"
+        "worker_ready.send(sender=None)"
+    )
+    assert frozen > 50_000
+    assert scanned < frozen / 4
