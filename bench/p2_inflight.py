@@ -44,7 +44,7 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def timeline(stack: BenchStack, path: str) -> None:
+def timeline(stack: BenchStack, path: str, threads: int) -> None:
     """Write attempts' start/answer/close times as CSV; print requests in flight per 100 ms."""
     from sqlalchemy import text
 
@@ -73,6 +73,43 @@ def timeline(stack: BenchStack, path: str) -> None:
         for k in range(int(s / 0.1), min(int(a / 0.1), steps - 1) + 1):
             flight[k] += 1
     print("in flight per 100 ms:", " ".join(str(f) for f in flight), flush=True)
+    group_handover(t0, threads)
+
+
+def group_handover(t0: float, threads: int) -> None:
+    """Print where a thread's time goes between two groups: its group's last attempt closed -> group
+    finished (the task's tail), and -> the first call of the group the freed thread claims next (the
+    k-th group to start replaces the (k - threads)-th to finish)."""
+    from sqlalchemy import text
+
+    from core.db import session_scope
+
+    with session_scope() as session:
+        rows = session.execute(
+            text(
+                "SELECT extract(epoch FROM g.finished_at), min(extract(epoch FROM a.started_at)), "
+                "max(extract(epoch FROM a.ended_at)) FROM groups g JOIN jobs j ON j.group_id = g.id "
+                "JOIN attempts a ON a.job_id = j.id GROUP BY g.id"
+            )
+        ).all()
+    done = [(float(f) - t0, float(e) - t0) for f, _, e in rows if f is not None]
+    finished = sorted(f for f, _ in done)
+    starts = sorted(float(s) - t0 for _, s, _ in rows)
+    tails = sorted(f - e for f, e in done)
+    heads = sorted(starts[k] - finished[k - threads] for k in range(threads, len(starts)))
+    if not tails or not heads:
+        return
+
+    def show(name: str, xs: list[float]) -> str:
+        return f"{name} mean {sum(xs) / len(xs):.3f} p50 {xs[len(xs) // 2]:.3f} max {xs[-1]:.3f} s"
+
+    print(
+        f"groups {len(rows)}: "
+        + show("last close -> finished", tails)
+        + "; "
+        + show("finished -> next start", heads),
+        flush=True,
+    )
 
 
 def _workers(processes: int) -> str:
@@ -144,7 +181,7 @@ def main() -> None:
         acct = accounting(stack)
         statuses = stack.status_counts()
         if os.environ.get("VOXQ_BENCH_P2_TIMELINE"):
-            timeline(stack, os.environ["VOXQ_BENCH_P2_TIMELINE"])
+            timeline(stack, os.environ["VOXQ_BENCH_P2_TIMELINE"], threads)
     finally:
         stack.stop()
     ideal = in_flight / LATENCY

@@ -42,7 +42,7 @@ from core import metrics
 from core.billing import add_batch_totals
 from core.db import durable, session_scope
 from core.ids import uuid7
-from core.models import Attempt, Batch, Group, Job, JobAnswer, JobChunk, Transcript
+from core.models import Attempt, Batch, Group, Job, JobChunk, Transcript
 from core.statuses import (
     JOB_TERMINAL,
     AttemptOutcome,
@@ -649,70 +649,94 @@ class GroupJob:
     answers: dict[str, dict[str, Any]] = field(default_factory=dict)
 
 
+# One round trip for a group's claim (`claim_group_run`): the lease on its still-processing jobs by
+# compare-and-set (`status = 'processing'`), the group marked running, and each claimed job's chunk plan,
+# kept answers and batch options. The SELECT reads job_chunks/job_answers/batches, which the two UPDATEs
+# do not touch, so the statement's one snapshot sees them as the separate SELECTs did.
+_CLAIM_GROUP = """
+WITH claimed AS (
+    UPDATE jobs SET lease_owner = %(owner)s, lease_expires_at = %(expires)s, updated_at = now()
+    WHERE group_id = %(group)s AND status = 'processing'
+      AND (CAST(%(only)s AS uuid[]) IS NULL OR id = ANY(CAST(%(only)s AS uuid[])))
+    RETURNING id, tenant_id, batch_id, duration_seconds, speech_seconds, time_map
+), running AS (
+    UPDATE groups SET status = 'running' WHERE id = %(group)s AND status = 'pending' RETURNING id
+)
+SELECT c.id, c.tenant_id, c.batch_id, c.duration_seconds, c.speech_seconds, c.time_map,
+    (SELECT json_agg(json_build_object('index', k.index, 'object_key', k.object_key) ORDER BY k.index)
+       FROM job_chunks AS k WHERE k.job_id = c.id) AS chunks,
+    (SELECT json_agg(json_build_object(
+            'piece', a.piece, 'start_seconds', a.start_seconds, 'end_seconds', a.end_seconds, 'text', a.text,
+            'segments', a.segments, 'language', a.language, 'model', a.model, 'attempt_id', a.attempt_id))
+       FROM job_answers AS a WHERE a.job_id = c.id) AS answers,
+    b.id AS b_id, b.tenant_id AS b_tenant_id, b.profile AS b_profile, b.language AS b_language,
+    b.prompt AS b_prompt, b.models AS b_models, b.priority AS b_priority, b.budget_usd AS b_budget_usd
+FROM claimed AS c LEFT JOIN batches AS b ON b.id = c.batch_id
+ORDER BY c.id
+"""
+
+
 def claim_group(
     group_id: uuid.UUID, *, owner: str, lease_seconds: float, only: list[uuid.UUID] | None = None
 ) -> list[GroupJob]:
     """Take the lease on a group's still-processing jobs (or `only` these) and load what they need."""
-    ts = now()
-    conditions = [Job.group_id == group_id, Job.status == JobStatus.PROCESSING.value]
-    if only is not None:
-        conditions.append(Job.id.in_(only))
-    with session_scope() as session:
-        rows = session.execute(
-            update(Job)
-            .where(*conditions)
-            .values(lease_owner=owner, lease_expires_at=ts + timedelta(seconds=lease_seconds))
-            .returning(
-                Job.id, Job.tenant_id, Job.batch_id, Job.duration_seconds, Job.speech_seconds, Job.time_map
-            )
-        ).all()
-        session.execute(
-            update(Group)
-            .where(Group.id == group_id, Group.status == GroupStatus.PENDING.value)
-            .values(status=GroupStatus.RUNNING.value)
-        )
-        ids = [r.id for r in rows]
-        chunk_rows = (
-            session.execute(
-                select(JobChunk.job_id, JobChunk.index, JobChunk.object_key)
-                .where(JobChunk.job_id.in_(ids))
-                .order_by(JobChunk.job_id, JobChunk.index)
-            ).all()
-            if ids
-            else []
-        )
-        answer_rows = (
-            session.execute(select(JobAnswer).where(JobAnswer.job_id.in_(ids))).scalars().all() if ids else []
-        )
-    answers: dict[uuid.UUID, dict[str, dict[str, Any]]] = {}
-    for a in answer_rows:
-        answers.setdefault(a.job_id, {})[a.piece] = {
-            "start_seconds": a.start_seconds,
-            "end_seconds": a.end_seconds,
-            "text": a.text,
-            "segments": a.segments,
-            "language": a.language,
-            "model": a.model,
-            "attempt_id": a.attempt_id,
-        }
-    by_job: dict[uuid.UUID, list[dict[str, Any]]] = {}
-    for c in chunk_rows:
-        by_job.setdefault(c.job_id, []).append({"index": c.index, "object_key": c.object_key})
-    jobs = [
-        GroupJob(
-            id=r.id,
-            tenant_id=r.tenant_id,
-            batch_id=r.batch_id,
-            duration_seconds=r.duration_seconds or 0.0,
-            speech_seconds=r.speech_seconds or 0.0,
-            time_map=r.time_map or {},
-            chunks=by_job.get(r.id, []),
-            answers=answers.get(r.id, {}),
-        )
-        for r in rows
-    ]
-    jobs.sort(key=lambda j: j.id)
+    jobs, _ = claim_group_run(group_id, owner=owner, lease_seconds=lease_seconds, only=only)
     return jobs
+
+
+def claim_group_run(
+    group_id: uuid.UUID, *, owner: str, lease_seconds: float, only: list[uuid.UUID] | None = None
+) -> tuple[list[GroupJob], dict[uuid.UUID, BatchOptions]]:
+    """`claim_group`, with the claimed jobs' batch options, in one statement (one round trip).
+
+    Jobs in id order; a job no longer processing (ended, requeued) is not claimed.
+    """
+    params = {
+        "owner": owner,
+        "expires": now() + timedelta(seconds=lease_seconds),
+        "group": group_id,
+        "only": list(only) if only is not None else None,
+    }
+    with session_scope() as session:
+        rows = _sql(session, _CLAIM_GROUP, params).all()
+    jobs: list[GroupJob] = []
+    batches: dict[uuid.UUID, BatchOptions] = {}
+    for r in rows:
+        answers: dict[str, dict[str, Any]] = {}
+        for a in r.answers or []:
+            answers[a["piece"]] = {
+                "start_seconds": a["start_seconds"],
+                "end_seconds": a["end_seconds"],
+                "text": a["text"],
+                "segments": a["segments"],
+                "language": a["language"],
+                "model": a["model"],
+                "attempt_id": uuid.UUID(a["attempt_id"]) if a["attempt_id"] else None,
+            }
+        jobs.append(
+            GroupJob(
+                id=r.id,
+                tenant_id=r.tenant_id,
+                batch_id=r.batch_id,
+                duration_seconds=r.duration_seconds or 0.0,
+                speech_seconds=r.speech_seconds or 0.0,
+                time_map=r.time_map or {},
+                chunks=[{"index": c["index"], "object_key": c["object_key"]} for c in r.chunks or []],
+                answers=answers,
+            )
+        )
+        if r.b_id is not None and r.b_id not in batches:
+            batches[r.b_id] = BatchOptions(
+                id=r.b_id,
+                tenant_id=r.b_tenant_id,
+                profile=r.b_profile,
+                language=r.b_language,
+                prompt=r.b_prompt,
+                models=[str(m) for m in r.b_models] if isinstance(r.b_models, list) and r.b_models else None,
+                priority=r.b_priority,
+                budget_usd=r.b_budget_usd,
+            )
+    return jobs, batches
 
 
 def finish_group(group_id: uuid.UUID) -> None:

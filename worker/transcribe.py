@@ -810,13 +810,13 @@ async def transcribe_group(rt: Runtime, group_id: uuid.UUID) -> dict[str, int]:
     """Transcribe every still-processing job of a group; returns how many ended in each way."""
     settings = rt.settings
     deadline = time.monotonic() + max(settings.task_time_limit - 90, 60)
-    jobs = await asyncio.to_thread(
-        records.claim_group, group_id, owner=rt.worker_name, lease_seconds=settings.job_lease_seconds
+    # Jobs and their batches' options in one round trip: the refill path of a freed slot.
+    jobs, batches = await asyncio.to_thread(
+        records.claim_group_run, group_id, owner=rt.worker_name, lease_seconds=settings.job_lease_seconds
     )
     if not jobs:
         await asyncio.to_thread(records.finish_group, group_id)
         return {}
-    batches = await asyncio.to_thread(records.load_batches, {j.batch_id for j in jobs})
     runner = ChainRunner(rt, deadline=deadline)
     runner.audio = await derived.read_many(
         rt, [derived_key(j.tenant_id, j.id) for j in jobs if not j.chunks and not j.answers]
