@@ -833,10 +833,6 @@ async def transcribe_group(rt: Runtime, group_id: uuid.UUID) -> dict[str, int]:
         )
     finally:
         renewer.cancel()
-    # One batch check per batch of the group, after every job of it here ended (each job skipped its own:
-    # its siblings were still live, so the batch could not be done). Handed-off or failed-to-run jobs are
-    # still live; the local worker or the sweeper checks when they end.
-    await asyncio.to_thread(completion.finish_batches, {j.batch_id for j in jobs})
     counts: Counter[str] = Counter()
     for job, result in zip(jobs, results, strict=True):
         if isinstance(result, BaseException):
@@ -849,14 +845,26 @@ async def transcribe_group(rt: Runtime, group_id: uuid.UUID) -> dict[str, int]:
                 log.exception("could not shorten the lease of job %s", job.id)
         else:
             counts[result] += 1
+    # The task's tail, the last thing before its thread takes the next group: one I/O-thread hop for the
+    # batch checks and the group's end, while Redis forgets the FLACs.
+    # One batch check per batch of the group, after every job of it here ended (each job skipped its own:
+    # its siblings were still live, so the batch could not be done). Handed-off or failed-to-run jobs are
+    # still live; the local worker or the sweeper checks when they end.
     # Ended (or handed off, with a copy in S3): their Redis-kept FLACs are no longer needed.
-    await derived.forget(
-        rt,
-        [
-            derived_key(job.tenant_id, job.id)
-            for job, result in zip(jobs, results, strict=True)
-            if not job.chunks and not isinstance(result, BaseException)
-        ],
+    await asyncio.gather(
+        asyncio.to_thread(_finish_group_and_batches, group_id, {j.batch_id for j in jobs}),
+        derived.forget(
+            rt,
+            [
+                derived_key(job.tenant_id, job.id)
+                for job, result in zip(jobs, results, strict=True)
+                if not job.chunks and not isinstance(result, BaseException)
+            ],
+        ),
     )
-    await asyncio.to_thread(records.finish_group, group_id)
     return dict(counts)
+
+
+def _finish_group_and_batches(group_id: uuid.UUID, batch_ids: set[uuid.UUID]) -> None:
+    completion.finish_batches(batch_ids)
+    records.finish_group(group_id)
