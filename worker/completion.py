@@ -93,8 +93,15 @@ def job_finished(
 def finish_batches(batch_ids: set[uuid.UUID]) -> None:
     """Finish each of these batches that has no live job left (by CAS, once) and queue its webhook."""
     for bid in batch_ids:
-        finished = records.finish_batch_if_done(bid)
-        if finished is not None:
-            log.info("batch finished", extra={"batch_id": str(bid), "status": finished.status})
-            if finished.webhook_url:
-                dispatch.send_webhook(bid)
+        finish_batch(bid)
+
+
+def finish_batch(batch_id: uuid.UUID) -> bool:
+    """Finish this batch if no live job is left (by CAS, once) and queue its webhook; True if it did."""
+    finished = records.finish_batch_if_done(batch_id)
+    if finished is None:
+        return False
+    log.info("batch finished", extra={"batch_id": str(batch_id), "status": finished.status})
+    if finished.webhook_url:
+        dispatch.send_webhook(batch_id)
+    return True

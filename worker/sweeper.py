@@ -6,6 +6,10 @@
   with `too_many_attempts`, so a file that crashes workers cannot loop forever.
 - A job still `queued` one broker visibility timeout after it was queued lost its `prepare` message
   (e.g. the task failed while Postgres was down and was acked): `prepare` is sent again.
+- A batch still `processing` whose jobs have all ended (submitted at least a minute ago) lost its batch
+  check: the worker that ended its last job died between that commit and the check, and a redelivered
+  group task claims no job. It is finished here (by the same compare-and-set, so once) and its webhook
+  queued.
 - Attempts still `pending` for a job whose run the sweeper just ended, or hosted ones pending for more
   than twice the provider timeout (the row is written when the call starts, so no live call is that old;
   local ones: the task time limit), become `abandoned` — by compare-and-set on `pending`, so an attempt
@@ -35,9 +39,9 @@ from sqlalchemy import and_, or_, select, update
 
 from core import billing
 from core.db import session_scope
-from core.models import Attempt, Job
+from core.models import Attempt, Batch, Job
 from core.settings import get_settings
-from core.statuses import AttemptOutcome, JobStatus
+from core.statuses import AttemptOutcome, BatchStatus, JobStatus
 from worker import completion, dispatch, records
 
 _ABANDONED_COLUMNS = (
@@ -65,6 +69,11 @@ class SweepReport:
     resent: list[uuid.UUID] = field(default_factory=list)
     failed: list[uuid.UUID] = field(default_factory=list)
     abandoned_attempts: int = 0
+    finished_batches: list[uuid.UUID] = field(default_factory=list)
+
+
+# A batch's own worker checks it the moment its last job ends; the sweeper only looks after this long.
+BATCH_CHECK_GRACE_SECONDS = 60.0
 
 
 def sweep(*, limit: int = 1000) -> SweepReport:
@@ -155,6 +164,19 @@ def sweep(*, limit: int = 1000) -> SweepReport:
                     model=a.model,
                     audio_seconds=a.audio_seconds or 0.0,
                 )
+        stuck = list(
+            session.execute(
+                select(Batch.id)
+                .where(
+                    Batch.status == BatchStatus.PROCESSING.value,
+                    Batch.submitted_at < ts - timedelta(seconds=BATCH_CHECK_GRACE_SECONDS),
+                    ~select(Job.id)
+                    .where(Job.batch_id == Batch.id, Job.status.in_(records.LIVE_VALUES))
+                    .exists(),
+                )
+                .limit(limit)
+            ).scalars()
+        )
     report.abandoned_attempts = len(abandoned)
     for r in give_up:
         if records.end_job(
@@ -167,4 +189,7 @@ def sweep(*, limit: int = 1000) -> SweepReport:
             report.failed.append(r.id)
     for priority, ids in by_priority.items():
         dispatch.send_prepare(ids, priority=priority)
+    for batch_id in stuck:
+        if completion.finish_batch(batch_id):
+            report.finished_batches.append(batch_id)
     return report
