@@ -22,9 +22,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from bench import REPO_ROOT
 from bench._harness import FAKE_KEY, PRIMARY, BenchStack, env_int, make_files, wait_ready
-from bench.p1_overhead import QUEUES_TRANSCRIBE, noop_rate
+from bench.p1_overhead import QUEUES_TRANSCRIBE, noop_rate, noop_worker, send_noops, wait_noops
 from bench.p4_upload import _cpu_seconds, server_pids
 
 
@@ -130,40 +129,18 @@ def run_tree(stack: BenchStack, tree: str, files: list[bytes], tag: str) -> dict
 def noop_cpu(stack: BenchStack, n: int, run: int) -> dict[str, float]:
     """bench/p1_overhead.py's no-op measure, plus CPU ms per task: the no-op worker, the stack's servers and
     this process (which sends the tasks)."""
-    import redis
-
-    from bench import _noop
-
-    client = redis.Redis.from_url(stack.stack.redis_url)
-    client.delete(_noop.COUNTER)
-    log = open(stack.dir / f"worker-noopcpu{run}-1.log", "wb")  # noqa: SIM115
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "celery", "-A", "bench._noop", "worker", "-E", "-Q", _noop.QUEUE,
-         "-c", "2", "-P", "prefork", "-n", f"noopcpu{run}@%h", "--without-mingle", "--without-gossip",
-         "-l", "INFO"],
-        cwd=REPO_ROOT, env=stack.stack.child_env(), stdout=log, stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )  # fmt: skip
-    try:
-        wait_ready(stack, f"noopcpu{run}")
+    with noop_worker(stack, f"noopcpu{run}") as (proc, client):
         groups = {"worker": [proc.pid], "servers": server_pids(stack)}
         before = {k: _cpu_seconds(v) for k, v in groups.items()}
         me = time.process_time()
         started = time.perf_counter()
-        for i in range(n):
-            _noop.app.send_task("bench.noop", kwargs={"job_id": str(i)}, queue=_noop.QUEUE)
-        while int(client.get(_noop.COUNTER) or 0) < n:
-            time.sleep(0.05)
+        send_noops(n)
+        wait_noops(client, n)
         out = {"tasks_per_s": n / (time.perf_counter() - started)}
         out["sender_ms"] = (time.process_time() - me) * 1000 / n
         out.update({f"{k}_ms": (_cpu_seconds(v) - before[k]) * 1000 / n for k, v in groups.items()})
         out["total_ms"] = out["sender_ms"] + out["worker_ms"] + out["servers_ms"]
         return out
-    finally:
-        proc.terminate()
-        proc.wait(30)
-        log.close()
-        client.close()
 
 
 def main() -> None:

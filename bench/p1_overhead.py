@@ -13,6 +13,9 @@ from __future__ import annotations
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
 
 from bench import REPO_ROOT, host_facts
 from bench._harness import (
@@ -30,35 +33,57 @@ ACCOUNTING_OK = "one attempt, one cost record, one transcript per file"
 QUEUES_TRANSCRIBE = "transcribe.high,transcribe,transcribe.low"
 
 
-def noop_rate(stack: BenchStack, n: int, run: int = 1) -> float:
-    """Tasks/s of a prefork -c 2 no-op worker on the stack's broker."""
+@contextmanager
+def noop_worker(stack: BenchStack, name: str) -> Iterator[tuple[subprocess.Popen[bytes], Any]]:
+    """A ready prefork -c 2 no-op worker on the stack's broker (named `name`), with a Redis client whose
+    no-op counter starts at 0; stopped on exit."""
     import redis
 
     from bench import _noop
 
     client = redis.Redis.from_url(stack.stack.redis_url)
     client.delete(_noop.COUNTER)
-    log = open(stack.dir / f"worker-noop{run}-1.log", "wb")  # noqa: SIM115
+    log = open(stack.dir / f"worker-{name}-1.log", "wb")  # noqa: SIM115
     proc = subprocess.Popen(
         [sys.executable, "-m", "celery", "-A", "bench._noop", "worker", "-E", "-Q", _noop.QUEUE,
-         "-c", "2", "-P", "prefork", "-n", f"noop{run}@%h", "--without-mingle", "--without-gossip",
+         "-c", "2", "-P", "prefork", "-n", f"{name}@%h", "--without-mingle", "--without-gossip",
          "-l", "INFO"],
         cwd=REPO_ROOT, env=stack.stack.child_env(), stdout=log, stderr=subprocess.STDOUT,
         start_new_session=True,
     )  # fmt: skip
     try:
-        wait_ready(stack, f"noop{run}")
-        started = time.perf_counter()
-        for i in range(n):
-            _noop.app.send_task("bench.noop", kwargs={"job_id": str(i)}, queue=_noop.QUEUE)
-        while int(client.get(_noop.COUNTER) or 0) < n:
-            time.sleep(0.05)
-        return n / (time.perf_counter() - started)
+        wait_ready(stack, name)
+        yield proc, client
     finally:
         proc.terminate()
         proc.wait(30)
         log.close()
         client.close()
+
+
+def send_noops(n: int) -> None:
+    """Send `n` no-op tasks to the no-op queue."""
+    from bench import _noop
+
+    for i in range(n):
+        _noop.app.send_task("bench.noop", kwargs={"job_id": str(i)}, queue=_noop.QUEUE)
+
+
+def wait_noops(client: Any, n: int) -> None:
+    """Until the no-op worker has run `n` tasks."""
+    from bench import _noop
+
+    while int(client.get(_noop.COUNTER) or 0) < n:
+        time.sleep(0.05)
+
+
+def noop_rate(stack: BenchStack, n: int, run: int = 1) -> float:
+    """Tasks/s of a prefork -c 2 no-op worker on the stack's broker."""
+    with noop_worker(stack, f"noop{run}") as (_proc, client):
+        started = time.perf_counter()
+        send_noops(n)
+        wait_noops(client, n)
+        return n / (time.perf_counter() - started)
 
 
 def pipeline_rate(stack: BenchStack, n: int) -> tuple[float, dict[str, int], dict[str, int]]:
