@@ -90,6 +90,29 @@ class JobRows(NamedTuple):
     job_id: uuid.UUID
 
 
+def processing_job(
+    tenant_id: uuid.UUID,
+    batch_id: uuid.UUID,
+    *,
+    object_key: str = "k",
+    filename: str = "a.wav",
+    sha256: str = "0" * 64,
+    **values: Any,
+) -> Job:
+    """A `processing` job row (not added to any session) with no audio behind it, for tests of records."""
+    return Job(
+        tenant_id=tenant_id,
+        batch_id=batch_id,
+        object_key=object_key,
+        filename=filename,
+        bytes=1,
+        sha256=sha256,
+        status=JobStatus.PROCESSING.value,
+        priority="normal",
+        **values,
+    )
+
+
 def processing_job_rows(
     *,
     tenant_name: str | None = None,
@@ -108,18 +131,7 @@ def processing_job_rows(
         batch = Batch(tenant_id=tenant.id, status=BatchStatus.PROCESSING.value, budget_usd=budget_usd)
         s.add(batch)
         s.flush()
-        job = Job(
-            tenant_id=tenant.id,
-            batch_id=batch.id,
-            object_key="k",
-            filename="a.wav",
-            bytes=1,
-            sha256="0" * 64,
-            status=JobStatus.PROCESSING.value,
-            priority="normal",
-            lease_owner=lease_owner,
-            lease_expires_at=lease_expires_at,
-        )
+        job = processing_job(tenant.id, batch.id, lease_owner=lease_owner, lease_expires_at=lease_expires_at)
         s.add(job)
         s.flush()
         return JobRows(tenant.id, batch.id, job.id)

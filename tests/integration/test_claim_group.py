@@ -19,7 +19,7 @@ from sqlalchemy import event, select, update
 from core.db import get_engine, session_scope
 from core.models import Group, Job
 from core.statuses import GroupStatus, JobStatus
-from tests.pipeline_support import pending_attempt_row, processing_job_rows
+from tests.pipeline_support import pending_attempt_row, processing_job, processing_job_rows
 from tests.support import Stack
 from worker import records
 
@@ -31,16 +31,8 @@ def _sibling(of: uuid.UUID, **values: Any) -> uuid.UUID:
     with session_scope() as s:
         first = s.get(Job, of)
         assert first is not None
-        job = Job(
-            tenant_id=first.tenant_id,
-            batch_id=first.batch_id,
-            object_key="k2",
-            filename="b.wav",
-            bytes=1,
-            sha256="1" * 64,
-            status=JobStatus.PROCESSING.value,
-            priority="normal",
-            **values,
+        job = processing_job(
+            first.tenant_id, first.batch_id, object_key="k2", filename="b.wav", sha256="1" * 64, **values
         )
         s.add(job)
         s.flush()

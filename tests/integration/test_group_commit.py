@@ -20,6 +20,7 @@ from core.db import session_scope
 from core.models import Attempt, Batch, CostRecord, Job, JobAnswer, Tenant, Transcript
 from core.pricing import PricedUsage
 from core.statuses import AttemptOutcome, BatchStatus, JobStatus
+from tests.pipeline_support import processing_job
 from tests.support import Stack
 from worker import records
 from worker.runtime import CompletionWriter
@@ -151,15 +152,12 @@ def test_answers_completed_together_share_one_transaction_with_exact_totals(stac
         s.execute(update(Job).where(Job.id == lost).values(status=JobStatus.QUEUED.value))
         # Job 7 has a dedupe follower waiting for its transcript.
         s.execute(update(Job).where(Job.id == follower_of).values(fingerprint="f" * 64))
-        follower = Job(
-            tenant_id=tenant,
-            batch_id=batch,
+        follower = processing_job(
+            tenant,
+            batch,
             object_key="kf",
             filename="b.wav",
-            bytes=1,
             sha256="f" * 64,
-            status=JobStatus.PROCESSING.value,
-            priority="normal",
             fingerprint="f" * 64,
             deduplicated_from_id=follower_of,
         )
