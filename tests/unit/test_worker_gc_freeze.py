@@ -40,33 +40,32 @@ def _run(send: str) -> tuple[int, int]:
     return frozen, scanned
 
 
-def test_worker_init_imports_the_task_modules_and_freezes_them() -> None:
-    # The main process, before a prefork pool forks or a threads pool starts.
-    frozen, scanned = _run(
-        "import worker.app, worker.signals\n"
-        "from celery.signals import worker_init\n"
-        "assert 'worker.transcribe' not in sys.modules\n"
-        "worker_init.send(sender=None)"
-    )
-    assert frozen > 50_000
-    assert scanned < frozen / 4
+_AFTER_TASK_IMPORTS = "import worker.app, worker.signals, worker.prepare, worker.transcribe\n"
 
 
-def test_prefork_child_init_freezes_what_the_child_added() -> None:
-    frozen, scanned = _run(
-        "import worker.app, worker.signals, worker.prepare, worker.transcribe\n"
-        "from celery.signals import worker_process_init\n"
-        "worker_process_init.send(sender=None)"
-    )
-    assert frozen > 50_000
-    assert scanned < frozen / 4
-
-
-def test_worker_ready_freezes_the_process_running_a_threads_pool() -> None:
-    frozen, scanned = _run(
-        "import worker.app, worker.signals, worker.prepare, worker.transcribe\n"
-        "from celery.signals import worker_ready\n"
-        "worker_ready.send(sender=None)"
-    )
+@pytest.mark.parametrize(
+    "send",
+    [
+        pytest.param(
+            # The main process, before a prefork pool forks or a threads pool starts.
+            "import worker.app, worker.signals\n"
+            "from celery.signals import worker_init\n"
+            "assert 'worker.transcribe' not in sys.modules\n"
+            "worker_init.send(sender=None)",
+            id="worker_init imports the task modules and freezes them",
+        ),
+        pytest.param(
+            _AFTER_TASK_IMPORTS
+            + "from celery.signals import worker_process_init\nworker_process_init.send(sender=None)",
+            id="prefork child init freezes what the child added",
+        ),
+        pytest.param(
+            _AFTER_TASK_IMPORTS + "from celery.signals import worker_ready\nworker_ready.send(sender=None)",
+            id="worker_ready freezes the process running a threads pool",
+        ),
+    ],
+)
+def test_worker_signal_freezes_startup_objects(send: str) -> None:
+    frozen, scanned = _run(send)
     assert frozen > 50_000
     assert scanned < frozen / 4
