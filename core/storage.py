@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import os
 import random
 import re
+import socket
 import threading
 import time
 import urllib.parse
@@ -169,6 +171,13 @@ class SignedGetter:
         )
         self._keys: dict[str, bytes] = {}
         self._lock = threading.Lock()
+        # `get` (whole small objects) speaks HTTP/1.1 over its own pooled sockets for plain-http endpoints:
+        # see `_plain_get`. https endpoints and streaming (`open`, `iter_chunks`) use urllib3.
+        self._plain = (url.hostname, url.port or 80) if url.scheme == "http" else None
+        self._timeouts = (connect_timeout, read_timeout)
+        self._idle: list[socket.socket] = []
+        self._idle_pid = os.getpid()  # a forked child never uses its parent's sockets
+        self._maxsize = maxsize
 
     def _signing_key(self, day: str) -> bytes:
         key = self._keys.get(day)
@@ -232,6 +241,26 @@ class SignedGetter:
 
     def get(self, bucket: str, key: str) -> bytes:
         """The whole object (for objects known to be small)."""
+        if self._plain is not None:
+            path = self.path(bucket, key)
+            attempt = 0
+            while True:
+                attempt += 1
+                try:
+                    status, headers, body = self._plain_get(path)
+                except _Unsupported:
+                    break  # an answer this lean client does not read (chunked, encoded): urllib3's turn
+                except OSError as exc:
+                    if attempt >= self.max_attempts:
+                        raise StorageError(f"GET {bucket}/{key} failed: {type(exc).__name__}") from exc
+                    _backoff(attempt)
+                    continue
+                if status == 200:
+                    return body
+                if status in _RETRY_STATUSES and attempt < self.max_attempts:
+                    _backoff(attempt)
+                    continue
+                raise _client_error(status, body, headers)
         response = self.open(bucket, key)
         done = False
         try:
@@ -240,6 +269,52 @@ class SignedGetter:
             return data
         finally:
             _release(response, done)
+
+    def _plain_get(self, path: str) -> tuple[int, dict[str, str], bytes]:
+        """One signed `GET path` over a pooled socket: (status, headers, body).
+
+        urllib3 + http.client cost ~0.35 ms of CPU per 40 KB voicemail (P1: pool bookkeeping, a liveness
+        poll, email-module header parsing); this request costs ~0.1 ms. It reads only what S3 servers send
+        for a GET: a status line, headers, and a body of the stated `Content-Length` (anything else raises
+        `_Unsupported` before a byte is returned, and the caller asks again through urllib3). A pooled
+        socket the server has closed meanwhile fails before any answer byte: that is retried at once on a
+        new connection (GET is idempotent). Connection errors and timeouts raise `OSError`.
+        """
+        assert self._plain is not None
+        lines = [f"GET {path} HTTP/1.1"]
+        lines += [f"{name}: {value}" for name, value in self.signed_headers(path).items()]
+        request = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
+        while True:
+            sock = self._take()
+            reused = sock is not None
+            if sock is None:
+                sock = socket.create_connection(self._plain, timeout=self._timeouts[0])
+                sock.settimeout(self._timeouts[1])
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            try:
+                answer = _read_answer(sock, request)
+            except _StaleConnection:
+                sock.close()
+                if reused:
+                    continue  # the server closed the idle connection: ask again on a new one
+                raise ConnectionResetError("the server closed the connection before answering") from None
+            except BaseException:
+                sock.close()
+                raise
+            status, headers, body, keep = answer
+            if keep and len(self._idle) < self._maxsize:
+                self._idle.append(sock)
+            else:
+                sock.close()
+            return status, headers, body
+
+    def _take(self) -> socket.socket | None:
+        if self._idle_pid != os.getpid():
+            self._idle, self._idle_pid = [], os.getpid()  # the parent's sockets stay the parent's
+        try:
+            return self._idle.pop()
+        except IndexError:
+            return None
 
     def iter_chunks(self, bucket: str, key: str, chunk: int = READ_CHUNK) -> Iterator[bytes]:
         """The object's bytes, `chunk` at a time (never held whole)."""
@@ -250,6 +325,72 @@ class SignedGetter:
             done = True
         finally:
             _release(response, done)
+
+
+class _Unsupported(Exception):
+    """An answer `SignedGetter._plain_get` does not read itself (no length, chunked, content-encoded)."""
+
+
+class _StaleConnection(Exception):
+    """The connection ended before the first byte of an answer."""
+
+
+_MAX_HEAD = 64 * 1024
+
+
+def _read_answer(sock: socket.socket, request: bytes) -> tuple[int, dict[str, str], bytes, bool]:
+    """Send `request` and read one HTTP/1.1 answer with a `Content-Length` body: (status, headers (names
+    lowercased), body, whether the connection can be reused)."""
+    try:
+        sock.sendall(request)
+        buf = sock.recv(65536)
+    except (BrokenPipeError, ConnectionResetError, ConnectionAbortedError):
+        raise _StaleConnection from None
+    if not buf:
+        raise _StaleConnection
+    while (end := buf.find(b"\r\n\r\n")) < 0:
+        if len(buf) > _MAX_HEAD:
+            raise _Unsupported("answer head too long")
+        more = sock.recv(65536)
+        if not more:
+            raise ConnectionResetError("the connection ended inside the answer's head")
+        buf += more
+    head = buf[:end].decode("latin-1").split("\r\n")
+    version, _, rest = head[0].partition(" ")
+    code = rest[:3]
+    if version not in {"HTTP/1.1", "HTTP/1.0"} or not code.isdigit():
+        raise _Unsupported(f"not an HTTP/1.x status line: {head[0][:40]!r}")
+    status = int(code)
+    headers: dict[str, str] = {}
+    for line in head[1:]:
+        name, sep, value = line.partition(":")
+        name = name.strip().lower()
+        if not sep or not name or (name == "content-length" and name in headers):
+            raise _Unsupported("malformed or repeated header")
+        headers[name] = value.strip()
+    length = headers.get("content-length", "")
+    if (
+        status < 200
+        or not length.isdigit()
+        or "transfer-encoding" in headers
+        or headers.get("content-encoding", "identity").lower() != "identity"
+    ):
+        raise _Unsupported("an answer without a plain Content-Length body")
+    size = int(length)
+    body = bytearray(size)
+    have = min(len(buf) - end - 4, size)
+    body[:have] = buf[end + 4 : end + 4 + have]
+    if len(buf) - end - 4 > size:
+        raise _Unsupported("more bytes than the stated length")  # never reuse a confused connection
+    view = memoryview(body)
+    while have < size:
+        n = sock.recv_into(view[have:])
+        if not n:
+            raise ConnectionResetError("the connection ended inside the body")
+        have += n
+    connection = headers.get("connection", "").lower()
+    keep = connection != "close" if version == "HTTP/1.1" else connection == "keep-alive"
+    return status, headers, bytes(body), keep
 
 
 def _release(response: urllib3.BaseHTTPResponse, complete: bool) -> None:

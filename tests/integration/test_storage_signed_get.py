@@ -211,3 +211,110 @@ def test_prepare_reads_uploads_through_it_and_a_missing_one_fails_as_source_miss
     rows = pipeline.jobs([kept, lost])
     assert rows[lost].status == JobStatus.FAILED.value and rows[lost].error_code == "source_missing"
     assert rows[kept].status == JobStatus.PROCESSING.value and rows[kept].group_id is not None
+
+
+def test_whole_small_objects_come_over_pooled_plain_sockets_not_urllib3(
+    stack: Stack, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    storage = Storage()
+    data = os.urandom(40_000)
+    storage.upload_bytes(data, "plain/voicemail")
+    getter = _getter()
+
+    def no_urllib3(*args: object, **kwargs: object) -> None:
+        raise AssertionError("urllib3 was used for a whole small object")
+
+    monkeypatch.setattr(getter.pool, "urlopen", no_urllib3)
+    for _ in range(5):
+        assert getter.get(storage.bucket, "plain/voicemail") == data
+    assert len(getter._idle) == 1  # one keep-alive connection, reused by every GET
+    with pytest.raises(ClientError) as exc:
+        getter.get(storage.bucket, "plain/missing")
+    assert exc.value.response["Error"]["Code"] == "NoSuchKey"
+    assert getter.get(storage.bucket, "plain/voicemail") == data  # the error answer's body was read off
+    with pytest.raises(ClientError) as exc:
+        _getter(secret="not-the-secret").get(storage.bucket, "plain/voicemail")
+    assert exc.value.response["Error"]["Code"] == "SignatureDoesNotMatch"
+
+
+class _Http11(http.server.BaseHTTPRequestHandler):
+    """HTTP/1.1 answers of `body`: with a length, chunked (`chunked`), and/or closing the connection
+    after each answer without saying so (`drop`, as a server's idle timeout does); counts connections."""
+
+    protocol_version = "HTTP/1.1"
+    body = b"x" * 5000
+    chunked = False
+    drop = False
+    connections = 0
+    seen = 0
+
+    def setup(self) -> None:
+        type(self).connections += 1
+        super().setup()
+
+    def do_GET(self) -> None:
+        type(self).seen += 1
+        body = type(self).body
+        self.send_response(200)
+        if type(self).chunked:
+            self.send_header("Transfer-Encoding", "chunked")
+            self.end_headers()
+            for i in range(0, len(body), 1000):
+                piece = body[i : i + 1000]
+                self.wfile.write(b"%x\r\n%s\r\n" % (len(piece), piece))
+            self.wfile.write(b"0\r\n\r\n")
+        else:
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+        if type(self).drop:
+            self.close_connection = True
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+@pytest.fixture
+def http11(monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[str, type[_Http11]]]:
+    waits: list[int] = []
+    monkeypatch.setattr(storage_module, "_backoff", waits.append)
+    handler = type("Http11", (_Http11,), {"waits": waits})
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}", handler
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_a_pooled_connection_the_server_closed_is_asked_again_at_once(
+    http11: tuple[str, type[_Http11]],
+) -> None:
+    url, handler = http11
+    handler.drop = True
+    getter = SignedGetter(url, "k", "s", "us-east-1", max_attempts=1)
+    for _ in range(3):
+        # max_attempts=1: a stale pooled socket must not count as a failed attempt, nor wait
+        assert getter.get("b", "k") == handler.body
+    assert handler.seen == 3 and handler.connections == 3
+    assert handler.waits == []  # type: ignore[attr-defined]
+
+
+def test_keep_alive_answers_reuse_one_connection(http11: tuple[str, type[_Http11]]) -> None:
+    url, handler = http11
+    getter = SignedGetter(url, "k", "s", "us-east-1")
+    for _ in range(4):
+        assert getter.get("b", "k") == handler.body
+    assert handler.seen == 4 and handler.connections == 1
+
+
+def test_a_chunked_answer_is_read_through_urllib3(http11: tuple[str, type[_Http11]]) -> None:
+    url, handler = http11
+    handler.chunked = True
+    handler.body = os.urandom(4500)
+    getter = SignedGetter(url, "k", "s", "us-east-1")
+    assert getter.get("b", "k") == handler.body
+    assert handler.seen == 2  # the lean GET gave up on it unread; urllib3 asked once more
+    assert getter._idle == []  # and the half-read connection was not kept
