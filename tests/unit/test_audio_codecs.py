@@ -193,3 +193,59 @@ def test_frame_levels_equal_the_mean_of_squares_bit_for_bit(length: int) -> None
     pcm[: min(length, 2000)] = -32768  # full-scale frames: the largest sums
     assert np.array_equal(audio.frame_levels_db(pcm), _levels_by_mean(pcm))
     assert np.array_equal(audio.frame_levels_db(pcm, block_frames=7), _levels_by_mean(pcm))
+
+
+def _runs_frame_by_frame(levels: np.ndarray, *, trim: bool = True) -> list[tuple[int, int]]:
+    """`audio.find_speech` as it was written before the numpy run edges: one Python step per frame."""
+    n = len(levels)
+    if n == 0:
+        return []
+    if not trim:
+        return [(0, n)]
+    floor = float(np.percentile(levels, 10))
+    loud = float(np.percentile(levels, 95))
+    voiced = levels > max(audio.ABS_FLOOR_DB, min(floor + 12.0, loud - 15.0))
+    pad = round(audio.PAD_SECONDS / audio.FRAME_SECONDS)
+    lead = round(audio.LEAD_PAD_SECONDS / audio.FRAME_SECONDS)
+    tail = round(audio.TAIL_PAD_SECONDS / audio.FRAME_SECONDS)
+    runs: list[tuple[int, int]] = []
+    i = 0
+    while i < n:
+        if not voiced[i]:
+            i += 1
+            continue
+        j = i
+        while j < n and voiced[j]:
+            j += 1
+        if j - i >= audio.MIN_SPEECH_FRAMES:
+            start, end = max(i - pad, 0), min(j + pad, n)
+            if runs and start <= runs[-1][1]:
+                runs[-1] = (runs[-1][0], end)
+            else:
+                runs.append((start, end))
+        i = j
+    if runs:
+        runs[0] = (max(runs[0][0] - max(lead - pad, 0), 0), runs[0][1])
+        runs[-1] = (runs[-1][0], min(runs[-1][1] + max(tail - pad, 0), n))
+    return runs
+
+
+def test_find_speech_keeps_the_frame_by_frame_runs() -> None:
+    rng = np.random.default_rng(7)
+    cases = [np.full(n, v) for n in (1, 5, 40) for v in (-90.0, -20.0)]
+    for _ in range(400):
+        n = int(rng.integers(1, 900))
+        # quiet floor with loud bursts of random lengths, some shorter than MIN_SPEECH_FRAMES
+        levels = rng.normal(-70, 3, n)
+        for _ in range(int(rng.integers(0, 12))):
+            a = int(rng.integers(0, n))
+            levels[a : a + int(rng.integers(1, 60))] = rng.normal(-20, 4)
+        cases.append(levels)
+    cases.append(np.concatenate([np.full(50, -20.0), np.full(100, -80.0), np.full(50, -20.0)]))
+    for levels in cases:
+        assert audio.find_speech(levels) == _runs_frame_by_frame(levels)
+        assert audio.find_speech(levels, trim=False) == _runs_frame_by_frame(levels, trim=False)
+        floor, loud = float(np.percentile(levels, 10)), float(np.percentile(levels, 95))
+        expected = max(audio.ABS_FLOOR_DB, min(floor + 12.0, loud - 15.0))
+        assert audio.speech_threshold_db(levels) == expected
+    assert audio.find_speech(np.zeros(0)) == []
