@@ -440,8 +440,31 @@ def speech_threshold_db(levels: FloatArray) -> float:
     """The adaptive speech threshold for these frame levels."""
     if len(levels) == 0:
         return ABS_FLOOR_DB
-    floor, loud = (float(x) for x in np.percentile(levels, [10, 95]))  # one call, the same two values
+    floor, loud = percentiles(levels, (10, 95))
     return max(ABS_FLOOR_DB, min(floor + 12.0, loud - 15.0))
+
+
+def percentiles(values: FloatArray, pcts: tuple[float, ...]) -> list[float]:
+    """`np.percentile(values, pct)` (its default 'linear' method) for each pct, bit for bit, from one
+    `np.partition`: np.percentile's own Python steps cost ~25 µs per call, several times the partition of
+    a voicemail's 500 frame levels. Same formulas as numpy's: index (n-1)*q, neighbours floor and floor+1
+    (the last value at or past the end), then `_lerp` (from the upper neighbour when the weight is ≥ 0.5)."""
+    n = len(values)
+    picks: list[tuple[int, int, float]] = []
+    for pct in pcts:
+        virtual = (n - 1) * (pct / 100)
+        if virtual >= n - 1:
+            picks.append((n - 1, n - 1, 0.0))
+        else:
+            low = math.floor(virtual)
+            picks.append((low, low + 1, virtual - low))
+    part = np.partition(values, sorted({i for low, high, _ in picks for i in (low, high)}))
+    out: list[float] = []
+    for low, high, t in picks:
+        a, b = float(part[low]), float(part[high])
+        diff = b - a
+        out.append(b - diff * (1 - t) if t >= 0.5 else a + diff * t)
+    return out
 
 
 def find_speech(levels: FloatArray, *, trim: bool = True) -> list[tuple[int, int]]:

@@ -249,3 +249,18 @@ def test_find_speech_keeps_the_frame_by_frame_runs() -> None:
         expected = max(audio.ABS_FLOOR_DB, min(floor + 12.0, loud - 15.0))
         assert audio.speech_threshold_db(levels) == expected
     assert audio.find_speech(np.zeros(0)) == []
+
+
+def test_percentiles_equal_numpys_bit_for_bit() -> None:
+    rng = np.random.default_rng(11)
+    arrays = [np.array([-42.5]), np.array([-80.0, -20.0]), np.full(7, -55.25)]
+    for n in [*range(1, 40), 99, 100, 101, 500, 501, 999, 1000, 4321, 72_000]:
+        arrays.append(rng.normal(-60, 15, n))
+        arrays.append(np.round(rng.normal(-60, 15, n)))  # many ties
+    arrays.append(audio.frame_levels_db(RNG.integers(-3000, 3000, 48_000 * 3, dtype=np.int16)))
+    for values in arrays:
+        pcts = (10, 95, 0, 50, 100, 33.3, 99.9)
+        before = values.copy()
+        got = audio.percentiles(values, pcts)
+        assert np.array_equal(values, before)  # the caller's array is left as it was
+        assert got == [float(np.percentile(values, p)) for p in pcts], len(values)
