@@ -39,6 +39,7 @@ import io
 import math
 import os
 import tempfile
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -409,28 +410,37 @@ def decode_to_pcm(
         raise
 
 
+_LEVEL_PIECE_FRAMES = 256  # frames squared and summed per step (a 1 MB float64 scratch per thread)
+_scratch = threading.local()
+
+
 def frame_levels_db(pcm: Samples, block_frames: int = 2000) -> FloatArray:
     """Level of each 30 ms frame in dBFS (the last partial frame counts as a frame, zero-padded).
 
     A frame's power is its sum of squares over `FRAME_SAMPLES`: every square and partial sum of s16 samples
     is an integer below 2^53, so float64 holds it exactly in any summation order and the levels equal the
-    plain `mean(x ** 2)` bit for bit. Worked through in 32-frame pieces (~120 KB of float64 each), which
-    stay in the allocator's heap instead of a fresh mapping per call (page faults were most of the cost).
+    plain `mean(x ** 2)` bit for bit. The samples are converted piece by piece into one float64 scratch
+    array per thread, kept for the thread's life: fresh temporaries of that size came from new mappings
+    and page-faulted on every call, and small pieces cost a Python step per 32 frames.
     """
     n_frames = math.ceil(len(pcm) / FRAME_SAMPLES)
     power = np.empty(n_frames, dtype=np.float64)
+    scratch: FloatArray | None = getattr(_scratch, "levels", None)
+    if scratch is None:
+        scratch = _scratch.levels = np.empty((_LEVEL_PIECE_FRAMES, FRAME_SAMPLES), dtype=np.float64)
+    flat = scratch.reshape(-1)
     block = block_frames * FRAME_SAMPLES
-    piece = 32 * FRAME_SAMPLES
+    piece = _LEVEL_PIECE_FRAMES * FRAME_SAMPLES
     for start in range(0, len(pcm), block):
         seg = np.asarray(pcm[start : start + block])
         for offset in range(0, len(seg), piece):
-            part = seg[offset : offset + piece].astype(np.float64)
-            pad = (-len(part)) % FRAME_SAMPLES
-            if pad:
-                part = np.concatenate([part, np.zeros(pad)])
-            frames = part.reshape(-1, FRAME_SAMPLES)
+            part = seg[offset : offset + piece]
+            count = math.ceil(len(part) / FRAME_SAMPLES)
+            flat[: len(part)] = part  # int16 -> float64, into the scratch
+            flat[len(part) : count * FRAME_SAMPLES] = 0.0  # the last frame's zero padding
+            frames = scratch[:count]
             first = (start + offset) // FRAME_SAMPLES
-            power[first : first + len(frames)] = np.einsum("ij,ij->i", frames, frames)
+            np.einsum("ij,ij->i", frames, frames, out=power[first : first + count])
     rms = np.sqrt(power / FRAME_SAMPLES)
     levels: FloatArray = 20 * np.log10(np.maximum(rms, 1e-9) / 32768.0)
     return levels

@@ -264,3 +264,33 @@ def test_percentiles_equal_numpys_bit_for_bit() -> None:
         got = audio.percentiles(values, pcts)
         assert np.array_equal(values, before)  # the caller's array is left as it was
         assert got == [float(np.percentile(values, p)) for p in pcts], len(values)
+
+
+def test_frame_levels_reuse_one_scratch_per_thread() -> None:
+    import threading
+    import tracemalloc
+
+    pcm = RNG.integers(-32768, 32768, 16_000 * 15, dtype=np.int16)
+    expected = _levels_by_mean(pcm)
+    assert np.array_equal(audio.frame_levels_db(pcm), expected)  # this thread's scratch now exists
+    tracemalloc.start()
+    try:
+        levels = audio.frame_levels_db(pcm)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert np.array_equal(levels, expected)
+    assert peak < 64 * 1024  # the output's few KB: no float64 copy of the samples per call
+
+    results: list[bool] = []
+
+    def levels_in_a_thread(seed: int) -> None:
+        other = np.random.default_rng(seed).integers(-32768, 32768, 16_000 * 20 + 7, dtype=np.int16)
+        results.extend(np.array_equal(audio.frame_levels_db(other), _levels_by_mean(other)) for _ in range(5))
+
+    threads = [threading.Thread(target=levels_in_a_thread, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert results == [True] * 20
