@@ -26,6 +26,7 @@ import httpcore
 import httpx
 from httpcore._utils import is_socket_readable
 
+from core.providers.http1 import Http1Pool
 from core.settings import Settings, get_settings
 from core.storage import Storage
 
@@ -221,6 +222,21 @@ class SlotTransport(httpx.AsyncBaseTransport):
         )
         self._idle: list[httpx.AsyncHTTPTransport] = []
         self._all: list[httpx.AsyncHTTPTransport] = []
+        self._keepalive_expiry = keepalive_expiry
+        self._http1: dict[str, Http1Pool] = {}
+
+    def http1(self, base_url: str) -> Http1Pool | None:
+        """The lean HTTP/1.1 pool for `base_url`'s origin (same connection model, TLS context and keep-alive
+        expiry as this transport; closed with it), or None when it cannot serve that URL. The provider
+        sends its transcription POSTs through it (core/providers/http1.py). Proxies: a client built on an
+        explicit transport ignores the proxy environment variables anyway, so nothing changes there."""
+        if not Http1Pool.supports(base_url):
+            return None
+        pool = self._http1.get(base_url)
+        if pool is None:
+            pool = Http1Pool(base_url, ssl_context=self._ssl, keepalive_expiry=self._keepalive_expiry)
+            self._http1[base_url] = pool
+        return pool
 
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
         """Send `request` on an idle connection (or a new one); it is given back when the response closes."""
@@ -247,6 +263,9 @@ class SlotTransport(httpx.AsyncBaseTransport):
             await slot.aclose()
         self._all.clear()
         self._idle.clear()
+        for pool in self._http1.values():
+            await pool.aclose()
+        self._http1.clear()
 
 
 class _SocketKeptStream(httpcore.AsyncNetworkStream):
@@ -403,11 +422,17 @@ class Runtime:
         from core.providers.openai import OpenAIProvider
 
         key = self.settings.openai_api_key
+        base_url = self.settings.openai_base_url
+        # Transcriptions go through the lean HTTP/1.1 pool of the client's SlotTransport (the client's
+        # own transport, so one set of connections per process); httpx for everything else.
+        transport = getattr(self.http, "_transport", None)
+        http1 = transport.http1(base_url) if isinstance(transport, SlotTransport) else None
         return OpenAIProvider(
             self.http,
-            base_url=self.settings.openai_base_url,
+            base_url=base_url,
             api_key=key.get_secret_value() if key is not None else None,
             timeout=self.settings.provider_timeout_seconds,
+            http1=http1,
         )
 
     def circuit(self) -> CircuitBreaker:

@@ -31,6 +31,7 @@ from typing import Any
 import httpx
 
 from core.providers.base import ErrorKind, ProviderError, TranscriptionRequest, TranscriptionResult
+from core.providers.http1 import Http1Pool, multipart_body, new_boundary
 
 # Models that answer `json` only (no timestamps); anything else is treated as whisper-like.
 JSON_ONLY_MODEL_PREFIXES = ("gpt-4o-transcribe", "gpt-4o-mini-transcribe", "gpt-transcribe")
@@ -177,12 +178,23 @@ class OpenAIProvider:
     name = "openai"
 
     def __init__(
-        self, client: httpx.AsyncClient, *, base_url: str, api_key: str | None, timeout: float
+        self,
+        client: httpx.AsyncClient,
+        *,
+        base_url: str,
+        api_key: str | None,
+        timeout: float,
+        http1: Http1Pool | None = None,
     ) -> None:
+        """`http1`: a lean HTTP/1.1 pool for `base_url` (core/providers/http1.py). With it, a request body
+        up to JOIN_BODY_MAX_BYTES (a voicemail, a short chunk) goes through it instead of `client`: the
+        same request (headers, multipart bytes, timeouts), ~1 ms less CPU per call; the same errors (it
+        raises httpx's exceptions). Larger bodies are streamed by httpx as before."""
         self._client = client
         self._base_url = base_url.rstrip("/")
         self._api_key = api_key
         self._timeout = timeout
+        self._http1 = http1
 
     def _headers(self, request_id: str | None) -> dict[str, str]:
         headers = {"Accept": "application/json"}
@@ -207,6 +219,8 @@ class OpenAIProvider:
             data["prompt"] = request.prompt
         files = {"file": (request.filename, request.audio, request.content_type)}
         started = time.monotonic()
+        if self._http1 is not None and len(request.audio) <= JOIN_BODY_MAX_BYTES:
+            return await self._transcribe_http1(self._http1, request, data, files, verbose, started)
         try:
             http_request = self._client.build_request(
                 "POST",
@@ -225,8 +239,50 @@ class OpenAIProvider:
             raise translate_error(None, exc, secret=self._api_key) from None
         if response.status_code != 200:
             raise translate_error(response, None, secret=self._api_key)
+        return self._result(request, response.content, response.headers.get("x-request-id"), verbose, started)
+
+    async def _transcribe_http1(
+        self,
+        http1: Http1Pool,
+        request: TranscriptionRequest,
+        data: dict[str, str | list[str]],
+        files: dict[str, tuple[str, bytes, str]],
+        verbose: bool,
+        started: float,
+    ) -> TranscriptionResult:
+        boundary = new_boundary()
         try:
-            body = response.json()
+            answer = await http1.post(
+                "/audio/transcriptions",
+                list(self._headers(request.request_id).items()),
+                multipart_body(data, files, boundary),
+                content_type=f"multipart/form-data; boundary={boundary.decode('ascii')}",
+                timeout=self._timeout,
+                connect_timeout=min(self._timeout, 10.0),
+            )
+        except httpx.HTTPError as exc:
+            raise translate_error(None, exc, secret=self._api_key) from None
+        encoded = answer.header(b"content-encoding")
+        if answer.status_code != 200 or (encoded is not None and encoded.lower() != "identity"):
+            response = answer.to_httpx()  # decodes a content-encoded body, as httpx would
+            if response.status_code != 200:
+                raise translate_error(response, None, secret=self._api_key)
+            content = response.content
+        else:
+            content = answer.content
+        return self._result(request, content, answer.header(b"x-request-id"), verbose, started)
+
+    def _result(
+        self,
+        request: TranscriptionRequest,
+        content: bytes,
+        provider_request_id: str | None,
+        verbose: bool,
+        started: float,
+    ) -> TranscriptionResult:
+        """The transcription of a 200 answer's body, or ProviderError(RETRY) when it is not one."""
+        try:
+            body = json.loads(content)
             text = body["text"]
             if not isinstance(text, str):
                 raise TypeError("text is not a string")
@@ -245,9 +301,9 @@ class OpenAIProvider:
             language=body.get("language") if isinstance(body.get("language"), str) else request.language,
             segments=_segments(body) if verbose else None,
             usage=usage if isinstance(usage, dict) else None,
-            http_status=response.status_code,
+            http_status=200,
             extra={
-                "provider_request_id": response.headers.get("x-request-id"),
+                "provider_request_id": provider_request_id,
                 "latency_seconds": round(time.monotonic() - started, 4),
             },
         )
