@@ -451,3 +451,20 @@ def test_a_header_with_a_line_break_is_refused_before_sending() -> None:
     err = asyncio.run(main())
     assert (err.kind, err.code) == (ErrorKind.RETRY, "transport_error")
     assert received == [b""]  # nothing was written
+
+
+def test_the_worker_runtime_provider_uses_the_lean_pool(fake_openai: FakeOpenAI) -> None:
+    from worker.runtime import _build
+
+    runtime = _build()
+    try:
+        provider = runtime.provider()
+        transport = runtime.http._transport
+        assert isinstance(transport, SlotTransport)
+        pool = transport.http1(fake_openai.base_url)
+        assert pool is not None and provider._http1 is pool  # type: ignore[attr-defined]
+        result = runtime.run(provider.transcribe(_req(tones([440]))))
+        assert result.text == "tone440" and len(pool._open) == 1
+        assert not transport._all  # no httpx connection was made
+    finally:
+        runtime.close()
