@@ -468,3 +468,51 @@ def test_the_worker_runtime_provider_uses_the_lean_pool(fake_openai: FakeOpenAI)
         assert not transport._all  # no httpx connection was made
     finally:
         runtime.close()
+
+
+def test_https_with_certificate_check(tmp_path: Any) -> None:
+    """TLS through the loop's ssl support: verified against the given CA, refused (connect_error) without."""
+    import ssl
+    import subprocess
+
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=localhost",
+         "-addext", "subjectAltName=IP:127.0.0.1", "-keyout", str(key), "-out", str(cert)],
+        check=True,
+        capture_output=True,
+    )  # fmt: skip
+    server_ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    server_ctx.load_cert_chain(cert, key)
+    connections: list[int] = []
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        connections.append(1)
+        try:
+            while True:
+                await _read_request(reader)
+                writer.write(_ok("over tls"))
+                await writer.drain()
+        except (asyncio.IncompleteReadError, ConnectionError, ssl.SSLError):
+            pass
+        finally:
+            writer.close()
+
+    async def main() -> tuple[list[str], ProviderError]:
+        server = await asyncio.start_server(handle, "127.0.0.1", 0, ssl=server_ctx)
+        url = f"https://127.0.0.1:{server.sockets[0].getsockname()[1]}/v1"
+        trusted = Http1Pool(url, ssl_context=ssl.create_default_context(cafile=str(cert)))
+        texts = [(await _provider(url, trusted).transcribe(_req(b"a"))).text for _ in range(2)]
+        untrusted = Http1Pool(url)  # the default CA bundle does not know this certificate
+        err = await _catch(_provider(url, untrusted).transcribe(_req(b"b")))
+        await trusted.aclose()
+        await untrusted.aclose()
+        await asyncio.sleep(0.05)  # the handler sees the EOF
+        server.close()
+        return texts, err
+
+    texts, err = asyncio.run(main())
+    assert texts == ["over tls", "over tls"]
+    assert (err.kind, err.code) == (ErrorKind.RETRY, "connect_error")
+    # One kept-alive connection for both calls (a refused handshake never reaches the handler).
+    assert len(connections) == 1
