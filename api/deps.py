@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import inspect
+import logging
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
@@ -32,6 +33,8 @@ from core.db import get_sessionmaker, session_scope
 from core.models import ApiKey
 from core.settings import get_settings
 from core.storage import Storage
+
+log = logging.getLogger(__name__)
 
 # Writing last_used_at on every request would make each GET a write; once a minute is enough.
 LAST_USED_RESOLUTION = timedelta(minutes=1)
@@ -110,9 +113,12 @@ class KeyCache:
 
     A cached key skips the database; a revoked key or a disabled tenant is refused once its entry is
     older than the TTL. Unknown keys are never cached. Bounded: emptied when it reaches MAX_ENTRIES.
+    An entry older than REFRESH_AFTER of the TTL is `due`: the key is looked up again in the background
+    while the entry still answers (see `tenant_for_key`).
     """
 
     MAX_ENTRIES = 10_000
+    REFRESH_AFTER = 0.8
 
     def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
         self._clock = clock
@@ -125,27 +131,50 @@ class KeyCache:
             return None
         return entry[1]
 
+    def due(self, key_hash: str, ttl: float) -> bool:
+        """Whether this key's entry is old enough to be refreshed (REFRESH_AFTER of `ttl` or older)."""
+        entry = self._entries.get(key_hash)
+        return entry is not None and self._clock() - entry[0] >= self.REFRESH_AFTER * ttl
+
     def put(self, key_hash: str, tenant: TenantContext) -> None:
         """Remember a key that was just found valid."""
         if len(self._entries) >= self.MAX_ENTRIES:
             self._entries.clear()
         self._entries[key_hash] = (self._clock(), tenant)
 
+    def drop(self, key_hash: str) -> None:
+        """Forget a key that was just found unknown, revoked or disabled."""
+        self._entries.pop(key_hash, None)
+
 
 _key_cache = KeyCache()
 # Lookups in progress by key hash: concurrent misses for one key share one lookup (a client fleet
 # using one key would otherwise all queue on the same api_keys row's last_used_at update).
 _lookups: dict[str, asyncio.Future[TenantContext | None]] = {}
+# Background refreshes in flight (a reference keeps each task alive until it is done).
+_refreshes: set[asyncio.Task[None]] = set()
 
 
 async def tenant_for_key(plaintext: str) -> TenantContext | None:
-    """`resolve_tenant` behind the process's key cache (a hit needs no thread and no database)."""
+    """`resolve_tenant` behind the process's key cache (a hit needs no thread and no database).
+
+    P4b: when a busy key's entry expired, every request of that key waited for the one lookup (a
+    transaction on a worker thread, slowed down by the requests piling up meanwhile): 25-80 ms stalls
+    every TTL. So the first request that finds its entry `due` (REFRESH_AFTER of the TTL old) starts the
+    lookup in the background and is answered from the entry: a key in steady use never waits for its
+    lookup, and an entry still never answers past its TTL (a revoked key is refused as before; a refresh
+    that finds it revoked drops the entry at once).
+    """
     ttl = get_settings().auth_cache_seconds
     key_hash = auth.hash_key(plaintext)
     if ttl <= 0:
         return await run_in_threadpool(resolve_tenant, plaintext)
     cached = _key_cache.get(key_hash, ttl)
     if cached is not None:
+        if key_hash not in _lookups and _key_cache.due(key_hash, ttl):
+            task = asyncio.create_task(_refresh(key_hash, plaintext))
+            _refreshes.add(task)
+            task.add_done_callback(_refreshes.discard)
         return cached
     pending = _lookups.get(key_hash)
     if pending is not None:
@@ -153,6 +182,11 @@ async def tenant_for_key(plaintext: str) -> TenantContext | None:
         if not pending.cancelled():
             return pending.result()
         return await run_in_threadpool(resolve_tenant, plaintext)  # the shared lookup failed: our own
+    return await _lookup(key_hash, plaintext)
+
+
+async def _lookup(key_hash: str, plaintext: str) -> TenantContext | None:
+    """Look the key up once for every request that arrives meanwhile (they wait on `_lookups`)."""
     future: asyncio.Future[TenantContext | None] = asyncio.get_running_loop().create_future()
     _lookups[key_hash] = future
     try:
@@ -162,10 +196,21 @@ async def tenant_for_key(plaintext: str) -> TenantContext | None:
         raise
     finally:
         del _lookups[key_hash]
-    if tenant is not None:
+    if tenant is None:
+        _key_cache.drop(key_hash)
+    else:
         _key_cache.put(key_hash, tenant)
     future.set_result(tenant)
     return tenant
+
+
+async def _refresh(key_hash: str, plaintext: str) -> None:
+    """A background `_lookup`: a failure leaves the entry to expire at its TTL (the next request after
+    that looks the key up itself and meets the error, if it persists)."""
+    try:
+        await _lookup(key_hash, plaintext)
+    except Exception as exc:
+        log.warning("API key refresh failed: %s", type(exc).__name__)
 
 
 async def get_tenant(

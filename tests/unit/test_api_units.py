@@ -200,3 +200,139 @@ def test_waiters_look_up_themselves_when_the_shared_lookup_fails(monkeypatch: py
     results = asyncio.run(burst())
     assert isinstance(results[0], RuntimeError)  # the leader meets the error
     assert results[1:] == [tenant, tenant]  # the others were not failed by it
+
+
+def test_key_cache_entry_is_due_for_refresh_before_its_ttl() -> None:
+    now = [100.0]
+    cache = KeyCache(clock=lambda: now[0])
+    tenant = TenantContext(tenant_id=uuid.uuid4(), key_id=uuid.uuid4())
+    assert not cache.due("h", ttl=5)  # nothing cached: nothing to refresh
+    cache.put("h", tenant)
+    now[0] += 5 * KeyCache.REFRESH_AFTER - 0.01
+    assert not cache.due("h", ttl=5)
+    now[0] += 0.01
+    assert cache.due("h", ttl=5) and cache.get("h", ttl=5) == tenant  # due, and still answering
+    cache.drop("h")
+    assert cache.get("h", ttl=5) is None and not cache.due("h", ttl=5)
+
+
+def _key_cache_scenario(monkeypatch: pytest.MonkeyPatch, lookup: object) -> tuple[list[float], float]:
+    """A fake clock for the process's key cache and a stand-in for the database lookup."""
+    from api import deps
+    from core.settings import get_settings
+
+    now = [1000.0]
+    monkeypatch.setattr(deps, "_key_cache", KeyCache(clock=lambda: now[0]))
+    monkeypatch.setattr(deps, "resolve_tenant", lookup)
+    ttl = get_settings().auth_cache_seconds
+    assert ttl > 0
+    return now, ttl
+
+
+def test_a_key_in_steady_use_never_waits_for_its_lookup(monkeypatch: pytest.MonkeyPatch) -> None:
+    """P4b: the first request after a busy key's entry expired made every request of the key wait for
+    the lookup; now the entry is refreshed in the background before it expires."""
+    import asyncio
+    import threading
+
+    from api import deps
+
+    tenant = TenantContext(tenant_id=uuid.uuid4(), key_id=uuid.uuid4())
+    release = threading.Event()
+    calls: list[float] = []
+
+    def lookup(plaintext: str) -> TenantContext:
+        calls.append(now[0])
+        if len(calls) > 1:
+            assert release.wait(10)  # the refresh is slow: requests meanwhile must not wait for it
+        return tenant
+
+    now, ttl = _key_cache_scenario(monkeypatch, lookup)
+    key = f"vq_steady-{uuid.uuid4().hex}"
+
+    async def scenario() -> None:
+        assert await deps.tenant_for_key(key) == tenant  # first use: looked up
+        now[0] += 0.5 * ttl
+        assert await deps.tenant_for_key(key) == tenant  # fresh entry: no lookup
+        assert len(calls) == 1
+        now[0] += 0.35 * ttl  # past REFRESH_AFTER of the TTL
+        assert await asyncio.wait_for(deps.tenant_for_key(key), 2) == tenant  # answered from the entry
+        for _ in range(100):
+            if len(calls) == 2:
+                break
+            await asyncio.sleep(0.01)
+        assert len(calls) == 2  # ... and one lookup started in the background
+        assert await asyncio.wait_for(deps.tenant_for_key(key), 2) == tenant  # no second one
+        release.set()
+        for _ in range(200):
+            if not deps._lookups and not deps._refreshes:
+                break
+            await asyncio.sleep(0.01)
+        assert not deps._lookups and not deps._refreshes
+        now[0] += 0.5 * ttl  # the first entry would have expired; the refreshed one answers
+        assert await asyncio.wait_for(deps.tenant_for_key(key), 2) == tenant
+        assert len(calls) == 2
+
+    asyncio.run(scenario())
+
+
+def test_a_refresh_that_finds_the_key_revoked_drops_it_at_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    import asyncio
+
+    from api import deps
+
+    tenant = TenantContext(tenant_id=uuid.uuid4(), key_id=uuid.uuid4())
+    answers: list[TenantContext | None] = [tenant, None, None]
+
+    def lookup(plaintext: str) -> TenantContext | None:
+        return answers.pop(0)
+
+    now, ttl = _key_cache_scenario(monkeypatch, lookup)
+    key = f"vq_revoked-{uuid.uuid4().hex}"
+
+    async def scenario() -> None:
+        assert await deps.tenant_for_key(key) == tenant
+        now[0] += 0.9 * ttl
+        assert await deps.tenant_for_key(key) == tenant  # still within the TTL: answered, refresh started
+        for _ in range(200):
+            if not deps._refreshes:
+                break
+            await asyncio.sleep(0.01)
+        assert await deps.tenant_for_key(key) is None  # the refresh saw the revocation: refused now
+        assert answers == []
+
+    asyncio.run(scenario())
+
+
+def test_a_failed_refresh_leaves_the_entry_to_its_ttl(monkeypatch: pytest.MonkeyPatch) -> None:
+    import asyncio
+
+    from api import deps
+
+    tenant = TenantContext(tenant_id=uuid.uuid4(), key_id=uuid.uuid4())
+    calls = 0
+
+    def lookup(plaintext: str) -> TenantContext:
+        nonlocal calls
+        calls += 1
+        if calls > 1:
+            raise RuntimeError("database down")
+        return tenant
+
+    now, ttl = _key_cache_scenario(monkeypatch, lookup)
+    key = f"vq_refresh-fails-{uuid.uuid4().hex}"
+
+    async def scenario() -> None:
+        assert await deps.tenant_for_key(key) == tenant
+        now[0] += 0.9 * ttl
+        assert await deps.tenant_for_key(key) == tenant  # the refresh fails in the background
+        for _ in range(200):
+            if not deps._refreshes:
+                break
+            await asyncio.sleep(0.01)
+        assert calls == 2 and not deps._lookups
+        now[0] += 0.2 * ttl  # past the TTL: the request looks the key up itself and meets the error
+        with pytest.raises(RuntimeError):
+            await deps.tenant_for_key(key)
+
+    asyncio.run(scenario())
