@@ -20,7 +20,10 @@ P4b target: p99 ≤ 25 ms with 100 concurrent clients on the jobs just uploaded,
 - saturation: 100 clients in a closed loop (each sends its next request as soon as the last answered);
   by Little's law its latency is 100 ÷ throughput, so it shows the server's ceiling, not a service time.
 The load generator (one asyncio process, one minimal keep-alive HTTP/1.1 connection per client) shares
-the 2 cores with the API, Postgres and SeaweedFS.
+the 2 cores with the API, Postgres and SeaweedFS. Each phase also reports the cores used meanwhile by
+processes outside the benchmark (host CPU from /proc/stat minus the client's, the API's and the
+servers') and the API threads' run-queue wait per request (/proc schedstat): on a shared 2-core host
+the polling tail follows them, so they tell a slower API from a busier host.
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ import statistics
 import struct
 import time
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -105,6 +109,29 @@ def server_pids(stack: BenchStack) -> list[int]:
     return pids
 
 
+def _host_busy_seconds() -> float:
+    """CPU seconds the whole host has spent busy (all cores, every process), from /proc/stat."""
+    ticks = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    return (sum(ticks) - ticks[3] - ticks[4]) / os.sysconf("SC_CLK_TCK")  # minus idle and iowait
+
+
+def _runqueue_wait_seconds(pids: list[int]) -> float:
+    """Seconds the threads of these processes (and their descendants) spent runnable but not running,
+    waiting for a core (/proc/PID/task/TID/schedstat, second field; summed over threads)."""
+    total = 0
+    for pid in {p for root in pids for p in _tree(root)}:
+        try:
+            tids = os.listdir(f"/proc/{pid}/task")
+        except OSError:
+            continue
+        for tid in tids:
+            try:
+                total += int(Path(f"/proc/{pid}/task/{tid}/schedstat").read_text().split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+    return total / 1e9
+
+
 class CpuMeter:
     """CPU milliseconds per file of one phase: this process (the client), the API, the stack's servers."""
 
@@ -119,6 +146,10 @@ class CpuMeter:
     def _cpu(self, name: str) -> float:
         # This process's children are the servers and the API: the client is this process alone.
         return _cpu_seconds(self.groups[name], descendants=name != "client")
+
+    def seconds(self) -> float:
+        """CPU seconds of all three groups since `reset`."""
+        return sum(self._cpu(name) - self.start[name] for name in self.groups)
 
     def per_file(self, n: int) -> dict[str, float]:
         return {name: (self._cpu(name) - self.start[name]) * 1000 / n for name in self.groups}
@@ -262,8 +293,15 @@ def _rounds(values: list[float]) -> str:
     return ", ".join(f"{v:.1f}" for v in values)
 
 
-def _phase(url: str, key: str, ids: list[str], seconds: int, interval: float | None) -> dict[str, float]:
+def _phase(
+    url: str, key: str, ids: list[str], seconds: int, interval: float | None, meter: CpuMeter
+) -> dict[str, float]:
+    meter.reset()
+    host0, wait0 = _host_busy_seconds(), _runqueue_wait_seconds(meter.groups["api"])
+    started = time.perf_counter()
     lat, errors = asyncio.run(poll_latencies(url, key, ids, seconds, interval))
+    elapsed = time.perf_counter() - started
+    ours = meter.seconds()  # the client, the API and the stack's servers
     return {
         "errors": errors,
         "n": len(lat),
@@ -272,6 +310,10 @@ def _phase(url: str, key: str, ids: list[str], seconds: int, interval: float | N
         "p99": pct(lat, 0.99),
         "max": max(lat) * 1000,
         "load": os.getloadavg()[0],  # the host's 1-min load average as the phase ends
+        # What the load average does not separate: cores used by processes outside this benchmark
+        # (other work on a shared host) and how long the API's threads waited for a core while runnable.
+        "other_cores": max(0.0, _host_busy_seconds() - host0 - ours) / elapsed,
+        "api_wait_ms": (_runqueue_wait_seconds(meter.groups["api"]) - wait0) * 1000 / max(len(lat), 1),
     }
 
 
@@ -318,7 +360,7 @@ def main() -> None:
                           f"direct (voxq client) {direct_voxq[workers][-1]:.1f} MB/s, API {rate:.1f} MB/s, "
                           f"load {os.getloadavg()[0]:.1f}", flush=True)  # fmt: skip
                 for name, interval in (("polling", 0.5), ("saturation", None)):
-                    results[workers][name] = _phase(url, key, ids, seconds, interval)
+                    results[workers][name] = _phase(url, key, ids, seconds, interval, CpuMeter(servers, api))
                     print(workers, name, results[workers][name], flush=True)
     finally:
         stack.stop()
@@ -363,6 +405,8 @@ def main() -> None:
             f"| {label}: P4b polling, 100 clients every 0.5 s: requests/s, p50, p99, max | "
             f"{poll['rps']:.0f}, {p50:.1f} ms, {p99:.1f} ms, {top:.0f} ms ({poll['errors']:.0f} errors; "
             f"load {poll['load']:.1f}) |",
+            f"| {label}: P4b polling: cores used by processes outside the benchmark; API threads' wait for a "
+            f"core per request | {poll['other_cores']:.2f}; {poll['api_wait_ms']:.2f} ms |",
             f"| {label}: P4b p99 (target ≤ 25 ms) | {poll['p99']:.1f} ms {verdict(poll['p99'] <= 25)} |",
             f"| {label}: P4b saturation, 100 clients closed loop: requests/s, p50, p99 | {sat['rps']:.0f}, "
             f"{sat['p50']:.1f} ms, {sat['p99']:.1f} ms ({sat['errors']:.0f} errors/30 s timeouts; "
