@@ -10,15 +10,17 @@ routers use `SessionRoute`: a sync endpoint's request session is closed in the e
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import functools
 import inspect
 import logging
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from typing import Annotated, Any
+from typing import Annotated, Any, TypeVar
 
 from fastapi import Depends, Request
 from fastapi.routing import APIRoute
@@ -223,6 +225,31 @@ async def get_tenant(
     if tenant is None:
         raise _unauthorized("invalid or revoked API key")
     return tenant
+
+
+_poll_executor: ThreadPoolExecutor | None = None
+_T = TypeVar("_T")
+
+
+async def run_polled(func: Callable[..., _T], *args: Any) -> _T:
+    """Run a polled endpoint's blocking read on the process's poll thread(s) (`VOXQ_API_POLL_THREADS`,
+    1 by default) instead of anyio's shared pool.
+
+    P4b: 100 clients polling every 0.5 s arrive in bursts (8-9 requests within 20 ms); on the shared pool
+    each burst ran on as many threads at once, all taking turns at the GIL with the event loop (a waiter
+    gets it after up to 5 ms), so the burst's answers left together 25-125 ms later. One poll thread
+    serves the burst in order while the loop keeps parsing and answering: the slowest poll of each
+    second (after the first) 32-125 ms -> 7-29 ms (2 poll threads: 8-38 ms); P4b polling p99 47-80 ->
+    11-20 ms. The read stays off the event loop (a slow database or a busy connection pool never
+    blocks it).
+    """
+    global _poll_executor
+    if _poll_executor is None:
+        _poll_executor = ThreadPoolExecutor(get_settings().api_poll_threads, thread_name_prefix="voxq-poll")
+    context = contextvars.copy_context()  # the request's log context, as run_in_threadpool passes it on
+    return await asyncio.get_running_loop().run_in_executor(
+        _poll_executor, functools.partial(context.run, func, *args)
+    )
 
 
 def get_storage(request: Request) -> Storage:

@@ -117,6 +117,9 @@ class Settings(BaseSettings):
     # Each API process remembers a valid key (by its hash) for this long, so a polling client's requests
     # skip the key lookup; a revoked key or a disabled tenant is refused within it. 0 = look up every time.
     auth_cache_seconds: float = Field(default=5.0, ge=0)
+    # Threads of each API process that run the polled status read (GET /v1/jobs/{id}); see api/deps.py
+    # run_polled. Each serves one read at a time (a Postgres round trip plus ~1 ms of Python).
+    api_poll_threads: int = Field(default=1, ge=1)
     log_format: Literal["json", "human"] = "json"
     log_level: str = "INFO"
 

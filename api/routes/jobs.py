@@ -13,10 +13,9 @@ from fastapi.encoders import jsonable_encoder
 from fastapi.responses import JSONResponse, PlainTextResponse
 from pydantic import ValidationError
 from sqlalchemy import delete, func, select, update
-from starlette.concurrency import run_in_threadpool
 
 from api import service
-from api.deps import SessionDep, SessionRoute, StorageDep, TenantContext, TenantDep
+from api.deps import SessionDep, SessionRoute, StorageDep, TenantContext, TenantDep, run_polled
 from api.ingest import AcceptedFile, Received, accept_files, discard, ingest_multipart
 from api.locks import object_locks
 from api.problems import COMMON_PROBLEMS, UPLOAD_PROBLEMS, Problem
@@ -128,8 +127,9 @@ def create_single_job(
 @router.get("/{job_id}", response_model=JobOut)
 async def get_job(job_id: uuid.UUID, tenant: TenantDep) -> JobOut:
     """A job's status, error, probe results, producing model, attempt count, cost and dedupe link."""
-    # The polled endpoint: one thread hop, one query, the connection back before the answer is built.
-    return await run_in_threadpool(service.read_job_out, tenant, job_id)
+    # The polled endpoint: one hop to the poll thread, one query, the connection back before the answer
+    # is built.
+    return await run_polled(service.read_job_out, tenant, job_id)
 
 
 @router.get(
