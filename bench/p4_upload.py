@@ -115,10 +115,10 @@ def _host_busy_seconds() -> float:
     return (sum(ticks) - ticks[3] - ticks[4]) / os.sysconf("SC_CLK_TCK")  # minus idle and iowait
 
 
-def _runqueue_wait_seconds(pids: list[int]) -> float:
-    """Seconds the threads of these processes (and their descendants) spent runnable but not running,
-    waiting for a core (/proc/PID/task/TID/schedstat, second field; summed over threads)."""
-    total = 0
+def _runqueue_waits(pids: list[int]) -> dict[str, int]:
+    """Nanoseconds each thread of these processes (and their descendants) has spent runnable but not
+    running, waiting for a core (/proc/PID/task/TID/schedstat, second field), by thread."""
+    waits: dict[str, int] = {}
     for pid in {p for root in pids for p in _tree(root)}:
         try:
             tids = os.listdir(f"/proc/{pid}/task")
@@ -126,10 +126,15 @@ def _runqueue_wait_seconds(pids: list[int]) -> float:
             continue
         for tid in tids:
             try:
-                total += int(Path(f"/proc/{pid}/task/{tid}/schedstat").read_text().split()[1])
+                waits[tid] = int(Path(f"/proc/{pid}/task/{tid}/schedstat").read_text().split()[1])
             except (OSError, IndexError, ValueError):
                 continue
-    return total / 1e9
+    return waits
+
+
+def _waited_seconds(before: dict[str, int], after: dict[str, int]) -> float:
+    """Run-queue wait between two `_runqueue_waits` (threads that ended meanwhile are not counted)."""
+    return sum(ns - before.get(tid, 0) for tid, ns in after.items()) / 1e9
 
 
 class CpuMeter:
@@ -297,7 +302,7 @@ def _phase(
     url: str, key: str, ids: list[str], seconds: int, interval: float | None, meter: CpuMeter
 ) -> dict[str, float]:
     meter.reset()
-    host0, wait0 = _host_busy_seconds(), _runqueue_wait_seconds(meter.groups["api"])
+    host0, wait0 = _host_busy_seconds(), _runqueue_waits(meter.groups["api"])
     started = time.perf_counter()
     lat, errors = asyncio.run(poll_latencies(url, key, ids, seconds, interval))
     elapsed = time.perf_counter() - started
@@ -313,7 +318,7 @@ def _phase(
         # What the load average does not separate: cores used by processes outside this benchmark
         # (other work on a shared host) and how long the API's threads waited for a core while runnable.
         "other_cores": max(0.0, _host_busy_seconds() - host0 - ours) / elapsed,
-        "api_wait_ms": (_runqueue_wait_seconds(meter.groups["api"]) - wait0) * 1000 / max(len(lat), 1),
+        "api_wait_ms": _waited_seconds(wait0, _runqueue_waits(meter.groups["api"])) * 1000 / max(len(lat), 1),
     }
 
 
