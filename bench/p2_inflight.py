@@ -53,19 +53,20 @@ def timeline(stack: BenchStack, path: str, threads: int) -> None:
     with session_scope() as session:
         rows = session.execute(
             text(
-                "SELECT id::text, extract(epoch FROM started_at), latency_ms / 1000.0, "
-                "extract(epoch FROM ended_at) FROM attempts ORDER BY started_at"
+                "SELECT a.id::text, extract(epoch FROM a.started_at), a.latency_ms / 1000.0, "
+                "extract(epoch FROM a.ended_at), j.group_id::text FROM attempts a "
+                "JOIN jobs j ON j.id = a.job_id ORDER BY a.started_at"
             )
         ).all()
     # The fake's side: when each request arrived (headers read) and when its answer was built.
     fake = {r["request_id"]: (r["received"], r["ts"]) for r in stack.fake("GET", "/_fake/requests")}
     t0 = float(rows[0][1])
-    spans = [(float(s) - t0, float(s) - t0 + float(lat), float(e) - t0) for _, s, lat, e in rows]
+    spans = [(float(s) - t0, float(s) - t0 + float(lat), float(e) - t0) for _, s, lat, e, _ in rows]
     with open(path, "w") as out:
-        out.write("start,answered,closed,fake_received,fake_answered\n")
-        for (aid, *_), (s, a, c) in zip(rows, spans, strict=True):
+        out.write("start,answered,closed,fake_received,fake_answered,group\n")
+        for (aid, *_, group), (s, a, c) in zip(rows, spans, strict=True):
             received, ts = fake.get(aid, (t0, t0))
-            out.write(f"{s:.4f},{a:.4f},{c:.4f},{received - t0:.4f},{ts - t0:.4f}\n")
+            out.write(f"{s:.4f},{a:.4f},{c:.4f},{received - t0:.4f},{ts - t0:.4f},{group}\n")
     end = max(c for _, _, c in spans)
     steps = int(end / 0.1) + 1
     flight = [0] * steps
