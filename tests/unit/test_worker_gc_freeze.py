@@ -69,3 +69,32 @@ def test_worker_signal_freezes_startup_objects(send: str) -> None:
     frozen, scanned = _run(send)
     assert frozen > 50_000
     assert scanned < frozen / 4
+
+
+def test_worker_init_sets_the_collector_thresholds_which_forked_children_keep() -> None:
+    code = textwrap.dedent(
+        """
+        import gc, os, sys
+        import worker.app, worker.signals
+        from celery.signals import worker_init
+        assert gc.get_threshold() == (700, 10, 10)
+        worker_init.send(sender=None)
+        print(*gc.get_threshold())
+        sys.stdout.flush()
+        pid = os.fork()
+        if pid == 0:  # a prefork child
+            print(*gc.get_threshold())
+            sys.stdout.flush()
+            os._exit(0)
+        os.waitpid(pid, 0)
+        os._exit(0)
+        """
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=False
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    from worker.signals import COLLECTOR_THRESHOLDS
+
+    expected = " ".join(str(x) for x in COLLECTOR_THRESHOLDS)
+    assert out.stdout.split("\n")[-3:-1] == [expected, expected]
