@@ -3,7 +3,7 @@
 P4 target: API ≥ 0.8 x direct MB/s. `VOXQ_BENCH_P4_FILES` (default 200) distinct 5 MB WAVs (16 kHz mono
 noise, valid audio: the API probes what it stores), `VOXQ_BENCH_P4_CONCURRENCY` (default 4) uploads at
 once on both sides: one file per `POST /v1/batches/{id}/files` request vs `put_object` of the same
-bytes from 4 threads to the same SeaweedFS, back to back; `VOXQ_BENCH_P4_ROUNDS` (default 1) alternates
+bytes from 4 threads to the same SeaweedFS, back to back; `VOXQ_BENCH_P4_ROUNDS` (default 3) alternates
 more rounds (direct, API, direct, API) and keeps the best.
 
 The direct PUT is measured twice: with boto3 as a user would use it (defaults: only endpoint, keys and
@@ -327,7 +327,7 @@ def main() -> None:
     n = env_int("VOXQ_BENCH_P4_FILES", 200)
     concurrency = env_int("VOXQ_BENCH_P4_CONCURRENCY", 4)
     seconds = env_int("VOXQ_BENCH_P4B_SECONDS", 15)
-    rounds = env_int("VOXQ_BENCH_P4_ROUNDS", 1)
+    rounds = env_int("VOXQ_BENCH_P4_ROUNDS", 3)
     worker_counts = [int(w) for w in os.environ.get("VOXQ_BENCH_P4_API_WORKERS", "1,2").split(",")]
     facts = host_facts("fastapi", "starlette", "uvicorn", "boto3", "sqlalchemy")
     t0 = time.perf_counter()
