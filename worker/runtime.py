@@ -203,6 +203,62 @@ class CompletionWriter(_GroupWriter["records.JobSuccess", "records.Succeeded | N
         return await asyncio.to_thread(records.succeed_one, row)
 
 
+class GroupRuns:
+    """The group runs of a process that are still going, and how many jobs of those whose Celery task has
+    already returned ("detached": `worker.transcribe.start_group`) are not done yet.
+
+    A group task returns once none of its jobs waits for a provider slot, and its thread claims the next
+    group while the calls are in flight. What bounds the work a process takes on is the in-flight
+    semaphore (a thread stays with its group until every job of it holds a slot) and `limit` here: a
+    group is not let go while the detached jobs not done yet would exceed it (jobs backing off between
+    retries hold no slot). A warm shutdown waits for every run (`drain`) before the loop stops.
+    """
+
+    def __init__(self, limit: int = 0) -> None:
+        self.limit = limit
+        self.runs: set[asyncio.Task[Any]] = set()
+        self.detached_jobs = 0
+        self._waiters: list[asyncio.Future[None]] = []
+
+    def track(self, run: asyncio.Task[Any]) -> None:
+        """Keep `run` (a whole group's run) until it ends; `drain` waits for it."""
+        self.runs.add(run)
+        run.add_done_callback(self.runs.discard)
+
+    def has_room(self, jobs: int) -> bool:
+        """Whether `jobs` more detached jobs fit (one group always fits when none is detached)."""
+        return self.detached_jobs == 0 or self.detached_jobs + jobs <= self.limit
+
+    async def wait_room(self, jobs: Callable[[], int]) -> None:
+        """Return once `jobs()` more detached jobs fit."""
+        while not self.has_room(jobs()):
+            waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+            self._waiters.append(waiter)
+            try:
+                await waiter
+            finally:
+                if waiter in self._waiters:
+                    self._waiters.remove(waiter)
+
+    def detach(self, jobs: int) -> None:
+        """`jobs` live jobs of a group whose task returned."""
+        self.detached_jobs += jobs
+
+    def job_done(self) -> None:
+        """A detached job ended: wake those waiting for room."""
+        self.detached_jobs -= 1
+        waiters, self._waiters = self._waiters, []
+        for waiter in waiters:
+            if not waiter.done():
+                waiter.set_result(None)
+
+    async def drain(self) -> None:
+        """Wait until every group run of the process has ended (warm shutdown)."""
+        while self.runs:
+            log.info("waiting for %d group run(s) still in flight", len(self.runs))
+            await asyncio.wait(set(self.runs))
+
+
 class SlotTransport(httpx.AsyncBaseTransport):
     """An httpx transport that gives each request in flight a keep-alive connection of its own.
 
@@ -372,6 +428,13 @@ class Runtime:
     _circuit: CircuitBreaker | None = None
     attempts: AttemptOpener = field(default_factory=AttemptOpener)
     completions: CompletionWriter = field(default_factory=CompletionWriter)
+    groups: GroupRuns = field(default_factory=GroupRuns)
+    # Whether a group task returns before its calls end (`worker.transcribe.start_group`). Off where Celery
+    # sends `worker_process_init` (worker.signals: a prefork child, and the solo pool): a killed prefork
+    # child's task is redelivered at once (reject on worker lost), which a task that returned would lose.
+    # A threads pool's process dies with its thread and its unacked messages (back only after the
+    # visibility timeout): there the leases and the sweeper are what recover a killed run anyway.
+    detach_groups: bool = True
 
     def run(self, coro: Coroutine[Any, Any, T]) -> T:
         """Run a coroutine on the process's loop and wait for its result (from any thread but the loop's).
@@ -460,8 +523,10 @@ class Runtime:
         )
 
     def close(self) -> None:
-        """Close clients, stop the loop's thread and close the loop (process shutdown)."""
+        """Wait for the group runs still going, close clients, stop the loop's thread and close the loop
+        (process shutdown)."""
         try:
+            self.run(self.groups.drain())
             self.run(self.http.aclose())
             if self._redis is not None:
                 self.run(self._redis.aclose())
@@ -507,6 +572,7 @@ def _build() -> Runtime:
         storage=Storage(settings),
         worker_name=f"{socket.gethostname()}:{os.getpid()}",
         thread=thread,
+        groups=GroupRuns(limit=2 * settings.max_in_flight),
     )
 
 

@@ -11,6 +11,8 @@
   garbage collector's scans before a prefork pool forks (`freeze_startup_objects`); each child freezes
   what its own init added, and the main process once more when ready (a threads pool runs tasks in it).
   It also sets the collector's thresholds (`COLLECTOR_THRESHOLDS`, inherited by the children).
+- A process's shutdown (a prefork child's exit, or the main process after a warm shutdown stopped a
+  threads or solo pool) waits for the group runs still in flight on its loop, then closes the runtime.
 """
 
 from __future__ import annotations
@@ -22,7 +24,13 @@ import threading
 from datetime import UTC, datetime
 from typing import Any
 
-from celery.signals import worker_init, worker_process_init, worker_process_shutdown, worker_ready
+from celery.signals import (
+    worker_init,
+    worker_process_init,
+    worker_process_shutdown,
+    worker_ready,
+    worker_shutdown,
+)
 
 from core.db import dispose_engine, get_engine
 from core.names import QUEUE_LOCAL
@@ -119,7 +127,9 @@ def _init_process(**_: Any) -> None:
     get_engine()
     from worker.runtime import get_runtime
 
-    get_runtime()
+    # A prefork child's group task waits for its whole run: a killed child's task is then redelivered at
+    # once (`task_reject_on_worker_lost`), which a task that returned early would lose.
+    get_runtime().detach_groups = False
     queues = consumed_queues()
     if QUEUE_LOCAL in queues and "local" in get_settings().model_chain:
         _local_thread = threading.Thread(target=_load_local_model, name="voxq-local-load", daemon=True)
@@ -129,6 +139,19 @@ def _init_process(**_: Any) -> None:
 
 @worker_process_shutdown.connect
 def _shutdown_process(**_: Any) -> None:
+    from worker.runtime import close_runtime
+
+    try:
+        close_runtime()
+    finally:
+        dispose_engine()
+
+
+@worker_shutdown.connect
+def _shutdown_worker(**_: Any) -> None:
+    # The main process, after a warm shutdown stopped the pool: a threads (or solo) pool ran its tasks
+    # here, and group runs whose tasks returned may still be in flight: `close_runtime` waits for them.
+    # (No-op in a prefork main process, which has no runtime of its own.)
     from worker.runtime import close_runtime
 
     try:

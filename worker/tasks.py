@@ -56,12 +56,13 @@ def prepare_job(*, job_ids: list[str], priority: str = "normal") -> dict[str, in
 
 @app.task(name=names.TASK_TRANSCRIBE_GROUP, acks_late=True)
 def transcribe_group(*, group_id: str) -> dict[str, int]:
-    """Transcribe a group's jobs concurrently through their model chain (worker.transcribe)."""
+    """Transcribe a group's jobs concurrently through their model chain (worker.transcribe); returns once
+    none of them waits for a provider slot, the rest going on on the process's loop (`start_group`)."""
     from worker.runtime import get_runtime
-    from worker.transcribe import transcribe_group as run_group
+    from worker.transcribe import start_group
 
     rt = get_runtime()
-    return rt.run(run_group(rt, uuid.UUID(group_id)))
+    return rt.run(start_group(rt, uuid.UUID(group_id)))
 
 
 @app.task(name=names.TASK_TRANSCRIBE_LOCAL, acks_late=True)
