@@ -45,7 +45,11 @@ format: $(STAMP)
 	$(PY) -m ruff format .
 	$(PY) -m ruff check --fix .
 
+## C1's voicemail corpus is spoken by espeak-ng (Debian package): installed here when missing and apt-get can.
 bench: $(STAMP)
+	@command -v espeak-ng >/dev/null 2>&1 || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 \
+		&& apt-get install -y -q espeak-ng >/dev/null; } \
+		|| echo 'bench: espeak-ng is missing (apt-get install -y espeak-ng); C1 will fail without it' >&2
 	$(PY) -m bench
 
 ## The embedded stack (SeaweedFS, Valkey, Postgres, API, workers, beat, Flower) in the foreground; Ctrl-C stops it.

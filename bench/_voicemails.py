@@ -14,6 +14,7 @@ same `seed` gives the same corpus for a given espeak-ng version), spoken sentenc
 from __future__ import annotations
 
 import io
+import shutil
 import subprocess
 import tempfile
 from dataclasses import dataclass
@@ -148,6 +149,10 @@ def _speak(text: str, voice: str, speed: int) -> npt.NDArray[np.float64]:
     """espeak-ng's speech of `text` at 16 kHz, leading/trailing digital silence removed."""
     from core.local_engine import decode_audio
 
+    if shutil.which("espeak-ng") is None:
+        raise RuntimeError(
+            "C1's corpus needs espeak-ng (Debian: apt-get install -y espeak-ng; `make bench` does it)"
+        )
     with tempfile.TemporaryDirectory(prefix="voxq-c1-") as tmp:
         wav = Path(tmp) / "s.wav"
         subprocess.run(["espeak-ng", "-v", voice, "-s", str(speed), "-w", str(wav), text], check=True)
