@@ -12,9 +12,12 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 T = TypeVar("T")
+
+if TYPE_CHECKING:
+    from core.providers.base import TranscriptionRequest
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -248,3 +251,20 @@ def voxq_dev_process(
         yield proc, api_port, flower_port
     finally:
         stop_process(proc, grace=60, kill_group=True)
+
+
+def transcription_request(
+    audio: bytes, *, model: str = "gpt-4o-mini-transcribe", request_id: str | None = None, **kw: Any
+) -> TranscriptionRequest:
+    """A provider request for `audio` as a FLAC file `clip.flac` of 1 s unless `kw` says otherwise."""
+    from core.providers.base import TranscriptionRequest
+
+    return TranscriptionRequest(
+        audio=audio,
+        filename=kw.pop("filename", "clip.flac"),
+        content_type="audio/flac",
+        model=model,
+        audio_seconds=kw.pop("audio_seconds", 1.0),
+        request_id=request_id,
+        **kw,
+    )

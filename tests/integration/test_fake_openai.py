@@ -23,7 +23,7 @@ from core.providers.openai import OpenAIProvider, list_models, retiring_models
 from tests.audio_fixtures import encode, tone_samples, tones
 from tests.fakes.fixtures import FAKE_OPENAI_API_KEY
 from tests.fakes.openai_server import FakeOpenAI, Fault
-from tests.support import REPO_ROOT, wait_until
+from tests.support import REPO_ROOT, transcription_request, wait_until
 
 MINI = "gpt-4o-mini-transcribe"
 
@@ -46,18 +46,7 @@ def _provider_call(
     return asyncio.run(run())
 
 
-def _req(
-    audio: bytes, *, model: str = MINI, request_id: str | None = None, **kw: Any
-) -> TranscriptionRequest:
-    return TranscriptionRequest(
-        audio=audio,
-        filename=kw.pop("filename", "clip.flac"),
-        content_type="audio/flac",
-        model=model,
-        audio_seconds=kw.pop("audio_seconds", 1.0),
-        request_id=request_id,
-        **kw,
-    )
+_req = transcription_request
 
 
 # ---- faithful: the official SDK talks to it ----

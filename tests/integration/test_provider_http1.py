@@ -25,6 +25,7 @@ from core.providers.openai import OpenAIProvider
 from tests.audio_fixtures import tones
 from tests.fakes.fixtures import FAKE_OPENAI_API_KEY
 from tests.fakes.openai_server import FakeOpenAI, Fault
+from tests.support import transcription_request
 from worker.runtime import SlotTransport
 
 MINI = "gpt-4o-mini-transcribe"
@@ -35,16 +36,8 @@ class _NoHttpx(httpx.AsyncBaseTransport):
         raise AssertionError(f"httpx used for {request.method} {request.url}")
 
 
-def _req(audio: bytes, *, model: str = MINI, **kw: Any) -> TranscriptionRequest:
-    return TranscriptionRequest(
-        audio=audio,
-        filename=kw.pop("filename", "clip.flac"),
-        content_type="audio/flac",
-        model=model,
-        audio_seconds=kw.pop("audio_seconds", 1.0),
-        request_id=kw.pop("request_id", "att-1"),
-        **kw,
-    )
+def _req(audio: bytes, *, request_id: str = "att-1", **kw: Any) -> TranscriptionRequest:
+    return transcription_request(audio, request_id=request_id, **kw)
 
 
 def _run(

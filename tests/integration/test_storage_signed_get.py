@@ -13,6 +13,7 @@ import os
 import threading
 import tracemalloc
 from collections.abc import Iterator
+from contextlib import contextmanager
 
 import pytest
 from botocore.exceptions import ClientError
@@ -149,18 +150,25 @@ class _Flaky(http.server.BaseHTTPRequestHandler):
         pass
 
 
-@pytest.fixture
-def flaky(monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[str, type[_Flaky]]]:
-    monkeypatch.setattr(storage_module, "_backoff", lambda attempt: None)  # no sleeping in the test
-    handler = type("Flaky", (_Flaky,), {"fail": 0, "seen": 0})
+@contextmanager
+def _serving(handler: type[http.server.BaseHTTPRequestHandler]) -> Iterator[str]:
+    """A local threading HTTP server with `handler` on 127.0.0.1 (its base URL), shut down on exit."""
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     try:
-        yield f"http://127.0.0.1:{server.server_address[1]}", handler
+        yield f"http://127.0.0.1:{server.server_address[1]}"
     finally:
         server.shutdown()
         server.server_close()
+
+
+@pytest.fixture
+def flaky(monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[str, type[_Flaky]]]:
+    monkeypatch.setattr(storage_module, "_backoff", lambda attempt: None)  # no sleeping in the test
+    handler = type("Flaky", (_Flaky,), {"fail": 0, "seen": 0})
+    with _serving(handler) as url:
+        yield url, handler
 
 
 def test_5xx_answers_are_retried_until_the_attempts_run_out(flaky: tuple[str, type[_Flaky]]) -> None:
@@ -279,14 +287,8 @@ def http11(monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[str, type[_Http11]
     waits: list[int] = []
     monkeypatch.setattr(storage_module, "_backoff", waits.append)
     handler = type("Http11", (_Http11,), {"waits": waits})
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{server.server_address[1]}", handler
-    finally:
-        server.shutdown()
-        server.server_close()
+    with _serving(handler) as url:
+        yield url, handler
 
 
 def test_a_pooled_connection_the_server_closed_is_asked_again_at_once(
