@@ -138,20 +138,11 @@ def _init_process(**_: Any) -> None:
 
 
 @worker_process_shutdown.connect
-def _shutdown_process(**_: Any) -> None:
-    from worker.runtime import close_runtime
-
-    try:
-        close_runtime()
-    finally:
-        dispose_engine()
-
-
 @worker_shutdown.connect
-def _shutdown_worker(**_: Any) -> None:
-    # The main process, after a warm shutdown stopped the pool: a threads (or solo) pool ran its tasks
-    # here, and group runs whose tasks returned may still be in flight: `close_runtime` waits for them.
-    # (No-op in a prefork main process, which has no runtime of its own.)
+def _shutdown_process(**_: Any) -> None:
+    # A prefork child's exit, or the main process after a warm shutdown stopped the pool: a threads (or
+    # solo) pool ran its tasks there, and group runs whose tasks returned may still be in flight:
+    # `close_runtime` waits for them. (No-op in a prefork main process, which has no runtime of its own.)
     from worker.runtime import close_runtime
 
     try:
