@@ -18,7 +18,7 @@ install: $(STAMP)
 
 ## Start the embedded stack, transcribe the bundled samples, print transcripts and costs.
 demo: $(STAMP)
-	$(PY) -m core.cli demo
+	$(PY) -m voxq.cli demo
 
 ## Every test tier except the long chaos run.
 test: $(STAMP)
@@ -39,7 +39,7 @@ test-chaos: $(STAMP)
 lint: $(STAMP)
 	$(PY) -m ruff check .
 	$(PY) -m ruff format --check .
-	$(PY) -m mypy core api worker
+	$(PY) -m mypy core api worker voxq
 
 format: $(STAMP)
 	$(PY) -m ruff format .
@@ -54,7 +54,7 @@ bench: $(STAMP)
 
 ## The embedded stack (SeaweedFS, Valkey, Postgres, API, workers, beat, Flower) in the foreground; Ctrl-C stops it.
 dev: $(STAMP)
-	$(PY) -m core.cli dev
+	$(PY) -m voxq.cli dev
 
 clean:
 	rm -rf .pytest_cache .mypy_cache .ruff_cache

@@ -30,9 +30,9 @@ from starlette.responses import JSONResponse
 
 from api.idempotency import HEADER, IdempotencyStore, Outcome, conflict_problem, valid_key
 from api.locks import object_locks
+from api.probe import ProbeResult, probe, probe_s3_object
 from api.problems import PROBLEM_MEDIA_TYPE, Problem, from_voxq_error
 from core.errors import AudioError, EmptyAudio
-from core.probe import ProbeResult, probe, probe_s3_object
 from core.settings import get_settings
 from core.storage import Storage, content_key
 

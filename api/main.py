@@ -13,16 +13,16 @@ from fastapi import APIRouter, FastAPI
 from sqlalchemy.exc import SQLAlchemyError
 
 from api.idempotency import IdempotencyMiddleware
+from api.metrics import metrics_router
 from api.problems import install_problem_handlers
 from api.routes import batches, health, jobs, usage
 from core.db import get_engine
-from core.logging import configure_logging
-from core.observability import metrics_router
+from core.logs import configure_logging
 from core.settings import get_settings
 
 log = logging.getLogger(__name__)
 
-# Every router the app serves. Add a module's router here (e.g. observability's `/metrics`).
+# Every router the app serves. Add a module's router here (e.g. api.metrics' `/metrics`).
 ROUTERS: list[APIRouter] = [
     health.router,
     batches.router,

@@ -15,16 +15,17 @@ from decimal import Decimal
 from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session
 
+from api import enqueue
 from api.deps import TenantContext
 from api.ingest import AcceptedFile
 from api.problems import RETRY, Problem, not_found
 from api.schemas import BatchOptions, BatchOut, JobBrief, JobError, JobOut, StatusCounts
-from core import dispatch, metrics
+from core import metrics
 from core.db import get_engine, get_sessionmaker, session_scope
 from core.models import Attempt, Batch, Job
 from core.settings import get_settings
 from core.statuses import JOB_TERMINAL, BatchStatus, JobStatus
-from core.webhooks import WebhookRefused, WebhookUnresolvable, check_url
+from core.webhook_security import WebhookRefused, WebhookUnresolvable, check_url
 
 MAX_PAGE = 200
 DEFAULT_PAGE = 50
@@ -313,7 +314,7 @@ def enqueue_or_revert(job_ids: Sequence[uuid.UUID], priority: str, revert_to: st
     if not job_ids:
         return
     try:
-        dispatch.enqueue_jobs(job_ids, priority=priority)
+        enqueue.enqueue_jobs(job_ids, priority=priority)
     except Exception as exc:
         with session_scope() as session:
             session.execute(

@@ -68,7 +68,8 @@ class BenchStack:
         """Start the servers, migrate, point this process's settings at them."""
         sys.path.insert(0, str(REPO_ROOT))
         from core.db import upgrade
-        from core.embedded import (
+        from tests.support import Stack
+        from voxq.embedded import (
             EmbeddedPostgres,
             SeaweedS3,
             ValkeyRedis,
@@ -76,7 +77,6 @@ class BenchStack:
             free_port,
             wait_for_port,
         )
-        from tests.support import Stack
 
         pg = EmbeddedPostgres(self.dir / "postgres")
         pg.start()
@@ -211,7 +211,7 @@ class BenchStack:
 
     def submit(self, job_ids: list[uuid.UUID]) -> None:
         """Send prepare tasks the way the API does."""
-        from core.dispatch import enqueue_jobs, reset_producer
+        from api.enqueue import enqueue_jobs, reset_producer
 
         reset_producer()
         enqueue_jobs(job_ids, priority="normal")
@@ -374,7 +374,7 @@ def api_server(stack: BenchStack, workers: int = 1) -> Iterator[tuple[str, subpr
     With `workers` > 1 uvicorn forks that many server processes behind one socket (the process
     returned is their supervisor), as a production API on a multi-core host runs.
     """
-    from core.embedded import free_port, wait_for_port
+    from voxq.embedded import free_port, wait_for_port
 
     port = free_port()
     log = open(stack.dir / f"api-{port}.log", "wb")  # noqa: SIM115

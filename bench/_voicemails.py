@@ -147,7 +147,7 @@ def _sentences(rng: np.random.Generator) -> list[str]:
 
 def _speak(text: str, voice: str, speed: int) -> npt.NDArray[np.float64]:
     """espeak-ng's speech of `text` at 16 kHz, leading/trailing digital silence removed."""
-    from core.local_engine import decode_audio
+    from worker.local_engine import decode_audio
 
     if shutil.which("espeak-ng") is None:
         raise RuntimeError(

@@ -113,7 +113,7 @@ def paired_interval(scored: list[Scored], mode: str) -> tuple[float, float, floa
 
 def score(files: list[Voicemail], flacs: list[bytes], tmp: Path) -> list[Scored]:
     """Transcribe every file untrimmed and as sent, with language detected and with `en`."""
-    from core.local_engine import LocalProvider
+    from worker.local_engine import LocalProvider
 
     provider = LocalProvider()
     provider.load()

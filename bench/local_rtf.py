@@ -66,7 +66,7 @@ def _best(fn: Callable[[], Any], repeats: int = REPEATS) -> tuple[float, Any]:
 
 
 def _audio_seconds(path: Path) -> float:
-    from core.local_engine import decode_audio
+    from worker.local_engine import decode_audio
 
     return len(decode_audio(path.read_bytes())) / 16_000
 
@@ -92,7 +92,7 @@ def _normalise_plain(path: Path) -> tuple[list[bytes], float, str]:
     import av
     import numpy as np
 
-    from core.local_engine import decode_audio
+    from worker.local_engine import decode_audio
 
     samples = decode_audio(path.read_bytes())
     pcm = (np.clip(samples, -1, 1) * 32767).astype(np.int16)
@@ -181,8 +181,8 @@ class EndToEnd:
     def __init__(self) -> None:
         import tempfile
 
-        from core.devstack import DevStack
-        from core.embedded import free_port
+        from voxq.devstack import DevStack
+        from voxq.embedded import free_port
 
         env = {k: v for k, v in os.environ.items() if k not in ("OPENAI_API_KEY", "VOXQ_OPENAI_API_KEY")}
         env["VOXQ_LOCAL_MODEL_CACHE_DIR"] = str(REPO_ROOT / ".voxq" / "models")
@@ -202,7 +202,7 @@ class EndToEnd:
         """Start the stack, wait for the API, and run a warm-up job so the local worker has its model."""
         import httpx
 
-        from core.client import VoxqClient
+        from voxq.client import VoxqClient
 
         info = self.stack.start()
         self.client = VoxqClient(info.api_url, info.api_key)
@@ -369,7 +369,7 @@ def main() -> None:
     """Measure and write the `local_rtf` section of docs/benchmarks.md."""
     sys.path.insert(0, str(REPO_ROOT))
     os.environ.setdefault("VOXQ_LOCAL_MODEL_CACHE_DIR", str(REPO_ROOT / ".voxq" / "models"))
-    from core.local_engine import LocalProvider
+    from worker.local_engine import LocalProvider
 
     facts = host_facts("faster-whisper", "ctranslate2", "av", "numpy", "onnxruntime")
     started = time.perf_counter()

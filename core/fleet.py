@@ -16,7 +16,7 @@ import redis
 from sqlalchemy import Engine, text
 
 from core import names
-from core.statuses import JobStatus
+from core.statuses import CircuitState, JobStatus
 
 # kombu's Redis transport keeps messages of priority p > 0 in `queue + SEP + p` (steps 3, 6, 9).
 _KOMBU_PRIORITY_SEP = "\x06\x16"
@@ -47,11 +47,9 @@ def queue_depths(client: redis.Redis, queues: tuple[str, ...] = names.ALL_QUEUES
 def circuit_states(client: redis.Redis) -> dict[str, str]:
     """Model -> circuit state (open, half_open, retired) for every model whose circuit is not closed.
 
-    Reads what `core.circuit` writes: a hash `KEY_CIRCUIT + model` whose `open_until` (ms, Redis clock)
+    Reads what `worker.circuit` writes: a hash `KEY_CIRCUIT + model` whose `open_until` (ms, Redis clock)
     says until when it is open, and `KEY_MODEL_RETIRED + model` for models gone for good.
     """
-    from core.circuit import HALF_OPEN, OPEN, RETIRED
-
     seconds, micros = client.time()
     now_ms = int(seconds) * 1000 + int(micros) // 1000
     states: dict[str, str] = {}
@@ -61,9 +59,9 @@ def circuit_states(client: redis.Redis) -> dict[str, str]:
             continue
         open_until = int(float(client.hget(key, "open_until") or 0))
         if open_until:
-            states[model] = OPEN if now_ms < open_until else HALF_OPEN
+            states[model] = CircuitState.OPEN if now_ms < open_until else CircuitState.HALF_OPEN
     for key in client.scan_iter(match=names.KEY_MODEL_RETIRED + "*", count=200):
-        states[str(key)[len(names.KEY_MODEL_RETIRED) :]] = RETIRED
+        states[str(key)[len(names.KEY_MODEL_RETIRED) :]] = CircuitState.RETIRED
     return states
 
 

@@ -1,13 +1,16 @@
 """Prometheus metric families: defined once here, incremented where things happen.
 
 Workers run prefork children, so when PROMETHEUS_MULTIPROC_DIR is set prometheus-client writes
-per-process files and the exporter aggregates them (see the observability module that serves /metrics).
+per-process files and the exporter aggregates them (worker/metrics_export.py, api/metrics.py).
 Labels carry model names and outcomes only: never ids, filenames or text.
 """
 
 from __future__ import annotations
 
 from prometheus_client import Counter, Gauge, Histogram
+
+# prometheus-client's multiprocess mode: every process writes its values to files under this directory.
+MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 
 ATTEMPTS = Counter(
     "voxq_attempts_total",
@@ -49,7 +52,7 @@ WEBHOOK_DELIVERIES = Counter(
 UPLOADED_BYTES = Counter("voxq_uploaded_bytes_total", "Bytes of audio accepted by the API.")
 
 # Fleet gauges: not kept in any process, but computed at scrape time from Redis and Postgres by
-# `core.observability.FleetCollector` (served by the API's /metrics, so the fleet is counted once).
+# `api.metrics.FleetCollector` (served by the API's /metrics, so the fleet is counted once).
 QUEUE_DEPTH = "voxq_queue_depth"  # {queue}: messages waiting in each Celery queue (Redis LLEN)
 JOBS_BY_STATUS = "voxq_jobs"  # {status}: jobs in each status (Postgres)
 WORKERS_ALIVE = "voxq_workers_alive"  # workers whose heartbeat is recent

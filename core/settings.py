@@ -77,7 +77,7 @@ class Settings(BaseSettings):
     job_max_attempts: int = 5
     circuit_failure_threshold: int = 5
     circuit_open_seconds: float = 30.0
-    # How long a worker process trusts a circuit it saw closed with no failures (core/circuit.py); 0: ask
+    # How long a worker process trusts a circuit it saw closed with no failures (worker/circuit.py); 0: ask
     # Redis on every call.
     circuit_local_seconds: float = 1.0
     model_rpm_limit: int = 0

@@ -54,6 +54,15 @@ class AttemptOutcome(StrEnum):
     ABANDONED = "abandoned"  # its worker died; the sweeper closed it
 
 
+class CircuitState(StrEnum):
+    """Where a model's circuit breaker stands (worker/circuit.py writes it, the fleet gauges read it)."""
+
+    CLOSED = "closed"
+    OPEN = "open"
+    HALF_OPEN = "half_open"  # one probe call is let through
+    RETIRED = "retired"  # the model is gone (model_not_found)
+
+
 class Settlement(StrEnum):
     """Where an abandoned hosted call's bill stands (see core/billing.py); NULL for a call closed normally."""
 

@@ -14,9 +14,9 @@ from typing import Any
 import httpx
 import pytest
 
-from core.embedded import free_port, wait_for_port
 from tests.audio_fixtures import tone, wav_bytes
 from tests.support import REPO_ROOT, Stack, stop_process
+from voxq.embedded import free_port, wait_for_port
 
 
 @dataclass

@@ -61,7 +61,7 @@ def postgres_admin_url(stack_dir: Path) -> Iterator[str]:
     if given:
         yield given
         return
-    from core.embedded import EmbeddedPostgres
+    from voxq.embedded import EmbeddedPostgres
 
     server = EmbeddedPostgres(stack_dir / "postgres")
     server.start()
@@ -75,7 +75,7 @@ def postgres_admin_url(stack_dir: Path) -> Iterator[str]:
 def database_url(postgres_admin_url: str) -> Iterator[str]:
     """A fresh database for this test session, migrated to head."""
     from core.db import upgrade
-    from core.embedded import create_database
+    from voxq.embedded import create_database
 
     name = f"voxq_test_{uuid.uuid4().hex[:10]}"
     url = create_database(postgres_admin_url, name)
@@ -93,7 +93,7 @@ def _drop_quietly(admin_url: str, name: str) -> None:
 
     from sqlalchemy.exc import OperationalError
 
-    from core.embedded import drop_database
+    from voxq.embedded import drop_database
 
     for attempt in range(3):
         try:
@@ -113,7 +113,7 @@ def redis_url(stack_dir: Path) -> Iterator[str]:
     if given:
         yield given
         return
-    from core.embedded import ValkeyRedis
+    from voxq.embedded import ValkeyRedis
 
     server = ValkeyRedis(stack_dir / "valkey")
     server.start()
@@ -134,7 +134,7 @@ def s3_server(stack_dir: Path) -> Iterator[tuple[str, str, str]]:
             os.environ.get("VOXQ_TEST_S3_SECRET_ACCESS_KEY", TEST_S3_SECRET_KEY),
         )
         return
-    from core.embedded import SeaweedS3
+    from voxq.embedded import SeaweedS3
 
     server = SeaweedS3(stack_dir / "seaweedfs", TEST_S3_ACCESS_KEY, TEST_S3_SECRET_KEY)
     server.start()

@@ -11,11 +11,11 @@ from typing import Any
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
-from core.embedded import free_port
 from tests.api_helpers import make_key, start_api_server, stop_api_server
 from tests.audio_fixtures import encode, tone_samples
 from tests.fakes.openai_server import FakeOpenAI
 from tests.support import Stack, celery_worker, wait_until
+from voxq.embedded import free_port
 
 PRIMARY = "gpt-4o-mini-transcribe"
 FALLBACK = "gpt-4o-transcribe"

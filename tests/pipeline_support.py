@@ -51,7 +51,7 @@ def tones(*freqs: int, seconds: float = 0.8, gap: float = 1.0) -> bytes:
 def circuit_state(stack: Stack, model: str) -> str:
     import redis.asyncio as aioredis
 
-    from core.circuit import CircuitBreaker
+    from worker.circuit import CircuitBreaker
 
     async def read() -> str:
         client = aioredis.Redis.from_url(stack.redis_url)
@@ -202,7 +202,7 @@ class Pipeline:
 
     def submit(self, job_ids: list[uuid.UUID], priority: str = "normal") -> None:
         """Send prepare tasks the way the API does."""
-        from core.dispatch import enqueue_jobs, reset_producer
+        from api.enqueue import enqueue_jobs, reset_producer
 
         reset_producer()
         enqueue_jobs(job_ids, priority=priority)

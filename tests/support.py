@@ -63,8 +63,8 @@ class Stack:
         once imported (a unit test may have imported them under default settings), the worker's Celery
         app and the worker runtime (clients and a settings snapshot, built by the first stage run here).
         """
+        from api.enqueue import reset_producer
         from core.db import dispose_engine
-        from core.dispatch import reset_producer
         from core.settings import reset_settings_cache
 
         reset_settings_cache()
@@ -207,9 +207,9 @@ def celery_worker(
 def run_voxq(
     args: Sequence[str], env: dict[str, str], *, timeout: float = 120
 ) -> subprocess.CompletedProcess[str]:
-    """The `voxq` CLI run as a user runs it (`python -m core.cli` from the repository), output captured."""
+    """The `voxq` CLI run as a user runs it (`python -m voxq.cli` from the repository), output captured."""
     return subprocess.run(
-        [sys.executable, "-m", "core.cli", *args],
+        [sys.executable, "-m", "voxq.cli", *args],
         cwd=REPO_ROOT,
         env=env,
         capture_output=True,
@@ -224,7 +224,7 @@ def voxq_dev_process(
 ) -> Iterator[tuple[subprocess.Popen[bytes], int, int]]:
     """`voxq dev` on free API and Flower ports, printing to `output`: yields (process, API port, Flower
     port), and stops it at the end (SIGTERM; its process group is killed if it does not stop in 60 s)."""
-    from core.embedded import free_port
+    from voxq.embedded import free_port
 
     api_port, flower_port = free_port(), free_port()
     with open(output, "wb") as out:
@@ -232,7 +232,7 @@ def voxq_dev_process(
             [
                 sys.executable,
                 "-m",
-                "core.cli",
+                "voxq.cli",
                 "dev",
                 "--data-dir",
                 str(data_dir),

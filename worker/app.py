@@ -20,7 +20,7 @@ def make_celery(settings: Settings | None = None) -> Celery:
     app = Celery(
         "voxq",
         broker=settings.redis_url,
-        include=["worker.logging_setup", "worker.metrics_setup", "worker.tasks", "worker.signals"],
+        include=["worker.task_logging", "worker.metrics_export", "worker.tasks", "worker.signals"],
     )
     app.conf.update(
         task_acks_late=True,

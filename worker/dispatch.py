@@ -1,4 +1,4 @@
-"""Sending the pipeline's next tasks from inside a worker (the API uses core.dispatch instead)."""
+"""Sending the pipeline's next tasks from inside a worker (the API uses api.enqueue instead)."""
 
 from __future__ import annotations
 

@@ -43,7 +43,7 @@ def _claim(job_id: uuid.UUID, group_id: uuid.UUID, owner: str) -> records.GroupJ
 
 def transcribe_local(job_id: uuid.UUID, group_id: uuid.UUID, *, worker: str) -> str:
     """Transcribe a job with the local engine and finish it; returns the job's resulting status."""
-    from core.local_engine import get_local_provider
+    from worker.local_engine import get_local_provider
 
     job = _claim(job_id, group_id, worker)
     if job is None:

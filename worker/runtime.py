@@ -33,10 +33,10 @@ from core.storage import Storage
 if TYPE_CHECKING:
     import redis.asyncio as aioredis
 
-    from core.circuit import CircuitBreaker
     from core.providers.base import Provider
-    from core.ratelimit import RateLimiter
     from worker import records
+    from worker.circuit import CircuitBreaker
+    from worker.ratelimit import RateLimiter
 
 T = TypeVar("T")
 RowT = TypeVar("RowT")
@@ -502,7 +502,7 @@ class Runtime:
         """The fleet-wide circuit breakers (state in Redis), one per process: its local reading of a clean
         circuit (`VOXQ_CIRCUIT_LOCAL_SECONDS`) is shared by every group of the process."""
         if self._circuit is None:
-            from core.circuit import CircuitBreaker
+            from worker.circuit import CircuitBreaker
 
             self._circuit = CircuitBreaker(
                 self.redis,
@@ -514,7 +514,7 @@ class Runtime:
 
     def limiter(self) -> RateLimiter:
         """The fleet-wide rate limiter (token buckets in Redis)."""
-        from core.ratelimit import RateLimiter
+        from worker.ratelimit import RateLimiter
 
         return RateLimiter(
             self.redis,

@@ -57,7 +57,7 @@ def consumed_queues(argv: list[str] | None = None) -> list[str]:
 
 def _load_local_model() -> None:
     try:
-        from core.local_engine import get_local_provider
+        from worker.local_engine import get_local_provider
 
         get_local_provider().load()
     except BaseException as exc:  # reported to the first local task, which fails its job clearly

@@ -91,9 +91,9 @@ def sweep() -> dict[str, int]:
 
 @app.task(name=names.TASK_DELIVER_WEBHOOK, acks_late=True)
 def deliver_webhook(*, batch_id: str, attempt: int = 1) -> str:
-    """POST a finished batch's signed webhook; schedule the next try on failure (worker.webhooks)."""
+    """POST a finished batch's signed webhook; schedule the next try on failure (worker.webhook_delivery)."""
     from worker.dispatch import send_webhook
-    from worker.webhooks import deliver
+    from worker.webhook_delivery import deliver
 
     result = deliver(uuid.UUID(batch_id), attempt=attempt)
     if result.retry_in is not None:

@@ -70,7 +70,7 @@ from redis.exceptions import RedisError
 from core import metrics
 from core.errors import ModelUnavailable
 from core.ids import uuid7
-from core.logging import bind_log_context, log_context
+from core.logs import bind_log_context, log_context
 from core.providers.base import ErrorKind, ProviderError, TranscriptionRequest
 from core.settings import ChunkContext
 from core.statuses import AttemptOutcome, JobStatus
@@ -388,7 +388,7 @@ class ChainRunner:
                     else:
                         await self._note(self.circuit.record_failure(model))
                     retry += 1
-                    from core.retry import backoff_delay
+                    from core.backoff import backoff_delay
 
                     delay = backoff_delay(
                         retry,

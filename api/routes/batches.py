@@ -27,6 +27,7 @@ from api.ingest import (
     ingest_multipart,
 )
 from api.locks import object_lock
+from api.probe import ProbeResult, probe_s3_object
 from api.problems import COMMON_PROBLEMS, UPLOAD_PROBLEMS, Problem, from_voxq_error, problem_responses
 from api.schemas import (
     BatchCreate,
@@ -45,7 +46,6 @@ from core import metrics
 from core.db import session_scope
 from core.errors import AudioError
 from core.models import Batch, Job
-from core.probe import ProbeResult, probe_s3_object
 from core.settings import get_settings
 from core.statuses import JOB_TERMINAL, BatchStatus, JobStatus
 from core.storage import Storage, content_key, parse_s3_uri

@@ -53,7 +53,6 @@ import pytest
 from sqlalchemy import create_engine, func, select
 from sqlalchemy.orm import Session
 
-from core.embedded import EmbeddedPostgres, ValkeyRedis
 from core.models import Attempt, Batch, CostRecord, Job, Transcript
 from core.pricing import price_attempt
 from core.statuses import JOB_TERMINAL, AttemptOutcome, JobStatus, Settlement
@@ -62,6 +61,7 @@ from tests.audio_fixtures import tone_samples, wav_bytes
 from tests.fakes.fixtures import FAKE_OPENAI_API_KEY
 from tests.fakes.openai_server import FakeOpenAI
 from tests.support import REPO_ROOT, Stack, celery_worker, stop_process, wait_until
+from voxq.embedded import EmbeddedPostgres, ValkeyRedis
 
 pytestmark = pytest.mark.chaos
 
@@ -176,7 +176,7 @@ def _settle(stack: Stack, env: dict[str, str], export: Path, since: datetime, un
     """`voxq billing settle` as an operator runs it; its report."""
     result = subprocess.run(
         [
-            *(sys.executable, "-m", "core.cli", "billing", "settle", "--file", str(export)),
+            *(sys.executable, "-m", "voxq.cli", "billing", "settle", "--file", str(export)),
             *("--since", since.isoformat(), "--until", until.isoformat()),
         ],
         cwd=REPO_ROOT,

@@ -31,7 +31,7 @@ def test_voxq_demo_transcribes_every_sample_and_prints_costs() -> None:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("VOXQ_", "OPENAI_", "FLOWER_"))}
     env["PYTHONPATH"] = str(REPO_ROOT)
     proc = subprocess.run(
-        [sys.executable, "-m", "core.cli", "demo", "--timeout", "400"],
+        [sys.executable, "-m", "voxq.cli", "demo", "--timeout", "400"],
         cwd=REPO_ROOT,
         env=env,
         capture_output=True,

@@ -23,8 +23,8 @@ import pytest
 import redis
 from botocore.config import Config
 
-from core.devstack import SHARED_ENV
 from tests.support import REPO_ROOT, voxq_dev_process, wait_until
+from voxq.devstack import SHARED_ENV
 
 START_TIMEOUT = 90.0
 
@@ -221,7 +221,7 @@ def test_voxq_dev_up_healthy_supervised_stopped_and_restarted(work_dir: Path) ->
         wait_until(
             lambda: (
                 subprocess.run(
-                    [sys.executable, "-m", "core.cli", "worker-health"], env=health_env, timeout=60
+                    [sys.executable, "-m", "voxq.cli", "worker-health"], env=health_env, timeout=60
                 ).returncode
                 == 0
             ),

@@ -12,8 +12,8 @@ import httpx
 import pytest
 
 from core import names
-from core.embedded import free_port, wait_for_port
 from tests.support import REPO_ROOT, Stack, celery_worker, stop_process, wait_until
+from voxq.embedded import free_port, wait_for_port
 
 USER = "ops"
 
@@ -29,7 +29,7 @@ def flower(stack: Stack) -> Iterator[tuple[str, str]]:
     env.pop("FLOWER_BASIC_AUTH", None)
     with open(log_path, "wb") as log:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "core.cli", "flower", "--port", str(port)],
+            [sys.executable, "-m", "voxq.cli", "flower", "--port", str(port)],
             cwd=REPO_ROOT,
             env=env,
             stdout=log,
@@ -110,7 +110,7 @@ def test_voxq_flower_refuses_weak_passwords(
         # The other secrets are strong, so only Flower's password is wrong.
         env.update(VOXQ_S3_SECRET_ACCESS_KEY="s" * 32, VOXQ_WEBHOOK_SECRET="w" * 32)
     result = subprocess.run(
-        [sys.executable, "-m", "core.cli", "flower", "--port", str(port)],
+        [sys.executable, "-m", "voxq.cli", "flower", "--port", str(port)],
         cwd=REPO_ROOT,
         env=env,
         capture_output=True,

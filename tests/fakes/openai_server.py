@@ -386,7 +386,7 @@ class FakeOpenAI:
     def start(self) -> FakeOpenAI:
         """Serve on a free 127.0.0.1 port (or the given one) in a background thread; return self."""
         if self.port == 0:
-            from core.embedded import free_port
+            from voxq.embedded import free_port
 
             self.port = free_port()
         self._server = uvicorn.Server(self._config())

@@ -433,8 +433,8 @@ def test_jobs_list_pages_with_cursor_in_upload_order(api: ApiServer) -> None:
 
 
 def test_readyz_is_503_and_submit_is_503_when_redis_is_down(api: ApiServer, stack: Stack) -> None:
-    from core.embedded import free_port
     from tests.api_helpers import start_api_server, stop_api_server
+    from voxq.embedded import free_port
 
     key = make_key("acme")
     with api.client(key) as c:  # uploaded while Redis was up

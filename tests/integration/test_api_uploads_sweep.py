@@ -9,12 +9,12 @@ from datetime import timedelta
 import httpx
 from sqlalchemy import select
 
-from core.cli import main as voxq_main
 from core.db import session_scope
 from core.models import Job, Tenant
 from core.storage import Storage
-from core.uploads import sweep_incoming
 from tests.api_helpers import ApiServer, make_key, sine_wav
+from voxq.cli import main as voxq_main
+from worker.upload_sweep import sweep_incoming
 
 
 def test_sweep_removes_abandoned_incoming_data_only(api: ApiServer) -> None:

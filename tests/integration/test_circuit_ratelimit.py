@@ -11,9 +11,9 @@ import redis.asyncio as aioredis
 from prometheus_client import REGISTRY
 
 from core import names
-from core.circuit import CircuitBreaker
-from core.ratelimit import RateLimiter
 from tests.support import Stack
+from worker.circuit import CircuitBreaker
+from worker.ratelimit import RateLimiter
 
 T = TypeVar("T")
 MODEL = "gpt-4o-mini-transcribe"

@@ -18,12 +18,12 @@ import pytest
 from sqlalchemy import select
 
 from core.db import dispose_engine, session_scope, upgrade
-from core.embedded import EmbeddedPostgres
 from core.models import Attempt, CostRecord, Job, Tenant
 from core.pricing import PricedUsage
 from core.settings import reset_settings_cache
 from core.statuses import AttemptOutcome
 from tests.pipeline_support import pending_attempt_row, processing_job_rows
+from voxq.embedded import EmbeddedPostgres
 from worker import records
 
 

@@ -9,9 +9,9 @@ from datetime import UTC, datetime, timedelta
 
 from sqlalchemy import create_engine, inspect, text
 
-from core.embedded import create_database, drop_database, free_port
 from core.models import Base
 from tests.support import Stack, celery_worker, run_voxq, wait_until
+from voxq.embedded import create_database, drop_database, free_port
 
 
 def test_migrate_brings_a_new_database_to_head(stack: Stack, postgres_admin_url: str) -> None:

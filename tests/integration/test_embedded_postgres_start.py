@@ -11,7 +11,7 @@ from pathlib import Path
 import psycopg
 import pytest
 
-from core.embedded import EmbeddedPostgres
+from voxq.embedded import EmbeddedPostgres
 
 pytestmark = pytest.mark.integration
 

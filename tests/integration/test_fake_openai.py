@@ -16,7 +16,6 @@ import numpy as np
 import openai
 import pytest
 
-from core.embedded import free_port, wait_for_port
 from core.pricing import price_attempt
 from core.providers.base import ErrorKind, ProviderError, TranscriptionRequest, TranscriptionResult
 from core.providers.openai import OpenAIProvider, list_models, retiring_models
@@ -24,6 +23,7 @@ from tests.audio_fixtures import encode, tone_samples, tones
 from tests.fakes.fixtures import FAKE_OPENAI_API_KEY
 from tests.fakes.openai_server import FakeOpenAI, Fault
 from tests.support import REPO_ROOT, transcription_request, wait_until
+from voxq.embedded import free_port, wait_for_port
 
 MINI = "gpt-4o-mini-transcribe"
 

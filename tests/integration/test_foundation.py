@@ -15,9 +15,9 @@ import pytest
 from botocore.exceptions import ClientError
 from sqlalchemy import create_engine, inspect, select, text
 
-from core.embedded import create_database, drop_database
 from core.models import Base, WorkerHeartbeat
 from tests.support import Stack, celery_worker, wait_until
+from voxq.embedded import create_database, drop_database
 
 
 def test_migration_upgrade_downgrade_upgrade(postgres_admin_url: str) -> None:
@@ -206,7 +206,7 @@ def test_tasks_sent_in_process_reach_this_stacks_broker(
     is pointed at this stack's broker again, so in-process worker code (the sweeper) sends here."""
     import redis
 
-    import core.dispatch
+    import api.enqueue
     import worker.app
     from core import names
     from core.settings import reset_settings_cache
@@ -217,10 +217,10 @@ def test_tasks_sent_in_process_reach_this_stacks_broker(
         reset_settings_cache()
         worker.app.follow_settings()
         assert worker.app.app.conf.broker_url == "redis://127.0.0.1:9/0"
-        assert core.dispatch._producer().conf.broker_url == "redis://127.0.0.1:9/0"  # the API's, cached
+        assert api.enqueue._producer().conf.broker_url == "redis://127.0.0.1:9/0"  # the API's, cached
     stack.reset_process_state()
     send_prepare([uuid.uuid4()], priority="normal")
-    core.dispatch.enqueue_jobs([uuid.uuid4()], priority="normal")
+    api.enqueue.enqueue_jobs([uuid.uuid4()], priority="normal")
     client = redis.Redis.from_url(stack.redis_url)
     try:
         assert client.llen(names.QUEUE_INGEST) == 2

@@ -20,7 +20,12 @@ import numpy as np
 import pytest
 
 from core.errors import ConfigError
-from core.local_engine import (
+from core.providers.base import ErrorKind, ProviderError, TranscriptionRequest, TranscriptionResult
+from core.settings import Settings
+from tests.audio_fixtures import wav_bytes
+from tests.speech import SpeechFixture, load_fixtures, normalise, word_error_rate
+from tests.support import REPO_ROOT
+from worker.local_engine import (
     BUNDLED_MODEL_SHA256,
     BUNDLED_PART_SIZES,
     BUNDLED_SIDE_FILES,
@@ -33,11 +38,6 @@ from core.local_engine import (
     reset_local_provider,
     resolve_model,
 )
-from core.providers.base import ErrorKind, ProviderError, TranscriptionRequest, TranscriptionResult
-from core.settings import Settings
-from tests.audio_fixtures import wav_bytes
-from tests.speech import SpeechFixture, load_fixtures, normalise, word_error_rate
-from tests.support import REPO_ROOT
 
 # The repository's shared cache: joined once, reused by every test session and by `make demo`.
 CACHE_DIR = REPO_ROOT / ".voxq" / "models"
@@ -223,7 +223,7 @@ def test_damaged_cache_is_rejoined_and_verified(tmp_path: Path) -> None:
 
 
 def test_racing_processes_join_one_verified_file(tmp_path: Path) -> None:
-    script = "import sys; from pathlib import Path; from core.local_engine import prepare_bundled_model; "
+    script = "import sys; from pathlib import Path; from worker.local_engine import prepare_bundled_model; "
     script += "print(prepare_bundled_model(Path(sys.argv[1])))"
     env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
     procs = [
@@ -281,7 +281,7 @@ OFFLINE_SCRIPT = textwrap.dedent(
     socket.socket.connect = lambda self, *a, **k: refuse(*a)
     socket.socket.connect_ex = lambda self, *a, **k: refuse(*a)
 
-    from core.local_engine import get_local_provider
+    from worker.local_engine import get_local_provider
     from core.providers.base import TranscriptionRequest
 
     provider = get_local_provider()
@@ -324,7 +324,7 @@ def test_loads_and_transcribes_with_the_network_blocked(tmp_path: Path) -> None:
 CPU_SCRIPT = textwrap.dedent(
     """
     import sys, threading, time
-    from core.local_engine import get_local_provider
+    from worker.local_engine import get_local_provider
     from core.providers.base import TranscriptionRequest
 
     provider = get_local_provider()

@@ -28,12 +28,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from core.local_engine import LocalProvider, decode_audio
 from core.providers.base import TranscriptionRequest
 from core.settings import Settings
 from tests.speech import load_fixtures, normalise
 from tests.support import REPO_ROOT
 from worker import audio
+from worker.local_engine import LocalProvider, decode_audio
 
 CACHE_DIR = REPO_ROOT / ".voxq" / "models"
 RATE = 16_000

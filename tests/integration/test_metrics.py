@@ -21,7 +21,6 @@ from sqlalchemy import insert, select
 
 from core import names
 from core.db import session_scope
-from core.embedded import free_port
 from core.models import Attempt, Batch, CostRecord, Job, Tenant, WebhookDelivery, WorkerHeartbeat
 from core.statuses import AttemptOutcome, JobStatus, WebhookStatus
 from tests.fakes.openai_server import FakeOpenAI
@@ -35,6 +34,7 @@ from tests.observability_support import (
     tone_audio,
 )
 from tests.support import REPO_ROOT, Stack, celery_worker, wait_until
+from voxq.embedded import free_port
 
 
 def value(parsed: Samples, name: str, **labels: str) -> float:
@@ -47,9 +47,9 @@ STATUS_COUNTS = {JobStatus.QUEUED: 7, JobStatus.PROCESSING: 3, JobStatus.SUCCEED
 
 def seed_fleet(stack: Stack) -> dict[str, object]:
     """Jobs in several statuses, real Celery messages waiting, an open circuit, a live worker, costs."""
-    from core.circuit import CircuitBreaker
+    from api.enqueue import enqueue_jobs, reset_producer
     from core.db import session_scope
-    from core.dispatch import enqueue_jobs, reset_producer
+    from worker.circuit import CircuitBreaker
 
     now = datetime.now(UTC)
     tenant_id, batch_id = uuid.uuid4(), uuid.uuid4()
@@ -182,7 +182,7 @@ def test_api_metrics_report_an_unreadable_redis_instead_of_failing(
 
 def run_top(stack: Stack, *args: str, **env: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "core.cli", "top", *args],
+        [sys.executable, "-m", "voxq.cli", "top", *args],
         cwd=REPO_ROOT,
         env=stack.child_env(**env),
         capture_output=True,
@@ -222,7 +222,7 @@ def test_voxq_top_live_redraws_until_interrupted(stack: Stack) -> None:
     import time
 
     proc = subprocess.Popen(
-        [sys.executable, "-m", "core.cli", "top", "--interval", "0.3"],
+        [sys.executable, "-m", "voxq.cli", "top", "--interval", "0.3"],
         cwd=REPO_ROOT,
         env=stack.child_env(),
         stdout=subprocess.PIPE,
@@ -427,7 +427,7 @@ def test_rate_limiter_waits_and_webhook_deliveries_are_counted(stack: Stack, fak
 MULTIPROC_SCRIPT = """
 import os, sys
 from core import metrics  # prometheus-client's value class is chosen here, before multiprocess mode
-from core.observability import enable_multiprocess, multiprocess_registry, mark_process_dead
+from worker.metrics_export import enable_multiprocess, mark_process_dead, multiprocess_registry
 from pathlib import Path
 
 metrics.DEDUPE_HITS.inc(100)  # before the switch: in-process only, never in the files

@@ -234,7 +234,7 @@ def test_an_open_circuit_delays_jobs_instead_of_failing_them(
 
     import redis.asyncio as aioredis
 
-    from core.circuit import CircuitBreaker
+    from worker.circuit import CircuitBreaker
 
     async def trip() -> None:
         client = aioredis.Redis.from_url(stack.redis_url)

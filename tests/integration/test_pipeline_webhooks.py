@@ -12,7 +12,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from core.models import WebhookDelivery
-from core.webhooks import SIGNATURE_HEADER, verify_signature
+from core.webhook_security import SIGNATURE_HEADER, verify_signature
 from tests.pipeline_support import Pipeline, hosted_env, tones
 from tests.support import Stack, celery_worker, wait_until
 
@@ -113,7 +113,7 @@ def test_deliver_in_process_records_each_try(
 ) -> None:
     from core.settings import reset_settings_cache
     from core.statuses import WebhookStatus
-    from worker.webhooks import deliver
+    from worker.webhook_delivery import deliver
 
     with Receiver(fail_first=1) as receiver:
         tenant = pipeline.tenant()
@@ -138,7 +138,7 @@ def test_delivery_gives_up_after_the_last_attempt(
 ) -> None:
     from core.settings import reset_settings_cache
     from core.statuses import WebhookStatus
-    from worker.webhooks import deliver, retry_delay
+    from worker.webhook_delivery import deliver, retry_delay
 
     monkeypatch.setenv("VOXQ_WEBHOOK_ALLOW_PRIVATE", "true")
     monkeypatch.setenv("VOXQ_WEBHOOK_MAX_ATTEMPTS", "3")
@@ -161,7 +161,7 @@ def test_delivery_to_a_hostname_goes_to_its_checked_address_and_dns_failure_is_r
 ) -> None:
     from core.settings import reset_settings_cache
     from core.statuses import WebhookStatus
-    from worker.webhooks import deliver
+    from worker.webhook_delivery import deliver
 
     monkeypatch.setenv("VOXQ_WEBHOOK_ALLOW_PRIVATE", "true")
     reset_settings_cache()

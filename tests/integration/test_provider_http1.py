@@ -18,7 +18,6 @@ from typing import Any
 import httpx
 import pytest
 
-from core.embedded import free_port
 from core.providers.base import ErrorKind, ProviderError, TranscriptionRequest, TranscriptionResult
 from core.providers.http1 import USER_AGENT, Http1Pool, multipart_body
 from core.providers.openai import OpenAIProvider
@@ -26,6 +25,7 @@ from tests.audio_fixtures import tones
 from tests.fakes.fixtures import FAKE_OPENAI_API_KEY
 from tests.fakes.openai_server import FakeOpenAI, Fault
 from tests.support import transcription_request
+from voxq.embedded import free_port
 from worker.runtime import SlotTransport
 
 MINI = "gpt-4o-mini-transcribe"

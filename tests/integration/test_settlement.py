@@ -143,7 +143,7 @@ def test_a_late_error_answer_removes_the_estimate(stack: Stack) -> None:
 
 
 def _settle(export: list[dict[str, Any]], tmp_path: Path, *args: str) -> int:
-    from core.cli import main
+    from voxq.cli import main
 
     path = tmp_path / f"export-{uuid.uuid4().hex[:6]}.json"
     path.write_text(json.dumps(export))

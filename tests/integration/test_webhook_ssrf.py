@@ -14,9 +14,9 @@ from api import service
 from api.problems import Problem
 from api.schemas import BatchOptions
 from core.settings import reset_settings_cache
-from core.webhooks import WebhookRefused, check_url
+from core.webhook_security import WebhookRefused, check_url
 from tests.api_helpers import ApiServer, make_key, sine_wav
-from worker.webhooks import post_guarded
+from worker.webhook_delivery import post_guarded
 
 # One address per refused range, as the URL host (IPv6 in brackets).
 PRIVATE_HOSTS = {

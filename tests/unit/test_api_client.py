@@ -9,8 +9,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from core.cli.client_commands import ProgressBar, collect_inputs, transcript_path
-from core.client import ApiError, VoxqClient, is_finished
+from voxq.cli.client_commands import ProgressBar, collect_inputs, transcript_path
+from voxq.client import ApiError, VoxqClient, is_finished
 
 
 class _Api:

@@ -9,8 +9,8 @@ from typing import Any
 import av
 import pytest
 
+from api.probe import S3RangeReader, probe
 from core.errors import EmptyAudio, UnsupportedMedia
-from core.probe import S3RangeReader, probe
 from tests.api_helpers import sine_wav
 
 
@@ -129,7 +129,7 @@ def _with_list_chunk(wav: bytes, size: int) -> bytes:
 
 def _default_probe(data: bytes) -> Any:
     """What the probe finds with FFmpeg's default probe size."""
-    from core.probe import _probe_container
+    from api.probe import _probe_container
 
     with av.open(io.BytesIO(data), mode="r") as container:
         return _probe_container(container)
@@ -154,7 +154,7 @@ SELF_DESCRIBING_CASES = {
 def test_small_probe_of_a_self_describing_header_finds_what_the_default_finds(case: str) -> None:
     # WAV and FLAC are probed with a small FFmpeg probe size (P4: ~3 ms of CPU less per 5 MB upload);
     # the answer must be the one the default probe size gives.
-    from core.probe import _self_describing
+    from api.probe import _self_describing
 
     data = SELF_DESCRIBING_CASES[case]()
     reader = io.BytesIO(data)
@@ -163,7 +163,7 @@ def test_small_probe_of_a_self_describing_header_finds_what_the_default_finds(ca
 
 
 def test_other_containers_keep_the_default_probe_size() -> None:
-    from core.probe import _self_describing
+    from api.probe import _self_describing
 
     wav = sine_wav(1.0)
     flac = _encode("flac", "flac", wav)
@@ -173,7 +173,7 @@ def test_other_containers_keep_the_default_probe_size() -> None:
 
 
 def test_probe_asks_ffmpeg_for_a_small_probe_only_for_self_describing_headers(monkeypatch: Any) -> None:
-    import core.probe
+    import api.probe
 
     wav = sine_wav(1.0)
     mp3 = _encode("mp3", "mp3", wav)
@@ -184,7 +184,7 @@ def test_probe_asks_ffmpeg_for_a_small_probe_only_for_self_describing_headers(mo
         seen.append(kwargs.get("options"))
         return real_open(*args, **kwargs)
 
-    monkeypatch.setattr(core.probe.av, "open", recording_open)
+    monkeypatch.setattr(api.probe.av, "open", recording_open)
     probe(io.BytesIO(wav))
     probe(io.BytesIO(mp3))
-    assert seen == [core.probe.SMALL_PROBE_OPTIONS, None]
+    assert seen == [api.probe.SMALL_PROBE_OPTIONS, None]

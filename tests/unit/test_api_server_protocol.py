@@ -22,7 +22,7 @@ import pytest
 import uvicorn
 
 from api.server import BodyChunks, HttpToolsProtocol
-from core.embedded import free_port, wait_for_port
+from voxq.embedded import free_port, wait_for_port
 
 REPO = Path(__file__).resolve().parents[2]
 PROTOCOL = "api.server:HttpToolsProtocol"

@@ -11,8 +11,8 @@ import yaml
 from pydantic import SecretStr
 
 from core import names
-from core.devstack import SHARED_ENV, WORKER_QUEUES
 from core.settings import Settings
+from voxq.devstack import SHARED_ENV, WORKER_QUEUES
 
 ROOT = Path(__file__).resolve().parents[2]
 COMPOSE = yaml.safe_load((ROOT / "docker-compose.yml").read_text())

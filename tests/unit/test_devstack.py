@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 from pydantic import SecretStr
 
-from core.cli.demo import SAMPLES_DIR, cost_table, load_samples, progress_line
-from core.devstack import TELEMETRY_OFF, DevStack, _env_value, read_or_create_secret, write_secret
+from voxq.cli.demo import SAMPLES_DIR, cost_table, load_samples, progress_line
+from voxq.devstack import TELEMETRY_OFF, DevStack, _env_value, read_or_create_secret, write_secret
 
 
 def test_secret_files_are_owner_only_from_the_start(tmp_path: Path) -> None:
@@ -124,8 +124,8 @@ def test_cost_table_sums_per_model_and_in_total() -> None:
 def test_a_busy_port_is_refused_before_anything_starts(tmp_path: Path) -> None:
     import socket
 
-    from core.embedded import free_port
     from core.errors import ConfigError
+    from voxq.embedded import free_port
 
     with socket.socket() as busy:
         busy.bind(("127.0.0.1", 0))

@@ -276,7 +276,7 @@ def test_workers_consume_every_queue_and_are_probed_by_worker_health() -> None:
 
 
 def test_voxq_commands_in_manifests_exist() -> None:
-    from core.cli import build_parser
+    from voxq.cli import build_parser
 
     parser = build_parser()
     subcommands: set[str] = set()

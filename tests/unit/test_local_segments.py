@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from types import SimpleNamespace
 
-from core.local_engine import segments_to_dicts
+from worker.local_engine import segments_to_dicts
 
 
 def _word(start: float, end: float, word: str, probability: float = 0.9) -> SimpleNamespace:

@@ -9,7 +9,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from core.logging import (
+from core.logs import (
     REDACTED,
     VoxqHandler,
     bind_log_context,
@@ -219,7 +219,7 @@ def test_uvicorn_access_log_follows_its_switch(
 
 
 def test_long_events_are_cut(stream: io.StringIO) -> None:
-    from core.logging import MAX_EVENT_CHARS
+    from core.logs import MAX_EVENT_CHARS
 
     configure_logging("json", "INFO", stream=stream, redacted_values=[])
     logging.getLogger("voxq.test").info("body %r", b"fLaC" + bytes(20_000))

@@ -13,11 +13,12 @@ import pytest
 from pydantic import SecretStr
 
 from core import names
-from core.cli.ops import render_frame
 from core.errors import ConfigError
 from core.fleet import FleetSnapshot
-from core.observability import MULTIPROC_ENV, flower_basic_auth, worker_multiproc_dir
+from core.metrics import MULTIPROC_ENV
 from core.settings import Settings
+from voxq.cli.ops import flower_basic_auth, render_frame
+from worker.metrics_export import worker_multiproc_dir
 
 
 def snapshot(**changes: object) -> FleetSnapshot:

@@ -7,7 +7,7 @@ import statistics
 
 import pytest
 
-from core.retry import backoff_delay
+from core.backoff import backoff_delay
 
 
 def _samples(retry_number: int, n: int = 2000, **kwargs: float | None) -> list[float]:

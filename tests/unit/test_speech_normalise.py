@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from core.local_engine import default_cpu_threads
 from tests.speech import normalise, word_error_rate
+from worker.local_engine import default_cpu_threads
 
 
 @pytest.mark.parametrize(

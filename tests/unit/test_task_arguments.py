@@ -84,11 +84,11 @@ def test_dispatchers_send_ids_and_small_enums_only(monkeypatch: pytest.MonkeyPat
 
     # Record instead of publishing: this checks the message content, not the broker.
     monkeypatch.setattr(Celery, "send_task", record)
-    import core.dispatch
+    import api.enqueue
     import worker.dispatch
 
     ids = [uuid.uuid4() for _ in range(120)]
-    assert core.dispatch.enqueue_jobs(ids, priority="high") == 3
+    assert api.enqueue.enqueue_jobs(ids, priority="high") == 3
     worker.dispatch.send_prepare(ids[:3], priority="low")
     worker.dispatch.send_group(ids[0], priority="normal")
     worker.dispatch.send_local(ids[1], ids[2])
@@ -116,12 +116,12 @@ def test_prepare_tasks_go_to_their_priority_ingest_queue(monkeypatch: pytest.Mon
         sent.append(options["queue"])
 
     monkeypatch.setattr(Celery, "send_task", record)
-    import core.dispatch
+    import api.enqueue
     import worker.dispatch
 
     ids = [uuid.uuid4()]
-    core.dispatch.enqueue_jobs(ids, priority="high")
-    core.dispatch.enqueue_jobs(ids, priority="normal")
+    api.enqueue.enqueue_jobs(ids, priority="high")
+    api.enqueue.enqueue_jobs(ids, priority="normal")
     worker.dispatch.send_prepare(ids, priority="high")
     worker.dispatch.send_prepare(ids, priority="low")
     assert sent == [names.QUEUE_INGEST_HIGH, names.QUEUE_INGEST, names.QUEUE_INGEST_HIGH, names.QUEUE_INGEST]

@@ -1,7 +1,8 @@
 """Webhook delivery connects only to the addresses the SSRF guard checked (DNS rebinding).
 
-The resolver is our own seam (core.webhooks.Resolver); the network below httpx is httpcore's MockStream,
-recording where a connection went, what was written and the TLS server name — nothing leaves the process.
+The resolver is our own seam (core.webhook_security.Resolver); the network below httpx is httpcore's
+MockStream, recording where a connection went, what was written and the TLS server name
+— nothing leaves the process.
 """
 
 from __future__ import annotations
@@ -12,8 +13,8 @@ from typing import Any
 import httpcore
 import pytest
 
-from core.webhooks import WebhookRefused
-from worker.webhooks import post_guarded
+from core.webhook_security import WebhookRefused
+from worker.webhook_delivery import post_guarded
 
 PUBLIC = "93.184.216.34"
 PRIVATE = "10.0.0.7"

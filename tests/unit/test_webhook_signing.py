@@ -6,7 +6,7 @@ import time
 
 import pytest
 
-from core.webhooks import WebhookRefused, check_url, sign, verify_signature
+from core.webhook_security import WebhookRefused, check_url, sign, verify_signature
 
 
 def test_signature_is_hmac_over_timestamp_and_body() -> None:
@@ -63,7 +63,7 @@ def test_public_address_is_allowed() -> None:
 def test_a_redirect_to_a_private_address_is_refused() -> None:
     import httpx
 
-    from worker.webhooks import post_guarded
+    from worker.webhook_delivery import post_guarded
 
     seen: list[str] = []
 
@@ -85,7 +85,7 @@ def test_a_redirect_to_a_private_address_is_refused() -> None:
 def test_redirects_are_followed_to_public_hosts() -> None:
     import httpx
 
-    from worker.webhooks import post_guarded
+    from worker.webhook_delivery import post_guarded
 
     def handler(request: httpx.Request) -> httpx.Response:
         if request.url.path == "/old":

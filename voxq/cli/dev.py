@@ -45,8 +45,8 @@ def add_stack_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run_dev(args: argparse.Namespace) -> int:
     """Start the stack, print how to reach it, supervise until Ctrl-C or SIGTERM, stop it in order."""
-    from core.devstack import DevStack, install_stop_handlers
     from core.errors import ConfigError
+    from voxq.devstack import DevStack, install_stop_handlers
 
     stack = DevStack(args.data_dir, api_port=args.api_port, flower_port=args.flower_port)
     install_stop_handlers(stack)

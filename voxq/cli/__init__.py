@@ -11,11 +11,11 @@ Handler = Callable[[argparse.Namespace], int]
 
 # Modules that define `register(subparsers)`; each adds its subcommands with `set_defaults(handler=...)`.
 SUBCOMMAND_MODULES = (
-    "core.cli.dev",
-    "core.cli.demo",
-    "core.cli.client_commands",
-    "core.cli.ops",
-    "core.cli.billing",
+    "voxq.cli.dev",
+    "voxq.cli.demo",
+    "voxq.cli.client_commands",
+    "voxq.cli.ops",
+    "voxq.cli.billing",
 )
 
 

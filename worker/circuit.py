@@ -30,11 +30,12 @@ from typing import Any
 import redis.asyncio as aioredis
 
 from core import metrics, names
+from core.statuses import CircuitState
 
-CLOSED = "closed"
-OPEN = "open"
-HALF_OPEN = "half_open"
-RETIRED = "retired"
+CLOSED = CircuitState.CLOSED.value
+OPEN = CircuitState.OPEN.value
+HALF_OPEN = CircuitState.HALF_OPEN.value
+RETIRED = CircuitState.RETIRED.value
 
 _NOW = """
 local t = redis.call('TIME')

@@ -9,7 +9,9 @@ import time
 from decimal import Decimal
 
 from core import names
+from core.errors import ConfigError
 from core.fleet import FleetSnapshot
+from core.settings import PLACEHOLDER_SECRETS, Settings, get_settings
 from core.statuses import JobStatus
 
 CLEAR = "\x1b[2J\x1b[H"  # clear the screen, cursor home: enough for a redraw without curses
@@ -122,7 +124,6 @@ def run_flower(args: argparse.Namespace) -> int:
     from pydantic import ValidationError
 
     from core.errors import ConfigError
-    from core.observability import flower_basic_auth
 
     try:
         auth = flower_basic_auth()
@@ -140,3 +141,25 @@ def run_flower(args: argparse.Namespace) -> int:
     sys.stdout.flush()
     sys.stderr.flush()
     os.execve(sys.executable, flower_command(args), env)  # noqa: S606 (argument list, no shell)
+
+
+def flower_basic_auth(settings: Settings | None = None) -> str:
+    """`user:password` for Flower's `--basic-auth`; raises ConfigError for a weak password outside dev."""
+    settings = settings or get_settings()
+    password = settings.flower_password.get_secret_value()
+    weak = password.lower() in PLACEHOLDER_SECRETS or len(password) < 8
+    if settings.environment != "dev" and weak:
+        raise ConfigError(
+            "VOXQ_FLOWER_PASSWORD must be a real password (8+ characters, not a placeholder) outside dev",
+            code="flower_password_weak",
+        )
+    if not password:
+        raise ConfigError(
+            "VOXQ_FLOWER_PASSWORD is empty: Flower never runs without a password",
+            code="flower_password_empty",
+        )
+    if ":" in settings.flower_user or "," in settings.flower_user or "," in password:
+        raise ConfigError(
+            "VOXQ_FLOWER_USER/PASSWORD may not contain ',' (or ':' in the user)", code="flower_auth_invalid"
+        )
+    return f"{settings.flower_user}:{password}"

@@ -154,7 +154,7 @@ def transcript_path(out: Path, rel: Path, fmt: str, used: set[Path]) -> Path:
 
 
 def _client(presign_above: int | None = None) -> Any:
-    from core.client import DEFAULT_PRESIGN_THRESHOLD, VoxqClient
+    from voxq.client import DEFAULT_PRESIGN_THRESHOLD, VoxqClient
 
     return VoxqClient(presign_threshold=presign_above or DEFAULT_PRESIGN_THRESHOLD)
 
@@ -169,7 +169,7 @@ def _fail(message: str) -> int:
 
 def run_submit(args: argparse.Namespace) -> int:
     """Upload the inputs as one batch, submit it, optionally wait and write transcripts."""
-    from core.client import ApiError
+    from voxq.client import ApiError
 
     try:
         inputs = collect_inputs(args.paths)
@@ -255,7 +255,7 @@ def _job_progress(bar: ProgressBar) -> Any:
 def _write_transcripts(
     client: Any, out: Path, fmt: str, inputs: Sequence[tuple[Path, Path]], jobs: Sequence[dict[str, Any]]
 ) -> int:
-    from core.client import ApiError
+    from voxq.client import ApiError
 
     used: set[Path] = set()
     written = 0
@@ -274,7 +274,7 @@ def _write_transcripts(
 
 def _find(client: Any, ident: str) -> tuple[str, dict[str, Any]]:
     """('batch'|'job', body) for an id that is either."""
-    from core.client import ApiError
+    from voxq.client import ApiError
 
     try:
         return "batch", client.get_batch(ident)
@@ -286,7 +286,7 @@ def _find(client: Any, ident: str) -> tuple[str, dict[str, Any]]:
 
 def run_status(args: argparse.Namespace) -> int:
     """Print a batch's or a job's status."""
-    from core.client import ApiError
+    from voxq.client import ApiError
 
     try:
         with _client() as client:
@@ -321,7 +321,7 @@ def run_status(args: argparse.Namespace) -> int:
 
 def run_download(args: argparse.Namespace) -> int:
     """A job's transcript to stdout (or --out), or every finished job of a batch into --out."""
-    from core.client import ApiError
+    from voxq.client import ApiError
 
     try:
         with _client() as client:
@@ -353,7 +353,7 @@ def run_download(args: argparse.Namespace) -> int:
 
 def run_usage(args: argparse.Namespace) -> int:
     """Print the cost report."""
-    from core.client import ApiError
+    from voxq.client import ApiError
 
     try:
         with _client() as client:
@@ -426,7 +426,7 @@ def run_sweep_uploads(args: argparse.Namespace) -> int:
     from datetime import timedelta
 
     from core.storage import Storage
-    from core.uploads import sweep_incoming
+    from worker.upload_sweep import sweep_incoming
 
     result = sweep_incoming(Storage(), timedelta(hours=args.older_than_hours))
     print(

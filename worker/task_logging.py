@@ -1,4 +1,4 @@
-"""Worker logging: Celery hands its logging setup to `core.logging`, and each task runs in a log context.
+"""Worker logging: Celery hands its logging setup to `core.logs`, and each task runs in a log context.
 
 Connecting `setup_logging` makes Celery skip its own handlers (and its stdout redirection), so every line
 a worker or beat prints goes through voxq's redacting JSON (or human) handler.
@@ -14,7 +14,7 @@ from typing import Any
 
 from celery.signals import setup_logging, task_postrun, task_prerun
 
-from core.logging import bind_log_context, configure_logging, reset_log_context
+from core.logs import bind_log_context, configure_logging, reset_log_context
 
 _tokens: dict[str, Token[Any]] = {}
 

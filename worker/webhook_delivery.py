@@ -3,7 +3,7 @@
 Each try is one `webhook_deliveries` row (attempt number, HTTP status, error). A 2xx is delivered; any
 other answer or a network error is retried with exponential backoff (1 s, 2 s, 4 s … capped at 10 min, a
 countdown well under the broker's visibility timeout) up to `VOXQ_WEBHOOK_MAX_ATTEMPTS`, then the last row
-is `gave_up`. A URL the SSRF guard refuses (core.webhooks) is recorded `refused` and never retried; a
+is `gave_up`. A URL the SSRF guard refuses (core.webhook_security) is recorded `refused` and never retried; a
 host that does not resolve right now is a failed try (retried). Redirects are followed by hand (at most
 3) so every hop passes the guard.
 
@@ -33,7 +33,7 @@ from core.ids import uuid7
 from core.models import Batch, WebhookDelivery
 from core.settings import get_settings
 from core.statuses import WebhookStatus
-from core.webhooks import (
+from core.webhook_security import (
     SIGNATURE_HEADER,
     Resolver,
     WebhookRefused,

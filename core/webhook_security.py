@@ -8,7 +8,7 @@ SSRF guard: a webhook URL must be http(s) and every address its host resolves to
 private (RFC 1918), loopback, link-local, unique-local (fc00::/7), multicast, reserved and unspecified
 addresses are refused, on the first request and on every redirect hop, unless
 `VOXQ_WEBHOOK_ALLOW_PRIVATE=true` (development, tests). `resolve_checked` returns the addresses it
-checked, and delivery (worker.webhooks) connects to exactly those: the host is never resolved a second
+checked, and delivery (worker.webhook_delivery) connects to exactly those: the host is never resolved a second
 time, so a DNS answer that changes between the check and the connection (DNS rebinding) cannot slip a
 private address in. The resolver is a parameter (default: the system's `getaddrinfo`).
 """

@@ -1,6 +1,6 @@
 """`voxq demo` (what `make demo` runs): the embedded stack, the bundled samples, transcripts and costs.
 
-Starts the same stack `voxq dev` runs (core.devstack), submits samples/ through the HTTP API as any
+Starts the same stack `voxq dev` runs (voxq.devstack), submits samples/ through the HTTP API as any
 client would, waits with a progress bar, prints each transcript and a cost table, then stops the stack.
 """
 
@@ -24,10 +24,10 @@ from typing import TYPE_CHECKING, Any
 
 import httpx
 
-from core.client import TERMINAL_JOB_STATUSES, ApiError, VoxqClient
+from voxq.client import TERMINAL_JOB_STATUSES, ApiError, VoxqClient
 
 if TYPE_CHECKING:
-    from core.devstack import DevStack
+    from voxq.devstack import DevStack
 
 SAMPLES_DIR = Path(__file__).resolve().parents[2] / "samples"
 TERMINAL_JOB = frozenset(TERMINAL_JOB_STATUSES)
@@ -119,9 +119,9 @@ def _raise_interrupt(signum: int, _frame: object) -> None:
 
 def run_demo(args: argparse.Namespace) -> int:
     """Start the stack, transcribe the samples over HTTP, print transcripts and costs, stop the stack."""
-    from core.devstack import DevStack
-    from core.embedded import free_port
     from core.errors import ConfigError
+    from voxq.devstack import DevStack
+    from voxq.embedded import free_port
 
     samples = load_samples(Path(args.samples))
     signal.signal(signal.SIGTERM, _raise_interrupt)  # stop the stack cleanly on SIGTERM too

@@ -29,7 +29,8 @@ from typing import IO
 from pydantic import SecretStr
 
 from core import names
-from core.embedded import (
+from core.errors import ConfigError
+from voxq.embedded import (
     HOST,
     EmbeddedPostgres,
     SeaweedS3,
@@ -38,7 +39,6 @@ from core.embedded import (
     port_is_free,
     wait_for_port,
 )
-from core.errors import ConfigError
 
 DEV_DATABASE = "voxq"
 DEV_TENANT = "dev"
@@ -524,7 +524,7 @@ class DevStack:
             self.env["VOXQ_REDIS_URL"] = self.redis.url
             started.append("valkey")
         if not self.base_env.get("VOXQ_DATABASE_URL"):
-            from core.embedded import create_database
+            from voxq.embedded import create_database
 
             self.postgres = EmbeddedPostgres(self.data_dir / "postgres")
             self.say("starting Postgres")
@@ -639,7 +639,7 @@ class DevStack:
                     [
                         sys.executable,
                         "-m",
-                        "core.cli",
+                        "voxq.cli",
                         "flower",
                         "--address",
                         HOST,

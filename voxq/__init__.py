@@ -1,0 +1,1 @@
+"""voxq's tools: the `voxq` command, the Python client, the embedded dev stack."""
