@@ -10,7 +10,7 @@ between the provider's bill and our commit). So:
    unsettled`: budgets and totals stay on the safe side meanwhile (`charge_estimate`).
 2. A late answer from the call (its worker was alive after all) replaces the estimate with the exact
    cost, or removes it for an HTTP error (the provider bills no error), adding only the difference to the
-   job's and batch's totals (`rebill`, called by `worker.records.close_attempt`).
+   job's and batch's totals (`rebill`, called by `worker.store.attempts.close_attempt`).
 3. Settlement (`settle`, `voxq billing settle`) reads the provider's per-request usage export (JSON list,
    JSON lines, or `{"data": [...]}` of `{request_id, model, usage}`) for a time range: an unsettled
    attempt listed there gets the exact cost priced from the exported usage (`billed`); one absent from an

@@ -99,7 +99,7 @@ def processing_job(
     sha256: str = "0" * 64,
     **values: Any,
 ) -> Job:
-    """A `processing` job row (not added to any session) with no audio behind it, for tests of records."""
+    """A `processing` job row (not added to any session) with no audio behind it, for tests of the store."""
     return Job(
         tenant_id=tenant_id,
         batch_id=batch_id,

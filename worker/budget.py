@@ -3,9 +3,9 @@
 Before each hosted call the pipeline reserves an estimate (the model's list price for the audio's
 duration) with one conditional `UPDATE … SET committed_usd = committed_usd + :estimate WHERE
 committed_usd + :estimate <= budget_usd`. When the reservation fails, no call is started and the job is
-`skipped` with code `budget_exceeded`. `records.close_attempt` settles the reservation in the same
-transaction that writes the cost record (committed += actual - estimate), so concurrent workers on many
-hosts share one exact running total without locks.
+`skipped` with code `budget_exceeded`. `worker.store.attempts.close_attempt` settles the reservation in the
+same transaction that writes the cost record (committed += actual - estimate), so concurrent workers on
+many hosts share one exact running total without locks.
 """
 
 from __future__ import annotations

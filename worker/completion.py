@@ -1,28 +1,233 @@
-"""Completion: what follows a job becoming terminal.
+"""Completion: a job's transcript, and what follows a job becoming terminal.
+
+A job's one transcript is inserted with `ON CONFLICT (job_id) DO NOTHING` and the job moves
+`processing → succeeded` by CAS in the same transaction (`succeed_job`), with the close of its answering
+attempt. Jobs answered at about the same moment are completed together (`succeed_jobs`, the transcribe
+worker's group commit): one transaction, one statement per kind of row over all of them (`unnest`
+arrays, fixed SQL text), one UPDATE of each batch row; any failure writes them one by one instead.
+
+Then:
 
 1. Its dedupe followers (jobs with identical audio that waited for it) are resolved: a succeeded leader's
    transcript is copied to them (zero cost); a failed leader's failure is theirs too (the audio is the
    same); a skipped or cancelled leader (budget or user action, not about the audio) sends them back to
    `queued` to be prepared again on their own. The followers are read under the same advisory lock that
-   `records.dedupe` takes, so a follower attached at the last moment is never missed.
+   `worker.store.dedupe` takes, so a follower attached at the last moment is never missed.
 2. The batch is finished (completed/failed by CAS) if that was its last non-terminal job, and its webhook
    is queued. A group task checks its batches once, after all its jobs ended (`finish_batches`), instead
    of once per job: a batch is never done while a job of it in the same group is still running.
+   `finish_batch_if_done` counts the batch's non-terminal jobs in a *new* transaction (after the job's
+   commit), so of two jobs finishing at once at least the later one sees the batch done; the batch's own
+   CAS makes exactly one of them the finisher.
 """
 
 from __future__ import annotations
 
 import logging
 import uuid
+from dataclasses import dataclass
+from decimal import Decimal
+from typing import Any
 
-from sqlalchemy import select, text
+from sqlalchemy import func, or_, select, text, update
 
-from core.db import session_scope
-from core.models import Job
-from core.statuses import JobStatus
-from worker import dispatch, records
+from core import metrics
+from core.billing import add_batch_totals
+from core.db import durable, session_scope
+from core.ids import uuid7
+from core.models import Batch, Job
+from core.statuses import BatchStatus, JobStatus
+from worker import dispatch
+from worker.store.attempts import AttemptClose, close_attempts_in, count_close
+from worker.store.batches import batches_of
+from worker.store.claims import end_job
+from worker.store.dedupe import copy_transcript, dedupe_lock_key, release_followers
+from worker.store.sql import LIVE_VALUES, TERMINAL_VALUES, now, run_sql, to_json
 
 log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Succeeded:
+    """A job this call moved to `succeeded`, with its dedupe followers (read under the dedupe lock)."""
+
+    followers: list[uuid.UUID]
+
+
+@dataclass(frozen=True)
+class JobSuccess:
+    """A job's one transcript, to store as it moves `processing → succeeded` (see `succeed_job`)."""
+
+    job_id: uuid.UUID
+    group_id: uuid.UUID | None  # the run's token; None: any run
+    text: str
+    segments: list[dict[str, Any]]
+    language: str | None
+    model: str
+    attempt_id: uuid.UUID | None
+    provenance: dict[str, Any]
+    close: AttemptClose | None = None  # the answering attempt, closed in the same transaction
+
+
+class _TranscriptExists(Exception):
+    """An earlier run's transcript is already stored: roll this transaction back and look again."""
+
+
+def succeed_job(
+    job_id: uuid.UUID,
+    *,
+    group_id: uuid.UUID | None,
+    text_: str,
+    segments: list[dict[str, Any]],
+    language: str | None,
+    model: str,
+    attempt_id: uuid.UUID | None,
+    provenance: dict[str, Any],
+    close: AttemptClose | None = None,
+) -> Succeeded | None:
+    """Write the job's one transcript and move it `processing → succeeded`; None unless this call did it.
+
+    One transaction does what used to take three: with `close`, the answering attempt is closed (cost
+    record, totals) first — committed even when the job's compare-and-set fails, a paid answer is always
+    recorded; then the job's CAS and its transcript; then its dedupe followers are read under the same
+    advisory lock `dedupe` takes (so a follower attached at the last moment is never missed), for
+    `completion.job_finished`. The batch's totals get one UPDATE for both (the batch row is the hot one).
+    """
+    return succeed_one(
+        JobSuccess(job_id, group_id, text_, segments, language, model, attempt_id, provenance, close)
+    )
+
+
+@durable
+def succeed_one(row: JobSuccess) -> Succeeded | None:
+    """`succeed_job` for a `JobSuccess`, retried through a short database outage."""
+    for _ in range(2):
+        try:
+            return _succeed([row])[0]
+        except _TranscriptExists:
+            continue  # the second pass sees the transcript and only closes the attempt
+    return None
+
+
+def succeed_jobs(rows: list[JobSuccess]) -> list[Succeeded | None]:
+    """`succeed_job` for jobs whose answers came in together, in one transaction (group commit).
+
+    Statements take all rows at once and the batch row is updated once per batch, which is what made
+    one transaction per job a convoy on the hot batch row. The jobs must be distinct. Any error rolls the
+    whole transaction back and is raised: the caller then writes each row with `succeed_one` (durable,
+    and a job's lost compare-and-set or a transcript already stored is handled there one by one).
+    """
+    return _succeed(rows)
+
+
+_SUCCEED_JOBS = f"""
+UPDATE jobs AS j
+SET status = '{JobStatus.SUCCEEDED.value}', model = v.model, finished_at = %(finished_at)s,
+    lease_owner = NULL, lease_expires_at = NULL, error_code = NULL, error_message = NULL, updated_at = now()
+FROM unnest(%(id)s::uuid[], %(group_id)s::uuid[], %(model)s::text[]) AS v(id, group_id, model)
+WHERE j.id = v.id AND j.status = '{JobStatus.PROCESSING.value}'
+  AND (v.group_id IS NULL OR j.group_id = v.group_id)
+  AND NOT EXISTS (SELECT 1 FROM transcripts AS t WHERE t.job_id = j.id)
+RETURNING j.id, j.tenant_id, j.batch_id, j.duration_seconds, j.fingerprint
+"""
+# Advisory locks of several fingerprints are taken in a fixed (sorted) order: no deadlock between writers.
+_DEDUPE_LOCKS = "SELECT pg_advisory_xact_lock(hashtextextended(k, 0)) FROM unnest(%(keys)s::text[]) AS k"
+_FOLLOWERS = f"""
+SELECT deduplicated_from_id, id FROM jobs
+WHERE deduplicated_from_id = ANY(%(ids)s::uuid[]) AND status = '{JobStatus.PROCESSING.value}'
+"""
+
+
+def _succeed(rows: list[JobSuccess]) -> list[Succeeded | None]:
+    closes = [r.close for r in rows if r.close is not None]
+    with session_scope() as session:
+        close_totals = dict(
+            zip([c.attempt_id for c in closes], close_attempts_in(session, closes), strict=True)
+        )
+        ids = sorted({r.job_id for r in rows})
+        by_id = {r.job_id: r for r in rows}
+        won = {
+            j.id: j
+            for j in run_sql(
+                session,
+                _SUCCEED_JOBS,
+                {
+                    "finished_at": now(),
+                    "id": ids,
+                    "group_id": [by_id[i].group_id for i in ids],
+                    "model": [by_id[i].model for i in ids],
+                },
+            )
+        }
+        followers: dict[uuid.UUID, list[uuid.UUID]] = {}
+        if won:
+            stored = _insert_transcripts(session, [by_id[i] for i in won], won)
+            if stored != set(won):
+                # Stored by another run between our CAS and insert: keep that one, undo ours.
+                raise _TranscriptExists()
+            keys = sorted(
+                {dedupe_lock_key(j.tenant_id, j.fingerprint) for j in won.values() if j.fingerprint}
+            )
+            if keys:
+                run_sql(session, _DEDUPE_LOCKS, {"keys": keys})
+            followers = {i: [] for i in won}
+            for leader, follower in run_sql(session, _FOLLOWERS, {"ids": list(won)}):
+                followers[leader].append(follower)
+        batches: dict[uuid.UUID, list[Any]] = {}
+        for r in rows:
+            job = won.get(r.job_id)
+            totals = close_totals.get(r.close.attempt_id) if r.close is not None else None
+            batch_id = job.batch_id if job is not None else r.close.batch_id if r.close is not None else None
+            if batch_id is None or (job is None and (totals is None or not totals.touches_batch)):
+                continue
+            sums = batches.setdefault(batch_id, [0.0, 0.0, Decimal(0), Decimal(0)])
+            sums[0] += (job.duration_seconds or 0.0) if job is not None else 0.0
+            if totals is not None:
+                sums[1] += totals.billed
+                sums[2] += totals.usd
+                sums[3] += totals.committed
+        for batch_id in sorted(batches):  # rows locked in id order
+            audio, billed, cost, committed = batches[batch_id]
+            add_batch_totals(
+                session, batch_id, audio_seconds=audio, billed_seconds=billed, cost=cost, committed=committed
+            )
+    for c in closes:
+        count_close(c, close_totals[c.attempt_id])
+    metrics.JOBS_FINISHED.labels(status=JobStatus.SUCCEEDED.value).inc(len(won))
+    return [Succeeded(followers=followers[r.job_id]) if r.job_id in won else None for r in rows]
+
+
+_INSERT_TRANSCRIPTS = """
+INSERT INTO transcripts (id, tenant_id, job_id, attempt_id, text, language, segments, model, provenance)
+SELECT v.id, v.tenant_id, v.job_id, v.attempt_id, v.text, v.language, v.segments::jsonb, v.model,
+    v.provenance::jsonb
+FROM unnest(%(id)s::uuid[], %(tenant_id)s::uuid[], %(job_id)s::uuid[], %(attempt_id)s::uuid[],
+            %(text)s::text[], %(language)s::text[], %(segments)s::text[], %(model)s::text[],
+            %(provenance)s::text[])
+     AS v(id, tenant_id, job_id, attempt_id, text, language, segments, model, provenance)
+ON CONFLICT (job_id) DO NOTHING
+RETURNING job_id
+"""
+
+
+def _insert_transcripts(session: Any, rows: list[JobSuccess], jobs: dict[uuid.UUID, Any]) -> set[uuid.UUID]:
+    """The transcripts of jobs that won their compare-and-set; the jobs whose transcript was stored."""
+    inserted = run_sql(
+        session,
+        _INSERT_TRANSCRIPTS,
+        {
+            "id": [uuid7() for _ in rows],
+            "tenant_id": [jobs[r.job_id].tenant_id for r in rows],
+            "job_id": [r.job_id for r in rows],
+            "attempt_id": [r.attempt_id for r in rows],
+            "text": [r.text for r in rows],
+            "language": [r.language for r in rows],
+            "segments": [to_json(r.segments) for r in rows],
+            "model": [r.model for r in rows],
+            "provenance": [to_json(r.provenance) for r in rows],
+        },
+    )
+    return {r[0] for r in inserted}
 
 
 def _lock_and_state(job_id: uuid.UUID) -> tuple[str, str | None, str | None, str, list[uuid.UUID]] | None:
@@ -37,7 +242,7 @@ def _lock_and_state(job_id: uuid.UUID) -> tuple[str, str | None, str | None, str
         if job.fingerprint:
             session.execute(
                 text("SELECT pg_advisory_xact_lock(hashtextextended(:k, 0))"),
-                {"k": f"{job.tenant_id}:{job.fingerprint}"},
+                {"k": dedupe_lock_key(job.tenant_id, job.fingerprint)},
             )
         followers = list(
             session.execute(
@@ -54,11 +259,11 @@ def job_finished(
     batch_id: uuid.UUID,
     *,
     check_batch: bool = True,
-    succeeded: records.Succeeded | None = None,
+    succeeded: Succeeded | None = None,
 ) -> None:
     """Resolve followers and finish batches after `job_id` became terminal.
 
-    With `succeeded` (what `records.succeed_job` returned: the job succeeded and its followers were read
+    With `succeeded` (what `succeed_job` returned: the job succeeded and its followers were read
     under the dedupe lock in that same transaction) the state is not read again.
     """
     state: tuple[str, str | None, str | None, str, list[uuid.UUID]] | None
@@ -72,9 +277,9 @@ def job_finished(
         ended: list[uuid.UUID] = []
         for follower in followers:
             if status == JobStatus.SUCCEEDED.value:
-                if records.copy_transcript(follower, job_id):
+                if copy_transcript(follower, job_id):
                     ended.append(follower)
-            elif status == JobStatus.FAILED.value and records.end_job(
+            elif status == JobStatus.FAILED.value and end_job(
                 follower, status=JobStatus.FAILED, code=code, message=message
             ):
                 ended.append(follower)
@@ -82,11 +287,11 @@ def job_finished(
         for follower in ended:
             job_finished(follower, batch_id, check_batch=False)
         if followers and status not in (JobStatus.SUCCEEDED.value, JobStatus.FAILED.value):
-            requeued = records.release_followers(job_id)
+            requeued = release_followers(job_id)
             if requeued:
                 dispatch.send_prepare(requeued, priority=priority)
         if followers:
-            batches |= records.batches_of(followers)
+            batches |= batches_of(followers)
     finish_batches(batches)
 
 
@@ -98,10 +303,77 @@ def finish_batches(batch_ids: set[uuid.UUID]) -> None:
 
 def finish_batch(batch_id: uuid.UUID) -> bool:
     """Finish this batch if no live job is left (by CAS, once) and queue its webhook; True if it did."""
-    finished = records.finish_batch_if_done(batch_id)
+    finished = finish_batch_if_done(batch_id)
     if finished is None:
         return False
     log.info("batch finished", extra={"batch_id": str(batch_id), "status": finished.status})
     if finished.webhook_url:
         dispatch.send_webhook(batch_id)
     return True
+
+
+@dataclass(frozen=True)
+class FinishedBatch:
+    """A batch that just became terminal."""
+
+    id: uuid.UUID
+    status: str
+    webhook_url: str | None
+
+
+def finish_batch_if_done(batch_id: uuid.UUID) -> FinishedBatch | None:
+    """If every job of the batch is terminal, move it to completed/failed by CAS (once)."""
+    with session_scope() as session:
+        # Cheap first: one index probe per live status, not a count over a batch of thousands of jobs.
+        live = session.execute(
+            select(Job.id).where(Job.batch_id == batch_id, Job.status.in_(LIVE_VALUES)).limit(1)
+        ).first()
+        if live is not None:
+            return None
+        counts: dict[str, int] = {
+            status: int(n)
+            for status, n in session.execute(
+                select(Job.status, func.count()).where(Job.batch_id == batch_id).group_by(Job.status)
+            ).all()
+        }
+        if not counts or any(status not in TERMINAL_VALUES for status in counts):
+            return None
+        succeeded = counts.get(JobStatus.SUCCEEDED.value, 0)
+        failed = counts.get(JobStatus.FAILED.value, 0)
+        status = BatchStatus.COMPLETED if succeeded > 0 or failed == 0 else BatchStatus.FAILED
+        row = session.execute(
+            update(Batch)
+            .where(
+                Batch.id == batch_id,
+                or_(Batch.status == BatchStatus.PROCESSING.value, Batch.status == BatchStatus.OPEN.value),
+            )
+            .values(status=status.value, completed_at=now())
+            .returning(Batch.webhook_url)
+        ).first()
+    if row is None:
+        return None
+    return FinishedBatch(id=batch_id, status=status.value, webhook_url=row.webhook_url)
+
+
+def batch_summary(batch_id: uuid.UUID) -> dict[str, Any] | None:
+    """`{batch_id, status, counts, cost_usd}` for the webhook payload."""
+    with session_scope() as session:
+        batch = session.execute(
+            select(Batch.id, Batch.status, Batch.cost_usd, Batch.tenant_id, Batch.webhook_url).where(
+                Batch.id == batch_id
+            )
+        ).first()
+        if batch is None:
+            return None
+        counts: dict[str, int] = {
+            status: int(n)
+            for status, n in session.execute(
+                select(Job.status, func.count()).where(Job.batch_id == batch_id).group_by(Job.status)
+            ).all()
+        }
+    return {
+        "batch_id": str(batch.id),
+        "status": batch.status,
+        "counts": {"total": sum(counts.values()), **{k: int(v) for k, v in sorted(counts.items())}},
+        "cost_usd": str(batch.cost_usd),
+    }

@@ -16,7 +16,8 @@ import uuid
 from dataclasses import dataclass
 
 from core.settings import Settings
-from worker.records import BatchOptions, GroupPlan
+from worker.store.batches import BatchOptions
+from worker.store.groups import GroupPlan
 
 SHORT = "short"
 LONG = "long"

@@ -22,8 +22,13 @@ from core.pricing import price_attempt
 from core.providers.base import ProviderError, TranscriptionRequest
 from core.settings import get_settings
 from core.statuses import AttemptOutcome, JobStatus
-from worker import audio, completion, records
+from worker import audio, completion
 from worker.runtime import get_runtime
+from worker.store.answers import KeptAnswer, stored_answer
+from worker.store.attempts import close_attempt, open_attempt
+from worker.store.batches import load_batches
+from worker.store.claims import claim_group, end_job, finish_group
+from worker.store.groups import GroupJob
 from worker.transcribe import compose_prompt, pieces_of
 
 log = logging.getLogger(__name__)
@@ -34,10 +39,8 @@ def local_model_name(provider_name: str) -> str:
     return provider_name if provider_name.startswith("local:") else f"local:{provider_name}"
 
 
-def _claim(job_id: uuid.UUID, group_id: uuid.UUID, owner: str) -> records.GroupJob | None:
-    jobs = records.claim_group(
-        group_id, owner=owner, lease_seconds=get_settings().job_lease_seconds, only=[job_id]
-    )
+def _claim(job_id: uuid.UUID, group_id: uuid.UUID, owner: str) -> GroupJob | None:
+    jobs = claim_group(group_id, owner=owner, lease_seconds=get_settings().job_lease_seconds, only=[job_id])
     return jobs[0] if jobs else None
 
 
@@ -48,7 +51,7 @@ def transcribe_local(job_id: uuid.UUID, group_id: uuid.UUID, *, worker: str) -> 
     job = _claim(job_id, group_id, worker)
     if job is None:
         return "not_claimed"
-    batch = records.load_batches({job.batch_id})[job.batch_id]
+    batch = load_batches({job.batch_id})[job.batch_id]
     provider = get_local_provider()
     storage = get_runtime().storage  # this process's client: building a boto3 client costs tens of ms
     tmap = audio.TimeMap.from_json(job.time_map)
@@ -59,7 +62,7 @@ def transcribe_local(job_id: uuid.UUID, group_id: uuid.UUID, *, worker: str) -> 
     language: str | None = None
     previous: str | None = None
     for piece in pieces_of(job, batch):
-        kept = records.stored_answer(job, piece.index, piece.offset, piece.offset + piece.seconds)
+        kept = stored_answer(job, piece.index, piece.offset, piece.offset + piece.seconds)
         if kept is not None:
             texts.append(kept["text"])
             segments.extend(kept["segments"] or [])
@@ -72,7 +75,7 @@ def transcribe_local(job_id: uuid.UUID, group_id: uuid.UUID, *, worker: str) -> 
         data = b"".join(storage.iter_chunks(piece.object_key))
         provider.load()
         model = local_model_name(provider.name)
-        attempt_id = records.open_attempt(
+        attempt_id = open_attempt(
             tenant_id=job.tenant_id,
             job_id=job.id,
             chunk_index=piece.index,
@@ -109,7 +112,7 @@ def transcribe_local(job_id: uuid.UUID, group_id: uuid.UUID, *, worker: str) -> 
                 exc.message if isinstance(exc, ProviderError) else f"local engine error: {type(exc).__name__}"
             )
             code = exc.code if isinstance(exc, ProviderError) else "local_engine_error"
-            records.close_attempt(
+            close_attempt(
                 attempt_id,
                 outcome=AttemptOutcome.FAILED,
                 latency_ms=(time.monotonic() - started) * 1000,
@@ -118,23 +121,21 @@ def transcribe_local(job_id: uuid.UUID, group_id: uuid.UUID, *, worker: str) -> 
                 **close,
             )
             log.warning("local engine failed on job %s: %s", job.id, type(exc).__name__)
-            if records.end_job(
-                job.id, status=JobStatus.FAILED, code=code, message=message, group_id=group_id
-            ):
+            if end_job(job.id, status=JobStatus.FAILED, code=code, message=message, group_id=group_id):
                 completion.job_finished(job.id, job.batch_id)
             return JobStatus.FAILED.value
         elapsed = time.monotonic() - started
         mapped = audio.map_segments(
             result.segments, text=result.text, offset=piece.offset, duration=piece.seconds, tmap=tmap
         )
-        records.close_attempt(
+        close_attempt(
             attempt_id,
             outcome=AttemptOutcome.SUCCESS,
             latency_ms=elapsed * 1000,
             http_status=None,
             priced=price_attempt(model, None, piece.seconds),
             compute_seconds=result.compute_seconds if result.compute_seconds is not None else elapsed,
-            answer=records.KeptAnswer(
+            answer=KeptAnswer(
                 job_id=job.id,
                 index=piece.index,
                 start_seconds=piece.offset,
@@ -153,7 +154,7 @@ def transcribe_local(job_id: uuid.UUID, group_id: uuid.UUID, *, worker: str) -> 
         models.append(model)
         language = language or result.language
         previous = result.text
-    done = records.succeed_job(
+    done = completion.succeed_job(
         job.id,
         group_id=group_id,
         text_=" ".join(t.strip() for t in texts if t and t.strip()),
@@ -171,5 +172,5 @@ def transcribe_local(job_id: uuid.UUID, group_id: uuid.UUID, *, worker: str) -> 
     )
     if done:
         completion.job_finished(job.id, job.batch_id)
-    records.finish_group(group_id)
+    finish_group(group_id)
     return JobStatus.SUCCEEDED.value

@@ -11,7 +11,7 @@ For a list of job ids (one `prepare` task, ≤ 50 jobs from one API call):
    its decision: a finished twin's transcript is copied (zero cost, no call); a twin still in flight is
    waited for (`deduplicated_from_id` set; worker.completion finishes it with the twin); otherwise this
    job leads. Audio in which the VAD finds nothing is finished at once with an empty transcript and no
-   call. The task's small files are decided together, in one transaction (`records.dedupe_many`, in
+   call. The task's small files are decided together, in one transaction (`dedupe_many`, in
    submission order); a long file, or one past the task's `MEMORY_BUDGET_BYTES` of held PCM, is decided
    and stored on its own as soon as it is decoded, so disk and memory stay bounded.
 4. Leaders' trimmed audio is encoded as 16 kHz mono FLAC and stored under `{tenant}/derived/{job}.flac`
@@ -23,7 +23,7 @@ For a list of job ids (one `prepare` task, ≤ 50 jobs from one API call):
    one local task per job.
 
 Jobs of one task are downloaded and decoded by `PREPARE_THREADS` threads at once (S3 round trips
-overlap); identical audio in two tasks is still serialised by the advisory locks of `records.dedupe_many`.
+overlap); identical audio in two tasks is still serialised by the advisory locks of `dedupe_many`.
 
 Leases: while a job waits in the broker for its transcribe task its lease is the broker's visibility
 timeout plus the job lease, since a queue backlog is not a dead worker; the transcribe task renews it.
@@ -47,8 +47,12 @@ from core.errors import AudioError
 from core.settings import Settings, get_settings
 from core.statuses import JobStatus
 from core.storage import Storage, parse_s3_uri
-from worker import audio, completion, derived, dispatch, grouping, records
+from worker import audio, completion, derived, dispatch, grouping
 from worker.runtime import get_runtime
+from worker.store.claims import ClaimedJob, claim_jobs, end_job, release_soon
+from worker.store.dedupe import DedupeRequest, copy_transcript, dedupe_many
+from worker.store.groups import assign_groups, save_chunks
+from worker.store.probes import ProbedJob, save_probes, save_time_map
 from worker.transcribe import derived_key
 
 log = logging.getLogger(__name__)
@@ -113,7 +117,7 @@ def run_threaded(fn: Callable[[_T], None], items: Sequence[_T], threads: int) ->
             thread.join()
 
 
-def _download(storage: Storage, job: records.ClaimedJob, target: str) -> None:
+def _download(storage: Storage, job: ClaimedJob, target: str) -> None:
     with open(target, "wb") as fh:
         if job.source_uri:
             bucket, key = parse_s3_uri(job.source_uri)
@@ -124,7 +128,7 @@ def _download(storage: Storage, job: records.ClaimedJob, target: str) -> None:
             raise FileNotFoundError("job has no audio object")
 
 
-def _small_upload(job: records.ClaimedJob) -> bool:
+def _small_upload(job: ClaimedJob) -> bool:
     """Whether the job's source is an upload small enough to GET into memory."""
     return bool(
         not job.source_uri
@@ -134,8 +138,8 @@ def _small_upload(job: records.ClaimedJob) -> bool:
     )
 
 
-def _fail(job: records.ClaimedJob, code: str, message: str, report: PrepareReport) -> None:
-    if records.end_job(job.id, status=JobStatus.FAILED, code=code, message=message):
+def _fail(job: ClaimedJob, code: str, message: str, report: PrepareReport) -> None:
+    if end_job(job.id, status=JobStatus.FAILED, code=code, message=message):
         completion.job_finished(job.id, job.batch_id)
     report.add("failed")
 
@@ -159,12 +163,12 @@ class _PcmBudget:
 class _Loaded:
     """A claimed job whose audio is decoded and trimmed, waiting for its dedupe decision."""
 
-    job: records.ClaimedJob
+    job: ClaimedJob
     prepared: audio.PreparedAudio
 
-    def probe(self) -> records.ProbedJob:
+    def probe(self) -> ProbedJob:
         p = self.prepared
-        return records.ProbedJob(
+        return ProbedJob(
             id=self.job.id,
             duration_seconds=p.decoded.duration,
             codec=p.decoded.probe.codec,
@@ -176,7 +180,7 @@ class _Loaded:
 
 
 def _load(
-    job: records.ClaimedJob, storage: Storage, settings: Settings, report: PrepareReport, tmp: str | None
+    job: ClaimedJob, storage: Storage, settings: Settings, report: PrepareReport, tmp: str | None
 ) -> audio.PreparedAudio | None:
     """Download and decode one job's audio (None when the job failed: missing or bad audio)."""
     try:
@@ -215,7 +219,7 @@ def _load(
 
 def _store(
     storage: Storage,
-    job: records.ClaimedJob,
+    job: ClaimedJob,
     prepared: audio.PreparedAudio,
     settings: Settings,
     inline: bool,
@@ -241,10 +245,10 @@ def _store(
             }
         )
     if len(chunk_rows) > 1:
-        records.save_chunks(job.id, chunk_rows)
+        save_chunks(job.id, chunk_rows)
     if len(chunk_rows) != planned:
         # iter_chunks halved a chunk that encoded above the upload limit: keep the final plan.
-        records.save_time_map(job.id, prepared.time_map.to_json())
+        save_time_map(job.id, prepared.time_map.to_json())
 
 
 def _store_all(
@@ -274,14 +278,14 @@ def _store_all(
     return done
 
 
-def _release(job: records.ClaimedJob, report: PrepareReport) -> None:
+def _release(job: ClaimedJob, report: PrepareReport) -> None:
     """After an unexpected error (S3 down): log it and let the job's lease run out soon."""
     report.add("errors")
     # Left processing with a lease ending soon (later on each run): the sweeper re-queues it, and
     # run_count bounds the loop.
     log.exception("prepare failed for job %s", job.id)
     try:
-        records.release_soon(job.id, after_seconds=RETRY_AFTER_ERROR_SECONDS * job.run_count)
+        release_soon(job.id, after_seconds=RETRY_AFTER_ERROR_SECONDS * job.run_count)
     except Exception:
         log.exception("could not shorten the lease of job %s", job.id)
 
@@ -293,9 +297,9 @@ def _settle(
     silent = [x for x in loaded if not x.prepared.has_speech]
     speech = [x for x in loaded if x.prepared.has_speech]
     if silent:
-        records.save_probes([x.probe() for x in silent])
+        save_probes([x.probe() for x in silent])
     for x in silent:
-        done = records.succeed_job(
+        done = completion.succeed_job(
             x.job.id,
             group_id=None,
             text_="",
@@ -308,9 +312,9 @@ def _settle(
         if done is not None:
             completion.job_finished(x.job.id, x.job.batch_id, succeeded=done)
         report.add("silent")
-    decisions = records.dedupe_many(
+    decisions = dedupe_many(
         [
-            records.DedupeRequest(
+            DedupeRequest(
                 job_id=x.job.id,
                 tenant_id=x.job.tenant_id,
                 fingerprint=x.prepared.decoded.fingerprint,
@@ -326,7 +330,7 @@ def _settle(
         if (
             decision.kind == "copy"
             and decision.twin_id is not None
-            and records.copy_transcript(x.job.id, decision.twin_id)
+            and copy_transcript(x.job.id, decision.twin_id)
         ):
             completion.job_finished(x.job.id, x.job.batch_id)
             report.add("deduplicated")
@@ -356,7 +360,7 @@ def prepare_jobs(job_ids: list[uuid.UUID], *, owner: str) -> PrepareReport:
     settings = get_settings()
     report = PrepareReport()
     lease = settings.celery_visibility_timeout + settings.job_lease_seconds
-    claimed = records.claim_jobs(job_ids, owner=owner, lease_seconds=lease)
+    claimed = claim_jobs(job_ids, owner=owner, lease_seconds=lease)
     report.claimed = len(claimed)
     if not claimed:
         return report
@@ -368,7 +372,7 @@ def prepare_jobs(job_ids: list[uuid.UUID], *, owner: str) -> PrepareReport:
     held: list[_Loaded] = []
     lock = threading.Lock()
 
-    def load(job: records.ClaimedJob, tmp: str | None) -> None:
+    def load(job: ClaimedJob, tmp: str | None) -> None:
         prepared = _load(job, storage, settings, report, tmp)
         if prepared is None:
             return
@@ -385,7 +389,7 @@ def prepare_jobs(job_ids: list[uuid.UUID], *, owner: str) -> PrepareReport:
         with lock:
             items.extend(got)
 
-    def run(job: records.ClaimedJob) -> None:
+    def run(job: ClaimedJob) -> None:
         try:
             if _small_upload(job):
                 load(job, None)  # no temp directory: the source is in memory (a long decode spills to /tmp)
@@ -411,7 +415,7 @@ def prepare_jobs(job_ids: list[uuid.UUID], *, owner: str) -> PrepareReport:
             x.prepared.close()
     items.sort(key=lambda i: order[i.job_id])
     plans = grouping.plan_groups(items, settings)
-    group_ids = records.assign_groups(plans, owner=owner, lease_seconds=lease)
+    group_ids = assign_groups(plans, owner=owner, lease_seconds=lease)
     for plan, gid in zip(plans, group_ids, strict=True):
         if plan.chain and plan.chain[0] == "local":
             for job_id, _ in plan.members:

@@ -34,7 +34,7 @@ if TYPE_CHECKING:
     import redis.asyncio as aioredis
 
     from core.providers.base import Provider
-    from worker import records
+    from worker import completion
     from worker.circuit import CircuitBreaker
     from worker.ratelimit import RateLimiter
 
@@ -160,22 +160,22 @@ class AttemptOpener(_GroupWriter[Any, None]):
     max_rows = OPEN_ATTEMPTS_MAX_ROWS
 
     async def open(self, row: Any) -> None:
-        """Write `row` (a `records.PendingAttempt`) and return once it is committed."""
+        """Write `row` (a `worker.store.attempts.PendingAttempt`) and return once it is committed."""
         await self._submit(row)
 
     async def _write_rows(self, rows: list[Any]) -> list[None]:
-        from worker import records
+        from worker.store import attempts
 
-        await asyncio.to_thread(records.open_attempts, rows)
+        await asyncio.to_thread(attempts.open_attempts, rows)
         return [None] * len(rows)
 
 
-class CompletionWriter(_GroupWriter["records.JobSuccess", "records.Succeeded | None"]):
+class CompletionWriter(_GroupWriter["completion.JobSuccess", "completion.Succeeded | None"]):
     """Group commit of answered jobs: the transcripts (and the closes of their answering attempts) of
     jobs whose answers came in at about the same moment are written by one transaction
-    (`records.succeed_jobs`), which moves the hot batch row once per batch instead of once per job. Its
+    (`completion.succeed_jobs`), which moves the hot batch row once per batch instead of once per job. Its
     failure — a database outage, a lost race for a transcript — writes each job on its own with
-    `records.succeed_one` (durable, the per-job rules), so no close is lost and none is billed twice: the
+    `completion.succeed_one` (durable, the per-job rules), so no close is lost and none is billed twice: the
     group's transaction either committed whole or not at all.
 
     A row handed in is written even if its caller is cancelled meanwhile (a task's time limit): an
@@ -185,22 +185,22 @@ class CompletionWriter(_GroupWriter["records.JobSuccess", "records.Succeeded | N
     window = COMPLETIONS_WINDOW_SECONDS
     max_rows = COMPLETIONS_MAX_ROWS
 
-    async def succeed(self, row: records.JobSuccess) -> records.Succeeded | None:
-        """Store `row` (with its attempt's close); what `records.succeed_job` returns, once committed."""
+    async def succeed(self, row: completion.JobSuccess) -> completion.Succeeded | None:
+        """Store `row` (with its attempt's close); what `completion.succeed_job` returns, once committed."""
         return await self._submit(row)
 
-    def _key(self, row: records.JobSuccess) -> Hashable:
+    def _key(self, row: completion.JobSuccess) -> Hashable:
         return row.job_id  # two runs of one job never share a transaction
 
-    async def _write_rows(self, rows: list[records.JobSuccess]) -> list[records.Succeeded | None]:
-        from worker import records
+    async def _write_rows(self, rows: list[completion.JobSuccess]) -> list[completion.Succeeded | None]:
+        from worker import completion
 
-        return await asyncio.to_thread(records.succeed_jobs, rows)
+        return await asyncio.to_thread(completion.succeed_jobs, rows)
 
-    async def _write_one(self, row: records.JobSuccess) -> records.Succeeded | None:
-        from worker import records
+    async def _write_one(self, row: completion.JobSuccess) -> completion.Succeeded | None:
+        from worker import completion
 
-        return await asyncio.to_thread(records.succeed_one, row)
+        return await asyncio.to_thread(completion.succeed_one, row)
 
 
 class GroupRuns:

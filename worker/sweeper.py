@@ -21,7 +21,7 @@ two-generals window between the provider's bill and our commit). So, in the same
 abandon, it is charged a conservative estimate (list price x duration, `estimated`, the attempt marked
 `settlement = unsettled`): budgets stay safe, the bill may be high for a while but never silently low.
 The truth replaces the estimate later, adding only the difference to the totals: a late answer from a
-worker that was alive after all (`records.close_attempt`), or `voxq billing settle` against the
+worker that was alive after all (`worker.store.attempts.close_attempt`), or `voxq billing settle` against the
 provider's per-request usage export (billed: exact cost; absent from an export covering the call:
 estimate removed, attempt stays `abandoned`, marked `not_billed`).
 All in a few set-based statements; `FOR UPDATE SKIP LOCKED` lets two sweepers run without stepping on
@@ -42,7 +42,9 @@ from core.db import session_scope
 from core.models import Attempt, Batch, Job
 from core.settings import get_settings
 from core.statuses import AttemptOutcome, BatchStatus, JobStatus
-from worker import completion, dispatch, records
+from worker import completion, dispatch
+from worker.store.claims import end_job
+from worker.store.sql import LIVE_VALUES, now
 
 _ABANDONED_COLUMNS = (
     Attempt.id,
@@ -80,7 +82,7 @@ def sweep(*, limit: int = 1000) -> SweepReport:
     """Re-queue or fail jobs with expired leases; abandon orphaned attempts."""
     settings = get_settings()
     report = SweepReport()
-    ts = records.now()
+    ts = now()
     by_priority: dict[str, list[uuid.UUID]] = {}
     abandoned: list[Any] = []
     with session_scope() as session:
@@ -170,16 +172,14 @@ def sweep(*, limit: int = 1000) -> SweepReport:
                 .where(
                     Batch.status == BatchStatus.PROCESSING.value,
                     Batch.submitted_at < ts - timedelta(seconds=BATCH_CHECK_GRACE_SECONDS),
-                    ~select(Job.id)
-                    .where(Job.batch_id == Batch.id, Job.status.in_(records.LIVE_VALUES))
-                    .exists(),
+                    ~select(Job.id).where(Job.batch_id == Batch.id, Job.status.in_(LIVE_VALUES)).exists(),
                 )
                 .limit(limit)
             ).scalars()
         )
     report.abandoned_attempts = len(abandoned)
     for r in give_up:
-        if records.end_job(
+        if end_job(
             r.id,
             status=JobStatus.FAILED,
             code="too_many_attempts",

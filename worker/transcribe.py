@@ -74,9 +74,14 @@ from core.logs import bind_log_context, log_context
 from core.providers.base import ErrorKind, ProviderError, TranscriptionRequest
 from core.settings import ChunkContext
 from core.statuses import AttemptOutcome, JobStatus
-from worker import audio, budget, completion, derived, dispatch, records
+from worker import audio, budget, completion, derived, dispatch
 from worker.grouping import model_chain
 from worker.runtime import Runtime
+from worker.store.answers import KeptAnswer, keep_answer, stored_answer
+from worker.store.attempts import AttemptClose, PendingAttempt, PricedLike, close_attempt
+from worker.store.batches import BatchOptions
+from worker.store.claims import claim_group_run, end_job, extend_leases, finish_group, release_soon
+from worker.store.groups import GroupJob
 
 log = logging.getLogger(__name__)
 
@@ -180,8 +185,8 @@ class Answer:
     model: str
     attempt_ids: list[uuid.UUID] = field(default_factory=list)
     # With `run(..., defer_close=True)`: the answering attempt, not yet closed; the caller closes it in
-    # the transaction that stores the transcript (`records.JobSuccess.close`) or on its way out.
-    pending_close: records.AttemptClose | None = None
+    # the transaction that stores the transcript (`completion.JobSuccess.close`) or on its way out.
+    pending_close: AttemptClose | None = None
     kept: bool = False  # stored in `job_answers` with the close of its attempt (see `_kept`)
 
 
@@ -189,8 +194,8 @@ class Answer:
 class Piece:
     """One unit sent to a provider: a whole (trimmed) job or one chunk of it."""
 
-    job: records.GroupJob
-    batch: records.BatchOptions
+    job: GroupJob
+    batch: BatchOptions
     index: int | None
     object_key: str
     offset: float  # start in trimmed time
@@ -330,7 +335,7 @@ class ChainRunner:
                         outcome = AttemptOutcome.FALLBACK if has_next else AttemptOutcome.SUCCESS
                         kept = None if has_next else _kept(piece, answer, attempt_id, depth)
                         await asyncio.to_thread(
-                            records.close_attempt,
+                            close_attempt,
                             attempt_id,
                             outcome=outcome,
                             priced=priced,
@@ -347,7 +352,7 @@ class ChainRunner:
                         i += 1
                         break
                     kept = _kept(piece, answer, attempt_id, depth)
-                    success = records.AttemptClose(
+                    success = AttemptClose(
                         attempt_id=attempt_id,
                         outcome=AttemptOutcome.SUCCESS,
                         priced=priced,
@@ -357,7 +362,7 @@ class ChainRunner:
                         **close,
                     )
                     if not defer_close:
-                        await asyncio.to_thread(records.close_attempt, **vars(success))
+                        await asyncio.to_thread(close_attempt, **vars(success))
                     await self._note(self.circuit.record_success(model))
                     return Answer(
                         answer.text,
@@ -378,7 +383,7 @@ class ChainRunner:
                 if invalid is not None:
                     # The one extra try after invalid audio failed as well: the audio is the problem.
                     await asyncio.to_thread(
-                        records.close_attempt, attempt_id, outcome=AttemptOutcome.FAILED, **common, **close
+                        close_attempt, attempt_id, outcome=AttemptOutcome.FAILED, **common, **close
                     )
                     raise JobEnded(JobStatus.FAILED, "invalid_audio", invalid.message)
                 if err.kind == ErrorKind.RETRY:
@@ -401,24 +406,22 @@ class ChainRunner:
                     )
                     if retry > self.settings.max_retries or too_late:
                         outcome = AttemptOutcome.FALLBACK if has_next else AttemptOutcome.FAILED
-                        await asyncio.to_thread(
-                            records.close_attempt, attempt_id, outcome=outcome, **common, **close
-                        )
+                        await asyncio.to_thread(close_attempt, attempt_id, outcome=outcome, **common, **close)
                         self._fallback(model, chain, i)
                         i += 1
                         break
                     await asyncio.to_thread(
-                        records.close_attempt, attempt_id, outcome=AttemptOutcome.RETRIED, **common, **close
+                        close_attempt, attempt_id, outcome=AttemptOutcome.RETRIED, **common, **close
                     )
                     await piece.pause(delay)
                     continue
                 if err.kind == ErrorKind.TOO_LARGE:
                     await asyncio.to_thread(
-                        records.close_attempt, attempt_id, outcome=AttemptOutcome.RETRIED, **common, **close
+                        close_attempt, attempt_id, outcome=AttemptOutcome.RETRIED, **common, **close
                     )
                     return await self._split(piece, data, seconds, prompt, chain, i, depth, err)
                 outcome = AttemptOutcome.FALLBACK if has_next else AttemptOutcome.FAILED
-                await asyncio.to_thread(records.close_attempt, attempt_id, outcome=outcome, **common, **close)
+                await asyncio.to_thread(close_attempt, attempt_id, outcome=outcome, **common, **close)
                 if err.kind == ErrorKind.INVALID_AUDIO:
                     if not has_next:
                         raise JobEnded(JobStatus.FAILED, "invalid_audio", err.message)
@@ -452,10 +455,10 @@ class ChainRunner:
             from_model=model, to_model=chain[i + 1] if i + 1 < len(chain) else "none"
         ).inc()
 
-    def _price(self, model: str, answer: _RawAnswer, seconds: float) -> records.PricedLike:
+    def _price(self, model: str, answer: _RawAnswer, seconds: float) -> PricedLike:
         from core.pricing import price_attempt
 
-        priced: records.PricedLike = price_attempt(model, answer.extra_usage, seconds)
+        priced: PricedLike = price_attempt(model, answer.extra_usage, seconds)
         return priced
 
     async def _call(
@@ -495,7 +498,7 @@ class ChainRunner:
             try:
                 # Shares its INSERT with the other calls starting now (Runtime.attempts).
                 await self.rt.attempts.open(
-                    records.PendingAttempt(
+                    PendingAttempt(
                         id=attempt_id,
                         tenant_id=piece.job.tenant_id,
                         job_id=piece.job.id,
@@ -583,7 +586,7 @@ class _RawAnswer(Answer):
     extra_usage: dict[str, Any] | None = None
 
 
-def _kept(piece: Piece, answer: Answer, attempt_id: uuid.UUID, depth: int) -> records.KeptAnswer | None:
+def _kept(piece: Piece, answer: Answer, attempt_id: uuid.UUID, depth: int) -> KeptAnswer | None:
     """The piece's answer as kept with the close of its attempt (not a half of a split piece: the
     assembled answer of those is kept once both halves are in)."""
     if depth:
@@ -591,9 +594,9 @@ def _kept(piece: Piece, answer: Answer, attempt_id: uuid.UUID, depth: int) -> re
     return _kept_answer(piece, answer, attempt_id)
 
 
-def _kept_answer(piece: Piece, answer: Answer, attempt_id: uuid.UUID) -> records.KeptAnswer:
+def _kept_answer(piece: Piece, answer: Answer, attempt_id: uuid.UUID) -> KeptAnswer:
     tmap = audio.TimeMap.from_json(piece.job.time_map)
-    return records.KeptAnswer(
+    return KeptAnswer(
         job_id=piece.job.id,
         index=piece.index,
         start_seconds=piece.offset,
@@ -608,7 +611,7 @@ def _kept_answer(piece: Piece, answer: Answer, attempt_id: uuid.UUID) -> records
     )
 
 
-def pieces_of(job: records.GroupJob, batch: records.BatchOptions) -> list[Piece]:
+def pieces_of(job: GroupJob, batch: BatchOptions) -> list[Piece]:
     """A job's pieces in order: the whole (trimmed) file, or its chunks."""
     tmap = audio.TimeMap.from_json(job.time_map)
     if not job.chunks:
@@ -621,7 +624,7 @@ def pieces_of(job: records.GroupJob, batch: records.BatchOptions) -> list[Piece]
 
 
 async def transcribe_job(
-    rt: Runtime, runner: ChainRunner, job: records.GroupJob, batch: records.BatchOptions, group_id: uuid.UUID
+    rt: Runtime, runner: ChainRunner, job: GroupJob, batch: BatchOptions, group_id: uuid.UUID
 ) -> str:
     """Transcribe one job of a group to the end (succeeded, failed, skipped or handed off)."""
     with log_context(job_id=str(job.id), batch_id=str(job.batch_id), group_id=str(group_id)):
@@ -637,12 +640,12 @@ class _Done:
     model: str
     attempt_ids: list[uuid.UUID]
     language: str | None = None
-    pending_close: records.AttemptClose | None = None  # see Answer.pending_close
+    pending_close: AttemptClose | None = None  # see Answer.pending_close
 
 
-def _kept_result(job: records.GroupJob, piece: Piece) -> _Done | None:
+def _kept_result(job: GroupJob, piece: Piece) -> _Done | None:
     """A piece an earlier run of this job paid for (kept in `job_answers`), or None."""
-    kept = records.stored_answer(job, piece.index, piece.offset, piece.offset + piece.seconds)
+    kept = stored_answer(job, piece.index, piece.offset, piece.offset + piece.seconds)
     if kept is None:
         return None
     return _Done(
@@ -667,14 +670,14 @@ async def _send_piece(
     if data is None:
         data = await derived.read(rt, piece.object_key)
     prompt = compose_prompt(piece.batch.prompt, previous_text)
-    # A whole job's answer is closed with its transcript (`records.JobSuccess.close`).
+    # A whole job's answer is closed with its transcript (`completion.JobSuccess.close`).
     answer = await runner.run(piece, data, piece.seconds, prompt, chain, defer_close=piece.index is None)
     del data
     mapped = audio.map_segments(
         answer.segments, text=answer.text, offset=piece.offset, duration=piece.seconds, tmap=tmap
     )
     if not answer.kept:  # assembled from a split piece's halves: keep the whole piece now
-        await asyncio.to_thread(records.keep_answer, _kept_answer(piece, answer, answer.attempt_ids[-1]))
+        await asyncio.to_thread(keep_answer, _kept_answer(piece, answer, answer.attempt_ids[-1]))
     return _Done(answer.text, mapped, answer.model, answer.attempt_ids, answer.language, answer.pending_close)
 
 
@@ -718,7 +721,7 @@ async def _run_wave(
 
 
 async def _transcribe_job(
-    rt: Runtime, runner: ChainRunner, job: records.GroupJob, batch: records.BatchOptions, group_id: uuid.UUID
+    rt: Runtime, runner: ChainRunner, job: GroupJob, batch: BatchOptions, group_id: uuid.UUID
 ) -> str:
     chain = model_chain(batch.models, rt.settings)
     tmap = audio.TimeMap.from_json(job.time_map)
@@ -740,7 +743,7 @@ async def _transcribe_job(
         return "handoff"
     except JobEnded as ended:
         if await asyncio.to_thread(
-            records.end_job,
+            end_job,
             job.id,
             status=ended.status,
             code=ended.code,
@@ -754,7 +757,7 @@ async def _transcribe_job(
         # An answered attempt not yet closed with its transcript is closed on any way out.
         for kept in results.values():
             if kept.pending_close is not None:
-                await asyncio.to_thread(records.close_attempt, **vars(kept.pending_close))
+                await asyncio.to_thread(close_attempt, **vars(kept.pending_close))
         raise
     ordered = [results[position] for position in range(len(pieces))]
     models = [done.model for done in ordered]
@@ -772,7 +775,7 @@ async def _transcribe_job(
     }
     # Written together with the other jobs answered at about the same moment (`Runtime.completions`).
     done = await rt.completions.succeed(
-        records.JobSuccess(
+        completion.JobSuccess(
             job.id,
             group_id=group_id,
             text=text,
@@ -805,7 +808,7 @@ async def keep_leases(
     while True:
         await asyncio.sleep(wait)
         try:
-            await asyncio.to_thread(records.extend_leases, ids, owner=owner, lease_seconds=lease_seconds)
+            await asyncio.to_thread(extend_leases, ids, owner=owner, lease_seconds=lease_seconds)
             wait = interval
         except Exception as exc:
             log.warning("lease renewal of %d job(s) failed (%s); retrying", len(ids), type(exc).__name__)
@@ -819,8 +822,8 @@ class _GroupRun:
         self,
         rt: Runtime,
         group_id: uuid.UUID,
-        jobs: list[records.GroupJob],
-        batches: dict[uuid.UUID, records.BatchOptions],
+        jobs: list[GroupJob],
+        batches: dict[uuid.UUID, BatchOptions],
         runner: ChainRunner,
     ) -> None:
         self.rt = rt
@@ -842,10 +845,10 @@ class _GroupRun:
         deadline = time.monotonic() + max(settings.task_time_limit - 90, 60)
         # Jobs and their batches' options in one round trip: the refill path of a freed slot.
         jobs, batches = await asyncio.to_thread(
-            records.claim_group_run, group_id, owner=rt.worker_name, lease_seconds=settings.job_lease_seconds
+            claim_group_run, group_id, owner=rt.worker_name, lease_seconds=settings.job_lease_seconds
         )
         if not jobs:
-            await asyncio.to_thread(records.finish_group, group_id)
+            await asyncio.to_thread(finish_group, group_id)
             return None
         runner = ChainRunner(rt, deadline=deadline)
         runner.audio = await derived.read_many(
@@ -864,7 +867,7 @@ class _GroupRun:
         if self.detached:
             self.rt.groups.job_done()
 
-    async def _job(self, job: records.GroupJob) -> str:
+    async def _job(self, job: GroupJob) -> str:
         _ON_SLOT.set(lambda: self._slot_taken(job.id))  # this job's task only (its own context)
         try:
             return await transcribe_job(self.rt, self.runner, job, self.batches[job.batch_id], self.group_id)
@@ -890,9 +893,7 @@ class _GroupRun:
                 log.error("job %s: %s: %s", job.id, type(result).__name__, result)
                 counts["error"] += 1
                 try:
-                    await asyncio.to_thread(
-                        records.release_soon, job.id, after_seconds=RETRY_AFTER_ERROR_SECONDS
-                    )
+                    await asyncio.to_thread(release_soon, job.id, after_seconds=RETRY_AFTER_ERROR_SECONDS)
                 except Exception:
                     log.exception("could not shorten the lease of job %s", job.id)
             else:
@@ -990,4 +991,4 @@ def _log_failure(task: asyncio.Task[dict[str, int]]) -> None:
 
 def _finish_group_and_batches(group_id: uuid.UUID, batch_ids: set[uuid.UUID]) -> None:
     completion.finish_batches(batch_ids)
-    records.finish_group(group_id)
+    finish_group(group_id)

@@ -41,7 +41,8 @@ from core.webhook_security import (
     resolve_checked,
     sign,
 )
-from worker import records
+from worker.completion import batch_summary
+from worker.store.sql import now
 
 log = logging.getLogger(__name__)
 
@@ -151,7 +152,7 @@ def deliver(batch_id: uuid.UUID, *, attempt: int) -> DeliveryResult:
         batch = session.execute(
             select(Batch.tenant_id, Batch.webhook_url).where(Batch.id == batch_id)
         ).first()
-    payload = records.batch_summary(batch_id)
+    payload = batch_summary(batch_id)
     if batch is None or not batch.webhook_url or payload is None:
         return DeliveryResult(WebhookStatus.GAVE_UP, None)
     body = json.dumps(payload, separators=(",", ":"), sort_keys=True).encode()
@@ -208,7 +209,7 @@ def _record(
     error: str | None,
     retry_in: float | None,
 ) -> DeliveryResult:
-    ts = records.now()
+    ts = now()
     from datetime import timedelta
 
     with session_scope() as session:

@@ -1,4 +1,4 @@
-"""A group's claim (`records.claim_group_run`): one statement, one round trip, against real Postgres.
+"""A group's claim (`claim_group_run`): one statement, one round trip, against real Postgres.
 
 The lease is taken by compare-and-set on the group's still-processing jobs only, the group is marked
 running (once: a done group stays done), and each claimed job comes back with its chunk plan (in index
@@ -21,7 +21,10 @@ from core.models import Group, Job
 from core.statuses import GroupStatus, JobStatus
 from tests.pipeline_support import pending_attempt_row, processing_job, processing_job_rows
 from tests.support import Stack
-from worker import records
+from worker.store.answers import KeptAnswer, keep_answer, stored_answer
+from worker.store.batches import load_batches
+from worker.store.claims import claim_group, claim_group_run, finish_group
+from worker.store.groups import GroupPlan, assign_groups, save_chunks
 
 SOON = datetime.now(UTC) + timedelta(seconds=5)
 
@@ -40,8 +43,8 @@ def _sibling(of: uuid.UUID, **values: Any) -> uuid.UUID:
 
 
 def _group(tenant_id: uuid.UUID, batch_id: uuid.UUID, jobs: list[uuid.UUID]) -> uuid.UUID:
-    plan = records.GroupPlan(tenant_id, batch_id, "k", "short", [(j, 15.0) for j in jobs], ["m"], "normal")
-    (gid,) = records.assign_groups([plan])
+    plan = GroupPlan(tenant_id, batch_id, "k", "short", [(j, 15.0) for j in jobs], ["m"], "normal")
+    (gid,) = assign_groups([plan])
     return gid
 
 
@@ -81,7 +84,7 @@ def test_claim_group_run_leases_processing_jobs_and_loads_plan_answers_and_batch
         s.execute(update(Job).where(Job.id == ended).values(status=JobStatus.SUCCEEDED.value))
         s.execute(update(Job).where(Job.id == chunked).values(time_map={"v": 1}, speech_seconds=9.5))
     # Chunks saved out of order; answers for one chunk (kept by an earlier run) and the whole plain job.
-    records.save_chunks(
+    save_chunks(
         chunked,
         [
             {"index": 1, "start_seconds": 600.0, "end_seconds": 1200.0, "object_key": "c1"},
@@ -90,12 +93,12 @@ def test_claim_group_run_leases_processing_jobs_and_loads_plan_answers_and_batch
     )
     attempt = pending_attempt_row(rows.tenant_id, chunked, model="m")
     segments = [{"start": 0.25, "end": 1.5, "text": "hi"}]
-    records.keep_answer(records.KeptAnswer(chunked, 1, 590.125, 1190.0, "one", segments, "en", "m", attempt))
+    keep_answer(KeptAnswer(chunked, 1, 590.125, 1190.0, "one", segments, "en", "m", attempt))
     plain_attempt = pending_attempt_row(rows.tenant_id, plain, model="m2")
-    records.keep_answer(records.KeptAnswer(plain, None, 0.0, 14.5, "whole", [], None, "m2", plain_attempt))
+    keep_answer(KeptAnswer(plain, None, 0.0, 14.5, "whole", [], None, "m2", plain_attempt))
 
     with _statements() as seen:
-        jobs, batches = records.claim_group_run(gid, owner="new:1", lease_seconds=600)
+        jobs, batches = claim_group_run(gid, owner="new:1", lease_seconds=600)
     assert len(seen) == 1  # one round trip
 
     assert [j.id for j in jobs] == sorted([chunked, plain])  # the ended job is not claimed
@@ -123,9 +126,9 @@ def test_claim_group_run_leases_processing_jobs_and_loads_plan_answers_and_batch
     assert (p.duration_seconds, p.time_map, p.chunks) == (15.0, {}, [])
     assert p.answers["whole"]["attempt_id"] == plain_attempt and p.answers["whole"]["language"] is None
     # The stored answer is found for the same bounds, as before.
-    assert records.stored_answer(c, 1, 590.125, 1190.0) is not None
+    assert stored_answer(c, 1, 590.125, 1190.0) is not None
 
-    assert batches == records.load_batches({rows.batch_id})
+    assert batches == load_batches({rows.batch_id})
     assert batches[rows.batch_id].budget_usd == Decimal("12.50")
 
     for job in (chunked, plain):
@@ -134,20 +137,18 @@ def test_claim_group_run_leases_processing_jobs_and_loads_plan_answers_and_batch
     assert _lease(ended) == ("old:1", SOON)
     assert _group_status(gid) == GroupStatus.RUNNING.value
     # `claim_group` (the local worker's) is the same claim without the batches.
-    assert [j.id for j in records.claim_group(gid, owner="new:2", lease_seconds=600)] == sorted(
-        [chunked, plain]
-    )
+    assert [j.id for j in claim_group(gid, owner="new:2", lease_seconds=600)] == sorted([chunked, plain])
 
 
 def test_claim_group_run_only_these_jobs(stack: Stack) -> None:
     rows = processing_job_rows(lease_owner="old:1", lease_expires_at=SOON)
     other = _sibling(rows.job_id, lease_owner="old:1", lease_expires_at=SOON)
     gid = _group(rows.tenant_id, rows.batch_id, [rows.job_id, other])
-    jobs, batches = records.claim_group_run(gid, owner="new:1", lease_seconds=600, only=[other])
+    jobs, batches = claim_group_run(gid, owner="new:1", lease_seconds=600, only=[other])
     assert [j.id for j in jobs] == [other] and list(batches) == [rows.batch_id]
     assert _lease(rows.job_id) == ("old:1", SOON)
     assert _lease(other)[0] == "new:1"
-    jobs, batches = records.claim_group_run(gid, owner="new:1", lease_seconds=600, only=[])
+    jobs, batches = claim_group_run(gid, owner="new:1", lease_seconds=600, only=[])
     assert (jobs, batches) == ([], {})
 
 
@@ -156,8 +157,8 @@ def test_claim_group_run_of_an_ended_group_claims_nothing_and_keeps_it_done(stac
     gid = _group(rows.tenant_id, rows.batch_id, [rows.job_id])
     with session_scope() as s:
         s.execute(update(Job).where(Job.id == rows.job_id).values(status=JobStatus.SUCCEEDED.value))
-    records.finish_group(gid)
+    finish_group(gid)
     assert _group_status(gid) == GroupStatus.DONE.value
-    assert records.claim_group_run(gid, owner="new:1", lease_seconds=600) == ([], {})
+    assert claim_group_run(gid, owner="new:1", lease_seconds=600) == ([], {})
     assert _group_status(gid) == GroupStatus.DONE.value
     assert _lease(rows.job_id) == ("old:1", SOON)

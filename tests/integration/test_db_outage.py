@@ -24,7 +24,7 @@ from core.settings import reset_settings_cache
 from core.statuses import AttemptOutcome
 from tests.pipeline_support import pending_attempt_row, processing_job_rows
 from voxq.embedded import EmbeddedPostgres
-from worker import records
+from worker.store import attempts
 
 
 @pytest.fixture
@@ -57,7 +57,7 @@ def test_a_paid_answer_is_recorded_through_a_postgres_restart(own_postgres: Embe
 
     def write() -> None:
         try:
-            records.close_attempt(
+            attempts.close_attempt(
                 attempt_id,
                 outcome=AttemptOutcome.SUCCESS,
                 latency_ms=12.0,

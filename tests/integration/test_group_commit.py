@@ -1,9 +1,9 @@
-"""Group commit of completions (`worker.runtime.CompletionWriter` → `records.succeed_jobs`): jobs answered
-at the same moment are written by one transaction, with the rules of one job each: every answered attempt
-closed once with one cost record, the batch's totals exact, a job whose compare-and-set is lost still gets
-its attempt's close, and a group whose transaction fails is written job by job instead.
+"""Group commit of completions (`worker.runtime.CompletionWriter` → `worker.completion.succeed_jobs`):
+jobs answered at the same moment are written by one transaction, with the rules of one job each: every
+answered attempt closed once with one cost record, the batch's totals exact, a job whose compare-and-set
+is lost still gets its attempt's close, and a group whose transaction fails is written job by job instead.
 
-Real Postgres; the writer and records are the real code.
+Real Postgres; the writer and the store are the real code.
 """
 
 from __future__ import annotations
@@ -22,8 +22,10 @@ from core.pricing import PricedUsage
 from core.statuses import AttemptOutcome, BatchStatus, JobStatus
 from tests.pipeline_support import processing_job
 from tests.support import Stack
-from worker import records
+from worker.completion import JobSuccess, Succeeded
 from worker.runtime import CompletionWriter
+from worker.store.answers import KeptAnswer
+from worker.store.attempts import AttemptClose, PendingAttempt, open_attempts
 
 MODEL = "gpt-4o-mini-transcribe"
 
@@ -58,7 +60,7 @@ def _batch_with_jobs(count: int) -> tuple[uuid.UUID, uuid.UUID, list[uuid.UUID]]
         s.flush()
         ids = [j.id for j in jobs]
         records_ = [
-            records.PendingAttempt(
+            PendingAttempt(
                 id=uuid.uuid4(),
                 tenant_id=tenant.id,
                 job_id=j,
@@ -72,15 +74,15 @@ def _batch_with_jobs(count: int) -> tuple[uuid.UUID, uuid.UUID, list[uuid.UUID]]
             )
             for j in ids
         ]
-    records.open_attempts(records_)
+    open_attempts(records_)
     return tenant.id, batch.id, ids
 
 
-def _success(tenant: uuid.UUID, batch: uuid.UUID, job: uuid.UUID, i: int) -> records.JobSuccess:
+def _success(tenant: uuid.UUID, batch: uuid.UUID, job: uuid.UUID, i: int) -> JobSuccess:
     with session_scope() as s:
         attempt = s.execute(select(Attempt.id).where(Attempt.job_id == job)).scalar_one()
     priced = PricedUsage(usd=Decimal("0.001") * (i + 1), billed_audio_seconds=10.0 + i, usage_type="duration")
-    answer = records.KeptAnswer(
+    answer = KeptAnswer(
         job_id=job,
         index=None,
         start_seconds=0.0,
@@ -91,7 +93,7 @@ def _success(tenant: uuid.UUID, batch: uuid.UUID, job: uuid.UUID, i: int) -> rec
         model=MODEL,
         attempt_id=attempt,
     )
-    close = records.AttemptClose(
+    close = AttemptClose(
         attempt_id=attempt,
         outcome=AttemptOutcome.SUCCESS,
         latency_ms=2000.0 + i,
@@ -104,7 +106,7 @@ def _success(tenant: uuid.UUID, batch: uuid.UUID, job: uuid.UUID, i: int) -> rec
         usage={"type": "duration", "seconds": 10.0 + i},
         answer=answer,
     )
-    return records.JobSuccess(
+    return JobSuccess(
         job_id=job,
         group_id=None,
         text=f"text {i}",
@@ -117,7 +119,7 @@ def _success(tenant: uuid.UUID, batch: uuid.UUID, job: uuid.UUID, i: int) -> rec
     )
 
 
-async def _write_all(rows: list[records.JobSuccess]) -> list[Any]:
+async def _write_all(rows: list[JobSuccess]) -> list[Any]:
     writer = CompletionWriter()
     return await asyncio.gather(*(writer.succeed(r) for r in rows), return_exceptions=True)
 
@@ -175,7 +177,7 @@ def test_answers_completed_together_share_one_transaction_with_exact_totals(stac
         if job == lost:
             assert result is None
         else:
-            assert isinstance(result, records.Succeeded)
+            assert isinstance(result, Succeeded)
             assert result.followers == ([follower_id] if job == follower_of else [])
     # Every attempt closed once, with one cost record; the lost job's too (its answer was paid for).
     assert {j: a.outcome for j, a in state["attempts"].items()} == dict.fromkeys(jobs, "success")
@@ -206,13 +208,13 @@ def test_a_failed_group_is_written_job_by_job_and_only_the_bad_row_fails(stack: 
     assert rows[3].close is not None
     # A close whose attempt row does not exist: its cost record breaks the group's transaction.
     ghost = uuid.uuid4()
-    bad_close = records.AttemptClose(**{**vars(rows[3].close), "attempt_id": ghost, "answer": None})
-    rows[3] = records.JobSuccess(**{**vars(rows[3]), "close": bad_close, "attempt_id": None})
+    bad_close = AttemptClose(**{**vars(rows[3].close), "attempt_id": ghost, "answer": None})
+    rows[3] = JobSuccess(**{**vars(rows[3]), "close": bad_close, "attempt_id": None})
 
     results = asyncio.run(_write_all(rows))
 
     assert isinstance(results[3], Exception)
-    assert all(isinstance(r, records.Succeeded) for i, r in enumerate(results) if i != 3)
+    assert all(isinstance(r, Succeeded) for i, r in enumerate(results) if i != 3)
     state = _state(batch)
     good = [j for i, j in enumerate(jobs) if i != 3]
     assert sorted(c.attempt_id for c in state["costs"]) == sorted(state["attempts"][j].id for j in good)

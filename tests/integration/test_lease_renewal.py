@@ -1,4 +1,4 @@
-"""Lease renewal of a running group (`worker.transcribe.keep_leases` → `records.extend_leases`).
+"""Lease renewal of a running group (`worker.transcribe.keep_leases` → `extend_leases`).
 
 A lease left to run out makes the sweeper hand jobs that are still being transcribed to another worker.
 The renewal loop must outlive a failed renewal; here the failure is a real one from Postgres (a CHECK
@@ -18,7 +18,7 @@ from core.models import Job
 from core.statuses import JobStatus
 from tests.pipeline_support import processing_job_rows
 from tests.support import Stack
-from worker import records
+from worker.store.claims import extend_leases
 from worker.transcribe import keep_leases
 
 
@@ -34,7 +34,7 @@ def test_extend_leases_renews_only_jobs_still_processing(stack: Stack) -> None:
     ended = processing_job_rows(lease_owner="old:1", lease_expires_at=soon).job_id
     with session_scope() as s:
         s.execute(update(Job).where(Job.id == ended).values(status=JobStatus.SUCCEEDED.value))
-    assert records.extend_leases([ended, live], owner="new:1", lease_seconds=600) == 1
+    assert extend_leases([ended, live], owner="new:1", lease_seconds=600) == 1
     owner, expires = _lease(live)
     assert owner == "new:1" and expires is not None and expires > soon + timedelta(seconds=500)
     assert _lease(ended) == ("old:1", soon)

@@ -44,7 +44,7 @@ def test_followers_of_followers_are_finished_with_the_leader(pipeline: Pipeline)
     from sqlalchemy.orm import Session
 
     from core.models import Job
-    from worker import completion, records
+    from worker import completion
 
     tenant = pipeline.tenant()
     batch = pipeline.batch(tenant)
@@ -62,7 +62,7 @@ def test_followers_of_followers_are_finished_with_the_leader(pipeline: Pipeline)
             .where(Job.id == last)
             .values(status="processing", fingerprint="f" * 64, deduplicated_from_id=middle)
         )
-    assert records.succeed_job(
+    assert completion.succeed_job(
         leader,
         group_id=None,
         text_="tone300",

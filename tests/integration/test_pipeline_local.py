@@ -70,7 +70,7 @@ def test_local_stage_reuses_kept_chunk_answers_and_keeps_its_own(
 ) -> None:
     from worker.local import transcribe_local
     from worker.prepare import prepare_jobs
-    from worker.records import piece_key
+    from worker.store.answers import piece_key
 
     monkeypatch.setenv("VOXQ_MAX_CHUNK_SECONDS", "4")
     monkeypatch.setenv("VOXQ_SHORT_FILE_SECONDS", "2")

@@ -1,6 +1,6 @@
 """Abandoned calls: estimate first, then the truth — a late answer, or the provider's usage export.
 
-Real Postgres (and Redis for the sweeper's requeues); the sweeper, records and settlement are real code.
+Real Postgres (and Redis for the sweeper's requeues); the sweeper, the store and settlement are real code.
 """
 
 from __future__ import annotations
@@ -21,7 +21,8 @@ from core.pricing import price_attempt
 from core.statuses import AttemptOutcome, Settlement
 from tests.pipeline_support import JobRows, pending_attempt_row, processing_job_rows
 from tests.support import Stack
-from worker import budget, records
+from worker import budget
+from worker.store import attempts
 from worker.sweeper import sweep
 
 MODEL = "gpt-4o-mini-transcribe"
@@ -92,7 +93,7 @@ def test_a_late_answer_replaces_the_sweepers_estimate_with_the_exact_cost(stack:
     # The answer arrives after all: exact usage wins, only the difference moves the totals.
     exact = price_attempt(MODEL, USAGE, 12.0)
     assert exact.usd != estimate
-    records.close_attempt(
+    attempts.close_attempt(
         attempt_id,
         outcome=AttemptOutcome.SUCCESS,
         latency_ms=70_000.0,
@@ -124,7 +125,7 @@ def test_a_late_error_answer_removes_the_estimate(stack: Stack) -> None:
     tenant_id, batch_id, job_id = _job()
     attempt_id = _attempt(tenant_id, job_id, started=datetime.now(UTC) - timedelta(hours=1))
     assert sweep().abandoned_attempts == 1
-    records.close_attempt(
+    attempts.close_attempt(
         attempt_id,
         outcome=AttemptOutcome.RETRIED,
         latency_ms=65_000.0,
@@ -176,7 +177,7 @@ def test_settlement_makes_estimates_exact_or_removes_them_and_reports_strangers(
     assert sweep().abandoned_attempts == 3
     # A call the client gave up on (timeout) that the provider still finished and billed.
     timed_out = _attempt(tenant_id, job_a, started=hour_ago)
-    records.close_attempt(
+    attempts.close_attempt(
         timed_out,
         outcome=AttemptOutcome.RETRIED,
         latency_ms=3000.0,

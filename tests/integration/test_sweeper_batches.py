@@ -1,6 +1,6 @@
 """The sweeper finishes a batch whose batch check was lost (its worker died after ending the last job).
 
-Real Postgres and Redis; the sweeper and records are real code.
+Real Postgres and Redis; the sweeper and the store are real code.
 """
 
 from __future__ import annotations

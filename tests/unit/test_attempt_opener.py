@@ -7,13 +7,13 @@ import asyncio
 
 import pytest
 
-from worker import records
 from worker.runtime import AttemptOpener
+from worker.store import attempts
 
 
 def test_calls_starting_together_share_one_insert_and_wait_for_it(monkeypatch: pytest.MonkeyPatch) -> None:
     writes: list[list[str]] = []
-    monkeypatch.setattr(records, "open_attempts", lambda rows: writes.append(list(rows)))
+    monkeypatch.setattr(attempts, "open_attempts", lambda rows: writes.append(list(rows)))
 
     async def main() -> list[str]:
         opener = AttemptOpener()
@@ -37,7 +37,7 @@ def test_a_row_that_cannot_be_written_fails_only_its_own_call(monkeypatch: pytes
         if "bad" in rows:
             raise ValueError("foreign key")
 
-    monkeypatch.setattr(records, "open_attempts", write)
+    monkeypatch.setattr(attempts, "open_attempts", write)
 
     async def main() -> list[object]:
         opener = AttemptOpener()

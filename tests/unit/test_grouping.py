@@ -9,7 +9,7 @@ from pydantic import SecretStr
 
 from core.settings import Settings
 from worker.grouping import GroupItem, model_chain, plan_groups
-from worker.records import BatchOptions
+from worker.store.batches import BatchOptions
 
 TENANT = uuid.uuid4()
 

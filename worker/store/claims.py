@@ -1,0 +1,274 @@
+"""Claims and leases: which worker holds which job, for how long, and how a held job ends.
+
+- A job is claimed `queued → processing` in bulk (one `UPDATE … RETURNING`), with a lease
+  (`lease_owner`, `lease_expires_at`) and `run_count + 1` (the attempt counter lives in Postgres).
+- The transcribe stage claims a group's still-processing jobs (`claim_group_run`): a job whose
+  `group_id` is no longer the group's (requeued, ended) is not claimed.
+- A job ends (`end_job`) by compare-and-set on `processing` (and, given one, its group).
+"""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any
+
+from sqlalchemy import ColumnElement, func, select, update
+
+from core import metrics
+from core.billing import add_batch_totals
+from core.db import durable, session_scope
+from core.models import Batch, Group, Job
+from core.statuses import BatchStatus, GroupStatus, JobStatus
+from worker.store.batches import BatchOptions, load_batches_in, model_list
+from worker.store.groups import GroupJob
+from worker.store.sql import now, run_sql
+
+
+@dataclass(frozen=True)
+class ClaimedJob:
+    """A job this worker now holds, with its batch's options."""
+
+    id: uuid.UUID
+    tenant_id: uuid.UUID
+    batch_id: uuid.UUID
+    object_key: str | None
+    source_uri: str | None
+    run_count: int
+    batch: BatchOptions
+    size_bytes: int | None = None  # size of the uploaded object (None for an imported `source_uri`)
+
+
+def claim_jobs(job_ids: list[uuid.UUID], *, owner: str, lease_seconds: float) -> list[ClaimedJob]:
+    """Claim the still-queued ones of these jobs (`queued → processing`, lease, run_count + 1)."""
+    if not job_ids:
+        return []
+    ts = now()
+    with session_scope() as session:
+        rows = session.execute(
+            update(Job)
+            .where(Job.id.in_(job_ids), Job.status == JobStatus.QUEUED.value, Job.deleted_at.is_(None))
+            .values(
+                status=JobStatus.PROCESSING.value,
+                lease_owner=owner,
+                lease_expires_at=ts + timedelta(seconds=lease_seconds),
+                run_count=Job.run_count + 1,
+                started_at=func.coalesce(Job.started_at, ts),
+                group_id=None,
+                deduplicated_from_id=None,
+                fingerprint=None,  # set again by `dedupe`, which is what makes it a leader
+                error_code=None,
+                error_message=None,
+            )
+            .returning(
+                Job.id, Job.tenant_id, Job.batch_id, Job.object_key, Job.source_uri, Job.run_count, Job.bytes
+            )
+        ).all()
+        batch_ids = {r.batch_id for r in rows}
+        if batch_ids:
+            # "open" means nothing submitted yet; a claimed job means the batch is under way.
+            session.execute(
+                update(Batch)
+                .where(Batch.id.in_(batch_ids), Batch.status == BatchStatus.OPEN.value)
+                .values(
+                    status=BatchStatus.PROCESSING.value, submitted_at=func.coalesce(Batch.submitted_at, ts)
+                )
+            )
+        batches = load_batches_in(session, batch_ids) if batch_ids else {}
+    order = {jid: i for i, jid in enumerate(job_ids)}
+    claimed = [
+        ClaimedJob(
+            id=r.id,
+            tenant_id=r.tenant_id,
+            batch_id=r.batch_id,
+            object_key=r.object_key,
+            source_uri=r.source_uri,
+            run_count=r.run_count,
+            batch=batches[r.batch_id],
+            size_bytes=r.bytes,
+        )
+        for r in rows
+    ]
+    claimed.sort(key=lambda c: order.get(c.id, 0))
+    return claimed
+
+
+def extend_leases(job_ids: list[uuid.UUID], *, owner: str, lease_seconds: float) -> int:
+    """Renew the lease of jobs this worker is working on; returns how many are still processing."""
+    if not job_ids:
+        return 0
+    # Rows locked in id order (the completion writer's order too): two transactions locking the same jobs
+    # in different orders deadlock, and Postgres then aborts one of them.
+    locked = (
+        select(Job.id)
+        .where(Job.id.in_(job_ids), Job.status == JobStatus.PROCESSING.value)
+        .order_by(Job.id)
+        .with_for_update()
+    )
+    with session_scope() as session:
+        result = session.execute(
+            update(Job)
+            .where(Job.id.in_(locked.scalar_subquery()), Job.status == JobStatus.PROCESSING.value)
+            .values(lease_owner=owner, lease_expires_at=now() + timedelta(seconds=lease_seconds))
+        )
+    return int(result.rowcount)  # type: ignore[attr-defined]
+
+
+def release_soon(job_id: uuid.UUID, *, after_seconds: float) -> None:
+    """Let a job's lease run out soon after an unexpected error, so the sweeper gives it another run."""
+    with session_scope() as session:
+        session.execute(
+            update(Job)
+            .where(Job.id == job_id, Job.status == JobStatus.PROCESSING.value)
+            .values(lease_expires_at=now() + timedelta(seconds=after_seconds))
+        )
+
+
+def _processing_job(job_id: uuid.UUID, group_id: uuid.UUID | None) -> list[ColumnElement[bool]]:
+    """The compare-and-set condition for finishing a job: still processing (and, given one, in this group)."""
+    conditions: list[ColumnElement[bool]] = [Job.id == job_id, Job.status == JobStatus.PROCESSING.value]
+    if group_id is not None:
+        conditions.append(Job.group_id == group_id)
+    return conditions
+
+
+@durable
+def end_job(
+    job_id: uuid.UUID,
+    *,
+    status: JobStatus,
+    code: str | None,
+    message: str | None,
+    group_id: uuid.UUID | None = None,
+) -> bool:
+    """Move a processing job to a terminal status (failed/skipped) by CAS; True when this call did it."""
+    conditions = _processing_job(job_id, group_id)
+    with session_scope() as session:
+        row = session.execute(
+            update(Job)
+            .where(*conditions)
+            .values(
+                status=status.value,
+                error_code=code,
+                error_message=(message or "")[:2000] or None,
+                finished_at=now(),
+                lease_owner=None,
+                lease_expires_at=None,
+            )
+            .returning(Job.batch_id, Job.duration_seconds)
+        ).first()
+        if row is not None:
+            add_batch_totals(session, row.batch_id, audio_seconds=row.duration_seconds or 0.0)
+    if row is not None:
+        metrics.JOBS_FINISHED.labels(status=status.value).inc()
+    return row is not None
+
+
+# One round trip for a group's claim (`claim_group_run`): the lease on its still-processing jobs by
+# compare-and-set (`status = 'processing'`), the group marked running, and each claimed job's chunk plan,
+# kept answers and batch options. The SELECT reads job_chunks/job_answers/batches, which the two UPDATEs
+# do not touch, so the statement's one snapshot sees them as the separate SELECTs did.
+_CLAIM_GROUP = """
+WITH claimed AS (
+    UPDATE jobs SET lease_owner = %(owner)s, lease_expires_at = %(expires)s, updated_at = now()
+    WHERE group_id = %(group)s AND status = 'processing'
+      AND (CAST(%(only)s AS uuid[]) IS NULL OR id = ANY(CAST(%(only)s AS uuid[])))
+    RETURNING id, tenant_id, batch_id, duration_seconds, speech_seconds, time_map
+), running AS (
+    UPDATE groups SET status = 'running' WHERE id = %(group)s AND status = 'pending' RETURNING id
+)
+SELECT c.id, c.tenant_id, c.batch_id, c.duration_seconds, c.speech_seconds, c.time_map,
+    (SELECT json_agg(json_build_object('index', k.index, 'object_key', k.object_key) ORDER BY k.index)
+       FROM job_chunks AS k WHERE k.job_id = c.id) AS chunks,
+    (SELECT json_agg(json_build_object(
+            'piece', a.piece, 'start_seconds', a.start_seconds, 'end_seconds', a.end_seconds, 'text', a.text,
+            'segments', a.segments, 'language', a.language, 'model', a.model, 'attempt_id', a.attempt_id))
+       FROM job_answers AS a WHERE a.job_id = c.id) AS answers,
+    b.id AS b_id, b.tenant_id AS b_tenant_id, b.profile AS b_profile, b.language AS b_language,
+    b.prompt AS b_prompt, b.models AS b_models, b.priority AS b_priority, b.budget_usd AS b_budget_usd
+FROM claimed AS c LEFT JOIN batches AS b ON b.id = c.batch_id
+ORDER BY c.id
+"""
+
+
+def claim_group(
+    group_id: uuid.UUID, *, owner: str, lease_seconds: float, only: list[uuid.UUID] | None = None
+) -> list[GroupJob]:
+    """Take the lease on a group's still-processing jobs (or `only` these) and load what they need."""
+    jobs, _ = claim_group_run(group_id, owner=owner, lease_seconds=lease_seconds, only=only)
+    return jobs
+
+
+def claim_group_run(
+    group_id: uuid.UUID, *, owner: str, lease_seconds: float, only: list[uuid.UUID] | None = None
+) -> tuple[list[GroupJob], dict[uuid.UUID, BatchOptions]]:
+    """`claim_group`, with the claimed jobs' batch options, in one statement (one round trip).
+
+    Jobs in id order; a job no longer processing (ended, requeued) is not claimed.
+    """
+    params = {
+        "owner": owner,
+        "expires": now() + timedelta(seconds=lease_seconds),
+        "group": group_id,
+        "only": list(only) if only is not None else None,
+    }
+    with session_scope() as session:
+        rows = run_sql(session, _CLAIM_GROUP, params).all()
+    jobs: list[GroupJob] = []
+    batches: dict[uuid.UUID, BatchOptions] = {}
+    for r in rows:
+        jobs.append(_group_job(r))
+        if r.b_id is not None and r.b_id not in batches:
+            batches[r.b_id] = BatchOptions(
+                id=r.b_id,
+                tenant_id=r.b_tenant_id,
+                profile=r.b_profile,
+                language=r.b_language,
+                prompt=r.b_prompt,
+                models=model_list(r.b_models),
+                priority=r.b_priority,
+                budget_usd=r.b_budget_usd,
+            )
+    return jobs, batches
+
+
+def _group_job(r: Any) -> GroupJob:
+    """A claimed job from its row of `_CLAIM_GROUP`."""
+    answers: dict[str, dict[str, Any]] = {}
+    for a in r.answers or []:
+        answers[a["piece"]] = {
+            "start_seconds": a["start_seconds"],
+            "end_seconds": a["end_seconds"],
+            "text": a["text"],
+            "segments": a["segments"],
+            "language": a["language"],
+            "model": a["model"],
+            "attempt_id": uuid.UUID(a["attempt_id"]) if a["attempt_id"] else None,
+        }
+    return GroupJob(
+        id=r.id,
+        tenant_id=r.tenant_id,
+        batch_id=r.batch_id,
+        duration_seconds=r.duration_seconds or 0.0,
+        speech_seconds=r.speech_seconds or 0.0,
+        time_map=r.time_map or {},
+        chunks=[{"index": c["index"], "object_key": c["object_key"]} for c in r.chunks or []],
+        answers=answers,
+    )
+
+
+def finish_group(group_id: uuid.UUID) -> None:
+    """Mark a group done once none of its jobs is still processing."""
+    with session_scope() as session:
+        session.execute(
+            update(Group)
+            .where(
+                Group.id == group_id,
+                Group.status != GroupStatus.DONE.value,
+                ~select(Job.id)
+                .where(Job.group_id == group_id, Job.status == JobStatus.PROCESSING.value)
+                .exists(),
+            )
+            .values(status=GroupStatus.DONE.value, finished_at=now())
+        )
