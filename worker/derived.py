@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import logging
 import os
+import uuid
 from typing import TYPE_CHECKING
 
 from redis.exceptions import RedisError
@@ -36,6 +37,13 @@ PREFIX = "voxq:derived:"
 
 _client: redis.Redis | None = None
 _client_pid: int | None = None
+
+
+def derived_key(tenant_id: uuid.UUID, job_id: uuid.UUID, index: int | None = None) -> str:
+    """Where prepare stores a job's normalised FLAC (or one chunk of it)."""
+    if index is None:
+        return f"{tenant_id}/derived/{job_id}.flac"
+    return f"{tenant_id}/derived/{job_id}/{index:05d}.flac"
 
 
 def inline_key(object_key: str) -> str:

@@ -23,13 +23,13 @@ from core.providers.base import ProviderError, TranscriptionRequest
 from core.settings import get_settings
 from core.statuses import AttemptOutcome, JobStatus
 from worker import audio, completion
+from worker.pieces import compose_prompt, pieces_of
 from worker.runtime import get_runtime
 from worker.store.answers import KeptAnswer, stored_answer
 from worker.store.attempts import close_attempt, open_attempt
 from worker.store.batches import load_batches
 from worker.store.claims import claim_group, end_job, finish_group
 from worker.store.groups import GroupJob
-from worker.transcribe import compose_prompt, pieces_of
 
 log = logging.getLogger(__name__)
 

@@ -48,12 +48,12 @@ from core.settings import Settings, get_settings
 from core.statuses import JobStatus
 from core.storage import Storage, parse_s3_uri
 from worker import audio, completion, derived, dispatch, grouping
+from worker.derived import derived_key
 from worker.runtime import get_runtime
 from worker.store.claims import ClaimedJob, claim_jobs, end_job, release_soon
 from worker.store.dedupe import DedupeRequest, copy_transcript, dedupe_many
 from worker.store.groups import assign_groups, save_chunks
 from worker.store.probes import ProbedJob, save_probes, save_time_map
-from worker.transcribe import derived_key
 
 log = logging.getLogger(__name__)
 

@@ -53,7 +53,6 @@ transcript). Then by the error's kind:
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import contextvars
 import logging
 import random
@@ -75,7 +74,9 @@ from core.providers.base import ErrorKind, ProviderError, TranscriptionRequest
 from core.settings import ChunkContext
 from core.statuses import AttemptOutcome, JobStatus
 from worker import audio, budget, completion, derived, dispatch
+from worker.derived import derived_key
 from worker.grouping import model_chain
+from worker.pieces import Piece, compose_prompt, pieces_of
 from worker.runtime import Runtime
 from worker.store.answers import KeptAnswer, keep_answer, stored_answer
 from worker.store.attempts import AttemptClose, PendingAttempt, PricedLike, close_attempt
@@ -86,31 +87,12 @@ from worker.store.groups import GroupJob
 log = logging.getLogger(__name__)
 
 LOCAL = "local"
-PROMPT_TAIL_CHARS = 300
 MAX_SPLIT_DEPTH = 3
 MAX_BLOCKED_ROUNDS = 3
 RETRY_AFTER_ERROR_SECONDS = 60.0
 CHUNKS_AT_ONCE = 9
 # Called (in a job's own task) when a call of the job has taken a provider slot: see `start_group`.
 _ON_SLOT: contextvars.ContextVar[Callable[[], None] | None] = contextvars.ContextVar("_ON_SLOT", default=None)
-
-
-def derived_key(tenant_id: uuid.UUID, job_id: uuid.UUID, index: int | None = None) -> str:
-    """Where prepare stores a job's normalised FLAC (or one chunk of it)."""
-    if index is None:
-        return f"{tenant_id}/derived/{job_id}.flac"
-    return f"{tenant_id}/derived/{job_id}/{index:05d}.flac"
-
-
-def compose_prompt(batch_prompt: str | None, previous_text: str | None) -> str | None:
-    """The batch's prompt followed by the tail of the previous chunk's text."""
-    tail = None
-    if previous_text and previous_text.strip():
-        tail = previous_text.strip()[-PROMPT_TAIL_CHARS:]
-        if " " in tail and len(previous_text.strip()) > PROMPT_TAIL_CHARS:
-            tail = tail.split(" ", 1)[1]
-    parts = [p for p in (batch_prompt, tail) if p]
-    return "\n".join(parts) if parts else None
 
 
 @dataclass(frozen=True)
@@ -188,33 +170,6 @@ class Answer:
     # the transaction that stores the transcript (`completion.JobSuccess.close`) or on its way out.
     pending_close: AttemptClose | None = None
     kept: bool = False  # stored in `job_answers` with the close of its attempt (see `_kept`)
-
-
-@dataclass(frozen=True)
-class Piece:
-    """One unit sent to a provider: a whole (trimmed) job or one chunk of it."""
-
-    job: GroupJob
-    batch: BatchOptions
-    index: int | None
-    object_key: str
-    offset: float  # start in trimmed time
-    seconds: float
-    # Set when a sibling chunk ended the job: no new call starts for this piece.
-    halt: asyncio.Event | None = field(default=None, compare=False)
-
-    @property
-    def halted(self) -> bool:
-        """A sibling chunk ended the job."""
-        return self.halt is not None and self.halt.is_set()
-
-    async def pause(self, seconds: float) -> None:
-        """Sleep `seconds`, or less when a sibling ends the job meanwhile."""
-        if self.halt is None:
-            await asyncio.sleep(seconds)
-            return
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self.halt.wait(), timeout=seconds)
 
 
 def _relative_segments(answer: Answer, seconds: float) -> list[dict[str, Any]]:
@@ -609,18 +564,6 @@ def _kept_answer(piece: Piece, answer: Answer, attempt_id: uuid.UUID) -> KeptAns
         model=answer.model,
         attempt_id=attempt_id,
     )
-
-
-def pieces_of(job: GroupJob, batch: BatchOptions) -> list[Piece]:
-    """A job's pieces in order: the whole (trimmed) file, or its chunks."""
-    tmap = audio.TimeMap.from_json(job.time_map)
-    if not job.chunks:
-        return [Piece(job, batch, None, derived_key(job.tenant_id, job.id), 0.0, tmap.trimmed_seconds)]
-    out: list[Piece] = []
-    for chunk in job.chunks:
-        t0, t1 = tmap.chunks[chunk["index"]]
-        out.append(Piece(job, batch, chunk["index"], chunk["object_key"], t0, t1 - t0))
-    return out
 
 
 async def transcribe_job(

@@ -37,9 +37,10 @@ def test_a_small_files_flac_waits_in_redis_is_read_again_on_redelivery_and_dropp
     pipeline: Pipeline, stack: Stack, fake_openai: FakeOpenAI
 ) -> None:
     from worker import derived
+    from worker.derived import derived_key
     from worker.prepare import prepare_jobs
     from worker.runtime import get_runtime
-    from worker.transcribe import derived_key, transcribe_group
+    from worker.transcribe import transcribe_group
 
     tenant = pipeline.tenant()
     batch = pipeline.batch(tenant)
@@ -60,10 +61,11 @@ def test_a_small_files_flac_waits_in_redis_is_read_again_on_redelivery_and_dropp
 def test_a_flac_lost_from_redis_sends_the_job_back_to_prepare_not_to_failure(
     pipeline: Pipeline, stack: Stack, fake_openai: FakeOpenAI
 ) -> None:
+    from worker.derived import derived_key
     from worker.prepare import prepare_jobs
     from worker.runtime import get_runtime
     from worker.sweeper import sweep
-    from worker.transcribe import derived_key, transcribe_group
+    from worker.transcribe import transcribe_group
 
     tenant = pipeline.tenant()
     batch = pipeline.batch(tenant)
@@ -91,9 +93,10 @@ def test_with_inline_off_the_flac_goes_to_s3(
     pipeline: Pipeline, stack: Stack, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     from core.settings import reset_settings_cache
+    from worker.derived import derived_key
     from worker.prepare import prepare_jobs
     from worker.runtime import get_runtime
-    from worker.transcribe import derived_key, transcribe_group
+    from worker.transcribe import transcribe_group
 
     monkeypatch.setenv("VOXQ_DERIVED_INLINE_MAX_BYTES", "0")
     reset_settings_cache()
@@ -110,9 +113,10 @@ def test_a_group_reads_its_redis_kept_flacs_in_one_round_trip(
     pipeline: Pipeline, stack: Stack, fake_openai: FakeOpenAI
 ) -> None:
     from worker import derived
+    from worker.derived import derived_key
     from worker.prepare import prepare_jobs
     from worker.runtime import get_runtime
-    from worker.transcribe import derived_key, transcribe_group
+    from worker.transcribe import transcribe_group
 
     tenant = pipeline.tenant()
     batch = pipeline.batch(tenant)

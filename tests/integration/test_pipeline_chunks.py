@@ -18,8 +18,8 @@ from tests.audio_fixtures import sequence, wav_bytes
 from tests.fakes.openai_server import FakeOpenAI
 from tests.pipeline_support import PRIMARY, SECOND, Pipeline, WorkerFactory
 from tests.support import wait_until
+from worker.pieces import compose_prompt
 from worker.store.answers import piece_key
-from worker.transcribe import compose_prompt
 
 FREQS = [300, 450, 600, 750, 900, 1050, 1200, 1350, 1500, 1650]
 LEAD, TONE, GAP = 0.5, 1.0, 1.5

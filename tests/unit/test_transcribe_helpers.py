@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import uuid
 
+from worker.derived import derived_key
+from worker.pieces import PROMPT_TAIL_CHARS, compose_prompt
 from worker.signals import consumed_queues
-from worker.transcribe import PROMPT_TAIL_CHARS, compose_prompt, derived_key
 
 
 def test_prompt_is_batch_prompt_then_the_previous_chunks_tail() -> None:
