@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import uuid
 from dataclasses import dataclass, field
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import Any
 
 from sqlalchemy import and_, or_, select, update
@@ -40,7 +40,7 @@ from sqlalchemy import and_, or_, select, update
 from core import billing
 from core.db import session_scope
 from core.models import Attempt, Batch, Job
-from core.settings import get_settings
+from core.settings import Settings, get_settings
 from core.statuses import AttemptOutcome, BatchStatus, JobStatus
 from worker import completion, dispatch
 from worker.store.claims import end_job
@@ -84,100 +84,19 @@ def sweep(*, limit: int = 1000) -> SweepReport:
     report = SweepReport()
     ts = now()
     by_priority: dict[str, list[uuid.UUID]] = {}
-    abandoned: list[Any] = []
     with session_scope() as session:
-        expired = session.execute(
-            select(Job.id, Job.run_count, Job.priority, Job.batch_id)
-            .where(Job.status == JobStatus.PROCESSING.value, Job.lease_expires_at < ts)
-            .order_by(Job.lease_expires_at)
-            .limit(limit)
-            .with_for_update(skip_locked=True)
-        ).all()
+        expired = _expired_jobs(session, ts, limit)
         requeue = [r for r in expired if r.run_count < settings.job_max_attempts]
         give_up = [r for r in expired if r.run_count >= settings.job_max_attempts]
-        if requeue:
-            session.execute(
-                update(Job)
-                .where(Job.id.in_([r.id for r in requeue]), Job.status == JobStatus.PROCESSING.value)
-                .values(
-                    status=JobStatus.QUEUED.value,
-                    lease_owner=None,
-                    lease_expires_at=None,
-                    group_id=None,
-                    queued_at=ts,
-                )
-            )
-            for r in requeue:
-                by_priority.setdefault(r.priority, []).append(r.id)
-            report.requeued = [r.id for r in requeue]
-        # A job still `queued` a whole visibility timeout after it was queued has lost its prepare message
-        # (a redelivery would have come by then): send it again. Claiming is by CAS, so a message that
-        # was merely slow is harmless.
-        lost_cutoff = ts - timedelta(seconds=settings.celery_visibility_timeout)
-        lost = select(Job.id).where(
-            Job.status == JobStatus.QUEUED.value,
-            Job.deleted_at.is_(None),
-            or_(
-                Job.queued_at < lost_cutoff,
-                and_(Job.queued_at.is_(None), Job.created_at < lost_cutoff),
-            ),
-        )
-        resent = session.execute(
-            update(Job)
-            .where(Job.id.in_(lost.limit(limit).with_for_update(skip_locked=True).scalar_subquery()))
-            .values(queued_at=ts)
-            .returning(Job.id, Job.priority)
-        ).all()
+        report.requeued = _requeue(session, requeue, ts)
+        for r in requeue:
+            by_priority.setdefault(r.priority, []).append(r.id)
+        resent = _resend_lost(session, ts, settings, limit)
         for job_id, priority in resent:
             by_priority.setdefault(priority, []).append(job_id)
         report.resent = [job_id for job_id, _ in resent]
-        ended = [r.id for r in expired]
-        if ended:
-            abandoned += session.execute(
-                update(Attempt)
-                .where(Attempt.job_id.in_(ended), Attempt.outcome == AttemptOutcome.PENDING.value)
-                .values(**_ABANDON, ended_at=ts)
-                .returning(*_ABANDONED_COLUMNS)
-            ).all()
-        # A hosted attempt is written when its call starts, so one pending past twice the provider timeout
-        # has no live caller; a local one may legitimately run for many minutes.
-        hosted_stale = ts - timedelta(seconds=2 * settings.provider_timeout_seconds + 10)
-        local_stale = ts - timedelta(seconds=settings.task_time_limit + 60)
-        abandoned += session.execute(
-            update(Attempt)
-            .where(
-                Attempt.outcome == AttemptOutcome.PENDING.value,
-                or_(
-                    and_(Attempt.provider != "local", Attempt.started_at < hosted_stale),
-                    Attempt.started_at < local_stale,
-                ),
-            )
-            .values(**_ABANDON, ended_at=ts)
-            .returning(*_ABANDONED_COLUMNS)
-        ).all()
-        # The estimate is charged with the abandon, in one transaction: a late answer (which locks the
-        # attempt row) finds either a pending attempt or an abandoned one with its estimate, never between.
-        for a in abandoned:
-            if a.provider != "local" and a.job_id is not None:
-                billing.charge_estimate(
-                    session,
-                    attempt_id=a.id,
-                    job_id=a.job_id,
-                    model=a.model,
-                    audio_seconds=a.audio_seconds or 0.0,
-                )
-        stuck = list(
-            session.execute(
-                select(Batch.id)
-                .where(
-                    Batch.status == BatchStatus.PROCESSING.value,
-                    Batch.submitted_at < ts - timedelta(seconds=BATCH_CHECK_GRACE_SECONDS),
-                    ~select(Job.id).where(Job.batch_id == Batch.id, Job.status.in_(LIVE_VALUES)).exists(),
-                )
-                .limit(limit)
-            ).scalars()
-        )
-    report.abandoned_attempts = len(abandoned)
+        report.abandoned_attempts = _abandon_attempts(session, [r.id for r in expired], ts, settings)
+        stuck = _stuck_batches(session, ts, limit)
     for r in give_up:
         if end_job(
             r.id,
@@ -193,3 +112,112 @@ def sweep(*, limit: int = 1000) -> SweepReport:
         if completion.finish_batch(batch_id):
             report.finished_batches.append(batch_id)
     return report
+
+
+def _expired_jobs(session: Any, ts: datetime, limit: int) -> list[Any]:
+    """Processing jobs whose lease has run out (their worker is gone), locked; the oldest lease first."""
+    return list(
+        session.execute(
+            select(Job.id, Job.run_count, Job.priority, Job.batch_id)
+            .where(Job.status == JobStatus.PROCESSING.value, Job.lease_expires_at < ts)
+            .order_by(Job.lease_expires_at)
+            .limit(limit)
+            .with_for_update(skip_locked=True)
+        ).all()
+    )
+
+
+def _requeue(session: Any, jobs: list[Any], ts: datetime) -> list[uuid.UUID]:
+    """Send these expired jobs back to `queued` (by CAS on processing); their ids."""
+    if jobs:
+        session.execute(
+            update(Job)
+            .where(Job.id.in_([r.id for r in jobs]), Job.status == JobStatus.PROCESSING.value)
+            .values(
+                status=JobStatus.QUEUED.value,
+                lease_owner=None,
+                lease_expires_at=None,
+                group_id=None,
+                queued_at=ts,
+            )
+        )
+    return [r.id for r in jobs]
+
+
+def _resend_lost(session: Any, ts: datetime, settings: Settings, limit: int) -> list[tuple[uuid.UUID, str]]:
+    """Jobs whose prepare message was lost, marked queued again now: (id, priority) of each."""
+    # A job still `queued` a whole visibility timeout after it was queued has lost its prepare message
+    # (a redelivery would have come by then): send it again. Claiming is by CAS, so a message that
+    # was merely slow is harmless.
+    lost_cutoff = ts - timedelta(seconds=settings.celery_visibility_timeout)
+    lost = select(Job.id).where(
+        Job.status == JobStatus.QUEUED.value,
+        Job.deleted_at.is_(None),
+        or_(
+            Job.queued_at < lost_cutoff,
+            and_(Job.queued_at.is_(None), Job.created_at < lost_cutoff),
+        ),
+    )
+    resent = session.execute(
+        update(Job)
+        .where(Job.id.in_(lost.limit(limit).with_for_update(skip_locked=True).scalar_subquery()))
+        .values(queued_at=ts)
+        .returning(Job.id, Job.priority)
+    ).all()
+    return [(job_id, priority) for job_id, priority in resent]
+
+
+def _abandon_attempts(session: Any, ended: list[uuid.UUID], ts: datetime, settings: Settings) -> int:
+    """Abandon the pending attempts of ended runs and stale ones, charging each hosted one its estimate;
+    how many."""
+    abandoned: list[Any] = []
+    if ended:
+        abandoned += session.execute(
+            update(Attempt)
+            .where(Attempt.job_id.in_(ended), Attempt.outcome == AttemptOutcome.PENDING.value)
+            .values(**_ABANDON, ended_at=ts)
+            .returning(*_ABANDONED_COLUMNS)
+        ).all()
+    # A hosted attempt is written when its call starts, so one pending past twice the provider timeout
+    # has no live caller; a local one may legitimately run for many minutes.
+    hosted_stale = ts - timedelta(seconds=2 * settings.provider_timeout_seconds + 10)
+    local_stale = ts - timedelta(seconds=settings.task_time_limit + 60)
+    abandoned += session.execute(
+        update(Attempt)
+        .where(
+            Attempt.outcome == AttemptOutcome.PENDING.value,
+            or_(
+                and_(Attempt.provider != "local", Attempt.started_at < hosted_stale),
+                Attempt.started_at < local_stale,
+            ),
+        )
+        .values(**_ABANDON, ended_at=ts)
+        .returning(*_ABANDONED_COLUMNS)
+    ).all()
+    # The estimate is charged with the abandon, in one transaction: a late answer (which locks the
+    # attempt row) finds either a pending attempt or an abandoned one with its estimate, never between.
+    for a in abandoned:
+        if a.provider != "local" and a.job_id is not None:
+            billing.charge_estimate(
+                session,
+                attempt_id=a.id,
+                job_id=a.job_id,
+                model=a.model,
+                audio_seconds=a.audio_seconds or 0.0,
+            )
+    return len(abandoned)
+
+
+def _stuck_batches(session: Any, ts: datetime, limit: int) -> list[uuid.UUID]:
+    """Processing batches submitted over a grace period ago whose jobs have all ended (lost batch check)."""
+    return list(
+        session.execute(
+            select(Batch.id)
+            .where(
+                Batch.status == BatchStatus.PROCESSING.value,
+                Batch.submitted_at < ts - timedelta(seconds=BATCH_CHECK_GRACE_SECONDS),
+                ~select(Job.id).where(Job.batch_id == Batch.id, Job.status.in_(LIVE_VALUES)).exists(),
+            )
+            .limit(limit)
+        ).scalars()
+    )
