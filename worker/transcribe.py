@@ -67,16 +67,18 @@ from typing import Any
 from redis.exceptions import RedisError
 
 from core import metrics
+from core.backoff import backoff_delay
 from core.errors import ModelUnavailable
 from core.ids import uuid7
 from core.logs import bind_log_context, log_context
 from core.providers.base import ErrorKind, ProviderError, TranscriptionRequest
 from core.settings import ChunkContext
-from core.statuses import AttemptOutcome, JobStatus
+from core.statuses import JobStatus
 from worker import audio, budget, completion, derived, dispatch
 from worker.derived import derived_key
 from worker.grouping import model_chain
 from worker.pieces import Piece, compose_prompt, pieces_of
+from worker.policy import Action, Call, Limits, Note, Position, Step, decide
 from worker.runtime import Runtime
 from worker.store.answers import KeptAnswer, keep_answer, stored_answer
 from worker.store.attempts import AttemptClose, PendingAttempt, PricedLike, close_attempt
@@ -87,7 +89,6 @@ from worker.store.groups import GroupJob
 log = logging.getLogger(__name__)
 
 LOCAL = "local"
-MAX_SPLIT_DEPTH = 3
 MAX_BLOCKED_ROUNDS = 3
 RETRY_AFTER_ERROR_SECONDS = 60.0
 CHUNKS_AT_ONCE = 9
@@ -190,6 +191,17 @@ def _shift(segments: list[dict[str, Any]], by: float) -> list[dict[str, Any]]:
     return out
 
 
+@dataclass
+class _Walk:
+    """A piece's way through the chain so far (one pass of `ChainRunner._run_once`)."""
+
+    blocked: bool = False  # a model was skipped because its circuit is open (not retired)
+    invalid: str | None = None  # an invalid-audio message, from the model at `invalid_at`
+    invalid_at: int = -1
+    empty: Answer | None = None  # an empty transcript, accepted if no later model answers
+    last_error: str | None = None
+
+
 class ChainRunner:
     """Runs one piece of audio through the model chain, recording every call."""
 
@@ -200,6 +212,9 @@ class ChainRunner:
         self.provider = rt.provider()
         self.circuit = rt.circuit()
         self.limiter = rt.limiter()
+        self.limits = Limits(
+            max_retries=rt.settings.max_retries, provider_timeout=rt.settings.provider_timeout_seconds
+        )
         self.rate_limited = bool(rt.settings.model_rpm_limit or rt.settings.model_audio_seconds_per_minute)
         # Whole files' FLACs read for the group in one round trip (`derived.read_many`), each taken once.
         self.audio: dict[str, bytes] = {}
@@ -250,152 +265,156 @@ class ChainRunner:
         depth: int,
         defer_close: bool = False,
     ) -> Answer:
-        blocked = False
-        invalid: ProviderError | None = None
-        invalid_index = -1
-        empty: Answer | None = None
-        last_error: str | None = None
-        i = start
-        while i < len(chain):
+        walk = _Walk()
+        for i in range(start, len(chain)):
             model = chain[i]
             if model == LOCAL:
                 raise Handoff()
-            if invalid is not None and i > invalid_index + 1:
-                break
+            if walk.invalid is not None and i > walk.invalid_at + 1:
+                break  # only the model right after the one that said invalid audio gets a try
             if not await self.circuit.allow(model):
                 state = await self.circuit.state(model)
-                blocked = blocked or state != "retired"
-                last_error = f"{model}: circuit {state}"
+                walk.blocked = walk.blocked or state != "retired"
+                walk.last_error = f"{model}: circuit {state}"
                 self._fallback(model, chain, i)
-                i += 1
                 continue
-            retry = 0
-            while True:
-                answer, err, attempt_id, reserved, latency_ms = await self._call(
-                    piece, data, seconds, prompt, model, retry
-                )
-                has_next = i + 1 < len(chain)
-                close: dict[str, Any] = {
-                    "latency_ms": latency_ms,
-                    "tenant_id": piece.job.tenant_id,
-                    "batch_id": piece.job.batch_id,
-                    "job_id": piece.job.id,
-                    "model": model,
-                    "reserved_usd": reserved,
-                }
-                if answer is not None:
-                    priced = self._price(model, answer, seconds)
-                    usage = answer.extra_usage
-                    if not answer.text.strip():
-                        outcome = AttemptOutcome.FALLBACK if has_next else AttemptOutcome.SUCCESS
-                        kept = None if has_next else _kept(piece, answer, attempt_id, depth)
-                        await asyncio.to_thread(
-                            close_attempt,
-                            attempt_id,
-                            outcome=outcome,
-                            priced=priced,
-                            usage=usage,
-                            http_status=200,
-                            error_code="empty_transcript" if has_next else None,
-                            answer=kept,
-                            **close,
-                        )
-                        await self._note(self.circuit.record_success(model))
-                        empty = Answer("", None, answer.language, model, [attempt_id], kept=kept is not None)
-                        last_error = f"{model}: empty transcript"
-                        self._fallback(model, chain, i)
-                        i += 1
-                        break
-                    kept = _kept(piece, answer, attempt_id, depth)
-                    success = AttemptClose(
-                        attempt_id=attempt_id,
-                        outcome=AttemptOutcome.SUCCESS,
-                        priced=priced,
-                        usage=usage,
-                        http_status=200,
-                        answer=kept,
-                        **close,
-                    )
-                    if not defer_close:
-                        await asyncio.to_thread(close_attempt, **vars(success))
-                    await self._note(self.circuit.record_success(model))
-                    return Answer(
-                        answer.text,
-                        answer.segments,
-                        answer.language,
-                        model,
-                        [attempt_id],
-                        pending_close=success if defer_close else None,
-                        kept=kept is not None,
-                    )
-                assert err is not None
-                last_error = f"{model}: {err.message}"
-                common: dict[str, Any] = {
-                    "http_status": err.http_status,
-                    "error_code": err.code,
-                    "error_message": err.message,
-                }
-                if invalid is not None:
-                    # The one extra try after invalid audio failed as well: the audio is the problem.
-                    await asyncio.to_thread(
-                        close_attempt, attempt_id, outcome=AttemptOutcome.FAILED, **common, **close
-                    )
-                    raise JobEnded(JobStatus.FAILED, "invalid_audio", invalid.message)
-                if err.kind == ErrorKind.RETRY:
-                    if err.http_status == 429:
-                        if err.retry_after:
-                            await self._note(self.limiter.penalize(model, err.retry_after))
-                    else:
-                        await self._note(self.circuit.record_failure(model))
-                    retry += 1
-                    from core.backoff import backoff_delay
-
-                    delay = backoff_delay(
-                        retry,
-                        base=self.settings.retry_base_seconds,
-                        cap=self.settings.retry_max_seconds,
-                        retry_after=err.retry_after,
-                    )
-                    too_late = (
-                        time.monotonic() + delay + self.settings.provider_timeout_seconds > self.deadline
-                    )
-                    if retry > self.settings.max_retries or too_late:
-                        outcome = AttemptOutcome.FALLBACK if has_next else AttemptOutcome.FAILED
-                        await asyncio.to_thread(close_attempt, attempt_id, outcome=outcome, **common, **close)
-                        self._fallback(model, chain, i)
-                        i += 1
-                        break
-                    await asyncio.to_thread(
-                        close_attempt, attempt_id, outcome=AttemptOutcome.RETRIED, **common, **close
-                    )
-                    await piece.pause(delay)
-                    continue
-                if err.kind == ErrorKind.TOO_LARGE:
-                    await asyncio.to_thread(
-                        close_attempt, attempt_id, outcome=AttemptOutcome.RETRIED, **common, **close
-                    )
-                    return await self._split(piece, data, seconds, prompt, chain, i, depth, err)
-                outcome = AttemptOutcome.FALLBACK if has_next else AttemptOutcome.FAILED
-                await asyncio.to_thread(close_attempt, attempt_id, outcome=outcome, **common, **close)
-                if err.kind == ErrorKind.INVALID_AUDIO:
-                    if not has_next:
-                        raise JobEnded(JobStatus.FAILED, "invalid_audio", err.message)
-                    invalid, invalid_index = err, i
-                elif err.model_gone:
-                    await self._note(self.circuit.retire(model))
-                elif err.opens_circuit:
-                    await self._note(self.circuit.trip(model))
-                self._fallback(model, chain, i)
-                i += 1
-                break
-        if invalid is not None:
-            raise JobEnded(JobStatus.FAILED, "invalid_audio", invalid.message)
-        if empty is not None:
-            return empty
-        message = f"no model in the chain could transcribe this audio (last: {last_error or 'none tried'})"
-        if blocked:
+            answer = await self._through_model(
+                piece, data, seconds, prompt, chain, i, depth, defer_close, walk
+            )
+            if answer is not None:
+                return answer
+        if walk.invalid is not None:
+            raise JobEnded(JobStatus.FAILED, "invalid_audio", walk.invalid)
+        if walk.empty is not None:
+            return walk.empty
+        message = (
+            f"no model in the chain could transcribe this audio (last: {walk.last_error or 'none tried'})"
+        )
+        if walk.blocked:
             raise _ChainBlocked(message)
         raise JobEnded(JobStatus.FAILED, ModelUnavailable.code, message)
+
+    async def _through_model(
+        self,
+        piece: Piece,
+        data: bytes,
+        seconds: float,
+        prompt: str | None,
+        chain: list[str],
+        i: int,
+        depth: int,
+        defer_close: bool,
+        walk: _Walk,
+    ) -> Answer | None:
+        """Call `chain[i]`, again after each retryable failure, and do what the policy decides after each
+        call (worker.policy); the piece's answer, or None to go on with the next model."""
+        model = chain[i]
+        retry = 0
+        while True:
+            raw, err, attempt_id, reserved, latency_ms = await self._call(
+                piece, data, seconds, prompt, model, retry
+            )
+            if raw is not None:
+                call, delay = Call.answer(raw.text), 0.0
+            else:
+                assert err is not None
+                call = Call.error(err)
+                # Drawn here (full jitter) so that `decide` stays a pure function.
+                delay = backoff_delay(
+                    retry + 1,
+                    base=self.settings.retry_base_seconds,
+                    cap=self.settings.retry_max_seconds,
+                    retry_after=err.retry_after,
+                )
+            position = Position(
+                retries=retry,
+                has_next=i + 1 < len(chain),
+                invalid_message=walk.invalid,
+                time_left=self.deadline - time.monotonic(),
+                delay=delay,
+                depth=depth,
+                seconds=seconds,
+            )
+            action = decide(call, position, self.limits)
+            close = self._close_of(
+                action, piece, model, attempt_id, reserved, latency_ms, raw, call, seconds, depth
+            )
+            if raw is None:
+                await self._bookkeep(model, action.note, call)  # an error: noted before the close
+            if action.step != Step.ANSWER or not defer_close:
+                await asyncio.to_thread(close_attempt, **vars(close))
+            if raw is not None:
+                await self._bookkeep(model, action.note, call)  # an answer: its close (what was paid) first
+            if action.step == Step.ANSWER:
+                assert raw is not None
+                pending = close if defer_close else None
+                kept = close.answer is not None
+                return Answer(raw.text, raw.segments, raw.language, model, [attempt_id], pending, kept)
+            if action.step == Step.RETRY:
+                await piece.pause(action.delay)
+                retry += 1
+                continue
+            if action.step == Step.SPLIT:
+                return await self._split(piece, data, seconds, prompt, chain, i, depth)
+            if action.step == Step.FAIL:
+                assert action.fail_code is not None and action.fail_message is not None
+                raise JobEnded(JobStatus.FAILED, action.fail_code, action.fail_message)
+            if action.empty:
+                assert raw is not None
+                walk.empty = Answer(
+                    "", None, raw.language, model, [attempt_id], kept=close.answer is not None
+                )
+                walk.last_error = f"{model}: empty transcript"
+            else:
+                walk.last_error = f"{model}: {call.message}"
+            if action.invalid:
+                walk.invalid, walk.invalid_at = call.message, i
+            self._fallback(model, chain, i)
+            return None
+
+    def _close_of(
+        self,
+        action: Action,
+        piece: Piece,
+        model: str,
+        attempt_id: uuid.UUID,
+        reserved: Decimal,
+        latency_ms: float | None,
+        raw: _RawAnswer | None,
+        call: Call,
+        seconds: float,
+        depth: int,
+    ) -> AttemptClose:
+        """How a call's attempt is closed: the policy's outcome; an answer's price, usage and kept answer."""
+        return AttemptClose(
+            attempt_id=attempt_id,
+            outcome=action.outcome,
+            latency_ms=latency_ms,
+            tenant_id=piece.job.tenant_id,
+            batch_id=piece.job.batch_id,
+            job_id=piece.job.id,
+            model=model,
+            reserved_usd=reserved,
+            http_status=200 if raw is not None else call.http_status,
+            error_code=action.error_code,
+            error_message=None if raw is not None else call.message,
+            priced=self._price(model, raw, seconds) if raw is not None else None,
+            usage=raw.extra_usage if raw is not None else None,
+            answer=_kept(piece, raw, attempt_id, depth) if raw is not None and action.keep else None,
+        )
+
+    async def _bookkeep(self, model: str, note: Note | None, call: Call) -> None:
+        """The circuit's or rate limiter's part of a call's outcome."""
+        if note == Note.SUCCESS:
+            await self._note(self.circuit.record_success(model))
+        elif note == Note.FAILURE:
+            await self._note(self.circuit.record_failure(model))
+        elif note == Note.PENALIZE and call.retry_after:
+            await self._note(self.limiter.penalize(model, call.retry_after))
+        elif note == Note.TRIP:
+            await self._note(self.circuit.trip(model))
+        elif note == Note.RETIRE:
+            await self._note(self.circuit.retire(model))
 
     async def _note(self, bookkeeping: Awaitable[Any]) -> None:
         """Circuit and rate-limiter bookkeeping after a call: a Redis blip (a restart) here is logged, and
@@ -505,10 +524,8 @@ class ChainRunner:
         chain: list[str],
         i: int,
         depth: int,
-        err: ProviderError,
     ) -> Answer:
-        if depth >= MAX_SPLIT_DEPTH or seconds < 2:
-            raise JobEnded(JobStatus.FAILED, "too_large", err.message)
+        """Split the piece's audio at its quietest point near the middle; each half through the chain."""
 
         def halves() -> tuple[bytes, bytes, float]:
             pcm = audio.decode_flac(data)
