@@ -25,6 +25,12 @@ ALL_QUEUES = (
     QUEUE_WEBHOOKS,
 )
 
+# The model name that means the offline local engine (worker.local), last in the default chain and the
+# only model without an API key. Its attempts record `local:<weights>` as their model and LOCAL_MODEL as
+# their provider.
+LOCAL_MODEL = "local"
+LOCAL_MODEL_PREFIX = LOCAL_MODEL + ":"
+
 # Celery task names (stable across refactors; Flower shows these).
 TASK_HEARTBEAT = "voxq.maintenance.heartbeat"
 TASK_PREPARE_JOB = "voxq.ingest.prepare_job"

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from core.errors import ConfigError
+from core.names import LOCAL_MODEL, LOCAL_MODEL_PREFIX
 
 QUANTUM = Decimal("0.00000001")
 MILLION = Decimal(1_000_000)
@@ -119,7 +120,7 @@ def load_price_table(version: str, directory: str | None = None) -> PriceTable:
 
 def is_local_model(model: str) -> bool:
     """True for the offline engine (`local` or `local:<name>`), which costs nothing per call."""
-    return model == "local" or model.startswith("local:")
+    return model == LOCAL_MODEL or model.startswith(LOCAL_MODEL_PREFIX)
 
 
 def _int(value: object) -> int | None:

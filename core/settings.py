@@ -8,10 +8,12 @@ from typing import Annotated, Literal
 from pydantic import AliasChoices, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from core.names import LOCAL_MODEL
+
 PLACEHOLDER_SECRETS = frozenset({"", "changeme", "change-me", "changethis", "secret", "password", "admin"})
 
 Environment = Literal["dev", "test", "production"]
-# How the chunks of one long file share context (see worker/transcribe.py's docstring).
+# How the chunks of one long file share context (see worker/waves.py's docstring).
 ChunkContext = Literal["alternate", "sequential", "none"]
 
 
@@ -52,7 +54,7 @@ class Settings(BaseSettings):
     )
     primary_model: str = "gpt-4o-mini-transcribe"
     fallback_models: Annotated[list[str], NoDecode] = Field(
-        default_factory=lambda: ["gpt-4o-transcribe", "local"]
+        default_factory=lambda: ["gpt-4o-transcribe", LOCAL_MODEL]
     )
     price_table_version: str = "2026-11"
     price_table_dir: str | None = None  # extra price tables (<version>.json) overriding core/prices/
@@ -139,15 +141,6 @@ class Settings(BaseSettings):
                 if value.lower() in PLACEHOLDER_SECRETS or "dev" in value.lower():
                     raise ValueError(f"VOXQ_{name.upper()} must be set to a real secret in production")
         return self
-
-    @property
-    def model_chain(self) -> list[str]:
-        """Primary model then fallbacks, without duplicates, in order."""
-        chain: list[str] = []
-        for model in [self.primary_model, *self.fallback_models]:
-            if model and model not in chain:
-                chain.append(model)
-        return chain
 
 
 @lru_cache(maxsize=1)

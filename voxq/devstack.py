@@ -486,7 +486,7 @@ class DevStack:
             )
         if not env.get("OPENAI_API_KEY") and not env.get("VOXQ_OPENAI_API_KEY"):
             # No hosted provider: the offline model is the whole chain (unless chosen explicitly).
-            env.setdefault("VOXQ_PRIMARY_MODEL", "local")
+            env.setdefault("VOXQ_PRIMARY_MODEL", names.LOCAL_MODEL)
             env.setdefault("VOXQ_FALLBACK_MODELS", "")
         env.pop("FLOWER_UNAUTHENTICATED_API", None)
         return env

@@ -15,6 +15,7 @@ import json
 import uuid
 from dataclasses import dataclass
 
+from core.names import LOCAL_MODEL
 from core.settings import Settings
 from worker.store.batches import BatchOptions
 from worker.store.groups import GroupPlan
@@ -35,14 +36,16 @@ class GroupItem:
 
 
 def model_chain(batch_models: list[str] | None, settings: Settings) -> list[str]:
-    """The models to try for a batch, in order; `local` only when no OpenAI key is configured."""
+    """The models to try for a batch, in order, without duplicates: the batch's own, else the primary
+    model then the fallbacks; `local` only when no OpenAI key is configured. The one place that says it
+    (grouping, the chain runner, the worker's start-up checks)."""
     if settings.openai_api_key is None or not settings.openai_api_key.get_secret_value():
-        return ["local"]
+        return [LOCAL_MODEL]
     chain: list[str] = []
-    for model in batch_models or settings.model_chain:
+    for model in batch_models or [settings.primary_model, *settings.fallback_models]:
         if model and model not in chain:
             chain.append(model)
-    return chain or ["local"]
+    return chain or [LOCAL_MODEL]
 
 
 def group_key(item: GroupItem, duration_class: str) -> str:

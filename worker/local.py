@@ -19,6 +19,7 @@ import uuid
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from core.names import LOCAL_MODEL, LOCAL_MODEL_PREFIX
 from core.pricing import price_attempt
 from core.providers.base import ProviderError, TranscriptionRequest
 from core.settings import get_settings
@@ -41,7 +42,9 @@ log = logging.getLogger(__name__)
 
 def local_model_name(provider_name: str) -> str:
     """The model name recorded for local attempts: `local:<name>`."""
-    return provider_name if provider_name.startswith("local:") else f"local:{provider_name}"
+    if provider_name.startswith(LOCAL_MODEL_PREFIX):
+        return provider_name
+    return LOCAL_MODEL_PREFIX + provider_name
 
 
 def _claim(job_id: uuid.UUID, group_id: uuid.UUID, owner: str) -> GroupJob | None:
@@ -133,7 +136,7 @@ def _transcribe_piece(
         job_id=job.id,
         chunk_index=piece.index,
         model=model,
-        provider="local",
+        provider=LOCAL_MODEL,
         retry_number=0,
         audio_seconds=piece.seconds,
         request_bytes=len(data),

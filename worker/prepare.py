@@ -44,6 +44,7 @@ from typing import TypeVar
 from botocore.exceptions import ClientError
 
 from core.errors import AudioError
+from core.names import LOCAL_MODEL
 from core.settings import Settings, get_settings
 from core.statuses import JobStatus
 from core.storage import Storage, parse_s3_uri
@@ -339,8 +340,8 @@ def _settle(
         else:
             leaders.append(x)
     chains = {x.job.id: grouping.model_chain(x.job.batch.models, settings) for x in leaders}
-    local = [x for x in leaders if chains[x.job.id][0] == "local"]
-    hosted = [x for x in leaders if chains[x.job.id][0] != "local"]
+    local = [x for x in leaders if chains[x.job.id][0] == LOCAL_MODEL]
+    hosted = [x for x in leaders if chains[x.job.id][0] != LOCAL_MODEL]
     stored = _store_all(storage, hosted, settings, report, inline)
     stored += _store_all(storage, local, settings, report, False)
     return [
@@ -417,7 +418,7 @@ def prepare_jobs(job_ids: list[uuid.UUID], *, owner: str) -> PrepareReport:
     plans = grouping.plan_groups(items, settings)
     group_ids = assign_groups(plans, owner=owner, lease_seconds=lease)
     for plan, gid in zip(plans, group_ids, strict=True):
-        if plan.chain and plan.chain[0] == "local":
+        if plan.chain and plan.chain[0] == LOCAL_MODEL:
             for job_id, _ in plan.members:
                 dispatch.send_local(job_id, gid)
         else:

@@ -33,8 +33,9 @@ from celery.signals import (
 )
 
 from core.db import dispose_engine, get_engine
-from core.names import QUEUE_LOCAL
+from core.names import LOCAL_MODEL, QUEUE_LOCAL
 from core.settings import get_settings
+from worker.grouping import model_chain
 
 log = logging.getLogger(__name__)
 
@@ -131,7 +132,7 @@ def _init_process(**_: Any) -> None:
     # once (`task_reject_on_worker_lost`), which a task that returned early would lose.
     get_runtime().detach_groups = False
     queues = consumed_queues()
-    if QUEUE_LOCAL in queues and "local" in get_settings().model_chain:
+    if QUEUE_LOCAL in queues and LOCAL_MODEL in model_chain(None, get_settings()):
         _local_thread = threading.Thread(target=_load_local_model, name="voxq-local-load", daemon=True)
         _local_thread.start()
     freeze_startup_objects()
@@ -173,7 +174,7 @@ def warn_retiring_models() -> list[tuple[str, str]]:
     except (ProviderError, httpx.HTTPError, OSError) as exc:
         log.info("could not read the provider's model list: %s", exc)
         return []
-    found = retiring_models(models, settings.model_chain, datetime.now(UTC).date())
+    found = retiring_models(models, model_chain(None, settings), datetime.now(UTC).date())
     for model, shutdown in found:
         log.warning(
             "MODEL RETIRING: configured model %s shuts down on %s (within 90 days); "

@@ -40,6 +40,7 @@ from sqlalchemy import and_, or_, select, update
 from core import billing
 from core.db import session_scope
 from core.models import Attempt, Batch, Job
+from core.names import LOCAL_MODEL
 from core.settings import Settings, get_settings
 from core.statuses import AttemptOutcome, BatchStatus, JobStatus
 from worker import completion, dispatch
@@ -187,7 +188,7 @@ def _abandon_attempts(session: Any, ended: list[uuid.UUID], ts: datetime, settin
         .where(
             Attempt.outcome == AttemptOutcome.PENDING.value,
             or_(
-                and_(Attempt.provider != "local", Attempt.started_at < hosted_stale),
+                and_(Attempt.provider != LOCAL_MODEL, Attempt.started_at < hosted_stale),
                 Attempt.started_at < local_stale,
             ),
         )
@@ -197,7 +198,7 @@ def _abandon_attempts(session: Any, ended: list[uuid.UUID], ts: datetime, settin
     # The estimate is charged with the abandon, in one transaction: a late answer (which locks the
     # attempt row) finds either a pending attempt or an abandoned one with its estimate, never between.
     for a in abandoned:
-        if a.provider != "local" and a.job_id is not None:
+        if a.provider != LOCAL_MODEL and a.job_id is not None:
             billing.charge_estimate(
                 session,
                 attempt_id=a.id,

@@ -71,6 +71,7 @@ from core.backoff import backoff_delay
 from core.errors import ModelUnavailable
 from core.ids import uuid7
 from core.logs import bind_log_context, log_context
+from core.names import LOCAL_MODEL
 from core.providers.base import ErrorKind, ProviderError, TranscriptionRequest
 from core.settings import ChunkContext
 from core.statuses import JobStatus
@@ -88,7 +89,6 @@ from worker.store.groups import GroupJob
 
 log = logging.getLogger(__name__)
 
-LOCAL = "local"
 MAX_BLOCKED_ROUNDS = 3
 RETRY_AFTER_ERROR_SECONDS = 60.0
 CHUNKS_AT_ONCE = 9
@@ -268,7 +268,7 @@ class ChainRunner:
         walk = _Walk()
         for i in range(start, len(chain)):
             model = chain[i]
-            if model == LOCAL:
+            if model == LOCAL_MODEL:
                 raise Handoff()
             if walk.invalid is not None and i > walk.invalid_at + 1:
                 break  # only the model right after the one that said invalid audio gets a try

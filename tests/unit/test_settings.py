@@ -13,7 +13,7 @@ def test_defaults_and_chain(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("VOXQ_PRIMARY_MODEL", raising=False)
     s = Settings()
     assert s.primary_model == "gpt-4o-mini-transcribe"
-    assert s.model_chain == ["gpt-4o-mini-transcribe", "gpt-4o-transcribe", "local"]
+    assert s.fallback_models == ["gpt-4o-transcribe", "local"]
 
 
 def test_csv_fallbacks_and_openai_names(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -23,6 +23,7 @@ from core.billing import add_batch_totals
 from core.db import durable, session_scope
 from core.ids import uuid7
 from core.models import Attempt, Job
+from core.names import LOCAL_MODEL
 from core.statuses import AttemptOutcome, Settlement
 from worker.store.answers import KeptAnswer, keep_answers_in
 from worker.store.sql import now, run_sql, to_json
@@ -382,7 +383,7 @@ def _insert_cost_records(session: Any, closes: list[AttemptClose]) -> set[uuid.U
                 to_json(dict(c.priced.unit_prices) if c.priced is not None else {}) for c in closes
             ],
             "price_table_version": [
-                c.priced.price_table_version if c.priced is not None else "local" for c in closes
+                c.priced.price_table_version if c.priced is not None else LOCAL_MODEL for c in closes
             ],
             "usd": [c.priced.usd if c.priced is not None else Decimal(0) for c in closes],
             "estimated": [bool(c.priced.estimated) if c.priced is not None else False for c in closes],
