@@ -1,8 +1,8 @@
-"""Which chunks of a long file are sent together, and which text prompts each (worker.transcribe)."""
+"""Which chunks of a long file are sent together, and which text prompts each (worker.waves)."""
 
 from __future__ import annotations
 
-from worker.transcribe import Send, plan_waves
+from worker.waves import Send, plan_waves
 
 
 def test_alternate_sends_even_chunks_then_odd_ones_prompted_by_their_predecessors() -> None:

@@ -1,0 +1,505 @@
+"""The model chain: one piece of audio through its models, every call recorded as an attempt.
+
+For each piece (worker.pieces) the chain (worker.grouping.model_chain: `batch.models` or
+`VOXQ_PRIMARY_MODEL` + `VOXQ_FALLBACK_MODELS`) is: circuit allows? → rate limiter → budget reservation →
+attempt row (pending, committed before the call; calls starting at the same moment share one INSERT,
+`Runtime.attempts`) → call → close attempt (+ cost record for a billed answer, same transaction; for a
+whole job's answer, the same transaction as its transcript). What follows each call — retry after a
+backoff, the next model, a split of the piece, the job's failure — is decided by worker.policy (a pure
+function); `ChainRunner` executes it: one close of the attempt, the circuit's or limiter's bookkeeping,
+the wait, the fallback or the split. Besides:
+
+- `local`: the job is handed to the `local` queue (worker.local): `Handoff`.
+- The budget refusing a reservation: the job is `skipped` with `budget_exceeded`.
+- When every usable model was skipped because its circuit is open, the chain waits for a half-open
+  circuit and goes again (`MAX_BLOCKED_ROUNDS`, never past the deadline).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+import logging
+import random
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from decimal import Decimal
+from typing import Any
+
+from redis.exceptions import RedisError
+
+from core import metrics
+from core.backoff import backoff_delay
+from core.errors import ModelUnavailable
+from core.ids import uuid7
+from core.logs import bind_log_context, log_context
+from core.names import LOCAL_MODEL
+from core.providers.base import ErrorKind, ProviderError, TranscriptionRequest
+from core.statuses import JobStatus
+from worker import audio, budget
+from worker.pieces import Piece, compose_prompt
+from worker.policy import Action, Call, Limits, Note, Position, Step, decide
+from worker.runtime import Runtime
+from worker.store.answers import KeptAnswer
+from worker.store.attempts import AttemptClose, PendingAttempt, PricedLike, close_attempt
+
+log = logging.getLogger(__name__)
+
+MAX_BLOCKED_ROUNDS = 3
+# Called (in a job's own task) when a call of the job has taken a provider slot: see
+# worker.transcribe.start_group.
+ON_SLOT: contextvars.ContextVar[Callable[[], None] | None] = contextvars.ContextVar("ON_SLOT", default=None)
+
+
+class Handoff(Exception):
+    """Raised when the chain reaches `local`: the job goes to the local engine's queue."""
+
+
+class Halted(Exception):
+    """Raised instead of starting a call once a sibling chunk has ended the job."""
+
+
+class _ChainBlocked(Exception):
+    """Raised when every usable model was skipped because its circuit is open (not retired)."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+
+class JobEnded(Exception):
+    """Raised when a job cannot be transcribed: it ends with this status, code and message."""
+
+    def __init__(self, status: JobStatus, code: str, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.code = code
+        self.message = message
+
+
+@dataclass
+class Answer:
+    """A transcription of one piece; segment times are relative to the piece's start."""
+
+    text: str
+    segments: list[dict[str, Any]] | None
+    language: str | None
+    model: str
+    attempt_ids: list[uuid.UUID] = field(default_factory=list)
+    # With `run(..., defer_close=True)`: the answering attempt, not yet closed; the caller closes it in
+    # the transaction that stores the transcript (`completion.JobSuccess.close`) or on its way out.
+    pending_close: AttemptClose | None = None
+    kept: bool = False  # stored in `job_answers` with the close of its attempt (see `_kept`)
+
+
+def _relative_segments(answer: Answer, seconds: float) -> list[dict[str, Any]]:
+    if answer.segments:
+        return answer.segments
+    return [{"start": 0.0, "end": seconds, "text": answer.text}] if answer.text.strip() else []
+
+
+def _shift(segments: list[dict[str, Any]], by: float) -> list[dict[str, Any]]:
+    out = []
+    for seg in segments:
+        moved = {**seg, "start": float(seg["start"]) + by, "end": float(seg["end"]) + by}
+        if seg.get("words"):
+            moved["words"] = [
+                {**w, "start": float(w["start"]) + by, "end": float(w["end"]) + by} for w in seg["words"]
+            ]
+        out.append(moved)
+    return out
+
+
+@dataclass
+class _Walk:
+    """A piece's way through the chain so far (one pass of `ChainRunner._run_once`)."""
+
+    blocked: bool = False  # a model was skipped because its circuit is open (not retired)
+    invalid: str | None = None  # an invalid-audio message, from the model at `invalid_at`
+    invalid_at: int = -1
+    empty: Answer | None = None  # an empty transcript, accepted if no later model answers
+    last_error: str | None = None
+
+
+class ChainRunner:
+    """Runs one piece of audio through the model chain, recording every call."""
+
+    def __init__(self, rt: Runtime, *, deadline: float) -> None:
+        self.rt = rt
+        self.settings = rt.settings
+        self.deadline = deadline
+        self.provider = rt.provider()
+        self.circuit = rt.circuit()
+        self.limiter = rt.limiter()
+        self.limits = Limits(
+            max_retries=rt.settings.max_retries, provider_timeout=rt.settings.provider_timeout_seconds
+        )
+        self.rate_limited = bool(rt.settings.model_rpm_limit or rt.settings.model_audio_seconds_per_minute)
+        # Whole files' FLACs read for the group in one round trip (`derived.read_many`), each taken once.
+        self.audio: dict[str, bytes] = {}
+
+    async def run(
+        self,
+        piece: Piece,
+        data: bytes,
+        seconds: float,
+        prompt: str | None,
+        chain: list[str],
+        *,
+        start: int = 0,
+        depth: int = 0,
+        defer_close: bool = False,
+    ) -> Answer:
+        """Transcribe `data` (FLAC, `seconds` long) with the first model of `chain[start:]` that can.
+
+        With `defer_close`, a successful answer's attempt is returned unclosed (`Answer.pending_close`).
+
+        When the chain ran out only because circuits were open (a provider outage the fleet already
+        noticed), wait for them to half-open and go again, up to `MAX_BLOCKED_ROUNDS` times and never past
+        the task's deadline, rather than failing files during a short outage.
+        """
+        rounds = 0
+        while True:
+            try:
+                return await self._run_once(
+                    piece, data, seconds, prompt, chain, start=start, depth=depth, defer_close=defer_close
+                )
+            except _ChainBlocked as blocked:
+                rounds += 1
+                wait = self.settings.circuit_open_seconds * random.uniform(1.0, 1.2)
+                timeout = self.settings.provider_timeout_seconds
+                if rounds > MAX_BLOCKED_ROUNDS or time.monotonic() + wait + timeout > self.deadline:
+                    raise JobEnded(JobStatus.FAILED, ModelUnavailable.code, blocked.message) from None
+                await piece.pause(wait)
+
+    async def _run_once(
+        self,
+        piece: Piece,
+        data: bytes,
+        seconds: float,
+        prompt: str | None,
+        chain: list[str],
+        *,
+        start: int,
+        depth: int,
+        defer_close: bool = False,
+    ) -> Answer:
+        walk = _Walk()
+        for i in range(start, len(chain)):
+            model = chain[i]
+            if model == LOCAL_MODEL:
+                raise Handoff()
+            if walk.invalid is not None and i > walk.invalid_at + 1:
+                break  # only the model right after the one that said invalid audio gets a try
+            if not await self.circuit.allow(model):
+                state = await self.circuit.state(model)
+                walk.blocked = walk.blocked or state != "retired"
+                walk.last_error = f"{model}: circuit {state}"
+                self._fallback(model, chain, i)
+                continue
+            answer = await self._through_model(
+                piece, data, seconds, prompt, chain, i, depth, defer_close, walk
+            )
+            if answer is not None:
+                return answer
+        if walk.invalid is not None:
+            raise JobEnded(JobStatus.FAILED, "invalid_audio", walk.invalid)
+        if walk.empty is not None:
+            return walk.empty
+        message = (
+            f"no model in the chain could transcribe this audio (last: {walk.last_error or 'none tried'})"
+        )
+        if walk.blocked:
+            raise _ChainBlocked(message)
+        raise JobEnded(JobStatus.FAILED, ModelUnavailable.code, message)
+
+    async def _through_model(
+        self,
+        piece: Piece,
+        data: bytes,
+        seconds: float,
+        prompt: str | None,
+        chain: list[str],
+        i: int,
+        depth: int,
+        defer_close: bool,
+        walk: _Walk,
+    ) -> Answer | None:
+        """Call `chain[i]`, again after each retryable failure, and do what the policy decides after each
+        call (worker.policy); the piece's answer, or None to go on with the next model."""
+        model = chain[i]
+        retry = 0
+        while True:
+            raw, err, attempt_id, reserved, latency_ms = await self._call(
+                piece, data, seconds, prompt, model, retry
+            )
+            if raw is not None:
+                call, delay = Call.answer(raw.text), 0.0
+            else:
+                assert err is not None
+                call = Call.error(err)
+                # Drawn here (full jitter) so that `decide` stays a pure function.
+                delay = backoff_delay(
+                    retry + 1,
+                    base=self.settings.retry_base_seconds,
+                    cap=self.settings.retry_max_seconds,
+                    retry_after=err.retry_after,
+                )
+            position = Position(
+                retries=retry,
+                has_next=i + 1 < len(chain),
+                invalid_message=walk.invalid,
+                time_left=self.deadline - time.monotonic(),
+                delay=delay,
+                depth=depth,
+                seconds=seconds,
+            )
+            action = decide(call, position, self.limits)
+            close = self._close_of(
+                action, piece, model, attempt_id, reserved, latency_ms, raw, call, seconds, depth
+            )
+            if raw is None:
+                await self._bookkeep(model, action.note, call)  # an error: noted before the close
+            if action.step != Step.ANSWER or not defer_close:
+                await asyncio.to_thread(close_attempt, **vars(close))
+            if raw is not None:
+                await self._bookkeep(model, action.note, call)  # an answer: its close (what was paid) first
+            if action.step == Step.ANSWER:
+                assert raw is not None
+                pending = close if defer_close else None
+                kept = close.answer is not None
+                return Answer(raw.text, raw.segments, raw.language, model, [attempt_id], pending, kept)
+            if action.step == Step.RETRY:
+                await piece.pause(action.delay)
+                retry += 1
+                continue
+            if action.step == Step.SPLIT:
+                return await self._split(piece, data, seconds, prompt, chain, i, depth)
+            if action.step == Step.FAIL:
+                assert action.fail_code is not None and action.fail_message is not None
+                raise JobEnded(JobStatus.FAILED, action.fail_code, action.fail_message)
+            if action.empty:
+                assert raw is not None
+                walk.empty = Answer(
+                    "", None, raw.language, model, [attempt_id], kept=close.answer is not None
+                )
+                walk.last_error = f"{model}: empty transcript"
+            else:
+                walk.last_error = f"{model}: {call.message}"
+            if action.invalid:
+                walk.invalid, walk.invalid_at = call.message, i
+            self._fallback(model, chain, i)
+            return None
+
+    def _close_of(
+        self,
+        action: Action,
+        piece: Piece,
+        model: str,
+        attempt_id: uuid.UUID,
+        reserved: Decimal,
+        latency_ms: float | None,
+        raw: _RawAnswer | None,
+        call: Call,
+        seconds: float,
+        depth: int,
+    ) -> AttemptClose:
+        """How a call's attempt is closed: the policy's outcome; an answer's price, usage and kept answer."""
+        return AttemptClose(
+            attempt_id=attempt_id,
+            outcome=action.outcome,
+            latency_ms=latency_ms,
+            tenant_id=piece.job.tenant_id,
+            batch_id=piece.job.batch_id,
+            job_id=piece.job.id,
+            model=model,
+            reserved_usd=reserved,
+            http_status=200 if raw is not None else call.http_status,
+            error_code=action.error_code,
+            error_message=None if raw is not None else call.message,
+            priced=self._price(model, raw, seconds) if raw is not None else None,
+            usage=raw.extra_usage if raw is not None else None,
+            answer=_kept(piece, raw, attempt_id, depth) if raw is not None and action.keep else None,
+        )
+
+    async def _bookkeep(self, model: str, note: Note | None, call: Call) -> None:
+        """The circuit's or rate limiter's part of a call's outcome."""
+        if note == Note.SUCCESS:
+            await self._note(self.circuit.record_success(model))
+        elif note == Note.FAILURE:
+            await self._note(self.circuit.record_failure(model))
+        elif note == Note.PENALIZE and call.retry_after:
+            await self._note(self.limiter.penalize(model, call.retry_after))
+        elif note == Note.TRIP:
+            await self._note(self.circuit.trip(model))
+        elif note == Note.RETIRE:
+            await self._note(self.circuit.retire(model))
+
+    async def _note(self, bookkeeping: Awaitable[Any]) -> None:
+        """Circuit and rate-limiter bookkeeping after a call: a Redis blip (a restart) here is logged, and
+        must not throw away an answer already paid for (the job would run and pay again)."""
+        try:
+            await bookkeeping
+        except (RedisError, OSError) as exc:
+            log.warning("circuit/limiter bookkeeping skipped: %s", type(exc).__name__)
+
+    def _fallback(self, model: str, chain: list[str], i: int) -> None:
+        metrics.FALLBACKS.labels(
+            from_model=model, to_model=chain[i + 1] if i + 1 < len(chain) else "none"
+        ).inc()
+
+    def _price(self, model: str, answer: _RawAnswer, seconds: float) -> PricedLike:
+        from core.pricing import price_attempt
+
+        priced: PricedLike = price_attempt(model, answer.extra_usage, seconds)
+        return priced
+
+    async def _call(
+        self, piece: Piece, data: bytes, seconds: float, prompt: str | None, model: str, retry: int
+    ) -> tuple[_RawAnswer | None, ProviderError | None, uuid.UUID, Decimal, float | None]:
+        # Lines logged during the call carry the model and retry number (never the audio or text).
+        with log_context(model=model, retry=retry, chunk=piece.index):
+            return await self._call_in_context(piece, data, seconds, prompt, model, retry)
+
+    async def _call_in_context(
+        self, piece: Piece, data: bytes, seconds: float, prompt: str | None, model: str, retry: int
+    ) -> tuple[_RawAnswer | None, ProviderError | None, uuid.UUID, Decimal, float | None]:
+        if piece.halted:
+            raise Halted()
+        if self.rate_limited:
+            await self.limiter.acquire(model, seconds)  # counts its own waits in metrics
+            if piece.halted:
+                raise Halted()
+        # Without a budget there is nothing to reserve against: skip the round trip.
+        estimate = budget.estimate_usd(model, seconds) if piece.batch.budget_usd is not None else Decimal(0)
+        if estimate and not await asyncio.to_thread(budget.reserve, piece.job.batch_id, estimate):
+            raise JobEnded(
+                JobStatus.SKIPPED,
+                "budget_exceeded",
+                f"the batch's budget of ${piece.batch.budget_usd} would be passed by this file",
+            )
+        # The attempt row is written once a slot is free, so `started_at` is when the call really starts
+        # and a pending attempt older than the provider timeout belongs to a dead worker (see sweeper).
+        async with self.rt.semaphore:
+            if piece.halted:
+                await asyncio.to_thread(budget.release, piece.job.batch_id, estimate)
+                raise Halted()
+            on_slot = ON_SLOT.get()
+            if on_slot is not None:
+                on_slot()
+            attempt_id = uuid7()
+            try:
+                # Shares its INSERT with the other calls starting now (Runtime.attempts).
+                await self.rt.attempts.open(
+                    PendingAttempt(
+                        id=attempt_id,
+                        tenant_id=piece.job.tenant_id,
+                        job_id=piece.job.id,
+                        chunk_index=piece.index,
+                        model=model,
+                        provider=getattr(self.provider, "name", "openai"),
+                        retry_number=retry,
+                        audio_seconds=seconds,
+                        request_bytes=len(data),
+                        worker=self.rt.worker_name,
+                    )
+                )
+            except BaseException:
+                await asyncio.to_thread(budget.release, piece.job.batch_id, estimate)
+                raise
+            bind_log_context(attempt=str(attempt_id))  # undone when _call's log_context exits
+            request = TranscriptionRequest(
+                audio=data,
+                filename=audio.FLAC_FILENAME,
+                content_type=audio.FLAC_CONTENT_TYPE,
+                model=model,
+                audio_seconds=seconds,
+                language=piece.batch.language,
+                prompt=prompt,
+                request_id=str(attempt_id),
+                want_timestamps=True,
+            )
+            started = time.monotonic()
+            try:
+                result = await self.provider.transcribe(request)
+            except ProviderError as exc:
+                return None, exc, attempt_id, estimate, (time.monotonic() - started) * 1000
+            except Exception as exc:  # a bug or an untranslated failure: retry like a transport error
+                log.exception("provider call raised %s", type(exc).__name__)
+                error = ProviderError(
+                    f"unexpected {type(exc).__name__}", kind=ErrorKind.RETRY, code="internal"
+                )
+                return None, error, attempt_id, estimate, (time.monotonic() - started) * 1000
+        raw = _RawAnswer(result.text, result.segments, result.language, model, [attempt_id])
+        raw.extra_usage = result.usage
+        return raw, None, attempt_id, estimate, (time.monotonic() - started) * 1000
+
+    async def _split(
+        self,
+        piece: Piece,
+        data: bytes,
+        seconds: float,
+        prompt: str | None,
+        chain: list[str],
+        i: int,
+        depth: int,
+    ) -> Answer:
+        """Split the piece's audio at its quietest point near the middle; each half through the chain."""
+
+        def halves() -> tuple[bytes, bytes, float]:
+            pcm = audio.decode_flac(data)
+            left, right, cut = audio.split_quietest(pcm)
+            return audio.encode_flac(left), audio.encode_flac(right), cut
+
+        left, right, cut = await asyncio.to_thread(halves)
+        first = await self.run(piece, left, cut, prompt, chain, start=i, depth=depth + 1)
+        second = await self.run(
+            piece,
+            right,
+            seconds - cut,
+            compose_prompt(piece.batch.prompt, first.text),
+            chain,
+            start=i,
+            depth=depth + 1,
+        )
+        segments = _relative_segments(first, cut) + _shift(_relative_segments(second, seconds - cut), cut)
+        return Answer(
+            " ".join(t for t in (first.text.strip(), second.text.strip()) if t),
+            segments,
+            first.language or second.language,
+            second.model,
+            first.attempt_ids + second.attempt_ids,
+        )
+
+
+@dataclass
+class _RawAnswer(Answer):
+    extra_usage: dict[str, Any] | None = None
+
+
+def _kept(piece: Piece, answer: Answer, attempt_id: uuid.UUID, depth: int) -> KeptAnswer | None:
+    """The piece's answer as kept with the close of its attempt (not a half of a split piece: the
+    assembled answer of those is kept once both halves are in)."""
+    if depth:
+        return None
+    return kept_answer(piece, answer, attempt_id)
+
+
+def kept_answer(piece: Piece, answer: Answer, attempt_id: uuid.UUID) -> KeptAnswer:
+    """A piece's answer as `job_answers` keeps it: the piece's bounds, segments in original time."""
+    tmap = audio.TimeMap.from_json(piece.job.time_map)
+    return KeptAnswer(
+        job_id=piece.job.id,
+        index=piece.index,
+        start_seconds=piece.offset,
+        end_seconds=piece.offset + piece.seconds,
+        text=answer.text,
+        segments=audio.map_segments(
+            answer.segments, text=answer.text, offset=piece.offset, duration=piece.seconds, tmap=tmap
+        ),
+        language=answer.language,
+        model=answer.model,
+        attempt_id=attempt_id,
+    )
