@@ -330,12 +330,7 @@ def finish_batch_if_done(batch_id: uuid.UUID) -> FinishedBatch | None:
         ).first()
         if live is not None:
             return None
-        counts: dict[str, int] = {
-            status: int(n)
-            for status, n in session.execute(
-                select(Job.status, func.count()).where(Job.batch_id == batch_id).group_by(Job.status)
-            ).all()
-        }
+        counts = _status_counts(session, batch_id)
         if not counts or any(status not in TERMINAL_VALUES for status in counts):
             return None
         succeeded = counts.get(JobStatus.SUCCEEDED.value, 0)
@@ -365,15 +360,20 @@ def batch_summary(batch_id: uuid.UUID) -> dict[str, Any] | None:
         ).first()
         if batch is None:
             return None
-        counts: dict[str, int] = {
-            status: int(n)
-            for status, n in session.execute(
-                select(Job.status, func.count()).where(Job.batch_id == batch_id).group_by(Job.status)
-            ).all()
-        }
+        counts = _status_counts(session, batch_id)
     return {
         "batch_id": str(batch.id),
         "status": batch.status,
         "counts": {"total": sum(counts.values()), **{k: int(v) for k, v in sorted(counts.items())}},
         "cost_usd": str(batch.cost_usd),
+    }
+
+
+def _status_counts(session: Any, batch_id: uuid.UUID) -> dict[str, int]:
+    """How many of the batch's jobs are in each status."""
+    return {
+        status: int(n)
+        for status, n in session.execute(
+            select(Job.status, func.count()).where(Job.batch_id == batch_id).group_by(Job.status)
+        ).all()
     }

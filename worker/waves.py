@@ -225,6 +225,19 @@ async def _transcribe_job(
                 await asyncio.to_thread(close_attempt, **vars(kept.pending_close))
         raise
     ordered = [results[position] for position in range(len(pieces))]
+    # Written together with the other jobs answered at about the same moment (`Runtime.completions`).
+    done = await rt.completions.succeed(_stitched(job, batch, group_id, ordered, tmap))
+    if done is not None and done.followers:
+        await asyncio.to_thread(
+            completion.job_finished, job.id, job.batch_id, check_batch=False, succeeded=done
+        )
+    return JobStatus.SUCCEEDED.value
+
+
+def _stitched(
+    job: GroupJob, batch: BatchOptions, group_id: uuid.UUID, ordered: list[_Done], tmap: audio.TimeMap
+) -> completion.JobSuccess:
+    """The job's transcript from its pieces' results in order, with the close of a deferred attempt."""
     models = [done.model for done in ordered]
     attempt_ids = [a for done in ordered for a in done.attempt_ids]
     language = next((done.language for done in ordered if done.language), None)
@@ -238,22 +251,14 @@ async def _transcribe_job(
         "trimmed_seconds": round(tmap.trimmed_seconds, 3),
         "original_seconds": job.duration_seconds,
     }
-    # Written together with the other jobs answered at about the same moment (`Runtime.completions`).
-    done = await rt.completions.succeed(
-        completion.JobSuccess(
-            job.id,
-            group_id=group_id,
-            text=text,
-            segments=segments,
-            language=language or batch.language,
-            model=model,
-            attempt_id=attempt_ids[-1] if attempt_ids else None,
-            provenance=provenance,
-            close=next((d.pending_close for d in ordered if d.pending_close is not None), None),
-        )
+    return completion.JobSuccess(
+        job.id,
+        group_id=group_id,
+        text=text,
+        segments=segments,
+        language=language or batch.language,
+        model=model,
+        attempt_id=attempt_ids[-1] if attempt_ids else None,
+        provenance=provenance,
+        close=next((d.pending_close for d in ordered if d.pending_close is not None), None),
     )
-    if done is not None and done.followers:
-        await asyncio.to_thread(
-            completion.job_finished, job.id, job.batch_id, check_batch=False, succeeded=done
-        )
-    return JobStatus.SUCCEEDED.value
