@@ -37,7 +37,7 @@ from core.ids import uuid7
 from core.logs import bind_log_context, log_context
 from core.names import LOCAL_MODEL
 from core.providers.base import ErrorKind, ProviderError, TranscriptionRequest
-from core.statuses import JobStatus
+from core.statuses import CircuitState, JobStatus
 from worker import audio, budget
 from worker.pieces import Piece, compose_prompt
 from worker.policy import Action, Call, Limits, Note, Position, Step, decide
@@ -195,7 +195,7 @@ class ChainRunner:
                 break  # only the model right after the one that said invalid audio gets a try
             if not await self.circuit.allow(model):
                 state = await self.circuit.state(model)
-                walk.blocked = walk.blocked or state != "retired"
+                walk.blocked = walk.blocked or state != CircuitState.RETIRED
                 walk.last_error = f"{model}: circuit {state}"
                 self._fallback(model, chain, i)
                 continue
