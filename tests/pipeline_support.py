@@ -202,9 +202,9 @@ class Pipeline:
 
     def submit(self, job_ids: list[uuid.UUID], priority: str = "normal") -> None:
         """Send prepare tasks the way the API does."""
-        from api.enqueue import enqueue_jobs, reset_producer
+        from api.enqueue import enqueue_jobs, producer
 
-        reset_producer()
+        producer.cache_clear()
         enqueue_jobs(job_ids, priority=priority)
 
     def jobs(self, job_ids: list[uuid.UUID]) -> dict[uuid.UUID, Job]:

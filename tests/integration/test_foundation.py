@@ -16,7 +16,7 @@ from botocore.exceptions import ClientError
 from sqlalchemy import create_engine, inspect, select, text
 
 from core.models import Base, WorkerHeartbeat
-from tests.support import Stack, celery_worker, wait_until
+from tests.support import Stack, celery_worker, follow_settings, wait_until
 from voxq.embedded import create_database, drop_database
 
 
@@ -215,9 +215,9 @@ def test_tasks_sent_in_process_reach_this_stacks_broker(
     with monkeypatch.context() as elsewhere:
         elsewhere.setenv("VOXQ_REDIS_URL", "redis://127.0.0.1:9/0")
         reset_settings_cache()
-        worker.app.follow_settings()
+        follow_settings(worker.app.app)
         assert worker.app.app.conf.broker_url == "redis://127.0.0.1:9/0"
-        assert api.enqueue._producer().conf.broker_url == "redis://127.0.0.1:9/0"  # the API's, cached
+        assert api.enqueue.producer().conf.broker_url == "redis://127.0.0.1:9/0"  # the API's, cached
     stack.reset_process_state()
     send_prepare([uuid.uuid4()], priority="normal")
     api.enqueue.enqueue_jobs([uuid.uuid4()], priority="normal")
