@@ -5,7 +5,7 @@ from __future__ import annotations
 import uuid
 
 import pytest
-from sqlalchemy import select, text
+from sqlalchemy import select, text, update
 
 from api import queries, service
 from api.deps import TenantContext
@@ -33,7 +33,13 @@ def _tenant_with_batch(name: str, status: BatchStatus) -> tuple[TenantContext, u
 @pytest.mark.parametrize("status", [BatchStatus.OPEN, BatchStatus.PROCESSING, BatchStatus.COMPLETED])
 def test_a_batch_that_takes_files_passes(stack: Stack, status: BatchStatus) -> None:
     tenant, batch_id = _tenant_with_batch("a", status)
-    queries.check_accepting(tenant, batch_id)
+    assert queries.check_accepting(tenant, batch_id) is None  # no problem raised: files may be added
+    # The answer is read from the batch's row as it is now: once cancelled, the same call refuses.
+    with session_scope() as session:
+        session.execute(update(Batch).where(Batch.id == batch_id).values(status=BatchStatus.CANCELLED.value))
+    with pytest.raises(Problem) as info:
+        queries.check_accepting(tenant, batch_id)
+    assert (info.value.status, info.value.code) == (409, "batch_cancelled")
 
 
 def test_unknown_other_tenants_and_cancelled_batches_are_refused_as_before(stack: Stack) -> None:

@@ -162,9 +162,19 @@ def test_bucket_created_on_start(stack: Stack) -> None:
 
     bucket = f"voxq-new-{uuid.uuid4().hex[:8]}"
     storage = Storage(Settings(), bucket=bucket)
+
+    def buckets() -> set[str]:
+        return {b["Name"] for b in storage.client.list_buckets()["Buckets"]}
+
+    assert bucket not in buckets()
+    with pytest.raises(ClientError):
+        storage.ping()  # the readiness check fails while the bucket is missing
     storage.ensure_bucket()
-    storage.ensure_bucket()  # idempotent
+    assert bucket in buckets()
     storage.ping()
+    storage.upload_bytes(b"kept", "k")
+    storage.ensure_bucket()  # idempotent: the existing bucket is kept with what it holds
+    assert storage.client.get_object(Bucket=bucket, Key="k")["Body"].read() == b"kept"
 
 
 def test_celery_task_runs_in_real_worker_and_writes_postgres(stack: Stack) -> None:
