@@ -356,22 +356,12 @@ def settle(
     long after its start a call can still be billed.
     """
     from core.db import session_scope
-    from core.pricing import price_attempt
     from core.settings import get_settings
 
     if grace_seconds is None:
         grace_seconds = 2 * get_settings().provider_timeout_seconds + 10
     report = SettlementReport()
-    billed: dict[uuid.UUID, BilledRequest] = {}
-    for line in export:
-        report.billed_requests += 1
-        key = _as_uuid(line.request_id)
-        if key is None:
-            report.unknown.append(line.request_id)
-        elif key in billed:
-            report.mismatched.append(f"{line.request_id} (listed twice)")
-        else:
-            billed[key] = line
+    billed = _index_export(export, report)
     with session_scope() as session:
         unsettled = set(
             session.execute(
@@ -387,57 +377,87 @@ def settle(
     report.unknown += [str(k) for k in billed if k not in known]
     covered_until = until - timedelta(seconds=grace_seconds) if until is not None else None
     for attempt_id in sorted(known | unsettled):
-        entry = billed.get(attempt_id)
-        with session_scope() as session:
-            a = session.execute(
-                select(
-                    Attempt.id,
-                    Attempt.tenant_id,
-                    Attempt.job_id,
-                    Attempt.model,
-                    Attempt.audio_seconds,
-                    Attempt.started_at,
-                    Attempt.settlement,
-                    Attempt.outcome,
-                )
-                .where(Attempt.id == attempt_id)
-                .with_for_update()
-            ).first()
-            if a is None:
-                continue
-            cost = session.execute(select(CostRecord).where(CostRecord.attempt_id == attempt_id)).scalar()
-            batch_id = (
-                session.execute(select(Job.batch_id).where(Job.id == a.job_id)).scalar()
-                if a.job_id is not None
-                else None
-            )
-            if a.outcome == AttemptOutcome.PENDING.value:
-                report.in_flight += 1  # its worker is still waiting: its own close records it
-                continue
-            if entry is not None:
-                priced = price_attempt(entry.model or a.model, entry.usage, a.audio_seconds or 0.0)
-                if a.settlement == Settlement.UNSETTLED.value or cost is None:
-                    if cost is None:
-                        report.charged_missing += 1
-                    else:
-                        report.settled_billed += 1
-                    report.usd_delta += _settle_one(
-                        session, a, batch_id, entry.model or a.model, priced, Settlement.BILLED
-                    )
-                elif _same_usage(cost, priced):
-                    report.already_recorded += 1
-                else:
-                    report.mismatched.append(str(attempt_id))
-                continue
-            if a.settlement != Settlement.UNSETTLED.value:
-                continue  # settled meanwhile (a late answer)
-            started = a.started_at
-            if since is not None and covered_until is not None and since <= started <= covered_until:
-                report.usd_delta += _settle_one(session, a, batch_id, a.model, None, Settlement.NOT_BILLED)
-                report.settled_not_billed += 1
-            else:
-                report.left_unsettled += 1
+        with session_scope() as session:  # one short transaction per attempt
+            _settle_attempt(session, attempt_id, billed.get(attempt_id), report, since, covered_until)
     return report
+
+
+def _index_export(
+    export: Iterable[BilledRequest], report: SettlementReport
+) -> dict[uuid.UUID, BilledRequest]:
+    """The export's lines by attempt id; ids that are not ours and lines listed twice go to the report."""
+    billed: dict[uuid.UUID, BilledRequest] = {}
+    for line in export:
+        report.billed_requests += 1
+        key = _as_uuid(line.request_id)
+        if key is None:
+            report.unknown.append(line.request_id)
+        elif key in billed:
+            report.mismatched.append(f"{line.request_id} (listed twice)")
+        else:
+            billed[key] = line
+    return billed
+
+
+def _settle_attempt(
+    session: Session,
+    attempt_id: uuid.UUID,
+    entry: BilledRequest | None,
+    report: SettlementReport,
+    since: datetime | None,
+    covered_until: datetime | None,
+) -> None:
+    """Settle one attempt (locked) from its export line, or by its absence from a covering export."""
+    from core.pricing import price_attempt
+
+    a = session.execute(
+        select(
+            Attempt.id,
+            Attempt.tenant_id,
+            Attempt.job_id,
+            Attempt.model,
+            Attempt.audio_seconds,
+            Attempt.started_at,
+            Attempt.settlement,
+            Attempt.outcome,
+        )
+        .where(Attempt.id == attempt_id)
+        .with_for_update()
+    ).first()
+    if a is None:
+        return
+    cost = session.execute(select(CostRecord).where(CostRecord.attempt_id == attempt_id)).scalar()
+    batch_id = (
+        session.execute(select(Job.batch_id).where(Job.id == a.job_id)).scalar()
+        if a.job_id is not None
+        else None
+    )
+    if a.outcome == AttemptOutcome.PENDING.value:
+        report.in_flight += 1  # its worker is still waiting: its own close records it
+        return
+    if entry is not None:
+        priced = price_attempt(entry.model or a.model, entry.usage, a.audio_seconds or 0.0)
+        if a.settlement == Settlement.UNSETTLED.value or cost is None:
+            if cost is None:
+                report.charged_missing += 1
+            else:
+                report.settled_billed += 1
+            report.usd_delta += _settle_one(
+                session, a, batch_id, entry.model or a.model, priced, Settlement.BILLED
+            )
+        elif _same_usage(cost, priced):
+            report.already_recorded += 1
+        else:
+            report.mismatched.append(str(attempt_id))
+        return
+    if a.settlement != Settlement.UNSETTLED.value:
+        return  # settled meanwhile (a late answer)
+    started = a.started_at
+    if since is not None and covered_until is not None and since <= started <= covered_until:
+        report.usd_delta += _settle_one(session, a, batch_id, a.model, None, Settlement.NOT_BILLED)
+        report.settled_not_billed += 1
+    else:
+        report.left_unsettled += 1
 
 
 def _settle_one(

@@ -175,60 +175,71 @@ def price_attempt(
 
     prices = table.prices_for(model)
     usage_type = str(usage.get("type")) if isinstance(usage, dict) else "none"
-
     if usage_type == "tokens" and isinstance(usage, dict):
-        input_tokens = _int(usage.get("input_tokens")) or 0
-        output_tokens = _int(usage.get("output_tokens")) or 0
-        details = usage.get("input_token_details")
-        audio_tokens = _int(details.get("audio_tokens")) if isinstance(details, dict) else None
-        text_tokens = _int(details.get("text_tokens")) if isinstance(details, dict) else None
-        if prices is None or not prices.has_token_prices:
-            priced = _per_minute_estimate(table, prices, seconds, "tokens")
-        else:
-            assert prices.audio_input_per_million is not None and prices.output_per_million is not None
-            # Without the split, count every input token as audio (the dearer kind): never understate.
-            split_known = audio_tokens is not None
-            if audio_tokens is None:
-                audio_tokens, text_tokens = input_tokens, 0
-            text_tokens = text_tokens if text_tokens is not None else max(input_tokens - audio_tokens, 0)
-            text_price = prices.text_input_per_million or prices.audio_input_per_million
-            usd = (
-                Decimal(audio_tokens) * prices.audio_input_per_million
-                + Decimal(text_tokens) * text_price
-                + Decimal(output_tokens) * prices.output_per_million
-            ) / MILLION
-            priced = PricedUsage(
-                usd=_q(usd),
-                billed_audio_seconds=seconds,
-                usage_type="tokens",
-                unit_prices={
-                    "audio_input_per_million": str(prices.audio_input_per_million),
-                    "text_input_per_million": str(text_price),
-                    "output_per_million": str(prices.output_per_million),
-                },
-                price_table_version=table.version,
-                estimated=not split_known,
-            )
-        priced.input_tokens = input_tokens
-        priced.input_audio_tokens = audio_tokens
-        priced.input_text_tokens = text_tokens
-        priced.output_tokens = output_tokens
-        return priced
-
+        return _price_tokens(table, prices, usage, seconds)
     if usage_type == "duration" and isinstance(usage, dict):
-        try:
-            billed = max(float(usage.get("seconds") or 0.0), 0.0)
-        except (TypeError, ValueError):
-            return _per_minute_estimate(table, prices, seconds, "none")
-        if prices is None or prices.per_minute is None:
-            return _per_minute_estimate(table, prices, billed, "duration")
-        return PricedUsage(
-            usd=_q(Decimal(str(billed)) * prices.per_minute / SIXTY),
-            billed_audio_seconds=billed,
-            usage_type="duration",
-            unit_prices={"per_minute": str(prices.per_minute)},
-            price_table_version=table.version,
-            estimated=False,
-        )
-
+        return _price_duration(table, prices, usage, seconds)
     return _per_minute_estimate(table, prices, seconds, "none")
+
+
+def _price_tokens(
+    table: PriceTable, prices: ModelPrices | None, usage: dict[str, Any], seconds: float
+) -> PricedUsage:
+    """A `{"type": "tokens"}` usage at the model's per-million prices (per minute when it has none)."""
+    input_tokens = _int(usage.get("input_tokens")) or 0
+    output_tokens = _int(usage.get("output_tokens")) or 0
+    details = usage.get("input_token_details")
+    audio_tokens = _int(details.get("audio_tokens")) if isinstance(details, dict) else None
+    text_tokens = _int(details.get("text_tokens")) if isinstance(details, dict) else None
+    if prices is None or not prices.has_token_prices:
+        priced = _per_minute_estimate(table, prices, seconds, "tokens")
+    else:
+        assert prices.audio_input_per_million is not None and prices.output_per_million is not None
+        # Without the split, count every input token as audio (the dearer kind): never understate.
+        split_known = audio_tokens is not None
+        if audio_tokens is None:
+            audio_tokens, text_tokens = input_tokens, 0
+        text_tokens = text_tokens if text_tokens is not None else max(input_tokens - audio_tokens, 0)
+        text_price = prices.text_input_per_million or prices.audio_input_per_million
+        usd = (
+            Decimal(audio_tokens) * prices.audio_input_per_million
+            + Decimal(text_tokens) * text_price
+            + Decimal(output_tokens) * prices.output_per_million
+        ) / MILLION
+        priced = PricedUsage(
+            usd=_q(usd),
+            billed_audio_seconds=seconds,
+            usage_type="tokens",
+            unit_prices={
+                "audio_input_per_million": str(prices.audio_input_per_million),
+                "text_input_per_million": str(text_price),
+                "output_per_million": str(prices.output_per_million),
+            },
+            price_table_version=table.version,
+            estimated=not split_known,
+        )
+    priced.input_tokens = input_tokens
+    priced.input_audio_tokens = audio_tokens
+    priced.input_text_tokens = text_tokens
+    priced.output_tokens = output_tokens
+    return priced
+
+
+def _price_duration(
+    table: PriceTable, prices: ModelPrices | None, usage: dict[str, Any], seconds: float
+) -> PricedUsage:
+    """A `{"type": "duration"}` usage: its billed seconds at the model's per-minute price."""
+    try:
+        billed = max(float(usage.get("seconds") or 0.0), 0.0)
+    except (TypeError, ValueError):
+        return _per_minute_estimate(table, prices, seconds, "none")
+    if prices is None or prices.per_minute is None:
+        return _per_minute_estimate(table, prices, billed, "duration")
+    return PricedUsage(
+        usd=_q(Decimal(str(billed)) * prices.per_minute / SIXTY),
+        billed_audio_seconds=billed,
+        usage_type="duration",
+        unit_prices={"per_minute": str(prices.per_minute)},
+        price_table_version=table.version,
+        estimated=False,
+    )
