@@ -89,6 +89,7 @@ def test_prometheus_config_scrapes_api_and_workers() -> None:
     assert str(worker_sd["port"]) == config_map["VOXQ_WORKER_METRICS_PORT"]
     for job in jobs.values():
         assert job.get("metrics_path", "/metrics") == "/metrics"
+        assert job["job_name"].startswith("voxq-")  # VoxqTargetDown watches `job=~"voxq-.*"`
     relabel = jobs["voxq-kubernetes-pods"]["relabel_configs"]
     assert relabel[0]["action"] == "keep" and "prometheus_io_scrape" in relabel[0]["source_labels"][0]
 
@@ -105,13 +106,39 @@ def test_alert_rules_parse_and_query_existing_metrics() -> None:
         assert rule["annotations"]["summary"]
         expr = rule["expr"]
         names_used = re.findall(r"\bvoxq_[a-z0-9_]+", expr)
-        assert names_used and all(n in samples for n in names_used), (rule["alert"], names_used)
+        assert all(n in samples for n in names_used), (rule["alert"], names_used)
+        assert names_used or re.match(r"up\{", expr), rule["alert"]  # Prometheus' own `up` otherwise
         for opening, closing in ("()", "[]", "{}"):
             assert expr.count(opening) == expr.count(closing), expr
         for status in re.findall(r'status="([a-z_]+)"', expr):
             assert status in {s.value for s in JobStatus}
         for outcome in re.findall(r'outcome=~?"([a-z_|]+)"', expr):
             assert set(outcome.split("|")) <= {s.value for s in WebhookStatus}
+
+
+def test_an_alert_fires_when_any_scrape_target_is_down() -> None:
+    config = yaml.safe_load((INFRA / "prometheus" / "prometheus.yml").read_text())
+    rules = yaml.safe_load((INFRA / "prometheus" / "alerts.yml").read_text())
+    alerts = {rule["alert"]: rule for group in rules["groups"] for rule in group["rules"]}
+    down = [a for a in alerts.values() if re.fullmatch(r"up\{job=~\"(.+)\"\} == 0", a["expr"])]
+    assert len(down) == 1, "one alert on `up == 0`"
+    (rule,) = down
+    pattern = re.fullmatch(r"up\{job=~\"(.+)\"\} == 0", rule["expr"]).group(1)  # type: ignore[union-attr]
+    for job in config["scrape_configs"]:  # Prometheus anchors label regexes: the whole name must match
+        assert re.fullmatch(pattern, job["job_name"]), job["job_name"]
+    assert rule["labels"]["severity"] == "critical" and rule["for"]
+    assert "{{ $labels.job }}" in rule["annotations"]["summary"]
+
+
+def test_alerts_are_sent_to_an_alertmanager() -> None:
+    text = (INFRA / "prometheus" / "prometheus.yml").read_text()
+    config = yaml.safe_load(text)
+    (manager,) = config["alerting"]["alertmanagers"]
+    targets = [t for sc in manager["static_configs"] for t in sc["targets"]]
+    assert targets and all(re.fullmatch(r"[a-z0-9.-]+:\d+", t) for t in targets), targets
+    # Documented where an operator reads it: what the target is and what happens without one.
+    before = text[: text.index("alerting:")].splitlines()[-4:]
+    assert any("Alertmanager" in line and line.startswith("#") for line in before)
 
 
 # --- Grafana ---------------------------------------------------------------------------------------
