@@ -69,6 +69,22 @@ def by_kind(kind: str) -> dict[str, dict[str, Any]]:
     return {d["metadata"]["name"]: d for _, d in k8s_docs() if d["kind"] == kind}
 
 
+def env_file(name: str) -> dict[str, str]:
+    """A kustomize env file (KEY=VALUE lines, # comments) of infra/k8s."""
+    lines = [line for line in (K8S / name).read_text().splitlines() if line.strip() and line[0] != "#"]
+    return dict(line.split("=", 1) for line in lines)
+
+
+def kustomization() -> dict[str, Any]:
+    loaded: dict[str, Any] = yaml.safe_load((K8S / "kustomization.yaml").read_text())
+    return loaded
+
+
+def generated_secrets() -> dict[str, list[str]]:
+    """The Secrets kustomize generates: name -> the env files they are made from."""
+    return {g["name"]: list(g["envs"]) for g in kustomization()["secretGenerator"]}
+
+
 def containers(deployment: dict[str, Any]) -> list[dict[str, Any]]:
     spec = deployment["spec"]["template"]["spec"]
     return list(spec.get("initContainers", [])) + list(spec["containers"])
@@ -200,9 +216,32 @@ def test_every_manifest_parses_with_kind_and_name() -> None:
 
 
 def test_kustomization_lists_every_manifest() -> None:
-    kustomization = yaml.safe_load((K8S / "kustomization.yaml").read_text())
     files = {p.name for p in K8S.glob("*.yaml")} - {"kustomization.yaml"}
-    assert set(kustomization["resources"]) == files
+    assert set(kustomization()["resources"]) == files
+
+
+def test_kustomization_applies_no_example_secret() -> None:
+    # `kubectl apply -k` must not create Secrets with placeholder values: no Secret manifest is applied;
+    # both are generated from env files the operator writes, which git ignores.
+    for name in kustomization()["resources"]:
+        text = (K8S / name).read_text()
+        assert "change-me" not in text.lower(), name
+        assert all(d["kind"] != "Secret" for d in yaml.safe_load_all(text) if d), name
+    generated = generated_secrets()
+    assert set(generated) == {"voxq-secrets", "voxq-keda-redis"}
+    ignored = (INFRA.parent / ".gitignore").read_text().splitlines()
+    for files in generated.values():
+        for env in files:
+            assert f"infra/k8s/{env}" in ignored, env
+            assert not (K8S / env).exists() or f"infra/k8s/{env}" in ignored
+            # The operator's starting point: the same keys, every value empty (so nothing weak slips by).
+            example = env_file(f"{env}.example")
+            assert example and all(value == "" for value in example.values()), env
+    # KEDA's TriggerAuthentication names its Secret, and kustomize does not rename references in custom
+    # resources: that one keeps its plain name.
+    keda = next(g for g in kustomization()["secretGenerator"] if g["name"] == "voxq-keda-redis")
+    assert keda["options"]["disableNameSuffixHash"] is True
+    assert env_file("keda-redis.env.example").keys() == {"password"}
 
 
 def test_required_workloads_exist() -> None:
@@ -236,7 +275,8 @@ def test_deployment_selectors_and_services_match() -> None:
 def test_env_names_are_settings() -> None:
     known = settings_env_names() | NON_SETTINGS_ENV
     config = by_kind("ConfigMap")["voxq-config"]["data"]
-    secret = by_kind("Secret")["voxq-secrets"]["stringData"]
+    (secret_env,) = generated_secrets()["voxq-secrets"]
+    secret = env_file(f"{secret_env}.example")
     assert set(config) <= known, set(config) - known
     assert set(secret) <= known, set(secret) - known
     # Secrets are not in the ConfigMap.
@@ -262,7 +302,7 @@ def test_env_names_are_settings() -> None:
 
 
 def test_production_refuses_the_example_secrets() -> None:
-    secret = by_kind("Secret")["voxq-secrets"]["stringData"]
+    secret = env_file("secrets.env.example")
     with pytest.raises(ValueError, match="real secret"):
         Settings.model_validate(
             {
@@ -351,5 +391,32 @@ def test_keda_scales_workers_on_transcribe_queue_lengths() -> None:
             assert int(trigger["metadata"]["listLength"]) > 0
             assert trigger["metadata"]["listName"] in names.ALL_QUEUES
             assert trigger["authenticationRef"]["name"] in auth
-    secret_names = {ref["name"] for a in auth.values() for ref in a["spec"]["secretTargetRef"]}
-    assert secret_names <= set(by_kind("Secret"))
+    refs = {(ref["name"], ref["key"]) for a in auth.values() for ref in a["spec"]["secretTargetRef"]}
+    for name, key in refs:
+        (env,) = generated_secrets()[name]
+        assert key in env_file(f"{env}.example"), (name, key)
+
+
+def test_keda_managed_deployments_leave_the_replica_count_to_keda() -> None:
+    deployments = by_kind("Deployment")
+    scaled = {obj["spec"]["scaleTargetRef"]["name"] for obj in by_kind("ScaledObject").values()}
+    assert scaled == {"voxq-worker", "voxq-local-worker"}
+    for name in scaled:
+        # A `replicas:` here would reset KEDA's count on every `kubectl apply`.
+        assert "replicas" not in deployments[name]["spec"], name
+
+
+POD_SECURITY = {"runAsNonRoot": True, "runAsUser": 10001, "fsGroup": 10001}
+CONTAINER_SECURITY = {"allowPrivilegeEscalation": False, "readOnlyRootFilesystem": True}
+
+
+@pytest.mark.parametrize("name", ["voxq-api", "voxq-worker", "voxq-local-worker", "voxq-beat", "voxq-flower"])
+def test_every_pod_runs_with_the_same_security_settings(name: str) -> None:
+    deployment = by_kind("Deployment")[name]
+    spec = deployment["spec"]["template"]["spec"]
+    assert spec["securityContext"] == POD_SECURITY
+    for container in spec["containers"]:
+        assert container["securityContext"] == CONTAINER_SECURITY, container["name"]
+        # A read-only root needs somewhere to write: the data directory (VOXQ_DATA_DIR) is a volume.
+        mounts = {m["mountPath"]: m["name"] for m in container.get("volumeMounts", [])}
+        assert mounts["/var/lib/voxq"] in {v["name"] for v in spec["volumes"]}, container["name"]
