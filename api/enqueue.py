@@ -16,7 +16,8 @@ JOBS_PER_TASK = 50
 
 
 @lru_cache(maxsize=1)
-def _producer() -> Celery:
+def producer() -> Celery:
+    """This process's Celery producer for the configured broker (built once; tests `cache_clear()` it)."""
     settings = get_settings()
     app = Celery("voxq-producer", broker=settings.redis_url)
     app.conf.update(
@@ -27,11 +28,6 @@ def _producer() -> Celery:
     return app
 
 
-def reset_producer() -> None:
-    """Forget the producer (tests switch brokers)."""
-    _producer.cache_clear()
-
-
 def enqueue_jobs(job_ids: Sequence[uuid.UUID | str], *, priority: str = "normal") -> int:
     """Send `prepare` tasks for jobs already marked `queued` in Postgres; returns the task count.
 
@@ -39,7 +35,7 @@ def enqueue_jobs(job_ids: Sequence[uuid.UUID | str], *, priority: str = "normal"
     worker claims each job by compare-and-set.
     """
     ids = [str(j) for j in job_ids]
-    app = _producer()
+    app = producer()
     sent = 0
     for start in range(0, len(ids), JOBS_PER_TASK):
         app.send_task(

@@ -262,6 +262,101 @@ def _boundary(request: Request) -> bytes:
     return params[b"boundary"]
 
 
+class _Parts:
+    """The state of one multipart body being read: the part in progress and everything received so far."""
+
+    def __init__(
+        self,
+        storage: Storage,
+        tenant_id: uuid.UUID,
+        allowed_fields: frozenset[str],
+        hash_only: bool,
+        limit: int,
+    ) -> None:
+        self.storage = storage
+        self.tenant_id = tenant_id
+        self.allowed_fields = allowed_fields
+        self.hash_only = hash_only
+        self.limit = limit
+        self.received = Received()
+        self.writer: _PartWriter | None = None
+        self.headers: dict[bytes, bytes] = {}
+        self.field_name: str | None = None
+        self.field_value = bytearray()
+        self.in_headers = False
+        self.held = 0  # bytes of one-part files kept in memory by this request
+
+    @property
+    def unfinished(self) -> bool:
+        """The body stopped inside a part."""
+        return self.writer is not None or self.in_headers
+
+    async def on_event(self, kind: str, value: Any) -> None:
+        """Act on one parser event, in order: a part begins, a header, data, a part ends."""
+        if kind == "begin":
+            self.headers, self.writer, self.field_name, self.in_headers = {}, None, None, True
+            self.field_value.clear()
+        elif kind == "header":
+            self.headers[value[0]] = value[1]
+        elif kind == "data":
+            self._headers_done()
+            if self.writer is not None:
+                await self.writer.write(value)
+            else:
+                self.field_value += value
+                if len(self.field_value) > MAX_FIELD_BYTES:
+                    raise Problem(422, "field_too_large", f"form field {self.field_name!r} is too large")
+        elif kind == "end":
+            self._headers_done()  # a part with no data at all ends right after its headers
+            await self._end_part()
+
+    def _headers_done(self) -> None:
+        """The part's headers are complete: start a file writer or a form field."""
+        if not self.in_headers:
+            return
+        self.in_headers = False
+        disposition, params = parse_options_header(self.headers.get(b"content-disposition", b""))
+        if disposition != b"form-data" or b"name" not in params:
+            raise Problem(
+                400, "invalid_multipart", "each part needs Content-Disposition: form-data; name=..."
+            )
+        name = params[b"name"].decode("utf-8", errors="replace")
+        if name == FILE_FIELD:
+            if len(self.received.files) >= MAX_FILES_PER_REQUEST:
+                raise Problem(422, "too_many_files", f"at most {MAX_FILES_PER_REQUEST} files per request")
+            key = None if self.hash_only else incoming_key(self.tenant_id)
+            self.writer = _PartWriter(None if self.hash_only else self.storage, key, self.limit)
+        elif name not in self.allowed_fields:
+            raise Problem(422, "unknown_field", f"unknown form field {name!r}")
+        else:
+            self.field_name = name
+
+    async def _end_part(self) -> None:
+        if self.writer is not None:
+            writer = self.writer
+            data = await writer.finish(HOLD_BYTES_PER_REQUEST - self.held)
+            self.held += len(data or b"")
+            filename, ctype = _file_meta(self.headers)
+            self.received.files.append(
+                ReceivedFile(
+                    filename=filename,
+                    content_type=ctype,
+                    temp_key=writer.key if writer.stored else None,
+                    size=writer.size,
+                    sha256=writer.sha.hexdigest(),
+                    data=data,
+                )
+            )
+            self.writer = None
+        elif self.field_name is not None:
+            text = bytes(self.field_value).decode("utf-8", errors="replace")
+            self.received.fields.setdefault(self.field_name, []).append(text)
+
+    async def abort(self) -> None:
+        """Drop the part in progress and every file already written."""
+        await _abort(self.writer, self.storage, self.received)
+
+
 async def receive_multipart(
     request: Request,
     storage: Storage,
@@ -275,13 +370,7 @@ async def receive_multipart(
     check_content_length(request, limit)
     events = _Events()
     parser = MultipartParser(_boundary(request), events.callbacks(), max_header_count=16)  # type: ignore[arg-type]
-    received = Received()
-    writer: _PartWriter | None = None
-    headers: dict[bytes, bytes] = {}
-    field_name: str | None = None
-    field_value = bytearray()
-    in_headers = False
-    held = 0
+    parts = _Parts(storage, tenant_id, allowed_fields, hash_only, limit)
     try:
         async for chunk in request.stream():
             if not chunk:
@@ -291,89 +380,25 @@ async def receive_multipart(
             except MultipartParseError as exc:
                 raise Problem(400, "invalid_multipart", "the multipart body is malformed") from exc
             for kind, value in events.items:
-                if kind == "begin":
-                    headers, writer, field_name, in_headers = {}, None, None, True
-                    field_value.clear()
-                elif kind == "header":
-                    headers[value[0]] = value[1]
-                elif kind == "data":
-                    if in_headers:
-                        writer, field_name = _start_part(
-                            headers, received, storage, tenant_id, allowed_fields, hash_only, limit
-                        )
-                        in_headers = False
-                    if writer is not None:
-                        await writer.write(value)
-                    else:
-                        field_value += value
-                        if len(field_value) > MAX_FIELD_BYTES:
-                            raise Problem(422, "field_too_large", f"form field {field_name!r} is too large")
-                elif kind == "end":
-                    if in_headers:  # a part with no data at all
-                        writer, field_name = _start_part(
-                            headers, received, storage, tenant_id, allowed_fields, hash_only, limit
-                        )
-                        in_headers = False
-                    if writer is not None:
-                        data = await writer.finish(HOLD_BYTES_PER_REQUEST - held)
-                        held += len(data or b"")
-                        filename, ctype = _file_meta(headers)
-                        received.files.append(
-                            ReceivedFile(
-                                filename=filename,
-                                content_type=ctype,
-                                temp_key=writer.key if writer.stored else None,
-                                size=writer.size,
-                                sha256=writer.sha.hexdigest(),
-                                data=data,
-                            )
-                        )
-                        writer = None
-                    elif field_name is not None:
-                        text = bytes(field_value).decode("utf-8", errors="replace")
-                        received.fields.setdefault(field_name, []).append(text)
+                await parts.on_event(kind, value)
             events.items.clear()
         parser.finalize()
     except ClientDisconnect:
-        await _abort(writer, storage, received)
+        await parts.abort()
         raise Problem(400, "client_disconnected", "the client went away during the upload") from None
     except BaseException:
-        await _abort(writer, storage, received)
+        await parts.abort()
         raise
-    if writer is not None or in_headers:
-        await _abort(writer, storage, received)
+    if parts.unfinished:
+        await parts.abort()
         raise Problem(400, "invalid_multipart", "the multipart body ended in the middle of a part")
-    return received
+    return parts.received
 
 
 def _file_meta(headers: dict[bytes, bytes]) -> tuple[str | None, str | None]:
     _, params = parse_options_header(headers.get(b"content-disposition", b""))
     ctype = headers.get(b"content-type")
     return clean_filename(params.get(b"filename")), (ctype.decode("latin-1")[:200] if ctype else None)
-
-
-def _start_part(
-    headers: dict[bytes, bytes],
-    received: Received,
-    storage: Storage,
-    tenant_id: uuid.UUID,
-    allowed_fields: frozenset[str],
-    hash_only: bool,
-    limit: int,
-) -> tuple[_PartWriter | None, str | None]:
-    disposition, params = parse_options_header(headers.get(b"content-disposition", b""))
-    if disposition != b"form-data" or b"name" not in params:
-        raise Problem(400, "invalid_multipart", "each part needs Content-Disposition: form-data; name=...")
-    name = params[b"name"].decode("utf-8", errors="replace")
-    if name == FILE_FIELD:
-        if len(received.files) >= MAX_FILES_PER_REQUEST:
-            raise Problem(422, "too_many_files", f"at most {MAX_FILES_PER_REQUEST} files per request")
-        if hash_only:
-            return _PartWriter(None, None, limit), None
-        return _PartWriter(storage, incoming_key(tenant_id), limit), None
-    if name not in allowed_fields:
-        raise Problem(422, "unknown_field", f"unknown form field {name!r}")
-    return None, name
 
 
 async def _abort(writer: _PartWriter | None, storage: Storage, received: Received) -> None:

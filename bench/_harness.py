@@ -211,9 +211,9 @@ class BenchStack:
 
     def submit(self, job_ids: list[uuid.UUID]) -> None:
         """Send prepare tasks the way the API does."""
-        from api.enqueue import enqueue_jobs, reset_producer
+        from api.enqueue import enqueue_jobs, producer
 
-        reset_producer()
+        producer.cache_clear()  # built for this run's broker
         enqueue_jobs(job_ids, priority="normal")
 
     def count(self, sql: str, **params: Any) -> Any:

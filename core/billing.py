@@ -377,7 +377,7 @@ def settle(
     report.unknown += [str(k) for k in billed if k not in known]
     covered_until = until - timedelta(seconds=grace_seconds) if until is not None else None
     for attempt_id in sorted(known | unsettled):
-        with session_scope() as session:
+        with session_scope() as session:  # one short transaction per attempt
             _settle_attempt(session, attempt_id, billed.get(attempt_id), report, since, covered_until)
     return report
 
@@ -385,7 +385,7 @@ def settle(
 def _index_export(
     export: Iterable[BilledRequest], report: SettlementReport
 ) -> dict[uuid.UUID, BilledRequest]:
-    """The export's requests by attempt id; ids voxq cannot have sent, and duplicates, go to the report."""
+    """The export's lines by attempt id; ids that are not ours and lines listed twice go to the report."""
     billed: dict[uuid.UUID, BilledRequest] = {}
     for line in export:
         report.billed_requests += 1
@@ -407,7 +407,7 @@ def _settle_attempt(
     since: datetime | None,
     covered_until: datetime | None,
 ) -> None:
-    """Settle one attempt (locked) against its export line, or its absence from the covered window."""
+    """Settle one attempt (locked) from its export line, or by its absence from a covering export."""
     from core.pricing import price_attempt
 
     a = session.execute(

@@ -96,11 +96,6 @@ def reset_log_context(token: Token[Mapping[str, object]]) -> None:
     _context.reset(token)
 
 
-def clear_log_context() -> None:
-    """Forget every bound id (a worker does this between tasks)."""
-    _context.set({})
-
-
 @contextmanager
 def log_context(**ids: object) -> Iterator[None]:
     """Records logged inside carry these ids (e.g. `with log_context(job_id=j, model=m):`)."""

@@ -176,7 +176,6 @@ def price_attempt(
 
     prices = table.prices_for(model)
     usage_type = str(usage.get("type")) if isinstance(usage, dict) else "none"
-
     if usage_type == "tokens" and isinstance(usage, dict):
         return _price_tokens(table, prices, usage, seconds)
     if usage_type == "duration" and isinstance(usage, dict):
@@ -187,7 +186,7 @@ def price_attempt(
 def _price_tokens(
     table: PriceTable, prices: ModelPrices | None, usage: dict[str, Any], seconds: float
 ) -> PricedUsage:
-    """A call billed by tokens (gpt-4o(-mini)-transcribe), with its token counts."""
+    """A `{"type": "tokens"}` usage at the model's per-million prices (per minute when it has none)."""
     input_tokens = _int(usage.get("input_tokens")) or 0
     output_tokens = _int(usage.get("output_tokens")) or 0
     details = usage.get("input_token_details")
@@ -230,7 +229,7 @@ def _price_tokens(
 def _price_duration(
     table: PriceTable, prices: ModelPrices | None, usage: dict[str, Any], seconds: float
 ) -> PricedUsage:
-    """A call billed by audio duration (whisper-1, gpt-transcribe)."""
+    """A `{"type": "duration"}` usage: its billed seconds at the model's per-minute price."""
     try:
         billed = max(float(usage.get("seconds") or 0.0), 0.0)
     except (TypeError, ValueError):

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 from alembic import context
-from sqlalchemy import create_engine, pool
+from sqlalchemy import create_engine, pool, text
 
 from core.models import Base
 from core.settings import get_settings
+from migrations import MIGRATION_LOCK_ID
 
 config = context.config
 target_metadata = Base.metadata
@@ -28,6 +29,10 @@ def run_migrations_online() -> None:
     with engine.connect() as connection:
         context.configure(connection=connection, target_metadata=target_metadata, compare_type=True)
         with context.begin_transaction():
+            if connection.dialect.name == "postgresql":
+                # Held until this transaction ends; Alembic reads the current revision after it is
+                # granted, so a run that waited sees what the run before it committed.
+                connection.execute(text("SELECT pg_advisory_xact_lock(:id)"), {"id": MIGRATION_LOCK_ID})
             context.run_migrations()
     engine.dispose()
 

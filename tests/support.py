@@ -17,6 +17,8 @@ from typing import TYPE_CHECKING, Any, TypeVar
 T = TypeVar("T")
 
 if TYPE_CHECKING:
+    from celery import Celery
+
     from core.providers.base import TranscriptionRequest
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -63,16 +65,16 @@ class Stack:
         once imported (a unit test may have imported them under default settings), the worker's Celery
         app and the worker runtime (clients and a settings snapshot, built by the first stage run here).
         """
-        from api.enqueue import reset_producer
+        from api.enqueue import producer
         from core.db import dispose_engine
         from core.settings import reset_settings_cache
 
         reset_settings_cache()
         dispose_engine()
-        reset_producer()
+        producer.cache_clear()
         worker_app = sys.modules.get("worker.app")
         if worker_app is not None:
-            worker_app.follow_settings()
+            follow_settings(worker_app.app)
         worker_runtime = sys.modules.get("worker.runtime")
         if worker_runtime is not None:
             worker_runtime.close_runtime()
@@ -106,6 +108,24 @@ class Stack:
         from core.storage import Storage
 
         Storage().ensure_bucket()
+
+
+def follow_settings(app: Celery) -> None:
+    """Point a Celery app at the current settings' broker if it was built for another one.
+
+    A worker never needs this (its settings are read once, before `worker.app`). A test process does: it
+    imports `worker.app` under one environment (a unit test with defaults) and later runs worker code in
+    process (the sweeper's requeue, a handoff) against servers it started since; without this, those
+    tasks would go to the broker of the first environment. `close()` drops the app's connection pool
+    and a fresh `amqp` its producer pool; both are built again for the new URL on the next send.
+    """
+    from core.settings import get_settings
+
+    url = get_settings().redis_url
+    if app.conf.broker_url != url:
+        app.conf.update(broker_url=url)
+        app.close()
+        del app.amqp
 
 
 def wait_until(check: Callable[[], T], timeout: float = 30.0, interval: float = 0.1, what: str = "") -> T:

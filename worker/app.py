@@ -64,18 +64,3 @@ def make_celery(settings: Settings | None = None) -> Celery:
 
 
 app = make_celery()
-
-
-def follow_settings() -> None:
-    """Point `app` at the current settings' broker if it was built for another one.
-
-    A worker never needs this (its settings are read once, before this module). A test process does: it
-    imports this module under one environment (a unit test with defaults) and later runs worker code in
-    process (the sweeper's requeue, a handoff) against servers it started since; without this, those
-    tasks would go to the broker of the first environment. The old connections are dropped the way
-    Celery drops them after a fork.
-    """
-    url = get_settings().redis_url
-    if app.conf.broker_url != url:
-        app.conf.update(broker_url=url)
-        app._after_fork()  # type: ignore[attr-defined]  # drops its connection and producer pools

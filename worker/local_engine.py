@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import fcntl
+import functools
 import hashlib
 import importlib.util
 import io
@@ -392,27 +393,17 @@ def segments_to_dicts(raw_segments: Any) -> list[dict[str, Any]]:
     return out
 
 
-_provider: LocalProvider | None = None
-_provider_pid: int | None = None
 _provider_lock = threading.Lock()
+
+
+@functools.lru_cache(maxsize=1)
+def provider_of_process(pid: int) -> LocalProvider:
+    """The LocalProvider of process `pid`: one per process (a forked child's own pid evicts its parent's)."""
+    return LocalProvider()
 
 
 def get_local_provider() -> LocalProvider:
     """This process's LocalProvider (a forked child gets its own; the model is never shared across fork)."""
-    global _provider, _provider_pid
-    pid = os.getpid()
-    if _provider is not None and _provider_pid == pid:
-        return _provider
+    # The lock makes the first call the only one that builds it (lru_cache may run a miss twice).
     with _provider_lock:
-        if _provider is None or _provider_pid != pid:
-            _provider = LocalProvider()
-            _provider_pid = pid
-        return _provider
-
-
-def reset_local_provider() -> None:
-    """Forget this process's provider (tests that change local-model settings)."""
-    global _provider, _provider_pid
-    with _provider_lock:
-        _provider = None
-        _provider_pid = None
+        return provider_of_process(os.getpid())

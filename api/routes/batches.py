@@ -13,21 +13,13 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Query, Request
 from fastapi.encoders import jsonable_encoder
 from fastapi.responses import JSONResponse
-from sqlalchemy import select, update
 from starlette.concurrency import run_in_threadpool
 
-from api import service
+from api import queries, service
 from api.deps import SessionDep, SessionRoute, StorageDep, TenantContext, TenantDep
-from api.ingest import (
-    AcceptedFile,
-    Received,
-    accept_files,
-    clean_filename,
-    incoming_key,
-    ingest_multipart,
-)
+from api.ingest import Received, accept_files, incoming_key, ingest_multipart
 from api.locks import object_lock
-from api.probe import ProbeResult, probe_s3_object
+from api.probe import probe_s3_object
 from api.problems import COMMON_PROBLEMS, UPLOAD_PROBLEMS, Problem, from_voxq_error, problem_responses
 from api.schemas import (
     BatchCreate,
@@ -43,11 +35,10 @@ from api.schemas import (
     UploadOut,
 )
 from core import metrics
-from core.db import session_scope
 from core.errors import AudioError
-from core.models import Batch, Job
+from core.models import Job
 from core.settings import get_settings
-from core.statuses import JOB_TERMINAL, BatchStatus, JobStatus
+from core.statuses import BatchStatus, JobStatus
 from core.storage import Storage, content_key, parse_s3_uri
 
 # Objects of one import request checked at once (S3 round trips, not CPU).
@@ -78,11 +69,7 @@ MULTIPART_FILES_BODY: dict[str, Any] = {
 @router.post("", status_code=201, response_model=BatchOut)
 def create_batch(body: BatchCreate, tenant: TenantDep, session: SessionDep) -> BatchOut:
     """Create a batch; add files to it, then submit (or set `auto_submit`)."""
-    service.check_webhook(body)
-    batch = service.new_batch(tenant, body, auto_submit=body.auto_submit)
-    session.add(batch)
-    session.commit()
-    return service.batch_out(batch, {})
+    return service.create_batch(session, tenant, body)
 
 
 @router.get("", response_model=BatchPage)
@@ -91,29 +78,16 @@ def list_batches(
     session: SessionDep,
     status: BatchStatus | None = None,
     cursor: str | None = None,
-    limit: Annotated[int, Query(ge=1, le=service.MAX_PAGE)] = service.DEFAULT_PAGE,
+    limit: Annotated[int, Query(ge=1, le=queries.MAX_PAGE)] = queries.DEFAULT_PAGE,
 ) -> BatchPage:
     """The tenant's batches, newest first, optionally of one status; pass `next_cursor` back as `cursor`."""
-    after = service.decode_cursor(cursor)
-    query = select(Batch).where(Batch.tenant_id == tenant.tenant_id)
-    if status is not None:
-        query = query.where(Batch.status == status.value)
-    if after is not None:
-        query = query.where(Batch.id < after)
-    batches = list(session.scalars(query.order_by(Batch.id.desc()).limit(limit + 1)).all())
-    more = len(batches) > limit
-    batches = batches[:limit]
-    counts = service.status_counts(session, [b.id for b in batches])
-    return BatchPage(
-        items=[service.batch_out(b, counts[b.id]) for b in batches],
-        next_cursor=service.encode_cursor(batches[-1].id) if more else None,
-    )
+    return queries.batch_page(session, tenant, status, cursor, limit)
 
 
 @router.get("/{batch_id}", response_model=BatchOut)
 def get_batch(batch_id: uuid.UUID, tenant: TenantDep, session: SessionDep) -> BatchOut:
     """A batch's status, counts per job status, progress, audio and billed seconds, and cost so far."""
-    return service.load_batch_out(session, service.get_batch(session, tenant, batch_id))
+    return queries.load_batch_out(session, queries.get_batch(session, tenant, batch_id))
 
 
 @router.get("/{batch_id}/jobs", response_model=JobPage)
@@ -123,26 +97,10 @@ def list_jobs(
     session: SessionDep,
     status: JobStatus | None = None,
     cursor: str | None = None,
-    limit: Annotated[int, Query(ge=1, le=service.MAX_PAGE)] = service.DEFAULT_PAGE,
+    limit: Annotated[int, Query(ge=1, le=queries.MAX_PAGE)] = queries.DEFAULT_PAGE,
 ) -> JobPage:
     """A batch's jobs in upload order, optionally only those in one status."""
-    service.get_batch(session, tenant, batch_id)
-    after = service.decode_cursor(cursor)
-    query = select(Job).where(
-        Job.batch_id == batch_id, Job.tenant_id == tenant.tenant_id, Job.deleted_at.is_(None)
-    )
-    if status is not None:
-        query = query.where(Job.status == status.value)
-    if after is not None:
-        query = query.where(Job.id > after)
-    jobs = list(session.scalars(query.order_by(Job.id).limit(limit + 1)).all())
-    more = len(jobs) > limit
-    jobs = jobs[:limit]
-    attempts = service.attempt_counts(session, [j.id for j in jobs])
-    return JobPage(
-        items=[service.job_out(j, attempts.get(j.id, 0)) for j in jobs],
-        next_cursor=service.encode_cursor(jobs[-1].id) if more else None,
-    )
+    return queries.job_page(session, tenant, batch_id, status, cursor, limit)
 
 
 @router.post(
@@ -156,7 +114,7 @@ async def upload_files(
     batch_id: uuid.UUID, request: Request, tenant: TenantDep, storage: StorageDep
 ) -> JSONResponse:
     """Upload one or many `file` parts; each is streamed to S3, probed, and becomes one job."""
-    await run_in_threadpool(service.check_accepting, tenant, batch_id)
+    await run_in_threadpool(queries.check_accepting, tenant, batch_id)
     return await ingest_multipart(
         request,
         tenant.tenant_id,
@@ -170,25 +128,9 @@ def _add_files(
     tenant: TenantContext, storage: Storage, batch_id: uuid.UUID, received: Received
 ) -> tuple[int, dict[str, Any]]:
     """Accept the received files into the batch (queued at once with `auto_submit`); blocking."""
-
-    def record(accepted: list[AcceptedFile]) -> tuple[UploadOut, list[uuid.UUID], str]:
-        with session_scope() as session:
-            batch = service.get_batch(session, tenant, batch_id, lock=True)
-            service.ensure_accepting(batch)
-            jobs = service.add_jobs(session, batch, accepted)
-            queued: list[uuid.UUID] = []
-            if batch.auto_submit:
-                queued = service.mark_queued(
-                    session, batch, [JobStatus.UPLOADED.value], job_ids=[j.id for j in jobs]
-                )
-            for job in jobs:
-                if job.id in queued:
-                    job.status = JobStatus.QUEUED.value
-            out = UploadOut(batch_id=batch_id, jobs=[service.job_brief(j) for j in jobs])
-            return out, queued, batch.priority
-
-    out, queued, priority = accept_files(storage, tenant.tenant_id, received, record)
-    service.enqueue_or_revert(queued, priority, JobStatus.UPLOADED.value)
+    record = partial(service.record_uploads, tenant, batch_id)
+    out, queued = accept_files(storage, tenant.tenant_id, received, record)
+    service.enqueue_or_revert(queued, JobStatus.UPLOADED.value)
     return 201, jsonable_encoder(out)
 
 
@@ -206,22 +148,8 @@ def create_presigned_upload(
     limit = get_settings().max_upload_bytes
     if body.bytes > limit:
         raise Problem(413, "file_too_large", f"a file may be at most {limit} bytes (VOXQ_MAX_UPLOAD_BYTES)")
-    batch = service.get_batch(session, tenant, batch_id)
-    service.ensure_accepting(batch)
     key = incoming_key(tenant.tenant_id)
-    job = Job(
-        tenant_id=tenant.tenant_id,
-        batch_id=batch.id,
-        object_key=key,
-        filename=clean_filename(body.filename),
-        bytes=body.bytes,
-        sha256=body.sha256,
-        content_type=body.content_type,
-        status=JobStatus.PENDING_UPLOAD.value,
-        priority=batch.priority,
-    )
-    session.add(job)
-    session.commit()
+    job = service.add_presigned_job(session, tenant, batch_id, body, key)
     expires = get_settings().s3_presign_expiry_seconds
     url = storage.presign_put(key, expires=expires, content_type=body.content_type)
     headers = {"Content-Type": body.content_type} if body.content_type else {}
@@ -244,8 +172,7 @@ def import_objects(
 ) -> ImportOut:
     """Add audio already in a bucket listed in `VOXQ_IMPORT_BUCKETS`, by reference (no re-upload)."""
     allowed = set(get_settings().import_buckets)
-    with session_scope() as session:
-        service.ensure_accepting(service.get_batch(session, tenant, batch_id))
+    queries.check_accepting(tenant, batch_id)
     for uri in body.s3_uris:  # refuse foreign buckets before touching any object
         bucket, _ = parse_s3_uri(uri)
         if bucket not in allowed:
@@ -254,42 +181,12 @@ def import_objects(
     with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="voxq-import") as pool:
         futures = [pool.submit(_probe_import, storage, uri) for uri in body.s3_uris]
         found = [future.result() for future in futures]  # the first bad URI (in order) is reported
-    now = datetime.now(UTC)
-    with session_scope() as session:
-        batch = service.get_batch(session, tenant, batch_id, lock=True)
-        service.ensure_accepting(batch)
-        jobs = []
-        for uri, key, ctype, size, result in found:
-            job = Job(
-                tenant_id=tenant.tenant_id,
-                batch_id=batch.id,
-                source_uri=uri,
-                filename=key.rsplit("/", 1)[-1],
-                bytes=size,
-                content_type=ctype or None,
-                duration_seconds=result.duration_seconds,
-                codec=result.codec,
-                sample_rate=result.sample_rate,
-                channels=result.channels,
-                status=JobStatus.UPLOADED.value,
-                priority=batch.priority,
-                uploaded_at=now,
-            )
-            session.add(job)
-            jobs.append(job)
-        session.flush()
-        queued: list[uuid.UUID] = []
-        if batch.auto_submit:
-            queued = service.mark_queued(session, batch, [JobStatus.UPLOADED.value], [j.id for j in jobs])
-            for job in jobs:
-                job.status = JobStatus.QUEUED.value
-        priority = batch.priority
-        out = ImportOut(batch_id=batch.id, jobs=[service.job_brief(j) for j in jobs])
-    service.enqueue_or_revert(queued, priority, JobStatus.UPLOADED.value)
+    out, queued = service.record_imports(tenant, batch_id, found)
+    service.enqueue_or_revert(queued, JobStatus.UPLOADED.value)
     return out
 
 
-def _probe_import(storage: Storage, uri: str) -> tuple[str, str, str, int, ProbeResult]:
+def _probe_import(storage: Storage, uri: str) -> service.ImportedObject:
     """Check one object to import: exists, not empty, not too big, decodable audio."""
     bucket, key = parse_s3_uri(uri)
     head = storage.head(key, bucket=bucket)
@@ -306,49 +203,27 @@ def _probe_import(storage: Storage, uri: str) -> tuple[str, str, str, int, Probe
         problem = from_voxq_error(exc)
         problem.detail = f"{uri}: {exc.message}"
         raise problem from exc
-    return uri, key, str(head.get("ContentType") or ""), size, result
+    return service.ImportedObject(uri, key, str(head.get("ContentType") or "") or None, size, result)
 
 
 @router.post("/{batch_id}/submit", status_code=202, response_model=SubmitOut)
 def submit_batch(batch_id: uuid.UUID, tenant: TenantDep, storage: StorageDep) -> SubmitOut:
     """Verify presigned uploads, then queue every uploaded job of the batch."""
-    with session_scope() as session:
-        batch = service.get_batch(session, tenant, batch_id)
-        service.ensure_accepting(batch)
-        pending = list(
-            session.scalars(
-                select(Job).where(
-                    Job.batch_id == batch_id,
-                    Job.status == JobStatus.PENDING_UPLOAD.value,
-                    Job.deleted_at.is_(None),
-                )
-            ).all()
-        )
     rejected: list[RejectedJob] = []
     waiting: list[uuid.UUID] = []
-    for job in pending:
+    for job in queries.pending_uploads(tenant, batch_id):
         verdict = _verify_presigned(storage, tenant, job)
         if verdict == "waiting":
             waiting.append(job.id)
         elif isinstance(verdict, RejectedJob):
             rejected.append(verdict)
-    with session_scope() as session:
-        batch = service.get_batch(session, tenant, batch_id, lock=True)
-        service.ensure_accepting(batch)
-        ids = service.mark_queued(session, batch, [JobStatus.UPLOADED.value])
-        priority = batch.priority
-        if not ids and not rejected and not waiting:
-            has_jobs = session.scalar(select(Job.id).where(Job.batch_id == batch_id).limit(1))
-            if has_jobs is None:
-                raise Problem(409, "batch_empty", "the batch has no files to submit")
-    service.enqueue_or_revert(ids, priority, JobStatus.UPLOADED.value)
-    with session_scope() as session:
-        status = service.get_batch(session, tenant, batch_id).status
+    queued = service.submit_uploaded(tenant, batch_id, others=bool(rejected or waiting))
+    service.enqueue_or_revert(queued, JobStatus.UPLOADED.value)
     return SubmitOut(
         batch_id=batch_id,
-        status=status,
-        queued=len(ids),
-        job_ids=ids,
+        status=queries.batch_status(tenant, batch_id),
+        queued=len(queued.job_ids),
+        job_ids=queued.job_ids,
         rejected=rejected,
         waiting_for_upload=waiting,
     )
@@ -379,18 +254,7 @@ def _verify_presigned(storage: Storage, tenant: TenantContext, job: Job) -> Reje
     now = datetime.now(UTC)
     if code or result is None:
         storage.delete(job.object_key)
-        with session_scope() as session:
-            session.execute(
-                update(Job)
-                .where(Job.id == job.id, Job.status == JobStatus.PENDING_UPLOAD.value)
-                .values(
-                    status=JobStatus.FAILED.value,
-                    error_code=code,
-                    error_message=message,
-                    object_key=None,
-                    finished_at=now,
-                )
-            )
+        service.reject_presigned(job.id, code, message, now)
         return RejectedJob(job_id=job.id, code=code, message=message)
     key = job.object_key
     with ExitStack() as locked:
@@ -399,7 +263,7 @@ def _verify_presigned(storage: Storage, tenant: TenantContext, job: Job) -> Reje
             locked.enter_context(object_lock(key))  # see api.locks: an upload vs a delete of the same audio
             if storage.head(key) is None:
                 storage.copy(job.object_key, key)
-        updated = _mark_presigned_uploaded(job, key, result, now)
+        updated = service.mark_presigned_uploaded(job.id, key, result, now)
     if updated:
         metrics.UPLOADED_BYTES.inc(size)
         metrics.AUDIO_SUBMITTED_SECONDS.inc(result.duration_seconds)
@@ -408,62 +272,20 @@ def _verify_presigned(storage: Storage, tenant: TenantContext, job: Job) -> Reje
     return None
 
 
-def _mark_presigned_uploaded(job: Job, key: str, result: ProbeResult, now: datetime) -> bool:
-    with session_scope() as session:
-        updated = session.execute(
-            update(Job)
-            .where(Job.id == job.id, Job.status == JobStatus.PENDING_UPLOAD.value)
-            .values(
-                status=JobStatus.UPLOADED.value,
-                object_key=key,
-                duration_seconds=result.duration_seconds,
-                codec=result.codec,
-                sample_rate=result.sample_rate,
-                channels=result.channels,
-                uploaded_at=now,
-            )
-        )
-    return bool(updated.rowcount)  # type: ignore[attr-defined]
-
-
 @router.post("/{batch_id}/cancel", response_model=BatchOut)
 def cancel_batch(batch_id: uuid.UUID, tenant: TenantDep, session: SessionDep) -> BatchOut:
     """Cancel every job not finished yet; workers check the status before writing results."""
-    batch = service.get_batch(session, tenant, batch_id, lock=True)
-    now = datetime.now(UTC)
-    session.execute(
-        update(Job)
-        .where(
-            Job.batch_id == batch_id,
-            Job.status.not_in([s.value for s in JOB_TERMINAL]),
-            Job.deleted_at.is_(None),
-        )
-        .values(status=JobStatus.CANCELLED.value, finished_at=now)
-    )
-    if batch.status not in (BatchStatus.COMPLETED.value, BatchStatus.FAILED.value):
-        batch.status = BatchStatus.CANCELLED.value
-        batch.completed_at = now
-    session.commit()
-    return service.load_batch_out(session, batch)
+    return service.cancel_batch(session, tenant, batch_id)
 
 
 @router.post("/{batch_id}/retry-failed", status_code=202, response_model=SubmitOut)
 def retry_failed(batch_id: uuid.UUID, tenant: TenantDep) -> SubmitOut:
     """Queue the batch's failed jobs again (presigned uploads that failed verification cannot be retried)."""
-    with session_scope() as session:
-        batch = service.get_batch(session, tenant, batch_id, lock=True)
-        service.ensure_accepting(batch)
-        retryable = select(Job.id).where(
-            Job.batch_id == batch_id,
-            Job.status == JobStatus.FAILED.value,
-            (Job.object_key.is_not(None)) | (Job.source_uri.is_not(None)),
-            Job.deleted_at.is_(None),
-        )
-        ids = service.mark_queued(
-            session, batch, [JobStatus.FAILED.value], job_ids=list(session.scalars(retryable).all())
-        )
-        priority = batch.priority
-    service.enqueue_or_revert(ids, priority, JobStatus.FAILED.value)
-    with session_scope() as session:
-        status = service.get_batch(session, tenant, batch_id).status
-    return SubmitOut(batch_id=batch_id, status=status, queued=len(ids), job_ids=ids)
+    queued = service.retry_failed(tenant, batch_id)
+    service.enqueue_or_revert(queued, JobStatus.FAILED.value)
+    return SubmitOut(
+        batch_id=batch_id,
+        status=queries.batch_status(tenant, batch_id),
+        queued=len(queued.job_ids),
+        job_ids=queued.job_ids,
+    )

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import uuid
-from datetime import UTC, datetime
 from functools import partial
 from typing import Any
 
@@ -12,18 +11,14 @@ from fastapi import APIRouter, Request, Response
 from fastapi.encoders import jsonable_encoder
 from fastapi.responses import JSONResponse, PlainTextResponse
 from pydantic import ValidationError
-from sqlalchemy import delete, func, select, update
 
-from api import service
+from api import queries, service
 from api.deps import SessionDep, SessionRoute, StorageDep, TenantContext, TenantDep, run_polled
-from api.ingest import AcceptedFile, Received, accept_files, discard, ingest_multipart
-from api.locks import object_locks
+from api.ingest import Received, accept_files, discard, ingest_multipart
 from api.problems import COMMON_PROBLEMS, UPLOAD_PROBLEMS, Problem
-from api.schemas import AttemptList, AttemptOut, BatchOptions, JobOut, TranscriptFormat
+from api.schemas import AttemptList, BatchOptions, JobOut, TranscriptFormat
 from api.transcripts import render
-from core.db import session_scope
-from core.models import Attempt, CostRecord, Job, JobAnswer, JobChunk, Transcript
-from core.statuses import JOB_TERMINAL, JobStatus
+from core.statuses import JobStatus
 from core.storage import Storage
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"], responses=COMMON_PROBLEMS, route_class=SessionRoute)
@@ -107,20 +102,9 @@ def create_single_job(
     except Problem:
         discard(storage, received)
         raise
-
-    def record(accepted: list[AcceptedFile]) -> tuple[JobOut, list[uuid.UUID], str]:
-        with session_scope() as session:
-            batch = service.new_batch(tenant, options, auto_submit=True)
-            session.add(batch)
-            session.flush()
-            jobs = service.add_jobs(session, batch, accepted)
-            ids = service.mark_queued(session, batch, [JobStatus.UPLOADED.value], [j.id for j in jobs])
-            session.flush()
-            session.refresh(jobs[0])
-            return service.job_out(jobs[0], 0), ids, batch.priority
-
-    out, ids, priority = accept_files(storage, tenant.tenant_id, received, record)
-    service.enqueue_or_revert(ids, priority, JobStatus.UPLOADED.value)
+    record = partial(service.record_single_job, tenant, options)
+    out, queued = accept_files(storage, tenant.tenant_id, received, record)
+    service.enqueue_or_revert(queued, JobStatus.UPLOADED.value)
     return 202, jsonable_encoder(out)
 
 
@@ -129,7 +113,7 @@ async def get_job(job_id: uuid.UUID, tenant: TenantDep) -> JobOut:
     """A job's status, error, probe results, producing model, attempt count, cost and dedupe link."""
     # The polled endpoint: one hop to the poll thread, one query, the connection back before the answer
     # is built.
-    return await run_polled(service.read_job_out, tenant, job_id)
+    return await run_polled(queries.read_job_out, tenant, job_id)
 
 
 @router.get(
@@ -149,14 +133,8 @@ def get_transcript(
     job_id: uuid.UUID, tenant: TenantDep, session: SessionDep, format: TranscriptFormat = "txt"
 ) -> Response:
     """The transcript as txt, json, srt or vtt (srt/vtt need timestamps: 409 otherwise)."""
-    job = service.get_job(session, tenant, job_id)
-    transcript = session.scalar(select(Transcript).where(Transcript.job_id == job.id))
-    if transcript is None and job.deduplicated_from_id is not None:
-        transcript = session.scalar(
-            select(Transcript).where(
-                Transcript.job_id == job.deduplicated_from_id, Transcript.tenant_id == tenant.tenant_id
-            )
-        )
+    job = queries.get_job(session, tenant, job_id)
+    transcript = queries.find_transcript(session, tenant, job)
     if transcript is None:
         raise Problem(409, "transcript_not_ready", f"the job is {job.status}; no transcript yet")
     body, media_type = render(job, transcript, format)
@@ -168,51 +146,13 @@ def get_transcript(
 @router.get("/{job_id}/attempts", response_model=AttemptList)
 def list_attempts(job_id: uuid.UUID, tenant: TenantDep, session: SessionDep) -> AttemptList:
     """Every provider call made for the job, oldest first, with what each cost."""
-    job = service.get_job(session, tenant, job_id)
-    rows = session.execute(
-        select(Attempt, CostRecord.usd, CostRecord.estimated)
-        .outerjoin(CostRecord, CostRecord.attempt_id == Attempt.id)
-        .where(Attempt.job_id == job.id, Attempt.tenant_id == tenant.tenant_id)
-        .order_by(Attempt.started_at, Attempt.id)
-    ).all()
-    return AttemptList(
-        items=[
-            AttemptOut(
-                id=a.id,
-                model=a.model,
-                provider=a.provider,
-                chunk_index=a.chunk_index,
-                retry_number=a.retry_number,
-                outcome=a.outcome,
-                http_status=a.http_status,
-                error_code=a.error_code,
-                error_message=a.error_message,
-                audio_seconds=a.audio_seconds,
-                latency_ms=a.latency_ms,
-                started_at=a.started_at,
-                ended_at=a.ended_at,
-                cost_usd=float(cost) if cost is not None else None,
-                estimated=estimated,
-            )
-            for a, cost, estimated in rows
-        ]
-    )
+    return queries.attempt_list(session, tenant, job_id)
 
 
 @router.post("/{job_id}/cancel", response_model=JobOut)
 def cancel_job(job_id: uuid.UUID, tenant: TenantDep, session: SessionDep) -> JobOut:
     """Cancel a job that has not finished (a processing job's worker sees it before writing)."""
-    job = service.get_job(session, tenant, job_id)
-    result = session.execute(
-        update(Job)
-        .where(Job.id == job.id, Job.status.not_in([s.value for s in JOB_TERMINAL]))
-        .values(status=JobStatus.CANCELLED.value, finished_at=datetime.now(UTC))
-    )
-    if not result.rowcount:  # type: ignore[attr-defined]
-        raise Problem(409, "job_not_cancellable", f"the job is already {job.status}")
-    session.commit()
-    session.refresh(job)
-    return service.load_job_out(session, job)
+    return queries.load_job_out(session, service.cancel_job(session, tenant, job_id))
 
 
 @router.delete("/{job_id}", status_code=204)
@@ -221,44 +161,5 @@ def delete_job(job_id: uuid.UUID, tenant: TenantDep, storage: StorageDep) -> Res
 
     Audio shared with another live job of the tenant (same content) stays until that job is deleted too.
     """
-    with session_scope() as session:
-        object_key = service.get_job(session, tenant, job_id).object_key
-    # The object's lock keeps an upload of the same audio from committing a job that uses it between
-    # our "who else uses it" count and the delete.
-    with object_locks([object_key] if object_key else []):
-        _delete_job_locked(job_id, tenant, storage)
+    service.delete_job(tenant, storage, job_id)
     return Response(status_code=204)
-
-
-def _delete_job_locked(job_id: uuid.UUID, tenant: TenantContext, storage: Storage) -> None:
-    now = datetime.now(UTC)
-    with session_scope() as session:
-        job = service.get_job(session, tenant, job_id)
-        session.execute(update(Job).where(Job.id == job.id, Job.deleted_at.is_(None)).values(deleted_at=now))
-        if job.status not in JOB_TERMINAL:
-            session.execute(
-                update(Job).where(Job.id == job.id).values(status=JobStatus.CANCELLED.value, finished_at=now)
-            )
-        session.execute(delete(Transcript).where(Transcript.job_id == job.id))
-        session.execute(delete(JobAnswer).where(JobAnswer.job_id == job.id))  # kept paid answers: text too
-        chunk_keys = [
-            k for k in session.scalars(select(JobChunk.object_key).where(JobChunk.job_id == job.id)) if k
-        ]
-        session.execute(delete(JobChunk).where(JobChunk.job_id == job.id))
-        object_key = job.object_key
-    keys = list(chunk_keys)
-    if object_key is not None:
-        with session_scope() as session:
-            shared = session.scalar(
-                select(func.count()).where(
-                    Job.tenant_id == tenant.tenant_id,
-                    Job.object_key == object_key,
-                    Job.deleted_at.is_(None),
-                )
-            )
-        if not shared:
-            keys.append(object_key)
-    for key in keys:
-        storage.delete(key)
-    with session_scope() as session:
-        session.execute(update(Job).where(Job.id == job_id).values(object_key=None, filename=None))

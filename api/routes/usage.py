@@ -3,16 +3,14 @@
 from __future__ import annotations
 
 from datetime import UTC, date, datetime, time, timedelta
-from typing import Annotated, Any
+from typing import Annotated
 
 from fastapi import APIRouter, Query
-from sqlalchemy import case, cast, func, select
-from sqlalchemy.types import Date, String
 
+from api import queries
 from api.deps import SessionDep, SessionRoute, TenantDep
 from api.problems import COMMON_PROBLEMS, Problem
-from api.schemas import GroupBy, UsageOut, UsageRow
-from core.models import CostRecord
+from api.schemas import GroupBy, UsageOut
 
 router = APIRouter(prefix="/v1", tags=["usage"], responses=COMMON_PROBLEMS, route_class=SessionRoute)
 
@@ -49,35 +47,7 @@ def usage(
     start = _bound(from_, end - DEFAULT_WINDOW, end=False, name="from")
     if start >= end:
         raise Problem(400, "invalid_range", "`from` must be before `to`")
-    key: Any
-    if group_by == "day":
-        key = cast(cast(func.timezone("UTC", CostRecord.created_at), Date), String)
-    elif group_by == "model":
-        key = CostRecord.model
-    else:
-        key = func.coalesce(cast(CostRecord.batch_id, String), "none")
-    rows = session.execute(
-        select(
-            key.label("key"),
-            func.coalesce(func.sum(CostRecord.usd), 0),
-            func.coalesce(func.sum(CostRecord.billed_audio_seconds), 0.0),
-            func.count(),
-            func.coalesce(func.sum(case((CostRecord.estimated, CostRecord.usd), else_=0)), 0),
-        )
-        .where(
-            CostRecord.tenant_id == tenant.tenant_id,
-            CostRecord.created_at >= start,
-            CostRecord.created_at < end,
-        )
-        .group_by(key)
-        .order_by(key)
-    ).all()
-    items = [
-        UsageRow(
-            key=str(k), cost_usd=float(c), billed_seconds=float(s), records=int(n), estimated_usd=float(e)
-        )
-        for k, c, s, n, e in rows
-    ]
+    items = queries.usage_rows(session, tenant, start, end, group_by)
     out = UsageOut(
         from_=start,
         to=end,

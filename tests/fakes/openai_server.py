@@ -15,6 +15,9 @@ What it bills (usage):
   user audio at about 1 token per 100 ms), text_tokens = ceil(len(prompt) / 4),
   output_tokens = ceil(len(text) / 4) + 1 (the end token), input = audio + text, total = input + output.
 - whisper-1 and gpt-transcribe: `{"type": "duration", "seconds": ceil(seconds)}`.
+Each billed request also says what it cost, `usd` (a decimal string, 8 places), from the fake's own
+list prices (`LIST_PRICES`, FACTS.md; kept apart from voxq's price tables on purpose, so tests check
+voxq's costs against what the provider says it charged); None for a model it has no price for.
 Only successful answers are billed; every billed answer is in `billing_log()` with the caller's
 X-Client-Request-Id. A request that hangs (a scripted timeout) is never answered and never billed, and
 neither is one whose client hangs up during the configured latency (request log code
@@ -49,6 +52,7 @@ import time
 import uuid
 from collections import deque
 from dataclasses import asdict, dataclass, field
+from decimal import Decimal
 from typing import Any
 
 import anyio.to_thread
@@ -66,6 +70,17 @@ SUPPORTED_EXTENSIONS = ("flac", "m4a", "mp3", "mp4", "mpeg", "mpga", "oga", "ogg
 JSON_ONLY_MODELS = ("gpt-4o-transcribe", "gpt-4o-mini-transcribe", "gpt-transcribe")
 TOKEN_MODELS = ("gpt-4o-transcribe", "gpt-4o-mini-transcribe")
 AUDIO_TOKENS_PER_SECOND = 10
+# USD: token prices per 1M tokens, `per_minute` per minute of billed audio (OpenAI's list prices, Nov 2026).
+LIST_PRICES: dict[str, dict[str, Decimal]] = {
+    "gpt-4o-mini-transcribe": {
+        "audio_in": Decimal("3.00"),
+        "text_in": Decimal("1.25"),
+        "out": Decimal("5.00"),
+    },
+    "gpt-4o-transcribe": {"audio_in": Decimal("6.00"), "text_in": Decimal("2.50"), "out": Decimal("10.00")},
+    "whisper-1": {"per_minute": Decimal("0.006")},
+    "gpt-transcribe": {"per_minute": Decimal("0.0045")},
+}
 SAMPLE_RATE = 16_000
 MAX_DECODE_SECONDS = 4 * 3600
 
@@ -229,6 +244,26 @@ def find_tones(samples: np.ndarray, rate: int) -> list[tuple[float, float, int]]
         freq = peak * rate / n_fft
         found.append((start * frame / rate, end * frame / rate, round(freq / 10.0) * 10))
     return found
+
+
+def billed_usd(model: str, usage: dict[str, Any]) -> str | None:
+    """What the fake charges for one answer with this `usage`, from `LIST_PRICES`; None if unpriced."""
+    known = [name for name in LIST_PRICES if model == name or model.startswith(name + "-")]
+    if not known:
+        return None
+    prices = LIST_PRICES[max(known, key=len)]
+    if usage["type"] == "tokens" and "audio_in" in prices:
+        details = usage["input_token_details"]
+        usd = (
+            details["audio_tokens"] * prices["audio_in"]
+            + details["text_tokens"] * prices["text_in"]
+            + usage["output_tokens"] * prices["out"]
+        ) / 1_000_000
+    elif usage["type"] == "duration" and "per_minute" in prices:
+        usd = Decimal(usage["seconds"]) * prices["per_minute"] / 60
+    else:
+        return None
+    return str(usd.quantize(Decimal("0.00000001")))
 
 
 def _error(
@@ -739,6 +774,7 @@ class FakeOpenAI:
                         "model": model,
                         "audio_seconds": decoded.duration,
                         "usage": usage,
+                        "usd": billed_usd(model, usage),
                         "text": text,
                         "ts": time.time(),
                     }

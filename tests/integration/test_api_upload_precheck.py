@@ -1,13 +1,13 @@
-"""The upload routes' early batch check (`service.check_accepting`) against real Postgres."""
+"""The upload routes' early batch check (`queries.check_accepting`) against real Postgres."""
 
 from __future__ import annotations
 
 import uuid
 
 import pytest
-from sqlalchemy import select, text
+from sqlalchemy import select, text, update
 
-from api import service
+from api import queries, service
 from api.deps import TenantContext
 from api.problems import Problem
 from api.schemas import BatchOptions
@@ -33,7 +33,13 @@ def _tenant_with_batch(name: str, status: BatchStatus) -> tuple[TenantContext, u
 @pytest.mark.parametrize("status", [BatchStatus.OPEN, BatchStatus.PROCESSING, BatchStatus.COMPLETED])
 def test_a_batch_that_takes_files_passes(stack: Stack, status: BatchStatus) -> None:
     tenant, batch_id = _tenant_with_batch("a", status)
-    service.check_accepting(tenant, batch_id)
+    assert queries.check_accepting(tenant, batch_id) is None  # no problem raised: files may be added
+    # The answer is read from the batch's row as it is now: once cancelled, the same call refuses.
+    with session_scope() as session:
+        session.execute(update(Batch).where(Batch.id == batch_id).values(status=BatchStatus.CANCELLED.value))
+    with pytest.raises(Problem) as info:
+        queries.check_accepting(tenant, batch_id)
+    assert (info.value.status, info.value.code) == (409, "batch_cancelled")
 
 
 def test_unknown_other_tenants_and_cancelled_batches_are_refused_as_before(stack: Stack) -> None:
@@ -47,13 +53,13 @@ def test_unknown_other_tenants_and_cancelled_batches_are_refused_as_before(stack
         (cancelled_owner, cancelled, 409, "batch_cancelled"),
     ]:
         with pytest.raises(Problem) as info:
-            service.check_accepting(who, batch_id)
+            queries.check_accepting(who, batch_id)
         assert info.value.status == status and info.value.code == code
         # The same answers as the route's locked check after the body (get_batch + ensure_accepting).
         with session_scope() as session, pytest.raises(Problem) as again:
-            service.ensure_accepting(service.get_batch(session, who, batch_id))
+            queries.ensure_accepting(queries.get_batch(session, who, batch_id))
         assert (again.value.status, again.value.code) == (status, code)
-    service.check_accepting(other, others_batch)
+    queries.check_accepting(other, others_batch)
 
 
 def _owner(batch_id: uuid.UUID) -> uuid.UUID:
@@ -67,7 +73,7 @@ def test_the_autocommit_check_leaves_pooled_connections_transactional(stack: Sta
     tenant, batch_id = _tenant_with_batch("a", BatchStatus.OPEN)
     engine = get_engine()
     engine.dispose()  # one pooled connection from here on: the check's, then the session's below
-    service.check_accepting(tenant, batch_id)
+    queries.check_accepting(tenant, batch_id)
     assert engine.pool.checkedin() == 1
     with engine.connect() as conn:
         assert conn.connection.dbapi_connection.autocommit is False  # type: ignore[union-attr]

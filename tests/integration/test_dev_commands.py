@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import socket
+import subprocess
+import sys
 import time
 import uuid
 from datetime import UTC, datetime, timedelta
@@ -10,7 +12,8 @@ from datetime import UTC, datetime, timedelta
 from sqlalchemy import create_engine, inspect, text
 
 from core.models import Base
-from tests.support import Stack, celery_worker, run_voxq, wait_until
+from migrations import MIGRATION_LOCK_ID
+from tests.support import REPO_ROOT, Stack, celery_worker, run_voxq, wait_until
 from voxq.embedded import create_database, drop_database, free_port
 
 
@@ -27,6 +30,59 @@ def test_migrate_brings_a_new_database_to_head(stack: Stack, postgres_admin_url:
             assert conn.execute(text("SELECT version_num FROM alembic_version")).scalar()
         # Idempotent: compose runs it on every `up`.
         assert run_voxq(["migrate"], stack.child_env(VOXQ_DATABASE_URL=url)).returncode == 0
+    finally:
+        engine.dispose()
+        drop_database(postgres_admin_url, name)
+
+
+# Sessions of this database waiting for an advisory lock.
+WAITING_FOR_THE_LOCK = text(
+    "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted"
+    " AND database = (SELECT oid FROM pg_database WHERE datname = current_database())"
+)
+
+
+def test_concurrent_migrates_take_turns_on_a_fresh_database(stack: Stack, postgres_admin_url: str) -> None:
+    """Two replicas' init containers run `voxq migrate` at once: both succeed, the schema is made once.
+
+    Without the advisory lock the two race to create the same tables and one fails (IntegrityError on
+    Postgres' catalog) nearly every time.
+    """
+    name = f"voxq_cli_race_{uuid.uuid4().hex[:8]}"
+    url = create_database(postgres_admin_url, name)
+    engine = create_engine(url)
+    env = stack.child_env(VOXQ_DATABASE_URL=url)
+    try:
+        # The test holds the lock first, so both runs are certainly waiting at the same time.
+        with engine.connect() as holder:
+            holder.execute(text("SELECT pg_advisory_lock(:id)"), {"id": MIGRATION_LOCK_ID})
+            procs = [
+                subprocess.Popen(
+                    [sys.executable, "-m", "voxq.cli", "migrate", "--timeout", "30"],
+                    cwd=REPO_ROOT,
+                    env=env,
+                    stdout=subprocess.PIPE,
+                    stderr=subprocess.PIPE,
+                    text=True,
+                )
+                for _ in range(2)
+            ]
+
+            def waiting() -> int:
+                with engine.connect() as conn:
+                    return int(conn.execute(WAITING_FOR_THE_LOCK).scalar_one())
+
+            wait_until(lambda: waiting() == 2, timeout=60, interval=0.2, what="both migrates to wait")
+            assert {t.name for t in Base.metadata.sorted_tables}.isdisjoint(inspect(engine).get_table_names())
+            holder.execute(text("SELECT pg_advisory_unlock(:id)"), {"id": MIGRATION_LOCK_ID})
+            holder.commit()
+        results = [(p.wait(timeout=120), *p.communicate()) for p in procs]
+        for code, out, err in results:
+            assert code == 0, err[-2000:]
+            assert "database at head" in out
+        assert {t.name for t in Base.metadata.sorted_tables} <= set(inspect(engine).get_table_names())
+        with engine.connect() as conn:
+            assert len(conn.execute(text("SELECT version_num FROM alembic_version")).all()) == 1
     finally:
         engine.dispose()
         drop_database(postgres_admin_url, name)

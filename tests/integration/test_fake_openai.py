@@ -177,7 +177,9 @@ def test_provider_round_trip_usage_prices_and_billing_log(fake_openai: FakeOpenA
     assert mini.extra["provider_request_id"] == billed["a1"]["x_request_id"]
     priced = price_attempt(MINI, mini.usage, 1.6, version="2026-11")
     assert priced.usd > 0 and not priced.estimated
+    assert Decimal(billed["a1"]["usd"]) == priced.usd  # the fake's own list prices agree with voxq's table
     assert price_attempt("whisper-1", whisper.usage, 1.6, version="2026-11").usd == Decimal("0.00020000")
+    assert billed["a2"]["usd"] == "0.00020000"  # 2 billed seconds at $0.006/min
 
 
 def test_provider_error_translation_against_the_fake(fake_openai: FakeOpenAI) -> None:

@@ -16,7 +16,7 @@ from botocore.exceptions import ClientError
 from sqlalchemy import create_engine, inspect, select, text
 
 from core.models import Base, WorkerHeartbeat
-from tests.support import Stack, celery_worker, wait_until
+from tests.support import Stack, celery_worker, follow_settings, wait_until
 from voxq.embedded import create_database, drop_database
 
 
@@ -162,9 +162,19 @@ def test_bucket_created_on_start(stack: Stack) -> None:
 
     bucket = f"voxq-new-{uuid.uuid4().hex[:8]}"
     storage = Storage(Settings(), bucket=bucket)
+
+    def buckets() -> set[str]:
+        return {b["Name"] for b in storage.client.list_buckets()["Buckets"]}
+
+    assert bucket not in buckets()
+    with pytest.raises(ClientError):
+        storage.ping()  # the readiness check fails while the bucket is missing
     storage.ensure_bucket()
-    storage.ensure_bucket()  # idempotent
+    assert bucket in buckets()
     storage.ping()
+    storage.upload_bytes(b"kept", "k")
+    storage.ensure_bucket()  # idempotent: the existing bucket is kept with what it holds
+    assert storage.client.get_object(Bucket=bucket, Key="k")["Body"].read() == b"kept"
 
 
 def test_celery_task_runs_in_real_worker_and_writes_postgres(stack: Stack) -> None:
@@ -215,9 +225,9 @@ def test_tasks_sent_in_process_reach_this_stacks_broker(
     with monkeypatch.context() as elsewhere:
         elsewhere.setenv("VOXQ_REDIS_URL", "redis://127.0.0.1:9/0")
         reset_settings_cache()
-        worker.app.follow_settings()
+        follow_settings(worker.app.app)
         assert worker.app.app.conf.broker_url == "redis://127.0.0.1:9/0"
-        assert api.enqueue._producer().conf.broker_url == "redis://127.0.0.1:9/0"  # the API's, cached
+        assert api.enqueue.producer().conf.broker_url == "redis://127.0.0.1:9/0"  # the API's, cached
     stack.reset_process_state()
     send_prepare([uuid.uuid4()], priority="normal")
     api.enqueue.enqueue_jobs([uuid.uuid4()], priority="normal")

@@ -35,7 +35,7 @@ from worker.local_engine import (
     decode_audio,
     get_local_provider,
     prepare_bundled_model,
-    reset_local_provider,
+    provider_of_process,
     resolve_model,
 )
 
@@ -146,7 +146,7 @@ def test_process_singleton_is_lazy_and_shared(monkeypatch: pytest.MonkeyPatch) -
     from core.settings import reset_settings_cache
 
     reset_settings_cache()
-    reset_local_provider()
+    provider_of_process.cache_clear()  # a provider built under other settings is not this test's
     try:
         first = get_local_provider()
         assert first is get_local_provider()
@@ -155,7 +155,7 @@ def test_process_singleton_is_lazy_and_shared(monkeypatch: pytest.MonkeyPatch) -
         assert first.concurrency == 2
         assert first.cpu_threads == max(1, len(os.sched_getaffinity(0)) // 2)
     finally:
-        reset_local_provider()
+        provider_of_process.cache_clear()
         reset_settings_cache()
 
 

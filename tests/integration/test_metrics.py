@@ -47,7 +47,7 @@ STATUS_COUNTS = {JobStatus.QUEUED: 7, JobStatus.PROCESSING: 3, JobStatus.SUCCEED
 
 def seed_fleet(stack: Stack) -> dict[str, object]:
     """Jobs in several statuses, real Celery messages waiting, an open circuit, a live worker, costs."""
-    from api.enqueue import enqueue_jobs, reset_producer
+    from api.enqueue import enqueue_jobs, producer
     from core.db import session_scope
     from worker.circuit import CircuitBreaker
 
@@ -102,10 +102,10 @@ def seed_fleet(stack: Stack) -> dict[str, object]:
                 worker="w-gone@host", pid=2, queues=[], started_at=now, last_seen_at=now - timedelta(hours=1)
             )
         )
-    reset_producer()
+    producer.cache_clear()
     # 120 jobs -> 3 prepare tasks (50 per task): real messages in the ingest list.
     tasks = enqueue_jobs(queued * 17 + queued[:1])
-    reset_producer()
+    producer.cache_clear()
 
     async def trip() -> None:
         import redis.asyncio as aioredis

@@ -33,6 +33,11 @@ USAGE = {
     "output_tokens": 7,
     "total_tokens": 137,
 }
+# What those calls cost at the 2026-11 list prices of gpt-4o-mini-transcribe, worked out by hand (not with
+# voxq's pricing): the estimate is 12 s at $0.003/min; the exact cost is 120 audio tokens at $3.00/M, 10
+# text tokens at $1.25/M and 7 output tokens at $5.00/M = $0.0004075.
+ESTIMATE_USD = Decimal("0.00060000")
+EXACT_USD = Decimal("0.00040750")
 
 
 def _job(budget_usd: Decimal | None = None) -> JobRows:
@@ -79,20 +84,20 @@ def _assert_totals_match_records(job_ids: list[uuid.UUID], batch_id: uuid.UUID) 
 def test_a_late_answer_replaces_the_sweepers_estimate_with_the_exact_cost(stack: Stack) -> None:
     tenant_id, batch_id, job_id = _job(budget_usd=Decimal("10"))
     # The worker reserved the call's estimate against the budget, started the call, then went quiet.
-    estimate = price_attempt(MODEL, None, 12.0).usd
+    estimate = price_attempt(MODEL, None, 12.0).usd  # what the worker reserves
+    assert estimate == ESTIMATE_USD
     assert budget.reserve(batch_id, estimate)
     attempt_id = _attempt(tenant_id, job_id, started=datetime.now(UTC) - timedelta(hours=1))
     assert sweep().abandoned_attempts == 1
     (charged,) = _costs(attempt_id)
-    assert charged.estimated and charged.usd == estimate
+    assert charged.estimated and charged.usd == ESTIMATE_USD
     assert _row(Attempt, attempt_id).settlement == Settlement.UNSETTLED.value
-    assert _row(Batch, batch_id).committed_usd == estimate  # the reservation became the estimate
+    assert _row(Batch, batch_id).committed_usd == ESTIMATE_USD  # the reservation became the estimate
     # A second sweep changes nothing (the abandon is a compare-and-set on `pending`).
     assert sweep().abandoned_attempts == 0
 
     # The answer arrives after all: exact usage wins, only the difference moves the totals.
-    exact = price_attempt(MODEL, USAGE, 12.0)
-    assert exact.usd != estimate
+    exact = price_attempt(MODEL, USAGE, 12.0)  # as the worker prices the answer it got
     attempts.close_attempt(
         attempt_id,
         outcome=AttemptOutcome.SUCCESS,
@@ -107,7 +112,7 @@ def test_a_late_answer_replaces_the_sweepers_estimate_with_the_exact_cost(stack:
         usage=USAGE,
     )
     (cost,) = _costs(attempt_id)
-    assert not cost.estimated and cost.usd == exact.usd
+    assert not cost.estimated and cost.usd == EXACT_USD
     assert (cost.usage_type, cost.input_tokens, cost.output_tokens, cost.input_audio_tokens) == (
         "tokens",
         130,
@@ -116,8 +121,8 @@ def test_a_late_answer_replaces_the_sweepers_estimate_with_the_exact_cost(stack:
     )
     attempt = _row(Attempt, attempt_id)
     assert (attempt.outcome, attempt.settlement) == (AttemptOutcome.SUCCESS.value, Settlement.BILLED.value)
-    assert _row(Job, job_id).cost_usd == exact.usd
-    assert _row(Batch, batch_id).committed_usd == exact.usd
+    assert _row(Job, job_id).cost_usd == EXACT_USD
+    assert _row(Batch, batch_id).committed_usd == EXACT_USD
     _assert_totals_match_records([job_id], batch_id)
 
 
@@ -203,17 +208,18 @@ def test_settlement_makes_estimates_exact_or_removes_them_and_reports_strangers(
     assert "billed without a cost record, charged now: 1" in out
 
     (cost,) = _costs(billed)
-    exact = price_attempt(MODEL, USAGE, 12.0)
-    assert not cost.estimated and cost.usd == exact.usd and cost.output_tokens == 7
+    assert not cost.estimated and cost.usd == EXACT_USD and cost.output_tokens == 7
     assert _row(Attempt, billed).settlement == Settlement.BILLED.value
     assert _costs(unbilled) == []
     gone = _row(Attempt, unbilled)
     assert (gone.outcome, gone.settlement) == (AttemptOutcome.ABANDONED.value, Settlement.NOT_BILLED.value)
     # Started before the export's range: its fate is still unknown, the estimate stays.
     (kept,) = _costs(before_range)
-    assert kept.estimated and _row(Attempt, before_range).settlement == Settlement.UNSETTLED.value
+    assert kept.estimated and kept.usd == ESTIMATE_USD
+    assert _row(Attempt, before_range).settlement == Settlement.UNSETTLED.value
     (late,) = _costs(timed_out)
     assert not late.estimated and late.output_tokens == 9
+    assert late.usd == EXACT_USD + Decimal("0.00001000")  # two more output tokens at $5.00/M
     _assert_totals_match_records([job_a, job_b], batch_id)
 
     # Idempotent: settling the same export again changes nothing.

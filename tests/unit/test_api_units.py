@@ -12,7 +12,7 @@ from api.idempotency import canonical_json, request_hash, valid_key
 from api.ingest import clean_filename
 from api.main import create_app
 from api.problems import Problem
-from api.service import decode_cursor, encode_cursor
+from api.queries import decode_cursor, encode_cursor
 from api.transcripts import render, to_srt, to_vtt
 from core.models import Job, Transcript
 

@@ -151,10 +151,53 @@ def test_published_ports_bind_loopback_only() -> None:
             assert str(port).startswith("127.0.0.1:"), f"{name} publishes {port} beyond loopback"
 
 
+def _redis_config() -> dict[str, str]:
+    """The redis.conf compose mounts into the redis service: directive -> value."""
+    redis = SERVICES["redis"]
+    (mount,) = redis["configs"]
+    assert _command(redis) == ["redis-server", mount["target"]]
+    content = COMPOSE["configs"][mount["source"]]["content"]
+    lines = [
+        line.strip() for line in content.splitlines() if line.strip() and not line.lstrip().startswith("#")
+    ]
+    return dict(line.split(None, 1) for line in lines)
+
+
 def test_redis_never_evicts() -> None:
-    command = _command(SERVICES["redis"])
-    assert command[command.index("--maxmemory-policy") + 1] == "noeviction"
-    assert "--requirepass" in command
+    config = _redis_config()
+    assert config["maxmemory-policy"] == "noeviction"
+    assert config["appendonly"] == "yes"
+
+
+def test_redis_password_is_in_its_config_not_on_a_command_line() -> None:
+    # Any process on the host can read a command line (ps); the config file is the container's.
+    config = _redis_config()
+    assert config["requirepass"].startswith("${REDIS_PASSWORD:?")
+    redis = SERVICES["redis"]
+    assert not any("REDIS_PASSWORD" in part or "requirepass" in part for part in _command(redis))
+    # redis-cli (the healthcheck) reads the password from REDISCLI_AUTH, not from `-a` in its argv.
+    assert _environment(redis)["REDISCLI_AUTH"].startswith("${REDIS_PASSWORD:?")
+    assert redis["healthcheck"]["test"] == ["CMD", "redis-cli", "ping"]
+    for name, service in SERVICES.items():
+        for part in _command(service) + [str(p) for p in service.get("healthcheck", {}).get("test", [])]:
+            assert "REDIS_PASSWORD" not in part and "requirepass" not in part, name
+
+
+@pytest.mark.parametrize("service", ["minio", "bucket-init"])
+def test_minio_images_are_pinned_to_a_release(service: str) -> None:
+    image = SERVICES[service]["image"]
+    repository, _, tag = image.rpartition(":")
+    assert repository.rsplit("/", 2)[-2:] == ["minio", "minio" if service == "minio" else "mc"]
+    assert re.fullmatch(r"RELEASE\.\d{4}-\d\d-\d\dT\d\d-\d\d-\d\dZ", tag), image
+
+
+def test_every_image_names_a_version() -> None:
+    for name, service in SERVICES.items():
+        image = service.get("image")
+        if image is None or image.startswith("${IMAGE"):  # voxq's own image, built from this commit
+            continue
+        tag = image.rpartition(":")[2] if ":" in image.rsplit("/", 1)[-1] else ""
+        assert tag and tag != "latest", f"{name}: {image} is not pinned"
 
 
 def test_flower_requires_basic_auth() -> None:

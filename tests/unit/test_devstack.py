@@ -7,7 +7,6 @@ import re
 from decimal import Decimal
 from pathlib import Path
 
-import pytest
 from pydantic import SecretStr
 
 from voxq.cli.demo import SAMPLES_DIR, cost_table, load_samples, progress_line
@@ -119,19 +118,3 @@ def test_cost_table_sums_per_model_and_in_total() -> None:
     assert rows["(failed)"] == ["1", "0.0", "0.0", "0.000000"]
     assert rows["total"] == ["4", "100.0", "92.0", "0.004500"]
     assert Decimal(rows["total"][3]) == Decimal("0.0045")
-
-
-def test_a_busy_port_is_refused_before_anything_starts(tmp_path: Path) -> None:
-    import socket
-
-    from core.errors import ConfigError
-    from voxq.embedded import free_port
-
-    with socket.socket() as busy:
-        busy.bind(("127.0.0.1", 0))
-        busy.listen()
-        port = busy.getsockname()[1]
-        stack = DevStack(tmp_path / "data", api_port=free_port(), flower_port=port, env={"PATH": "/bin"})
-        with pytest.raises(ConfigError, match=f"port {port} for the Flower is in use"):
-            stack.start()
-    assert not (tmp_path / "data" / "postgres").exists()  # nothing was started

@@ -42,8 +42,8 @@ def exposed_samples() -> dict[str, str]:
     for value in vars(metrics).values():
         if not isinstance(value, MetricWrapperBase):
             continue
-        family = value._name
-        kind = value._type
+        (described,) = value.describe()
+        family, kind = described.name, described.type
         if kind == "counter":
             samples[family + "_total"] = family
         elif kind == "histogram":
@@ -69,6 +69,22 @@ def by_kind(kind: str) -> dict[str, dict[str, Any]]:
     return {d["metadata"]["name"]: d for _, d in k8s_docs() if d["kind"] == kind}
 
 
+def env_file(name: str) -> dict[str, str]:
+    """A kustomize env file (KEY=VALUE lines, # comments) of infra/k8s."""
+    lines = [line for line in (K8S / name).read_text().splitlines() if line.strip() and line[0] != "#"]
+    return dict(line.split("=", 1) for line in lines)
+
+
+def kustomization() -> dict[str, Any]:
+    loaded: dict[str, Any] = yaml.safe_load((K8S / "kustomization.yaml").read_text())
+    return loaded
+
+
+def generated_secrets() -> dict[str, list[str]]:
+    """The Secrets kustomize generates: name -> the env files they are made from."""
+    return {g["name"]: list(g["envs"]) for g in kustomization()["secretGenerator"]}
+
+
 def containers(deployment: dict[str, Any]) -> list[dict[str, Any]]:
     spec = deployment["spec"]["template"]["spec"]
     return list(spec.get("initContainers", [])) + list(spec["containers"])
@@ -89,6 +105,7 @@ def test_prometheus_config_scrapes_api_and_workers() -> None:
     assert str(worker_sd["port"]) == config_map["VOXQ_WORKER_METRICS_PORT"]
     for job in jobs.values():
         assert job.get("metrics_path", "/metrics") == "/metrics"
+        assert job["job_name"].startswith("voxq-")  # VoxqTargetDown watches `job=~"voxq-.*"`
     relabel = jobs["voxq-kubernetes-pods"]["relabel_configs"]
     assert relabel[0]["action"] == "keep" and "prometheus_io_scrape" in relabel[0]["source_labels"][0]
 
@@ -105,13 +122,39 @@ def test_alert_rules_parse_and_query_existing_metrics() -> None:
         assert rule["annotations"]["summary"]
         expr = rule["expr"]
         names_used = re.findall(r"\bvoxq_[a-z0-9_]+", expr)
-        assert names_used and all(n in samples for n in names_used), (rule["alert"], names_used)
+        assert all(n in samples for n in names_used), (rule["alert"], names_used)
+        assert names_used or re.match(r"up\{", expr), rule["alert"]  # Prometheus' own `up` otherwise
         for opening, closing in ("()", "[]", "{}"):
             assert expr.count(opening) == expr.count(closing), expr
         for status in re.findall(r'status="([a-z_]+)"', expr):
             assert status in {s.value for s in JobStatus}
         for outcome in re.findall(r'outcome=~?"([a-z_|]+)"', expr):
             assert set(outcome.split("|")) <= {s.value for s in WebhookStatus}
+
+
+def test_an_alert_fires_when_any_scrape_target_is_down() -> None:
+    config = yaml.safe_load((INFRA / "prometheus" / "prometheus.yml").read_text())
+    rules = yaml.safe_load((INFRA / "prometheus" / "alerts.yml").read_text())
+    alerts = {rule["alert"]: rule for group in rules["groups"] for rule in group["rules"]}
+    down = [a for a in alerts.values() if re.fullmatch(r"up\{job=~\"(.+)\"\} == 0", a["expr"])]
+    assert len(down) == 1, "one alert on `up == 0`"
+    (rule,) = down
+    pattern = re.fullmatch(r"up\{job=~\"(.+)\"\} == 0", rule["expr"]).group(1)  # type: ignore[union-attr]
+    for job in config["scrape_configs"]:  # Prometheus anchors label regexes: the whole name must match
+        assert re.fullmatch(pattern, job["job_name"]), job["job_name"]
+    assert rule["labels"]["severity"] == "critical" and rule["for"]
+    assert "{{ $labels.job }}" in rule["annotations"]["summary"]
+
+
+def test_alerts_are_sent_to_an_alertmanager() -> None:
+    text = (INFRA / "prometheus" / "prometheus.yml").read_text()
+    config = yaml.safe_load(text)
+    (manager,) = config["alerting"]["alertmanagers"]
+    targets = [t for sc in manager["static_configs"] for t in sc["targets"]]
+    assert targets and all(re.fullmatch(r"[a-z0-9.-]+:\d+", t) for t in targets), targets
+    # Documented where an operator reads it: what the target is and what happens without one.
+    before = text[: text.index("alerting:")].splitlines()[-4:]
+    assert any("Alertmanager" in line and line.startswith("#") for line in before)
 
 
 # --- Grafana ---------------------------------------------------------------------------------------
@@ -173,9 +216,32 @@ def test_every_manifest_parses_with_kind_and_name() -> None:
 
 
 def test_kustomization_lists_every_manifest() -> None:
-    kustomization = yaml.safe_load((K8S / "kustomization.yaml").read_text())
     files = {p.name for p in K8S.glob("*.yaml")} - {"kustomization.yaml"}
-    assert set(kustomization["resources"]) == files
+    assert set(kustomization()["resources"]) == files
+
+
+def test_kustomization_applies_no_example_secret() -> None:
+    # `kubectl apply -k` must not create Secrets with placeholder values: no Secret manifest is applied;
+    # both are generated from env files the operator writes, which git ignores.
+    for name in kustomization()["resources"]:
+        text = (K8S / name).read_text()
+        assert "change-me" not in text.lower(), name
+        assert all(d["kind"] != "Secret" for d in yaml.safe_load_all(text) if d), name
+    generated = generated_secrets()
+    assert set(generated) == {"voxq-secrets", "voxq-keda-redis"}
+    ignored = (INFRA.parent / ".gitignore").read_text().splitlines()
+    for files in generated.values():
+        for env in files:
+            assert f"infra/k8s/{env}" in ignored, env
+            assert not (K8S / env).exists() or f"infra/k8s/{env}" in ignored
+            # The operator's starting point: the same keys, every value empty (so nothing weak slips by).
+            example = env_file(f"{env}.example")
+            assert example and all(value == "" for value in example.values()), env
+    # KEDA's TriggerAuthentication names its Secret, and kustomize does not rename references in custom
+    # resources: that one keeps its plain name.
+    keda = next(g for g in kustomization()["secretGenerator"] if g["name"] == "voxq-keda-redis")
+    assert keda["options"]["disableNameSuffixHash"] is True
+    assert env_file("keda-redis.env.example").keys() == {"password"}
 
 
 def test_required_workloads_exist() -> None:
@@ -209,7 +275,8 @@ def test_deployment_selectors_and_services_match() -> None:
 def test_env_names_are_settings() -> None:
     known = settings_env_names() | NON_SETTINGS_ENV
     config = by_kind("ConfigMap")["voxq-config"]["data"]
-    secret = by_kind("Secret")["voxq-secrets"]["stringData"]
+    (secret_env,) = generated_secrets()["voxq-secrets"]
+    secret = env_file(f"{secret_env}.example")
     assert set(config) <= known, set(config) - known
     assert set(secret) <= known, set(secret) - known
     # Secrets are not in the ConfigMap.
@@ -235,7 +302,7 @@ def test_env_names_are_settings() -> None:
 
 
 def test_production_refuses_the_example_secrets() -> None:
-    secret = by_kind("Secret")["voxq-secrets"]["stringData"]
+    secret = env_file("secrets.env.example")
     with pytest.raises(ValueError, match="real secret"):
         Settings.model_validate(
             {
@@ -279,32 +346,21 @@ def test_voxq_commands_in_manifests_exist() -> None:
     from voxq.cli import build_parser
 
     parser = build_parser()
-    subcommands: set[str] = set()
-    for action in parser._actions:
-        choices = getattr(action, "choices", None)
-        if isinstance(choices, dict):
-            subcommands.update(choices)
-    used = set()
+    invocations: list[list[str]] = []
     for _, dep in by_kind("Deployment").items():
         for container in containers(dep):
             for probe in ("livenessProbe", "readinessProbe", "startupProbe"):
                 exec_ = container.get(probe, {}).get("exec")
                 if exec_ and exec_["command"][0] == "voxq":
-                    used.add(exec_["command"][1])
+                    invocations.append([str(part) for part in exec_["command"]])
             command = _command(container)
             if command and command[0] == "voxq":
-                used.add(command[1])
-    assert {"worker-health", "flower", "migrate"} <= used
-    assert used <= subcommands, used - subcommands
-    # Each invocation parses with the real parser (so flags like --timeout exist).
-    for _, dep in by_kind("Deployment").items():
-        for container in containers(dep):
-            command = _command(container)
-            if command and command[0] == "voxq":
-                parser.parse_args(command[1:])
-            probe = container.get("livenessProbe", {}).get("exec")
-            if probe and probe["command"][0] == "voxq":
-                parser.parse_args(probe["command"][1:])
+                invocations.append(command)
+    assert {"worker-health", "flower", "migrate"} <= {args[1] for args in invocations}
+    # Each invocation parses with the real parser: the subcommand and flags like --timeout exist (an
+    # unknown one exits with argparse's usage error).
+    for args in invocations:
+        parser.parse_args(args[1:])
 
 
 def test_keda_scales_workers_on_transcribe_queue_lengths() -> None:
@@ -324,5 +380,32 @@ def test_keda_scales_workers_on_transcribe_queue_lengths() -> None:
             assert int(trigger["metadata"]["listLength"]) > 0
             assert trigger["metadata"]["listName"] in names.ALL_QUEUES
             assert trigger["authenticationRef"]["name"] in auth
-    secret_names = {ref["name"] for a in auth.values() for ref in a["spec"]["secretTargetRef"]}
-    assert secret_names <= set(by_kind("Secret"))
+    refs = {(ref["name"], ref["key"]) for a in auth.values() for ref in a["spec"]["secretTargetRef"]}
+    for name, key in refs:
+        (env,) = generated_secrets()[name]
+        assert key in env_file(f"{env}.example"), (name, key)
+
+
+def test_keda_managed_deployments_leave_the_replica_count_to_keda() -> None:
+    deployments = by_kind("Deployment")
+    scaled = {obj["spec"]["scaleTargetRef"]["name"] for obj in by_kind("ScaledObject").values()}
+    assert scaled == {"voxq-worker", "voxq-local-worker"}
+    for name in scaled:
+        # A `replicas:` here would reset KEDA's count on every `kubectl apply`.
+        assert "replicas" not in deployments[name]["spec"], name
+
+
+POD_SECURITY = {"runAsNonRoot": True, "runAsUser": 10001, "fsGroup": 10001}
+CONTAINER_SECURITY = {"allowPrivilegeEscalation": False, "readOnlyRootFilesystem": True}
+
+
+@pytest.mark.parametrize("name", ["voxq-api", "voxq-worker", "voxq-local-worker", "voxq-beat", "voxq-flower"])
+def test_every_pod_runs_with_the_same_security_settings(name: str) -> None:
+    deployment = by_kind("Deployment")[name]
+    spec = deployment["spec"]["template"]["spec"]
+    assert spec["securityContext"] == POD_SECURITY
+    for container in spec["containers"]:
+        assert container["securityContext"] == CONTAINER_SECURITY, container["name"]
+        # A read-only root needs somewhere to write: the data directory (VOXQ_DATA_DIR) is a volume.
+        mounts = {m["mountPath"]: m["name"] for m in container.get("volumeMounts", [])}
+        assert mounts["/var/lib/voxq"] in {v["name"] for v in spec["volumes"]}, container["name"]

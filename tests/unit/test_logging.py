@@ -13,7 +13,6 @@ from core.logs import (
     REDACTED,
     VoxqHandler,
     bind_log_context,
-    clear_log_context,
     configure_logging,
     current_log_context,
     log_context,
@@ -27,11 +26,14 @@ def stream() -> Iterator[io.StringIO]:
     buf = io.StringIO()
     root = logging.getLogger()
     saved_level = root.level
+    # Whatever a test binds and leaves bound is undone: an empty bind's token restores the context as it
+    # was before the test.
+    token = bind_log_context()
     yield buf
     for handler in [h for h in root.handlers if isinstance(h, VoxqHandler)]:
         root.removeHandler(handler)
     root.setLevel(saved_level)
-    clear_log_context()
+    reset_log_context(token)
 
 
 def _lines(buf: io.StringIO) -> list[dict[str, object]]:

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 from datetime import UTC, datetime
 from decimal import Decimal
 from pathlib import Path
@@ -98,28 +96,6 @@ def test_flower_auth_string_and_separators() -> None:
         flower_basic_auth(_settings("production", "a-long,Real-pw9"))  # Flower splits users on commas
     with pytest.raises(ConfigError):
         flower_basic_auth(_settings("production", "a-long-Real-pw9", user="o:ps"))
-
-
-def test_worker_dir_is_fresh_per_worker_and_sweeps_dead_ones(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    monkeypatch.delenv(MULTIPROC_ENV, raising=False)
-    base = tmp_path / "prometheus"
-    dead = subprocess.run(
-        [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True
-    )
-    dead_dir = base / f"worker-{int(dead.stdout)}"
-    live_dir = base / f"worker-{os.getppid()}"
-    for d in (dead_dir, live_dir):
-        d.mkdir(parents=True)
-        (d / "counter_1.db").write_bytes(b"x")
-    own = base / f"worker-{os.getpid()}"
-    own.mkdir()
-    (own / "counter_99.db").write_bytes(b"stale")
-    path = worker_multiproc_dir(Settings.model_construct(data_dir=str(tmp_path)))
-    assert path == own.resolve() and list(path.iterdir()) == []
-    assert not dead_dir.exists()
-    assert (live_dir / "counter_1.db").exists()  # another live worker's files are left alone
 
 
 def test_operator_dir_keeps_only_this_process_files(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

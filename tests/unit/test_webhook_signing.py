@@ -6,7 +6,7 @@ import time
 
 import pytest
 
-from core.webhook_security import WebhookRefused, check_url, sign, verify_signature
+from core.webhook_security import WebhookRefused, check_url, resolve_checked, sign, verify_signature
 
 
 def test_signature_is_hmac_over_timestamp_and_body() -> None:
@@ -56,8 +56,22 @@ def test_non_http_urls_are_refused_even_when_private_is_allowed(url: str) -> Non
         check_url(url, allow_private=True)
 
 
-def test_public_address_is_allowed() -> None:
-    check_url("https://93.184.216.34/hook", allow_private=False)
+def test_public_addresses_are_allowed_and_are_what_delivery_connects_to() -> None:
+    assert check_url("https://93.184.216.34/hook", allow_private=False) is None  # a literal: no DNS
+    asked: list[tuple[str, int]] = []
+
+    def resolver(host: str, port: int) -> list[str]:
+        asked.append((host, port))
+        return ["93.184.216.34", "2606:4700::6810:84e5"]
+
+    addresses = resolve_checked("https://hooks.example/x", allow_private=False, resolver=resolver)
+    assert addresses == ["93.184.216.34", "2606:4700::6810:84e5"]  # every one public, in the resolver's order
+    assert asked == [("hooks.example", 443)]
+    # One private address among public ones refuses the host: delivery could be pointed at it.
+    with pytest.raises(WebhookRefused):
+        resolve_checked(
+            "https://hooks.example/x", allow_private=False, resolver=lambda h, p: [*addresses, "10.0.0.7"]
+        )
 
 
 def test_a_redirect_to_a_private_address_is_refused() -> None:

@@ -8,7 +8,7 @@ import textwrap
 
 import pytest
 
-pytestmark = pytest.mark.unit
+pytestmark = pytest.mark.integration
 
 # Run in a fresh interpreter: freezing is process-wide and must not leak into the test process.
 _CHECK = """
