@@ -87,10 +87,11 @@ def follow_settings() -> None:
     A worker never needs this (its settings are read once, before this module). A test process does: it
     imports this module under one environment (a unit test with defaults) and later runs worker code in
     process (the sweeper's requeue, a handoff) against servers it started since; without this, those
-    tasks would go to the broker of the first environment. The old connections are dropped the way
-    Celery drops them after a fork.
+    tasks would go to the broker of the first environment. The app forgets its connection and producer
+    pools, as Celery's own after-fork cleanup does, through its public `close()` and `amqp` property.
     """
     url = get_settings().redis_url
     if app.conf.broker_url != url:
+        app.close()  # forgets its connection pool: the next use builds one for the new broker
+        del app.amqp  # and its producer pool (a cached property): rebuilt on next use
         app.conf.update(broker_url=url)
-        app._after_fork()  # type: ignore[attr-defined]  # drops its connection and producer pools
