@@ -1,4 +1,4 @@
-"""S3 storage over boto3: path-style, content-addressed keys, streaming transfers, presigned URLs."""
+"""S3 storage over boto3: content-addressed keys, streaming transfers, presigned URLs."""
 
 from __future__ import annotations
 
@@ -200,8 +200,9 @@ class Storage:
 def make_s3_client(
     settings: Settings, *, connect_timeout: float = 5, read_timeout: float = 60, max_attempts: int = 5
 ) -> S3Client:
-    """A boto3 S3 client with path-style addressing and SigV4, as SeaweedFS and MinIO need; botocore retries
-    throttling, 5xx answers and connection errors (`max_attempts` retries after the first request)."""
+    """A boto3 S3 client with SigV4; path-style addressing for a custom endpoint (SeaweedFS and MinIO need
+    it), botocore's own choice for AWS. botocore retries throttling, 5xx answers and connection errors
+    (`max_attempts` retries after the first request)."""
     return boto3.client(
         "s3",
         endpoint_url=settings.s3_endpoint_url,
@@ -210,7 +211,7 @@ def make_s3_client(
         region_name=settings.s3_region,
         config=Config(
             signature_version="s3v4",
-            s3={"addressing_style": "path"},
+            s3={"addressing_style": "path"} if settings.s3_endpoint_url else None,
             retries={"max_attempts": max_attempts, "mode": "standard"},
             connect_timeout=connect_timeout,
             read_timeout=read_timeout,
