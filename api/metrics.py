@@ -19,7 +19,7 @@ from prometheus_client.metrics_core import Metric
 from prometheus_client.registry import Collector
 
 from core import metrics
-from core.metrics import MULTIPROC_ENV
+from core.names import MULTIPROC_ENV
 from core.settings import get_settings
 
 if TYPE_CHECKING:

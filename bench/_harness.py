@@ -381,7 +381,7 @@ def api_server(stack: BenchStack, workers: int = 1) -> Iterator[tuple[str, subpr
     extra = ["--workers", str(workers)] if workers > 1 else []
     proc = subprocess.Popen(
         [sys.executable, "-m", "uvicorn", "api.main:app", "--host", "127.0.0.1", "--port", str(port),
-         "--no-access-log", "--http", "api.server:HttpToolsProtocol", *extra],
+         "--no-access-log", *extra],
         cwd=REPO_ROOT, env=stack.stack.child_env(), stdout=log, stderr=subprocess.STDOUT,
         start_new_session=True,
     )  # fmt: skip

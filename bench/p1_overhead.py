@@ -1,7 +1,8 @@
 """P1: pipeline files/s with an instant fake provider vs raw Celery no-op tasks/s, same broker, same run.
 
-Target: files/s ≥ 0.5 x no-op tasks/s. Scale: `VOXQ_BENCH_P1_JOBS` (default 5000) voicemail-length
-(15 s, two tones between silences) distinct FLAC files, pre-uploaded to S3 with `queued` job rows.
+Target: files/s ≥ 0.4 x no-op tasks/s, with library code only (httpx, botocore, plain uvicorn). Scale:
+`VOXQ_BENCH_P1_JOBS` (default 5000) voicemail-length (15 s, two tones between silences) distinct FLAC
+files, pre-uploaded to S3 with `queued` job rows.
 - no-op: `bench._noop` worker, prefork -c 2, one task per file, timed from the first send until the
   last task counted itself;
 - pipeline: an ingest worker (prefork -c 2: prepare) and a transcribe worker (`-P threads -c 8`), on the
@@ -32,6 +33,9 @@ from bench._harness import (
 )
 
 SECTION = "p1_overhead"
+# Files/s over raw Celery no-op tasks/s (issue #15: 0.5 with lean HTTP code, 0.4 with library code only;
+# the ceiling in production is the provider's quota, which P2 and P3 measure).
+P1_TARGET = 0.4
 ACCOUNTING_OK = "one attempt, one cost record, one transcript per file"
 QUEUES_TRANSCRIBE = "transcribe.high,transcribe,transcribe.low"
 
@@ -167,8 +171,8 @@ def main() -> None:
             "|---|---|---|---|",
             *table,
             "",
-            f"Median ratio of the {rounds} round(s) (target ≥ 0.50): **{median:.3f}** "
-            f"{verdict(median >= 0.5)} (lowest {min(ratios):.3f}, highest {max(ratios):.3f}).",
+            f"Median ratio of the {rounds} round(s) (target ≥ 0.40): **{median:.3f}** "
+            f"{verdict(median >= P1_TARGET)} (lowest {min(ratios):.3f}, highest {max(ratios):.3f}).",
             "",
             f"- every round: {n} jobs succeeded with one attempt, one cost record and one transcript each: "
             f"{'yes' if ok_acct else 'NO: ACCOUNTING MISMATCH'}; rows of the last round: {rows[-1][0]}, "

@@ -9,9 +9,6 @@ from __future__ import annotations
 
 from prometheus_client import Counter, Gauge, Histogram
 
-# prometheus-client's multiprocess mode: every process writes its values to files under this directory.
-MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
-
 ATTEMPTS = Counter(
     "voxq_attempts_total",
     "Provider calls by model and outcome (success, retried, fallback, failed).",

@@ -58,3 +58,8 @@ def ingest_queue_for(priority: str) -> str:
 def transcribe_queue_for(priority: str) -> str:
     """The transcription queue a batch of this priority uses."""
     return {"high": QUEUE_TRANSCRIBE_HIGH, "low": QUEUE_TRANSCRIBE_LOW}.get(priority, QUEUE_TRANSCRIBE)
+
+
+# prometheus-client's multiprocess mode: every process writes its metric values to files under the
+# directory this environment variable names (workers: worker/metrics_export.py; API: api/metrics.py).
+MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"

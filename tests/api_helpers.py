@@ -62,8 +62,6 @@ def start_api_server(stack: Stack, **env: str) -> ApiServer:
             "--port",
             str(port),
             "--no-access-log",
-            "--http",
-            "api.server:HttpToolsProtocol",
         ],
         cwd=REPO_ROOT,
         env=stack.child_env(VOXQ_IMPORT_BUCKETS=import_bucket(stack), **env),

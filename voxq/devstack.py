@@ -503,7 +503,7 @@ class DevStack:
                 self.secrets_dir / "s3_secret_access_key", lambda: secrets.token_urlsafe(32)
             )
             base = saved.get("s3")
-            if base is not None and not all(port_is_free(p) for p in SeaweedS3._ports(base)):
+            if base is not None and not all(port_is_free(p) for p in SeaweedS3.ports(base)):
                 base = None
             self.s3 = SeaweedS3(self.data_dir / "seaweedfs", access, secret, port=base)
             self.say(f"starting SeaweedFS S3 on {self.s3.endpoint_url}")

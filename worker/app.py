@@ -7,11 +7,26 @@ prefetched at a time; Redis' visibility timeout is above the longest task.
 
 from __future__ import annotations
 
+import click
 from celery import Celery
 from kombu import Queue
 
 from core import names
 from core.settings import Settings, get_settings
+from worker.metrics_export import prepare_worker_metrics
+
+
+def started_as_worker() -> bool:
+    """Whether this process is `celery -A worker.app worker ...`: the Celery CLI imports this module while
+    its command line is being run, with the subcommand already known."""
+    context = click.get_current_context(silent=True)
+    return context is not None and context.invoked_subcommand == "worker"
+
+
+if started_as_worker():
+    # Before Celery imports the task modules (and with them core.metrics) and before the pool forks:
+    # every metric of every process of this worker is created in multiprocess mode.
+    prepare_worker_metrics()
 
 
 def make_celery(settings: Settings | None = None) -> Celery:

@@ -3,11 +3,15 @@
 Celery's prefork children each keep their own counters, so workers run prometheus-client in
 multiprocess mode: every process writes its values to files under one directory
 (`PROMETHEUS_MULTIPROC_DIR`) and the worker's main process serves their sum on
-`VOXQ_WORKER_METRICS_PORT`. `worker_init` runs in the worker's main process before the pool forks, so
-children inherit the multiprocess directory; each child's live gauges are dropped when it exits; the
-listener starts once the worker is ready and stops with it. `VOXQ_WORKER_METRICS_PORT=0` turns the
-listener off (the counters are still written, so a later scrape of a restarted listener is not needed to
-keep them). The fleet-wide gauges are the API's (api/metrics.py), so the fleet is counted once.
+`VOXQ_WORKER_METRICS_PORT`. `prepare_worker_metrics` runs in the worker's main process as the Celery CLI
+loads the app (worker/app.py), before the task modules (and with them core.metrics) are imported and
+before the pool forks, so every metric is created in multiprocess mode and children inherit the
+directory; each child's live gauges are dropped when it exits; the listener starts once the worker is
+ready and stops with it. `VOXQ_WORKER_METRICS_PORT=0` turns the listener off (the counters are still
+written, so a later scrape of a restarted listener is not needed to keep them). The fleet-wide gauges are
+the API's (api/metrics.py), so the fleet is counted once.
+
+This module must not import core.metrics: it is imported before multiprocess mode is on.
 """
 
 from __future__ import annotations
@@ -16,14 +20,15 @@ import logging
 import os
 import re
 import shutil
+import sys
 import threading
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from celery.signals import worker_init, worker_process_shutdown, worker_ready, worker_shutdown
-from prometheus_client import REGISTRY, CollectorRegistry, multiprocess
+from celery.signals import worker_process_shutdown, worker_ready, worker_shutdown
+from prometheus_client import CollectorRegistry, multiprocess, values
 
-from core.metrics import MULTIPROC_ENV
+from core.names import MULTIPROC_ENV
 from core.settings import Settings, get_settings
 
 if TYPE_CHECKING:
@@ -72,28 +77,20 @@ def worker_multiproc_dir(settings: Settings | None = None) -> Path:
     return path
 
 
-def enable_multiprocess(path: Path) -> None:
-    """Switch this process (and children it forks) to multiprocess metrics written under `path`.
+def use_multiprocess(path: Path) -> None:
+    """Make this process (and the children it forks) write its metrics to files under `path`.
 
-    prometheus-client picks its value class when first imported; if that happened before the
-    environment variable existed, swap the class and rebuild the values metrics already hold, so
-    import order of worker modules does not matter.
+    prometheus-client chooses how a metric keeps its value (in memory, or in a per-process file) when the
+    metric is created, from the value class it picked with `values.get_value_class()` when it was first
+    imported — by the Celery CLI already, through Flower's command plugin, before this code runs. So the
+    environment variable is set and the class chosen again by the same public function, before any
+    voxq metric exists; raises RuntimeError when core.metrics (where they are created) is already
+    imported.
     """
+    if "core.metrics" in sys.modules:
+        raise RuntimeError("multiprocess metrics must be chosen before core.metrics is imported")
     os.environ[MULTIPROC_ENV] = str(path)
-    from prometheus_client import values
-    from prometheus_client.metrics import MetricWrapperBase
-
-    if getattr(values.ValueClass, "_multiprocess", False):
-        return
-    values.ValueClass = values.MultiProcessValue()  # type: ignore[no-untyped-call]
-    for collector in list(REGISTRY._collector_to_names):
-        if not isinstance(collector, MetricWrapperBase):
-            continue
-        if collector._labelnames:
-            with collector._lock:  # children are created lazily, with the new class
-                collector._metrics = {}
-        else:
-            collector._metric_init()  # type: ignore[no-untyped-call]
+    values.ValueClass = values.get_value_class()  # type: ignore[no-untyped-call]
 
 
 def mark_process_dead(pid: int | None = None) -> None:
@@ -142,11 +139,11 @@ class MetricsListener:
 _state: dict[str, Any] = {}
 
 
-@worker_init.connect
-def _prepare_multiprocess(**_: Any) -> None:
+def prepare_worker_metrics() -> None:
+    """Turn multiprocess metrics on for this worker (its own directory); the listener serves that."""
     owned = MULTIPROC_ENV not in os.environ  # we made the directory, so we remove it at shutdown
     path = worker_multiproc_dir()
-    enable_multiprocess(path)
+    use_multiprocess(path)
     _state.update(path=path, owned=owned, main_pid=os.getpid())
 
 

@@ -17,16 +17,13 @@ import logging
 import os
 import socket
 import threading
-from collections.abc import AsyncIterator, Callable, Coroutine, Hashable
+from collections.abc import Callable, Coroutine, Hashable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
-import httpcore
 import httpx
-from httpcore._utils import is_socket_readable
 
-from core.providers.http1 import Http1Pool
 from core.settings import Settings, get_settings
 from core.storage import Storage
 
@@ -259,159 +256,6 @@ class GroupRuns:
             await asyncio.wait(set(self.runs))
 
 
-class SlotTransport(httpx.AsyncBaseTransport):
-    """An httpx transport that gives each request in flight a keep-alive connection of its own.
-
-    httpcore's connection pool walks all of its connections on every request and every response close
-    (`_assign_requests_to_connections`: expiry, idleness, availability), O(n) per request: at 256 in
-    flight in one pool it took a third of the event loop's time, and still 10-20% of the worker's CPU
-    with 8 shards of 32. Here each connection sits in a pool of its own (`max_connections=1`), and a
-    request takes an idle one from a stack (the most recently used first: its connection is warm) or
-    makes a new one, and gives it back when its response is closed. The process's in-flight semaphore
-    bounds how many exist; requests and responses are exactly what httpx sends and reads anyway.
-    """
-
-    def __init__(self, *, keepalive_expiry: float = 5.0) -> None:
-        self._ssl = httpx.create_ssl_context()  # one for all (building one loads the CA bundle)
-        self._limits = httpx.Limits(
-            max_connections=1, max_keepalive_connections=1, keepalive_expiry=keepalive_expiry
-        )
-        self._idle: list[httpx.AsyncHTTPTransport] = []
-        self._all: list[httpx.AsyncHTTPTransport] = []
-        self._keepalive_expiry = keepalive_expiry
-        self._http1: dict[str, Http1Pool] = {}
-
-    def http1(self, base_url: str) -> Http1Pool | None:
-        """The lean HTTP/1.1 pool for `base_url`'s origin (same connection model, TLS context and keep-alive
-        expiry as this transport; closed with it), or None when it cannot serve that URL. The provider
-        sends its transcription POSTs through it (core/providers/http1.py). Proxies: a client built on an
-        explicit transport ignores the proxy environment variables anyway, so nothing changes there."""
-        if not Http1Pool.supports(base_url):
-            return None
-        pool = self._http1.get(base_url)
-        if pool is None:
-            pool = Http1Pool(base_url, ssl_context=self._ssl, keepalive_expiry=self._keepalive_expiry)
-            self._http1[base_url] = pool
-        return pool
-
-    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
-        """Send `request` on an idle connection (or a new one); it is given back when the response closes."""
-        if self._idle:
-            slot = self._idle.pop()
-        else:
-            slot = httpx.AsyncHTTPTransport(verify=self._ssl, limits=self._limits)
-            pool = getattr(slot, "_pool", None)
-            if isinstance(pool, httpcore.AsyncConnectionPool):
-                pool._network_backend = _BACKEND  # see _SocketKeptStream
-            self._all.append(slot)
-        try:
-            response = await slot.handle_async_request(request)
-        except BaseException:
-            self._idle.append(slot)
-            raise
-        assert isinstance(response.stream, httpx.AsyncByteStream)
-        response.stream = _GiveBack(response.stream, lambda: self._idle.append(slot))
-        return response
-
-    async def aclose(self) -> None:
-        """Close every connection."""
-        for slot in self._all:
-            await slot.aclose()
-        self._all.clear()
-        self._idle.clear()
-        for pool in self._http1.values():
-            await pool.aclose()
-        self._http1.clear()
-
-
-class _SocketKeptStream(httpcore.AsyncNetworkStream):
-    """httpcore's anyio stream, with the socket looked up once instead of on every liveness check.
-
-    httpcore asks an idle connection's stream `get_extra_info("is_readable")` before each request and
-    when each response closes; anyio answers it by building the stream's whole attribute table (with a
-    `getpeername()` call) to find the raw socket: 7% of the event loop at 256 in flight. Everything else
-    is passed through unchanged.
-    """
-
-    def __init__(self, stream: httpcore.AsyncNetworkStream) -> None:
-        self._stream = stream
-        self._socket = stream.get_extra_info("socket")
-
-    async def read(self, max_bytes: int, timeout: float | None = None) -> bytes:  # noqa: ASYNC109
-        return await self._stream.read(max_bytes, timeout)
-
-    async def write(self, buffer: bytes, timeout: float | None = None) -> None:  # noqa: ASYNC109
-        await self._stream.write(buffer, timeout)
-
-    async def aclose(self) -> None:
-        await self._stream.aclose()
-
-    async def start_tls(
-        self,
-        ssl_context: Any,
-        server_hostname: str | None = None,
-        timeout: float | None = None,  # noqa: ASYNC109
-    ) -> httpcore.AsyncNetworkStream:
-        return _SocketKeptStream(await self._stream.start_tls(ssl_context, server_hostname, timeout))
-
-    def get_extra_info(self, info: str) -> Any:
-        if info == "is_readable" and self._socket is not None:
-            return is_socket_readable(self._socket)
-        return self._stream.get_extra_info(info)
-
-
-class _SocketKeptBackend(httpcore.AsyncNetworkBackend):
-    """httpcore's asyncio (anyio) backend handing out `_SocketKeptStream`s."""
-
-    def __init__(self) -> None:
-        self._backend = httpcore.AnyIOBackend()
-
-    async def connect_tcp(
-        self,
-        host: str,
-        port: int,
-        timeout: float | None = None,  # noqa: ASYNC109
-        local_address: str | None = None,
-        socket_options: Any = None,
-    ) -> httpcore.AsyncNetworkStream:
-        stream = await self._backend.connect_tcp(host, port, timeout, local_address, socket_options)
-        return _SocketKeptStream(stream)
-
-    async def connect_unix_socket(
-        self,
-        path: str,
-        timeout: float | None = None,  # noqa: ASYNC109
-        socket_options: Any = None,
-    ) -> httpcore.AsyncNetworkStream:
-        return _SocketKeptStream(await self._backend.connect_unix_socket(path, timeout, socket_options))
-
-    async def sleep(self, seconds: float) -> None:
-        await self._backend.sleep(seconds)
-
-
-_BACKEND = _SocketKeptBackend()
-
-
-class _GiveBack(httpx.AsyncByteStream):
-    """A response body that hands its connection back (once) when it is closed."""
-
-    def __init__(self, stream: httpx.AsyncByteStream, give_back: Callable[[], None]) -> None:
-        self._stream = stream
-        self._give_back: Callable[[], None] | None = give_back
-
-    async def __aiter__(self) -> AsyncIterator[bytes]:
-        async for chunk in self._stream:
-            yield chunk
-
-    async def aclose(self) -> None:
-        try:
-            await self._stream.aclose()
-        finally:
-            if self._give_back is not None:
-                self._give_back()
-                self._give_back = None
-
-
 @dataclass
 class Runtime:
     """What a worker process shares between its tasks."""
@@ -485,17 +329,11 @@ class Runtime:
         from core.providers.openai import OpenAIProvider
 
         key = self.settings.openai_api_key
-        base_url = self.settings.openai_base_url
-        # Transcriptions go through the lean HTTP/1.1 pool of the client's SlotTransport (the client's
-        # own transport, so one set of connections per process); httpx for everything else.
-        transport = getattr(self.http, "_transport", None)
-        http1 = transport.http1(base_url) if isinstance(transport, SlotTransport) else None
         return OpenAIProvider(
             self.http,
-            base_url=base_url,
+            base_url=self.settings.openai_base_url,
             api_key=key.get_secret_value() if key is not None else None,
             timeout=self.settings.provider_timeout_seconds,
-            http1=http1,
         )
 
     def circuit(self) -> CircuitBreaker:
@@ -552,6 +390,17 @@ def get_runtime() -> Runtime:
         return _runtime
 
 
+def make_provider_client(settings: Settings) -> httpx.AsyncClient:
+    """The process's one httpx client for provider calls: a keep-alive connection for each call the
+    in-flight semaphore lets through, so no call waits for a connection and none is opened twice."""
+    limits = httpx.Limits(
+        max_connections=settings.max_in_flight,
+        max_keepalive_connections=settings.max_in_flight,
+        keepalive_expiry=5.0,
+    )
+    return httpx.AsyncClient(limits=limits, timeout=settings.provider_timeout_seconds)
+
+
 def _build() -> Runtime:
     settings = get_settings()
     loop = asyncio.new_event_loop()
@@ -560,8 +409,7 @@ def _build() -> Runtime:
     loop.set_default_executor(
         ThreadPoolExecutor(max_workers=max(settings.database_pool_size, 4), thread_name_prefix="voxq-io")
     )
-    # One keep-alive connection per request in flight (SlotTransport); the semaphore is the bound.
-    http = httpx.AsyncClient(transport=SlotTransport(), timeout=settings.provider_timeout_seconds)
+    http = make_provider_client(settings)
     thread = threading.Thread(target=loop.run_forever, name="voxq-loop", daemon=True)
     thread.start()
     return Runtime(

@@ -7,10 +7,11 @@ is `gave_up`. A URL the SSRF guard refuses (core.webhook_security) is recorded `
 host that does not resolve right now is a failed try (retried). Redirects are followed by hand (at most
 3) so every hop passes the guard.
 
-Connections are pinned (`PinnedBackend`): each hop's host is resolved once, by the guard, and the TCP
-connection goes to one of exactly those checked addresses — httpx never resolves the name again, so a
-rebinding DNS answer (public for the check, private for the connection) cannot reach a private address.
-The URL keeps the hostname, so the Host header, TLS SNI and certificate verification are for the name.
+Connections are pinned: each hop's host is resolved once, by the guard, and the request is sent to one
+of exactly those checked addresses (the address in the URL httpx connects to) — nothing resolves the name
+again, so a rebinding DNS answer (public for the check, private for the connection) cannot reach a
+private address. The Host header, TLS SNI and certificate verification are for the name
+(httpx's `sni_hostname` request extension).
 """
 
 from __future__ import annotations
@@ -18,16 +19,15 @@ from __future__ import annotations
 import json
 import logging
 import uuid
-from collections.abc import Iterable
 from dataclasses import dataclass
 from urllib.parse import urljoin
 
-import httpcore
 import httpx
 from sqlalchemy import select, update
 from sqlalchemy.dialects.postgresql import insert
 
 from core import metrics
+from core.backoff import backoff_delay
 from core.db import session_scope
 from core.ids import uuid7
 from core.models import Batch, WebhookDelivery
@@ -49,6 +49,8 @@ log = logging.getLogger(__name__)
 EVENT = "batch.finished"
 MAX_REDIRECTS = 3
 TIMEOUT_SECONDS = 10.0
+RETRY_BASE_SECONDS = 1.0
+RETRY_MAX_SECONDS = 600.0  # a countdown well under the broker's visibility timeout
 
 
 @dataclass(frozen=True)
@@ -60,62 +62,8 @@ class DeliveryResult:
 
 
 def retry_delay(attempt: int) -> float:
-    """Seconds before try `attempt + 1`."""
-    return float(min(2 ** (attempt - 1), 600))
-
-
-class PinnedBackend(httpcore.NetworkBackend):
-    """Connects a host only to the addresses the SSRF guard checked for it; never resolves a name."""
-
-    def __init__(self, inner: httpcore.NetworkBackend | None = None) -> None:
-        self._inner = inner or httpcore.SyncBackend()
-        self._pins: dict[str, list[str]] = {}
-
-    def pin(self, host: str, addresses: list[str]) -> None:
-        """From now on, connections to `host` go to these addresses (tried in order)."""
-        self._pins[host.lower()] = list(addresses)
-
-    def connect_tcp(
-        self,
-        host: str,
-        port: int,
-        timeout: float | None = None,
-        local_address: str | None = None,
-        socket_options: Iterable[httpcore.SOCKET_OPTION] | None = None,
-    ) -> httpcore.NetworkStream:
-        addresses = self._pins.get(host.lower())
-        if not addresses:
-            raise httpcore.ConnectError(f"no checked address for host {host!r}")
-        error: Exception | None = None
-        for address in addresses:
-            try:
-                return self._inner.connect_tcp(
-                    address, port, timeout=timeout, local_address=local_address, socket_options=socket_options
-                )
-            except (httpcore.ConnectError, httpcore.ConnectTimeout) as exc:
-                error = exc
-        assert error is not None
-        raise error
-
-    def connect_unix_socket(
-        self,
-        path: str,
-        timeout: float | None = None,
-        socket_options: Iterable[httpcore.SOCKET_OPTION] | None = None,
-    ) -> httpcore.NetworkStream:
-        raise httpcore.ConnectError("a unix socket is not a webhook target")
-
-    def sleep(self, seconds: float) -> None:
-        self._inner.sleep(seconds)
-
-
-class PinnedTransport(httpx.HTTPTransport):
-    """httpx's own transport (request/response mapping, error translation) over a pinned pool."""
-
-    def __init__(self, backend: PinnedBackend) -> None:
-        super().__init__()
-        # HTTPTransport has no network-backend option: the same httpcore pool it builds, with ours.
-        self._pool = httpcore.ConnectionPool(ssl_context=httpx.create_ssl_context(), network_backend=backend)
+    """Seconds before try `attempt + 1`: the project's backoff without jitter (1 s, 2 s, 4 s, ... 10 min)."""
+    return backoff_delay(attempt, base=RETRY_BASE_SECONDS, cap=RETRY_MAX_SECONDS, jitter=False)
 
 
 def post_guarded(
@@ -126,23 +74,48 @@ def post_guarded(
     allow_private: bool,
     transport: httpx.BaseTransport | None = None,
     resolver: Resolver | None = None,
-    network_backend: httpcore.NetworkBackend | None = None,
 ) -> httpx.Response:
-    """POST, following redirects by hand; every hop passes the SSRF guard and connects only to the
-    addresses the guard checked. `transport` replaces the pinned one (tests without a network)."""
-    backend = PinnedBackend(network_backend)
+    """POST, following redirects by hand; every hop passes the SSRF guard and is sent to one of the
+    addresses the guard checked. `transport` replaces httpx's own (tests without a network)."""
+    # An explicit transport: proxy environment variables never reroute a webhook (httpx's client ignores
+    # them when given one); SSL_CERT_FILE still names the CA bundle.
     with httpx.Client(
-        timeout=TIMEOUT_SECONDS, follow_redirects=False, transport=transport or PinnedTransport(backend)
+        timeout=TIMEOUT_SECONDS, follow_redirects=False, transport=transport or httpx.HTTPTransport()
     ) as client:
         for _ in range(MAX_REDIRECTS + 1):
             addresses = resolve_checked(url, allow_private=allow_private, resolver=resolver)
-            backend.pin(httpx.URL(url).raw_host.decode("ascii"), addresses)
-            response = client.post(url, content=body, headers=headers)
+            response = _post_pinned(client, url, addresses, body, headers)
             if response.status_code in (301, 302, 303, 307, 308) and "location" in response.headers:
                 url = urljoin(url, response.headers["location"])
                 continue
             return response
     raise httpx.TooManyRedirects("too many redirects", request=httpx.Request("POST", url))
+
+
+def _post_pinned(
+    client: httpx.Client, url: str, addresses: list[str], body: bytes, headers: dict[str, str]
+) -> httpx.Response:
+    """POST to `url` at the first of `addresses` that takes the connection, never resolving its name again.
+
+    The URL's host is replaced by the address, so httpx connects exactly there; the Host header and the
+    TLS server name (`sni_hostname`, which is also the name the certificate is verified for) keep the
+    URL's name.
+    """
+    target = httpx.URL(url)
+    named = {**headers, "Host": target.netloc.decode("ascii")}
+    error: httpx.TransportError | None = None
+    for address in addresses:
+        try:
+            return client.post(
+                target.copy_with(host=address),
+                content=body,
+                headers=named,
+                extensions={"sni_hostname": target.raw_host.decode("ascii")},
+            )
+        except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
+            error = exc
+    assert error is not None  # resolve_checked never returns no address
+    raise error
 
 
 def deliver(batch_id: uuid.UUID, *, attempt: int) -> DeliveryResult:

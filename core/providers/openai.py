@@ -2,10 +2,8 @@
 
 Works against api.openai.com and anything speaking the same API (`OPENAI_BASE_URL`: speaches, LocalAI,
 vLLM, tests/fakes/openai_server.py). The shared `httpx.AsyncClient` is created once per worker process
-and passed in, so hundreds of concurrent calls reuse its connection pool. A worker also passes the lean
-HTTP/1.1 pool of that client's transport (`http1`, core/providers/http1.py): transcription POSTs with a
-body up to JOIN_BODY_MAX_BYTES go through it (the same request bytes, ~0.5 ms less CPU per call), larger
-bodies and every other call through httpx.
+and passed in (worker/runtime.py: its pool sized to the process's in-flight limit), so hundreds of
+concurrent calls reuse one connection pool. The request is httpx's own multipart POST (`data=`/`files=`).
 
 How a failure maps to what the pipeline does next (`translate_error`, the only place that decides):
 
@@ -34,7 +32,6 @@ from typing import Any
 import httpx
 
 from core.providers.base import ErrorKind, ProviderError, TranscriptionRequest, TranscriptionResult
-from core.providers.http1 import Http1Pool, multipart_body, new_boundary
 
 # Models that answer `json` only (no timestamps); anything else is treated as whisper-like.
 JSON_ONLY_MODEL_PREFIXES = ("gpt-4o-transcribe", "gpt-4o-mini-transcribe", "gpt-transcribe")
@@ -187,17 +184,11 @@ class OpenAIProvider:
         base_url: str,
         api_key: str | None,
         timeout: float,
-        http1: Http1Pool | None = None,
     ) -> None:
-        """`http1`: a lean HTTP/1.1 pool for `base_url` (core/providers/http1.py). With it, a request body
-        up to JOIN_BODY_MAX_BYTES (a voicemail, a short chunk) goes through it instead of `client`: the
-        same request (headers, multipart bytes, timeouts), ~1 ms less CPU per call; the same errors (it
-        raises httpx's exceptions). Larger bodies are streamed by httpx as before."""
         self._client = client
         self._base_url = base_url.rstrip("/")
         self._api_key = api_key
         self._timeout = timeout
-        self._http1 = http1
 
     def _headers(self, request_id: str | None) -> dict[str, str]:
         headers = {"Accept": "application/json"}
@@ -222,8 +213,6 @@ class OpenAIProvider:
             data["prompt"] = request.prompt
         files = {"file": (request.filename, request.audio, request.content_type)}
         started = time.monotonic()
-        if self._http1 is not None and len(request.audio) <= JOIN_BODY_MAX_BYTES:
-            return await self._transcribe_http1(self._http1, request, data, files, verbose, started)
         try:
             http_request = self._client.build_request(
                 "POST",
@@ -243,37 +232,6 @@ class OpenAIProvider:
         if response.status_code != 200:
             raise translate_error(response, None, secret=self._api_key)
         return self._result(request, response.content, response.headers.get("x-request-id"), verbose, started)
-
-    async def _transcribe_http1(
-        self,
-        http1: Http1Pool,
-        request: TranscriptionRequest,
-        data: dict[str, str | list[str]],
-        files: dict[str, tuple[str, bytes, str]],
-        verbose: bool,
-        started: float,
-    ) -> TranscriptionResult:
-        boundary = new_boundary()
-        try:
-            answer = await http1.post(
-                "/audio/transcriptions",
-                list(self._headers(request.request_id).items()),
-                multipart_body(data, files, boundary),
-                content_type=f"multipart/form-data; boundary={boundary.decode('ascii')}",
-                timeout=self._timeout,
-                connect_timeout=min(self._timeout, 10.0),
-            )
-        except httpx.HTTPError as exc:
-            raise translate_error(None, exc, secret=self._api_key) from None
-        encoded = answer.header(b"content-encoding")
-        if answer.status_code != 200 or (encoded is not None and encoded.lower() != "identity"):
-            response = answer.to_httpx()  # decodes a content-encoded body, as httpx would
-            if response.status_code != 200:
-                raise translate_error(response, None, secret=self._api_key)
-            content = response.content
-        else:
-            content = answer.content
-        return self._result(request, content, answer.header(b"x-request-id"), verbose, started)
 
     def _result(
         self,

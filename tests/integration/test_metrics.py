@@ -426,13 +426,14 @@ def test_rate_limiter_waits_and_webhook_deliveries_are_counted(stack: Stack, fak
 
 MULTIPROC_SCRIPT = """
 import os, sys
-from core import metrics  # prometheus-client's value class is chosen here, before multiprocess mode
-from worker.metrics_export import enable_multiprocess, mark_process_dead, multiprocess_registry
+import prometheus_client  # already imported in a real worker (by Flower's Celery command plugin)
+from worker.metrics_export import mark_process_dead, multiprocess_registry, use_multiprocess
 from pathlib import Path
 
-metrics.DEDUPE_HITS.inc(100)  # before the switch: in-process only, never in the files
 path = Path(sys.argv[1])
-enable_multiprocess(path)
+use_multiprocess(path)
+from core import metrics  # the metrics are created now, in multiprocess mode
+metrics.DEDUPE_HITS.inc(100)  # the parent's own values are in the files too
 # One after the other: the first child sees the circuit open, the second sees it closed again.
 for n, circuit in ((1, 1), (2, 0)):
     pid = os.fork()
@@ -443,13 +444,19 @@ for n, circuit in ((1, 1), (2, 0)):
         os._exit(0)
     os.waitpid(pid, 0)
     mark_process_dead(pid)
+try:
+    use_multiprocess(path)
+except RuntimeError:
+    print("# late switch refused")
 from prometheus_client import generate_latest
 sys.stdout.write(generate_latest(multiprocess_registry(path)).decode())
 """
 
 
-def test_multiprocess_switch_after_import_sums_forked_children(tmp_path: Path) -> None:
-    """Metrics defined before the switch still end up in per-process files that the listener sums."""
+def test_multiprocess_mode_sums_forked_children(tmp_path: Path) -> None:
+    """Metrics created after `use_multiprocess` live in per-process files that the listener sums, even
+    though prometheus-client was imported (and chose its value class) before; switching after the
+    metrics exist is refused rather than silently counting in memory."""
     env = {k: v for k, v in os.environ.items() if k != "PROMETHEUS_MULTIPROC_DIR"}
     env["PYTHONPATH"] = str(REPO_ROOT)
     result = subprocess.run(
@@ -461,7 +468,8 @@ def test_multiprocess_switch_after_import_sums_forked_children(tmp_path: Path) -
         timeout=60,
     )
     assert result.returncode == 0, result.stderr
+    assert "# late switch refused" in result.stdout
     parsed = parse_samples(result.stdout)
-    assert value(parsed, "voxq_dedupe_hits_total") == 3  # 1 + 2, the parent's 100 is not counted
+    assert value(parsed, "voxq_dedupe_hits_total") == 103  # 100 + 1 + 2: parent and both children
     assert value(parsed, "voxq_attempts_total", model="m", outcome="success") == 30
     assert value(parsed, "voxq_circuit_open", model="m") == 0  # the latest state, not the max

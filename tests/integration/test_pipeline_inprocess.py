@@ -111,7 +111,7 @@ def test_chunks_halved_for_the_upload_limit_keep_order_and_original_time(
     pipeline: Pipeline, fake_openai: FakeOpenAI, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     from tests.audio_fixtures import sequence, wav_bytes
-    from worker import audio
+    from worker.audio import chunks
     from worker.prepare import prepare_jobs
     from worker.runtime import get_runtime
     from worker.transcribe import transcribe_group
@@ -122,7 +122,7 @@ def test_chunks_halved_for_the_upload_limit_keep_order_and_original_time(
     batch = pipeline.batch(tenant, models=["whisper-1"])
     job = pipeline.job(tenant, batch, wav_bytes(sequence([(f, tone_s) for f in freqs], gap=gap, lead=lead)))
     # One planned chunk whose FLAC is "too big": prepare halves it until each part fits.
-    monkeypatch.setattr(audio, "MAX_UPLOAD_BYTES", 12_000)
+    monkeypatch.setattr(chunks, "MAX_UPLOAD_BYTES", 12_000)
     report = prepare_jobs([job], owner="test:1")
     rt = get_runtime()
     assert rt.run(transcribe_group(rt, report.groups[0])) == {"succeeded": 1}

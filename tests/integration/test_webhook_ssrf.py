@@ -4,7 +4,12 @@ checks IP literals (resolved without DNS), and hostnames are resolved by a monke
 
 from __future__ import annotations
 
+import http.server
 import socket
+import ssl
+import subprocess
+import threading
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -63,6 +68,11 @@ def test_public_and_unresolvable_hosts_are_accepted_at_creation(api: ApiServer) 
         # DNS may be down right now; every delivery checks the URL again before sending
         later = c.post("/v1/batches", json={"webhook_url": "https://hooks.voxq-test.invalid/x"})
         assert later.status_code == 201, later.text
+
+
+def _named(request: httpx.Request) -> str:
+    """The URL a request was for: it is addressed to the checked IP, and names its host in `Host`."""
+    return f"{request.url.scheme}://{request.headers['host']}{request.url.raw_path.decode()}"
 
 
 @pytest.fixture
@@ -151,7 +161,7 @@ def test_redirects_to_private_addresses_are_refused_before_the_second_request(
 
     def handler(request: httpx.Request) -> httpx.Response:
         # a transport in process: nothing is sent over the network
-        seen.append(str(request.url))
+        seen.append(_named(request))
         return httpx.Response(302, headers={"Location": target})
 
     with pytest.raises(WebhookRefused, match="non-public"):
@@ -171,8 +181,8 @@ def test_redirect_to_a_public_host_is_followed(resolver: dict[str, str]) -> None
     seen: list[str] = []
 
     def handler(request: httpx.Request) -> httpx.Response:
-        seen.append(str(request.url))
-        if request.url.host == "hooks.example":
+        seen.append(_named(request))
+        if request.headers["host"] == "hooks.example":
             return httpx.Response(307, headers={"Location": "https://next.example/final"})
         return httpx.Response(204)
 
@@ -181,3 +191,64 @@ def test_redirect_to_a_public_host_is_followed(resolver: dict[str, str]) -> None
     )
     assert resp.status_code == 204
     assert seen == ["https://hooks.example/in", "https://next.example/final"]
+
+
+def _tls_server(tmp_path: Path, name: str) -> tuple[Path, http.server.HTTPServer]:
+    """An HTTPS server on 127.0.0.1 with a self-signed certificate for `name` (answers 204, records Host)."""
+    cert, key = tmp_path / f"{name}.pem", tmp_path / f"{name}.key"
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", f"/CN={name}",
+         "-addext", f"subjectAltName=DNS:{name}", "-keyout", str(key), "-out", str(cert)],
+        check=True,
+        capture_output=True,
+    )  # fmt: skip
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        hosts: list[str] = []
+
+        def do_POST(self) -> None:
+            self.rfile.read(int(self.headers["Content-Length"]))
+            type(self).hosts.append(self.headers["Host"])
+            self.send_response(204)
+            self.end_headers()
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = http.server.HTTPServer(("127.0.0.1", 0), Handler)
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(cert, key)
+    server.socket = context.wrap_socket(server.socket, server_side=True)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return cert, server
+
+
+def test_a_pinned_tls_connection_verifies_the_certificate_for_the_name(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Sent to the checked address over a real socket, the TLS handshake names the host and its
+    certificate is verified for that name: a certificate for another name is refused."""
+    cert, server = _tls_server(tmp_path, "hooks.test")
+    port = server.server_address[1]
+    monkeypatch.setenv("SSL_CERT_FILE", str(cert))
+    try:
+        response = post_guarded(
+            f"https://hooks.test:{port}/in",
+            b"{}",
+            {},
+            allow_private=True,
+            resolver=lambda h, p: ["127.0.0.1"],
+        )
+        assert response.status_code == 204
+        assert server.RequestHandlerClass.hosts == [f"hooks.test:{port}"]  # type: ignore[attr-defined]
+        with pytest.raises(httpx.ConnectError, match=r"CERTIFICATE_VERIFY_FAILED|match"):
+            post_guarded(
+                f"https://other.test:{port}/in",
+                b"{}",
+                {},
+                allow_private=True,
+                resolver=lambda h, p: ["127.0.0.1"],
+            )
+    finally:
+        server.shutdown()
+        server.server_close()

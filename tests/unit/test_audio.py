@@ -13,6 +13,7 @@ import pytest
 from core.errors import AudioTooLong, EmptyAudio, UnsupportedMedia
 from tests.audio_fixtures import sequence, silence, tone, wav_bytes
 from worker import audio
+from worker.audio import speech
 
 
 def write(tmp_path: Path, data: bytes, name: str = "a.wav") -> Path:
@@ -134,8 +135,8 @@ def test_lead_in_and_tail_lengths_are_the_settings(tmp_path: Path, monkeypatch: 
     samples = np.concatenate([silence(3), tone(440, 1), silence(3)])
     path = write(tmp_path, wav_bytes(samples))
     for lead, tail in ((0.3, 0.3), (1.0, 0.5), (2.0, 2.5)):
-        monkeypatch.setattr(audio, "LEAD_PAD_SECONDS", lead)
-        monkeypatch.setattr(audio, "TAIL_PAD_SECONDS", tail)
+        monkeypatch.setattr(speech, "LEAD_PAD_SECONDS", lead)
+        monkeypatch.setattr(speech, "TAIL_PAD_SECONDS", tail)
         prepared = audio.prepare_audio(path, max_seconds=60, max_chunk_seconds=600)
         try:
             (start, original, length), *rest = prepared.time_map.intervals

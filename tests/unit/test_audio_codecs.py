@@ -1,6 +1,6 @@
-"""worker.audio's codecs: dr_flac (miniaudio) decoding 16 kHz mono 16-bit FLAC and libFLAC (soundfile)
-encoding give FFmpeg's samples, the same fingerprints and VAD levels as before, and PyAV decodes
-everything the fast path does not take."""
+"""worker.audio's codecs: dr_flac (miniaudio's public decoder) decoding 16 kHz mono 16-bit FLAC
+and libFLAC (soundfile) encoding give FFmpeg's samples, the same fingerprints and VAD levels as before,
+and PyAV decodes everything the fast path does not take."""
 
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ import soundfile
 from core.errors import AudioTooLong
 from tests.audio_fixtures import sequence, wav_bytes
 from worker import audio
+from worker.audio import codecs
 
 RNG = np.random.default_rng(8)
 
@@ -64,7 +65,7 @@ def _signals() -> list[np.ndarray]:
 def test_the_fast_decode_gives_ffmpegs_samples_fingerprint_and_probe(tmp_path, index: int) -> None:
     pcm = _signals()[index]
     for data in (_pyav_flac(pcm), audio.encode_flac(pcm)):
-        fast = audio._decode_normalised_flac(data, max_samples=10**7)
+        fast = codecs._decode_normalised_flac(data, max_samples=10**7)
         assert fast is not None  # 16 kHz mono 16-bit FLAC in memory: libFLAC
         path = tmp_path / "a.flac"
         path.write_bytes(data)
@@ -111,7 +112,7 @@ def test_other_flac_formats_go_through_pyav_as_before(tmp_path) -> None:
         "8-bit": _sndfile_flac(voice // 256, "PCM_S8"),
     }
     for name, data in cases.items():
-        assert audio._decode_normalised_flac(data, max_samples=10**7) is None, name
+        assert codecs._decode_normalised_flac(data, max_samples=10**7) is None, name
         in_memory = audio.decode_to_pcm(data, max_seconds=600, memory_seconds=600)
         path = tmp_path / "x.flac"
         path.write_bytes(data)
@@ -122,14 +123,14 @@ def test_other_flac_formats_go_through_pyav_as_before(tmp_path) -> None:
         finally:
             on_disk.close()
     # Not FLAC at all (a WAV of the same samples): PyAV, and the same fingerprint as the FLAC.
-    assert audio._decode_normalised_flac(wav_bytes(voice / 32767.0), max_samples=10**7) is None
+    assert codecs._decode_normalised_flac(wav_bytes(voice / 32767.0), max_samples=10**7) is None
 
 
 def test_the_fast_decode_leaves_the_length_bound_unknown_lengths_and_damage_to_pyav(tmp_path) -> None:
     pcm = _signals()[0]
     data = audio.encode_flac(pcm)
     # Longer than the in-memory bound or than max_seconds: PyAV's path decides (spill, AudioTooLong).
-    assert audio._decode_normalised_flac(data, max_samples=len(pcm) - 1) is None
+    assert codecs._decode_normalised_flac(data, max_samples=len(pcm) - 1) is None
     with pytest.raises(AudioTooLong):
         audio.decode_to_pcm(data, max_seconds=1.0, memory_seconds=600)
     spilled = audio.decode_to_pcm(data, max_seconds=600, memory_seconds=1.0, tmp_dir=str(tmp_path))
@@ -142,11 +143,11 @@ def test_the_fast_decode_leaves_the_length_bound_unknown_lengths_and_damage_to_p
     unknown[8 + 13] &= 0xF0
     unknown[8 + 14 : 8 + 18] = b"\x00\x00\x00\x00"
     assert audio.flac_streaminfo(bytes(unknown))[3] == 0
-    assert audio._decode_normalised_flac(bytes(unknown), max_samples=10**7) is None
+    assert codecs._decode_normalised_flac(bytes(unknown), max_samples=10**7) is None
     assert audio.decode_to_pcm(bytes(unknown), max_seconds=600, memory_seconds=600).samples == len(pcm)
     # A cut-off file (a damaged tail): fewer samples than the header says, so PyAV keeps what decodes.
     cut = data[: len(data) * 2 // 3]
-    assert audio._decode_normalised_flac(cut, max_samples=10**7) is None
+    assert codecs._decode_normalised_flac(cut, max_samples=10**7) is None
     path = tmp_path / "cut.flac"
     path.write_bytes(cut)
     kept = audio.decode_to_pcm(cut, max_seconds=600, memory_seconds=600)
@@ -162,12 +163,12 @@ def test_the_fast_decode_leaves_the_length_bound_unknown_lengths_and_damage_to_p
     longer[8 + 13] = (longer[8 + 13] & 0xF0) | (short_total >> 32)
     longer[8 + 14 : 8 + 18] = (short_total & 0xFFFFFFFF).to_bytes(4, "big")
     assert audio.flac_streaminfo(bytes(longer))[3] == short_total
-    assert audio._decode_normalised_flac(bytes(longer), max_samples=10**7) is None
+    assert codecs._decode_normalised_flac(bytes(longer), max_samples=10**7) is None
     assert audio.decode_to_pcm(bytes(longer), max_seconds=600, memory_seconds=600).samples == len(pcm)
     # A damaged frame in the middle (its CRC no longer matches): dr_flac skips it, so PyAV decodes.
     damaged = bytearray(data)
     damaged[len(data) // 2] ^= 0x5A
-    assert audio._decode_normalised_flac(bytes(damaged), max_samples=10**7) is None
+    assert codecs._decode_normalised_flac(bytes(damaged), max_samples=10**7) is None
     path = tmp_path / "damaged.flac"
     path.write_bytes(bytes(damaged))
     from_memory = audio.decode_to_pcm(bytes(damaged), max_seconds=600, memory_seconds=600)

@@ -13,7 +13,7 @@ from pydantic import SecretStr
 from core import names
 from core.errors import ConfigError
 from core.fleet import FleetSnapshot
-from core.metrics import MULTIPROC_ENV
+from core.names import MULTIPROC_ENV
 from core.settings import Settings
 from voxq.cli.ops import flower_basic_auth, render_frame
 from worker.metrics_export import worker_multiproc_dir

@@ -60,3 +60,22 @@ def test_zero_base_means_no_wait_unless_told() -> None:
     assert backoff_delay(3, base=0.0, cap=10.0, retry_after=None) == 0.0
     assert backoff_delay(3, base=0.0, cap=10.0, retry_after=0.2) == 0.2
     assert backoff_delay(0, base=1.0, cap=10.0, retry_after=None) <= 1.0
+
+
+def test_without_jitter_the_schedule_is_the_ceiling_itself() -> None:
+    assert [backoff_delay(n, base=1.0, cap=600.0, jitter=False) for n in (1, 2, 3, 4, 10, 11, 40)] == [
+        1.0,
+        2.0,
+        4.0,
+        8.0,
+        512.0,
+        600.0,
+        600.0,
+    ]
+    assert backoff_delay(1, base=1.0, cap=600.0, retry_after=30.0, jitter=False) == 30.0
+
+
+def test_webhook_retries_keep_their_schedule() -> None:
+    from worker.webhook_delivery import retry_delay
+
+    assert [retry_delay(n) for n in (1, 2, 3, 9, 10, 11, 20)] == [1.0, 2.0, 4.0, 256.0, 512.0, 600.0, 600.0]

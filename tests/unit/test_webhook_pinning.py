@@ -1,16 +1,16 @@
-"""Webhook delivery connects only to the addresses the SSRF guard checked (DNS rebinding).
+"""Webhook delivery sends each request only to the addresses the SSRF guard checked (DNS rebinding).
 
-The resolver is our own seam (core.webhook_security.Resolver); the network below httpx is httpcore's
-MockStream, recording where a connection went, what was written and the TLS server name
-— nothing leaves the process.
+The resolver is our own seam (core.webhook_security.Resolver); below httpx is `httpx.MockTransport`,
+recording where each request was addressed, its Host header and its TLS server name — nothing leaves
+the process. tests/integration/test_webhook_ssrf.py checks the same over a real TLS connection.
 """
 
 from __future__ import annotations
 
-import ssl
+from collections.abc import Callable
 from typing import Any
 
-import httpcore
+import httpx
 import pytest
 
 from core.webhook_security import WebhookRefused
@@ -18,35 +18,25 @@ from worker.webhook_delivery import post_guarded
 
 PUBLIC = "93.184.216.34"
 PRIVATE = "10.0.0.7"
-NO_CONTENT = [b"HTTP/1.1 204 No Content\r\nContent-Length: 0\r\n\r\n"]
 
 
-class RecordingStream(httpcore.MockStream):
-    def __init__(self, log: dict[str, Any], buffer: list[bytes]) -> None:
-        super().__init__(buffer)
-        self.log = log
+class Recorder:
+    """A MockTransport handler answering `answer(request)`; records (URL host, port, Host, SNI) of each."""
 
-    def write(self, buffer: bytes, timeout: float | None = None) -> None:
-        self.log["written"] += buffer
+    def __init__(self, answer: Callable[[httpx.Request], httpx.Response] | None = None) -> None:
+        self.seen: list[tuple[str, int | None, str, Any]] = []
+        self.answer = answer or (lambda request: httpx.Response(204))
 
-    def start_tls(
-        self, ssl_context: ssl.SSLContext, server_hostname: str | None = None, timeout: float | None = None
-    ) -> httpcore.NetworkStream:
-        self.log["server_hostname"] = server_hostname
-        return self
-
-
-class RecordingBackend(httpcore.MockBackend):
-    """Answers every connection with `buffer`; records (address, port) of each connection."""
-
-    def __init__(self, buffer: list[bytes]) -> None:
-        super().__init__(buffer)
-        self.connected: list[tuple[str, int]] = []
-        self.log: dict[str, Any] = {"written": b"", "server_hostname": None}
-
-    def connect_tcp(self, host: str, port: int, *args: Any, **kwargs: Any) -> httpcore.NetworkStream:
-        self.connected.append((host, port))
-        return RecordingStream(self.log, list(self._buffer))
+    def __call__(self, request: httpx.Request) -> httpx.Response:
+        self.seen.append(
+            (
+                request.url.host,
+                request.url.port,
+                request.headers["host"],
+                request.extensions.get("sni_hostname"),
+            )
+        )
+        return self.answer(request)
 
 
 def rebinding_resolver(calls: list[str]) -> Any:
@@ -59,35 +49,42 @@ def rebinding_resolver(calls: list[str]) -> Any:
     return resolve
 
 
-@pytest.mark.parametrize(("scheme", "port"), [("http", 80), ("https", 443)])
-def test_a_rebinding_answer_never_reaches_the_connection(scheme: str, port: int) -> None:
+@pytest.mark.parametrize("scheme", ["http", "https"])
+def test_a_rebinding_answer_never_reaches_the_connection(scheme: str) -> None:
     calls: list[str] = []
-    network = RecordingBackend(NO_CONTENT)
+    network = Recorder()
     response = post_guarded(
         f"{scheme}://hooks.example/in",
         b"{}",
         {},
         allow_private=False,
         resolver=rebinding_resolver(calls),
-        network_backend=network,
+        transport=httpx.MockTransport(network),
     )
     assert response.status_code == 204
-    # Resolved once (by the guard), and connected to the address it checked — not to a second answer.
+    # Resolved once (by the guard), and sent to the address it checked — not to a second answer; the
+    # request still names the host: Host header, and the TLS server name (SNI, certificate).
     assert calls == ["hooks.example"]
-    assert network.connected == [(PUBLIC, port)]
-    # The request still names the host: Host header, and for TLS the server name (SNI, certificate).
-    assert b"\r\nHost: hooks.example\r\n" in network.log["written"]
-    if scheme == "https":
-        assert network.log["server_hostname"] == "hooks.example"
+    assert network.seen == [(PUBLIC, None, "hooks.example", "hooks.example")]
+
+
+def test_a_port_and_an_international_name_keep_their_form() -> None:
+    network = Recorder()
+    post_guarded(
+        "https://bücher.example:8443/in",
+        b"{}",
+        {},
+        allow_private=False,
+        resolver=lambda host, port: [PUBLIC],
+        transport=httpx.MockTransport(network),
+    )
+    assert network.seen == [(PUBLIC, 8443, "xn--bcher-kva.example:8443", "xn--bcher-kva.example")]
 
 
 def test_a_redirect_hop_is_checked_and_pinned_again() -> None:
     calls: list[str] = []
-    redirect = [
-        b"HTTP/1.1 307 Temporary Redirect\r\nLocation: http://other.example/x\r\nContent-Length: 0\r\n\r\n"
-    ]
-    network = RecordingBackend(redirect)
-    # The first host is public; the redirect's host answers private: refused before any connection to it.
+    network = Recorder(lambda request: httpx.Response(307, headers={"Location": "http://other.example/x"}))
+    # The first host is public; the redirect's host answers private: refused before any request to it.
     with pytest.raises(WebhookRefused, match="non-public"):
         post_guarded(
             "http://hooks.example/in",
@@ -95,28 +92,41 @@ def test_a_redirect_hop_is_checked_and_pinned_again() -> None:
             {},
             allow_private=False,
             resolver=rebinding_resolver(calls),
-            network_backend=network,
+            transport=httpx.MockTransport(network),
         )
     assert calls == ["hooks.example", "other.example"]
-    assert network.connected == [(PUBLIC, 80)]
+    assert network.seen == [(PUBLIC, None, "hooks.example", "hooks.example")]
 
 
 def test_the_checked_addresses_are_tried_in_order() -> None:
-    class FirstRefuses(RecordingBackend):
-        def connect_tcp(self, host: str, port: int, *args: Any, **kwargs: Any) -> httpcore.NetworkStream:
-            if not self.connected:
-                self.connected.append((host, port))
-                raise httpcore.ConnectError("refused")
-            return super().connect_tcp(host, port, *args, **kwargs)
+    def first_refuses(request: httpx.Request) -> httpx.Response:
+        if request.url.host == PUBLIC:
+            raise httpx.ConnectError("refused", request=request)
+        return httpx.Response(204)
 
-    network = FirstRefuses(NO_CONTENT)
+    network = Recorder(first_refuses)
     response = post_guarded(
         "http://hooks.example/in",
         b"{}",
         {},
         allow_private=False,
         resolver=lambda host, port: [PUBLIC, "93.184.216.35"],
-        network_backend=network,
+        transport=httpx.MockTransport(network),
     )
     assert response.status_code == 204
-    assert network.connected == [(PUBLIC, 80), ("93.184.216.35", 80)]
+    assert [seen[0] for seen in network.seen] == [PUBLIC, "93.184.216.35"]
+
+
+def test_when_no_checked_address_answers_the_last_error_is_raised() -> None:
+    def refuse(request: httpx.Request) -> httpx.Response:
+        raise httpx.ConnectError(f"refused by {request.url.host}", request=request)
+
+    with pytest.raises(httpx.ConnectError, match=r"93\.184\.216\.35"):
+        post_guarded(
+            "http://hooks.example/in",
+            b"{}",
+            {},
+            allow_private=False,
+            resolver=lambda host, port: [PUBLIC, "93.184.216.35"],
+            transport=httpx.MockTransport(refuse),
+        )
