@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from core.metrics import MULTIPROC_ENV
+from core.names import MULTIPROC_ENV
 from core.settings import Settings
 from worker.metrics_export import worker_multiproc_dir
 
