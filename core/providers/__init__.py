@@ -1,1 +1,1 @@
-"""Transcription providers: the hosted OpenAI-compatible API and the offline local engine."""
+"""Transcription providers' wire format: the contract (base) and the OpenAI-compatible HTTP client."""
