@@ -84,7 +84,7 @@ class WhisperAligner:
 
     method = METHOD
 
-    def __init__(self, model: WhisperModel, *, language: str = "en", trim_last: bool = False) -> None:
+    def __init__(self, model: WhisperModel, *, language: str = "en", trim_last: bool = True) -> None:
         from faster_whisper.tokenizer import Tokenizer
 
         self._model = model
@@ -134,6 +134,7 @@ class WhisperAligner:
         known: dict[int, tuple[float, float]] = {}
         cursor = 0
         retries = 0
+        encode_cpu = align_cpu = 0.0
         for index, (t0, t1) in enumerate(windows):
             if cursor >= len(words):
                 break
@@ -141,7 +142,10 @@ class WhisperAligner:
             speech_end = regions.last_speech_end(t0, t1)
             if speech_end is None:
                 continue
+            mark = time.process_time()
             encoded, frames = self._encode(features, t0, t1, pad=not (last and self._trim_last))
+            encode_cpu += time.process_time() - mark
+            mark = time.process_time()
             expected = rate * regions.speech_between(t0, t1)
             margin = OVERSHOOT
             for attempt in range(RETRIES + 1):
@@ -155,6 +159,7 @@ class WhisperAligner:
                     break
                 retries += 1
                 margin *= 1.6
+            align_cpu += time.process_time() - mark
             known.update(accepted)
             cursor = max(accepted, default=cursor - 1) + 1
         timed = interpolate(words, known, start=regions.spans[0][0], end=regions.spans[-1][1])
@@ -168,6 +173,8 @@ class WhisperAligner:
                 "placed": len(known),
                 "interpolated": len(words) - len(known),
                 "cpu_seconds": round(time.process_time() - started, 3),
+                "encode_cpu_seconds": round(encode_cpu, 3),
+                "align_cpu_seconds": round(align_cpu, 3),
             },
         )
 
