@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import re
 
 import pytest
@@ -36,7 +37,7 @@ def check_cues(segments: list[Segment], words: list[Word]) -> None:
         lines = wrap_lines(seg.text)
         assert lines is not None and len(lines) <= 2
         assert all(len(line) <= MAX_LINE_CHARS for line in lines)
-    for a, b in zip(segments, segments[1:], strict=False):
+    for a, b in itertools.pairwise(segments):
         assert b.start >= a.end  # in order, no overlap
 
 
@@ -115,7 +116,9 @@ def test_srt_and_vtt_formatting() -> None:
         Segment(3725.0049, 3727.0, "the quick brown fox jumps over the lazy dog and keeps on running"),
     ]
     srt = render_srt(segments)
-    assert srt.startswith("1\n00:00:00,000 --> 00:00:01,500\nHello there.\n\n2\n01:02:05,005 --> 01:02:07,000\n")
+    assert srt.startswith(
+        "1\n00:00:00,000 --> 00:00:01,500\nHello there.\n\n2\n01:02:05,005 --> 01:02:07,000\n"
+    )
     assert srt.endswith("\n") and not srt.endswith("\n\n")
     vtt = render_vtt(segments)
     assert vtt.startswith("WEBVTT\n\n00:00:00.000 --> 00:00:01.500\nHello there.\n\n01:02:05.005 --> ")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 import pytest
 
@@ -34,7 +36,7 @@ def test_align_tokens_is_a_fewest_edits_alignment() -> None:
 
 def test_align_tokens_is_not_fooled_by_a_repeated_phrase() -> None:
     # difflib's longest block first would pair the hosted phrase with the local copy at the end.
-    phrase = "thanks for listening to the show".split()
+    phrase = ["thanks", "for", "listening", "to", "the", "show"]
     hosted = ["one", *phrase, "two", "three", "four", "five", "six"]
     heard = ["one", *phrase, "two", "three", "four", "five", "six", *phrase, *phrase]
     pairs = align_tokens(hosted, heard)
@@ -48,7 +50,7 @@ def test_align_tokens_refuses_a_grid_too_large() -> None:
 
 
 def test_matched_words_take_the_local_times_numbers_and_punctuation_included() -> None:
-    hosted = "We had 42 listeners, right?".split()
+    hosted = ["We", "had", "42", "listeners,", "right?"]
     heard = local(
         ("we", 1.0, 1.2), ("had", 1.2, 1.4), ("forty", 1.5, 1.8), ("two", 1.8, 2.0),
         ("listeners", 2.1, 2.6), ("right", 2.8, 3.0),
@@ -65,7 +67,7 @@ def test_matched_words_take_the_local_times_numbers_and_punctuation_included() -
 
 
 def test_a_misheard_word_is_timed_by_its_counterpart_and_a_missed_one_is_left_out() -> None:
-    hosted = "hello Maria this is John".split()
+    hosted = ["hello", "Maria", "this", "is", "John"]
     heard = local(("hello", 0.0, 0.4), ("mariah", 0.5, 0.9), ("is", 1.2, 1.3), ("john", 1.4, 1.8))
     match = match_words(hosted, heard)
     assert match.known[1] == (0.5, 0.9)  # replaced 1:1
@@ -75,7 +77,7 @@ def test_a_misheard_word_is_timed_by_its_counterpart_and_a_missed_one_is_left_ou
 
 
 def test_fillers_heard_locally_are_ignored() -> None:
-    hosted = "so we started".split()
+    hosted = ["so", "we", "started"]
     heard = local(("so", 0.0, 0.2), ("um", 0.3, 0.6), ("we", 0.8, 0.9), ("started", 0.9, 1.4))
     assert match_words(hosted, heard).known == {0: (0.0, 0.2), 1: (0.8, 0.9), 2: (0.9, 1.4)}
 
@@ -101,7 +103,7 @@ def test_interpolation_before_the_first_and_after_the_last_known_word_stays_in_t
 def test_monotonic_never_goes_backwards_and_stays_inside_the_audio() -> None:
     words = local(("a", 1.0, 0.5), ("b", 0.8, 2.0), ("c", 1.5, 1.7), ("d", 9.0, 12.0))
     out = monotonic(words, duration=10.0)
-    for prev, cur in zip(out, out[1:], strict=False):
+    for prev, cur in itertools.pairwise(out):
         assert cur.start >= prev.end
     assert all(w.end >= w.start for w in out)
     assert out[-1].end <= 10.0 and out[-1].start <= 10.0
@@ -160,7 +162,7 @@ def test_windows_are_at_most_30_s_and_cut_in_the_latest_long_pause() -> None:
     spans = tuple((float(s), s + 3.5) for s in range(0, 100, 4))
     windows = plan_windows(SpeechRegions(spans=spans, duration=100.0), 100.0)
     assert windows[0][0] == 0.0 and windows[-1][1] == 100.0
-    for (a0, a1), (b0, _) in zip(windows, windows[1:], strict=False):
+    for (_a0, a1), (b0, _) in itertools.pairwise(windows):
         assert a1 == b0
     for t0, t1 in windows:
         assert t1 - t0 <= 30.0
