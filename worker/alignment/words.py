@@ -130,6 +130,7 @@ def local_words(model: WhisperModel, samples: Audio, *, language: str, beam_size
         as_float32(samples),
         language=language,
         beam_size=beam_size,
+        temperature=0.0,  # no fallback re-decoding: its words only need to be roughly right, and cheap
         word_timestamps=True,
         vad_filter=True,
         condition_on_previous_text=False,
