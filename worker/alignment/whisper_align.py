@@ -159,7 +159,9 @@ class WhisperAligner:
                 accepted = {
                     k: span for k, span in placed.items() if last or span[0] < speech_end - PLACED_MARGIN
                 }
-                short = not last and end < len(words) and len(accepted) == end - cursor
+                tokenised = [k for k in range(cursor, end) if pieces[k].tokens]
+                # Every candidate placed while text remains: the estimate was short, not the text.
+                short = not last and end < len(words) and bool(tokenised) and tokenised[-1] in accepted
                 if not short or attempt == RETRIES:
                     break
                 retries += 1
