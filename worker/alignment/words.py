@@ -130,11 +130,10 @@ def local_words(model: WhisperModel, samples: Audio, *, language: str, beam_size
         as_float32(samples),
         language=language,
         beam_size=beam_size,
-        temperature=0.0,  # no fallback re-decoding: its words only need to be roughly right, and cheap
         word_timestamps=True,
         vad_filter=True,
         condition_on_previous_text=False,
-    )
+    )  # the temperature fallback stays: without it, base looped on a noisy episode (a 22 s error)
     return [Word(w.word.strip(), float(w.start), float(w.end)) for seg in segments for w in (seg.words or [])]
 
 
