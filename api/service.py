@@ -276,8 +276,11 @@ def reject_presigned(job_id: uuid.UUID, code: str, message: str, now: datetime) 
         )
 
 
-def mark_presigned_uploaded(job_id: uuid.UUID, key: str, result: ProbeResult, now: datetime) -> bool:
-    """A verified presigned upload becomes `uploaded` at `key`; False when another request did it first."""
+def mark_presigned_uploaded(
+    job_id: uuid.UUID, key: str, sha256: str, result: ProbeResult, now: datetime
+) -> bool:
+    """A verified presigned upload becomes `uploaded` at its content key `key` (its bytes hash to `sha256`);
+    False when another request did it first."""
     with session_scope() as session:
         updated = session.execute(
             update(Job)
@@ -285,6 +288,7 @@ def mark_presigned_uploaded(job_id: uuid.UUID, key: str, result: ProbeResult, no
             .values(
                 status=JobStatus.UPLOADED.value,
                 object_key=key,
+                sha256=sha256,
                 duration_seconds=result.duration_seconds,
                 codec=result.codec,
                 sample_rate=result.sample_rate,
@@ -293,6 +297,20 @@ def mark_presigned_uploaded(job_id: uuid.UUID, key: str, result: ProbeResult, no
             )
         )
     return bool(updated.rowcount)  # type: ignore[attr-defined]
+
+
+def object_in_use(tenant: TenantContext, object_key: str) -> bool:
+    """Whether a live (not deleted) job of the tenant has this audio object (call under its lock)."""
+    with session_scope() as session:
+        return bool(
+            session.scalar(
+                select(func.count()).where(
+                    Job.tenant_id == tenant.tenant_id,
+                    Job.object_key == object_key,
+                    Job.deleted_at.is_(None),
+                )
+            )
+        )
 
 
 def submit_uploaded(tenant: TenantContext, batch_id: uuid.UUID, *, others: bool) -> Queued:
@@ -443,17 +461,8 @@ def _delete_job_locked(job_id: uuid.UUID, tenant: TenantContext, storage: Storag
         session.execute(delete(JobChunk).where(JobChunk.job_id == job.id))
         object_key = job.object_key
     keys = list(chunk_keys)
-    if object_key is not None:
-        with session_scope() as session:
-            shared = session.scalar(
-                select(func.count()).where(
-                    Job.tenant_id == tenant.tenant_id,
-                    Job.object_key == object_key,
-                    Job.deleted_at.is_(None),
-                )
-            )
-        if not shared:
-            keys.append(object_key)
+    if object_key is not None and not object_in_use(tenant, object_key):
+        keys.append(object_key)
     for key in keys:
         storage.delete(key)
     with session_scope() as session:

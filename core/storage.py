@@ -43,6 +43,18 @@ def parse_s3_uri(uri: str) -> tuple[str, str]:
     return match.group(1), match.group(2)
 
 
+class ObjectChanged(StorageError):
+    """Raised when an object is no longer the version that was checked (a conditional read or copy failed)."""
+
+    code = "object_changed"
+
+
+def _precondition_failed(exc: ClientError) -> bool:
+    error = exc.response.get("Error", {})
+    status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+    return str(error.get("Code", "")) in {"PreconditionFailed", "412"} or status == 412
+
+
 @dataclass(frozen=True)
 class StoredObject:
     """What an upload produced: its key, size and SHA-256."""
@@ -134,13 +146,29 @@ class Storage:
         finally:
             body.close()
 
-    def iter_chunks(self, key: str, *, bucket: str | None = None, chunk: int = READ_CHUNK) -> Iterator[bytes]:
-        """Yield an object's bytes in chunks without holding it whole."""
-        body = self.client.get_object(Bucket=bucket or self.bucket, Key=key)["Body"]
+    def iter_chunks(
+        self, key: str, *, bucket: str | None = None, chunk: int = READ_CHUNK, if_match: str | None = None
+    ) -> Iterator[bytes]:
+        """Yield an object's bytes in chunks without holding it whole (`if_match`: only the version with
+        this ETag, else `ObjectChanged`)."""
+        extra: dict[str, Any] = {"IfMatch": if_match} if if_match is not None else {}
+        try:
+            body = self.client.get_object(Bucket=bucket or self.bucket, Key=key, **extra)["Body"]
+        except ClientError as exc:
+            if if_match is not None and _precondition_failed(exc):
+                raise ObjectChanged(f"{key} changed since it was checked") from exc
+            raise
         try:
             yield from body.iter_chunks(chunk)
         finally:
             body.close()
+
+    def sha256_of(self, key: str, *, if_match: str | None = None) -> str:
+        """The hex SHA-256 of an object, streamed (memory stays at one read chunk whatever its size)."""
+        digest = hashlib.sha256()
+        for data in self.iter_chunks(key, if_match=if_match):
+            digest.update(data)
+        return digest.hexdigest()
 
     def head(self, key: str, *, bucket: str | None = None) -> dict[str, Any] | None:
         """Object metadata, or None when the object does not exist."""
@@ -151,14 +179,24 @@ class Storage:
                 return None
             raise
 
-    def copy(self, src_key: str, dst_key: str, *, src_bucket: str | None = None) -> None:
-        """Server-side copy (multipart for big objects)."""
-        self.client.copy(
-            {"Bucket": src_bucket or self.bucket, "Key": src_key},
-            self.bucket,
-            dst_key,
-            Config=self.transfer_config,
-        )
+    def copy(
+        self, src_key: str, dst_key: str, *, src_bucket: str | None = None, if_match: str | None = None
+    ) -> None:
+        """Server-side copy (multipart for big objects). `if_match`: copy only the source version with
+        this ETag (every part of a multipart copy is conditional), else `ObjectChanged`."""
+        extra = {"CopySourceIfMatch": if_match} if if_match is not None else None
+        try:
+            self.client.copy(
+                {"Bucket": src_bucket or self.bucket, "Key": src_key},
+                self.bucket,
+                dst_key,
+                ExtraArgs=extra,
+                Config=self.transfer_config,
+            )
+        except ClientError as exc:
+            if if_match is not None and _precondition_failed(exc):
+                raise ObjectChanged(f"{src_key} changed since it was checked") from exc
+            raise
 
     def delete(self, key: str) -> None:
         """Delete an object (no error when it is already gone)."""

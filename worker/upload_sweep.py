@@ -3,7 +3,11 @@
 The API streams each upload to `{tenant}/incoming/{uuid}` and removes it itself, also on errors and
 client disconnects. Only a process killed mid-upload leaves something behind: an incomplete S3
 multipart upload (invisible, but stored) or a temporary object. Presigned uploads also live under
-`incoming/` until submit; those belong to a `pending_upload` job and are kept while the job exists.
+`incoming/` until submit verifies them and moves them to their content key (api.presigned); until then
+they belong to a `pending_upload` job and are kept while the job exists. A PUT to a presigned URL after
+submit leaves an object no job uses: swept like any leftover. An object a job still names is never
+removed, whatever the job's status (before that move existed, verified uploads stayed at their
+incoming key).
 """
 
 from __future__ import annotations
@@ -15,7 +19,6 @@ from sqlalchemy import select
 
 from core.db import session_scope
 from core.models import Job, Tenant
-from core.statuses import JobStatus
 from core.storage import Storage
 
 INCOMING = "/incoming/"
@@ -43,19 +46,13 @@ def sweep_incoming(storage: Storage, older_than: timedelta = timedelta(hours=24)
                 aborted += 1
     with session_scope() as session:
         tenant_ids = [str(t) for t in session.scalars(select(Tenant.id)).all()]
-        waiting = set(
-            session.scalars(
-                select(Job.object_key).where(
-                    Job.status == JobStatus.PENDING_UPLOAD.value, Job.deleted_at.is_(None)
-                )
-            ).all()
-        )
+        in_use = set(session.scalars(select(Job.object_key).where(Job.object_key.contains(INCOMING))).all())
     deleted = 0
     objects = storage.client.get_paginator("list_objects_v2")
     for tenant_id in tenant_ids:
         for page in objects.paginate(Bucket=storage.bucket, Prefix=f"{tenant_id}{INCOMING}"):
             for obj in page.get("Contents", []):
-                if obj["LastModified"] < cutoff and obj["Key"] not in waiting:
+                if obj["LastModified"] < cutoff and obj["Key"] not in in_use:
                     storage.delete(obj["Key"])
                     deleted += 1
     return SweepResult(aborted, deleted)
