@@ -72,8 +72,8 @@ def verify(storage: Storage, tenant: TenantContext, job: Job) -> RejectedJob | s
     try:
         code, message, sha256, result = _check(storage, job, incoming, etag, size)
         if code or result is None:
-            storage.delete(incoming)
             service.reject_presigned(job.id, code, message, datetime.now(UTC))
+            _delete_quietly(storage, incoming)
             return RejectedJob(job_id=job.id, code=code, message=message)
         if not _move(storage, tenant, job, incoming, etag, sha256, result):
             return None  # another submit verified it first
@@ -81,11 +81,16 @@ def verify(storage: Storage, tenant: TenantContext, job: Job) -> RejectedJob | s
         return WAITING  # replaced while we read it: verify the new version at the next submit
     metrics.UPLOADED_BYTES.inc(size)
     metrics.AUDIO_SUBMITTED_SECONDS.inc(result.duration_seconds)
+    _delete_quietly(storage, incoming)
+    return None
+
+
+def _delete_quietly(storage: Storage, incoming: str) -> None:
+    """Remove an incoming object no job uses any more; on failure the incoming sweep removes it later."""
     try:
         storage.delete(incoming)
-    except Exception as exc:  # the job no longer uses it: the incoming sweep removes it
+    except Exception as exc:
         log.warning("presigned upload's incoming object left to the sweep (%s)", type(exc).__name__)
-    return None
 
 
 def _check(

@@ -10,13 +10,15 @@ import uuid
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from typing import Any
 
 from sqlalchemy import delete, func, select, update
 from sqlalchemy.orm import Session
 
 from api import enqueue
+from api.accept import AcceptedFile
 from api.deps import TenantContext
-from api.ingest import AcceptedFile, clean_filename
+from api.ingest import clean_filename
 from api.locks import object_locks
 from api.probe import ProbeResult
 from api.problems import RETRY, Problem
@@ -435,35 +437,45 @@ def delete_job(tenant: TenantContext, storage: Storage, job_id: uuid.UUID) -> No
     """Delete a job's audio and transcript; its row stays (marked deleted) so cost records keep their job.
 
     Audio shared with another live job of the tenant (same content) stays until that job is deleted too.
+    The objects go first: when storage fails (503), nothing has changed yet and deleting again works.
     """
     with session_scope() as session:
         object_key = get_job(session, tenant, job_id).object_key
     # The object's lock keeps an upload of the same audio from committing a job that uses it between
     # our "who else uses it" count and the delete.
     with object_locks([object_key] if object_key else []):
-        _delete_job_locked(job_id, tenant, storage)
+        for key in _job_objects(tenant, job_id, object_key):
+            storage.delete(key)
+        _forget_job(tenant, job_id)
 
 
-def _delete_job_locked(job_id: uuid.UUID, tenant: TenantContext, storage: Storage) -> None:
+def _job_objects(tenant: TenantContext, job_id: uuid.UUID, object_key: str | None) -> list[str]:
+    """The objects a deleted job leaves: its chunks, and its audio unless another live job uses it."""
+    with session_scope() as session:
+        keys = [k for k in session.scalars(select(JobChunk.object_key).where(JobChunk.job_id == job_id)) if k]
+        if object_key is not None:
+            shared = session.scalar(
+                select(func.count()).where(
+                    Job.tenant_id == tenant.tenant_id,
+                    Job.object_key == object_key,
+                    Job.id != job_id,
+                    Job.deleted_at.is_(None),
+                )
+            )
+            if not shared:
+                keys.append(object_key)
+    return keys
+
+
+def _forget_job(tenant: TenantContext, job_id: uuid.UUID) -> None:
+    """Mark the job deleted (cancelled if it was live) and drop its transcript, answers and chunk plan."""
     now = datetime.now(UTC)
     with session_scope() as session:
         job = get_job(session, tenant, job_id)
-        session.execute(update(Job).where(Job.id == job.id, Job.deleted_at.is_(None)).values(deleted_at=now))
+        values: dict[str, Any] = {"deleted_at": now, "object_key": None, "filename": None}
         if job.status not in JOB_TERMINAL:
-            session.execute(
-                update(Job).where(Job.id == job.id).values(status=JobStatus.CANCELLED.value, finished_at=now)
-            )
+            values.update(status=JobStatus.CANCELLED.value, finished_at=now)
+        session.execute(update(Job).where(Job.id == job.id, Job.deleted_at.is_(None)).values(**values))
         session.execute(delete(Transcript).where(Transcript.job_id == job.id))
         session.execute(delete(JobAnswer).where(JobAnswer.job_id == job.id))  # kept paid answers: text too
-        chunk_keys = [
-            k for k in session.scalars(select(JobChunk.object_key).where(JobChunk.job_id == job.id)) if k
-        ]
         session.execute(delete(JobChunk).where(JobChunk.job_id == job.id))
-        object_key = job.object_key
-    keys = list(chunk_keys)
-    if object_key is not None and not object_in_use(tenant, object_key):
-        keys.append(object_key)
-    for key in keys:
-        storage.delete(key)
-    with session_scope() as session:
-        session.execute(update(Job).where(Job.id == job_id).values(object_key=None, filename=None))

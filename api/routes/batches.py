@@ -14,8 +14,9 @@ from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
 
 from api import presigned, queries, service
+from api.accept import accept_files
 from api.deps import SessionDep, SessionRoute, StorageDep, TenantContext, TenantDep
-from api.ingest import Received, accept_files, incoming_key, ingest_multipart
+from api.ingest import Received, incoming_key, ingest_multipart
 from api.probe import probe_s3_object
 from api.problems import COMMON_PROBLEMS, UPLOAD_PROBLEMS, Problem, from_voxq_error, problem_responses
 from api.schemas import (

@@ -61,7 +61,9 @@ def test_a_late_put_to_the_presigned_url_does_not_change_what_the_job_transcribe
     assert transcript is not None and transcript.text == "tone300"
 
 
-def test_the_incoming_sweep_removes_no_job_audio_only_the_late_put(api: ApiServer, pipeline: Pipeline) -> None:
+def test_the_incoming_sweep_removes_no_job_audio_only_the_late_put(
+    api: ApiServer, pipeline: Pipeline
+) -> None:
     first = tones(440)
     slot = _presigned_job(api, make_key("acme"), first, sha256=hashlib.sha256(first).hexdigest())
     unsigned = _presigned_job(api, make_key("acme"), tones(550))  # no client sha256
