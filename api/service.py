@@ -19,7 +19,7 @@ from api import enqueue
 from api.accept import AcceptedFile
 from api.deps import TenantContext
 from api.ingest import clean_filename
-from api.locks import object_locks
+from api.locks import drop_inline_audio, object_locks
 from api.probe import ProbeResult
 from api.problems import RETRY, Problem
 from api.queries import (
@@ -45,7 +45,7 @@ from core.db import session_scope
 from core.models import Batch, Job, JobAnswer, JobChunk, Transcript
 from core.settings import get_settings
 from core.statuses import JOB_TERMINAL, BatchStatus, JobStatus
-from core.storage import Storage
+from core.storage import Storage, derived_key, derived_prefix
 from core.webhook_security import WebhookRefused, WebhookUnresolvable, check_url
 
 
@@ -301,18 +301,16 @@ def mark_presigned_uploaded(
     return bool(updated.rowcount)  # type: ignore[attr-defined]
 
 
-def object_in_use(tenant: TenantContext, object_key: str) -> bool:
-    """Whether a live (not deleted) job of the tenant has this audio object (call under its lock)."""
+def object_in_use(tenant: TenantContext, object_key: str, *, besides: uuid.UUID | None = None) -> bool:
+    """Whether a live (not deleted) job of the tenant, other than `besides`, has this audio object (call
+    under the object's lock)."""
+    query = select(func.count()).where(
+        Job.tenant_id == tenant.tenant_id, Job.object_key == object_key, Job.deleted_at.is_(None)
+    )
+    if besides is not None:
+        query = query.where(Job.id != besides)
     with session_scope() as session:
-        return bool(
-            session.scalar(
-                select(func.count()).where(
-                    Job.tenant_id == tenant.tenant_id,
-                    Job.object_key == object_key,
-                    Job.deleted_at.is_(None),
-                )
-            )
-        )
+        return bool(session.scalar(query))
 
 
 def submit_uploaded(tenant: TenantContext, batch_id: uuid.UUID, *, others: bool) -> Queued:
@@ -436,35 +434,22 @@ def cancel_job(session: Session, tenant: TenantContext, job_id: uuid.UUID) -> Jo
 def delete_job(tenant: TenantContext, storage: Storage, job_id: uuid.UUID) -> None:
     """Delete a job's audio and transcript; its row stays (marked deleted) so cost records keep their job.
 
-    Audio shared with another live job of the tenant (same content) stays until that job is deleted too.
-    The objects go first: when storage fails (503), nothing has changed yet and deleting again works.
+    None of its bytes is left: its upload (unless another live job of the tenant has the same content:
+    it stays until that job is deleted too), its derived FLACs (whole file and chunks) in S3 and the copy
+    kept in Redis for its transcribe task. Bytes go first: when storage fails (503), nothing has changed
+    yet and deleting again works. A worker still preparing the job may write a FLAC after this: the
+    storage sweep removes derived audio of deleted jobs.
     """
     with session_scope() as session:
         object_key = get_job(session, tenant, job_id).object_key
     # The object's lock keeps an upload of the same audio from committing a job that uses it between
     # our "who else uses it" count and the delete.
     with object_locks([object_key] if object_key else []):
-        for key in _job_objects(tenant, job_id, object_key):
-            storage.delete(key)
+        if object_key is not None and not object_in_use(tenant, object_key, besides=job_id):
+            storage.delete(object_key)
+        storage.delete_prefix(derived_prefix(tenant.tenant_id, job_id))
+        drop_inline_audio(derived_key(tenant.tenant_id, job_id))
         _forget_job(tenant, job_id)
-
-
-def _job_objects(tenant: TenantContext, job_id: uuid.UUID, object_key: str | None) -> list[str]:
-    """The objects a deleted job leaves: its chunks, and its audio unless another live job uses it."""
-    with session_scope() as session:
-        keys = [k for k in session.scalars(select(JobChunk.object_key).where(JobChunk.job_id == job_id)) if k]
-        if object_key is not None:
-            shared = session.scalar(
-                select(func.count()).where(
-                    Job.tenant_id == tenant.tenant_id,
-                    Job.object_key == object_key,
-                    Job.id != job_id,
-                    Job.deleted_at.is_(None),
-                )
-            )
-            if not shared:
-                keys.append(object_key)
-    return keys
 
 
 def _forget_job(tenant: TenantContext, job_id: uuid.UUID) -> None:
