@@ -6,6 +6,7 @@ The only place that builds `Job` rows and auto-submits. Every write starts from 
 
 from __future__ import annotations
 
+import logging
 import uuid
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -42,11 +43,14 @@ from api.schemas import (
 )
 from core import metrics
 from core.db import session_scope
+from core.dedupe import dedupe_lock_key, lock_dedupe_keys
 from core.models import Batch, Job, JobAnswer, JobChunk, Transcript
 from core.settings import get_settings
 from core.statuses import JOB_TERMINAL, BatchStatus, JobStatus
 from core.storage import Storage, derived_key, derived_prefix
 from core.webhook_security import WebhookRefused, WebhookUnresolvable, check_url
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -397,10 +401,12 @@ def enqueue_or_revert(queued: Queued, revert_to: str) -> None:
 
 
 def cancel_batch(session: Session, tenant: TenantContext, batch_id: uuid.UUID) -> BatchOut:
-    """Cancel every unfinished job of the batch, and the batch unless it already ended; its fresh view."""
+    """Cancel every unfinished job of the batch, and the batch unless it already ended; its fresh view.
+
+    Followers in other batches of the cancelled jobs go back to the queue (`_hand_back_followers`)."""
     batch = get_batch(session, tenant, batch_id, lock=True)
     now = datetime.now(UTC)
-    session.execute(
+    ended = session.execute(
         update(Job)
         .where(
             Job.batch_id == batch_id,
@@ -408,27 +414,85 @@ def cancel_batch(session: Session, tenant: TenantContext, batch_id: uuid.UUID) -
             Job.deleted_at.is_(None),
         )
         .values(status=JobStatus.CANCELLED.value, finished_at=now)
-    )
+        .returning(*_ENDED)
+    ).all()
+    followers = _hand_back_followers(session, ended)
     if batch.status not in (BatchStatus.COMPLETED.value, BatchStatus.FAILED.value):
         batch.status = BatchStatus.CANCELLED.value
         batch.completed_at = now
     session.commit()
+    _send_prepare(followers)
     return load_batch_out(session, batch)
 
 
 def cancel_job(session: Session, tenant: TenantContext, job_id: uuid.UUID) -> Job:
-    """Cancel the tenant's unfinished job (compare-and-set); 409 `job_not_cancellable` once it ended."""
+    """Cancel the tenant's unfinished job (compare-and-set); 409 `job_not_cancellable` once it ended.
+
+    Its dedupe followers go back to the queue (`_hand_back_followers`)."""
     job = get_job(session, tenant, job_id)
-    result = session.execute(
+    ended = session.execute(
         update(Job)
         .where(Job.id == job.id, Job.status.not_in([s.value for s in JOB_TERMINAL]))
         .values(status=JobStatus.CANCELLED.value, finished_at=datetime.now(UTC))
-    )
-    if not result.rowcount:  # type: ignore[attr-defined]
+        .returning(*_ENDED)
+    ).all()
+    if not ended:
         raise Problem(409, "job_not_cancellable", f"the job is already {job.status}")
+    followers = _hand_back_followers(session, ended)
     session.commit()
+    _send_prepare(followers)
     session.refresh(job)
     return job
+
+
+# What `_hand_back_followers` needs of each job a cancel or delete just ended.
+_ENDED = (Job.id, Job.tenant_id, Job.fingerprint)
+
+
+def _hand_back_followers(session: Session, ended: Sequence[Any]) -> dict[str, list[uuid.UUID]]:
+    """Send the dedupe followers of jobs this transaction just ended back to `queued`; their ids by
+    priority, for `_send_prepare` once committed.
+
+    A follower waits for its leader's outcome with no lease of its own: a leader ended here (its worker's
+    compare-and-set now fails, so it resolves nobody) would leave it `processing` forever. Handed back,
+    each is prepared again: the first leads, the others follow it. The leaders' dedupe locks
+    (core.dedupe) are taken after their rows, as worker.completion does, so a follower attached at the
+    last moment is handed back too; a later decision sees the leader ended.
+    """
+    if not ended:
+        return {}
+    lock_dedupe_keys(session, (dedupe_lock_key(r.tenant_id, r.fingerprint) for r in ended if r.fingerprint))
+    rows = session.execute(
+        update(Job)
+        .where(
+            Job.deduplicated_from_id.in_([r.id for r in ended]),
+            Job.status == JobStatus.PROCESSING.value,
+        )
+        .values(
+            status=JobStatus.QUEUED.value,
+            deduplicated_from_id=None,
+            queued_at=datetime.now(UTC),
+            lease_owner=None,
+            lease_expires_at=None,
+            group_id=None,
+        )
+        .returning(Job.id, Job.priority)
+    ).all()
+    by_priority: dict[str, list[uuid.UUID]] = {}
+    for job_id, priority in rows:
+        by_priority.setdefault(priority, []).append(job_id)
+    return by_priority
+
+
+def _send_prepare(by_priority: dict[str, list[uuid.UUID]]) -> None:
+    """Send committed `queued` jobs to prepare; if the broker is down, the sweeper resends them later."""
+    for priority, job_ids in by_priority.items():
+        try:
+            enqueue.enqueue_jobs(job_ids, priority=priority)
+        except Exception as exc:
+            log.warning(
+                "%d handed-back job(s) wait for the sweeper's resend (%s)", len(job_ids), type(exc).__name__
+            )
 
 
 def delete_job(tenant: TenantContext, storage: Storage, job_id: uuid.UUID) -> None:
@@ -453,14 +517,19 @@ def delete_job(tenant: TenantContext, storage: Storage, job_id: uuid.UUID) -> No
 
 
 def _forget_job(tenant: TenantContext, job_id: uuid.UUID) -> None:
-    """Mark the job deleted (cancelled if it was live) and drop its transcript, answers and chunk plan."""
+    """Mark the job deleted (cancelled if it was live), drop its transcript, answers and chunk plan, and
+    hand its dedupe followers back to the queue."""
     now = datetime.now(UTC)
     with session_scope() as session:
         job = get_job(session, tenant, job_id)
         values: dict[str, Any] = {"deleted_at": now, "object_key": None, "filename": None}
         if job.status not in JOB_TERMINAL:
             values.update(status=JobStatus.CANCELLED.value, finished_at=now)
-        session.execute(update(Job).where(Job.id == job.id, Job.deleted_at.is_(None)).values(**values))
+        ended = session.execute(
+            update(Job).where(Job.id == job.id, Job.deleted_at.is_(None)).values(**values).returning(*_ENDED)
+        ).all()
+        followers = _hand_back_followers(session, ended)
         session.execute(delete(Transcript).where(Transcript.job_id == job.id))
         session.execute(delete(JobAnswer).where(JobAnswer.job_id == job.id))  # kept paid answers: text too
         session.execute(delete(JobChunk).where(JobChunk.job_id == job.id))
+    _send_prepare(followers)

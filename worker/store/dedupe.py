@@ -2,8 +2,8 @@
 
 A job whose twin already has a transcript gets a copy (zero cost); one whose twin is in flight follows it
 (`deduplicated_from_id`, no lease of its own) and worker.completion finishes it with its leader's outcome.
-Decisions are serialised per (tenant, fingerprint) by transaction-scoped advisory locks, whose key is
-`dedupe_lock_key`: the completion of a leader reads its followers under the same lock.
+Decisions are serialised per (tenant, fingerprint) by transaction-scoped advisory locks (core.dedupe):
+the completion of a leader reads its followers under the same lock, and so does the API ending a leader.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ from sqlalchemy.dialects.postgresql import insert
 from core import metrics
 from core.billing import add_batch_totals
 from core.db import session_scope
+from core.dedupe import dedupe_lock_key, lock_dedupe_keys
 from core.ids import uuid7
 from core.models import Job, Transcript
 from core.statuses import JobStatus
@@ -59,18 +60,6 @@ def dedupe(
     return dedupe_many([DedupeRequest(job_id, tenant_id, fingerprint, language, prompt, probe)])[0]
 
 
-def dedupe_lock_key(tenant_id: uuid.UUID, fingerprint: str) -> str:
-    """The text whose hash is the advisory lock serialising dedupe of this audio in this tenant."""
-    return f"{tenant_id}:{fingerprint}"
-
-
-# Locks every key in one statement, in the order of the lock ids: two transactions taking overlapping
-# sets then queue behind each other instead of deadlocking. (A subquery with ORDER BY is not flattened,
-# so the outer call runs in its order.)
-_LOCK_KEYS = text(
-    "SELECT pg_advisory_xact_lock(h) FROM (SELECT DISTINCT hashtextextended(k, 0) AS h"
-    " FROM unnest(CAST(:keys AS text[])) AS k ORDER BY 1) AS locks"
-)
 _STILL_PROCESSING = text(
     "SELECT id FROM jobs WHERE id = ANY(CAST(:ids AS uuid[])) AND status = 'processing'"
     " ORDER BY id FOR UPDATE"
@@ -141,9 +130,7 @@ def dedupe_many(requests: list[DedupeRequest]) -> list[DedupeDecision]:
     ids = [r.job_id for r in requests]
     decisions: list[DedupeDecision] = []
     with session_scope() as session:
-        session.execute(
-            _LOCK_KEYS, {"keys": sorted({dedupe_lock_key(r.tenant_id, r.fingerprint) for r in requests})}
-        )
+        lock_dedupe_keys(session, (dedupe_lock_key(r.tenant_id, r.fingerprint) for r in requests))
         processing = set(session.execute(_STILL_PROCESSING, {"ids": ids}).scalars())
         finished: dict[tuple[Any, ...], uuid.UUID] = {}
         inflight: dict[tuple[Any, ...], uuid.UUID] = {}
@@ -228,14 +215,21 @@ def copy_transcript(job_id: uuid.UUID, twin_id: uuid.UUID) -> bool:
     return True
 
 
-def release_followers(leader_id: uuid.UUID) -> list[uuid.UUID]:
-    """Send a leader's followers back to `queued` (its run ended without a transcript to share)."""
+def release_followers(
+    leader_id: uuid.UUID, *, only: list[uuid.UUID] | None = None
+) -> dict[str, list[uuid.UUID]]:
+    """Send a leader's followers (or `only` these of them) back to `queued`, on their own (its run ended
+    without a transcript to share); their ids by priority, for `dispatch.send_prepare`."""
+    query = (
+        update(Job)
+        .where(Job.deduplicated_from_id == leader_id, Job.status == JobStatus.PROCESSING.value)
+        .values(status=JobStatus.QUEUED.value, deduplicated_from_id=None, queued_at=now())
+        .returning(Job.id, Job.priority)
+    )
+    if only is not None:
+        query = query.where(Job.id.in_(only))
+    by_priority: dict[str, list[uuid.UUID]] = {}
     with session_scope() as session:
-        return list(
-            session.execute(
-                update(Job)
-                .where(Job.deduplicated_from_id == leader_id, Job.status == JobStatus.PROCESSING.value)
-                .values(status=JobStatus.QUEUED.value, deduplicated_from_id=None, queued_at=now())
-                .returning(Job.id)
-            ).scalars()
-        )
+        for job_id, priority in session.execute(query).all():
+            by_priority.setdefault(priority, []).append(job_id)
+    return by_priority
