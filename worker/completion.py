@@ -9,13 +9,15 @@ arrays, fixed SQL text), one UPDATE of each batch row; any failure writes them o
 Then:
 
 1. Its dedupe followers (jobs with identical audio that waited for it) are resolved: a succeeded leader's
-   transcript is copied to them (zero cost); a failed leader's failure is theirs too (the audio is the
-   same); a skipped or cancelled leader (budget or user action, not about the audio), or one whose
-   transcript is gone, sends them back to `queued` to be prepared again on their own. The followers are
-   read under the same advisory lock that `worker.store.dedupe` takes (core.dedupe), so a follower
-   attached at the last moment is never missed. A worker that dies between a leader's end and this step
-   leaves followers with no lease: the sweeper finds them (`resolve_stranded_followers`). A leader the
-   API ends (cancel, delete) hands its followers back itself (api.service).
+   transcript is copied to them (zero cost) when their own model chain accepts the models that wrote it
+   (core.dedupe); a failed leader's failure is theirs too (the audio is the same); a skipped or
+   cancelled leader (budget or user action, not about the audio), one whose transcript is gone or was
+   written by a model a follower's chain does not accept, sends them back to `queued` to be prepared
+   again on their own. The followers are read under the same advisory lock that `worker.store.dedupe`
+   takes (core.dedupe), so a follower attached at the last moment is never missed. A worker that dies
+   between a leader's end and this step leaves followers with no lease: the sweeper finds them
+   (`resolve_stranded_followers`). A leader the API ends (cancel, delete) hands its followers back
+   itself (api.service).
 2. The batch is finished (completed/failed by CAS) if that was its last non-terminal job, and its webhook
    is queued. A group task checks its batches once, after all its jobs ended (`finish_batches`), instead
    of once per job: a batch is never done while a job of it in the same group is still running.
@@ -278,7 +280,7 @@ def job_finished(
         others: list[uuid.UUID] = []
         for follower in followers:
             if status == JobStatus.SUCCEEDED.value:
-                shared = copy_transcript(follower, job_id)
+                shared = copy_transcript(follower, job_id, as_follower=True)
             elif status == JobStatus.FAILED.value:
                 shared = end_job(follower, status=JobStatus.FAILED, code=code, message=message)
             else:
