@@ -5,22 +5,21 @@ holds at most `HOLD_BYTES_PER_REQUEST` of such files, they stay in memory, are p
 once, straight to their content-addressed key (their SHA-256 is known when the part ends). Any other
 file part is written to a temporary key `{tenant}/incoming/{uuid}` (S3 multipart upload in parts of
 that size, so memory stays bounded whatever the size), probed by reading only what the demuxer needs
-from S3, then server-side copied to its content key. Any rejection removes everything this request
-wrote. Filenames are data only: they never reach an object key.
+from S3, then server-side copied to its content key (`api.accept`). Any rejection removes everything
+this request wrote; a cleanup that fails itself (storage gone) is logged and never replaces the
+request's first error. Filenames are data only: they never reach an object key.
 """
 
 from __future__ import annotations
 
 import hashlib
-import io
 import json
+import logging
 import unicodedata
 import uuid
-from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from functools import partial
-from typing import Any, TypeVar
+from typing import Any
 
 from python_multipart.exceptions import MultipartParseError
 from python_multipart.multipart import MultipartParser, parse_options_header
@@ -29,14 +28,11 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse
 
 from api.idempotency import HEADER, IdempotencyStore, Outcome, conflict_problem, valid_key
-from api.locks import object_locks
-from api.probe import ProbeResult, probe, probe_s3_object
-from api.problems import PROBLEM_MEDIA_TYPE, Problem, from_voxq_error
-from core.errors import AudioError, EmptyAudio
+from api.problems import PROBLEM_MEDIA_TYPE, Problem
 from core.settings import get_settings
-from core.storage import Storage, content_key
+from core.storage import Storage
 
-T = TypeVar("T")
+log = logging.getLogger(__name__)
 
 FILE_FIELD = "file"
 MAX_FILES_PER_REQUEST = 1000
@@ -44,8 +40,6 @@ MAX_FIELD_BYTES = 64 * 1024
 MAX_FILENAME_CHARS = 1000
 # Multipart framing (boundaries, part headers) on top of the file bytes a request may carry.
 MULTIPART_OVERHEAD_BYTES = 1024 * 1024
-# Files of one request probed and copied at once (S3 round trips, not CPU).
-ACCEPT_PARALLELISM = 8
 # One-part files a request keeps in memory until they are probed and stored (the rest go to S3 at once).
 HOLD_BYTES_PER_REQUEST = 32 * 1024 * 1024
 # Control characters, lone surrogates, and line/paragraph separators (they break logs and CSV exports).
@@ -76,16 +70,6 @@ class ReceivedFile:
     size: int
     sha256: str
     data: bytearray | None = field(default=None, repr=False)  # held in memory: not written anywhere yet
-
-
-@dataclass
-class AcceptedFile:
-    """A received file that probed as audio and sits at its content key."""
-
-    received: ReceivedFile
-    object_key: str
-    probe: ProbeResult
-    new_object: bool = False  # this request created the object (so a later failure must delete it)
 
 
 @dataclass
@@ -384,13 +368,13 @@ async def receive_multipart(
             events.items.clear()
         parser.finalize()
     except ClientDisconnect:
-        await parts.abort()
+        await cleanup_quietly_async("the upload in progress", parts.abort)
         raise Problem(400, "client_disconnected", "the client went away during the upload") from None
     except BaseException:
-        await parts.abort()
+        await cleanup_quietly_async("the upload in progress", parts.abort)
         raise
     if parts.unfinished:
-        await parts.abort()
+        await cleanup_quietly_async("the upload in progress", parts.abort)
         raise Problem(400, "invalid_multipart", "the multipart body ended in the middle of a part")
     return parts.received
 
@@ -402,145 +386,55 @@ def _file_meta(headers: dict[bytes, bytes]) -> tuple[str | None, str | None]:
 
 
 async def _abort(writer: _PartWriter | None, storage: Storage, received: Received) -> None:
-    if writer is not None:
-        await writer.abort()
-    keys = [f.temp_key for f in received.files if f.temp_key]
-    if keys:
-        await run_in_threadpool(_delete_keys, storage, keys)
+    try:
+        if writer is not None:
+            await writer.abort()
+    finally:  # the files already written are removed even when the part in progress could not be
+        keys = [f.temp_key for f in received.files if f.temp_key]
+        if keys:
+            await run_in_threadpool(delete_keys, storage, keys)
 
 
-def _delete_keys(storage: Storage, keys: list[str]) -> None:
+def delete_keys(storage: Storage, keys: list[str]) -> None:
+    """Delete these objects (each tried, the first failure raised)."""
+    failure: Exception | None = None
     for key in keys:
-        storage.delete(key)
+        try:
+            storage.delete(key)
+        except Exception as exc:
+            failure = failure or exc
+    if failure is not None:
+        raise failure
 
 
-def forget_new_objects(storage: Storage, accepted: list[AcceptedFile]) -> None:
-    """Delete the content objects this request created (the database refused the jobs)."""
-    _delete_keys(storage, [a.object_key for a in accepted if a.new_object])
+def cleanup_quietly(what: str, cleanup: Callable[[], None]) -> None:
+    """Run a cleanup after a failure (or a finished request); if it fails too, log it (the exception's
+    type only: its text can carry URLs and keys) and go on, so the request's own outcome stands."""
+    try:
+        cleanup()
+    except Exception as exc:
+        log.warning(
+            "upload cleanup failed (%s: %s); the incoming sweep removes temporary leftovers",
+            what,
+            type(exc).__name__,
+        )
+
+
+async def cleanup_quietly_async(what: str, cleanup: Callable[[], Awaitable[None]]) -> None:
+    """`cleanup_quietly` for a coroutine cleanup."""
+    try:
+        await cleanup()
+    except Exception as exc:
+        log.warning(
+            "upload cleanup failed (%s: %s); the incoming sweep removes temporary leftovers",
+            what,
+            type(exc).__name__,
+        )
 
 
 def discard(storage: Storage, received: Received) -> None:
     """Delete every temporary object of a request (after a replay or a rejection)."""
-    _delete_keys(storage, [f.temp_key for f in received.files if f.temp_key])
-
-
-class _HeldReader(io.RawIOBase):
-    """A seekable read-only view of a held file's buffer (`io.BytesIO` would copy a bytearray whole)."""
-
-    def __init__(self, data: bytearray) -> None:
-        super().__init__()
-        self._view = memoryview(data)
-        self._pos = 0
-
-    def readable(self) -> bool:
-        return True
-
-    def seekable(self) -> bool:
-        return True
-
-    def tell(self) -> int:
-        return self._pos
-
-    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
-        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._pos, io.SEEK_END: len(self._view)}[whence]
-        self._pos = max(0, base + offset)
-        return self._pos
-
-    def readinto(self, buffer: Any) -> int:
-        chunk = self._view[self._pos : self._pos + len(buffer)]
-        buffer[: len(chunk)] = chunk
-        self._pos += len(chunk)
-        return len(chunk)
-
-    def close(self) -> None:
-        self._view.release()
-        super().close()
-
-
-def _probe_one(storage: Storage, tenant_id: uuid.UUID, item: ReceivedFile) -> AcceptedFile:
-    """Probe one received file (in memory or at its temporary key) and name its content key."""
-    name = item.filename or "a file"
-    if item.size == 0 or (item.temp_key is None and item.data is None):
-        raise Problem(400, "empty_file", f"{name} is empty")
-    try:
-        if item.data is not None:
-            with _HeldReader(item.data) as held:
-                result = probe(held)
-        else:
-            assert item.temp_key is not None
-            result = probe_s3_object(storage.client, storage.bucket, item.temp_key, item.size)
-    except EmptyAudio as exc:
-        raise Problem(400, "empty_audio", f"{name}: {exc.message}") from exc
-    except AudioError as exc:
-        problem = from_voxq_error(exc)
-        problem.detail = f"{name}: {exc.message}"
-        raise problem from exc
-    return AcceptedFile(item, content_key(str(tenant_id), item.sha256), result, new_object=False)
-
-
-def _place(storage: Storage, item: AcceptedFile) -> None:
-    """Put a file at its content key unless that object exists (same bytes: nothing to do).
-
-    A held file is PUT there once; a file at a temporary key is copied server-side.
-    """
-    if storage.head(item.object_key) is not None:
-        return
-    if item.received.data is not None:
-        # The whole file is the body and its SHA-256 is known: SigV4 signs that instead of hashing again.
-        assert len(item.received.data) == item.received.size
-        storage.upload_bytes(item.received.data, item.object_key, sha256=item.received.sha256)
-    else:
-        assert item.received.temp_key is not None
-        storage.copy(item.received.temp_key, item.object_key)
-    item.new_object = True
-
-
-def _run_all(kind: str, fn: Callable[[Any], T], items: Sequence[Any]) -> list[T]:
-    """Run `fn` over `items` in parallel (S3 round trips); results in order, first failure raised."""
-    if len(items) == 1:  # the common one-file request: no pool to start
-        return [fn(items[0])]
-    results: list[T] = []
-    failure: BaseException | None = None
-    with ThreadPoolExecutor(
-        max_workers=max(1, min(ACCEPT_PARALLELISM, len(items))), thread_name_prefix=kind
-    ) as pool:
-        for future in [pool.submit(fn, item) for item in items]:
-            try:
-                results.append(future.result())
-            except BaseException as exc:
-                failure = failure or exc
-    if failure is not None:
-        raise failure
-    return results
-
-
-def accept_files(
-    storage: Storage, tenant_id: uuid.UUID, received: Received, record: Callable[[list[AcceptedFile]], T]
-) -> T:
-    """Probe every file, put it at its content key and `record` the jobs; all or nothing.
-
-    The objects' locks are held from "make sure the object is there" to "the jobs using it are
-    committed", so a concurrent delete of a job with the same audio cannot remove it in between. Any
-    failure removes what this request created. Blocking: call from a worker thread.
-    """
-    try:
-        accepted = _run_all("voxq-probe", partial(_probe_one, storage, tenant_id), received.files)
-        with object_locks(a.object_key for a in accepted):
-            try:
-                _run_all("voxq-place", partial(_place, storage), _first_per_key(accepted))
-                return record(accepted)
-            except BaseException:
-                forget_new_objects(storage, accepted)
-                raise
-    finally:
-        discard(storage, received)
-
-
-def _first_per_key(accepted: Sequence[AcceptedFile]) -> list[AcceptedFile]:
-    seen: dict[str, AcceptedFile] = {}
-    for item in accepted:
-        seen.setdefault(item.object_key, item)
-    return list(seen.values())
+    delete_keys(storage, [f.temp_key for f in received.files if f.temp_key])
 
 
 async def ingest_multipart(
@@ -581,7 +475,7 @@ async def ingest_multipart(
                 replay_of.body, status_code=replay_of.status or 200, headers={"Idempotent-Replayed": "true"}
             )
         if not received.files:
-            await run_in_threadpool(discard, storage, received)
+            await run_in_threadpool(cleanup_quietly, "temporary objects", lambda: discard(storage, received))
             raise Problem(400, "no_files", "send at least one part named `file`")
         status, payload = await run_in_threadpool(finish, received)
         if key is not None:

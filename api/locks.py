@@ -1,4 +1,5 @@
-"""Short Redis locks on audio object keys, so an upload and a delete of the same content never interleave.
+"""Short Redis locks on audio object keys, so an upload and a delete of the same content never interleave
+(and the API's one other Redis write on audio: dropping a deleted job's FLAC kept there for its worker).
 
 Content-addressed audio is shared by every job of a tenant with the same bytes. Without a lock, a delete
 could count "no other job uses this object" just before an upload of identical audio commits its job,
@@ -28,6 +29,17 @@ LOCK_WAIT_SECONDS = 120
 @lru_cache(maxsize=1)
 def _client(url: str) -> redis.Redis:
     return redis.Redis.from_url(url, socket_timeout=5, socket_connect_timeout=2)
+
+
+def drop_inline_audio(object_key: str) -> None:
+    """Delete the copy of a derived FLAC a worker keeps in Redis under this S3 key's name, if any (503
+    `service_unavailable` when Redis cannot be reached: the caller has changed nothing yet)."""
+    try:
+        _client(get_settings().redis_url).delete(names.KEY_DERIVED + object_key)
+    except RedisError as exc:
+        raise Problem(
+            503, "service_unavailable", "Redis is unreachable; try again shortly", headers=RETRY
+        ) from exc
 
 
 @contextmanager

@@ -11,6 +11,8 @@ import traceback
 from http import HTTPStatus
 from typing import Any
 
+from boto3.exceptions import Boto3Error
+from botocore.exceptions import BotoCoreError, ClientError
 from fastapi import FastAPI, Request
 from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
@@ -97,6 +99,21 @@ class Problem(Exception):
         self.extra = extra or {}
 
 
+def storage_unavailable() -> Problem:
+    """The 503 for object storage that is unreachable or failed an operation: try again shortly."""
+    return Problem(
+        503,
+        "storage_unavailable",
+        "object storage is unreachable or refused the operation; try again shortly",
+        headers=RETRY,
+    )
+
+
+# What the S3 client raises when storage fails: a connection or timeout (botocore), an error answer
+# that outlived botocore's retries (ClientError), a managed transfer's failure (boto3).
+STORAGE_FAILURES: tuple[type[Exception], ...] = (BotoCoreError, ClientError, Boto3Error)
+
+
 def not_found(what: str) -> Problem:
     """The 404 for an id that does not exist for this tenant (others' ids look exactly the same)."""
     return Problem(404, "not_found", f"{what} not found")
@@ -143,7 +160,7 @@ def from_voxq_error(exc: VoxqError) -> Problem:
     if isinstance(exc, AudioError):
         return Problem(422, exc.code, exc.message)
     if isinstance(exc, StorageError):
-        return Problem(503, "storage_unavailable", "object storage refused the operation")
+        return storage_unavailable()
     return Problem(400, exc.code, exc.message)
 
 
@@ -157,6 +174,13 @@ async def _on_problem(_: Request, exc: Exception) -> JSONResponse:
 async def _on_voxq_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, VoxqError)
     return await _on_problem(request, from_voxq_error(exc))
+
+
+async def _on_storage_failure(request: Request, exc: Exception) -> JSONResponse:
+    # Only the type and S3's error code: the message can carry presigned URLs and object keys.
+    code = exc.response.get("Error", {}).get("Code", "") if isinstance(exc, ClientError) else ""
+    log.warning("storage failed on %s %s: %s %s", request.method, request.url.path, type(exc).__name__, code)
+    return await _on_problem(request, storage_unavailable())
 
 
 async def _on_http_exception(_: Request, exc: Exception) -> JSONResponse:
@@ -210,6 +234,8 @@ def install_problem_handlers(app: FastAPI) -> None:
     _with_problem_schema(app)
     app.add_exception_handler(Problem, _on_problem)
     app.add_exception_handler(VoxqError, _on_voxq_error)
+    for failure in STORAGE_FAILURES:
+        app.add_exception_handler(failure, _on_storage_failure)
     app.add_exception_handler(StarletteHTTPException, _on_http_exception)
     app.add_exception_handler(RequestValidationError, _on_validation_error)
     app.add_exception_handler(Exception, _on_unexpected)

@@ -6,18 +6,21 @@ The only place that builds `Job` rows and auto-submits. Every write starts from 
 
 from __future__ import annotations
 
+import logging
 import uuid
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from typing import Any
 
 from sqlalchemy import delete, func, select, update
 from sqlalchemy.orm import Session
 
 from api import enqueue
+from api.accept import AcceptedFile
 from api.deps import TenantContext
-from api.ingest import AcceptedFile, clean_filename
-from api.locks import object_locks
+from api.ingest import clean_filename
+from api.locks import drop_inline_audio, object_locks
 from api.probe import ProbeResult
 from api.problems import RETRY, Problem
 from api.queries import (
@@ -40,11 +43,14 @@ from api.schemas import (
 )
 from core import metrics
 from core.db import session_scope
+from core.dedupe import dedupe_lock_key, lock_dedupe_keys
 from core.models import Batch, Job, JobAnswer, JobChunk, Transcript
 from core.settings import get_settings
 from core.statuses import JOB_TERMINAL, BatchStatus, JobStatus
-from core.storage import Storage
+from core.storage import Storage, derived_key, derived_prefix
 from core.webhook_security import WebhookRefused, WebhookUnresolvable, check_url
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -276,8 +282,11 @@ def reject_presigned(job_id: uuid.UUID, code: str, message: str, now: datetime) 
         )
 
 
-def mark_presigned_uploaded(job_id: uuid.UUID, key: str, result: ProbeResult, now: datetime) -> bool:
-    """A verified presigned upload becomes `uploaded` at `key`; False when another request did it first."""
+def mark_presigned_uploaded(
+    job_id: uuid.UUID, key: str, sha256: str, result: ProbeResult, now: datetime
+) -> bool:
+    """A verified presigned upload becomes `uploaded` at its content key `key` (its bytes hash to `sha256`);
+    False when another request did it first."""
     with session_scope() as session:
         updated = session.execute(
             update(Job)
@@ -285,6 +294,7 @@ def mark_presigned_uploaded(job_id: uuid.UUID, key: str, result: ProbeResult, no
             .values(
                 status=JobStatus.UPLOADED.value,
                 object_key=key,
+                sha256=sha256,
                 duration_seconds=result.duration_seconds,
                 codec=result.codec,
                 sample_rate=result.sample_rate,
@@ -293,6 +303,18 @@ def mark_presigned_uploaded(job_id: uuid.UUID, key: str, result: ProbeResult, no
             )
         )
     return bool(updated.rowcount)  # type: ignore[attr-defined]
+
+
+def object_in_use(tenant: TenantContext, object_key: str, *, besides: uuid.UUID | None = None) -> bool:
+    """Whether a live (not deleted) job of the tenant, other than `besides`, has this audio object (call
+    under the object's lock)."""
+    query = select(func.count()).where(
+        Job.tenant_id == tenant.tenant_id, Job.object_key == object_key, Job.deleted_at.is_(None)
+    )
+    if besides is not None:
+        query = query.where(Job.id != besides)
+    with session_scope() as session:
+        return bool(session.scalar(query))
 
 
 def submit_uploaded(tenant: TenantContext, batch_id: uuid.UUID, *, others: bool) -> Queued:
@@ -379,10 +401,12 @@ def enqueue_or_revert(queued: Queued, revert_to: str) -> None:
 
 
 def cancel_batch(session: Session, tenant: TenantContext, batch_id: uuid.UUID) -> BatchOut:
-    """Cancel every unfinished job of the batch, and the batch unless it already ended; its fresh view."""
+    """Cancel every unfinished job of the batch, and the batch unless it already ended; its fresh view.
+
+    Followers in other batches of the cancelled jobs go back to the queue (`_hand_back_followers`)."""
     batch = get_batch(session, tenant, batch_id, lock=True)
     now = datetime.now(UTC)
-    session.execute(
+    ended = session.execute(
         update(Job)
         .where(
             Job.batch_id == batch_id,
@@ -390,71 +414,122 @@ def cancel_batch(session: Session, tenant: TenantContext, batch_id: uuid.UUID) -
             Job.deleted_at.is_(None),
         )
         .values(status=JobStatus.CANCELLED.value, finished_at=now)
-    )
+        .returning(*_ENDED)
+    ).all()
+    followers = _hand_back_followers(session, ended)
     if batch.status not in (BatchStatus.COMPLETED.value, BatchStatus.FAILED.value):
         batch.status = BatchStatus.CANCELLED.value
         batch.completed_at = now
     session.commit()
+    _send_prepare(followers)
     return load_batch_out(session, batch)
 
 
 def cancel_job(session: Session, tenant: TenantContext, job_id: uuid.UUID) -> Job:
-    """Cancel the tenant's unfinished job (compare-and-set); 409 `job_not_cancellable` once it ended."""
+    """Cancel the tenant's unfinished job (compare-and-set); 409 `job_not_cancellable` once it ended.
+
+    Its dedupe followers go back to the queue (`_hand_back_followers`)."""
     job = get_job(session, tenant, job_id)
-    result = session.execute(
+    ended = session.execute(
         update(Job)
         .where(Job.id == job.id, Job.status.not_in([s.value for s in JOB_TERMINAL]))
         .values(status=JobStatus.CANCELLED.value, finished_at=datetime.now(UTC))
-    )
-    if not result.rowcount:  # type: ignore[attr-defined]
+        .returning(*_ENDED)
+    ).all()
+    if not ended:
         raise Problem(409, "job_not_cancellable", f"the job is already {job.status}")
+    followers = _hand_back_followers(session, ended)
     session.commit()
+    _send_prepare(followers)
     session.refresh(job)
     return job
+
+
+# What `_hand_back_followers` needs of each job a cancel or delete just ended.
+_ENDED = (Job.id, Job.tenant_id, Job.fingerprint)
+
+
+def _hand_back_followers(session: Session, ended: Sequence[Any]) -> dict[str, list[uuid.UUID]]:
+    """Send the dedupe followers of jobs this transaction just ended back to `queued`; their ids by
+    priority, for `_send_prepare` once committed.
+
+    A follower waits for its leader's outcome with no lease of its own: a leader ended here (its worker's
+    compare-and-set now fails, so it resolves nobody) would leave it `processing` forever. Handed back,
+    each is prepared again: the first leads, the others follow it. The leaders' dedupe locks
+    (core.dedupe) are taken after their rows, as worker.completion does, so a follower attached at the
+    last moment is handed back too; a later decision sees the leader ended.
+    """
+    if not ended:
+        return {}
+    lock_dedupe_keys(session, (dedupe_lock_key(r.tenant_id, r.fingerprint) for r in ended if r.fingerprint))
+    rows = session.execute(
+        update(Job)
+        .where(
+            Job.deduplicated_from_id.in_([r.id for r in ended]),
+            Job.status == JobStatus.PROCESSING.value,
+        )
+        .values(
+            status=JobStatus.QUEUED.value,
+            deduplicated_from_id=None,
+            queued_at=datetime.now(UTC),
+            lease_owner=None,
+            lease_expires_at=None,
+            group_id=None,
+        )
+        .returning(Job.id, Job.priority)
+    ).all()
+    by_priority: dict[str, list[uuid.UUID]] = {}
+    for job_id, priority in rows:
+        by_priority.setdefault(priority, []).append(job_id)
+    return by_priority
+
+
+def _send_prepare(by_priority: dict[str, list[uuid.UUID]]) -> None:
+    """Send committed `queued` jobs to prepare; if the broker is down, the sweeper resends them later."""
+    for priority, job_ids in by_priority.items():
+        try:
+            enqueue.enqueue_jobs(job_ids, priority=priority)
+        except Exception as exc:
+            log.warning(
+                "%d handed-back job(s) wait for the sweeper's resend (%s)", len(job_ids), type(exc).__name__
+            )
 
 
 def delete_job(tenant: TenantContext, storage: Storage, job_id: uuid.UUID) -> None:
     """Delete a job's audio and transcript; its row stays (marked deleted) so cost records keep their job.
 
-    Audio shared with another live job of the tenant (same content) stays until that job is deleted too.
+    None of its bytes is left: its upload (unless another live job of the tenant has the same content:
+    it stays until that job is deleted too), its derived FLACs (whole file and chunks) in S3 and the copy
+    kept in Redis for its transcribe task. Bytes go first: when storage fails (503), nothing has changed
+    yet and deleting again works. A worker still preparing the job may write a FLAC after this: the
+    storage sweep removes derived audio of deleted jobs.
     """
     with session_scope() as session:
         object_key = get_job(session, tenant, job_id).object_key
     # The object's lock keeps an upload of the same audio from committing a job that uses it between
     # our "who else uses it" count and the delete.
     with object_locks([object_key] if object_key else []):
-        _delete_job_locked(job_id, tenant, storage)
+        if object_key is not None and not object_in_use(tenant, object_key, besides=job_id):
+            storage.delete(object_key)
+        storage.delete_prefix(derived_prefix(tenant.tenant_id, job_id))
+        drop_inline_audio(derived_key(tenant.tenant_id, job_id))
+        _forget_job(tenant, job_id)
 
 
-def _delete_job_locked(job_id: uuid.UUID, tenant: TenantContext, storage: Storage) -> None:
+def _forget_job(tenant: TenantContext, job_id: uuid.UUID) -> None:
+    """Mark the job deleted (cancelled if it was live), drop its transcript, answers and chunk plan, and
+    hand its dedupe followers back to the queue."""
     now = datetime.now(UTC)
     with session_scope() as session:
         job = get_job(session, tenant, job_id)
-        session.execute(update(Job).where(Job.id == job.id, Job.deleted_at.is_(None)).values(deleted_at=now))
+        values: dict[str, Any] = {"deleted_at": now, "object_key": None, "filename": None}
         if job.status not in JOB_TERMINAL:
-            session.execute(
-                update(Job).where(Job.id == job.id).values(status=JobStatus.CANCELLED.value, finished_at=now)
-            )
+            values.update(status=JobStatus.CANCELLED.value, finished_at=now)
+        ended = session.execute(
+            update(Job).where(Job.id == job.id, Job.deleted_at.is_(None)).values(**values).returning(*_ENDED)
+        ).all()
+        followers = _hand_back_followers(session, ended)
         session.execute(delete(Transcript).where(Transcript.job_id == job.id))
         session.execute(delete(JobAnswer).where(JobAnswer.job_id == job.id))  # kept paid answers: text too
-        chunk_keys = [
-            k for k in session.scalars(select(JobChunk.object_key).where(JobChunk.job_id == job.id)) if k
-        ]
         session.execute(delete(JobChunk).where(JobChunk.job_id == job.id))
-        object_key = job.object_key
-    keys = list(chunk_keys)
-    if object_key is not None:
-        with session_scope() as session:
-            shared = session.scalar(
-                select(func.count()).where(
-                    Job.tenant_id == tenant.tenant_id,
-                    Job.object_key == object_key,
-                    Job.deleted_at.is_(None),
-                )
-            )
-        if not shared:
-            keys.append(object_key)
-    for key in keys:
-        storage.delete(key)
-    with session_scope() as session:
-        session.execute(update(Job).where(Job.id == job_id).values(object_key=None, filename=None))
+    _send_prepare(followers)

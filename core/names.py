@@ -37,6 +37,7 @@ TASK_PREPARE_JOB = "voxq.ingest.prepare_job"
 TASK_TRANSCRIBE_GROUP = "voxq.transcribe.group"
 TASK_TRANSCRIBE_LOCAL = "voxq.local.transcribe"
 TASK_SWEEP = "voxq.maintenance.sweep"
+TASK_SWEEP_STORAGE = "voxq.maintenance.sweep_storage"
 TASK_DELIVER_WEBHOOK = "voxq.webhooks.deliver"
 
 # Redis key prefixes.
@@ -48,6 +49,7 @@ KEY_GROUP_BUFFER = REDIS_PREFIX + "group:"  # + group key
 KEY_METRICS = REDIS_PREFIX + "metrics:"
 KEY_MODEL_RETIRED = REDIS_PREFIX + "retired:"  # + model
 KEY_OBJECT_LOCK = REDIS_PREFIX + "objlock:"  # + sha256 of an audio object key (upload vs delete)
+KEY_DERIVED = REDIS_PREFIX + "derived:"  # + the S3 key a job's FLAC kept in Redis would have (worker.derived)
 
 
 def ingest_queue_for(priority: str) -> str:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import re
+import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import IO, TYPE_CHECKING, Any
@@ -23,6 +24,7 @@ if TYPE_CHECKING:
 _SAFE_PART = re.compile(r"^[A-Za-z0-9_.-]+$")
 _SHA256_HEX = re.compile(r"[0-9a-f]{64}")
 READ_CHUNK = 1024 * 1024
+DERIVED = "derived"  # the key segment of intermediate audio: `{tenant}/derived/...`
 # Connections of a process's S3 client: one per thread that may use it at once (a worker's I/O threads,
 # an API process's threadpool) without botocore discarding connections past the pool's size.
 S3_MAX_POOL_CONNECTIONS = 32
@@ -35,12 +37,48 @@ def content_key(tenant_id: str, sha256: str) -> str:
     return f"{tenant_id}/{sha256[:2]}/{sha256}"
 
 
+def derived_key(tenant_id: uuid.UUID | str, job_id: uuid.UUID | str, index: int | None = None) -> str:
+    """Where prepare stores a job's normalised FLAC (or one chunk of it): intermediate audio, removed
+    when the job is deleted and by the storage sweep once the job has ended."""
+    if index is None:
+        return f"{tenant_id}/{DERIVED}/{job_id}.flac"
+    return f"{tenant_id}/{DERIVED}/{job_id}/{index:05d}.flac"
+
+
+def derived_prefix(tenant_id: uuid.UUID | str, job_id: uuid.UUID | str) -> str:
+    """The prefix of every derived object of one job (its whole FLAC and its chunks' FLACs)."""
+    return f"{tenant_id}/{DERIVED}/{job_id}"
+
+
+def derived_job_id(key: str) -> uuid.UUID | None:
+    """The job a derived object belongs to (None for a key of another shape)."""
+    parts = key.split("/")
+    if len(parts) < 3 or parts[1] != DERIVED:
+        return None
+    try:
+        return uuid.UUID(parts[2].removesuffix(".flac"))
+    except ValueError:
+        return None
+
+
 def parse_s3_uri(uri: str) -> tuple[str, str]:
     """Split `s3://bucket/key` into (bucket, key)."""
     match = re.fullmatch(r"s3://([^/]+)/(.+)", uri)
     if not match:
         raise ValueError(f"not an s3:// URI: {uri!r}")
     return match.group(1), match.group(2)
+
+
+class ObjectChanged(StorageError):
+    """Raised when an object is no longer the version that was checked (a conditional read or copy failed)."""
+
+    code = "object_changed"
+
+
+def _precondition_failed(exc: ClientError) -> bool:
+    error = exc.response.get("Error", {})
+    status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+    return str(error.get("Code", "")) in {"PreconditionFailed", "412"} or status == 412
 
 
 @dataclass(frozen=True)
@@ -134,13 +172,29 @@ class Storage:
         finally:
             body.close()
 
-    def iter_chunks(self, key: str, *, bucket: str | None = None, chunk: int = READ_CHUNK) -> Iterator[bytes]:
-        """Yield an object's bytes in chunks without holding it whole."""
-        body = self.client.get_object(Bucket=bucket or self.bucket, Key=key)["Body"]
+    def iter_chunks(
+        self, key: str, *, bucket: str | None = None, chunk: int = READ_CHUNK, if_match: str | None = None
+    ) -> Iterator[bytes]:
+        """Yield an object's bytes in chunks without holding it whole (`if_match`: only the version with
+        this ETag, else `ObjectChanged`)."""
+        extra: dict[str, Any] = {"IfMatch": if_match} if if_match is not None else {}
+        try:
+            body = self.client.get_object(Bucket=bucket or self.bucket, Key=key, **extra)["Body"]
+        except ClientError as exc:
+            if if_match is not None and _precondition_failed(exc):
+                raise ObjectChanged(f"{key} changed since it was checked") from exc
+            raise
         try:
             yield from body.iter_chunks(chunk)
         finally:
             body.close()
+
+    def sha256_of(self, key: str, *, if_match: str | None = None) -> str:
+        """The hex SHA-256 of an object, streamed (memory stays at one read chunk whatever its size)."""
+        digest = hashlib.sha256()
+        for data in self.iter_chunks(key, if_match=if_match):
+            digest.update(data)
+        return digest.hexdigest()
 
     def head(self, key: str, *, bucket: str | None = None) -> dict[str, Any] | None:
         """Object metadata, or None when the object does not exist."""
@@ -151,14 +205,24 @@ class Storage:
                 return None
             raise
 
-    def copy(self, src_key: str, dst_key: str, *, src_bucket: str | None = None) -> None:
-        """Server-side copy (multipart for big objects)."""
-        self.client.copy(
-            {"Bucket": src_bucket or self.bucket, "Key": src_key},
-            self.bucket,
-            dst_key,
-            Config=self.transfer_config,
-        )
+    def copy(
+        self, src_key: str, dst_key: str, *, src_bucket: str | None = None, if_match: str | None = None
+    ) -> None:
+        """Server-side copy (multipart for big objects). `if_match`: copy only the source version with
+        this ETag (every part of a multipart copy is conditional), else `ObjectChanged`."""
+        extra = {"CopySourceIfMatch": if_match} if if_match is not None else None
+        try:
+            self.client.copy(
+                {"Bucket": src_bucket or self.bucket, "Key": src_key},
+                self.bucket,
+                dst_key,
+                ExtraArgs=extra,
+                Config=self.transfer_config,
+            )
+        except ClientError as exc:
+            if if_match is not None and _precondition_failed(exc):
+                raise ObjectChanged(f"{src_key} changed since it was checked") from exc
+            raise
 
     def delete(self, key: str) -> None:
         """Delete an object (no error when it is already gone)."""
@@ -169,11 +233,19 @@ class Storage:
         deleted = 0
         paginator = self.client.get_paginator("list_objects_v2")
         for page in paginator.paginate(Bucket=self.bucket, Prefix=prefix):
-            keys = [{"Key": obj["Key"]} for obj in page.get("Contents", [])]
-            if keys:
-                self.client.delete_objects(Bucket=self.bucket, Delete={"Objects": keys})  # type: ignore[typeddict-item]
-                deleted += len(keys)
+            keys = [obj["Key"] for obj in page.get("Contents", [])]
+            self.delete_many(keys)
+            deleted += len(keys)
         return deleted
+
+    def delete_many(self, keys: list[str]) -> None:
+        """Delete these objects, up to 1,000 per request (`StorageError` if S3 refused any of them)."""
+        for start in range(0, len(keys), 1000):
+            batch = [{"Key": k} for k in keys[start : start + 1000]]
+            answer = self.client.delete_objects(Bucket=self.bucket, Delete={"Objects": batch, "Quiet": True})  # type: ignore[typeddict-item]
+            if answer.get("Errors"):  # a per-key refusal is in the 200 answer, not an exception
+                codes = sorted({str(e.get("Code", "")) for e in answer["Errors"]})
+                raise StorageError(f"S3 refused to delete {len(answer['Errors'])} object(s): {codes}")
 
     def presign_put(self, key: str, *, expires: int | None = None, content_type: str | None = None) -> str:
         """A URL anyone holding it may PUT this one object to, until it expires."""

@@ -65,12 +65,14 @@ def make_celery(settings: Settings | None = None) -> Celery:
         task_routes={
             names.TASK_HEARTBEAT: {"queue": names.QUEUE_MAINTENANCE},
             names.TASK_SWEEP: {"queue": names.QUEUE_MAINTENANCE},
+            names.TASK_SWEEP_STORAGE: {"queue": names.QUEUE_MAINTENANCE},
             names.TASK_PREPARE_JOB: {"queue": names.QUEUE_INGEST},
             names.TASK_TRANSCRIBE_LOCAL: {"queue": names.QUEUE_LOCAL},
             names.TASK_DELIVER_WEBHOOK: {"queue": names.QUEUE_WEBHOOKS},
         },
         beat_schedule={
             "sweep-stuck-jobs": {"task": names.TASK_SWEEP, "schedule": 30.0},
+            "sweep-storage": {"task": names.TASK_SWEEP_STORAGE, "schedule": 3600.0},
             "heartbeat": {"task": names.TASK_HEARTBEAT, "schedule": 15.0},
         },
         timezone="UTC",

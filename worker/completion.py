@@ -9,10 +9,15 @@ arrays, fixed SQL text), one UPDATE of each batch row; any failure writes them o
 Then:
 
 1. Its dedupe followers (jobs with identical audio that waited for it) are resolved: a succeeded leader's
-   transcript is copied to them (zero cost); a failed leader's failure is theirs too (the audio is the
-   same); a skipped or cancelled leader (budget or user action, not about the audio) sends them back to
-   `queued` to be prepared again on their own. The followers are read under the same advisory lock that
-   `worker.store.dedupe` takes, so a follower attached at the last moment is never missed.
+   transcript is copied to them (zero cost) when their own model chain accepts the models that wrote it
+   (core.dedupe); a failed leader's failure is theirs too (the audio is the same); a skipped or
+   cancelled leader (budget or user action, not about the audio), one whose transcript is gone or was
+   written by a model a follower's chain does not accept, sends them back to `queued` to be prepared
+   again on their own. The followers are read under the same advisory lock that `worker.store.dedupe`
+   takes (core.dedupe), so a follower attached at the last moment is never missed. A worker that dies
+   between a leader's end and this step leaves followers with no lease: the sweeper finds them
+   (`resolve_stranded_followers`). A leader the API ends (cancel, delete) hands its followers back
+   itself (api.service).
 2. The batch is finished (completed/failed by CAS) if that was its last non-terminal job, and its webhook
    is queued. A group task checks its batches once, after all its jobs ended (`finish_batches`), instead
    of once per job: a batch is never done while a job of it in the same group is still running.
@@ -26,14 +31,17 @@ from __future__ import annotations
 import logging
 import uuid
 from dataclasses import dataclass
+from datetime import timedelta
 from decimal import Decimal
 from typing import Any
 
-from sqlalchemy import func, or_, select, text, update
+from sqlalchemy import func, or_, select, update
+from sqlalchemy.orm import aliased
 
 from core import metrics
 from core.billing import add_batch_totals
 from core.db import durable, session_scope
+from core.dedupe import dedupe_lock_key, lock_dedupe_keys
 from core.ids import uuid7
 from core.models import Batch, Job
 from core.statuses import BatchStatus, JobStatus
@@ -41,7 +49,7 @@ from worker import dispatch
 from worker.store.attempts import AttemptClose, close_attempts_in, count_close
 from worker.store.batches import batches_of
 from worker.store.claims import end_job
-from worker.store.dedupe import copy_transcript, dedupe_lock_key, release_followers
+from worker.store.dedupe import copy_transcript, release_followers
 from worker.store.sql import LIVE_VALUES, TERMINAL_VALUES, now, run_sql, to_json
 
 log = logging.getLogger(__name__)
@@ -130,8 +138,6 @@ WHERE j.id = v.id AND j.status = '{JobStatus.PROCESSING.value}'
   AND NOT EXISTS (SELECT 1 FROM transcripts AS t WHERE t.job_id = j.id)
 RETURNING j.id, j.tenant_id, j.batch_id, j.duration_seconds, j.fingerprint
 """
-# Advisory locks of several fingerprints are taken in a fixed (sorted) order: no deadlock between writers.
-_DEDUPE_LOCKS = "SELECT pg_advisory_xact_lock(hashtextextended(k, 0)) FROM unnest(%(keys)s::text[]) AS k"
 _FOLLOWERS = f"""
 SELECT deduplicated_from_id, id FROM jobs
 WHERE deduplicated_from_id = ANY(%(ids)s::uuid[]) AND status = '{JobStatus.PROCESSING.value}'
@@ -165,11 +171,10 @@ def _succeed(rows: list[JobSuccess]) -> list[Succeeded | None]:
             if stored != set(won):
                 # Stored by another run between our CAS and insert: keep that one, undo ours.
                 raise _TranscriptExists()
-            keys = sorted(
-                {dedupe_lock_key(j.tenant_id, j.fingerprint) for j in won.values() if j.fingerprint}
+            # The same locks, in the same order, as every other dedupe writer (core.dedupe).
+            lock_dedupe_keys(
+                session, (dedupe_lock_key(j.tenant_id, j.fingerprint) for j in won.values() if j.fingerprint)
             )
-            if keys:
-                run_sql(session, _DEDUPE_LOCKS, {"keys": keys})
             followers = {i: [] for i in won}
             for leader, follower in run_sql(session, _FOLLOWERS, {"ids": list(won)}):
                 followers[leader].append(follower)
@@ -230,20 +235,17 @@ def _insert_transcripts(session: Any, rows: list[JobSuccess], jobs: dict[uuid.UU
     return {r[0] for r in inserted}
 
 
-def _lock_and_state(job_id: uuid.UUID) -> tuple[str, str | None, str | None, str, list[uuid.UUID]] | None:
+def _lock_and_state(job_id: uuid.UUID) -> tuple[str, str | None, str | None, list[uuid.UUID]] | None:
     with session_scope() as session:
         job = session.execute(
-            select(
-                Job.status, Job.error_code, Job.error_message, Job.tenant_id, Job.fingerprint, Job.priority
-            ).where(Job.id == job_id)
+            select(Job.status, Job.error_code, Job.error_message, Job.tenant_id, Job.fingerprint).where(
+                Job.id == job_id
+            )
         ).first()
         if job is None:
             return None
         if job.fingerprint:
-            session.execute(
-                text("SELECT pg_advisory_xact_lock(hashtextextended(:k, 0))"),
-                {"k": dedupe_lock_key(job.tenant_id, job.fingerprint)},
-            )
+            lock_dedupe_keys(session, [dedupe_lock_key(job.tenant_id, job.fingerprint)])
         followers = list(
             session.execute(
                 select(Job.id).where(
@@ -251,7 +253,7 @@ def _lock_and_state(job_id: uuid.UUID) -> tuple[str, str | None, str | None, str
                 )
             ).scalars()
         )
-        return job.status, job.error_code, job.error_message, job.priority, followers
+        return job.status, job.error_code, job.error_message, followers
 
 
 def job_finished(
@@ -266,33 +268,65 @@ def job_finished(
     With `succeeded` (what `succeed_job` returned: the job succeeded and its followers were read
     under the dedupe lock in that same transaction) the state is not read again.
     """
-    state: tuple[str, str | None, str | None, str, list[uuid.UUID]] | None
+    state: tuple[str, str | None, str | None, list[uuid.UUID]] | None
     if succeeded is not None:
-        state = (JobStatus.SUCCEEDED.value, None, None, "normal", succeeded.followers)
+        state = (JobStatus.SUCCEEDED.value, None, None, succeeded.followers)
     else:
         state = _lock_and_state(job_id)
     batches = {batch_id} if check_batch else set()
     if state is not None:
-        status, code, message, priority, followers = state
+        status, code, message, followers = state
         ended: list[uuid.UUID] = []
+        others: list[uuid.UUID] = []
         for follower in followers:
             if status == JobStatus.SUCCEEDED.value:
-                if copy_transcript(follower, job_id):
-                    ended.append(follower)
-            elif status == JobStatus.FAILED.value and end_job(
-                follower, status=JobStatus.FAILED, code=code, message=message
-            ):
-                ended.append(follower)
+                shared = copy_transcript(follower, job_id, as_follower=True)
+            elif status == JobStatus.FAILED.value:
+                shared = end_job(follower, status=JobStatus.FAILED, code=code, message=message)
+            else:
+                shared = False
+            # Nothing shared (skipped, cancelled, or its transcript is gone): on their own again.
+            (ended if shared else others).append(follower)
         # A follower may have followers of its own (a re-run leader that found another leader).
         for follower in ended:
             job_finished(follower, batch_id, check_batch=False)
-        if followers and status not in (JobStatus.SUCCEEDED.value, JobStatus.FAILED.value):
-            requeued = release_followers(job_id)
-            if requeued:
+        if others:
+            for priority, requeued in release_followers(job_id, only=others).items():
                 dispatch.send_prepare(requeued, priority=priority)
         if followers:
             batches |= batches_of(followers)
     finish_batches(batches)
+
+
+# A leader's completion resolves its followers right after its commit; one ended longer ago than this
+# with followers still waiting lost that step (its worker died in between).
+STRANDED_AFTER_SECONDS = 60.0
+
+
+def resolve_stranded_followers(*, limit: int = 100) -> int:
+    """Resolve the followers of leaders that ended over `STRANDED_AFTER_SECONDS` ago without it (the
+    sweeper's safety net: a follower has no lease, so nothing else would ever move it); how many leaders."""
+    leader = aliased(Job)
+    with session_scope() as session:
+        stranded = session.execute(
+            select(leader.id, leader.batch_id)
+            .where(
+                leader.status.in_(TERMINAL_VALUES),
+                leader.finished_at < now() - timedelta(seconds=STRANDED_AFTER_SECONDS),
+                # Followers have no lease: this reads the partial index on processing jobs' leases.
+                select(Job.id)
+                .where(
+                    Job.deduplicated_from_id == leader.id,
+                    Job.status == JobStatus.PROCESSING.value,
+                    Job.lease_expires_at.is_(None),
+                )
+                .exists(),
+            )
+            .limit(limit)
+        ).all()
+    for leader_id, batch_id in stranded:
+        job_finished(leader_id, batch_id)
+    return len(stranded)
 
 
 def finish_batches(batch_ids: set[uuid.UUID]) -> None:

@@ -13,18 +13,23 @@ Never losing a file:
   read fails like a missing object: the job's lease is shortened and the sweeper sends it to `prepare`
   again, which rebuilds the FLAC from the original upload (a run, not a file, is lost);
 - a job handed to the local engine has its audio copied to S3 first (the local worker reads S3).
+
+Derived audio is an intermediate product: the storage sweep (worker.upload_sweep) removes the S3 objects of
+jobs that ended, and DELETE /v1/jobs/{id} removes a job's S3 objects and its Redis copy at once (the key
+layout is `core.storage.derived_key`, the Redis prefix `core.names.KEY_DERIVED`).
 """
 
 from __future__ import annotations
 
 import logging
 import os
-import uuid
 from typing import TYPE_CHECKING
 
 from redis.exceptions import RedisError
 
+from core import names
 from core.settings import Settings
+from core.storage import derived_key as derived_key  # the layout is core's: the API deletes by it too
 
 if TYPE_CHECKING:
     import redis
@@ -33,17 +38,10 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-PREFIX = "voxq:derived:"
+PREFIX = names.KEY_DERIVED
 
 _client: redis.Redis | None = None
 _client_pid: int | None = None
-
-
-def derived_key(tenant_id: uuid.UUID, job_id: uuid.UUID, index: int | None = None) -> str:
-    """Where prepare stores a job's normalised FLAC (or one chunk of it)."""
-    if index is None:
-        return f"{tenant_id}/derived/{job_id}.flac"
-    return f"{tenant_id}/derived/{job_id}/{index:05d}.flac"
 
 
 def inline_key(object_key: str) -> str:

@@ -313,6 +313,7 @@ def _settle(
         if done is not None:
             completion.job_finished(x.job.id, x.job.batch_id, succeeded=done)
         report.add("silent")
+    chains = {x.job.id: grouping.model_chain(x.job.batch.models, settings) for x in speech}
     decisions = dedupe_many(
         [
             DedupeRequest(
@@ -321,6 +322,7 @@ def _settle(
                 fingerprint=x.prepared.decoded.fingerprint,
                 language=x.job.batch.language,
                 prompt=x.job.batch.prompt,
+                chain=tuple(chains[x.job.id]),  # which twins' transcripts it may take
                 probe=x.probe(),  # written with the decision, in the same transaction
             )
             for x in speech
@@ -339,7 +341,6 @@ def _settle(
             report.add("waiting")
         else:
             leaders.append(x)
-    chains = {x.job.id: grouping.model_chain(x.job.batch.models, settings) for x in leaders}
     local = [x for x in leaders if chains[x.job.id][0] == LOCAL_MODEL]
     hosted = [x for x in leaders if chains[x.job.id][0] != LOCAL_MODEL]
     stored = _store_all(storage, hosted, settings, report, inline)

@@ -112,6 +112,7 @@ def sweep(*, limit: int = 1000) -> SweepReport:
     for batch_id in stuck:
         if completion.finish_batch(batch_id):
             report.finished_batches.append(batch_id)
+    completion.resolve_stranded_followers()  # followers have no lease: their leader's end moves them
     return report
 
 

@@ -89,6 +89,20 @@ def sweep() -> dict[str, int]:
     }
 
 
+@app.task(name=names.TASK_SWEEP_STORAGE, acks_late=True)
+def sweep_storage() -> dict[str, int]:
+    """Remove abandoned uploads and ended jobs' derived audio from S3 (worker.upload_sweep)."""
+    from core.storage import Storage
+    from worker.upload_sweep import sweep_storage as run_sweep
+
+    result = run_sweep(Storage())
+    return {
+        "aborted_multipart_uploads": result.aborted_multipart_uploads,
+        "deleted_incoming": result.deleted_incoming,
+        "deleted_derived": result.deleted_derived,
+    }
+
+
 @app.task(name=names.TASK_DELIVER_WEBHOOK, acks_late=True)
 def deliver_webhook(*, batch_id: str, attempt: int = 1) -> str:
     """POST a finished batch's signed webhook; schedule the next try on failure (worker.webhook_delivery)."""

@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import hashlib
 import uuid
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import ExitStack
 from datetime import UTC, datetime, timedelta
 from functools import partial
 from typing import Annotated, Any
@@ -15,10 +13,10 @@ from fastapi.encoders import jsonable_encoder
 from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
 
-from api import queries, service
+from api import presigned, queries, service
+from api.accept import accept_files
 from api.deps import SessionDep, SessionRoute, StorageDep, TenantContext, TenantDep
-from api.ingest import Received, accept_files, incoming_key, ingest_multipart
-from api.locks import object_lock
+from api.ingest import Received, incoming_key, ingest_multipart
 from api.probe import probe_s3_object
 from api.problems import COMMON_PROBLEMS, UPLOAD_PROBLEMS, Problem, from_voxq_error, problem_responses
 from api.schemas import (
@@ -30,16 +28,13 @@ from api.schemas import (
     JobPage,
     PresignedUploadCreate,
     PresignedUploadOut,
-    RejectedJob,
     SubmitOut,
     UploadOut,
 )
-from core import metrics
 from core.errors import AudioError
-from core.models import Job
 from core.settings import get_settings
 from core.statuses import BatchStatus, JobStatus
-from core.storage import Storage, content_key, parse_s3_uri
+from core.storage import Storage, parse_s3_uri
 
 # Objects of one import request checked at once (S3 round trips, not CPU).
 IMPORT_PARALLELISM = 8
@@ -209,67 +204,17 @@ def _probe_import(storage: Storage, uri: str) -> service.ImportedObject:
 @router.post("/{batch_id}/submit", status_code=202, response_model=SubmitOut)
 def submit_batch(batch_id: uuid.UUID, tenant: TenantDep, storage: StorageDep) -> SubmitOut:
     """Verify presigned uploads, then queue every uploaded job of the batch."""
-    rejected: list[RejectedJob] = []
-    waiting: list[uuid.UUID] = []
-    for job in queries.pending_uploads(tenant, batch_id):
-        verdict = _verify_presigned(storage, tenant, job)
-        if verdict == "waiting":
-            waiting.append(job.id)
-        elif isinstance(verdict, RejectedJob):
-            rejected.append(verdict)
-    queued = service.submit_uploaded(tenant, batch_id, others=bool(rejected or waiting))
+    verdicts = presigned.verify_all(storage, tenant, queries.pending_uploads(tenant, batch_id))
+    queued = service.submit_uploaded(tenant, batch_id, others=bool(verdicts.rejected or verdicts.waiting))
     service.enqueue_or_revert(queued, JobStatus.UPLOADED.value)
     return SubmitOut(
         batch_id=batch_id,
         status=queries.batch_status(tenant, batch_id),
         queued=len(queued.job_ids),
         job_ids=queued.job_ids,
-        rejected=rejected,
-        waiting_for_upload=waiting,
+        rejected=verdicts.rejected,
+        waiting_for_upload=verdicts.waiting,
     )
-
-
-def _verify_presigned(storage: Storage, tenant: TenantContext, job: Job) -> RejectedJob | str | None:
-    """Check a presigned upload: present, declared size, hash if given, decodable audio."""
-    assert job.object_key is not None
-    head = storage.head(job.object_key)
-    if head is None:
-        return "waiting"
-    size = int(head.get("ContentLength", 0))
-    code, message = "", ""
-    result = None
-    if size != job.bytes:
-        code, message = "size_mismatch", f"uploaded {size} bytes, declared {job.bytes}"
-    elif job.sha256 is not None:
-        digest = hashlib.sha256()
-        for chunk in storage.iter_chunks(job.object_key):
-            digest.update(chunk)
-        if digest.hexdigest() != job.sha256:
-            code, message = "sha256_mismatch", "the uploaded bytes do not match the declared sha256"
-    if not code:
-        try:
-            result = probe_s3_object(storage.client, storage.bucket, job.object_key, size)
-        except AudioError as exc:
-            code, message = exc.code, exc.message
-    now = datetime.now(UTC)
-    if code or result is None:
-        storage.delete(job.object_key)
-        service.reject_presigned(job.id, code, message, now)
-        return RejectedJob(job_id=job.id, code=code, message=message)
-    key = job.object_key
-    with ExitStack() as locked:
-        if job.sha256 is not None:
-            key = content_key(str(tenant.tenant_id), job.sha256)
-            locked.enter_context(object_lock(key))  # see api.locks: an upload vs a delete of the same audio
-            if storage.head(key) is None:
-                storage.copy(job.object_key, key)
-        updated = service.mark_presigned_uploaded(job.id, key, result, now)
-    if updated:
-        metrics.UPLOADED_BYTES.inc(size)
-        metrics.AUDIO_SUBMITTED_SECONDS.inc(result.duration_seconds)
-        if key != job.object_key:
-            storage.delete(job.object_key)
-    return None
 
 
 @router.post("/{batch_id}/cancel", response_model=BatchOut)

@@ -13,8 +13,9 @@ from fastapi.responses import JSONResponse, PlainTextResponse
 from pydantic import ValidationError
 
 from api import queries, service
+from api.accept import accept_files
 from api.deps import SessionDep, SessionRoute, StorageDep, TenantContext, TenantDep, run_polled
-from api.ingest import Received, accept_files, discard, ingest_multipart
+from api.ingest import Received, cleanup_quietly, discard, ingest_multipart
 from api.problems import COMMON_PROBLEMS, UPLOAD_PROBLEMS, Problem
 from api.schemas import AttemptList, BatchOptions, JobOut, TranscriptFormat
 from api.transcripts import render
@@ -100,7 +101,7 @@ def create_single_job(
         options = _options_from_form(received.fields)
         service.check_webhook(options)
     except Problem:
-        discard(storage, received)
+        cleanup_quietly("temporary objects", lambda: discard(storage, received))
         raise
     record = partial(service.record_single_job, tenant, options)
     out, queued = accept_files(storage, tenant.tenant_id, received, record)

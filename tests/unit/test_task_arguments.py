@@ -20,7 +20,8 @@ UUID_RE = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]
 SMALL_ARGS = {"priority": "str", "attempt": "int", "worker": "str | None"}
 ID_ANNOTATIONS = {"str", "str | None", "list[str]"}
 
-SCHEDULED_ONLY = {names.TASK_HEARTBEAT, names.TASK_SWEEP}  # sent by beat, with no arguments
+# Sent by beat, with no arguments.
+SCHEDULED_ONLY = {names.TASK_HEARTBEAT, names.TASK_SWEEP, names.TASK_SWEEP_STORAGE}
 
 
 def voxq_tasks() -> dict[str, Any]:

@@ -73,7 +73,9 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     revoke.set_defaults(handler=run_keys_revoke)
 
     sweep = sub.add_parser(
-        "sweep-uploads", help="remove leftovers of uploads killed mid-way (operator; S3 and the database)"
+        "sweep-uploads",
+        help="remove leftovers of uploads killed mid-way and ended jobs' derived audio (operator; S3 and the "
+        "database; beat runs it hourly)",
     )
     sweep.add_argument("--older-than-hours", type=float, default=24.0)
     sweep.set_defaults(handler=run_sweep_uploads)
@@ -422,15 +424,18 @@ def run_keys_revoke(args: argparse.Namespace) -> int:
 
 
 def run_sweep_uploads(args: argparse.Namespace) -> int:
-    """Remove what uploads killed mid-way left under `incoming/` (operator; uses S3 and the database)."""
+    """Remove what uploads killed mid-way left under `incoming/`, and derived audio of ended jobs (operator;
+    uses S3 and the database)."""
     from datetime import timedelta
 
     from core.storage import Storage
-    from worker.upload_sweep import sweep_incoming
+    from worker.upload_sweep import DERIVED_MIN_AGE, sweep_storage
 
-    result = sweep_incoming(Storage(), timedelta(hours=args.older_than_hours))
+    age = timedelta(hours=args.older_than_hours)
+    result = sweep_storage(Storage(), incoming_older_than=age, derived_older_than=min(age, DERIVED_MIN_AGE))
     print(
         f"aborted {result.aborted_multipart_uploads} multipart uploads, "
-        f"deleted {result.deleted_objects} temporary objects"
+        f"deleted {result.deleted_incoming} temporary objects, "
+        f"deleted {result.deleted_derived} derived audio objects of ended jobs"
     )
     return 0

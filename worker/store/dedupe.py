@@ -2,8 +2,10 @@
 
 A job whose twin already has a transcript gets a copy (zero cost); one whose twin is in flight follows it
 (`deduplicated_from_id`, no lease of its own) and worker.completion finishes it with its leader's outcome.
-Decisions are serialised per (tenant, fingerprint) by transaction-scoped advisory locks, whose key is
-`dedupe_lock_key`: the completion of a leader reads its followers under the same lock.
+Only twins at least as good as the job's batch asks for count (its model chain; the rules are in
+core.dedupe).
+Decisions are serialised per (tenant, fingerprint) by transaction-scoped advisory locks (core.dedupe):
+the completion of a leader reads its followers under the same lock, and so does the API ending a leader.
 """
 
 from __future__ import annotations
@@ -19,9 +21,20 @@ from sqlalchemy.dialects.postgresql import insert
 from core import metrics
 from core.billing import add_batch_totals
 from core.db import session_scope
+from core.dedupe import (
+    dedupe_lock_key,
+    lock_dedupe_keys,
+    may_follow,
+    may_reuse,
+    takes_leader_outcome,
+    transcript_models,
+)
 from core.ids import uuid7
-from core.models import Job, Transcript
+from core.models import Batch, Job, Transcript
+from core.settings import get_settings
 from core.statuses import JobStatus
+from worker.grouping import model_chain
+from worker.store.batches import model_list
 from worker.store.probes import ProbedJob
 from worker.store.sql import now
 
@@ -43,55 +56,39 @@ class DedupeRequest:
     fingerprint: str
     language: str | None
     prompt: str | None
+    chain: tuple[str, ...]  # its batch's model chain: which twins' transcripts it may take
     probe: ProbedJob | None = None
 
 
-def dedupe(
-    *,
-    job_id: uuid.UUID,
-    tenant_id: uuid.UUID,
-    fingerprint: str,
-    language: str | None,
-    prompt: str | None,
-    probe: ProbedJob | None = None,
-) -> DedupeDecision:
-    """Find a twin for one job (see `dedupe_many`)."""
-    return dedupe_many([DedupeRequest(job_id, tenant_id, fingerprint, language, prompt, probe)])[0]
-
-
-def dedupe_lock_key(tenant_id: uuid.UUID, fingerprint: str) -> str:
-    """The text whose hash is the advisory lock serialising dedupe of this audio in this tenant."""
-    return f"{tenant_id}:{fingerprint}"
-
-
-# Locks every key in one statement, in the order of the lock ids: two transactions taking overlapping
-# sets then queue behind each other instead of deadlocking. (A subquery with ORDER BY is not flattened,
-# so the outer call runs in its order.)
-_LOCK_KEYS = text(
-    "SELECT pg_advisory_xact_lock(h) FROM (SELECT DISTINCT hashtextextended(k, 0) AS h"
-    " FROM unnest(CAST(:keys AS text[])) AS k ORDER BY 1) AS locks"
-)
 _STILL_PROCESSING = text(
     "SELECT id FROM jobs WHERE id = ANY(CAST(:ids AS uuid[])) AND status = 'processing'"
     " ORDER BY id FOR UPDATE"
 )
-# For each (tenant, fingerprint, language, prompt): the earliest finished twin with a transcript and the
-# earliest-started decided leader still in flight (a processing job with a fingerprint and no leader).
+# The twins of these audios (same tenant, fingerprint, language and prompt): finished ones with a
+# transcript and decided leaders still in flight (a processing job with a fingerprint and no leader). One
+# row per kind of twin whose reuse the chain rules (core.dedupe) tell apart: per transcript's models for a
+# finished twin (the earliest finished), per batch model list for one in flight (the earliest started).
 _TWINS = text(
     """
-    SELECT DISTINCT ON (j.tenant_id, j.fingerprint, b.language, b.prompt, j.status)
-           j.id, j.tenant_id, j.fingerprint, b.language, b.prompt, j.status
+    SELECT DISTINCT ON (j.tenant_id, j.fingerprint, b.language, b.prompt, j.status, t.model, t.models,
+                        CASE WHEN j.status = 'processing' THEN b.models END)
+           j.id, j.tenant_id, j.fingerprint, b.language, b.prompt, j.status, j.finished_at, j.started_at,
+           t.model AS transcript_model, t.models AS transcript_models, b.models AS batch_models
     FROM jobs j
     JOIN batches b ON b.id = j.batch_id
+    LEFT JOIN LATERAL (
+        SELECT tr.model, tr.provenance -> 'models' AS models FROM transcripts tr WHERE tr.job_id = j.id
+    ) t ON true
     WHERE (j.tenant_id, j.fingerprint) IN (
             SELECT * FROM unnest(CAST(:tenants AS uuid[]), CAST(:fingerprints AS text[])))
       AND j.deleted_at IS NULL
       AND j.id <> ALL(CAST(:ids AS uuid[]))
       AND (
-        (j.status = 'succeeded' AND EXISTS (SELECT 1 FROM transcripts t WHERE t.job_id = j.id))
+        (j.status = 'succeeded' AND t.model IS NOT NULL)
         OR (j.status = 'processing' AND j.deduplicated_from_id IS NULL)
       )
-    ORDER BY j.tenant_id, j.fingerprint, b.language, b.prompt, j.status,
+    ORDER BY j.tenant_id, j.fingerprint, b.language, b.prompt, j.status, t.model, t.models,
+             CASE WHEN j.status = 'processing' THEN b.models END,
              CASE WHEN j.status = 'succeeded' THEN j.finished_at END, j.started_at
     """
 )
@@ -132,39 +129,35 @@ def dedupe_many(requests: list[DedupeRequest]) -> list[DedupeDecision]:
     is therefore always a decided leader, never a twin that has not decided yet (which could still end up
     following someone, making chains of followers).
 
+    A twin counts only when the request's model chain accepts it (core.dedupe): a finished twin whose
+    transcript its first choice wrote (`may_reuse`, the earliest finished), a leader in flight with the
+    same first choice (`may_follow`, the earliest started).
+
     One transaction for all the requests, decided in order as if one after the other: a later request
-    with the same audio as an earlier leader of the list waits for it. A request's `probe` is written by
-    the same UPDATE (what `save_probes` would do in a transaction of its own).
+    with the same audio as an earlier leader of the list waits for it (when its chain may). A request's
+    `probe` is written by the same UPDATE (what `save_probes` would do in a transaction of its own).
     """
     if not requests:
         return []
     ids = [r.job_id for r in requests]
     decisions: list[DedupeDecision] = []
     with session_scope() as session:
-        session.execute(
-            _LOCK_KEYS, {"keys": sorted({dedupe_lock_key(r.tenant_id, r.fingerprint) for r in requests})}
-        )
+        lock_dedupe_keys(session, (dedupe_lock_key(r.tenant_id, r.fingerprint) for r in requests))
         processing = set(session.execute(_STILL_PROCESSING, {"ids": ids}).scalars())
-        finished: dict[tuple[Any, ...], uuid.UUID] = {}
-        inflight: dict[tuple[Any, ...], uuid.UUID] = {}
-        pairs = sorted({(r.tenant_id, r.fingerprint) for r in requests})
-        for row in session.execute(
-            _TWINS,
-            {"tenants": [t for t, _ in pairs], "fingerprints": [f for _, f in pairs], "ids": ids},
-        ):
-            target = finished if row.status == JobStatus.SUCCEEDED.value else inflight
-            target[(row.tenant_id, row.fingerprint, row.language, row.prompt)] = row.id
+        twins = _Twins(session, requests, ids)
         for r in requests:
             key = (r.tenant_id, r.fingerprint, r.language, r.prompt)
-            if key in finished:
-                decisions.append(DedupeDecision("copy", finished[key]))
-            elif key in inflight:
-                decisions.append(DedupeDecision("wait", inflight[key]))
+            finished = twins.finished(key, r.chain)
+            inflight = twins.inflight(key, r.chain)
+            if finished is not None:
+                decisions.append(DedupeDecision("copy", finished))
+            elif inflight is not None:
+                decisions.append(DedupeDecision("wait", inflight))
             else:
                 decisions.append(DedupeDecision("leader"))
                 if r.job_id in processing:
                     # A leader committed under the lock: the next twin (in this list or after it) finds it.
-                    inflight[key] = r.job_id
+                    twins.add_leader(key, r.job_id, r.chain)
         probes = [r.probe for r in requests]
         session.execute(
             _MARK,
@@ -185,11 +178,58 @@ def dedupe_many(requests: list[DedupeRequest]) -> list[DedupeDecision]:
     return decisions
 
 
-def copy_transcript(job_id: uuid.UUID, twin_id: uuid.UUID) -> bool:
-    """Finish a job with its twin's transcript: zero cost, `deduplicated_from_id` set. True if done."""
+def _earliest(candidate: tuple[Any, ...]) -> float:
+    return float(candidate[0].timestamp()) if candidate[0] is not None else float("inf")
+
+
+class _Twins:
+    """The twins `_TWINS` found for a list of requests, by (tenant, fingerprint, language, prompt), in the
+    order they are preferred; leaders decided in this transaction are added as they are decided."""
+
+    def __init__(self, session: Any, requests: list[DedupeRequest], ids: list[uuid.UUID]) -> None:
+        settings = get_settings()
+        self._finished: dict[tuple[Any, ...], list[tuple[Any, uuid.UUID, list[str]]]] = {}
+        self._inflight: dict[tuple[Any, ...], list[tuple[Any, uuid.UUID, tuple[str, ...]]]] = {}
+        pairs = sorted({(r.tenant_id, r.fingerprint) for r in requests})
+        params = {"tenants": [t for t, _ in pairs], "fingerprints": [f for _, f in pairs], "ids": ids}
+        for row in session.execute(_TWINS, params):
+            key = (row.tenant_id, row.fingerprint, row.language, row.prompt)
+            if row.status == JobStatus.SUCCEEDED.value:
+                models = transcript_models(row.transcript_model, {"models": row.transcript_models})
+                self._finished.setdefault(key, []).append((row.finished_at, row.id, models))
+            else:
+                chain = tuple(model_chain(model_list(row.batch_models), settings))
+                self._inflight.setdefault(key, []).append((row.started_at, row.id, chain))
+        for found in self._finished.values():
+            found.sort(key=_earliest)
+        for leaders in self._inflight.values():
+            leaders.sort(key=_earliest)
+
+    def finished(self, key: tuple[Any, ...], chain: tuple[str, ...]) -> uuid.UUID | None:
+        """The earliest finished twin whose transcript this chain may reuse."""
+        return next((i for _, i, models in self._finished.get(key, []) if may_reuse(models, chain)), None)
+
+    def inflight(self, key: tuple[Any, ...], chain: tuple[str, ...]) -> uuid.UUID | None:
+        """The earliest-started leader in flight this chain may follow."""
+        return next((i for _, i, lead in self._inflight.get(key, []) if may_follow(lead, chain)), None)
+
+    def add_leader(self, key: tuple[Any, ...], job_id: uuid.UUID, chain: tuple[str, ...]) -> None:
+        """A leader decided now: after every one already in flight."""
+        self._inflight.setdefault(key, []).append((None, job_id, chain))
+
+
+def copy_transcript(job_id: uuid.UUID, twin_id: uuid.UUID, *, as_follower: bool = False) -> bool:
+    """Finish a job with its twin's transcript: zero cost, `deduplicated_from_id` set. True if done.
+
+    `as_follower`: the job waited for this twin as its leader, and takes its transcript only when every
+    model that wrote it is one its own chain accepts (`core.dedupe.takes_leader_outcome`).
+    """
     with session_scope() as session:
         twin = session.execute(select(Transcript).where(Transcript.job_id == twin_id)).scalar_one_or_none()
         if twin is None:
+            return False
+        models = transcript_models(twin.model, twin.provenance)
+        if as_follower and not takes_leader_outcome(models, _chain_of(session, job_id)):
             return False
         job = session.execute(
             update(Job)
@@ -218,7 +258,11 @@ def copy_transcript(job_id: uuid.UUID, twin_id: uuid.UUID) -> bool:
                 language=twin.language,
                 segments=twin.segments,
                 model=twin.model,
-                provenance={"deduplicated_from": str(twin_id), "source_attempt_id": str(twin.attempt_id)},
+                provenance={
+                    "deduplicated_from": str(twin_id),
+                    "source_attempt_id": str(twin.attempt_id),
+                    "models": models,
+                },
             )
             .on_conflict_do_nothing(index_elements=[Transcript.job_id])
         )
@@ -228,14 +272,29 @@ def copy_transcript(job_id: uuid.UUID, twin_id: uuid.UUID) -> bool:
     return True
 
 
-def release_followers(leader_id: uuid.UUID) -> list[uuid.UUID]:
-    """Send a leader's followers back to `queued` (its run ended without a transcript to share)."""
+def _chain_of(session: Any, job_id: uuid.UUID) -> list[str]:
+    """The model chain of the job's batch."""
+    models = session.execute(
+        select(Batch.models).join(Job, Job.batch_id == Batch.id).where(Job.id == job_id)
+    ).scalar_one_or_none()
+    return model_chain(model_list(models), get_settings())
+
+
+def release_followers(
+    leader_id: uuid.UUID, *, only: list[uuid.UUID] | None = None
+) -> dict[str, list[uuid.UUID]]:
+    """Send a leader's followers (or `only` these of them) back to `queued`, on their own (its run ended
+    without a transcript to share); their ids by priority, for `dispatch.send_prepare`."""
+    query = (
+        update(Job)
+        .where(Job.deduplicated_from_id == leader_id, Job.status == JobStatus.PROCESSING.value)
+        .values(status=JobStatus.QUEUED.value, deduplicated_from_id=None, queued_at=now())
+        .returning(Job.id, Job.priority)
+    )
+    if only is not None:
+        query = query.where(Job.id.in_(only))
+    by_priority: dict[str, list[uuid.UUID]] = {}
     with session_scope() as session:
-        return list(
-            session.execute(
-                update(Job)
-                .where(Job.deduplicated_from_id == leader_id, Job.status == JobStatus.PROCESSING.value)
-                .values(status=JobStatus.QUEUED.value, deduplicated_from_id=None, queued_at=now())
-                .returning(Job.id)
-            ).scalars()
-        )
+        for job_id, priority in session.execute(query).all():
+            by_priority.setdefault(priority, []).append(job_id)
+    return by_priority
