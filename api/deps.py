@@ -42,6 +42,8 @@ log = logging.getLogger(__name__)
 LAST_USED_RESOLUTION = timedelta(minutes=1)
 
 _bearer = HTTPBearer(auto_error=False, description="An API key from `voxq keys create`")
+# Where api.guard leaves the tenant it authenticated, in the request's ASGI scope.
+TENANT_SCOPE_KEY = "voxq.tenant"
 
 
 @dataclass(frozen=True)
@@ -216,9 +218,13 @@ async def _refresh(key_hash: str, plaintext: str) -> None:
 
 
 async def get_tenant(
+    request: Request,
     credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
 ) -> TenantContext:
     """The caller's tenant from `Authorization: Bearer <key>`; 401 when missing, unknown or revoked."""
+    checked = request.scope.get(TENANT_SCOPE_KEY)
+    if isinstance(checked, TenantContext):
+        return checked  # api.guard already looked this request's key up, before reading its body
     if credentials is None or credentials.scheme.lower() != "bearer" or not credentials.credentials:
         raise _unauthorized("missing API key: send `Authorization: Bearer <key>`")
     tenant = await tenant_for_key(credentials.credentials)

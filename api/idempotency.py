@@ -241,15 +241,21 @@ class IdempotencyMiddleware:
             return {"type": "http.disconnect"}
 
         status = 0
+        no_store = False
         chunks: list[bytes] = []
         held: list[Message] = []
 
         # The answer is held back until it is stored: a client that retries the moment it has the
         # first answer must find it replayable, not "in progress".
         async def capture_send(message: Message) -> None:
-            nonlocal status
+            nonlocal status, no_store
             if message["type"] == "http.response.start":
                 status = int(message["status"])
+                # An answer marked no-store (a secret shown once) is never kept for replays.
+                no_store = any(
+                    k.lower() == b"cache-control" and b"no-store" in v.lower()
+                    for k, v in message.get("headers", [])
+                )
             elif message["type"] == "http.response.body":
                 chunks.append(message.get("body", b""))
             held.append(message)
@@ -257,7 +263,7 @@ class IdempotencyMiddleware:
         stored = False
         try:
             await self.app(scope, replay_receive, capture_send)
-            if 200 <= status < 300:
+            if 200 <= status < 300 and not no_store:
                 payload = b"".join(chunks)
                 try:
                     body = json.loads(payload) if payload else None

@@ -12,11 +12,13 @@ import anyio.to_thread
 from fastapi import APIRouter, FastAPI
 from sqlalchemy.exc import SQLAlchemyError
 
+from api.guard import RequestGuard
 from api.idempotency import IdempotencyMiddleware
 from api.metrics import metrics_router
 from api.problems import install_problem_handlers
-from api.routes import batches, health, jobs, usage
+from api.routes import batches, health, jobs, usage, webhooks
 from core.db import get_engine
+from core.import_grants import check_env_grants
 from core.logs import configure_logging
 from core.settings import get_settings
 
@@ -28,6 +30,7 @@ ROUTERS: list[APIRouter] = [
     batches.router,
     jobs.router,
     usage.router,
+    webhooks.router,
     metrics_router(),
 ]
 
@@ -88,11 +91,13 @@ def freeze_startup_objects() -> int:
 def create_app() -> FastAPI:
     """A new app with every router, the idempotency middleware and problem+json error handlers."""
     configure_logging()  # one redacting JSON (or human) handler, uvicorn's loggers included
+    check_env_grants()  # VOXQ_IMPORT_BUCKETS would let every tenant import every object: dev only
     app = FastAPI(title="voxq", version="0.1.0", description=DESCRIPTION, lifespan=_lifespan)
     for router in ROUTERS:
         app.include_router(router)
     install_problem_handlers(app)
     app.add_middleware(IdempotencyMiddleware)
+    app.add_middleware(RequestGuard)  # added last: outermost, before any body is read
     return app
 
 

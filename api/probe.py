@@ -3,18 +3,30 @@
 The extension and the declared content type are ignored: a file is audio when FFmpeg finds an audio
 stream in it AND decodes real samples from it. Random bytes and PDFs are refused even when FFmpeg's
 format sniffing guesses "mp3" for them, because nothing decodes cleanly.
+
+Where it runs: FFmpeg parses what a tenant uploaded, so `probe` runs it in the media sandbox (capped
+child processes, core/sandbox.py: a crafted file costs a child, not the API; over the caps it is refused
+with 422 `media_limit_exceeded`) — except WAV and FLAC whose header this module has checked first
+(`bounded_header`): a RIFF `fmt ` chunk or FLAC STREAMINFO with plausible values and every chunk or
+metadata block before the audio inside the first 64 KB. FFmpeg's work on those is bounded (the probe
+reads at most `PROBE_MAX_PACKETS` PCM or FLAC packets of bounded size), and they are the uploads whose
+probing the benchmarks optimised (P1 voicemails, P4 WAVs): a sandbox round trip would cost a copy of the
+file through a pipe on every upload (docs/benchmarks.md, "media sandbox").
 """
 
 from __future__ import annotations
 
 import io
+import struct
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
 
 import av
 
-from core.errors import EmptyAudio, UnsupportedMedia
+from core.errors import EmptyAudio, MediaLimitExceeded, UnsupportedMedia
+from core.sandbox import shared_sandbox
+from core.settings import Settings, get_settings
 
 if TYPE_CHECKING:
     from mypy_boto3_s3 import S3Client
@@ -48,8 +60,149 @@ class ProbeResult:
     channels: int
 
 
-def probe(source: IO[bytes] | io.RawIOBase | str | Path) -> ProbeResult:
-    """Probe a file or file-like by content; raise UnsupportedMedia or EmptyAudio when it is not audio."""
+Source = IO[bytes] | io.RawIOBase | str | Path
+# How much of a file's start `bounded_header` looks at; chunks and metadata past it go to the sandbox.
+HEADER_BYTES = 64 * 1024
+_WAV_FORMATS = frozenset({1, 3, 0xFFFE})  # PCM, IEEE float, extensible
+_WAV_BITS = frozenset({8, 16, 24, 32, 64})
+
+
+def probe(source: Source) -> ProbeResult:
+    """Probe a file or file-like by content; raise UnsupportedMedia or EmptyAudio when it is not audio,
+    MediaLimitExceeded when reading it needs more than the sandbox allows (see the module docstring)."""
+    if bounded_header(_head(source)):
+        return probe_here(source)
+    return _probe_in_sandbox(source)
+
+
+def _head(source: Source) -> bytes:
+    """The first HEADER_BYTES of `source` (a file-like is rewound to where it was)."""
+    try:
+        if isinstance(source, str | Path):
+            with open(source, "rb") as fh:
+                return fh.read(HEADER_BYTES)
+        if not source.seekable():
+            return b""
+        start = source.tell()
+        head = source.read(HEADER_BYTES) or b""
+        source.seek(start)
+        return bytes(head)
+    except OSError:
+        return b""
+
+
+def bounded_header(head: bytes) -> bool:
+    """Whether `head` starts a WAV or FLAC file whose header is plausible and complete within it."""
+    return _bounded_wav(head) or _bounded_flac(head)
+
+
+def _bounded_wav(head: bytes) -> bool:
+    if len(head) < 12 or head[:4] != b"RIFF" or head[8:12] != b"WAVE":
+        return False
+    pos, fmt_ok = 12, False
+    while pos + 8 <= len(head):
+        chunk, size = head[pos : pos + 4], struct.unpack("<I", head[pos + 4 : pos + 8])[0]
+        if chunk == b"data":
+            return fmt_ok
+        if chunk == b"fmt ":
+            if not 16 <= size <= 40 or pos + 8 + 16 > len(head):
+                return False
+            tag, channels, rate, _, align, bits = struct.unpack("<HHIIHH", head[pos + 8 : pos + 24])
+            fmt_ok = (
+                tag in _WAV_FORMATS
+                and 1 <= channels <= MAX_CHANNELS
+                and 1 <= rate <= MAX_SAMPLE_RATE
+                and bits in _WAV_BITS
+                and align == channels * bits // 8
+            )
+            if not fmt_ok:
+                return False
+        pos += 8 + size + (size & 1)
+    return False  # no `data` chunk within the first HEADER_BYTES
+
+
+def _bounded_flac(head: bytes) -> bool:
+    if len(head) < 42 or head[:4] != b"fLaC" or head[4] & 0x7F != 0 or head[5:8] != b"\x00\x00\x22":
+        return False
+    info = head[8:42]
+    min_block, max_block = struct.unpack(">HH", info[:4])
+    rate = (info[10] << 12) | (info[11] << 4) | (info[12] >> 4)
+    bits = (((info[12] & 0x1) << 4) | (info[13] >> 4)) + 1
+    if not (16 <= min_block <= max_block and 1 <= rate <= MAX_SAMPLE_RATE and 4 <= bits <= 32):
+        return False
+    pos = 4
+    while pos + 4 <= len(head):  # every metadata block must end inside the head
+        last, size = head[pos] & 0x80, int.from_bytes(head[pos + 1 : pos + 4], "big")
+        pos += 4 + size
+        if last:
+            return pos <= len(head)
+    return False
+
+
+def _probe_in_sandbox(source: Source) -> ProbeResult:
+    """`probe_here` in a capped child: an S3 object is read there, anything else is sent to it."""
+    settings = get_settings()
+    sandbox = shared_sandbox(
+        "probe",
+        processes=settings.media_processes,
+        memory_bytes=settings.media_memory_mb * 1024 * 1024,
+        warm=("api.probe",),
+    )
+    limits: dict[str, Any] = {
+        "cpu_seconds": settings.probe_cpu_seconds,
+        "timeout": 3 * settings.probe_cpu_seconds + 30,  # S3 reads wait without CPU
+    }
+    if isinstance(source, S3RangeReader):
+        return sandbox.run(_probe_s3_child, settings, *source.location, **limits)
+    if isinstance(source, str | Path):
+        return sandbox.run(_probe_path_child, str(source), **limits)
+    return sandbox.run(_probe_bytes_child, bytes(source.read() or b""), **limits)
+
+
+def _child_call(data: Source) -> ProbeResult:
+    try:
+        return probe_here(data)
+    except UnsupportedMedia as exc:
+        if isinstance(exc.__cause__, MemoryError):  # FFmpeg's ENOMEM under the sandbox's memory cap
+            raise MediaLimitExceeded("the file needs more memory to read than allowed") from None
+        raise
+
+
+def _probe_bytes_child(data: bytes) -> ProbeResult:
+    """In the sandbox: probe a file sent as bytes."""
+    return _child_call(io.BytesIO(data))
+
+
+def _probe_path_child(path: str) -> ProbeResult:
+    """In the sandbox: probe a local file."""
+    return _child_call(Path(path))
+
+
+_child_clients: dict[tuple[str | None, str, str, str], S3Client] = {}
+
+
+def _child_client(settings: Settings) -> S3Client:
+    """The sandbox child's S3 client for these settings (made once per child)."""
+    from core.storage import make_s3_client
+
+    key = (
+        settings.s3_endpoint_url,
+        settings.s3_region,
+        settings.s3_access_key_id,
+        settings.s3_secret_access_key.get_secret_value(),
+    )
+    if key not in _child_clients:
+        _child_clients[key] = make_s3_client(settings)
+    return _child_clients[key]
+
+
+def _probe_s3_child(settings: Settings, bucket: str, key: str, size: int) -> ProbeResult:
+    """In the sandbox: probe an S3 object by ranged reads (the child's own client)."""
+    return _child_call(S3RangeReader(_child_client(settings), bucket, key, size))
+
+
+def probe_here(source: Source) -> ProbeResult:
+    """Probe in this process (trusted callers: bounded headers, or inside the sandbox)."""
     options = SMALL_PROBE_OPTIONS if _self_describing(source) else None
     try:
         container = av.open(
@@ -154,6 +307,11 @@ class S3RangeReader(io.RawIOBase):
         self._pos = 0
         self._cache_start = -1
         self._cache = b""
+
+    @property
+    def location(self) -> tuple[str, str, int]:
+        """(bucket, key, size) of the object."""
+        return self._bucket, self._key, self._size
 
     def readable(self) -> bool:
         """Always readable."""

@@ -191,14 +191,25 @@ async def _on_http_exception(_: Request, exc: Exception) -> JSONResponse:
     return problem_response(exc.status_code, code, detail, headers=headers)
 
 
+# Validation error types with a code of their own (anything else is `validation_error`).
+_VALIDATION_CODES = {"extra_forbidden": "unknown_field", "model_not_allowed": "model_not_allowed"}
+
+
+def validation_code(error_types: list[str]) -> str:
+    """The problem code for a failed validation with these error types (pydantic's `type`s)."""
+    for error_type, code in _VALIDATION_CODES.items():
+        if error_type in error_types:
+            return code
+    return "validation_error"
+
+
 async def _on_validation_error(_: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, RequestValidationError)
     errors = [
         {"loc": list(err.get("loc", ())), "msg": str(err.get("msg", "")), "type": str(err.get("type", ""))}
         for err in exc.errors()
     ]
-    unknown = any(e["type"] == "extra_forbidden" for e in errors)
-    code = "unknown_field" if unknown else "validation_error"
+    code = validation_code([str(e["type"]) for e in errors])
     first = errors[0] if errors else {"loc": [], "msg": "invalid request"}
     where = ".".join(str(p) for p in first["loc"])
     return problem_response(

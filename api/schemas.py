@@ -9,6 +9,10 @@ from decimal import Decimal
 from typing import Annotated, Any, Literal, Self
 
 from pydantic import AnyHttpUrl, BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic_core import PydanticCustomError
+
+from core.model_access import allowed_models, unconfigured_models
+from core.settings import get_settings
 
 ProfileName = Literal["voicemail", "podcast", "auto"]
 PriorityName = Literal["high", "normal", "low"]
@@ -16,6 +20,8 @@ TranscriptFormat = Literal["txt", "json", "srt", "vtt"]
 GroupBy = Literal["day", "model", "batch"]
 ModelName = Annotated[str, Field(min_length=1, max_length=100, pattern=r"^[A-Za-z0-9][A-Za-z0-9._:/-]*$")]
 MAX_METADATA_BYTES = 16 * 1024
+# The validation error type (and problem code) of a model the operator did not configure.
+MODEL_NOT_ALLOWED = "model_not_allowed"
 
 
 def _storable(value: Any) -> None:
@@ -62,6 +68,22 @@ class BatchOptions(Strict):
     budget_usd: Decimal | None = Field(default=None, ge=0, le=Decimal(10**9), max_digits=18, decimal_places=8)
     priority: PriorityName = "normal"
     metadata: dict[str, Any] = Field(default_factory=dict)
+
+    @field_validator("models")
+    @classmethod
+    def _configured_models(cls, value: list[str] | None) -> list[str] | None:
+        if value:
+            unknown = unconfigured_models(value)
+            if unknown:
+                raise PydanticCustomError(
+                    MODEL_NOT_ALLOWED,
+                    "not a model this server offers: {names} (offered: {offered})",
+                    {
+                        "names": ", ".join(unknown),
+                        "offered": ", ".join(sorted(allowed_models(get_settings()))),
+                    },
+                )
+        return value
 
     @field_validator("metadata")
     @classmethod
@@ -281,6 +303,44 @@ class UsageOut(BaseModel):
     total_usd: float
     total_billed_seconds: float
     rows: list[UsageRow]
+
+
+class WebhookSecretCreate(Strict):
+    """POST /v1/webhook-secrets: rotate the tenant's signing secret."""
+
+    overlap_seconds: int = Field(
+        default=24 * 3600,
+        ge=0,
+        le=30 * 24 * 3600,
+        description="How long the secrets current until now keep signing beside the new one",
+    )
+
+
+class WebhookSecretOut(BaseModel):
+    """A new signing secret: the only answer that ever contains it."""
+
+    id: uuid.UUID
+    secret: str
+    prefix: str
+    created_at: datetime
+    previous_expire_at: datetime | None = Field(
+        description="When the secrets that were current stop signing (null: there were none)"
+    )
+
+
+class WebhookSecretRow(BaseModel):
+    """A live signing secret, without the secret."""
+
+    id: uuid.UUID
+    prefix: str
+    created_at: datetime
+    expires_at: datetime | None
+
+
+class WebhookSecretList(BaseModel):
+    """The tenant's live signing secrets, newest first."""
+
+    items: list[WebhookSecretRow]
 
 
 class HealthOut(BaseModel):

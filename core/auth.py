@@ -10,6 +10,7 @@ from datetime import UTC, datetime
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
+from core import webhook_secrets
 from core.models import ApiKey, Tenant
 
 KEY_PREFIX = "vq_"
@@ -34,6 +35,9 @@ class IssuedKey:
     tenant_name: str
     prefix: str
     plaintext: str
+    # The new tenant's webhook signing secret (core/webhook_secrets.py), when this call created the
+    # tenant: shown once, with the key.
+    webhook_secret: str | None = None
 
 
 def get_or_create_tenant(session: Session, name: str) -> Tenant:
@@ -47,13 +51,16 @@ def get_or_create_tenant(session: Session, name: str) -> Tenant:
 
 
 def create_key(session: Session, tenant_name: str, key_name: str | None = None) -> IssuedKey:
-    """Create a key for the tenant (creating the tenant if needed); the caller commits."""
+    """Create a key for the tenant (creating the tenant, with its webhook secret, if needed); the caller
+    commits."""
+    new_tenant = session.scalar(select(Tenant.id).where(Tenant.name == tenant_name)) is None
     tenant = get_or_create_tenant(session, tenant_name)
+    webhook_secret = webhook_secrets.rotate(session, tenant.id).secret if new_tenant else None
     plaintext = generate_key()
     key = ApiKey(tenant_id=tenant.id, name=key_name, prefix=plaintext[:10], key_hash=hash_key(plaintext))
     session.add(key)
     session.flush()
-    return IssuedKey(str(key.id), str(tenant.id), tenant.name, key.prefix, plaintext)
+    return IssuedKey(str(key.id), str(tenant.id), tenant.name, key.prefix, plaintext, webhook_secret)
 
 
 def authenticate(session: Session, plaintext: str) -> ApiKey | None:

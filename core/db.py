@@ -109,6 +109,9 @@ def make_engine(url: str, *, pool_size: int = 10) -> Engine:
     """A new engine that survives a Postgres restart (stale connections found at checkout, see above)."""
     engine = create_engine(
         url,
+        # An error's text must not carry the statement's parameters (transcripts, prompts, filenames):
+        # it reaches logs and tracebacks. core.logs also cuts what the server puts in the message.
+        hide_parameters=True,
         pool_size=pool_size,
         max_overflow=pool_size,
         pool_pre_ping=False,

@@ -6,7 +6,8 @@ VoxqError
 ├── AudioError           Raised when a file is not usable audio (job fails, worker goes on).
 │   ├── UnsupportedMedia     not decodable audio / no audio stream
 │   ├── EmptyAudio           zero bytes or zero decoded samples
-│   └── AudioTooLong         decoded duration above VOXQ_MAX_AUDIO_SECONDS
+│   ├── AudioTooLong         decoded duration above VOXQ_MAX_AUDIO_SECONDS
+│   └── MediaLimitExceeded   reading it needs more memory or CPU time than the media sandbox allows
 ├── ProviderError        Raised by a transcription provider call; see core.providers for subclasses.
 ├── BudgetExceeded       Raised when a call would take a batch past its budget.
 └── ModelUnavailable     Raised when no model in the chain can be used.
@@ -65,6 +66,12 @@ class AudioTooLong(AudioError):
     """Raised when decoded audio is longer than VOXQ_MAX_AUDIO_SECONDS."""
 
     code = "audio_too_long"
+
+
+class MediaLimitExceeded(AudioError):
+    """Raised when reading a file needs more memory or CPU time than the media sandbox allows."""
+
+    code = "media_limit_exceeded"
 
 
 class BudgetExceeded(VoxqError):

@@ -3,7 +3,10 @@
 Context ids (`batch_id`, `job_id`, `attempt`, `model`, ...) live in a context variable, so code deep in
 the pipeline does not pass them around: wrap work in `log_context(job_id=...)` and every record logged
 inside carries them. A redaction filter on the handler scrubs anything that looks like a credential from
-every record, as a safety net; the rule stays "never log secrets or transcript text".
+every record, as a safety net; the rule stays "never log secrets or transcript text". Database errors
+are logged as a summary only (types, SQLSTATE, table/constraint names: `db_error_summary`), in messages
+and tracebacks alike: their text carries SQL parameters and what the server says about the row (a
+transcript, in a failed transcript write).
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ import logging
 import re
 import sys
 import time
+import traceback
 from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from contextvars import ContextVar, Token
@@ -37,6 +41,7 @@ _RECORD_ATTRS = frozenset(
 _PATTERNS: tuple[tuple[re.Pattern[str], str], ...] = (
     (re.compile(r"\bsk-[A-Za-z0-9_\-]{8,}"), REDACTED),  # OpenAI keys (sk-..., sk-proj-...)
     (re.compile(r"\bvq_[A-Za-z0-9_\-]{16,}"), REDACTED),  # voxq API keys
+    (re.compile(r"\bwhsec_[A-Za-z0-9_\-]{16,}"), REDACTED),  # tenants' webhook signing secrets
     (re.compile(r"(?i)\b(bearer|basic)\s+[A-Za-z0-9._~+/\-]{6,}=*"), r"\1 " + REDACTED),
     (re.compile(r"\b(?:AKIA|ASIA)[0-9A-Z]{16}\b"), REDACTED),  # AWS access key ids
     (
@@ -61,13 +66,117 @@ def set_redacted_values(values: Iterable[str | None]) -> None:
 
 
 def secrets_from_settings(settings: Any) -> list[str]:
-    """The secret values configured in `settings` (OpenAI key, S3 secret, webhook secret, Flower password)."""
+    """The secret values configured in `settings` (OpenAI key, S3 secret, secrets key, webhook secret, Flower
+    password, metrics token)."""
     found: list[str] = []
-    for name in ("openai_api_key", "s3_secret_access_key", "webhook_secret", "flower_password"):
+    for name in (
+        "openai_api_key",
+        "s3_secret_access_key",
+        "secrets_key",
+        "webhook_secret",
+        "flower_password",
+        "metrics_token",
+    ):
         value = getattr(settings, name, None)
         if value is not None and hasattr(value, "get_secret_value"):
             found.append(value.get_secret_value())
     return found
+
+
+# Exceptions of these packages carry SQL, its parameters and what the server says about the row (a
+# constraint's DETAIL lists the row's values; a trigger's message may quote them) in their text: only a
+# summary of them is logged (`db_error_summary`), wherever they appear in a record.
+_DB_ERROR_PACKAGES = frozenset({"sqlalchemy", "psycopg", "psycopg2", "psycopg_pool", "asyncpg"})
+DB_TEXT_REDACTED = "[database error text redacted]"
+# Safety net for DB error text that reached a message some other way (re-raised, formatted into a string).
+_DB_TEXT_PATTERNS = (
+    re.compile(r"\[parameters: .*?\](?=\n|$)", re.DOTALL),
+    re.compile(r"(?m)^(?:DETAIL|CONTEXT|HINT):.*$"),
+    re.compile(r"(?i)failing row contains \(.*?\)(?=\n|$|\.)", re.DOTALL),
+)
+_MIN_FRAGMENT = 8
+
+
+def is_db_error(exc: BaseException) -> bool:
+    """Whether `exc` comes from the database stack (SQLAlchemy or a Postgres driver)."""
+    return type(exc).__module__.split(".", 1)[0] in _DB_ERROR_PACKAGES
+
+
+def db_error_summary(exc: BaseException) -> str:
+    """What may be logged of a database error: its types, SQLSTATE and the names it concerns, no text."""
+    orig = getattr(exc, "orig", None)
+    driver = orig if isinstance(orig, BaseException) else exc
+    parts = [type(exc).__name__]
+    if driver is not exc:
+        parts.append(f"{type(driver).__module__}.{type(driver).__name__}")
+    sqlstate = getattr(driver, "sqlstate", None)
+    if sqlstate:
+        parts.append(f"SQLSTATE {sqlstate}")
+    diag = getattr(driver, "diag", None)
+    for name in ("table_name", "constraint_name", "column_name"):
+        value = getattr(diag, name, None) if diag is not None else None
+        if isinstance(value, str) and value:
+            parts.append(f"{name.removesuffix('_name')} {value}")
+    return " ".join(parts) + " " + DB_TEXT_REDACTED
+
+
+def _chain(exc: BaseException) -> list[BaseException]:
+    """`exc`, its cause and context, and theirs (each once), outermost first."""
+    out: list[BaseException] = []
+    pending: list[BaseException | None] = [exc]
+    while pending:
+        item = pending.pop(0)
+        if item is None or any(item is seen for seen in out):
+            continue
+        out.append(item)
+        pending += [item.__cause__, item.__context__]
+    return out
+
+
+def _db_fragments(exc: BaseException) -> set[str]:
+    """The lines of text of every database error in `exc`'s chain (to cut them wherever they appear)."""
+    fragments: set[str] = set()
+    for item in _chain(exc):
+        if not is_db_error(item):
+            continue
+        for source in (item, getattr(item, "orig", None)):
+            if isinstance(source, BaseException):
+                text = str(source)
+                fragments |= {
+                    line.strip() for line in text.splitlines() if len(line.strip()) >= _MIN_FRAGMENT
+                }
+                fragments |= {part for part in (text, repr(source)) if len(part) >= _MIN_FRAGMENT}
+    return fragments
+
+
+def scrub_db_text(text: str, fragments: Iterable[str] = ()) -> str:
+    """`text` with the given database error fragments and anything shaped like DB error detail cut."""
+    for fragment in sorted(fragments, key=len, reverse=True):
+        if fragment in text:
+            text = text.replace(fragment, DB_TEXT_REDACTED)
+    for pattern in _DB_TEXT_PATTERNS:
+        text = pattern.sub(DB_TEXT_REDACTED, text)
+    return text
+
+
+def format_exception_safely(exc: BaseException) -> str:
+    """A traceback like Python's, each database error's message replaced by its summary."""
+    blocks: list[str] = []
+    chain = _chain(exc)
+    for index, item in enumerate(reversed(chain)):
+        if index:
+            blocks.append("\nThe above exception led to the following exception:\n\n")
+        message = db_error_summary(item) if is_db_error(item) else str(item)
+        name = f"{type(item).__module__}.{type(item).__qualname__}".removeprefix("builtins.")
+        frames = "".join(traceback.format_tb(item.__traceback__))
+        blocks.append(
+            "Traceback (most recent call last):\n" + frames + f"{name}: {message}".rstrip(": ") + "\n"
+        )
+    return "".join(blocks).rstrip("\n")
+
+
+def _safe_arg(value: object) -> object:
+    return db_error_summary(value) if isinstance(value, BaseException) and is_db_error(value) else value
 
 
 def redact(text: str) -> str:
@@ -121,18 +230,26 @@ class RedactionFilter(logging.Filter):
 
     def filter(self, record: logging.LogRecord) -> bool:
         """Rewrite the record in place; never drops it."""
+        exc = record.exc_info[1] if record.exc_info else None
+        fragments = _db_fragments(exc) if exc is not None else set()
+        if isinstance(record.args, tuple):
+            for arg in record.args:
+                if isinstance(arg, BaseException):
+                    fragments |= _db_fragments(arg)
+            record.args = tuple(_safe_arg(arg) for arg in record.args)
         try:
             message = record.getMessage()
         except Exception:  # a bad format string must not lose the line
             message = f"{record.msg!s} {record.args!r}"
+        message = scrub_db_text(message, fragments)
         if len(message) > MAX_EVENT_CHARS:
             message = message[:MAX_EVENT_CHARS] + f"...[{len(message) - MAX_EVENT_CHARS} more chars cut]"
         record.msg = redact(message)
         record.args = None
-        if record.exc_info and not record.exc_text:
-            record.exc_text = logging.Formatter().formatException(record.exc_info)
+        if exc is not None:  # formatted here even when another handler cached its own (unsafe) text
+            record.exc_text = format_exception_safely(exc)
         if record.exc_text:
-            record.exc_text = redact(record.exc_text)
+            record.exc_text = redact(scrub_db_text(record.exc_text, fragments))
         if record.stack_info:
             record.stack_info = redact(record.stack_info)
         for key, value in list(vars(record).items()):

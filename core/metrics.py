@@ -2,19 +2,58 @@
 
 Workers run prefork children, so when PROMETHEUS_MULTIPROC_DIR is set prometheus-client writes
 per-process files and the exporter aggregates them (worker/metrics_export.py, api/metrics.py).
-Labels carry model names and outcomes only: never ids, filenames or text.
+Labels carry model names and outcomes only: never ids, filenames or text. A model label only ever
+carries a model the operator configured (`core.model_access.metric_model_label`; any other name is
+`other`): the families below with a model label map it themselves, so no caller can forget.
 """
 
 from __future__ import annotations
 
+from typing import Any
+
 from prometheus_client import Counter, Gauge, Histogram
 
-ATTEMPTS = Counter(
+from core.model_access import metric_model_label
+
+# Label names that hold a model name.
+_MODEL_LABEL_NAMES = frozenset({"model", "from_model", "to_model"})
+
+
+class ModelLabels:
+    """Mixin for a metric family: values of its model labels pass through `metric_model_label`."""
+
+    _labelnames: tuple[str, ...]
+
+    def labels(self, *labelvalues: Any, **labelkwargs: Any) -> Any:
+        """The child for these label values, model names bounded to the configured ones."""
+        if labelvalues:
+            labelvalues = tuple(
+                metric_model_label(str(value)) if name in _MODEL_LABEL_NAMES else value
+                for name, value in zip(self._labelnames, labelvalues, strict=False)
+            )
+        for name in _MODEL_LABEL_NAMES & labelkwargs.keys():
+            labelkwargs[name] = metric_model_label(str(labelkwargs[name]))
+        return super().labels(*labelvalues, **labelkwargs)  # type: ignore[misc]
+
+
+class ModelCounter(ModelLabels, Counter):
+    """A Counter whose model labels carry configured model names only."""
+
+
+class ModelHistogram(ModelLabels, Histogram):
+    """A Histogram whose model labels carry configured model names only."""
+
+
+class ModelGauge(ModelLabels, Gauge):
+    """A Gauge whose model labels carry configured model names only."""
+
+
+ATTEMPTS = ModelCounter(
     "voxq_attempts_total",
     "Provider calls by model and outcome (success, retried, fallback, failed).",
     ["model", "outcome"],
 )
-PROVIDER_LATENCY = Histogram(
+PROVIDER_LATENCY = ModelHistogram(
     "voxq_provider_latency_seconds",
     "Provider call latency by model.",
     ["model"],
@@ -23,24 +62,26 @@ PROVIDER_LATENCY = Histogram(
 AUDIO_SUBMITTED_SECONDS = Counter(
     "voxq_audio_submitted_seconds_total", "Seconds of audio submitted (probed)."
 )
-AUDIO_BILLED_SECONDS = Counter(
+AUDIO_BILLED_SECONDS = ModelCounter(
     "voxq_audio_billed_seconds_total", "Seconds of audio billed by providers, by model.", ["model"]
 )
-COST_USD = Counter("voxq_cost_usd_total", "Cost in USD by model.", ["model"])
+COST_USD = ModelCounter("voxq_cost_usd_total", "Cost in USD by model.", ["model"])
 JOBS_FINISHED = Counter("voxq_jobs_finished_total", "Jobs reaching a terminal status.", ["status"])
 DEDUPE_HITS = Counter("voxq_dedupe_hits_total", "Jobs that reused the transcript of identical audio.")
-FALLBACKS = Counter("voxq_fallbacks_total", "Moves from one model to the next.", ["from_model", "to_model"])
-CIRCUIT_STATE = Gauge(
+FALLBACKS = ModelCounter(
+    "voxq_fallbacks_total", "Moves from one model to the next.", ["from_model", "to_model"]
+)
+CIRCUIT_STATE = ModelGauge(
     "voxq_circuit_open",
     "1 when the model's circuit breaker is not closed, else 0 (the state a worker process saw last).",
     ["model"],
     # The latest value any process set, not the max: a circuit that closed again must read 0.
     multiprocess_mode="mostrecent",
 )
-RATE_LIMIT_WAIT_SECONDS = Counter(
+RATE_LIMIT_WAIT_SECONDS = ModelCounter(
     "voxq_rate_limiter_wait_seconds_total", "Seconds spent waiting on the shared rate limiter.", ["model"]
 )
-RATE_LIMIT_WAITS = Counter(
+RATE_LIMIT_WAITS = ModelCounter(
     "voxq_rate_limiter_waits_total", "Times a call waited on the rate limiter.", ["model"]
 )
 WEBHOOK_DELIVERIES = Counter(

@@ -89,6 +89,38 @@ class ApiKey(Base):
     revoked_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
 
 
+class WebhookSecret(Base):
+    """A tenant's webhook signing secret, encrypted with `VOXQ_SECRETS_KEY` (core/webhook_secrets.py).
+
+    It must be recoverable to sign (unlike an API key), so it is encrypted, not hashed. The current
+    secret has no `expires_at`; a rotation gives the previous one an end (the overlap window), and until
+    then deliveries carry a signature by each.
+    """
+
+    __tablename__ = "webhook_secrets"
+    __table_args__ = (Index("ix_webhook_secrets_tenant_id_created_at", "tenant_id", "created_at"),)
+
+    id: Mapped[uuid.UUID] = _pk()
+    tenant_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("tenants.id", ondelete="CASCADE"))
+    prefix: Mapped[str] = mapped_column(String(32))  # the secret's first characters, to tell them apart
+    ciphertext: Mapped[str] = mapped_column(Text)
+    created_at: Mapped[datetime] = _created()
+    expires_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+
+
+class ImportGrant(Base):
+    """A tenant may import objects of `bucket` whose key starts with `prefix` (core/import_grants.py)."""
+
+    __tablename__ = "import_grants"
+    __table_args__ = (UniqueConstraint("tenant_id", "bucket", "prefix"),)
+
+    id: Mapped[uuid.UUID] = _pk()
+    tenant_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("tenants.id", ondelete="CASCADE"))
+    bucket: Mapped[str] = mapped_column(String(255))
+    prefix: Mapped[str] = mapped_column(Text, default="", server_default=text("''"))
+    created_at: Mapped[datetime] = _created()
+
+
 class Batch(Base):
     """A set of files submitted together with shared options."""
 

@@ -13,6 +13,8 @@ from core.names import LOCAL_MODEL
 PLACEHOLDER_SECRETS = frozenset({"", "changeme", "change-me", "changethis", "secret", "password", "admin"})
 
 Environment = Literal["dev", "test", "production"]
+# The legacy shared webhook secret outside production when none is set (see `webhook_secret`).
+DEV_WEBHOOK_SECRET = "voxq-dev-webhook-secret"  # noqa: S105 (a dev default, refused in production)
 # How the chunks of one long file share context (see worker/waves.py's docstring).
 ChunkContext = Literal["alternate", "sequential", "none"]
 
@@ -42,6 +44,8 @@ class Settings(BaseSettings):
     s3_presign_expiry_seconds: int = 3600
     s3_multipart_threshold_bytes: int = 16 * 1024 * 1024
     s3_multipart_chunk_bytes: int = 8 * 1024 * 1024
+    # Dev only: every tenant may import whole buckets listed here. Outside dev imports need per-tenant
+    # grants (`voxq imports grant`, core/import_grants.py) and the API refuses to start with this set.
     import_buckets: Annotated[list[str], NoDecode] = Field(default_factory=list)
 
     # OpenAI conventions keep their own names.
@@ -56,6 +60,9 @@ class Settings(BaseSettings):
     fallback_models: Annotated[list[str], NoDecode] = Field(
         default_factory=lambda: ["gpt-4o-transcribe", LOCAL_MODEL]
     )
+    # Models a batch may name besides the primary and the fallbacks (core/model_access.py); a batch naming
+    # any other model is refused (422 `model_not_allowed`).
+    allowed_models: Annotated[list[str], NoDecode] = Field(default_factory=list)
     price_table_version: str = "2026-11"
     price_table_dir: str | None = None  # extra price tables (<version>.json) overriding core/prices/
 
@@ -97,8 +104,13 @@ class Settings(BaseSettings):
     local_concurrency: int = 1
     local_compute_type: str = "int8"
 
-    # Webhooks.
-    webhook_secret: SecretStr = SecretStr("voxq-dev-webhook-secret")
+    # Webhooks. Each tenant signs with its own secrets (core/webhook_secrets.py), stored encrypted with
+    # `secrets_key` (comma-separated: the first encrypts, every one decrypts, for rotating the key).
+    # `webhook_secret` is the legacy shared secret: it signs only for tenants that have no secret of their
+    # own yet (created before per-tenant secrets); unset, their deliveries are refused. Outside production
+    # it defaults to a fixed dev value.
+    secrets_key: SecretStr = SecretStr("voxq-dev-secrets-key")
+    webhook_secret: SecretStr | None = None
     webhook_allow_private: bool = False
     webhook_max_attempts: int = 10
 
@@ -112,6 +124,15 @@ class Settings(BaseSettings):
     flower_user: str = "voxq"
     flower_password: SecretStr = SecretStr("")
 
+    # Media parsing of what tenants send (the API's probe, the worker's decode) runs in capped child
+    # processes (core/sandbox.py): address space above what such a child uses at start, CPU seconds per
+    # file (probing reads ~2 s of audio; a 6-hour 48 kHz stereo MP3 decodes in ~45 s of CPU here),
+    # children per API or worker process.
+    media_memory_mb: int = Field(default=1024, ge=64)
+    probe_cpu_seconds: float = Field(default=20.0, gt=0)
+    decode_cpu_seconds: float = Field(default=300.0, gt=0)
+    media_processes: int = Field(default=2, ge=1)
+
     # API.
     api_host: str = "127.0.0.1"
     api_port: int = 8000
@@ -122,21 +143,43 @@ class Settings(BaseSettings):
     # Threads of each API process that run the polled status read (GET /v1/jobs/{id}); see api/deps.py
     # run_polled. Each serves one read at a time (a Postgres round trip plus ~1 ms of Python).
     api_poll_threads: int = Field(default=1, ge=1)
+    # A request body that is not multipart (JSON) may be at most this long; multipart uploads are bounded
+    # by max_upload_bytes per request, also while streaming (api/guard.py).
+    max_json_body_bytes: int = Field(default=1024 * 1024, ge=1024)
+    # GET /metrics needs `Authorization: Bearer <token>`; unset, /metrics is open in dev only.
+    metrics_token: SecretStr | None = None
+    # The fleet's jobs-by-status gauge is counted at most once per this many seconds, fleet-wide.
+    fleet_jobs_seconds: float = Field(default=30.0, ge=0)
     log_format: Literal["json", "human"] = "json"
     log_level: str = "INFO"
 
     data_dir: str = ".voxq"
 
-    @field_validator("fallback_models", "import_buckets", mode="before")
+    @field_validator("fallback_models", "import_buckets", "allowed_models", mode="before")
     @classmethod
     def _csv(cls, value: object) -> object:
         return _split_csv(value)
 
+    @field_validator("webhook_secret", "metrics_token", mode="before")
+    @classmethod
+    def _empty_is_unset(cls, value: object) -> object:
+        return None if isinstance(value, str) and not value.strip() else value
+
     @model_validator(mode="after")
     def _reject_placeholder_secrets(self) -> Settings:
+        if self.environment != "production" and self.webhook_secret is None:
+            self.webhook_secret = SecretStr(DEV_WEBHOOK_SECRET)
         if self.environment == "production":
-            for name in ("s3_secret_access_key", "webhook_secret", "flower_password"):
-                secret: SecretStr = getattr(self, name)
+            for name in (
+                "s3_secret_access_key",
+                "secrets_key",
+                "webhook_secret",
+                "flower_password",
+                "metrics_token",
+            ):
+                secret: SecretStr | None = getattr(self, name)
+                if secret is None:
+                    continue  # optional (the legacy webhook secret, the metrics token)
                 value = secret.get_secret_value()
                 if value.lower() in PLACEHOLDER_SECRETS or "dev" in value.lower():
                     raise ValueError(f"VOXQ_{name.upper()} must be set to a real secret in production")

@@ -1,8 +1,9 @@
 """Webhook signing and the SSRF guard, shared by the API (validating URLs) and the workers (delivering).
 
-Signature: `X-Voxq-Signature: t=<unix seconds>,v1=<hex HMAC-SHA256(secret, "<t>.<body>")>`. Receivers
-recompute it over the raw body and reject stale timestamps (replay protection); `verify_signature` does
-exactly that.
+Signature: `X-Voxq-Signature: t=<unix seconds>,v1=<hex HMAC-SHA256(secret, "<t>.<body>")>[,v1=…]`, one
+`v1` per live secret of the tenant (core/webhook_secrets.py: newest first; two during a rotation's overlap
+window). Receivers recompute it over the raw body with their secret, accept when any `v1` matches, and
+reject stale timestamps (replay protection); `verify_signature` does exactly that.
 
 SSRF guard: a webhook URL must be http(s) and every address its host resolves to must be public —
 private (RFC 1918), loopback, link-local, unique-local (fc00::/7), multicast, reserved and unspecified
@@ -20,7 +21,7 @@ import hmac
 import ipaddress
 import socket
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from urllib.parse import urlsplit
 
 from core.errors import VoxqError
@@ -41,25 +42,51 @@ class WebhookUnresolvable(WebhookRefused):
     """Raised when a webhook host does not resolve (may be transient; delivery checks again)."""
 
 
-def sign(secret: str, body: bytes, *, timestamp: int | None = None) -> str:
-    """The `X-Voxq-Signature` header value for this body."""
+def _mac(secret: str, ts: int, body: bytes) -> str:
+    return hmac.new(secret.encode(), f"{ts}.".encode() + body, hashlib.sha256).hexdigest()
+
+
+def sign(secret: str | Sequence[str], body: bytes, *, timestamp: int | None = None) -> str:
+    """The `X-Voxq-Signature` header value for this body: one `v1=` per secret, in the order given.
+
+    A tenant's secrets are given newest first: during a rotation's overlap window the header carries a
+    signature by the new secret and one by each older secret still live (as Stripe does).
+    """
     ts = int(time.time()) if timestamp is None else timestamp
-    mac = hmac.new(secret.encode(), f"{ts}.".encode() + body, hashlib.sha256).hexdigest()
-    return f"t={ts},v1={mac}"
+    keys = [secret] if isinstance(secret, str) else list(secret)
+    if not keys:
+        raise ValueError("at least one secret is needed to sign")
+    return f"t={ts}," + ",".join(f"v1={_mac(key, ts, body)}" for key in keys)
 
 
-def verify_signature(secret: str, header: str, body: bytes, *, tolerance: float = 300.0) -> bool:
-    """Whether `header` is a valid, fresh signature of `body` (what a receiver should check)."""
-    try:
-        parts = dict(item.split("=", 1) for item in header.split(","))
-        ts = int(parts["t"])
-        given = parts["v1"]
-    except (KeyError, ValueError):
+def verify_signature(
+    secret: str | Sequence[str], header: str, body: bytes, *, tolerance: float = 300.0
+) -> bool:
+    """Whether `header` is a valid, fresh signature of `body` (what a receiver should check).
+
+    Valid when any `v1=` in the header is the HMAC by any of the given secrets (a receiver rotating its
+    own copy may pass both), and `t` is within `tolerance` seconds of now.
+    """
+    ts: int | None = None
+    given: list[str] = []
+    for item in header.split(","):
+        name, sep, value = item.strip().partition("=")
+        if not sep:
+            return False
+        if name == "t":
+            try:
+                ts = int(value)
+            except ValueError:
+                return False
+        elif name == "v1":
+            given.append(value)
+    if ts is None or not given or abs(time.time() - ts) > tolerance:
         return False
-    if abs(time.time() - ts) > tolerance:
-        return False
-    expected = sign(secret, body, timestamp=ts).split("v1=", 1)[1]
-    return hmac.compare_digest(expected, given)
+    keys = [secret] if isinstance(secret, str) else list(secret)
+    expected = [_mac(key, ts, body) for key in keys]
+    # Every pair is compared (no early exit), so timing tells nothing about which one matched.
+    matches = [hmac.compare_digest(e, g) for e in expected for g in given]
+    return any(matches)
 
 
 def _forbidden(addr: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:

@@ -41,9 +41,29 @@ class ApiServer:
         return httpx.Client(base_url=self.url, headers=headers, timeout=timeout)
 
 
+# The bearer token test API servers want on /metrics (VOXQ_METRICS_TOKEN).
+METRICS_TOKEN = "test-metrics-token-4c1d"
+
+
+def scrape(url: str, token: str = METRICS_TOKEN, timeout: float = 10.0) -> str:
+    """The text of `url` (an API's /metrics), fetched with the metrics bearer token."""
+    response = httpx.get(url, headers={"Authorization": f"Bearer {token}"}, timeout=timeout)
+    response.raise_for_status()
+    return response.text
+
+
 def import_bucket(stack: Stack) -> str:
-    """The bucket the test server allows imports from."""
+    """The bucket import tests put their objects in (tenants need a grant: `grant_import`)."""
     return stack.s3_bucket + "-import"
+
+
+def grant_import(tenant: str, bucket: str, prefix: str = "") -> None:
+    """Let `tenant` import objects of `bucket` under `prefix` (as `voxq imports grant` does)."""
+    from core import import_grants
+    from core.db import session_scope
+
+    with session_scope() as session:
+        import_grants.grant(session, tenant, bucket, prefix)
 
 
 def start_api_server(stack: Stack, **env: str) -> ApiServer:
@@ -64,7 +84,7 @@ def start_api_server(stack: Stack, **env: str) -> ApiServer:
             "--no-access-log",
         ],
         cwd=REPO_ROOT,
-        env=stack.child_env(VOXQ_IMPORT_BUCKETS=import_bucket(stack), **env),
+        env=stack.child_env(**{"VOXQ_METRICS_TOKEN": METRICS_TOKEN, **env}),
         stdout=log,
         stderr=subprocess.STDOUT,
         start_new_session=True,

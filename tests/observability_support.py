@@ -11,7 +11,7 @@ from typing import Any
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.api_helpers import make_key, start_api_server, stop_api_server
+from tests.api_helpers import make_key, scrape, start_api_server, stop_api_server
 from tests.audio_fixtures import encode, tone_samples
 from tests.fakes.openai_server import FakeOpenAI
 from tests.support import Stack, celery_worker, wait_until
@@ -113,7 +113,7 @@ def full_run(
                 return text if text and (settled is None or settled(parse_samples(text))) else None
 
             worker_text = wait_until(scraped, timeout=30, what="worker /metrics settled")
-            api_text = httpx.get(server.url + "/metrics", timeout=30).text
+            api_text = scrape(server.url + "/metrics", timeout=30)
         return RunResult(final, jobs, parse_samples(worker_text), parse_samples(api_text), logs)
     finally:
         stop_api_server(server)

@@ -417,7 +417,7 @@ def create_database(admin_url: str, name: str) -> str:
     from sqlalchemy import create_engine, text
     from sqlalchemy.engine import make_url
 
-    engine = create_engine(admin_url, isolation_level="AUTOCOMMIT")
+    engine = create_engine(admin_url, isolation_level="AUTOCOMMIT", hide_parameters=True)
     try:
         with engine.connect() as conn:
             exists = conn.execute(text("SELECT 1 FROM pg_database WHERE datname = :n"), {"n": name}).scalar()
@@ -432,7 +432,7 @@ def drop_database(admin_url: str, name: str) -> None:
     """Drop database `name` (terminating its connections)."""
     from sqlalchemy import create_engine, text
 
-    engine = create_engine(admin_url, isolation_level="AUTOCOMMIT")
+    engine = create_engine(admin_url, isolation_level="AUTOCOMMIT", hide_parameters=True)
     try:
         with engine.connect() as conn:
             conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))

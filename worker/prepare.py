@@ -50,6 +50,7 @@ from core.statuses import JobStatus
 from core.storage import Storage, parse_s3_uri
 from worker import audio, completion, derived, dispatch, grouping
 from worker.derived import derived_key
+from worker.profiles import profile_plan
 from worker.runtime import get_runtime
 from worker.store.claims import ClaimedJob, claim_jobs, end_job, release_soon
 from worker.store.dedupe import DedupeRequest, copy_transcript, dedupe_many
@@ -204,12 +205,14 @@ def _load(
     except FileNotFoundError as exc:
         _fail(job, "source_missing", str(exc), report)
         return None
+    plan = profile_plan(job.batch.profile, settings)  # what the batch's profile means (worker/profiles.py)
     try:
         return audio.prepare_audio(
             source,
             max_seconds=settings.max_audio_seconds,
-            max_chunk_seconds=settings.max_chunk_seconds,
-            trim=settings.trim_silence,
+            max_chunk_seconds=plan.max_chunk_seconds,
+            trim=plan.trim,
+            pause_pad_seconds=plan.pause_pad_seconds,
             tmp_dir=tmp,
             memory_seconds=MEMORY_SECONDS,
         )

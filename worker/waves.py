@@ -42,6 +42,7 @@ from worker.chain import ChainRunner, Halted, Handoff, JobEnded, kept_answer
 from worker.derived import derived_key
 from worker.grouping import model_chain
 from worker.pieces import Piece, compose_prompt, pieces_of
+from worker.profiles import profile_plan
 from worker.runtime import Runtime
 from worker.store.answers import keep_answer, stored_answer
 from worker.store.attempts import AttemptClose, close_attempt
@@ -199,7 +200,8 @@ async def _transcribe_job(
         if kept is not None:
             results[position] = kept
     try:
-        for wave in plan_waves(len(pieces), set(results), rt.settings.chunk_context):
+        context = profile_plan(batch.profile, rt.settings).chunk_context  # worker/profiles.py
+        for wave in plan_waves(len(pieces), set(results), context):
             await _run_wave(rt, runner, pieces, wave, results, chain, tmap, halt)
     except Handoff:
         if not job.chunks:

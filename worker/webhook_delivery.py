@@ -1,5 +1,10 @@
 """Delivery of a finished batch's webhook: signed POST, recorded, retried with backoff.
 
+Each delivery is signed with the batch's tenant's own secrets (core/webhook_secrets.py: one signature
+per live secret, so two during a rotation's overlap window); a tenant created before per-tenant secrets
+is signed with the legacy shared `VOXQ_WEBHOOK_SECRET` while it is set, and otherwise refused (recorded
+`refused`: nothing unsigned is ever sent).
+
 Each try is one `webhook_deliveries` row (attempt number, HTTP status, error). A 2xx is delivered; any
 other answer or a network error is retried with exponential backoff (1 s, 2 s, 4 s … capped at 10 min, a
 countdown well under the broker's visibility timeout) up to `VOXQ_WEBHOOK_MAX_ATTEMPTS`, then the last row
@@ -25,10 +30,12 @@ from urllib.parse import urljoin
 import httpx
 from sqlalchemy import select, update
 from sqlalchemy.dialects.postgresql import insert
+from sqlalchemy.orm import Session
 
-from core import metrics
+from core import metrics, webhook_secrets
 from core.backoff import backoff_delay
 from core.db import session_scope
+from core.errors import ConfigError
 from core.ids import uuid7
 from core.models import Batch, WebhookDelivery
 from core.settings import get_settings
@@ -51,6 +58,10 @@ MAX_REDIRECTS = 3
 TIMEOUT_SECONDS = 10.0
 RETRY_BASE_SECONDS = 1.0
 RETRY_MAX_SECONDS = 600.0  # a countdown well under the broker's visibility timeout
+UNSIGNABLE = (
+    "the tenant has no webhook signing secret: create one (POST /v1/webhook-secrets, or "
+    "voxq webhooks rotate-secret --tenant NAME)"
+)
 
 
 @dataclass(frozen=True)
@@ -118,13 +129,37 @@ def _post_pinned(
     raise error
 
 
+def _signing_secrets(session: Session, tenant_id: uuid.UUID) -> list[str]:
+    """The tenant's live secrets, newest first; for a tenant that has none yet (created before per-tenant
+    secrets), the legacy shared `VOXQ_WEBHOOK_SECRET` while it is set; else none."""
+    own = webhook_secrets.signing_secrets(session, tenant_id)
+    if own:
+        return own
+    legacy = get_settings().webhook_secret
+    if legacy is None:
+        return []
+    log.warning(
+        "tenant %s has no webhook secret of its own: signed with the shared VOXQ_WEBHOOK_SECRET "
+        "(give it one: voxq webhooks rotate-secret --tenant NAME)",
+        tenant_id,
+    )
+    return [legacy.get_secret_value()]
+
+
 def deliver(batch_id: uuid.UUID, *, attempt: int) -> DeliveryResult:
     """Try to deliver the batch's webhook once and record the try."""
     settings = get_settings()
+    keys: list[str] = []
+    key_error: str | None = None
     with session_scope() as session:
         batch = session.execute(
             select(Batch.tenant_id, Batch.webhook_url).where(Batch.id == batch_id)
         ).first()
+        if batch is not None:
+            try:
+                keys = _signing_secrets(session, batch.tenant_id)
+            except ConfigError as exc:  # VOXQ_SECRETS_KEY lost or changed: retried once it is fixed
+                key_error = exc.message
     payload = batch_summary(batch_id)
     if batch is None or not batch.webhook_url or payload is None:
         return DeliveryResult(WebhookStatus.GAVE_UP, None)
@@ -132,10 +167,11 @@ def deliver(batch_id: uuid.UUID, *, attempt: int) -> DeliveryResult:
     headers = {
         "Content-Type": "application/json",
         "User-Agent": "voxq-webhooks/1",
-        SIGNATURE_HEADER: sign(settings.webhook_secret.get_secret_value(), body),
         "X-Voxq-Event": EVENT,
         "X-Voxq-Delivery-Attempt": str(attempt),
     }
+    if keys:
+        headers[SIGNATURE_HEADER] = sign(keys, body)
     delivery_id = uuid7()
     with session_scope() as session:
         session.execute(
@@ -150,6 +186,10 @@ def deliver(batch_id: uuid.UUID, *, attempt: int) -> DeliveryResult:
                 status=WebhookStatus.PENDING.value,
             )
         )
+    if key_error is not None:
+        return _record(delivery_id, WebhookStatus.FAILED, None, key_error, retry_delay(attempt))
+    if not keys:
+        return _record(delivery_id, WebhookStatus.REFUSED, None, UNSIGNABLE, None)
     http_status: int | None = None
     error: str | None = None
     try:

@@ -31,6 +31,8 @@ from api.schemas import (
     SubmitOut,
     UploadOut,
 )
+from core import import_grants
+from core.db import session_scope
 from core.errors import AudioError
 from core.settings import get_settings
 from core.statuses import BatchStatus, JobStatus
@@ -165,13 +167,9 @@ def create_presigned_upload(
 def import_objects(
     batch_id: uuid.UUID, body: ImportCreate, tenant: TenantDep, storage: StorageDep
 ) -> ImportOut:
-    """Add audio already in a bucket listed in `VOXQ_IMPORT_BUCKETS`, by reference (no re-upload)."""
-    allowed = set(get_settings().import_buckets)
+    """Add audio already in S3, by reference (no re-upload): objects under the tenant's import grants."""
     queries.check_accepting(tenant, batch_id)
-    for uri in body.s3_uris:  # refuse foreign buckets before touching any object
-        bucket, _ = parse_s3_uri(uri)
-        if bucket not in allowed:
-            raise Problem(403, "bucket_not_allowed", f"bucket {bucket!r} is not in VOXQ_IMPORT_BUCKETS")
+    _check_grants(tenant, body.s3_uris)
     workers = max(1, min(IMPORT_PARALLELISM, len(body.s3_uris)))
     with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="voxq-import") as pool:
         futures = [pool.submit(_probe_import, storage, uri) for uri in body.s3_uris]
@@ -179,6 +177,22 @@ def import_objects(
     out, queued = service.record_imports(tenant, batch_id, found)
     service.enqueue_or_revert(queued, JobStatus.UPLOADED.value)
     return out
+
+
+def _check_grants(tenant: TenantContext, uris: list[str]) -> None:
+    """403 `bucket_not_allowed` unless the tenant's import grants cover every URI (checked before any
+    object is touched; see core/import_grants.py)."""
+    objects = [parse_s3_uri(uri) for uri in uris]
+    with session_scope() as session:
+        outside = import_grants.refused(session, tenant.tenant_id, objects)
+    if outside:
+        bucket, key = outside[0]
+        raise Problem(
+            403,
+            "bucket_not_allowed",
+            f"s3://{bucket}/{key} is outside this tenant's import grants (an operator grants them: "
+            "voxq imports grant)",
+        )
 
 
 def _probe_import(storage: Storage, uri: str) -> service.ImportedObject:

@@ -16,7 +16,7 @@ from api import queries, service
 from api.accept import accept_files
 from api.deps import SessionDep, SessionRoute, StorageDep, TenantContext, TenantDep, run_polled
 from api.ingest import Received, cleanup_quietly, discard, ingest_multipart
-from api.problems import COMMON_PROBLEMS, UPLOAD_PROBLEMS, Problem
+from api.problems import COMMON_PROBLEMS, UPLOAD_PROBLEMS, Problem, validation_code
 from api.schemas import AttemptList, BatchOptions, JobOut, TranscriptFormat
 from api.transcripts import render
 from core.statuses import JobStatus
@@ -86,7 +86,8 @@ def _options_from_form(fields: dict[str, list[str]]) -> BatchOptions:
     except ValidationError as exc:
         first = exc.errors()[0]
         where = ".".join(str(p) for p in first["loc"])
-        raise Problem(422, "validation_error", f"{where}: {first['msg']}") from None
+        code = validation_code([str(e["type"]) for e in exc.errors()])
+        raise Problem(422, code, f"{where}: {first['msg']}") from None
 
 
 def create_single_job(

@@ -108,7 +108,9 @@ def test_voxq_flower_refuses_weak_passwords(
     env = stack.child_env(VOXQ_ENVIRONMENT=environment, VOXQ_FLOWER_PASSWORD=password)
     if environment == "production":
         # The other secrets are strong, so only Flower's password is wrong.
-        env.update(VOXQ_S3_SECRET_ACCESS_KEY="s" * 32, VOXQ_WEBHOOK_SECRET="w" * 32)
+        env.update(
+            VOXQ_S3_SECRET_ACCESS_KEY="s" * 32, VOXQ_WEBHOOK_SECRET="w" * 32, VOXQ_SECRETS_KEY="k" * 32
+        )
     result = subprocess.run(
         [sys.executable, "-m", "voxq.cli", "flower", "--port", str(port)],
         cwd=REPO_ROOT,

@@ -19,9 +19,11 @@ from core.storage import Storage, content_key
 from tests.api_helpers import (
     ApiServer,
     finish_job,
+    grant_import,
     import_bucket,
     make_key,
     redis_queue_length,
+    scrape,
     sine_wav,
 )
 from tests.support import Stack
@@ -74,7 +76,7 @@ def test_create_get_and_list_batches_with_cursor_pagination(api: ApiServer) -> N
 
 
 def _uploaded_bytes_metric(api: ApiServer) -> float:
-    text = httpx.get(api.url + "/metrics", timeout=10).text
+    text = scrape(api.url + "/metrics")
     match = re.search(r"^voxq_uploaded_bytes_total (\S+)$", text, re.MULTILINE)
     return float(match.group(1)) if match else 0.0
 
@@ -153,7 +155,7 @@ def test_auto_submit_batch_and_single_job_endpoint_queue_at_once(api: ApiServer,
             data={
                 "profile": "voicemail",
                 "language": "de",
-                "models": "whisper-1,local",
+                "models": "gpt-4o-transcribe,local",
                 "metadata": '{"x": 2}',
             },
         )
@@ -164,7 +166,7 @@ def test_auto_submit_batch_and_single_job_endpoint_queue_at_once(api: ApiServer,
         )
         assert redis_queue_length(stack, "ingest") == 2
         single_batch = c.get(f"/v1/batches/{job['batch_id']}").json()
-        assert single_batch["language"] == "de" and single_batch["models"] == ["whisper-1", "local"]
+        assert single_batch["language"] == "de" and single_batch["models"] == ["gpt-4o-transcribe", "local"]
         assert single_batch["metadata"] == {"x": 2} and single_batch["counts"]["queued"] == 1
 
         bad = c.post("/v1/jobs", files=_files(("s.wav", sine_wav(0.5))), data={"colour": "red"})
@@ -213,6 +215,7 @@ def test_presigned_upload_is_verified_at_submit(api: ApiServer, stack: Stack) ->
 
 def test_import_from_allowed_bucket_by_reference(api: ApiServer, stack: Stack) -> None:
     key = make_key("acme")
+    grant_import("acme", import_bucket(stack), "calls/")
     storage = Storage(bucket=import_bucket(stack))
     storage.ensure_bucket()
     storage.upload_bytes(sine_wav(2.0), "calls/2026/a.wav")

@@ -7,6 +7,7 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
+import pytest
 import redis.asyncio as aioredis
 from prometheus_client import REGISTRY
 
@@ -124,7 +125,12 @@ def test_trip_opens_now_for_the_given_time(stack: Stack) -> None:
     _run(stack, body)
 
 
-def test_retire_is_permanent_and_shared(stack: Stack) -> None:
+def test_retire_is_permanent_and_shared(stack: Stack, monkeypatch: pytest.MonkeyPatch) -> None:
+    from core.settings import reset_settings_cache
+
+    monkeypatch.setenv("VOXQ_ALLOWED_MODELS", "whisper-1")  # metric labels carry configured models only
+    reset_settings_cache()
+
     async def body(r1: aioredis.Redis, r2: aioredis.Redis) -> None:
         a = CircuitBreaker(r1, failure_threshold=1, open_seconds=0.2)
         b = CircuitBreaker(r2, failure_threshold=1, open_seconds=0.2)

@@ -90,6 +90,49 @@ def silent_flac(seconds: float, *, declare_length: bool, rate: int = 8000) -> by
     return b"".join(out)
 
 
+_CRC8 = [_crc8(bytes([i])) for i in range(256)]
+_CRC16 = [_crc16(bytes([i])) for i in range(256)]
+
+
+def _fast_crc8(data: bytes) -> int:
+    crc = 0
+    for b in data:
+        crc = _CRC8[crc ^ b]
+    return crc
+
+
+def _fast_crc16(data: bytes) -> int:
+    crc = 0
+    for b in data:
+        crc = ((crc << 8) & 0xFFFF) ^ _CRC16[(crc >> 8) ^ b]
+    return crc
+
+
+def wide_flac(seconds: float, *, rate: int = 655_350, channels: int = 8) -> bytes:
+    """A valid FLAC of digital silence at FLAC's highest sample rate on 8 channels, length declared.
+
+    Two hours take ~2.6 MB, and the header says exactly what it is, so no length check refuses it; but
+    decoding it means 38 billion samples to resample: about 4 minutes of CPU on this kind of machine.
+    """
+    block = 65535
+    frames = -(-int(seconds * rate) // block)
+    info = struct.pack(">HH", block, block) + b"\0" * 6
+    info += ((rate << 44) | ((channels - 1) << 41) | (15 << 36) | frames * block).to_bytes(8, "big")
+    info += b"\0" * 16  # no MD5
+    out = [b"fLaC", bytes([0x80, 0, 0, len(info)]), info]
+    for n in range(frames):
+        # block size from the 16-bit field, rate from STREAMINFO, `channels` independent, 16 bit
+        head = (
+            b"\xff\xf8\x70"
+            + bytes([((channels - 1) << 4) | 0x08])
+            + _utf8_number(n)
+            + struct.pack(">H", block - 1)
+        )
+        frame = head + bytes([_fast_crc8(head)]) + b"\x00\x00\x00" * channels  # CONSTANT subframes, 0
+        out.append(frame + struct.pack(">H", _fast_crc16(frame)))
+    return b"".join(out)
+
+
 def _video_only(fmt: str) -> bytes:
     buf = io.BytesIO()
     with av.open(buf, "w", format=fmt) as container:
@@ -306,3 +349,62 @@ def test_a_decompression_bomb_is_refused_without_decoding_it(tmp_path: Path) -> 
     # decoding even the allowed 6 h would take many seconds and ~700 MB of temporary PCM
     assert time.monotonic() - started < 3.0
     assert [p.name for p in tmp_path.iterdir()] == ["bomb.flac"]
+
+
+def test_a_file_that_would_cost_minutes_of_cpu_fails_alone_in_the_sandbox(
+    api: ApiServer, stack: Stack, fake_openai: FakeOpenAI
+) -> None:
+    bomb = wide_flac(2 * 3600)
+    assert len(bomb) < 3_000_000
+    env = hosted_env(VOXQ_DECODE_CPU_SECONDS="4")
+    with celery_worker(stack, env=env, concurrency=2) as proc:
+        wait_until(lambda: len(child_pids(proc.pid)) == 2, timeout=60, what="pool children up")
+        pids_before = {proc.pid, *child_pids(proc.pid)}
+        with api.client(make_key("cpu-bomb"), timeout=120) as c:
+            batch = c.post("/v1/batches", json={"name": "cpu bomb"}).json()
+            goods = {f"good-{i}.flac": tones([900 + 40 * i, 1300]) for i in range(2)}
+            files = [("file", ("two-hours-655khz-8ch.flac", bomb))]
+            files += [("file", (name, data)) for name, data in goods.items()]
+            uploaded = c.post(f"/v1/batches/{batch['id']}/files", files=files)
+            assert uploaded.status_code == 201, uploaded.text  # a valid, honestly labelled file
+            by_name = {j["filename"]: j["id"] for j in uploaded.json()["jobs"]}
+            assert c.post(f"/v1/batches/{batch['id']}/submit").status_code == 202
+
+            def finished() -> dict[str, Any] | None:
+                jobs = c.get(f"/v1/batches/{batch['id']}/jobs").json()["items"]
+                done = all(j["status"] in ("succeeded", "failed") for j in jobs)
+                return {j["id"]: j for j in jobs} if done else None
+
+            # Decoding it unbounded takes minutes of CPU; the sandbox stops it at 4 s.
+            jobs = wait_until(finished, timeout=120, interval=0.5, what="jobs finished")
+            bomb_job = jobs[by_name["two-hours-655khz-8ch.flac"]]
+            assert bomb_job["status"] == "failed", bomb_job
+            assert bomb_job["error"]["code"] == "media_limit_exceeded" and bomb_job["error"]["message"]
+            for name in goods:
+                assert jobs[by_name[name]]["status"] == "succeeded", jobs[by_name[name]]
+            assert c.get("/readyz").status_code == 200
+        # no worker process died or was replaced: only the sandbox's child was
+        assert proc.poll() is None
+        assert {proc.pid, *child_pids(proc.pid)} >= pids_before
+
+
+def test_the_decode_of_a_cpu_bomb_is_cut_off_by_the_cpu_cap(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from core.errors import MediaLimitExceeded
+    from core.sandbox import close_sandboxes
+    from core.settings import reset_settings_cache
+    from worker.audio import decode_to_pcm
+
+    monkeypatch.setenv("VOXQ_DECODE_CPU_SECONDS", "2")
+    reset_settings_cache()
+    close_sandboxes()
+    try:
+        started = time.monotonic()
+        with pytest.raises(MediaLimitExceeded):
+            decode_to_pcm(wide_flac(3600), max_seconds=6 * 3600, tmp_dir=str(tmp_path), memory_seconds=120)
+        assert time.monotonic() - started < 30  # ~2 min of CPU unbounded
+        assert list(tmp_path.iterdir()) == []  # the killed child's spilled PCM is gone too
+    finally:
+        close_sandboxes()
+        reset_settings_cache()

@@ -67,3 +67,69 @@ def test_full_run_logs_leak_neither_the_api_key_nor_transcript_text(
     assert any(line.get("batch_id") == run.batch["id"] for line in worker_lines)
     api_lines = [json.loads(line) for line in texts[run.logs[0].name].splitlines() if line.startswith("{")]
     assert api_lines and all({"ts", "level", "logger", "event"} <= set(line) for line in api_lines)
+
+
+# A trigger that refuses every transcript with an error whose message and DETAIL carry the row's text:
+# the worst case for a database error that reaches the logs (Postgres' own "Failing row contains (...)"
+# DETAIL of a constraint violation does the same), on top of the INSERT's parameters.
+REFUSE_TRANSCRIPTS = """
+CREATE OR REPLACE FUNCTION voxq_test_refuse_transcript() RETURNS trigger AS $$
+BEGIN
+  RAISE EXCEPTION 'transcript refused: %', NEW.text USING DETAIL = 'the row held: ' || NEW.text;
+END $$ LANGUAGE plpgsql;
+CREATE TRIGGER voxq_test_refuse_transcript BEFORE INSERT ON transcripts
+  FOR EACH ROW EXECUTE FUNCTION voxq_test_refuse_transcript();
+"""
+ALLOW_TRANSCRIPTS = """
+DROP TRIGGER IF EXISTS voxq_test_refuse_transcript ON transcripts;
+DROP FUNCTION IF EXISTS voxq_test_refuse_transcript();
+"""
+
+
+def test_a_database_error_during_the_transcript_write_leaks_no_text_or_parameters(
+    stack: Stack, fake_openai: FakeOpenAI
+) -> None:
+    import time
+
+    from sqlalchemy import create_engine, text
+
+    from tests.api_helpers import make_key, start_api_server, stop_api_server
+    from tests.support import celery_worker, wait_until
+
+    words = [f"tone{f}" for f in (1330, 870, 1610)]
+    engine = create_engine(stack.database_url)
+    with engine.begin() as conn:
+        conn.execute(text(REFUSE_TRANSCRIPTS))
+    env = {"OPENAI_BASE_URL": fake_openai.base_url, "VOXQ_LOG_LEVEL": "DEBUG", "VOXQ_LOG_FORMAT": "json"}
+    server = start_api_server(stack, **env)
+    worker_log = stack.work_dir / f"refused-{time.time_ns()}.log"
+    try:
+        with celery_worker(stack, env=env, log_path=worker_log), server.client(make_key("dberr")) as c:
+            batch = c.post("/v1/batches", json={"models": [PRIMARY], "auto_submit": True}).json()
+            files = [("file", ("phrase.flac", tone_audio([1330, 870, 1610]), "audio/flac"))]
+            assert c.post(f"/v1/batches/{batch['id']}/files", files=files).status_code == 201
+            # The provider answered (the text exists) and the write of the transcript failed.
+            wait_until(lambda: fake_openai.request_log(), timeout=120, what="the provider was called")
+            wait_until(
+                lambda: "RaiseException" in worker_log.read_text(errors="replace"),
+                timeout=120,
+                what="the refused transcript write logged",
+            )
+            time.sleep(1.0)  # whatever the worker logs right after the failure
+        with engine.connect() as conn:  # the trigger refused every transcript write
+            assert conn.execute(text("SELECT count(*) FROM transcripts")).scalar_one() == 0
+    finally:
+        stop_api_server(server)
+        with engine.begin() as conn:
+            conn.execute(text(ALLOW_TRANSCRIPTS))
+        engine.dispose()
+    logs = {
+        "worker": worker_log.read_text(errors="replace"),
+        "api": server.log_path.read_text(errors="replace"),
+    }
+    assert "P0001" in logs["worker"] or "RaiseException" in logs["worker"]  # the error itself is logged
+    for name, content in logs.items():
+        for word in words:
+            assert word not in content, f"transcript text {word!r} reached the {name} log"
+        assert "the row held" not in content and "transcript refused:" not in content, name
+        assert "[parameters:" not in content, f"SQL parameters reached the {name} log"

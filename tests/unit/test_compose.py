@@ -74,7 +74,7 @@ def test_every_voxq_variable_is_a_settings_field() -> None:
 
 
 def test_required_secrets_use_fail_fast_interpolation() -> None:
-    assert {"VOXQ_S3_SECRET_ACCESS_KEY", "VOXQ_WEBHOOK_SECRET", "VOXQ_FLOWER_PASSWORD"} <= SECRET_ENV
+    assert {"VOXQ_S3_SECRET_ACCESS_KEY", "VOXQ_SECRETS_KEY", "VOXQ_FLOWER_PASSWORD"} <= SECRET_ENV
     required = SECRET_ENV | {"POSTGRES_PASSWORD", "REDIS_PASSWORD", "VOXQ_S3_ACCESS_KEY_ID"}
     for match in INTERPOLATION.finditer(COMPOSE_TEXT):
         if match.group(1) in required:

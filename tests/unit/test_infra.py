@@ -108,6 +108,10 @@ def test_prometheus_config_scrapes_api_and_workers() -> None:
         assert job["job_name"].startswith("voxq-")  # VoxqTargetDown watches `job=~"voxq-.*"`
     relabel = jobs["voxq-kubernetes-pods"]["relabel_configs"]
     assert relabel[0]["action"] == "keep" and "prometheus_io_scrape" in relabel[0]["source_labels"][0]
+    # The API's /metrics needs VOXQ_METRICS_TOKEN: every job that can reach an API sends it from a file.
+    for name in ("voxq-api", "voxq-kubernetes-pods"):
+        auth = jobs[name]["authorization"]
+        assert auth["type"] == "Bearer" and auth["credentials_file"].startswith("/")
 
 
 def test_alert_rules_parse_and_query_existing_metrics() -> None:
@@ -283,6 +287,7 @@ def test_env_names_are_settings() -> None:
     for name in (
         "OPENAI_API_KEY",
         "VOXQ_S3_SECRET_ACCESS_KEY",
+        "VOXQ_SECRETS_KEY",
         "VOXQ_WEBHOOK_SECRET",
         "VOXQ_FLOWER_PASSWORD",
     ):

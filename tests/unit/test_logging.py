@@ -237,3 +237,37 @@ def test_chatty_libraries_stay_quiet_at_debug(stream: io.StringIO) -> None:
     logging.getLogger("voxq.test").debug("ours")
     logging.getLogger("botocore.endpoint").warning("retrying")
     assert [r["event"] for r in _lines(stream)] == ["ours", "retrying"]
+
+
+def test_database_errors_are_logged_as_a_summary_only(stream: io.StringIO) -> None:
+    from sqlalchemy.exc import IntegrityError
+
+    configure_logging("json", "DEBUG", stream=stream, redacted_values=[])
+    log = logging.getLogger("voxq.test")
+    words = "the caller said hello darkness my old friend"
+
+    class DriverError(Exception):
+        sqlstate = "23514"
+
+    driver = DriverError(
+        'new row for relation "transcripts" violates check constraint "ck_text"\n'
+        f"DETAIL:  Failing row contains (01a2, {words}, whisper-1)."
+    )
+    error = IntegrityError("INSERT INTO transcripts (text) VALUES (%(text)s)", {"text": words}, driver)
+    try:
+        try:
+            raise error
+        except IntegrityError as exc:
+            raise RuntimeError("completion write failed") from exc
+    except RuntimeError:
+        log.exception("group write failed")
+    log.error("one row failed (%s)", error)  # an exception as an argument
+    log.error("task raised: %s", repr(error), exc_info=error)  # its repr made by someone else (Celery)
+    text = stream.getvalue()
+    assert "hello darkness" not in text and "Failing row" not in text and "[parameters:" not in text
+    lines = _lines(stream)
+    assert len(lines) == 3
+    assert "IntegrityError" in str(lines[0]["exc"]) and "SQLSTATE 23514" in str(lines[0]["exc"])
+    assert "RuntimeError: completion write failed" in str(lines[0]["exc"])  # other exceptions as usual
+    assert lines[1]["event"].startswith("one row failed (IntegrityError")  # type: ignore[union-attr]
+    assert "test_logging.py" in str(lines[0]["exc"])  # the traceback's frames are kept

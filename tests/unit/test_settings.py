@@ -35,4 +35,13 @@ def test_production_rejects_placeholder_secrets(monkeypatch: pytest.MonkeyPatch)
     monkeypatch.setenv("VOXQ_FLOWER_PASSWORD", "a-real-long-password-1")
     monkeypatch.setenv("VOXQ_S3_SECRET_ACCESS_KEY", "another-real-secret-2")
     monkeypatch.setenv("VOXQ_WEBHOOK_SECRET", "third-real-secret-3")
+    # the key that encrypts tenants' webhook secrets must be real too
+    with pytest.raises(ValidationError, match="VOXQ_SECRETS_KEY"):
+        Settings()
+    monkeypatch.setenv("VOXQ_SECRETS_KEY", "fourth-real-secret-4")
     assert Settings().environment == "production"
+    # the legacy shared webhook secret is optional in production (no dev default there)
+    monkeypatch.delenv("VOXQ_WEBHOOK_SECRET")
+    assert Settings().webhook_secret is None
+    monkeypatch.setenv("VOXQ_ENVIRONMENT", "dev")
+    assert Settings().webhook_secret is not None

@@ -110,3 +110,18 @@ def test_redirects_are_followed_to_public_hosts() -> None:
         "http://93.184.216.34/old", b"{}", {}, allow_private=False, transport=httpx.MockTransport(handler)
     )
     assert response.status_code == 200 and response.request.url.path == "/new"
+
+
+def test_a_rotation_header_carries_one_signature_per_secret_and_any_verifies() -> None:
+    body = b'{"batch_id":"y"}'
+    header = sign(["new", "old"], body, timestamp=int(time.time()))
+    ts, first, second = header.split(",")
+    assert ts.startswith("t=") and first.startswith("v1=") and second.startswith("v1=")
+    assert header.startswith(sign("new", body, timestamp=int(ts[2:])))  # newest first
+    assert verify_signature("new", header, body) and verify_signature("old", header, body)
+    assert not verify_signature("neither", header, body)
+    assert verify_signature(["neither", "old"], header, body)
+    assert not verify_signature("new", header.replace("v1=", "v2="), body)
+    assert not verify_signature("new", f"t={ts[2:]}", body)
+    with pytest.raises(ValueError):
+        sign([], body)

@@ -385,6 +385,12 @@ def run_keys_create(args: argparse.Namespace) -> int:
         "store it now, it is not shown again",
         file=sys.stderr,
     )
+    if issued.webhook_secret is not None:
+        print(
+            f"new tenant: its webhook signing secret (verify X-Voxq-Signature with it; shown once):\n"
+            f"{issued.webhook_secret}",
+            file=sys.stderr,
+        )
     return 0
 
 

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from worker.audio.codecs import SAMPLE_RATE, DecodedAudio, FloatArray, Int16Array, decode_to_pcm, encode_flac
-from worker.audio.speech import FRAME_SAMPLES, FRAME_SECONDS, find_speech, frame_levels_db
+from worker.audio.speech import FRAME_SAMPLES, FRAME_SECONDS, PAD_SECONDS, find_speech, frame_levels_db
 from worker.audio.timemap import TimeMap, build_time_map
 
 MAX_UPLOAD_BYTES = 24 * 1024 * 1024  # below the provider's 25 MB (26,214,400 bytes) with headroom
@@ -143,6 +143,7 @@ def prepare_audio(
     max_seconds: float,
     max_chunk_seconds: float,
     trim: bool = True,
+    pause_pad_seconds: float = PAD_SECONDS,
     tmp_dir: str | None = None,
     memory_seconds: float = 0.0,
 ) -> PreparedAudio:
@@ -151,7 +152,7 @@ def prepare_audio(
     try:
         pcm = decoded.pcm()
         levels = frame_levels_db(pcm)
-        runs = find_speech(levels, trim=trim)
+        runs = find_speech(levels, trim=trim, pad_seconds=pause_pad_seconds)
         tmap = build_time_map(runs, decoded.samples)
         trimmed_levels = (
             np.concatenate([levels[a:b] for a, b in runs]) if runs else np.zeros(0, dtype=np.float64)

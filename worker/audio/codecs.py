@@ -20,6 +20,7 @@ import contextlib
 import hashlib
 import io
 import os
+import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,7 +32,9 @@ import numpy as np
 import numpy.typing as npt
 import soundfile
 
-from core.errors import AudioTooLong, EmptyAudio, UnsupportedMedia
+from core.errors import AudioTooLong, EmptyAudio, MediaLimitExceeded, UnsupportedMedia
+from core.sandbox import shared_sandbox
+from core.settings import get_settings
 
 SAMPLE_RATE = 16_000
 FLAC_FILENAME = "audio.flac"
@@ -279,7 +282,72 @@ def decode_to_pcm(
 
     Up to `memory_seconds` of samples stay in memory; longer audio is streamed to a temp file (so a
     6-hour podcast never sits in memory whole). Bounded in length by `max_seconds`.
+
+    FFmpeg runs in the media sandbox (core/sandbox.py: memory and CPU-time caps, `VOXQ_MEDIA_MEMORY_MB`,
+    `VOXQ_DECODE_CPU_SECONDS`; past them MediaLimitExceeded, and the job fails `media_limit_exceeded`).
+    Only 16 kHz mono FLAC in memory is decoded here, by dr_flac: its header bounds the samples, hence the
+    memory, before anything is decoded (`_decode_normalised_flac`), and it is the voicemail path P1 times.
     """
+    max_samples = int(max_seconds * SAMPLE_RATE)
+    if isinstance(source, bytes):
+        fast = _decode_normalised_flac(source, min(int(memory_seconds * SAMPLE_RATE), max_samples))
+        if fast is not None:
+            return fast
+    return _decode_in_sandbox(source, max_seconds=max_seconds, tmp_dir=tmp_dir, memory_seconds=memory_seconds)
+
+
+def _decode_in_sandbox(
+    source: str | Path | bytes, *, max_seconds: float, tmp_dir: str | None, memory_seconds: float
+) -> DecodedAudio:
+    """`decode_here` in a capped child, which spills long audio into a directory of its own: kept (its
+    file moved out to `tmp_dir`) when the decode succeeds, removed whole when the child fails or dies."""
+    settings = get_settings()
+    sandbox = shared_sandbox(
+        "decode",
+        processes=settings.media_processes,
+        memory_bytes=settings.media_memory_mb * 1024 * 1024,
+        warm=("worker.audio.codecs",),
+    )
+    private = tempfile.mkdtemp(prefix="voxq-decode-", dir=tmp_dir)
+    try:
+        decoded = sandbox.run(
+            _decode_child,
+            source if isinstance(source, bytes) else str(source),
+            max_seconds=max_seconds,
+            tmp_dir=private,
+            memory_seconds=memory_seconds,
+            cpu_seconds=settings.decode_cpu_seconds,
+            timeout=3 * settings.decode_cpu_seconds + 60,
+        )
+        if decoded.path is not None:
+            kept = Path(tmp_dir or tempfile.gettempdir()) / decoded.path.name
+            os.replace(decoded.path, kept)
+            decoded.path = kept
+        return decoded
+    finally:
+        shutil.rmtree(private, ignore_errors=True)
+
+
+def _decode_child(
+    source: str | bytes, *, max_seconds: float, tmp_dir: str, memory_seconds: float
+) -> DecodedAudio:
+    """In the sandbox: `decode_here`, FFmpeg's out-of-memory reported as the limit it is."""
+    try:
+        return decode_here(source, max_seconds=max_seconds, tmp_dir=tmp_dir, memory_seconds=memory_seconds)
+    except UnsupportedMedia as exc:
+        if isinstance(exc.__cause__, MemoryError):
+            raise MediaLimitExceeded("the file needs more memory to decode than allowed") from None
+        raise
+
+
+def decode_here(
+    source: str | Path | bytes,
+    *,
+    max_seconds: float,
+    tmp_dir: str | None = None,
+    memory_seconds: float = 0.0,
+) -> DecodedAudio:
+    """`decode_to_pcm` in this process, FFmpeg included (the sandbox's child runs this)."""
     max_samples = int(max_seconds * SAMPLE_RATE)
     if isinstance(source, bytes):
         fast = _decode_normalised_flac(source, min(int(memory_seconds * SAMPLE_RATE), max_samples))

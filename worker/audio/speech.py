@@ -93,11 +93,15 @@ def percentiles(values: FloatArray, pcts: tuple[float, ...]) -> list[float]:
     return out
 
 
-def find_speech(levels: FloatArray, *, trim: bool = True) -> list[tuple[int, int]]:
+def find_speech(
+    levels: FloatArray, *, trim: bool = True, pad_seconds: float = PAD_SECONDS
+) -> list[tuple[int, int]]:
     """Frame ranges `[start, end)` to keep: padded speech runs, merged where they touch.
 
-    Each run gets `PAD_SECONDS` either side; the first run keeps `LEAD_PAD_SECONDS` before it instead and
-    the last one `TAIL_PAD_SECONDS` after it (the lead-in and tail a recording starts and ends with).
+    Each run gets `pad_seconds` (`PAD_SECONDS`) either side, so a pause inside speech longer than twice
+    that collapses to twice that (a podcast keeps more: worker/profiles.py); the first run keeps at least
+    `LEAD_PAD_SECONDS` before it and the last one `TAIL_PAD_SECONDS` after it (the lead-in and tail a
+    recording starts and ends with).
     """
     n = len(levels)
     if n == 0:
@@ -105,7 +109,7 @@ def find_speech(levels: FloatArray, *, trim: bool = True) -> list[tuple[int, int
     if not trim:
         return [(0, n)]
     voiced = levels > speech_threshold_db(levels)
-    pad = round(PAD_SECONDS / FRAME_SECONDS)
+    pad = round(pad_seconds / FRAME_SECONDS)
     lead = round(LEAD_PAD_SECONDS / FRAME_SECONDS)
     tail = round(TAIL_PAD_SECONDS / FRAME_SECONDS)
     # Voiced runs [i, j) from the edges of the voiced mask (numpy, not a Python step per frame).
