@@ -20,6 +20,7 @@ from __future__ import annotations
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from api.bodies import read_capped
 from api.deps import TENANT_SCOPE_KEY, TenantContext, tenant_for_key
 from api.ingest import MULTIPART_OVERHEAD_BYTES
 from api.problems import PROBLEM_MEDIA_TYPE, problem_body
@@ -102,7 +103,7 @@ class RequestGuard:
         if multipart:
             await self.app(scope, _counting(receive, limit), send)
             return
-        body = await _read_capped(receive, limit)
+        body = await read_capped(receive, limit)
         if body is None:
             await self._too_large(send, multipart, limit)
             return
@@ -131,24 +132,6 @@ def _counting(receive: Receive, limit: int) -> Receive:
         return message
 
     return counted
-
-
-async def _read_capped(receive: Receive, limit: int) -> bytes | None:
-    """The whole body, or None as soon as it passes `limit` bytes (the rest is never read)."""
-    parts: list[bytes] = []
-    size = 0
-    while True:
-        message = await receive()
-        if message["type"] == "http.disconnect":
-            break
-        chunk = message.get("body", b"")
-        size += len(chunk)
-        if size > limit:
-            return None
-        parts.append(chunk)
-        if not message.get("more_body", False):
-            break
-    return b"".join(parts)
 
 
 def _replay(body: bytes, receive: Receive) -> Receive:

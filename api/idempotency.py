@@ -25,6 +25,7 @@ from sqlalchemy.dialects.postgresql import insert
 from starlette.concurrency import run_in_threadpool
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from api.bodies import read_capped
 from api.problems import PROBLEM_MEDIA_TYPE, problem_body
 from core.db import durable, session_scope
 from core.models import IdempotencyRecord
@@ -209,7 +210,7 @@ class IdempotencyMiddleware:
         if tenant_id is None:
             await self.app(scope, receive, send)  # the route answers 401
             return
-        raw = await _read_body(receive)
+        raw = await read_capped(receive, MAX_JSON_BODY)
         if raw is None:
             body = problem_body(413, "body_too_large", f"JSON bodies are limited to {MAX_JSON_BODY} bytes")
             await _send_json(send, 413, body, PROBLEM_MEDIA_TYPE)
@@ -287,20 +288,3 @@ async def _tenant_of(authorization: str) -> uuid.UUID | None:
         return None
     tenant = await tenant_for_key(token.strip())
     return tenant.tenant_id if tenant else None
-
-
-async def _read_body(receive: Receive) -> bytes | None:
-    parts: list[bytes] = []
-    size = 0
-    while True:
-        message = await receive()
-        if message["type"] == "http.disconnect":
-            break
-        chunk = message.get("body", b"")
-        size += len(chunk)
-        if size > MAX_JSON_BODY:
-            return None
-        parts.append(chunk)
-        if not message.get("more_body", False):
-            break
-    return b"".join(parts)
