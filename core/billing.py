@@ -39,7 +39,7 @@ from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.orm import Session
 
 from core.ids import uuid7
-from core.models import Attempt, Batch, CostRecord, Job
+from core.models import Attempt, Batch, BudgetReservation, CostRecord, Job
 from core.statuses import AttemptOutcome, Settlement
 
 ZERO = Decimal(0)
@@ -107,22 +107,32 @@ def add_batch_totals(
     )
 
 
+def release_reservations(session: Session, attempt_ids: list[uuid.UUID]) -> dict[uuid.UUID, Decimal]:
+    """Take these attempts' budget reservations off the ledger, in the caller's transaction; what each
+    held (an attempt without one is absent). Whoever deletes a row releases it, so a reservation is
+    given back exactly once however often a close is retried; the caller moves `committed_usd`."""
+    if not attempt_ids:
+        return {}
+    rows = session.execute(
+        delete(BudgetReservation)
+        .where(BudgetReservation.attempt_id.in_(attempt_ids))
+        .returning(BudgetReservation.attempt_id, BudgetReservation.usd)
+    ).all()
+    return {attempt_id: Decimal(usd) for attempt_id, usd in rows}
+
+
 def charge_estimate(
     session: Session, *, attempt_id: uuid.UUID, job_id: uuid.UUID, model: str, audio_seconds: float
 ) -> Decimal:
     """Charge an abandoned hosted attempt its estimated cost, unsettled; returns the estimate.
 
     Call it in the transaction that marks the attempt `abandoned`. The dead worker's budget reservation
-    (the same list-price estimate, made only for a batch with a budget) becomes this estimate: committed
-    moves only by what was not reserved.
+    (an upper bound of the call's cost, made only for a batch with a budget) is released and replaced by
+    this estimate: committed moves by the estimate less what was reserved.
     """
     from core.pricing import price_attempt
 
-    job = session.execute(
-        select(Job.tenant_id, Job.batch_id, Batch.budget_usd)
-        .join(Batch, Batch.id == Job.batch_id)
-        .where(Job.id == job_id)
-    ).first()
+    job = session.execute(select(Job.tenant_id, Job.batch_id).where(Job.id == job_id)).first()
     if job is None:
         return ZERO
     priced = price_attempt(model, None, audio_seconds)
@@ -145,14 +155,16 @@ def charge_estimate(
         .on_conflict_do_nothing(index_elements=[CostRecord.attempt_id])
         .returning(CostRecord.id)
     ).first()
+    reserved = release_reservations(session, [attempt_id]).get(attempt_id, ZERO)
     if inserted is None:  # already charged: never twice
+        if reserved:
+            add_batch_totals(session, job.batch_id, committed=-reserved)
         return ZERO
     session.execute(
         update(Attempt)
         .where(Attempt.id == attempt_id)
         .values(settlement=Settlement.UNSETTLED.value, settled_at=None)
     )
-    reserved = priced.usd if job.budget_usd is not None else ZERO
     _add_totals(
         session,
         job_id=job_id,
