@@ -31,6 +31,7 @@ from typing import Any
 
 import httpx
 
+from core.languages import iso_language
 from core.providers.base import ErrorKind, ProviderError, TranscriptionRequest, TranscriptionResult
 
 # Models that answer `json` only (no timestamps); anything else is treated as whisper-like.
@@ -266,7 +267,8 @@ class OpenAIProvider:
         return TranscriptionResult(
             text=text,
             model=request.model,
-            language=body.get("language") if isinstance(body.get("language"), str) else request.language,
+            # whisper-1 names the language ("english"): stored and served as its ISO-639-1 code.
+            language=iso_language(body.get("language")) or request.language,
             segments=segments,
             usage=usage if isinstance(usage, dict) else None,
             http_status=200,

@@ -84,6 +84,8 @@ LIST_PRICES: dict[str, dict[str, Decimal]] = {
     "gpt-transcribe": {"per_minute": Decimal("0.0045")},
 }
 SAMPLE_RATE = 16_000
+# How whisper-1's verbose_json names a few languages (it answers names, not the ISO codes it is sent).
+WHISPER_NAMES = {"en": "english", "de": "german", "fr": "french", "es": "spanish", "jv": "javanese"}
 MAX_DECODE_SECONDS = 4 * 3600
 
 # OpenAI's guide: these three shut down on 2027-02-26.
@@ -827,7 +829,8 @@ class FakeOpenAI:
         if response_format == "verbose_json":
             body: dict[str, Any] = {
                 "task": "transcribe",
-                "language": str(language) if isinstance(language, str) and language else "english",
+                # whisper-1 names the language ("english") though the request gives an ISO code.
+                "language": WHISPER_NAMES.get(str(language or "en"), str(language)),
                 "duration": round(decoded.duration, 3),
                 "text": text,
                 "usage": usage,
