@@ -7,7 +7,10 @@ between the provider's bill and our commit). So:
 
 1. The sweeper closes such an attempt `abandoned` and, in the same transaction, charges a conservative
    estimate (list price x audio seconds, `estimated=True`) with the attempt marked `settlement =
-   unsettled`: budgets and totals stay on the safe side meanwhile (`charge_estimate`).
+   unsettled`: budgets and totals stay on the safe side meanwhile (`charge_estimate`). A live worker
+   whose call's answer was lost after the request went out (a read timeout, a dropped connection, a 200
+   that did not parse) closes its attempt the same way, estimate and `unsettled` included
+   (`worker.store.attempts`): the provider bills a request it processed, listening client or not.
 2. A late answer from the call (its worker was alive after all) replaces the estimate with the exact
    cost, or removes it for an HTTP error (the provider bills no error), adding only the difference to the
    job's and batch's totals (`rebill`, called by `worker.store.attempts.close_attempt`).
@@ -15,9 +18,9 @@ between the provider's bill and our commit). So:
    JSON lines, or `{"data": [...]}` of `{request_id, model, usage}`) for a time range: an unsettled
    attempt listed there gets the exact cost priced from the exported usage (`billed`); one absent from an
    export that covers its whole call (started at or after `since`, and `grace` before `until`) has its
-   estimate removed and totals reduced (`not_billed`, the attempt stays `abandoned`). A listed request
-   whose attempt has no cost record at all (e.g. a call the client timed out on but the provider still
-   billed) is charged exactly; a listed request voxq has no attempt for, or whose recorded usage differs
+   estimate removed and totals reduced (`not_billed`, the attempt's outcome unchanged). A listed request
+   whose attempt has no cost record at all (one closed without an estimate before voxq charged lost
+   answers) is charged exactly; a listed request voxq has no attempt for, or whose recorded usage differs
    from the export's, is reported and makes the CLI exit non-zero. Running it twice changes nothing.
 
 Totals move by deltas (`x = x + :delta`) in the transaction that changes the cost record, under the
