@@ -125,8 +125,31 @@ def status_counts(session: Session, batch_ids: Sequence[uuid.UUID]) -> dict[uuid
     return out
 
 
-def batch_out(batch: Batch, counts: dict[str, int]) -> BatchOut:
-    """The API view of a batch."""
+def estimated_costs(
+    session: Session, *, batch_ids: Sequence[uuid.UUID] = (), job_ids: Sequence[uuid.UUID] = ()
+) -> dict[uuid.UUID, Decimal]:
+    """How much of each batch's (or job's) cost is an estimate (cost records marked `estimated`)."""
+    key = CostRecord.batch_id if batch_ids else CostRecord.job_id
+    ids = list(batch_ids or job_ids)
+    if not ids:
+        return {}
+    rows = session.execute(
+        select(key, func.sum(CostRecord.usd))
+        .where(key.in_(ids), CostRecord.estimated.is_(True))
+        .group_by(key)
+    ).all()
+    return {k: Decimal(usd) for k, usd in rows if k is not None}
+
+
+def _split_cost(cost: Decimal | None, estimated: Decimal) -> tuple[float, float, float]:
+    """(cost, billed, estimated) in USD: what the provider's usage priced, and what list prices guessed."""
+    total = Decimal(cost or 0)
+    return float(total), float(total - estimated), float(estimated)
+
+
+def batch_out(batch: Batch, counts: dict[str, int], estimated: Decimal = Decimal(0)) -> BatchOut:
+    """The API view of a batch (`estimated`: the part of its cost that is an estimate)."""
+    cost, billed, guessed = _split_cost(batch.cost_usd, estimated)
     total = sum(counts.values())
     terminal = sum(n for s, n in counts.items() if s in JOB_TERMINAL)
     return BatchOut(
@@ -146,7 +169,9 @@ def batch_out(batch: Batch, counts: dict[str, int]) -> BatchOut:
         progress=round(terminal / total, 4) if total else 0.0,
         audio_seconds=batch.audio_seconds or 0.0,
         billed_seconds=batch.billed_seconds or 0.0,
-        cost_usd=float(batch.cost_usd or 0),
+        cost_usd=cost,
+        billed_usd=billed,
+        estimated_usd=guessed,
         created_at=batch.created_at,
         submitted_at=batch.submitted_at,
         completed_at=batch.completed_at,
@@ -155,7 +180,8 @@ def batch_out(batch: Batch, counts: dict[str, int]) -> BatchOut:
 
 def load_batch_out(session: Session, batch: Batch) -> BatchOut:
     """A batch's view with fresh counts."""
-    return batch_out(batch, status_counts(session, [batch.id])[batch.id])
+    estimated = estimated_costs(session, batch_ids=[batch.id]).get(batch.id, Decimal(0))
+    return batch_out(batch, status_counts(session, [batch.id])[batch.id], estimated)
 
 
 def batch_page(
@@ -172,8 +198,9 @@ def batch_page(
     more = len(batches) > limit
     batches = batches[:limit]
     counts = status_counts(session, [b.id for b in batches])
+    estimated = estimated_costs(session, batch_ids=[b.id for b in batches])
     return BatchPage(
-        items=[batch_out(b, counts[b.id]) for b in batches],
+        items=[batch_out(b, counts[b.id], estimated.get(b.id, Decimal(0))) for b in batches],
         next_cursor=encode_cursor(batches[-1].id) if more else None,
     )
 
@@ -188,8 +215,9 @@ def attempt_counts(session: Session, job_ids: Sequence[uuid.UUID]) -> dict[uuid.
     return {job_id: int(n) for job_id, n in rows if job_id is not None}
 
 
-def job_out(job: Job, attempts: int) -> JobOut:
-    """The API view of a job."""
+def job_out(job: Job, attempts: int, estimated: Decimal = Decimal(0)) -> JobOut:
+    """The API view of a job (`estimated`: the part of its cost that is an estimate)."""
+    cost, billed, guessed = _split_cost(job.cost_usd, estimated)
     error = JobError(code=job.error_code, message=job.error_message) if job.error_code else None
     return JobOut(
         id=job.id,
@@ -207,7 +235,9 @@ def job_out(job: Job, attempts: int) -> JobOut:
         model=job.model,
         attempts=attempts,
         billed_seconds=job.billed_seconds or 0.0,
-        cost_usd=float(job.cost_usd or Decimal(0)),
+        cost_usd=cost,
+        billed_usd=billed,
+        estimated_usd=guessed,
         error=error,
         deduplicated_from=job.deduplicated_from_id,
         created_at=job.created_at,
@@ -225,21 +255,27 @@ def read_job_out(tenant: TenantContext, job_id: uuid.UUID) -> JobOut:
     connection goes back to the pool before the answer is built. Blocking: call from a worker thread.
     """
     attempts = select(func.count()).where(Attempt.job_id == Job.id).scalar_subquery()
+    estimated = (
+        select(func.coalesce(func.sum(CostRecord.usd), 0))
+        .where(CostRecord.job_id == Job.id, CostRecord.estimated.is_(True))
+        .scalar_subquery()
+    )
     with get_sessionmaker()() as session:
         session.connection(execution_options={"isolation_level": "AUTOCOMMIT"})
         row = session.execute(
-            select(Job, attempts).where(
+            select(Job, attempts, estimated).where(
                 Job.id == job_id, Job.tenant_id == tenant.tenant_id, Job.deleted_at.is_(None)
             )
         ).first()
     if row is None:
         raise not_found("job")
-    return job_out(row[0], int(row[1]))
+    return job_out(row[0], int(row[1]), Decimal(row[2]))
 
 
 def load_job_out(session: Session, job: Job) -> JobOut:
     """A job's view with its attempt count."""
-    return job_out(job, attempt_counts(session, [job.id]).get(job.id, 0))
+    estimated = estimated_costs(session, job_ids=[job.id]).get(job.id, Decimal(0))
+    return job_out(job, attempt_counts(session, [job.id]).get(job.id, 0), estimated)
 
 
 def job_brief(job: Job) -> JobBrief:
@@ -269,8 +305,9 @@ def job_page(
     more = len(jobs) > limit
     jobs = jobs[:limit]
     attempts = attempt_counts(session, [j.id for j in jobs])
+    estimated = estimated_costs(session, job_ids=[j.id for j in jobs])
     return JobPage(
-        items=[job_out(j, attempts.get(j.id, 0)) for j in jobs],
+        items=[job_out(j, attempts.get(j.id, 0), estimated.get(j.id, Decimal(0))) for j in jobs],
         next_cursor=encode_cursor(jobs[-1].id) if more else None,
     )
 
@@ -364,7 +401,12 @@ def usage_rows(
     ).all()
     return [
         UsageRow(
-            key=str(k), cost_usd=float(c), billed_seconds=float(s), records=int(n), estimated_usd=float(e)
+            key=str(k),
+            cost_usd=float(c),
+            billed_seconds=float(s),
+            records=int(n),
+            billed_usd=float(Decimal(c) - Decimal(e)),
+            estimated_usd=float(e),
         )
         for k, c, s, n, e in rows
     ]

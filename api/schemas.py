@@ -131,7 +131,11 @@ class BatchOut(BaseModel):
     progress: float = Field(description="Share of jobs in a terminal status, 0..1")
     audio_seconds: float
     billed_seconds: float
-    cost_usd: float
+    cost_usd: float = Field(description="billed_usd + estimated_usd")
+    billed_usd: float = Field(description="Cost priced from the provider's own usage")
+    estimated_usd: float = Field(
+        description="Cost estimated from list prices (an unknown model, a call whose bill is not settled)"
+    )
     created_at: datetime
     submitted_at: datetime | None
     completed_at: datetime | None
@@ -186,7 +190,11 @@ class JobOut(BaseModel):
     model: str | None
     attempts: int
     billed_seconds: float
-    cost_usd: float
+    cost_usd: float = Field(description="billed_usd + estimated_usd")
+    billed_usd: float = Field(description="Cost priced from the provider's own usage")
+    estimated_usd: float = Field(
+        description="Cost estimated from list prices (an unknown model, a call whose bill is not settled)"
+    )
     error: JobError | None
     deduplicated_from: uuid.UUID | None
     created_at: datetime
@@ -286,10 +294,13 @@ class UsageRow(BaseModel):
     """Cost of one day, model or batch."""
 
     key: str
-    cost_usd: float
+    cost_usd: float = Field(description="billed_usd + estimated_usd")
     billed_seconds: float
     records: int
-    estimated_usd: float
+    billed_usd: float = Field(description="Cost priced from the provider's own usage")
+    estimated_usd: float = Field(
+        description="Cost estimated from list prices (an unknown model, a call whose bill is not settled)"
+    )
 
 
 class UsageOut(BaseModel):
@@ -300,7 +311,9 @@ class UsageOut(BaseModel):
     from_: datetime = Field(alias="from")
     to: datetime
     group_by: GroupBy
-    total_usd: float
+    total_usd: float = Field(description="total_billed_usd + total_estimated_usd")
+    total_billed_usd: float
+    total_estimated_usd: float
     total_billed_seconds: float
     rows: list[UsageRow]
 

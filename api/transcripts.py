@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from api.problems import Problem
+from core.languages import iso_language
 from core.models import Job, Transcript
 
 MEDIA_TYPES = {
@@ -63,7 +64,7 @@ def render(job: Job, transcript: Transcript, fmt: str) -> tuple[Any, str]:
             {
                 "job_id": str(job.id),
                 "text": transcript.text,
-                "language": transcript.language,
+                "language": iso_language(transcript.language),  # rows kept before codes were enforced
                 "model": transcript.model,
                 "duration_seconds": job.duration_seconds,
                 "segments": transcript.segments,

@@ -7,7 +7,10 @@ between the provider's bill and our commit). So:
 
 1. The sweeper closes such an attempt `abandoned` and, in the same transaction, charges a conservative
    estimate (list price x audio seconds, `estimated=True`) with the attempt marked `settlement =
-   unsettled`: budgets and totals stay on the safe side meanwhile (`charge_estimate`).
+   unsettled`: budgets and totals stay on the safe side meanwhile (`charge_estimate`). A live worker
+   whose call's answer was lost after the request went out (a read timeout, a dropped connection, a 200
+   that did not parse) closes its attempt the same way, estimate and `unsettled` included
+   (`worker.store.attempts`): the provider bills a request it processed, listening client or not.
 2. A late answer from the call (its worker was alive after all) replaces the estimate with the exact
    cost, or removes it for an HTTP error (the provider bills no error), adding only the difference to the
    job's and batch's totals (`rebill`, called by `worker.store.attempts.close_attempt`).
@@ -15,9 +18,9 @@ between the provider's bill and our commit). So:
    JSON lines, or `{"data": [...]}` of `{request_id, model, usage}`) for a time range: an unsettled
    attempt listed there gets the exact cost priced from the exported usage (`billed`); one absent from an
    export that covers its whole call (started at or after `since`, and `grace` before `until`) has its
-   estimate removed and totals reduced (`not_billed`, the attempt stays `abandoned`). A listed request
-   whose attempt has no cost record at all (e.g. a call the client timed out on but the provider still
-   billed) is charged exactly; a listed request voxq has no attempt for, or whose recorded usage differs
+   estimate removed and totals reduced (`not_billed`, the attempt's outcome unchanged). A listed request
+   whose attempt has no cost record at all (one closed without an estimate before voxq charged lost
+   answers) is charged exactly; a listed request voxq has no attempt for, or whose recorded usage differs
    from the export's, is reported and makes the CLI exit non-zero. Running it twice changes nothing.
 
 Totals move by deltas (`x = x + :delta`) in the transaction that changes the cost record, under the
@@ -39,7 +42,7 @@ from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.orm import Session
 
 from core.ids import uuid7
-from core.models import Attempt, Batch, CostRecord, Job
+from core.models import Attempt, Batch, BudgetReservation, CostRecord, Job
 from core.statuses import AttemptOutcome, Settlement
 
 ZERO = Decimal(0)
@@ -107,22 +110,32 @@ def add_batch_totals(
     )
 
 
+def release_reservations(session: Session, attempt_ids: list[uuid.UUID]) -> dict[uuid.UUID, Decimal]:
+    """Take these attempts' budget reservations off the ledger, in the caller's transaction; what each
+    held (an attempt without one is absent). Whoever deletes a row releases it, so a reservation is
+    given back exactly once however often a close is retried; the caller moves `committed_usd`."""
+    if not attempt_ids:
+        return {}
+    rows = session.execute(
+        delete(BudgetReservation)
+        .where(BudgetReservation.attempt_id.in_(attempt_ids))
+        .returning(BudgetReservation.attempt_id, BudgetReservation.usd)
+    ).all()
+    return {attempt_id: Decimal(usd) for attempt_id, usd in rows}
+
+
 def charge_estimate(
     session: Session, *, attempt_id: uuid.UUID, job_id: uuid.UUID, model: str, audio_seconds: float
 ) -> Decimal:
     """Charge an abandoned hosted attempt its estimated cost, unsettled; returns the estimate.
 
     Call it in the transaction that marks the attempt `abandoned`. The dead worker's budget reservation
-    (the same list-price estimate, made only for a batch with a budget) becomes this estimate: committed
-    moves only by what was not reserved.
+    (an upper bound of the call's cost, made only for a batch with a budget) is released and replaced by
+    this estimate: committed moves by the estimate less what was reserved.
     """
     from core.pricing import price_attempt
 
-    job = session.execute(
-        select(Job.tenant_id, Job.batch_id, Batch.budget_usd)
-        .join(Batch, Batch.id == Job.batch_id)
-        .where(Job.id == job_id)
-    ).first()
+    job = session.execute(select(Job.tenant_id, Job.batch_id).where(Job.id == job_id)).first()
     if job is None:
         return ZERO
     priced = price_attempt(model, None, audio_seconds)
@@ -145,14 +158,16 @@ def charge_estimate(
         .on_conflict_do_nothing(index_elements=[CostRecord.attempt_id])
         .returning(CostRecord.id)
     ).first()
+    reserved = release_reservations(session, [attempt_id]).get(attempt_id, ZERO)
     if inserted is None:  # already charged: never twice
+        if reserved:
+            add_batch_totals(session, job.batch_id, committed=-reserved)
         return ZERO
     session.execute(
         update(Attempt)
         .where(Attempt.id == attempt_id)
         .values(settlement=Settlement.UNSETTLED.value, settled_at=None)
     )
-    reserved = priced.usd if job.budget_usd is not None else ZERO
     _add_totals(
         session,
         job_id=job_id,

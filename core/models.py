@@ -344,6 +344,18 @@ class CostRecord(Base):
     created_at: Mapped[datetime] = _created()
 
 
+class BudgetReservation(Base):
+    """What one hosted call holds of its batch's budget (`batches.committed_usd`) until its attempt is
+    closed: released exactly once, by whoever deletes this row (worker.budget, core.billing)."""
+
+    __tablename__ = "budget_reservations"
+
+    attempt_id: Mapped[uuid.UUID] = mapped_column(UUID(as_uuid=True), primary_key=True)
+    batch_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("batches.id", ondelete="CASCADE"), index=True)
+    usd: Mapped[Decimal] = mapped_column(USD)
+    created_at: Mapped[datetime] = _created()
+
+
 class WebhookDelivery(Base):
     """One attempt to deliver a batch's completion webhook."""
 

@@ -11,11 +11,17 @@ How a call is priced:
 - no usage: the request's audio seconds at the per-minute list price, `estimated=True`.
 - `local` / `local:*` models: free (the local engine's CPU time is recorded elsewhere).
 - unknown model (or a price the table lacks): the table's default per-minute price, `estimated=True`.
+
+`max_cost_usd` is the other direction: the most one call can cost before it is made (a budget
+reservation, worker.budget): every billed second rounded up plus a margin at the per-minute price, and for
+a model priced by tokens also its audio tokens (the table's `bounds.audio_tokens_per_second`), the prompt
+(at most one token per UTF-8 byte) and the model's `max_output_tokens`, all at the dearest input price.
 """
 
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass, field
 from decimal import Decimal
 from functools import lru_cache
@@ -30,6 +36,13 @@ QUANTUM = Decimal("0.00000001")
 MILLION = Decimal(1_000_000)
 SIXTY = Decimal(60)
 ZERO = Decimal(0)
+# A bound's slack: the provider measures the audio itself (a decoder may count a frame more than ours)
+# and rounds billed seconds up; its request text may carry a few tokens besides the prompt.
+BOUND_MARGIN_SECONDS = 1
+BOUND_PROMPT_TOKENS = 16
+DEFAULT_AUDIO_TOKENS_PER_SECOND = 10
+# Output tokens per second of audio when a token-priced model's table entry has no `max_output_tokens`.
+FALLBACK_OUTPUT_TOKENS_PER_SECOND = 30
 
 
 @dataclass(frozen=True)
@@ -40,6 +53,7 @@ class ModelPrices:
     audio_input_per_million: Decimal | None = None
     text_input_per_million: Decimal | None = None
     output_per_million: Decimal | None = None
+    max_output_tokens: int | None = None  # the model's cap on one answer (bounds only)
 
     @property
     def has_token_prices(self) -> bool:
@@ -54,6 +68,7 @@ class PriceTable:
     version: str
     default_per_minute: Decimal
     models: dict[str, ModelPrices]
+    audio_tokens_per_second: int = DEFAULT_AUDIO_TOKENS_PER_SECOND
 
     def prices_for(self, model: str) -> ModelPrices | None:
         """The model's prices; a dated snapshot (`gpt-4o-transcribe-2025-03-20`) uses its base model's."""
@@ -91,6 +106,7 @@ def _parse_table(raw: dict[str, Any], origin: str) -> PriceTable:
                 audio_input_per_million=_decimal(entry.get("audio_input_per_million")),
                 text_input_per_million=_decimal(entry.get("text_input_per_million")),
                 output_per_million=_decimal(entry.get("output_per_million")),
+                max_output_tokens=_int(entry.get("max_output_tokens")),
             )
             for name, entry in raw["models"].items()
         }
@@ -98,8 +114,11 @@ def _parse_table(raw: dict[str, Any], origin: str) -> PriceTable:
             version=str(raw["version"]),
             default_per_minute=Decimal(str(raw["default"]["per_minute"])),
             models=models,
+            audio_tokens_per_second=int(
+                (raw.get("bounds") or {}).get("audio_tokens_per_second", DEFAULT_AUDIO_TOKENS_PER_SECOND)
+            ),
         )
-    except (KeyError, TypeError, ArithmeticError, AttributeError) as exc:
+    except (KeyError, TypeError, ValueError, ArithmeticError, AttributeError) as exc:
         raise ConfigError(f"price table {origin} is malformed: {exc!r}") from exc
 
 
@@ -181,6 +200,42 @@ def price_attempt(
     if usage_type == "duration" and isinstance(usage, dict):
         return _price_duration(table, prices, usage, seconds)
     return _per_minute_estimate(table, prices, seconds, "none")
+
+
+def max_cost_usd(
+    model: str,
+    audio_seconds: float,
+    prompt: str | None = None,
+    *,
+    version: str | None = None,
+    table_dir: str | None = None,
+) -> Decimal:
+    """The most one call of `model` on `audio_seconds` of audio (with `prompt`) can cost (module doc)."""
+    if version is None or table_dir is None:
+        from core.settings import get_settings
+
+        settings = get_settings()
+        version = version or settings.price_table_version
+        table_dir = table_dir if table_dir is not None else settings.price_table_dir
+    table = load_price_table(version, table_dir or None)
+    if is_local_model(model):
+        return _q(ZERO)
+    seconds = math.ceil(max(float(audio_seconds or 0.0), 0.0)) + BOUND_MARGIN_SECONDS
+    prices = table.prices_for(model)
+    per_minute = prices.per_minute if prices is not None and prices.per_minute is not None else None
+    per_minute = per_minute if per_minute is not None else table.default_per_minute
+    bound = Decimal(seconds) * per_minute / SIXTY
+    if prices is not None and prices.has_token_prices:
+        assert prices.audio_input_per_million is not None and prices.output_per_million is not None
+        input_price = max(prices.audio_input_per_million, prices.text_input_per_million or ZERO)
+        input_tokens = seconds * table.audio_tokens_per_second + BOUND_PROMPT_TOKENS
+        input_tokens += len((prompt or "").encode("utf-8"))
+        output_tokens = prices.max_output_tokens or seconds * FALLBACK_OUTPUT_TOKENS_PER_SECOND
+        by_tokens = (
+            Decimal(input_tokens) * input_price + Decimal(output_tokens) * prices.output_per_million
+        ) / MILLION
+        bound = max(bound, by_tokens)
+    return bound.quantize(QUANTUM, rounding="ROUND_CEILING")
 
 
 def _price_tokens(

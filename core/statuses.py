@@ -64,7 +64,8 @@ class CircuitState(StrEnum):
 
 
 class Settlement(StrEnum):
-    """Where an abandoned hosted call's bill stands (see core/billing.py); NULL for a call closed normally."""
+    """Where the bill of a hosted call nobody saw answered stands (abandoned, or its answer lost on the way
+    back; see core/billing.py); NULL for a call whose answer or error voxq received."""
 
     UNSETTLED = "unsettled"  # an estimate is charged; the provider's export will tell
     BILLED = "billed"  # the provider billed it: its cost record holds the exact usage

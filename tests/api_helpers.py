@@ -137,6 +137,7 @@ def finish_job(
     usd: Decimal = Decimal("0.0002"),
     billed_seconds: float = 2.0,
     succeed: bool = True,
+    estimated: bool = False,
 ) -> None:
     """Write what a worker writes when a job succeeds (answering attempt, cost record, transcript), and
     unless `succeed` is false the job's move to `succeeded`: for API tests that need a finished job."""
@@ -164,6 +165,7 @@ def finish_job(
                 billed_audio_seconds=billed_seconds,
                 price_table_version="test",
                 usd=usd,
+                estimated=estimated,
             )
         )
         session.add(

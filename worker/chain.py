@@ -10,7 +10,8 @@ function); `ChainRunner` executes it: one close of the attempt, the circuit's or
 the wait, the fallback or the split. Besides:
 
 - `local`: the job is handed to the `local` queue (worker.local): `Handoff`.
-- The budget refusing a reservation: the job is `skipped` with `budget_exceeded`.
+- The budget refusing a reservation (worker.budget: the most the call can cost): the call waits while
+  other calls of the batch hold reservations, else the job is `skipped` with `budget_exceeded`.
 - When every usable model was skipped because its circuit is open, the chain waits for a half-open
   circuit and goes again (`MAX_BLOCKED_ROUNDS`, never past the deadline).
 """
@@ -48,6 +49,9 @@ from worker.store.attempts import AttemptClose, PendingAttempt, PricedLike, clos
 log = logging.getLogger(__name__)
 
 MAX_BLOCKED_ROUNDS = 3
+# How long a call whose budget reservation does not fit waits before trying again while other calls of
+# the batch hold theirs.
+BUDGET_WAIT_SECONDS = 0.5
 # Called (in a job's own task) when a call of the job has taken a provider slot: see
 # worker.transcribe.start_group.
 ON_SLOT: contextvars.ContextVar[Callable[[], None] | None] = contextvars.ContextVar("ON_SLOT", default=None)
@@ -232,9 +236,7 @@ class ChainRunner:
         model = chain[i]
         retry = 0
         while True:
-            raw, err, attempt_id, reserved, latency_ms = await self._call(
-                piece, data, seconds, prompt, model, retry
-            )
+            raw, err, attempt_id, latency_ms = await self._call(piece, data, seconds, prompt, model, retry)
             if raw is not None:
                 call, delay = Call.answer(raw.text), 0.0
             else:
@@ -258,7 +260,7 @@ class ChainRunner:
             )
             action = decide(call, position, self.limits)
             close = self._close_of(
-                action, piece, model, attempt_id, reserved, latency_ms, raw, call, seconds, depth
+                action, piece, model, attempt_id, err, latency_ms, raw, call, seconds, depth
             )
             if raw is None:
                 await self._bookkeep(model, action.note, call)  # an error: noted before the close
@@ -299,14 +301,36 @@ class ChainRunner:
         piece: Piece,
         model: str,
         attempt_id: uuid.UUID,
-        reserved: Decimal,
+        err: ProviderError | None,
         latency_ms: float | None,
         raw: _RawAnswer | None,
         call: Call,
         seconds: float,
         depth: int,
     ) -> AttemptClose:
-        """How a call's attempt is closed: the policy's outcome; an answer's price, usage and kept answer."""
+        """How a call's attempt is closed: the policy's outcome; an answer's price, usage and kept answer.
+
+        A failure the provider may have billed all the same (`ProviderError.billing_unknown`: it timed
+        out after the request was sent, or its 200 did not parse) is charged the list-price estimate,
+        unsettled, exactly like a call whose worker died (core.billing): `voxq billing settle` puts the
+        provider's own figure in its place, or removes it."""
+        if raw is None and err is not None and err.billing_unknown:
+            from core.pricing import price_attempt
+
+            return AttemptClose(
+                attempt_id=attempt_id,
+                outcome=action.outcome,
+                latency_ms=latency_ms,
+                tenant_id=piece.job.tenant_id,
+                batch_id=piece.job.batch_id,
+                job_id=piece.job.id,
+                model=model,
+                http_status=call.http_status,
+                error_code=action.error_code,
+                error_message=call.message,
+                priced=price_attempt(model, None, seconds),
+                unsettled=True,
+            )
         return AttemptClose(
             attempt_id=attempt_id,
             outcome=action.outcome,
@@ -315,7 +339,6 @@ class ChainRunner:
             batch_id=piece.job.batch_id,
             job_id=piece.job.id,
             model=model,
-            reserved_usd=reserved,
             http_status=200 if raw is not None else call.http_status,
             error_code=action.error_code,
             error_message=None if raw is not None else call.message,
@@ -358,38 +381,37 @@ class ChainRunner:
 
     async def _call(
         self, piece: Piece, data: bytes, seconds: float, prompt: str | None, model: str, retry: int
-    ) -> tuple[_RawAnswer | None, ProviderError | None, uuid.UUID, Decimal, float | None]:
+    ) -> tuple[_RawAnswer | None, ProviderError | None, uuid.UUID, float | None]:
         # Lines logged during the call carry the model and retry number (never the audio or text).
         with log_context(model=model, retry=retry, chunk=piece.index):
             return await self._call_in_context(piece, data, seconds, prompt, model, retry)
 
     async def _call_in_context(
         self, piece: Piece, data: bytes, seconds: float, prompt: str | None, model: str, retry: int
-    ) -> tuple[_RawAnswer | None, ProviderError | None, uuid.UUID, Decimal, float | None]:
+    ) -> tuple[_RawAnswer | None, ProviderError | None, uuid.UUID, float | None]:
         if piece.halted:
             raise Halted()
         if self.rate_limited:
             await self.limiter.acquire(model, seconds)  # counts its own waits in metrics
             if piece.halted:
                 raise Halted()
+        attempt_id = uuid7()  # the reservation's key before it is the attempt's
         # Without a budget there is nothing to reserve against: skip the round trip.
-        estimate = budget.estimate_usd(model, seconds) if piece.batch.budget_usd is not None else Decimal(0)
-        if estimate and not await asyncio.to_thread(budget.reserve, piece.job.batch_id, estimate):
-            raise JobEnded(
-                JobStatus.SKIPPED,
-                "budget_exceeded",
-                f"the batch's budget of ${piece.batch.budget_usd} would be passed by this file",
-            )
+        reserved = (
+            await self._reserve(piece, model, seconds, prompt, attempt_id)
+            if piece.batch.budget_usd is not None
+            else Decimal(0)
+        )
         # The attempt row is written once a slot is free, so `started_at` is when the call really starts
         # and a pending attempt older than the provider timeout belongs to a dead worker (see sweeper).
         async with self.rt.semaphore:
             if piece.halted:
-                await asyncio.to_thread(budget.release, piece.job.batch_id, estimate)
+                if reserved:
+                    await asyncio.to_thread(budget.release, attempt_id)
                 raise Halted()
             on_slot = ON_SLOT.get()
             if on_slot is not None:
                 on_slot()
-            attempt_id = uuid7()
             try:
                 # Shares its INSERT with the other calls starting now (Runtime.attempts).
                 await self.rt.attempts.open(
@@ -407,7 +429,8 @@ class ChainRunner:
                     )
                 )
             except BaseException:
-                await asyncio.to_thread(budget.release, piece.job.batch_id, estimate)
+                if reserved:
+                    await asyncio.to_thread(budget.release, attempt_id)
                 raise
             bind_log_context(attempt=str(attempt_id))  # undone when _call's log_context exits
             request = TranscriptionRequest(
@@ -425,16 +448,43 @@ class ChainRunner:
             try:
                 result = await self.provider.transcribe(request)
             except ProviderError as exc:
-                return None, exc, attempt_id, estimate, (time.monotonic() - started) * 1000
+                return None, exc, attempt_id, (time.monotonic() - started) * 1000
             except Exception as exc:  # a bug or an untranslated failure: retry like a transport error
                 log.exception("provider call raised %s", type(exc).__name__)
+                # Nobody knows how far the call got: charged an estimate until settled, like a timeout.
                 error = ProviderError(
-                    f"unexpected {type(exc).__name__}", kind=ErrorKind.RETRY, code="internal"
+                    f"unexpected {type(exc).__name__}",
+                    kind=ErrorKind.RETRY,
+                    code="internal",
+                    billing_unknown=True,
                 )
-                return None, error, attempt_id, estimate, (time.monotonic() - started) * 1000
+                return None, error, attempt_id, (time.monotonic() - started) * 1000
         raw = _RawAnswer(result.text, result.segments, result.language, model, [attempt_id])
         raw.extra_usage = result.usage
-        return raw, None, attempt_id, estimate, (time.monotonic() - started) * 1000
+        return raw, None, attempt_id, (time.monotonic() - started) * 1000
+
+    async def _reserve(
+        self, piece: Piece, model: str, seconds: float, prompt: str | None, attempt_id: uuid.UUID
+    ) -> Decimal:
+        """Reserve the most this call can cost against the batch's budget (worker.budget); what was
+        reserved. While it does not fit but other calls of the batch hold reservations, wait for them
+        (their real costs free the difference); with none held, or no time left, the job is skipped."""
+        bound = budget.bound_usd(model, seconds, prompt)
+        if not bound:
+            return bound
+        batch_id = piece.job.batch_id
+        while not await asyncio.to_thread(budget.reserve, batch_id, attempt_id, bound):
+            late = time.monotonic() + BUDGET_WAIT_SECONDS + self.settings.provider_timeout_seconds
+            if late > self.deadline or not await asyncio.to_thread(budget.others_hold, batch_id):
+                raise JobEnded(
+                    JobStatus.SKIPPED,
+                    "budget_exceeded",
+                    f"the batch's budget of ${piece.batch.budget_usd} would be passed by this file",
+                )
+            await piece.pause(BUDGET_WAIT_SECONDS * random.uniform(0.5, 1.5))
+            if piece.halted:
+                raise Halted()
+        return bound
 
     async def _split(
         self,

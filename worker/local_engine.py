@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from core.errors import ConfigError
+from core.languages import iso_language
 from core.names import LOCAL_MODEL_PREFIX
 from core.providers.base import ErrorKind, ProviderError, TranscriptionRequest, TranscriptionResult
 from core.settings import Settings, get_settings
@@ -347,7 +348,7 @@ class LocalProvider:
                 )
                 # The generator does the decoding: consume it while holding the slot.
                 segments = segments_to_dicts(raw_segments)
-            language = info.language
+            language = iso_language(info.language) or request.language
         text = " ".join(seg["text"] for seg in segments if seg["text"]).strip()
         return TranscriptionResult(
             text=text,

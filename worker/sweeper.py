@@ -43,7 +43,7 @@ from core.models import Attempt, Batch, Job
 from core.names import LOCAL_MODEL
 from core.settings import Settings, get_settings
 from core.statuses import AttemptOutcome, BatchStatus, JobStatus
-from worker import completion, dispatch
+from worker import budget, completion, dispatch
 from worker.store.claims import end_job
 from worker.store.sql import LIVE_VALUES, now
 
@@ -97,6 +97,8 @@ def sweep(*, limit: int = 1000) -> SweepReport:
             by_priority.setdefault(priority, []).append(job_id)
         report.resent = [job_id for job_id, _ in resent]
         report.abandoned_attempts = _abandon_attempts(session, [r.id for r in expired], ts, settings)
+        # A reservation whose worker died before its call's attempt row (no task outlives the limit).
+        budget.release_stale(session, ts - timedelta(seconds=settings.task_time_limit + 60))
         stuck = _stuck_batches(session, ts, limit)
     for r in give_up:
         if end_job(

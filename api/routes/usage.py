@@ -53,6 +53,8 @@ def usage(
         to=end,
         group_by=group_by,
         total_usd=round(sum(i.cost_usd for i in items), 8),
+        total_billed_usd=round(sum(i.billed_usd for i in items), 8),
+        total_estimated_usd=round(sum(i.estimated_usd for i in items), 8),
         total_billed_seconds=sum(i.billed_seconds for i in items),
         rows=items,
     )

@@ -40,6 +40,7 @@ class ProviderError(VoxqError):
         retry_after: float | None = None,
         model_gone: bool = False,
         opens_circuit: bool | None = None,
+        billing_unknown: bool = False,
     ) -> None:
         super().__init__(message, code=code)
         self.kind = kind
@@ -49,6 +50,10 @@ class ProviderError(VoxqError):
         # next_model errors about the model (quota, auth, retired) open its circuit; one about this
         # request only (e.g. a parameter this model refuses) does not.
         self.opens_circuit = (kind == ErrorKind.NEXT_MODEL) if opens_circuit is None else opens_circuit
+        # The request reached the provider and its answer was lost (a read timeout, a dropped connection,
+        # a 200 that did not parse): the provider may have billed it. The attempt is charged an estimate,
+        # unsettled, until the provider's usage export says (core.billing).
+        self.billing_unknown = billing_unknown
 
 
 @dataclass(frozen=True)

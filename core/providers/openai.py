@@ -31,6 +31,7 @@ from typing import Any
 
 import httpx
 
+from core.languages import iso_language
 from core.providers.base import ErrorKind, ProviderError, TranscriptionRequest, TranscriptionResult
 
 # Models that answer `json` only (no timestamps); anything else is treated as whisper-like.
@@ -118,7 +119,11 @@ def translate_error(
         else:
             code = "transport_error"
         detail = type(exc).__name__ if exc is not None else "no response"
-        return ProviderError(f"provider call failed: {detail}", kind=ErrorKind.RETRY, code=code)
+        # Sent, then the answer was lost: the provider may have finished and billed it all the same.
+        sent = isinstance(exc, httpx.ReadTimeout | httpx.ReadError | httpx.RemoteProtocolError)
+        return ProviderError(
+            f"provider call failed: {detail}", kind=ErrorKind.RETRY, code=code, billing_unknown=sent
+        )
 
     status = response.status_code
     err_code, err_type, param, message = _error_body(response)
@@ -247,20 +252,24 @@ class OpenAIProvider:
             text = body["text"]
             if not isinstance(text, str):
                 raise TypeError("text is not a string")
-        except (ValueError, KeyError, TypeError):
-            # A 200 that is not a transcription (a proxy's page, a truncated body): worth another try.
+            segments = _segments(body) if verbose else None
+        except (ValueError, KeyError, TypeError, AttributeError):
+            # A 200 that is not a transcription (a proxy's page, a truncated body, malformed segments):
+            # worth another try, and billed for all we know (a provider bills what it answered).
             raise ProviderError(
                 "provider answered 200 without a transcription",
                 kind=ErrorKind.RETRY,
                 code="bad_response",
                 http_status=200,
+                billing_unknown=True,
             ) from None
         usage = body.get("usage")
         return TranscriptionResult(
             text=text,
             model=request.model,
-            language=body.get("language") if isinstance(body.get("language"), str) else request.language,
-            segments=_segments(body) if verbose else None,
+            # whisper-1 names the language ("english"): stored and served as its ISO-639-1 code.
+            language=iso_language(body.get("language")) or request.language,
+            segments=segments,
             usage=usage if isinstance(usage, dict) else None,
             http_status=200,
             extra={

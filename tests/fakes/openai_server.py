@@ -19,9 +19,11 @@ Each billed request also says what it cost, `usd` (a decimal string, 8 places), 
 list prices (`LIST_PRICES`, FACTS.md; kept apart from voxq's price tables on purpose, so tests check
 voxq's costs against what the provider says it charged); None for a model it has no price for.
 Only successful answers are billed; every billed answer is in `billing_log()` with the caller's
-X-Client-Request-Id. A request that hangs (a scripted timeout) is never answered and never billed, and
-neither is one whose client hangs up during the configured latency (request log code
-`client_disconnected`), so the billing log is exactly what clients received.
+X-Client-Request-Id. A request that hangs (a scripted `timeout`) is never answered and never billed. A
+request whose client hangs up while it is being worked on (its timeout shorter than the latency, or a
+scripted `slow` answer) is finished and billed all the same, as OpenAI does (request log code
+`client_disconnected`, `billed` true): the billing log is what the provider charged, not what clients
+received.
 
 Scripted behaviour, per model, at runtime (Python API in-process; JSON under `/_fake/...` otherwise):
 latency, a fault mix by probability from a seeded RNG, a queue of scripted answers for the next
@@ -82,6 +84,8 @@ LIST_PRICES: dict[str, dict[str, Decimal]] = {
     "gpt-transcribe": {"per_minute": Decimal("0.0045")},
 }
 SAMPLE_RATE = 16_000
+# How whisper-1's verbose_json names a few languages (it answers names, not the ISO codes it is sent).
+WHISPER_NAMES = {"en": "english", "de": "german", "fr": "french", "es": "spanish", "jv": "javanese"}
 MAX_DECODE_SECONDS = 4 * 3600
 
 # OpenAI's guide: these three shut down on 2027-02-26.
@@ -97,6 +101,7 @@ FAULT_KINDS = (
     "rate_limit",  # 429 rate_limit_exceeded with retry-after-ms / retry-after
     "server_error",  # 500 (or `status`: 502, 503 ...)
     "timeout",  # hang without answering until the client gives up (or `seconds`), never billed
+    "slow",  # answer normally after `seconds` (ModelBehaviour.slow_seconds), billed even if the client left
     "quota",  # 429 insufficient_quota
     "model_not_found",  # 404 model_not_found
     "invalid_file",  # 400 invalid_value, param file
@@ -146,6 +151,7 @@ class ModelBehaviour:
     gone: bool = False  # 404 model_not_found from now on
     rpm_limit: int | None = None  # 429 beyond this many accepted requests in 60 s
     hang_seconds: float = 300.0  # timeout faults hang at most this long
+    slow_seconds: float = 10.0  # slow faults answer after this long
 
 
 @dataclass
@@ -596,15 +602,18 @@ class FakeOpenAI:
         )
 
     async def _client_left_during(self, request: Request, seconds: float) -> bool:
-        """Wait `seconds`; True as soon as the client disconnects in that time."""
+        """Wait `seconds`; True when the client disconnected in that time (the wait runs to its end)."""
+        until = time.monotonic() + seconds
         try:
             async with asyncio.timeout(seconds):
                 while True:
                     message = await request.receive()
                     if message["type"] == "http.disconnect":
-                        return True
+                        break
         except TimeoutError:
             return False
+        await asyncio.sleep(max(until - time.monotonic(), 0.0))  # the work goes on without a listener
+        return True
 
     async def _hang(self, request: Request, seconds: float) -> None:
         """Answer nothing until the client gives up (disconnects) or `seconds` pass."""
@@ -688,6 +697,10 @@ class FakeOpenAI:
         # A provider's latency runs from the request's arrival: the time spent here reading and parsing
         # the upload is part of it, not added to it (else a busy fake answers later than configured).
         delay = max(0.0, latency - (time.monotonic() - arrived)) if latency > 0 else 0.0
+        if fault is not None and fault.kind == "slow":
+            slow = fault.seconds if fault.seconds is not None else behaviour.slow_seconds
+            delay = max(delay, slow - (time.monotonic() - arrived))
+            fault = Fault("ok")
         if model not in self.models and (fault is None or fault.kind == "ok"):
             fault = Fault("model_not_found")
         if fault is not None:
@@ -708,9 +721,9 @@ class FakeOpenAI:
                 },
             )
         if delay > 0 and await self._client_left_during(request, delay):
-            # The client gave up (its timeout was shorter than our latency): nothing is billed.
+            # The client gave up (its timeout was shorter than our latency); the work goes on and is
+            # billed, as OpenAI bills a request it processed whoever was still listening.
             entry["code"] = "client_disconnected"
-            return _error(499, "Client closed request.", type="server_error")
         if fault is not None and fault.kind == "timeout":
             entry["code"] = "timeout"
             await self._hang(request, fault.seconds if fault.seconds is not None else behaviour.hang_seconds)
@@ -816,7 +829,8 @@ class FakeOpenAI:
         if response_format == "verbose_json":
             body: dict[str, Any] = {
                 "task": "transcribe",
-                "language": str(language) if isinstance(language, str) and language else "english",
+                # whisper-1 names the language ("english") though the request gives an ISO code.
+                "language": WHISPER_NAMES.get(str(language or "en"), str(language)),
                 "duration": round(decoded.duration, 3),
                 "text": text,
                 "usage": usage,

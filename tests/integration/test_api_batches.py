@@ -293,6 +293,7 @@ def test_transcript_formats_attempts_and_usage(api: ApiServer) -> None:
                 "cost_usd": 0.0004,
                 "billed_seconds": 4.0,
                 "records": 2,
+                "billed_usd": 0.0004,
                 "estimated_usd": 0.0,
             }
         ]

@@ -161,9 +161,14 @@ def test_a_killed_worker_with_detached_groups_loses_no_job(
     costs = {c.attempt_id: c for c in pipeline.costs()}
     assert set(costs) == {a.id for a in attempts}
     assert all(costs[a].estimated and costs[a].usd > 0 for a in lost)
+    # The provider finished the killed run's calls after their client was gone and billed them too, as
+    # OpenAI does: their estimates stand until `voxq billing settle` reads the export.
+    wait_until(
+        lambda: len(fake_openai.billing_log()) == len(attempts), timeout=60, what="the lost calls billed"
+    )
     billed = {e["request_id"] for e in fake_openai.billing_log()}
-    assert billed == {str(a.id) for a in attempts if a.id not in lost}
-    assert not any(costs[uuid.UUID(b)].estimated for b in billed)
+    assert billed == {str(a.id) for a in attempts}
+    assert not any(costs[uuid.UUID(b)].estimated for b in billed if uuid.UUID(b) not in lost)
 
 
 def test_warm_shutdown_waits_for_detached_calls(

@@ -285,19 +285,24 @@ def test_rpm_limit_and_file_size_limit(fake_openai: FakeOpenAI) -> None:
     assert isinstance(whisper, TranscriptionResult) and whisper.text == "tone440"
 
 
-def test_client_giving_up_during_latency_is_not_billed(fake_openai: FakeOpenAI) -> None:
-    fake_openai.configure(MINI, latency=3.0)
+def test_a_request_finished_after_the_client_gave_up_is_billed(fake_openai: FakeOpenAI) -> None:
+    """As OpenAI does: the provider bills what it processed, whoever was still listening."""
+    fake_openai.configure(MINI, latency=1.5)
     started = time.monotonic()
     [gave_up] = _provider_call(fake_openai, [_req(tones([440]), request_id="slow")], timeout=0.5)
-    assert isinstance(gave_up, ProviderError) and gave_up.code == "timeout"
-    assert time.monotonic() - started < 2.0
+    assert isinstance(gave_up, ProviderError) and gave_up.code == "timeout" and gave_up.billing_unknown
+    assert time.monotonic() - started < 1.4
     [entry] = wait_until(fake_openai.request_log, timeout=10, what="the abandoned request logged")
-    assert entry["request_id"] == "slow" and entry["code"] == "client_disconnected" and not entry["billed"]
-    assert fake_openai.billing_log() == []
-    fake_openai.configure(MINI, latency=0.2)
+    assert entry["request_id"] == "slow" and entry["code"] == "client_disconnected" and entry["billed"]
+    assert [b["request_id"] for b in fake_openai.billing_log()] == ["slow"]
+    fake_openai.configure(MINI, latency=0.0)
+    fake_openai.script(MINI, [Fault("slow", seconds=1.5)])
+    [slow] = _provider_call(fake_openai, [_req(tones([440]), request_id="scripted")], timeout=0.5)
+    assert isinstance(slow, ProviderError) and slow.code == "timeout"
+    wait_until(lambda: len(fake_openai.billing_log()) == 2, timeout=10, what="the slow answer billed")
     [ok] = _provider_call(fake_openai, [_req(tones([440]), request_id="fast")], timeout=5)
     assert isinstance(ok, TranscriptionResult)
-    assert [b["request_id"] for b in fake_openai.billing_log()] == ["fast"]
+    assert [b["request_id"] for b in fake_openai.billing_log()] == ["slow", "scripted", "fast"]
 
 
 def test_latency_runs_from_the_requests_arrival(fake_openai: FakeOpenAI) -> None:

@@ -187,13 +187,13 @@ def test_long_file_is_chunked_at_silences_and_stitched_in_order(
 def test_budget_stops_new_calls_and_skips_the_rest(
     pipeline: Pipeline, worker: WorkerFactory, fake_openai: FakeOpenAI
 ) -> None:
-    from worker.budget import estimate_usd
+    from worker.budget import bound_usd, estimate_usd
 
     tenant = pipeline.tenant()
     audio = [tones(300 + 10 * i) for i in range(10)]
-    # Budget for about three files.
+    # Room for one call's reservation (the most it can cost) on top of about three files' real cost.
     per_file = estimate_usd(PRIMARY, 1.4)
-    budget = (per_file * Decimal("3.5")).quantize(Decimal("0.00000001"))
+    budget = (bound_usd(PRIMARY, 1.4) + per_file * Decimal("3.5")).quantize(Decimal("0.00000001"))
     batch = pipeline.batch(tenant, budget_usd=budget)
     jobs = [pipeline.job(tenant, batch, a) for a in audio]
     with worker(VOXQ_FALLBACK_MODELS=""):

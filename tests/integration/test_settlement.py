@@ -83,11 +83,13 @@ def _assert_totals_match_records(job_ids: list[uuid.UUID], batch_id: uuid.UUID) 
 
 def test_a_late_answer_replaces_the_sweepers_estimate_with_the_exact_cost(stack: Stack) -> None:
     tenant_id, batch_id, job_id = _job(budget_usd=Decimal("10"))
-    # The worker reserved the call's estimate against the budget, started the call, then went quiet.
-    estimate = price_attempt(MODEL, None, 12.0).usd  # what the worker reserves
-    assert estimate == ESTIMATE_USD
-    assert budget.reserve(batch_id, estimate)
+    # The worker reserved the most the call can cost against the budget, started the call, then went
+    # quiet.
+    assert price_attempt(MODEL, None, 12.0).usd == ESTIMATE_USD
     attempt_id = _attempt(tenant_id, job_id, started=datetime.now(UTC) - timedelta(hours=1))
+    bound = budget.bound_usd(MODEL, 12.0)
+    assert bound > ESTIMATE_USD and budget.reserve(batch_id, attempt_id, bound)
+    assert _row(Batch, batch_id).committed_usd == bound
     assert sweep().abandoned_attempts == 1
     (charged,) = _costs(attempt_id)
     assert charged.estimated and charged.usd == ESTIMATE_USD
@@ -106,7 +108,6 @@ def test_a_late_answer_replaces_the_sweepers_estimate_with_the_exact_cost(stack:
         batch_id=batch_id,
         job_id=job_id,
         model=MODEL,
-        reserved_usd=estimate,
         http_status=200,
         priced=exact,
         usage=USAGE,

@@ -62,9 +62,9 @@ def _call(
     return asyncio.run(run())
 
 
-def _raised(response: httpx.Response) -> ProviderError:
+def _raised(response: httpx.Response, **request: Any) -> ProviderError:
     with pytest.raises(ProviderError) as info:
-        _call(lambda _req: response)
+        _call(lambda _req: response, _request(**request) if request else None)
     return info.value
 
 
@@ -174,6 +174,18 @@ def test_200_without_text_is_retried() -> None:
     for body in ({"text": None}, {"usage": {}}, ["text"]):
         err = _raised(httpx.Response(200, json=body))
         assert err.kind is ErrorKind.RETRY and err.code == "bad_response"
+
+
+def test_unparseable_200s_may_be_billed() -> None:
+    """A 200 is an answer the provider billed, parseable or not (issue #16, item 6)."""
+    bad_segments = {"text": "x", "segments": [{"start": "soon", "end": 1}]}
+    for response in (
+        httpx.Response(200, text="<html>proxy</html>"),
+        httpx.Response(200, json={"text": None}),
+        httpx.Response(200, json=bad_segments),
+    ):
+        err = _raised(response, model="whisper-1", want_timestamps=True)
+        assert (err.code, err.http_status, err.billing_unknown) == ("bad_response", 200, True)
 
 
 # ---- error translation: every rule ----
@@ -317,6 +329,27 @@ def test_transport_failures_retry(exc: Exception, code: str) -> None:
     assert info.value.kind is ErrorKind.RETRY
     assert info.value.code == code
     assert info.value.http_status is None
+
+
+@pytest.mark.parametrize(
+    ("exc", "maybe_billed"),
+    [
+        (httpx.ReadTimeout("read timed out"), True),  # sent: the provider may have finished it
+        (httpx.ReadError("reset"), True),
+        (httpx.RemoteProtocolError("server closed"), True),
+        (httpx.WriteTimeout("write timed out"), False),  # the upload never completed
+        (httpx.PoolTimeout("pool"), False),  # never sent
+        (httpx.ConnectTimeout("connect timed out"), False),
+        (httpx.ConnectError("refused"), False),
+    ],
+)
+def test_lost_answers_may_be_billed(exc: Exception, maybe_billed: bool) -> None:
+    def handler(req: httpx.Request) -> httpx.Response:
+        raise exc
+
+    with pytest.raises(ProviderError) as info:
+        _call(handler)
+    assert info.value.billing_unknown is maybe_billed
 
 
 def test_api_key_never_in_messages() -> None:

@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import json
+import math
 from decimal import Decimal
 from pathlib import Path
 
 import pytest
+from hypothesis import given
+from hypothesis import settings as hypothesis_settings
+from hypothesis import strategies as st
 
 from core.errors import ConfigError
 from core.pricing import load_price_table, price_attempt
@@ -172,3 +176,32 @@ def test_bundled_table_cites_its_sources() -> None:
     for entry in raw["models"].values():
         for value in entry.values():
             assert isinstance(value, str)  # Decimal strings, never floats
+
+
+@given(
+    model=st.sampled_from(
+        ["gpt-4o-mini-transcribe", "gpt-4o-transcribe", "whisper-1", "gpt-transcribe", "x"]
+    ),
+    seconds=st.floats(min_value=0.0, max_value=1400.0, allow_nan=False),
+    prompt=st.text(max_size=300),
+    out=st.integers(min_value=0, max_value=2000),
+    split=st.booleans(),
+)
+@hypothesis_settings(max_examples=300, deadline=None)
+def test_no_cost_passes_the_reservation_bound(
+    model: str, seconds: float, prompt: str, out: int, split: bool
+) -> None:
+    """Whatever a call bills within the model's limits (10 audio tokens a second, a text token per prompt
+    byte at most, up to 2,000 output tokens; or its seconds rounded up) stays within `max_cost_usd`."""
+    from core.pricing import max_cost_usd
+
+    bound = max_cost_usd(model, seconds, prompt, version=V, table_dir="")
+    audio = math.ceil(seconds * 10)
+    text = len(prompt.encode("utf-8"))
+    usages: list[dict[str, object] | None] = [
+        None,
+        {"type": "duration", "seconds": math.ceil(seconds)},
+        _tokens(audio, text, out) if split else _tokens(None, None, out) | {"input_tokens": audio + text},
+    ]
+    for usage in usages:
+        assert price_attempt(model, usage, seconds, version=V, table_dir="").usd <= bound

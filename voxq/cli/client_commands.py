@@ -286,6 +286,21 @@ def _find(client: Any, ident: str) -> tuple[str, dict[str, Any]]:
     return "job", client.get_job(ident)
 
 
+ESTIMATE_NOTE = (
+    "estimated: priced from list prices, not from the provider's usage (a model the price table does "
+    "not know, or a call whose bill is unsettled until `voxq billing settle`)"
+)
+
+
+def cost_text(body: dict[str, Any]) -> str:
+    """A batch's or job's cost, the estimated part said apart from the billed part."""
+    estimated = float(body.get("estimated_usd") or 0.0)
+    if not estimated:
+        return f"cost ${body['cost_usd']:.6f}"
+    billed = float(body.get("billed_usd", body["cost_usd"] - estimated))
+    return f"cost ${body['cost_usd']:.6f} (billed ${billed:.6f} + estimated ${estimated:.6f})"
+
+
 def run_status(args: argparse.Namespace) -> int:
     """Print a batch's or a job's status."""
     from voxq.client import ApiError
@@ -305,19 +320,20 @@ def run_status(args: argparse.Namespace) -> int:
         )
         print(f"  {counts or 'no jobs'}")
         print(
-            f"  audio {body['audio_seconds']:.1f}s  billed {body['billed_seconds']:.1f}s  "
-            f"cost ${body['cost_usd']:.6f}"
+            f"  audio {body['audio_seconds']:.1f}s  billed {body['billed_seconds']:.1f}s  {cost_text(body)}"
         )
     else:
         print(f"job {body['id']} {body['status']}  {body['filename'] or ''}")
         print(
             f"  duration {body['duration_seconds'] or 0:.1f}s  model {body['model'] or '-'}  "
-            f"attempts {body['attempts']}  cost ${body['cost_usd']:.6f}"
+            f"attempts {body['attempts']}  {cost_text(body)}"
         )
         if body.get("error"):
             print(f"  error {body['error']['code']}: {body['error']['message'] or ''}")
         if body.get("deduplicated_from"):
             print(f"  reused the transcript of job {body['deduplicated_from']}")
+    if body.get("estimated_usd"):
+        print(f"  {ESTIMATE_NOTE}")
     return 0
 
 
@@ -365,10 +381,24 @@ def run_usage(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(report, indent=2))
         return 0
-    print(f"{args.group_by:<38} {'cost USD':>14} {'billed s':>12} {'records':>8}")
+    print(
+        f"{args.group_by:<38} {'billed USD':>12} {'estimated USD':>14} {'total USD':>12} "
+        f"{'billed s':>10} {'records':>8}"
+    )
     for row in report["rows"]:
-        print(f"{row['key']:<38} {row['cost_usd']:>14.6f} {row['billed_seconds']:>12.1f} {row['records']:>8}")
-    print(f"{'total':<38} {report['total_usd']:>14.6f} {report['total_billed_seconds']:>12.1f}")
+        billed = row.get("billed_usd", row["cost_usd"] - row["estimated_usd"])
+        print(
+            f"{row['key']:<38} {billed:>12.6f} {row['estimated_usd']:>14.6f} {row['cost_usd']:>12.6f} "
+            f"{row['billed_seconds']:>10.1f} {row['records']:>8}"
+        )
+    estimated = report.get("total_estimated_usd", sum(r["estimated_usd"] for r in report["rows"]))
+    billed = report.get("total_billed_usd", report["total_usd"] - estimated)
+    print(
+        f"{'total':<38} {billed:>12.6f} {estimated:>14.6f} {report['total_usd']:>12.6f} "
+        f"{report['total_billed_seconds']:>10.1f}"
+    )
+    if estimated:
+        print(ESTIMATE_NOTE)
     return 0
 
 

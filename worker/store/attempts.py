@@ -2,10 +2,14 @@
 
 An attempt row is written `pending` before its call starts (its id doubles as the provider request id;
 the sweeper reads `started_at`) and closed after it. Closing a billed answer writes its cost record, adds
-it to the job's and batch's totals and settles the batch's budget reservation (committed += actual -
-reserved), all in one transaction together with keeping its answer (worker.store.answers). Closing is a
-compare-and-set against the sweeper: an attempt it already abandoned (and charged an estimate) is closed
-by `_close_late`, which puts the truth in place of the estimate.
+it to the job's and batch's totals and releases the call's budget reservation (worker.budget: committed
++= actual - reserved, the reservation taken off the ledger once, so a close retried after an ambiguous
+commit moves nothing), all in one transaction together with keeping its answer (worker.store.answers).
+A call whose bill nobody can know (`unsettled`: a read timeout after the request was sent, a 200 that
+did not parse) is charged the list-price estimate like an abandoned one (core.billing), marked
+`settlement = unsettled` for `voxq billing settle`. Closing is a compare-and-set against the sweeper: an
+attempt it already abandoned (and charged an estimate) is closed by `_close_late`, which puts the truth
+in place of the estimate.
 """
 
 from __future__ import annotations
@@ -19,7 +23,7 @@ from typing import Any, Protocol
 from sqlalchemy import select, update
 
 from core import metrics
-from core.billing import add_batch_totals
+from core.billing import add_batch_totals, release_reservations
 from core.db import durable, session_scope
 from core.ids import uuid7
 from core.models import Attempt, Job
@@ -141,7 +145,6 @@ def close_attempt(
     batch_id: uuid.UUID,
     job_id: uuid.UUID,
     model: str,
-    reserved_usd: Decimal = Decimal(0),
     http_status: int | None = None,
     error_code: str | None = None,
     error_message: str | None = None,
@@ -149,10 +152,11 @@ def close_attempt(
     usage: dict[str, Any] | None = None,
     compute_seconds: float | None = None,
     answer: KeptAnswer | None = None,
+    unsettled: bool = False,
 ) -> None:
     """Close an attempt; for a billed answer write its cost record and add it to job and batch totals.
 
-    All in one transaction, together with settling the budget reservation (committed += actual - reserved)
+    All in one transaction, together with releasing the budget reservation (committed += actual - reserved)
     and keeping `answer` (the paid transcript of the piece) for any later run of the job, whatever became
     of this run (a deleted job's answer is not kept).
     """
@@ -164,7 +168,6 @@ def close_attempt(
         batch_id=batch_id,
         job_id=job_id,
         model=model,
-        reserved_usd=reserved_usd,
         http_status=http_status,
         error_code=error_code,
         error_message=error_message,
@@ -172,6 +175,7 @@ def close_attempt(
         usage=usage,
         compute_seconds=compute_seconds,
         answer=answer,
+        unsettled=unsettled,
     )
     with session_scope() as session:
         (totals,) = close_attempts_in(session, [close])
@@ -193,7 +197,6 @@ class AttemptClose:
     batch_id: uuid.UUID
     job_id: uuid.UUID
     model: str
-    reserved_usd: Decimal = Decimal(0)
     http_status: int | None = None
     error_code: str | None = None
     error_message: str | None = None
@@ -201,6 +204,9 @@ class AttemptClose:
     usage: dict[str, Any] | None = None
     compute_seconds: float | None = None
     answer: KeptAnswer | None = None  # the paid answer, kept in the same transaction
+    # The provider may have billed the call though no answer arrived (`priced` is then the list-price
+    # estimate): marked `settlement = unsettled` for `voxq billing settle`.
+    unsettled: bool = False
 
     @property
     def billed(self) -> bool:
@@ -222,10 +228,11 @@ class CloseTotals:
 _CLOSE_ATTEMPTS = f"""
 UPDATE attempts AS a
 SET outcome = v.outcome, http_status = v.http_status, error_code = v.error_code,
-    error_message = v.error_message, ended_at = %(ended_at)s, latency_ms = v.latency_ms
+    error_message = v.error_message, ended_at = %(ended_at)s, latency_ms = v.latency_ms,
+    settlement = CASE WHEN v.unsettled THEN '{Settlement.UNSETTLED.value}' ELSE a.settlement END
 FROM unnest(%(id)s::uuid[], %(outcome)s::text[], %(http_status)s::int[], %(error_code)s::text[],
-            %(error_message)s::text[], %(latency_ms)s::float8[])
-     AS v(id, outcome, http_status, error_code, error_message, latency_ms)
+            %(error_message)s::text[], %(latency_ms)s::float8[], %(unsettled)s::bool[])
+     AS v(id, outcome, http_status, error_code, error_message, latency_ms, unsettled)
 WHERE a.id = v.id AND a.outcome <> '{AttemptOutcome.ABANDONED.value}'
 RETURNING a.id
 """
@@ -264,6 +271,7 @@ def _close_values(c: AttemptClose, ended_at: datetime) -> dict[str, Any]:
         "error_message": (c.error_message or "")[:2000] or None,
         "ended_at": ended_at,
         "latency_ms": c.latency_ms,
+        "unsettled": c.unsettled,
     }
 
 
@@ -278,6 +286,8 @@ def close_attempts_in(session: Any, closes: list[AttemptClose]) -> list[CloseTot
         return []
     ended_at = now()
     rows = [_close_values(c, ended_at) for c in closes]
+    # Each call's budget reservation leaves the ledger here, once (a retried close finds none).
+    released = release_reservations(session, [c.attempt_id for c in closes if c.compute_seconds is None])
     # Compare-and-set against the sweeper: an attempt it already abandoned (and charged an estimate) is
     # closed by `_close_late`, which puts the truth in place of the estimate.
     closed = {
@@ -292,7 +302,7 @@ def close_attempts_in(session: Any, closes: list[AttemptClose]) -> list[CloseTot
     results: dict[int, CloseTotals] = {}
     for i, c in enumerate(closes):
         if c.attempt_id not in closed:
-            late = _close_late(session, c, rows[i])
+            late = _close_late(session, c, rows[i], released.get(c.attempt_id, Decimal(0)))
             if late is not None:
                 results[i] = late
     billed = [i for i, c in enumerate(closes) if i not in results and c.billed]
@@ -315,11 +325,12 @@ def close_attempts_in(session: Any, closes: list[AttemptClose]) -> list[CloseTot
     for i, c in enumerate(closes):
         if i not in results:
             spent = usd.get(i, Decimal(0))
+            reserved = released.get(c.attempt_id, Decimal(0))
             results[i] = CloseTotals(
                 usd=spent,
                 billed=seconds.get(i, 0.0),
-                committed=spent - c.reserved_usd,
-                touches_batch=c.priced is not None or bool(c.reserved_usd),
+                committed=spent - reserved,
+                touches_batch=c.priced is not None or bool(reserved),
             )
     return [results[i] for i in range(len(closes))]
 
@@ -348,7 +359,7 @@ def _add_to_jobs(session: Any, billed: list[AttemptClose], usd: list[Decimal], s
     keep_answers_in(session, [a for c in billed if (a := c.answer) is not None and c.job_id in live])
 
 
-_CLOSE_COLUMNS = ("outcome", "http_status", "error_code", "error_message", "latency_ms")
+_CLOSE_COLUMNS = ("outcome", "http_status", "error_code", "error_message", "latency_ms", "unsettled")
 
 
 def _insert_cost_records(session: Any, closes: list[AttemptClose]) -> set[uuid.UUID]:
@@ -392,24 +403,28 @@ def _insert_cost_records(session: Any, closes: list[AttemptClose]) -> set[uuid.U
     return {r[0] for r in inserted}
 
 
-def _close_late(session: Any, c: AttemptClose, values: dict[str, Any]) -> CloseTotals | None:
+def _close_late(
+    session: Any, c: AttemptClose, values: dict[str, Any], reserved: Decimal
+) -> CloseTotals | None:
     """Close an attempt the sweeper abandoned (its worker looked dead) with the answer that came after all.
 
     A priced answer replaces the estimate with the exact cost, an HTTP error answer (never billed) removes
     it, and only the difference moves the job's and batch's totals; the dead worker's budget reservation
     was already turned into the estimate by the sweeper (`core.billing.charge_estimate`), so committed
-    moves by the same difference. A transport error tells nothing about the bill: the estimate stays,
+    moves by the same difference (less a reservation still on the ledger, `reserved`). A transport
+    error or an unparseable answer (`unsettled`) tells nothing about the bill: the estimate stays,
     unsettled, for `voxq billing settle`. None: not such a case (no row, or a local attempt).
     """
     from core import billing
 
+    values = {k: v for k, v in values.items() if k != "unsettled"}  # the abandon's settlement stands
     row = session.execute(
         update(Attempt).where(Attempt.id == c.attempt_id).values(**values).returning(Attempt.id)
     ).first()
     if row is None or c.compute_seconds is not None:
         return None
-    if c.priced is None and c.http_status is None:
-        return CloseTotals(usd=Decimal(0), billed=0.0, committed=Decimal(0), touches_batch=False)
+    if c.unsettled or (c.priced is None and c.http_status is None):
+        return CloseTotals(usd=Decimal(0), billed=0.0, committed=-reserved, touches_batch=bool(reserved))
     delta = billing.rebill(
         session,
         attempt_id=c.attempt_id,
@@ -426,7 +441,11 @@ def _close_late(session: Any, c: AttemptClose, values: dict[str, Any]) -> CloseT
     ):
         keep_answers_in(session, [c.answer])
     return CloseTotals(
-        usd=delta.usd, billed=delta.billed_seconds, committed=delta.usd, touches_batch=True, late=True
+        usd=delta.usd,
+        billed=delta.billed_seconds,
+        committed=delta.usd - reserved,
+        touches_batch=True,
+        late=True,
     )
 
 
