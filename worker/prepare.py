@@ -44,7 +44,7 @@ from typing import TypeVar
 from botocore.exceptions import ClientError
 
 from core.errors import AudioError
-from core.names import LOCAL_MODEL
+from core.names import LOCAL_MODEL, LOCAL_QUEUE_OWNER
 from core.settings import Settings, get_settings
 from core.statuses import JobStatus
 from core.storage import Storage, parse_s3_uri
@@ -289,7 +289,9 @@ def _release(job: ClaimedJob, report: PrepareReport) -> None:
     # run_count bounds the loop.
     log.exception("prepare failed for job %s", job.id)
     try:
-        release_soon(job.id, after_seconds=RETRY_AFTER_ERROR_SECONDS * job.run_count)
+        release_soon(
+            job.id, owner=job.owner, group_id=None, after_seconds=RETRY_AFTER_ERROR_SECONDS * job.run_count
+        )
     except Exception:
         log.exception("could not shorten the lease of job %s", job.id)
 
@@ -420,13 +422,17 @@ def prepare_jobs(job_ids: list[uuid.UUID], *, owner: str) -> PrepareReport:
             x.prepared.close()
     items.sort(key=lambda i: order[i.job_id])
     plans = grouping.plan_groups(items, settings)
-    group_ids = assign_groups(plans, owner=owner, lease_seconds=lease)
-    for plan, gid in zip(plans, group_ids, strict=True):
-        if plan.chain and plan.chain[0] == LOCAL_MODEL:
-            for job_id, _ in plan.members:
-                dispatch.send_local(job_id, gid)
-        else:
-            dispatch.send_group(gid, priority=plan.priority)
+    local = [p for p in plans if p.chain and p.chain[0] == LOCAL_MODEL]
+    hosted = [p for p in plans if not (p.chain and p.chain[0] == LOCAL_MODEL)]
+    # Jobs bound for the local engine wait in its queue leased to LOCAL_QUEUE_OWNER (worker.local).
+    local_wait = dispatch.local_wait_seconds(settings)
+    local_ids = assign_groups(local, owner=LOCAL_QUEUE_OWNER, lease_seconds=local_wait)
+    hosted_ids = assign_groups(hosted, owner=owner, lease_seconds=lease)
+    for plan, gid in zip(local, local_ids, strict=True):
+        for job_id, _ in plan.members:
+            dispatch.send_local(job_id, gid)
+    for plan, gid in zip(hosted, hosted_ids, strict=True):
+        dispatch.send_group(gid, priority=plan.priority)
     report.grouped = len(items)
-    report.groups = group_ids
+    report.groups = local_ids + hosted_ids
     return report

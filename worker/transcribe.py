@@ -37,9 +37,15 @@ RETRY_AFTER_ERROR_SECONDS = 60.0
 
 
 async def keep_leases(
-    ids: list[uuid.UUID], *, owner: str, lease_seconds: float, every: float | None = None
+    ids: list[uuid.UUID],
+    *,
+    owner: str,
+    group_id: uuid.UUID | None,
+    lease_seconds: float,
+    every: float | None = None,
 ) -> None:
-    """Renew these jobs' leases every third of a lease until cancelled.
+    """Renew these jobs' leases (held by `owner` for the run `group_id`) every third of a lease until
+    cancelled.
 
     A renewal that fails (a deadlock Postgres broke, a database outage) is tried again after a tenth of
     the interval rather than ending the loop: a lease left to run out makes the sweeper hand live jobs to
@@ -50,7 +56,9 @@ async def keep_leases(
     while True:
         await asyncio.sleep(wait)
         try:
-            await asyncio.to_thread(extend_leases, ids, owner=owner, lease_seconds=lease_seconds)
+            await asyncio.to_thread(
+                extend_leases, ids, owner=owner, group_id=group_id, lease_seconds=lease_seconds
+            )
             wait = interval
         except Exception as exc:
             log.warning("lease renewal of %d job(s) failed (%s); retrying", len(ids), type(exc).__name__)
@@ -121,7 +129,10 @@ class _GroupRun:
         rt, jobs, group_id = self.rt, self.jobs, self.group_id
         renewer = asyncio.ensure_future(
             keep_leases(
-                [j.id for j in jobs], owner=rt.worker_name, lease_seconds=rt.settings.job_lease_seconds
+                [j.id for j in jobs],
+                owner=rt.worker_name,
+                group_id=group_id,
+                lease_seconds=rt.settings.job_lease_seconds,
             )
         )
         try:
@@ -135,7 +146,13 @@ class _GroupRun:
                 log.error("job %s: %s: %s", job.id, type(result).__name__, result)
                 counts["error"] += 1
                 try:
-                    await asyncio.to_thread(release_soon, job.id, after_seconds=RETRY_AFTER_ERROR_SECONDS)
+                    await asyncio.to_thread(
+                        release_soon,
+                        job.id,
+                        owner=rt.worker_name,
+                        group_id=group_id,
+                        after_seconds=RETRY_AFTER_ERROR_SECONDS,
+                    )
                 except Exception:
                     log.exception("could not shorten the lease of job %s", job.id)
             else:

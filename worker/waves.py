@@ -47,7 +47,7 @@ from worker.runtime import Runtime
 from worker.store.answers import keep_answer, stored_answer
 from worker.store.attempts import AttemptClose, close_attempt
 from worker.store.batches import BatchOptions
-from worker.store.claims import end_job
+from worker.store.claims import end_job, hand_off_local
 from worker.store.groups import GroupJob
 
 CHUNKS_AT_ONCE = 9
@@ -206,7 +206,16 @@ async def _transcribe_job(
     except Handoff:
         if not job.chunks:
             await derived.spill(rt, derived_key(job.tenant_id, job.id))  # the local worker reads S3
-        await asyncio.to_thread(dispatch.send_local, job.id, group_id)
+        # The job stays leased while it waits for (and runs on) the local engine: the sweeper never
+        # sends it back into the hosted chain (issue #16, item 4). A run that lost it sends nothing.
+        if await asyncio.to_thread(
+            hand_off_local,
+            job.id,
+            owner=rt.worker_name,
+            group_id=group_id,
+            lease_seconds=dispatch.local_wait_seconds(rt.settings),
+        ):
+            await asyncio.to_thread(dispatch.send_local, job.id, group_id)
         return "handoff"
     except JobEnded as ended:
         if await asyncio.to_thread(
