@@ -118,11 +118,14 @@ class _GroupWriter(Generic[RowT, ResultT]):
         try:
             results = await self._write_rows([row for row, _ in batch])
         except Exception as exc:
-            if len(batch) > 1:
-                log.warning("group write of %d rows failed (%s): writing them one by one", len(batch), exc)
-                await asyncio.gather(*(self._write_alone(item) for item in batch))
-            elif not batch[0][1].done():
-                batch[0][1].set_exception(exc)
+            # A group of one too: `_write_one` is where a write is retried (a lone job's completion
+            # failed for good on a Postgres blip, leaving its paid answer unsaved: issue #16, item 5).
+            log.warning(
+                "group write of %d row(s) failed (%s): writing them one by one",
+                len(batch),
+                type(exc).__name__,
+            )
+            await asyncio.gather(*(self._write_alone(item) for item in batch))
             return
         except BaseException:
             for _, future in batch:

@@ -230,19 +230,30 @@ async def _transcribe_job(
             await asyncio.to_thread(completion.job_finished, job.id, job.batch_id, check_batch=False)
         return ended.status.value
     except BaseException:
-        # An answered attempt not yet closed with its transcript is closed on any way out.
-        for kept in results.values():
-            if kept.pending_close is not None:
-                await asyncio.to_thread(close_attempt, **vars(kept.pending_close))
+        await _close_deferred(results)
         raise
     ordered = [results[position] for position in range(len(pieces))]
-    # Written together with the other jobs answered at about the same moment (`Runtime.completions`).
-    done = await rt.completions.succeed(_stitched(job, batch, group_id, ordered, tmap))
+    try:
+        # Written together with the other jobs answered at about the same moment (`Runtime.completions`),
+        # retried through a database outage (`completion.succeed_one`).
+        done = await rt.completions.succeed(_stitched(job, batch, group_id, ordered, tmap))
+    except BaseException:
+        # Not written after all: the paid answer is still closed and kept, so the next run reuses it
+        # instead of paying again (issue #16, item 5). A close already committed is not repeated.
+        await _close_deferred(results)
+        raise
     if done is not None and done.followers:
         await asyncio.to_thread(
             completion.job_finished, job.id, job.batch_id, check_batch=False, succeeded=done
         )
     return JobStatus.SUCCEEDED.value
+
+
+async def _close_deferred(results: dict[int, _Done]) -> None:
+    """Close the answered attempts not yet closed with their transcript (on any way out of a run)."""
+    for kept in results.values():
+        if kept.pending_close is not None:
+            await asyncio.shield(asyncio.to_thread(close_attempt, **vars(kept.pending_close)))
 
 
 def _stitched(
