@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import random
 import uuid
 from dataclasses import dataclass
 from datetime import timedelta
@@ -139,6 +140,34 @@ def release_soon(job_id: uuid.UUID, *, owner: str, group_id: uuid.UUID | None, a
             .returning(Job.id)
         ).first()
     return row is not None
+
+
+def release_after_outage(
+    job_id: uuid.UUID, *, owner: str, group_id: uuid.UUID | None, base_seconds: float, cap_seconds: float
+) -> float | None:
+    """After an infrastructure outage stopped this run: the run is not counted (`run_count - 1`: an
+    outage delays a job, it never fails it with `too_many_attempts`) and the lease ends after a wait that
+    grows with how long the job has been under way (half to all of the time since its first claim, so
+    about doubling from one outage retry to the next), between `base_seconds` and `cap_seconds`. The
+    wait, or None when this run no longer holds the job (compare-and-set on owner and run token)."""
+    held = _held(owner, group_id)
+    with session_scope() as session:
+        row = session.execute(select(Job.started_at).where(Job.id == job_id, *held).with_for_update()).first()
+        if row is None:
+            return None
+        ts = now()
+        waited = (ts - row.started_at).total_seconds() if row.started_at is not None else 0.0
+        ceiling = min(max(base_seconds, waited), cap_seconds)
+        wait = ceiling * random.uniform(0.5, 1.0)  # spread a fleet's jobs out, never hammer a recovering S3
+        session.execute(
+            update(Job)
+            .where(Job.id == job_id, *held)
+            .values(
+                lease_expires_at=ts + timedelta(seconds=wait),
+                run_count=func.greatest(Job.run_count - 1, 0),
+            )
+        )
+    return wait
 
 
 def hand_off_local(job_id: uuid.UUID, *, owner: str, group_id: uuid.UUID, lease_seconds: float) -> bool:
