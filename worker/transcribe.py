@@ -29,7 +29,7 @@ from worker.runtime import Runtime
 from worker.store.batches import BatchOptions
 from worker.store.claims import claim_group_run, extend_leases, finish_group, release_soon
 from worker.store.groups import GroupJob
-from worker.waves import transcribe_job
+from worker.waves import Drained, transcribe_job
 
 log = logging.getLogger(__name__)
 
@@ -142,16 +142,21 @@ class _GroupRun:
         counts: Counter[str] = Counter()
         for job, result in zip(jobs, results, strict=True):
             if isinstance(result, BaseException):
-                # Left `processing` with a lease ending soon: the sweeper gives it another run.
-                log.error("job %s: %s: %s", job.id, type(result).__name__, result)
-                counts["error"] += 1
+                # Left `processing` with a lease ending soon: the sweeper gives it another run (at its
+                # next tick for a run its draining process stopped: nothing went wrong with the job).
+                drained = isinstance(result, Drained)
+                if drained:
+                    log.warning("job %s: %s", job.id, result)
+                else:
+                    log.error("job %s: %s: %s", job.id, type(result).__name__, result)
+                counts["drained" if drained else "error"] += 1
                 try:
                     await asyncio.to_thread(
                         release_soon,
                         job.id,
                         owner=rt.worker_name,
                         group_id=group_id,
-                        after_seconds=RETRY_AFTER_ERROR_SECONDS,
+                        after_seconds=0.0 if drained else RETRY_AFTER_ERROR_SECONDS,
                     )
                 except Exception:
                     log.exception("could not shorten the lease of job %s", job.id)

@@ -53,6 +53,10 @@ from worker.store.groups import GroupJob
 CHUNKS_AT_ONCE = 9
 
 
+class Drained(Exception):
+    """Raised when a job's run stopped because its process is draining (`Runtime.drain`)."""
+
+
 @dataclass(frozen=True)
 class Send:
     """One chunk to send: its position in the job and the position whose text's tail prompts it."""
@@ -192,6 +196,9 @@ async def _transcribe_job(
     chain = model_chain(batch.models, rt.settings)
     tmap = audio.TimeMap.from_json(job.time_map)
     halt = asyncio.Event()
+    rt.halts.add(halt)  # a draining process halts it (Runtime.drain)
+    if rt.draining:
+        halt.set()
     pieces: list[Piece] = []
     results: dict[int, _Done] = {}
     for position, piece in enumerate(pieces_of(job, batch)):
@@ -203,6 +210,8 @@ async def _transcribe_job(
         context = profile_plan(batch.profile, rt.settings).chunk_context  # worker/profiles.py
         for wave in plan_waves(len(pieces), set(results), context):
             await _run_wave(rt, runner, pieces, wave, results, chain, tmap, halt)
+        if len(results) < len(pieces):  # halted by a drain: the answers in are kept, the job runs again
+            raise Drained(f"job {job.id}: the process stopped before every piece was sent")
     except Handoff:
         if not job.chunks:
             await derived.spill(rt, derived_key(job.tenant_id, job.id))  # the local worker reads S3
