@@ -24,10 +24,12 @@ from typing import Any, ParamSpec, TypeVar
 from sqlalchemy import Engine, create_engine, event, exc, text
 from sqlalchemy.orm import Session, sessionmaker
 
+from core.backoff import backoff_delay
 from core.settings import get_settings
 
 # How long writes that must not be lost wait for Postgres to come back (a restart takes seconds).
 DB_OUTAGE_SECONDS = 60.0
+DB_RETRY_BASE_SECONDS = 0.2
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -44,16 +46,19 @@ def durable(fn: Callable[P, R]) -> Callable[P, R]:
     @functools.wraps(fn)
     def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
         deadline = time.monotonic() + DB_OUTAGE_SECONDS
-        delay = 0.2
+        retry = 0
         while True:
             try:
                 return fn(*args, **kwargs)
             except exc.OperationalError:
+                retry += 1
+                # Back within a second (the sweeper must not guess first), jittered so that a fleet's
+                # writers do not all reconnect at the same instant.
+                delay = backoff_delay(retry, base=DB_RETRY_BASE_SECONDS, cap=1.0)
                 if time.monotonic() + delay > deadline:
                     raise
                 log.warning("database unreachable during %s; retrying in %.1f s", fn.__name__, delay)
                 time.sleep(delay)
-                delay = min(delay * 2, 1.0)  # back within a second: the sweeper must not guess first
 
     return wrapper
 

@@ -30,6 +30,11 @@ ALL_QUEUES = (
 # their provider.
 LOCAL_MODEL = "local"
 LOCAL_MODEL_PREFIX = LOCAL_MODEL + ":"
+# Lease owners of a job in the local stage: waiting in the `local` queue (LOCAL_QUEUE_OWNER), or run by a
+# local worker (LOCAL_LEASE_PREFIX + its name). The sweeper hands such a job back to the local queue when
+# its lease runs out, never to the hosted chain again (worker.sweeper).
+LOCAL_LEASE_PREFIX = "local:"
+LOCAL_QUEUE_OWNER = LOCAL_LEASE_PREFIX + "queue"
 
 # Celery task names (stable across refactors; Flower shows these).
 TASK_HEARTBEAT = "voxq.maintenance.heartbeat"

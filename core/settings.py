@@ -84,6 +84,11 @@ class Settings(BaseSettings):
     short_file_seconds: float = 120.0
     job_lease_seconds: int = 900
     job_max_attempts: int = 5
+    # A run stopped by an infrastructure outage (S3, Postgres, Redis unreachable) is not counted against
+    # `job_max_attempts`: the job waits and runs again, the wait growing with how long it has waited
+    # (worker.prepare), between these bounds.
+    outage_retry_base_seconds: float = 30.0
+    outage_retry_max_seconds: float = 300.0
     circuit_failure_threshold: int = 5
     circuit_open_seconds: float = 30.0
     # How long a worker process trusts a circuit it saw closed with no failures (worker/circuit.py); 0: ask

@@ -13,7 +13,8 @@ from typing import IO, TYPE_CHECKING, Any
 import boto3
 from boto3.s3.transfer import TransferConfig
 from botocore.config import Config
-from botocore.exceptions import ClientError
+from botocore.exceptions import ClientError, HTTPClientError
+from botocore.exceptions import ConnectionError as EndpointUnreachable
 
 from core.errors import StorageError
 from core.settings import Settings, get_settings
@@ -73,6 +74,24 @@ class ObjectChanged(StorageError):
     """Raised when an object is no longer the version that was checked (a conditional read or copy failed)."""
 
     code = "object_changed"
+
+
+# S3 error codes that mean the service, not the request, is at fault (it is down, overloaded or slow).
+_OUTAGE_CODES = frozenset(
+    {"SlowDown", "ServiceUnavailable", "InternalError", "RequestTimeout", "Throttling", "503", "500"}
+)
+
+
+def storage_outage(exc: BaseException) -> bool:
+    """Whether `exc` says S3 is unreachable or failing (after botocore's own retries), not that the
+    request or the object is wrong."""
+    if isinstance(exc, EndpointUnreachable | HTTPClientError | ConnectionError | TimeoutError):
+        return True  # connection refused, reset or timed out
+    if isinstance(exc, ClientError):
+        error = exc.response.get("Error", {})
+        status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode") or 0
+        return int(status) >= 500 or str(error.get("Code", "")) in _OUTAGE_CODES
+    return False
 
 
 def _precondition_failed(exc: ClientError) -> bool:

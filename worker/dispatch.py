@@ -6,6 +6,7 @@ import uuid
 from collections.abc import Sequence
 
 from core import names
+from core.settings import Settings
 
 
 def _send(task: str, kwargs: dict[str, object], queue: str) -> None:
@@ -30,8 +31,14 @@ def send_group(group_id: uuid.UUID, *, priority: str) -> None:
     _send(names.TASK_TRANSCRIBE_GROUP, {"group_id": str(group_id)}, names.transcribe_queue_for(priority))
 
 
+def local_wait_seconds(settings: Settings) -> float:
+    """The lease of a job waiting in the local queue (`core.names.LOCAL_QUEUE_OWNER`): like a group
+    waiting in the broker, a queue backlog is not a dead worker."""
+    return float(settings.celery_visibility_timeout + settings.job_lease_seconds)
+
+
 def send_local(job_id: uuid.UUID, group_id: uuid.UUID) -> None:
-    """Hand one job to the local engine's queue."""
+    """Hand one job to the local engine's queue (its lease already with `LOCAL_QUEUE_OWNER`)."""
     _send(names.TASK_TRANSCRIBE_LOCAL, {"job_id": str(job_id), "group_id": str(group_id)}, names.QUEUE_LOCAL)
 
 

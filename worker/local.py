@@ -3,7 +3,10 @@
 Runs on the `local` queue, in worker processes of their own, so slow CPU work never blocks the I/O-bound
 hosted-provider workers. The model is loaded once per process (see worker.signals). A job arrives here
 when its chain is `local` only (no API key) or when the hosted models of its chain gave up; the task
-holds the job only while its `group_id` still matches (the same token as the group task).
+holds the job only while its `group_id` still matches (the same token as the group task). A job waits in
+the local queue leased to `LOCAL_QUEUE_OWNER`; its run takes the lease (a local run's own owner name)
+and renews it while it runs, so neither a long queue nor a long run sends the job back into the hosted
+chain (the sweeper hands an expired one back to this queue).
 
 Each call is an attempt (model `local:<name>`) with a cost record of USD 0 carrying the compute seconds,
 closed together with its answer (`job_answers`, like a hosted one). Pieces with an answer kept by an
@@ -13,13 +16,16 @@ The local engine transcribes whole chunks itself (no 25 MB limit), so a failure 
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import threading
 import time
 import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from core.names import LOCAL_MODEL, LOCAL_MODEL_PREFIX
+from core.names import LOCAL_LEASE_PREFIX, LOCAL_MODEL, LOCAL_MODEL_PREFIX, LOCAL_QUEUE_OWNER
 from core.pricing import price_attempt
 from core.providers.base import ProviderError, TranscriptionRequest
 from core.settings import get_settings
@@ -30,7 +36,7 @@ from worker.runtime import get_runtime
 from worker.store.answers import KeptAnswer, stored_answer
 from worker.store.attempts import close_attempt, open_attempt
 from worker.store.batches import load_batches
-from worker.store.claims import claim_group, end_job, finish_group
+from worker.store.claims import claim_group, end_job, extend_leases, finish_group
 from worker.store.groups import GroupJob
 
 if TYPE_CHECKING:
@@ -48,8 +54,39 @@ def local_model_name(provider_name: str) -> str:
 
 
 def _claim(job_id: uuid.UUID, group_id: uuid.UUID, owner: str) -> GroupJob | None:
-    jobs = claim_group(group_id, owner=owner, lease_seconds=get_settings().job_lease_seconds, only=[job_id])
+    """Take the job from the local queue's lease (or a dead local run's): never from a live run."""
+    jobs = claim_group(
+        group_id,
+        owner=owner,
+        lease_seconds=get_settings().job_lease_seconds,
+        only=[job_id],
+        waiting=LOCAL_QUEUE_OWNER,
+    )
     return jobs[0] if jobs else None
+
+
+@contextlib.contextmanager
+def _leased(job_id: uuid.UUID, group_id: uuid.UUID, owner: str) -> Iterator[None]:
+    """Renew the job's lease every third of a lease while the local run goes on (a long file on a slow
+    CPU runs past a lease; the sweeper would otherwise take the job from a live run)."""
+    lease = get_settings().job_lease_seconds
+    stop = threading.Event()
+
+    def renew() -> None:
+        while not stop.wait(max(lease / 3, 0.2)):
+            try:
+                if not extend_leases([job_id], owner=owner, group_id=group_id, lease_seconds=lease):
+                    return  # no longer ours (ended, or taken by the sweeper): nothing to renew
+            except Exception as exc:  # a database blip: try again sooner
+                log.warning("lease renewal of local job %s failed (%s)", job_id, type(exc).__name__)
+
+    thread = threading.Thread(target=renew, name="voxq-local-lease", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join(5)
 
 
 @dataclass
@@ -92,11 +129,18 @@ class _PieceFailed(Exception):
 
 def transcribe_local(job_id: uuid.UUID, group_id: uuid.UUID, *, worker: str) -> str:
     """Transcribe a job with the local engine and finish it; returns the job's resulting status."""
-    from worker.local_engine import get_local_provider
-
-    job = _claim(job_id, group_id, worker)
+    owner = LOCAL_LEASE_PREFIX + worker  # the sweeper sends a dead local run's job back to this stage
+    job = _claim(job_id, group_id, owner)
     if job is None:
         return "not_claimed"
+    with _leased(job.id, group_id, owner):
+        return _run(job, group_id, worker)
+
+
+def _run(job: GroupJob, group_id: uuid.UUID, worker: str) -> str:
+    """The local run of a claimed job, to its end; the job's resulting status."""
+    from worker.local_engine import get_local_provider
+
     batch = load_batches({job.batch_id})[job.batch_id]
     provider = get_local_provider()
     storage = get_runtime().storage  # this process's client: building a boto3 client costs tens of ms

@@ -27,8 +27,11 @@ overlap); identical audio in two tasks is still serialised by the advisory locks
 
 Leases: while a job waits in the broker for its transcribe task its lease is the broker's visibility
 timeout plus the job lease, since a queue backlog is not a dead worker; the transcribe task renews it.
-An unexpected error (S3 down) leaves the job `processing` with a lease ending in 60 s x run_count; the
-sweeper then re-queues it, until `VOXQ_JOB_MAX_ATTEMPTS` runs have been spent.
+An unexpected error leaves the job `processing` with a lease ending in 60 s x run_count; the sweeper then
+re-queues it, until `VOXQ_JOB_MAX_ATTEMPTS` runs have been spent. An infrastructure outage (S3, Postgres
+or Redis unreachable) is not the job's fault: that run is not counted, and the job waits longer each time
+(`VOXQ_OUTAGE_RETRY_BASE_SECONDS` to `VOXQ_OUTAGE_RETRY_MAX_SECONDS`), so an outage delays jobs but never
+fails them.
 """
 
 from __future__ import annotations
@@ -42,17 +45,20 @@ from dataclasses import dataclass, field
 from typing import TypeVar
 
 from botocore.exceptions import ClientError
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+from sqlalchemy.exc import OperationalError
 
 from core.errors import AudioError
-from core.names import LOCAL_MODEL
+from core.names import LOCAL_MODEL, LOCAL_QUEUE_OWNER
 from core.settings import Settings, get_settings
 from core.statuses import JobStatus
-from core.storage import Storage, parse_s3_uri
+from core.storage import Storage, parse_s3_uri, storage_outage
 from worker import audio, completion, derived, dispatch, grouping
 from worker.derived import derived_key
 from worker.profiles import profile_plan
 from worker.runtime import get_runtime
-from worker.store.claims import ClaimedJob, claim_jobs, end_job, release_soon
+from worker.store.claims import ClaimedJob, claim_jobs, end_job, release_after_outage, release_soon
 from worker.store.dedupe import DedupeRequest, copy_transcript, dedupe_many
 from worker.store.groups import assign_groups, save_chunks
 from worker.store.probes import ProbedJob, save_probes, save_time_map
@@ -264,8 +270,8 @@ def _store_all(
         to_redis: list[tuple[str, bytes]] = []
         try:
             _store(storage, loaded.job, loaded.prepared, settings, inline, to_redis)
-        except Exception:
-            _release(loaded.job, report)
+        except Exception as exc:
+            _release(loaded.job, report, exc)
             continue
         stored.append((loaded, to_redis))
     kept = iter(derived.put_inline_many(settings, [item for _, to_redis in stored for item in to_redis]))
@@ -275,21 +281,47 @@ def _store_all(
             for key, flac in to_redis:
                 if not next(kept):  # Redis refused it: to S3, as any other FLAC
                     storage.upload_bytes(flac, key, content_type=audio.FLAC_CONTENT_TYPE)
-        except Exception:
-            _release(loaded.job, report)
+        except Exception as exc:
+            _release(loaded.job, report, exc)
             continue
         done.append(loaded)
     return done
 
 
-def _release(job: ClaimedJob, report: PrepareReport) -> None:
-    """After an unexpected error (S3 down): log it and let the job's lease run out soon."""
+def infrastructure_outage(exc: BaseException) -> bool:
+    """Whether `exc` is an outage of what the pipeline runs on (S3, Postgres, Redis), not about the job."""
+    return storage_outage(exc) or isinstance(exc, OperationalError | RedisConnectionError | RedisTimeoutError)
+
+
+def _release(job: ClaimedJob, report: PrepareReport, exc: BaseException) -> None:
+    """After an unexpected error: log it and let the job's lease run out, so the sweeper re-queues it.
+
+    An infrastructure outage (S3 down for 15 minutes) only delays the job: the run is not counted and it
+    waits longer each time (`release_after_outage`). Any other error counts the run (later on each one),
+    so `VOXQ_JOB_MAX_ATTEMPTS` bounds a job that keeps failing.
+    """
     report.add("errors")
-    # Left processing with a lease ending soon (later on each run): the sweeper re-queues it, and
-    # run_count bounds the loop.
-    log.exception("prepare failed for job %s", job.id)
+    settings = get_settings()
     try:
-        release_soon(job.id, after_seconds=RETRY_AFTER_ERROR_SECONDS * job.run_count)
+        if infrastructure_outage(exc):
+            wait = release_after_outage(
+                job.id,
+                owner=job.owner,
+                group_id=None,
+                base_seconds=settings.outage_retry_base_seconds,
+                cap_seconds=settings.outage_retry_max_seconds,
+            )
+            log.warning(
+                "prepare of job %s stopped by an outage (%s); again in %.0f s, the run not counted",
+                job.id,
+                type(exc).__name__,
+                wait or 0.0,
+            )
+            return
+        log.error("prepare failed for job %s: %s", job.id, type(exc).__name__, exc_info=exc)
+        release_soon(
+            job.id, owner=job.owner, group_id=None, after_seconds=RETRY_AFTER_ERROR_SECONDS * job.run_count
+        )
     except Exception:
         log.exception("could not shorten the lease of job %s", job.id)
 
@@ -401,8 +433,8 @@ def prepare_jobs(job_ids: list[uuid.UUID], *, owner: str) -> PrepareReport:
             else:
                 with tempfile.TemporaryDirectory(prefix="voxq-prep-") as tmp:
                     load(job, tmp)
-        except Exception:
-            _release(job, report)
+        except Exception as exc:
+            _release(job, report, exc)
 
     # Download and decode are partly waiting on S3 and partly C codecs without the GIL: overlap a few jobs.
     # Each thread holds one long file's temp PCM at a time, so disk stays bounded by PREPARE_THREADS
@@ -412,21 +444,25 @@ def prepare_jobs(job_ids: list[uuid.UUID], *, owner: str) -> PrepareReport:
     held.sort(key=lambda x: order[x.job.id])  # decided in the order the API submitted them
     try:
         items.extend(_settle(held, storage, settings, report, inline))
-    except Exception:
+    except Exception as exc:
         for x in held:
-            _release(x.job, report)
+            _release(x.job, report, exc)
     finally:
         for x in held:
             x.prepared.close()
     items.sort(key=lambda i: order[i.job_id])
     plans = grouping.plan_groups(items, settings)
-    group_ids = assign_groups(plans, owner=owner, lease_seconds=lease)
-    for plan, gid in zip(plans, group_ids, strict=True):
-        if plan.chain and plan.chain[0] == LOCAL_MODEL:
-            for job_id, _ in plan.members:
-                dispatch.send_local(job_id, gid)
-        else:
-            dispatch.send_group(gid, priority=plan.priority)
+    local = [p for p in plans if p.chain and p.chain[0] == LOCAL_MODEL]
+    hosted = [p for p in plans if not (p.chain and p.chain[0] == LOCAL_MODEL)]
+    # Jobs bound for the local engine wait in its queue leased to LOCAL_QUEUE_OWNER (worker.local).
+    local_wait = dispatch.local_wait_seconds(settings)
+    local_ids = assign_groups(local, owner=LOCAL_QUEUE_OWNER, lease_seconds=local_wait)
+    hosted_ids = assign_groups(hosted, owner=owner, lease_seconds=lease)
+    for plan, gid in zip(local, local_ids, strict=True):
+        for job_id, _ in plan.members:
+            dispatch.send_local(job_id, gid)
+    for plan, gid in zip(hosted, hosted_ids, strict=True):
+        dispatch.send_group(gid, priority=plan.priority)
     report.grouped = len(items)
-    report.groups = group_ids
+    report.groups = local_ids + hosted_ids
     return report

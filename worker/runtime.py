@@ -17,6 +17,7 @@ import logging
 import os
 import socket
 import threading
+import weakref
 from collections.abc import Callable, Coroutine, Hashable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -42,12 +43,13 @@ log = logging.getLogger(__name__)
 # How long an attempt row waits for others to share its INSERT (AttemptOpener).
 OPEN_ATTEMPTS_WINDOW_SECONDS = 0.003
 OPEN_ATTEMPTS_MAX_ROWS = 256
-# How long an answered job waits for others to share its completion transaction (CompletionWriter).
-# 50 ms rather than 10: at 256 in flight a wave of answers lands within ~0.1 s; fewer, larger completion
-# transactions leave the loop, the GIL and the I/O threads to the calls starting in the freed slots
-# (P2 paired runs: 87.5% -> 89.9% of ideal on average). A job's transcript commits at
-# most ~40 ms later.
-COMPLETIONS_WINDOW_SECONDS = 0.05
+# How long an answered job waits for others to share its completion transaction (CompletionWriter): none.
+# The writer starts at once and the answers that land while a write is under way share the next one
+# (group commit without a wait), so a wave of answers is still written in a few large transactions. The
+# wait was 50 ms (P2 paired runs: 87.5% -> 89.9% of ideal against 10 ms), but every millisecond between
+# a billed answer and its commit is a window in which a killed worker loses an answer the provider
+# billed, and the job pays again (chaos run: "jobs paid twice", docs/benchmarks.md).
+COMPLETIONS_WINDOW_SECONDS = 0.0
 COMPLETIONS_MAX_ROWS = 128
 
 
@@ -118,11 +120,14 @@ class _GroupWriter(Generic[RowT, ResultT]):
         try:
             results = await self._write_rows([row for row, _ in batch])
         except Exception as exc:
-            if len(batch) > 1:
-                log.warning("group write of %d rows failed (%s): writing them one by one", len(batch), exc)
-                await asyncio.gather(*(self._write_alone(item) for item in batch))
-            elif not batch[0][1].done():
-                batch[0][1].set_exception(exc)
+            # A group of one too: `_write_one` is where a write is retried (a lone job's completion
+            # failed for good on a Postgres blip, leaving its paid answer unsaved: issue #16, item 5).
+            log.warning(
+                "group write of %d row(s) failed (%s): writing them one by one",
+                len(batch),
+                type(exc).__name__,
+            )
+            await asyncio.gather(*(self._write_alone(item) for item in batch))
             return
         except BaseException:
             for _, future in batch:
@@ -279,6 +284,9 @@ class Runtime:
     # A threads pool's process dies with its thread and its unacked messages (back only after the
     # visibility timeout): there the leases and the sweeper are what recover a killed run anyway.
     detach_groups: bool = True
+    # The halt events of the jobs running here (worker.waves): `drain` sets them all.
+    halts: weakref.WeakSet[asyncio.Event] = field(default_factory=weakref.WeakSet)
+    draining: bool = False
 
     def run(self, coro: Coroutine[Any, Any, T]) -> T:
         """Run a coroutine on the process's loop and wait for its result (from any thread but the loop's).
@@ -360,6 +368,24 @@ class Runtime:
             audio_seconds_per_minute=self.settings.model_audio_seconds_per_minute,
         )
 
+    def drain(self, timeout: float) -> None:
+        """Stop starting provider calls and wait, up to `timeout` seconds, for the group runs to end: the
+        calls in flight finish and their answers are committed (the provider bills an answer it sent even
+        if we die before keeping it). For a process about to be terminated (worker.signals); call it from
+        any thread but the loop's."""
+
+        async def halt_and_wait() -> None:
+            self.draining = True
+            for halt in list(self.halts):
+                halt.set()
+            try:
+                async with asyncio.timeout(timeout):
+                    await self.groups.drain()
+            except TimeoutError:
+                log.warning("drain: group runs still going after %.0f s", timeout)
+
+        self.run(halt_and_wait())
+
     def close(self) -> None:
         """Wait for the group runs still going, close clients, stop the loop's thread and close the loop
         (process shutdown)."""
@@ -422,6 +448,12 @@ def _build() -> Runtime:
         thread=thread,
         groups=GroupRuns(limit=2 * settings.max_in_flight),
     )
+
+
+def current_runtime() -> Runtime | None:
+    """This process's runtime if it has built one (None: nothing to drain or close)."""
+    with _lock:
+        return _runtime if _runtime is not None and _runtime.pid == os.getpid() else None
 
 
 def close_runtime() -> None:

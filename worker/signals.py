@@ -13,18 +13,25 @@
   It also sets the collector's thresholds (`COLLECTOR_THRESHOLDS`, inherited by the children).
 - A process's shutdown (a prefork child's exit, or the main process after a warm shutdown stopped a
   threads or solo pool) waits for the group runs still in flight on its loop, then closes the runtime.
+- A pool child sent SIGTERM (Celery cancels the running task when the broker connection is lost) starts
+  no new provider call, waits for the calls in flight and commits their answers (`Runtime.drain`), then
+  dies of the signal: an answer the provider billed is kept, not paid for again by the next run.
 """
 
 from __future__ import annotations
 
 import gc
 import logging
+import os
+import signal
 import sys
 import threading
 from datetime import UTC, datetime
 from typing import Any
 
+from billiard.process import current_process
 from celery.signals import (
+    task_prerun,
     worker_init,
     worker_process_init,
     worker_process_shutdown,
@@ -38,6 +45,9 @@ from core.settings import get_settings
 from worker.grouping import model_chain
 
 log = logging.getLogger(__name__)
+# How much longer than one provider call a terminated pool child may take to commit its answers.
+DRAIN_EXTRA_SECONDS = 5.0
+POOL_CHILD_PREFIX = "ForkPoolWorker"  # billiard's name for a prefork pool's child processes
 
 _local_loaded = threading.Event()
 _local_error: list[BaseException] = []
@@ -136,6 +146,32 @@ def _init_process(**_: Any) -> None:
         _local_thread = threading.Thread(target=_load_local_model, name="voxq-local-load", daemon=True)
         _local_thread.start()
     freeze_startup_objects()
+
+
+def _drain_then_terminate(signum: int, _frame: Any) -> None:
+    """SIGTERM in a pool child (Celery cancels the running task when the broker connection is lost):
+    finish the provider calls in flight and commit their answers before dying, since the provider bills
+    an answer it sent whether or not we keep it; then terminate as the signal asked."""
+    from worker.runtime import current_runtime
+
+    rt = current_runtime()
+    if rt is not None:
+        log.warning("terminated: draining the provider calls in flight first")
+        try:
+            rt.drain(timeout=rt.settings.provider_timeout_seconds + DRAIN_EXTRA_SECONDS)
+        except BaseException as exc:  # dying anyway: the sweeper recovers what is left
+            log.warning("drain failed: %s", type(exc).__name__)
+    signal.signal(signum, signal.SIG_DFL)
+    os.kill(os.getpid(), signum)
+
+
+@task_prerun.connect
+def _drain_on_terminate(**_: Any) -> None:
+    # A prefork pool child only (in a solo or threads pool's process SIGTERM is Celery's warm shutdown).
+    # Installed when a task starts: billiard sets its own SIGTERM handler after `worker_process_init`.
+    pool_child = current_process().name.startswith(POOL_CHILD_PREFIX)
+    if pool_child and signal.getsignal(signal.SIGTERM) is not _drain_then_terminate:
+        signal.signal(signal.SIGTERM, _drain_then_terminate)
 
 
 @worker_process_shutdown.connect

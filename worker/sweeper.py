@@ -4,6 +4,10 @@
   broker). With `run_count < VOXQ_JOB_MAX_ATTEMPTS` it goes back to `queued` and is sent to `prepare`
   again (prepare is cheap and idempotent, and its claim increments `run_count`); at the limit it fails
   with `too_many_attempts`, so a file that crashes workers cannot loop forever.
+- A job in the local stage (lease owner `core.names.LOCAL_LEASE_PREFIX`…) goes back to the local queue,
+  never into the hosted chain again (which would pay again for what the hosted models could not do): one
+  still waiting there (its message lost, or a backlog longer than its lease) is sent again without
+  counting a run; one whose local run died counts a run, up to the same limit.
 - A job still `queued` one broker visibility timeout after it was queued lost its `prepare` message
   (e.g. the task failed while Postgres was down and was acked): `prepare` is sent again.
 - A batch still `processing` whose jobs have all ended (submitted at least a minute ago) lost its batch
@@ -40,7 +44,7 @@ from sqlalchemy import and_, or_, select, update
 from core import billing
 from core.db import session_scope
 from core.models import Attempt, Batch, Job
-from core.names import LOCAL_MODEL
+from core.names import LOCAL_LEASE_PREFIX, LOCAL_MODEL, LOCAL_QUEUE_OWNER
 from core.settings import Settings, get_settings
 from core.statuses import AttemptOutcome, BatchStatus, JobStatus
 from worker import budget, completion, dispatch
@@ -69,6 +73,7 @@ class SweepReport:
     """What one sweep did."""
 
     requeued: list[uuid.UUID] = field(default_factory=list)
+    local: list[uuid.UUID] = field(default_factory=list)  # sent to the local queue again
     resent: list[uuid.UUID] = field(default_factory=list)
     failed: list[uuid.UUID] = field(default_factory=list)
     abandoned_attempts: int = 0
@@ -87,9 +92,15 @@ def sweep(*, limit: int = 1000) -> SweepReport:
     by_priority: dict[str, list[uuid.UUID]] = {}
     with session_scope() as session:
         expired = _expired_jobs(session, ts, limit)
-        requeue = [r for r in expired if r.run_count < settings.job_max_attempts]
-        give_up = [r for r in expired if r.run_count >= settings.job_max_attempts]
+        local = [r for r in expired if _local_stage(r)]
+        hosted = [r for r in expired if not _local_stage(r)]
+        requeue = [r for r in hosted if r.run_count < settings.job_max_attempts]
+        give_up = [r for r in expired if r.run_count >= settings.job_max_attempts and _counts_a_run(r)]
         report.requeued = _requeue(session, requeue, ts)
+        ending = {r.id for r in give_up}
+        back = [r for r in local if r.id not in ending]
+        to_local = _back_to_local(session, back, ts + _local_wait(settings))
+        report.local = [job_id for job_id, _ in to_local]
         for r in requeue:
             by_priority.setdefault(r.priority, []).append(r.id)
         resent = _resend_lost(session, ts, settings, limit)
@@ -111,6 +122,8 @@ def sweep(*, limit: int = 1000) -> SweepReport:
             report.failed.append(r.id)
     for priority, ids in by_priority.items():
         dispatch.send_prepare(ids, priority=priority)
+    for job_id, group_id in to_local:
+        dispatch.send_local(job_id, group_id)
     for batch_id in stuck:
         if completion.finish_batch(batch_id):
             report.finished_batches.append(batch_id)
@@ -118,11 +131,58 @@ def sweep(*, limit: int = 1000) -> SweepReport:
     return report
 
 
+def _local_stage(job: Any) -> bool:
+    """Whether an expired job was in the local stage (waiting for the local engine or run by it)."""
+    return bool(job.group_id is not None and (job.lease_owner or "").startswith(LOCAL_LEASE_PREFIX))
+
+
+def _counts_a_run(job: Any) -> bool:
+    """Whether an expired lease means a run of the job was lost (not a wait in the local queue)."""
+    return not (_local_stage(job) and job.lease_owner == LOCAL_QUEUE_OWNER)
+
+
+def _local_wait(settings: Settings) -> timedelta:
+    return timedelta(seconds=dispatch.local_wait_seconds(settings))
+
+
+def _back_to_local(session: Any, jobs: list[Any], expires: datetime) -> list[tuple[uuid.UUID, uuid.UUID]]:
+    """Hand expired local-stage jobs to the local queue again (by CAS on their expired lease), counting a
+    run for each whose local run died; (job id, group id) of each."""
+    handed: list[tuple[uuid.UUID, uuid.UUID]] = []
+    for r in jobs:
+        row = session.execute(
+            update(Job)
+            .where(
+                Job.id == r.id,
+                Job.status == JobStatus.PROCESSING.value,
+                Job.lease_owner == r.lease_owner,
+                Job.lease_expires_at == r.lease_expires_at,
+            )
+            .values(
+                lease_owner=LOCAL_QUEUE_OWNER,
+                lease_expires_at=expires,
+                run_count=Job.run_count + (1 if _counts_a_run(r) else 0),
+            )
+            .returning(Job.id, Job.group_id)
+        ).first()
+        if row is not None:
+            handed.append((row.id, row.group_id))
+    return handed
+
+
 def _expired_jobs(session: Any, ts: datetime, limit: int) -> list[Any]:
     """Processing jobs whose lease has run out (their worker is gone), locked; the oldest lease first."""
     return list(
         session.execute(
-            select(Job.id, Job.run_count, Job.priority, Job.batch_id)
+            select(
+                Job.id,
+                Job.run_count,
+                Job.priority,
+                Job.batch_id,
+                Job.group_id,
+                Job.lease_owner,
+                Job.lease_expires_at,
+            )
             .where(Job.status == JobStatus.PROCESSING.value, Job.lease_expires_at < ts)
             .order_by(Job.lease_expires_at)
             .limit(limit)

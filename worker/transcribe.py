@@ -29,7 +29,7 @@ from worker.runtime import Runtime
 from worker.store.batches import BatchOptions
 from worker.store.claims import claim_group_run, extend_leases, finish_group, release_soon
 from worker.store.groups import GroupJob
-from worker.waves import transcribe_job
+from worker.waves import Drained, transcribe_job
 
 log = logging.getLogger(__name__)
 
@@ -37,9 +37,15 @@ RETRY_AFTER_ERROR_SECONDS = 60.0
 
 
 async def keep_leases(
-    ids: list[uuid.UUID], *, owner: str, lease_seconds: float, every: float | None = None
+    ids: list[uuid.UUID],
+    *,
+    owner: str,
+    group_id: uuid.UUID | None,
+    lease_seconds: float,
+    every: float | None = None,
 ) -> None:
-    """Renew these jobs' leases every third of a lease until cancelled.
+    """Renew these jobs' leases (held by `owner` for the run `group_id`) every third of a lease until
+    cancelled.
 
     A renewal that fails (a deadlock Postgres broke, a database outage) is tried again after a tenth of
     the interval rather than ending the loop: a lease left to run out makes the sweeper hand live jobs to
@@ -50,7 +56,9 @@ async def keep_leases(
     while True:
         await asyncio.sleep(wait)
         try:
-            await asyncio.to_thread(extend_leases, ids, owner=owner, lease_seconds=lease_seconds)
+            await asyncio.to_thread(
+                extend_leases, ids, owner=owner, group_id=group_id, lease_seconds=lease_seconds
+            )
             wait = interval
         except Exception as exc:
             log.warning("lease renewal of %d job(s) failed (%s); retrying", len(ids), type(exc).__name__)
@@ -121,7 +129,10 @@ class _GroupRun:
         rt, jobs, group_id = self.rt, self.jobs, self.group_id
         renewer = asyncio.ensure_future(
             keep_leases(
-                [j.id for j in jobs], owner=rt.worker_name, lease_seconds=rt.settings.job_lease_seconds
+                [j.id for j in jobs],
+                owner=rt.worker_name,
+                group_id=group_id,
+                lease_seconds=rt.settings.job_lease_seconds,
             )
         )
         try:
@@ -131,11 +142,22 @@ class _GroupRun:
         counts: Counter[str] = Counter()
         for job, result in zip(jobs, results, strict=True):
             if isinstance(result, BaseException):
-                # Left `processing` with a lease ending soon: the sweeper gives it another run.
-                log.error("job %s: %s: %s", job.id, type(result).__name__, result)
-                counts["error"] += 1
+                # Left `processing` with a lease ending soon: the sweeper gives it another run (at its
+                # next tick for a run its draining process stopped: nothing went wrong with the job).
+                drained = isinstance(result, Drained)
+                if drained:
+                    log.warning("job %s: %s", job.id, result)
+                else:
+                    log.error("job %s: %s: %s", job.id, type(result).__name__, result)
+                counts["drained" if drained else "error"] += 1
                 try:
-                    await asyncio.to_thread(release_soon, job.id, after_seconds=RETRY_AFTER_ERROR_SECONDS)
+                    await asyncio.to_thread(
+                        release_soon,
+                        job.id,
+                        owner=rt.worker_name,
+                        group_id=group_id,
+                        after_seconds=0.0 if drained else RETRY_AFTER_ERROR_SECONDS,
+                    )
                 except Exception:
                     log.exception("could not shorten the lease of job %s", job.id)
             else:

@@ -47,10 +47,14 @@ from worker.runtime import Runtime
 from worker.store.answers import keep_answer, stored_answer
 from worker.store.attempts import AttemptClose, close_attempt
 from worker.store.batches import BatchOptions
-from worker.store.claims import end_job
+from worker.store.claims import end_job, hand_off_local
 from worker.store.groups import GroupJob
 
 CHUNKS_AT_ONCE = 9
+
+
+class Drained(Exception):
+    """Raised when a job's run stopped because its process is draining (`Runtime.drain`)."""
 
 
 @dataclass(frozen=True)
@@ -192,6 +196,9 @@ async def _transcribe_job(
     chain = model_chain(batch.models, rt.settings)
     tmap = audio.TimeMap.from_json(job.time_map)
     halt = asyncio.Event()
+    rt.halts.add(halt)  # a draining process halts it (Runtime.drain)
+    if rt.draining:
+        halt.set()
     pieces: list[Piece] = []
     results: dict[int, _Done] = {}
     for position, piece in enumerate(pieces_of(job, batch)):
@@ -203,10 +210,21 @@ async def _transcribe_job(
         context = profile_plan(batch.profile, rt.settings).chunk_context  # worker/profiles.py
         for wave in plan_waves(len(pieces), set(results), context):
             await _run_wave(rt, runner, pieces, wave, results, chain, tmap, halt)
+        if len(results) < len(pieces):  # halted by a drain: the answers in are kept, the job runs again
+            raise Drained(f"job {job.id}: the process stopped before every piece was sent")
     except Handoff:
         if not job.chunks:
             await derived.spill(rt, derived_key(job.tenant_id, job.id))  # the local worker reads S3
-        await asyncio.to_thread(dispatch.send_local, job.id, group_id)
+        # The job stays leased while it waits for (and runs on) the local engine: the sweeper never
+        # sends it back into the hosted chain (issue #16, item 4). A run that lost it sends nothing.
+        if await asyncio.to_thread(
+            hand_off_local,
+            job.id,
+            owner=rt.worker_name,
+            group_id=group_id,
+            lease_seconds=dispatch.local_wait_seconds(rt.settings),
+        ):
+            await asyncio.to_thread(dispatch.send_local, job.id, group_id)
         return "handoff"
     except JobEnded as ended:
         if await asyncio.to_thread(
@@ -221,19 +239,30 @@ async def _transcribe_job(
             await asyncio.to_thread(completion.job_finished, job.id, job.batch_id, check_batch=False)
         return ended.status.value
     except BaseException:
-        # An answered attempt not yet closed with its transcript is closed on any way out.
-        for kept in results.values():
-            if kept.pending_close is not None:
-                await asyncio.to_thread(close_attempt, **vars(kept.pending_close))
+        await _close_deferred(results)
         raise
     ordered = [results[position] for position in range(len(pieces))]
-    # Written together with the other jobs answered at about the same moment (`Runtime.completions`).
-    done = await rt.completions.succeed(_stitched(job, batch, group_id, ordered, tmap))
+    try:
+        # Written together with the other jobs answered at about the same moment (`Runtime.completions`),
+        # retried through a database outage (`completion.succeed_one`).
+        done = await rt.completions.succeed(_stitched(job, batch, group_id, ordered, tmap))
+    except BaseException:
+        # Not written after all: the paid answer is still closed and kept, so the next run reuses it
+        # instead of paying again (issue #16, item 5). A close already committed is not repeated.
+        await _close_deferred(results)
+        raise
     if done is not None and done.followers:
         await asyncio.to_thread(
             completion.job_finished, job.id, job.batch_id, check_batch=False, succeeded=done
         )
     return JobStatus.SUCCEEDED.value
+
+
+async def _close_deferred(results: dict[int, _Done]) -> None:
+    """Close the answered attempts not yet closed with their transcript (on any way out of a run)."""
+    for kept in results.values():
+        if kept.pending_close is not None:
+            await asyncio.shield(asyncio.to_thread(close_attempt, **vars(kept.pending_close)))
 
 
 def _stitched(

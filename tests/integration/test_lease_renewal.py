@@ -30,14 +30,14 @@ def _lease(job_id: uuid.UUID) -> tuple[str | None, datetime | None]:
 
 def test_extend_leases_renews_only_jobs_still_processing(stack: Stack) -> None:
     soon = datetime.now(UTC) + timedelta(seconds=5)
-    live = processing_job_rows(lease_owner="old:1", lease_expires_at=soon).job_id
-    ended = processing_job_rows(lease_owner="old:1", lease_expires_at=soon).job_id
+    live = processing_job_rows(lease_owner="run:1", lease_expires_at=soon).job_id
+    ended = processing_job_rows(lease_owner="run:1", lease_expires_at=soon).job_id
     with session_scope() as s:
         s.execute(update(Job).where(Job.id == ended).values(status=JobStatus.SUCCEEDED.value))
-    assert extend_leases([ended, live], owner="new:1", lease_seconds=600) == 1
+    assert extend_leases([ended, live], owner="run:1", group_id=None, lease_seconds=600) == 1
     owner, expires = _lease(live)
-    assert owner == "new:1" and expires is not None and expires > soon + timedelta(seconds=500)
-    assert _lease(ended) == ("old:1", soon)
+    assert owner == "run:1" and expires is not None and expires > soon + timedelta(seconds=500)
+    assert _lease(ended) == ("run:1", soon)
 
 
 def test_lease_renewal_goes_on_after_a_failed_renewal(stack: Stack) -> None:
@@ -50,7 +50,9 @@ def test_lease_renewal_goes_on_after_a_failed_renewal(stack: Stack) -> None:
         with session_scope() as s:  # every renewal is refused by Postgres from now on
             check = f"CHECK (lease_owner <> '{owner}') NOT VALID"
             s.execute(text(f"ALTER TABLE jobs ADD CONSTRAINT {constraint} {check}"))
-        renewer = asyncio.ensure_future(keep_leases([job], owner=owner, lease_seconds=600, every=0.2))
+        renewer = asyncio.ensure_future(
+            keep_leases([job], owner=owner, group_id=None, lease_seconds=600, every=0.2)
+        )
         try:
             await asyncio.sleep(0.7)  # several renewals fail
             during = _lease(job)[1]

@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import random
 import uuid
 from dataclasses import dataclass
 from datetime import timedelta
@@ -20,6 +21,7 @@ from core import metrics
 from core.billing import add_batch_totals
 from core.db import durable, session_scope
 from core.models import Batch, Group, Job
+from core.names import LOCAL_LEASE_PREFIX, LOCAL_QUEUE_OWNER
 from core.statuses import BatchStatus, GroupStatus, JobStatus
 from worker.store.batches import BatchOptions, load_batches_in, model_list
 from worker.store.groups import GroupJob
@@ -38,6 +40,7 @@ class ClaimedJob:
     run_count: int
     batch: BatchOptions
     size_bytes: int | None = None  # size of the uploaded object (None for an imported `source_uri`)
+    owner: str = ""  # the lease owner this claim wrote (compare-and-set of `release_soon`)
 
 
 def claim_jobs(job_ids: list[uuid.UUID], *, owner: str, lease_seconds: float) -> list[ClaimedJob]:
@@ -87,6 +90,7 @@ def claim_jobs(job_ids: list[uuid.UUID], *, owner: str, lease_seconds: float) ->
             run_count=r.run_count,
             batch=batches[r.batch_id],
             size_bytes=r.bytes,
+            owner=owner,
         )
         for r in rows
     ]
@@ -94,35 +98,90 @@ def claim_jobs(job_ids: list[uuid.UUID], *, owner: str, lease_seconds: float) ->
     return claimed
 
 
-def extend_leases(job_ids: list[uuid.UUID], *, owner: str, lease_seconds: float) -> int:
-    """Renew the lease of jobs this worker is working on; returns how many are still processing."""
+def _held(owner: str, group_id: uuid.UUID | None) -> list[ColumnElement[bool]]:
+    """The compare-and-set condition of a lease holder: still processing, under this owner and run token
+    (the group id; None: a prepare run, before its job has a group)."""
+    run = Job.group_id.is_(None) if group_id is None else Job.group_id == group_id
+    return [Job.status == JobStatus.PROCESSING.value, Job.lease_owner == owner, run]
+
+
+def extend_leases(
+    job_ids: list[uuid.UUID], *, owner: str, group_id: uuid.UUID | None, lease_seconds: float
+) -> int:
+    """Renew the lease of jobs this run holds; returns how many it still holds.
+
+    Compare-and-set on the lease owner and the run token: a stale run (its job requeued by the sweeper,
+    claimed by another run, or handed to the local engine) neither keeps another run's lease alive nor
+    takes it over.
+    """
     if not job_ids:
         return 0
+    held = _held(owner, group_id)
     # Rows locked in id order (the completion writer's order too): two transactions locking the same jobs
     # in different orders deadlock, and Postgres then aborts one of them.
-    locked = (
-        select(Job.id)
-        .where(Job.id.in_(job_ids), Job.status == JobStatus.PROCESSING.value)
-        .order_by(Job.id)
-        .with_for_update()
-    )
+    locked = select(Job.id).where(Job.id.in_(job_ids), *held).order_by(Job.id).with_for_update()
     with session_scope() as session:
         result = session.execute(
             update(Job)
-            .where(Job.id.in_(locked.scalar_subquery()), Job.status == JobStatus.PROCESSING.value)
-            .values(lease_owner=owner, lease_expires_at=now() + timedelta(seconds=lease_seconds))
+            .where(Job.id.in_(locked.scalar_subquery()), *held)
+            .values(lease_expires_at=now() + timedelta(seconds=lease_seconds))
         )
     return int(result.rowcount)  # type: ignore[attr-defined]
 
 
-def release_soon(job_id: uuid.UUID, *, after_seconds: float) -> None:
-    """Let a job's lease run out soon after an unexpected error, so the sweeper gives it another run."""
+def release_soon(job_id: uuid.UUID, *, owner: str, group_id: uuid.UUID | None, after_seconds: float) -> bool:
+    """Let a job's lease run out soon after an unexpected error, so the sweeper gives it another run;
+    False when this run no longer holds the job (compare-and-set on owner and run token)."""
     with session_scope() as session:
+        row = session.execute(
+            update(Job)
+            .where(Job.id == job_id, *_held(owner, group_id))
+            .values(lease_expires_at=now() + timedelta(seconds=after_seconds))
+            .returning(Job.id)
+        ).first()
+    return row is not None
+
+
+def release_after_outage(
+    job_id: uuid.UUID, *, owner: str, group_id: uuid.UUID | None, base_seconds: float, cap_seconds: float
+) -> float | None:
+    """After an infrastructure outage stopped this run: the run is not counted (`run_count - 1`: an
+    outage delays a job, it never fails it with `too_many_attempts`) and the lease ends after a wait that
+    grows with how long the job has been under way (half to all of the time since its first claim, so
+    about doubling from one outage retry to the next), between `base_seconds` and `cap_seconds`. The
+    wait, or None when this run no longer holds the job (compare-and-set on owner and run token)."""
+    held = _held(owner, group_id)
+    with session_scope() as session:
+        row = session.execute(select(Job.started_at).where(Job.id == job_id, *held).with_for_update()).first()
+        if row is None:
+            return None
+        ts = now()
+        waited = (ts - row.started_at).total_seconds() if row.started_at is not None else 0.0
+        ceiling = min(max(base_seconds, waited), cap_seconds)
+        wait = ceiling * random.uniform(0.5, 1.0)  # spread a fleet's jobs out, never hammer a recovering S3
         session.execute(
             update(Job)
-            .where(Job.id == job_id, Job.status == JobStatus.PROCESSING.value)
-            .values(lease_expires_at=now() + timedelta(seconds=after_seconds))
+            .where(Job.id == job_id, *held)
+            .values(
+                lease_expires_at=ts + timedelta(seconds=wait),
+                run_count=func.greatest(Job.run_count - 1, 0),
+            )
         )
+    return wait
+
+
+def hand_off_local(job_id: uuid.UUID, *, owner: str, group_id: uuid.UUID, lease_seconds: float) -> bool:
+    """Hand a job this run holds to the local queue: its lease passes to `LOCAL_QUEUE_OWNER` for
+    `lease_seconds` (a queue wait is not a dead worker; the sweeper sends it to the local queue again
+    if that runs out, never to the hosted chain). False when this run no longer holds the job."""
+    with session_scope() as session:
+        row = session.execute(
+            update(Job)
+            .where(Job.id == job_id, *_held(owner, group_id))
+            .values(lease_owner=LOCAL_QUEUE_OWNER, lease_expires_at=now() + timedelta(seconds=lease_seconds))
+            .returning(Job.id)
+        ).first()
+    return row is not None
 
 
 def _processing_job(job_id: uuid.UUID, group_id: uuid.UUID | None) -> list[ColumnElement[bool]]:
@@ -166,14 +225,19 @@ def end_job(
 
 
 # One round trip for a group's claim (`claim_group_run`): the lease on its still-processing jobs by
-# compare-and-set (`status = 'processing'`), the group marked running, and each claimed job's chunk plan,
-# kept answers and batch options. The SELECT reads job_chunks/job_answers/batches, which the two UPDATEs
-# do not touch, so the statement's one snapshot sees them as the separate SELECTs did.
+# compare-and-set (`status = 'processing'`; a group run never takes a job handed to the local stage, a
+# local run only one waiting for it or whose lease ran out), the group marked running, and each claimed
+# job's chunk plan, kept answers and batch options. The SELECT reads job_chunks/job_answers/batches,
+# which the two UPDATEs do not touch, so the statement's one snapshot sees them as the separate SELECTs
+# did.
 _CLAIM_GROUP = """
 WITH claimed AS (
     UPDATE jobs SET lease_owner = %(owner)s, lease_expires_at = %(expires)s, updated_at = now()
     WHERE group_id = %(group)s AND status = 'processing'
       AND (CAST(%(only)s AS uuid[]) IS NULL OR id = ANY(CAST(%(only)s AS uuid[])))
+      AND CASE WHEN CAST(%(waiting)s AS text) IS NULL
+               THEN COALESCE(lease_owner, '') NOT LIKE %(local_stage)s
+               ELSE lease_owner = %(waiting)s OR lease_expires_at < now() END
     RETURNING id, tenant_id, batch_id, duration_seconds, speech_seconds, time_map
 ), running AS (
     UPDATE groups SET status = 'running' WHERE id = %(group)s AND status = 'pending' RETURNING id
@@ -193,15 +257,29 @@ ORDER BY c.id
 
 
 def claim_group(
-    group_id: uuid.UUID, *, owner: str, lease_seconds: float, only: list[uuid.UUID] | None = None
+    group_id: uuid.UUID,
+    *,
+    owner: str,
+    lease_seconds: float,
+    only: list[uuid.UUID] | None = None,
+    waiting: str | None = None,
 ) -> list[GroupJob]:
-    """Take the lease on a group's still-processing jobs (or `only` these) and load what they need."""
-    jobs, _ = claim_group_run(group_id, owner=owner, lease_seconds=lease_seconds, only=only)
+    """Take the lease on a group's still-processing jobs (or `only` these) and load what they need.
+
+    With `waiting`, only jobs whose lease that owner holds (waiting for this stage) or whose lease ran out
+    are claimed: a duplicate message never takes a job from a live run.
+    """
+    jobs, _ = claim_group_run(group_id, owner=owner, lease_seconds=lease_seconds, only=only, waiting=waiting)
     return jobs
 
 
 def claim_group_run(
-    group_id: uuid.UUID, *, owner: str, lease_seconds: float, only: list[uuid.UUID] | None = None
+    group_id: uuid.UUID,
+    *,
+    owner: str,
+    lease_seconds: float,
+    only: list[uuid.UUID] | None = None,
+    waiting: str | None = None,
 ) -> tuple[list[GroupJob], dict[uuid.UUID, BatchOptions]]:
     """`claim_group`, with the claimed jobs' batch options, in one statement (one round trip).
 
@@ -212,6 +290,8 @@ def claim_group_run(
         "expires": now() + timedelta(seconds=lease_seconds),
         "group": group_id,
         "only": list(only) if only is not None else None,
+        "waiting": waiting,
+        "local_stage": LOCAL_LEASE_PREFIX + "%",  # a job handed to the local stage is not the group's
     }
     with session_scope() as session:
         rows = run_sql(session, _CLAIM_GROUP, params).all()
