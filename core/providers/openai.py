@@ -253,7 +253,15 @@ def translate_error(
     if status in (408, 409) or status >= 500:
         return error(ErrorKind.RETRY)
     if status in (401, 403):
-        return error(ErrorKind.NEXT_MODEL)
+        # Said so in the message (the attempt row, the job's fallback reason): a wrong or revoked key.
+        refused = f"the provider refused the API key (HTTP {status}{' ' + err_code if err_code else ''})"
+        return ProviderError(
+            f"{refused}: {message}"[:_MAX_MESSAGE_CHARS],
+            kind=ErrorKind.NEXT_MODEL,
+            code=code,
+            http_status=status,
+            auth_failed=True,
+        )
     if err_code == "model_not_found" and status in (400, 404):
         return error(ErrorKind.NEXT_MODEL, model_gone=True)
     if status == 413 or (status == 400 and _TOO_LONG_MESSAGE.search(message) is not None):

@@ -525,3 +525,15 @@ def test_a_429_without_retry_after_waits_for_the_exhausted_limit_to_reset() -> N
         0.25
     )
     assert _raised(_error_response(429, "rate_limit_exceeded")).retry_after is None
+
+
+@pytest.mark.parametrize(("status", "code"), [(401, "invalid_api_key"), (403, None)])
+def test_a_refused_key_says_so_and_is_flagged(status: int, code: str | None) -> None:
+    """Issue #16, item 14: a 401/403 is flagged `auth_failed` and its message says the key was refused."""
+    err = _raised(_error_response(status, code, message=f"Incorrect API key provided: {API_KEY}."))
+    assert err.auth_failed and err.kind is ErrorKind.NEXT_MODEL and err.opens_circuit
+    label = f"HTTP {status} {code}" if code else f"HTTP {status}"
+    assert err.message.startswith(f"the provider refused the API key ({label}): Incorrect API key provided: ")
+    assert API_KEY not in err.message and "SECRET" not in err.message
+    quota = _raised(_error_response(429, "insufficient_quota", type="insufficient_quota"))
+    assert not quota.auth_failed
