@@ -35,7 +35,7 @@ from api.schemas import (
 )
 from core.db import get_engine, get_sessionmaker, session_scope
 from core.models import Attempt, Batch, CostRecord, Job, Transcript
-from core.statuses import JOB_TERMINAL, BatchStatus, JobStatus
+from core.statuses import JOB_TERMINAL, AttemptOutcome, BatchStatus, JobStatus
 
 MAX_PAGE = 200
 DEFAULT_PAGE = 50
@@ -159,6 +159,7 @@ def batch_out(batch: Batch, counts: dict[str, int], estimated: Decimal = Decimal
         profile=batch.profile,
         language=batch.language,
         priority=batch.priority,
+        prefer=batch.prefer,
         auto_submit=batch.auto_submit,
         models=batch.models,
         webhook_url=batch.webhook_url,
@@ -215,8 +216,31 @@ def attempt_counts(session: Session, job_ids: Sequence[uuid.UUID]) -> dict[uuid.
     return {job_id: int(n) for job_id, n in rows if job_id is not None}
 
 
-def job_out(job: Job, attempts: int, estimated: Decimal = Decimal(0)) -> JobOut:
-    """The API view of a job (`estimated`: the part of its cost that is an estimate)."""
+def _fallback_reason_of(job_id: Any) -> Any:
+    """SQL: "<model>: <message>" of the job's latest attempt that moved it on to the next model."""
+    return (
+        select(func.concat(Attempt.model, ": ", func.coalesce(Attempt.error_message, Attempt.error_code)))
+        .where(Attempt.job_id == job_id, Attempt.outcome == AttemptOutcome.FALLBACK.value)
+        .order_by(Attempt.started_at.desc(), Attempt.id.desc())
+        .limit(1)
+        .scalar_subquery()
+    )
+
+
+def fallback_reasons(session: Session, job_ids: Sequence[uuid.UUID]) -> dict[uuid.UUID, str]:
+    """Each job's `fallback_reason` (jobs that never moved on are absent)."""
+    if not job_ids:
+        return {}
+    ids = select(Job.id.label("job_id")).where(Job.id.in_(job_ids)).subquery()
+    rows = session.execute(select(ids.c.job_id, _fallback_reason_of(ids.c.job_id))).all()
+    return {job_id: reason for job_id, reason in rows if reason is not None}
+
+
+def job_out(
+    job: Job, attempts: int, estimated: Decimal = Decimal(0), fallback_reason: str | None = None
+) -> JobOut:
+    """The API view of a job (`estimated`: the part of its cost that is an estimate; `fallback_reason`:
+    why the job last moved on to the next model)."""
     cost, billed, guessed = _split_cost(job.cost_usd, estimated)
     error = JobError(code=job.error_code, message=job.error_message) if job.error_code else None
     return JobOut(
@@ -239,6 +263,7 @@ def job_out(job: Job, attempts: int, estimated: Decimal = Decimal(0)) -> JobOut:
         billed_usd=billed,
         estimated_usd=guessed,
         error=error,
+        fallback_reason=fallback_reason,
         deduplicated_from=job.deduplicated_from_id,
         created_at=job.created_at,
         uploaded_at=job.uploaded_at,
@@ -263,19 +288,20 @@ def read_job_out(tenant: TenantContext, job_id: uuid.UUID) -> JobOut:
     with get_sessionmaker()() as session:
         session.connection(execution_options={"isolation_level": "AUTOCOMMIT"})
         row = session.execute(
-            select(Job, attempts, estimated).where(
+            select(Job, attempts, estimated, _fallback_reason_of(Job.id)).where(
                 Job.id == job_id, Job.tenant_id == tenant.tenant_id, Job.deleted_at.is_(None)
             )
         ).first()
     if row is None:
         raise not_found("job")
-    return job_out(row[0], int(row[1]), Decimal(row[2]))
+    return job_out(row[0], int(row[1]), Decimal(row[2]), row[3])
 
 
 def load_job_out(session: Session, job: Job) -> JobOut:
     """A job's view with its attempt count."""
     estimated = estimated_costs(session, job_ids=[job.id]).get(job.id, Decimal(0))
-    return job_out(job, attempt_counts(session, [job.id]).get(job.id, 0), estimated)
+    reason = fallback_reasons(session, [job.id]).get(job.id)
+    return job_out(job, attempt_counts(session, [job.id]).get(job.id, 0), estimated, reason)
 
 
 def job_brief(job: Job) -> JobBrief:
@@ -306,8 +332,12 @@ def job_page(
     jobs = jobs[:limit]
     attempts = attempt_counts(session, [j.id for j in jobs])
     estimated = estimated_costs(session, job_ids=[j.id for j in jobs])
+    reasons = fallback_reasons(session, [j.id for j in jobs])
     return JobPage(
-        items=[job_out(j, attempts.get(j.id, 0), estimated.get(j.id, Decimal(0))) for j in jobs],
+        items=[
+            job_out(j, attempts.get(j.id, 0), estimated.get(j.id, Decimal(0)), reasons.get(j.id))
+            for j in jobs
+        ],
         next_cursor=encode_cursor(jobs[-1].id) if more else None,
     )
 

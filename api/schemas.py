@@ -16,6 +16,7 @@ from core.settings import get_settings
 
 ProfileName = Literal["voicemail", "podcast", "auto"]
 PriorityName = Literal["high", "normal", "low"]
+PreferName = Literal["cost", "speed"]
 TranscriptFormat = Literal["txt", "json", "srt", "vtt"]
 GroupBy = Literal["day", "model", "batch"]
 ModelName = Annotated[str, Field(min_length=1, max_length=100, pattern=r"^[A-Za-z0-9][A-Za-z0-9._:/-]*$")]
@@ -67,6 +68,11 @@ class BatchOptions(Strict):
     webhook_url: AnyHttpUrl | None = None
     budget_usd: Decimal | None = Field(default=None, ge=0, le=Decimal(10**9), max_digits=18, decimal_places=8)
     priority: PriorityName = "normal"
+    prefer: PreferName = Field(
+        default="cost",
+        description="cost: a rate-limited model is waited for (backoff, same model); speed: after "
+        "VOXQ_MAX_RETRIES rate-limit retries the job moves on to the next (possibly pricier) model",
+    )
     metadata: dict[str, Any] = Field(default_factory=dict)
 
     @field_validator("models")
@@ -121,6 +127,7 @@ class BatchOut(BaseModel):
     profile: str
     language: str | None
     priority: str
+    prefer: str
     auto_submit: bool
     models: list[str] | None
     webhook_url: str | None
@@ -196,6 +203,11 @@ class JobOut(BaseModel):
         description="Cost estimated from list prices (an unknown model, a call whose bill is not settled)"
     )
     error: JobError | None
+    fallback_reason: str | None = Field(
+        default=None,
+        description="Why the job last moved on from a model of its chain (that model and the provider's "
+        "message, e.g. a refused API key or an exhausted quota); null when it never did",
+    )
     deduplicated_from: uuid.UUID | None
     created_at: datetime
     uploaded_at: datetime | None

@@ -100,6 +100,7 @@ def new_batch(tenant: TenantContext, options: BatchOptions, *, auto_submit: bool
         webhook_url=str(options.webhook_url) if options.webhook_url else None,
         budget_usd=options.budget_usd,
         priority=options.priority,
+        prefer=options.prefer,
         auto_submit=auto_submit,
         metadata_=options.metadata,
         status=BatchStatus.OPEN.value,

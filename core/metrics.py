@@ -84,6 +84,11 @@ RATE_LIMIT_WAIT_SECONDS = ModelCounter(
 RATE_LIMIT_WAITS = ModelCounter(
     "voxq_rate_limiter_waits_total", "Times a call waited on the rate limiter.", ["model"]
 )
+PROVIDER_AUTH_FAILURES = Counter(
+    "voxq_provider_auth_failures_total",
+    "Provider calls refused for the API key (401/403): a wrong or revoked key; jobs move to the next model.",
+    ["provider"],
+)
 WEBHOOK_DELIVERIES = Counter(
     "voxq_webhook_deliveries_total", "Webhook delivery attempts by outcome.", ["outcome"]
 )

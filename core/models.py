@@ -137,6 +137,8 @@ class Batch(Base):
     webhook_url: Mapped[str | None] = mapped_column(Text)
     budget_usd: Mapped[Decimal | None] = mapped_column(USD)
     priority: Mapped[str] = mapped_column(String(10), default=Priority.NORMAL.value)
+    # cost: rate limits are waited out on the same model; speed: they may move a job to the next model.
+    prefer: Mapped[str] = mapped_column(String(10), default="cost", server_default=text("'cost'"))
     auto_submit: Mapped[bool] = mapped_column(Boolean, default=False)
     metadata_: Mapped[dict[str, Any]] = mapped_column("metadata", JSONB, default=dict)
     status: Mapped[str] = mapped_column(String(20), default=BatchStatus.OPEN.value)

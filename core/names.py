@@ -53,6 +53,9 @@ KEY_IDEMPOTENCY_LOCK = REDIS_PREFIX + "idem:"  # + tenant + ":" + key
 KEY_GROUP_BUFFER = REDIS_PREFIX + "group:"  # + group key
 KEY_METRICS = REDIS_PREFIX + "metrics:"
 KEY_MODEL_RETIRED = REDIS_PREFIX + "retired:"  # + model
+KEY_PROVIDER_AUTH = (
+    REDIS_PREFIX + "provider_auth:"
+)  # + provider: its API key was refused (core.provider_health)
 KEY_OBJECT_LOCK = REDIS_PREFIX + "objlock:"  # + sha256 of an audio object key (upload vs delete)
 KEY_DERIVED = REDIS_PREFIX + "derived:"  # + the S3 key a job's FLAC kept in Redis would have (worker.derived)
 

@@ -94,6 +94,11 @@ class Settings(BaseSettings):
     # How long a worker process trusts a circuit it saw closed with no failures (worker/circuit.py); 0: ask
     # Redis on every call.
     circuit_local_seconds: float = 1.0
+    # A provider's refused API key (401/403) keeps /readyz degraded this long after the last refusal (a
+    # probe that gets through clears it sooner).
+    provider_auth_alert_seconds: float = Field(default=900.0, gt=0)
+    # A model the provider answered `model_not_found` for is skipped by every worker for this long.
+    model_retired_seconds: float = Field(default=7 * 86400.0, gt=0)
     model_rpm_limit: int = 0
     model_audio_seconds_per_minute: float = 0.0
     trim_silence: bool = True

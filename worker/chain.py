@@ -39,8 +39,10 @@ from core.logs import bind_log_context, log_context
 from core.names import LOCAL_MODEL
 from core.providers.base import ErrorKind, ProviderError, TranscriptionRequest
 from core.statuses import CircuitState, JobStatus
-from worker import audio, budget
-from worker.pieces import Piece, compose_prompt
+from worker import audio, budget, provider_alerts
+from worker.circuit import Ticket
+from worker.outcomes import Halted, Handoff, JobEnded
+from worker.pieces import Piece, compose_prompt, shift_segments
 from worker.policy import Action, Call, Limits, Note, Position, Step, decide
 from worker.runtime import Runtime
 from worker.store.answers import KeptAnswer
@@ -57,14 +59,6 @@ BUDGET_WAIT_SECONDS = 0.5
 ON_SLOT: contextvars.ContextVar[Callable[[], None] | None] = contextvars.ContextVar("ON_SLOT", default=None)
 
 
-class Handoff(Exception):
-    """Raised when the chain reaches `local`: the job goes to the local engine's queue."""
-
-
-class Halted(Exception):
-    """Raised instead of starting a call once a sibling chunk has ended the job."""
-
-
 class _ChainBlocked(Exception):
     """Raised when every usable model was skipped because its circuit is open (not retired)."""
 
@@ -73,14 +67,17 @@ class _ChainBlocked(Exception):
         self.message = message
 
 
-class JobEnded(Exception):
-    """Raised when a job cannot be transcribed: it ends with this status, code and message."""
+class _CircuitRefused(Exception):
+    """Raised instead of a call when the model's circuit does not let it through (open, retired, or
+    half-open with its probe already out)."""
 
-    def __init__(self, status: JobStatus, code: str, message: str) -> None:
-        super().__init__(message)
-        self.status = status
-        self.code = code
-        self.message = message
+    def __init__(self, state: str) -> None:
+        super().__init__(state)
+        self.state = state
+
+
+class _Paused(Exception):
+    """Raised instead of a call when the fleet paused the model (a 429) while the call waited for a slot."""
 
 
 @dataclass
@@ -104,18 +101,6 @@ def _relative_segments(answer: Answer, seconds: float) -> list[dict[str, Any]]:
     return [{"start": 0.0, "end": seconds, "text": answer.text}] if answer.text.strip() else []
 
 
-def _shift(segments: list[dict[str, Any]], by: float) -> list[dict[str, Any]]:
-    out = []
-    for seg in segments:
-        moved = {**seg, "start": float(seg["start"]) + by, "end": float(seg["end"]) + by}
-        if seg.get("words"):
-            moved["words"] = [
-                {**w, "start": float(w["start"]) + by, "end": float(w["end"]) + by} for w in seg["words"]
-            ]
-        out.append(moved)
-    return out
-
-
 @dataclass
 class _Walk:
     """A piece's way through the chain so far (one pass of `ChainRunner._run_once`)."""
@@ -135,12 +120,12 @@ class ChainRunner:
         self.settings = rt.settings
         self.deadline = deadline
         self.provider = rt.provider()
+        self._provider_name: str = getattr(self.provider, "name", "openai")
         self.circuit = rt.circuit()
         self.limiter = rt.limiter()
         self.limits = Limits(
             max_retries=rt.settings.max_retries, provider_timeout=rt.settings.provider_timeout_seconds
         )
-        self.rate_limited = bool(rt.settings.model_rpm_limit or rt.settings.model_audio_seconds_per_minute)
         # Whole files' FLACs read for the group in one round trip (`derived.read_many`), each taken once.
         self.audio: dict[str, bytes] = {}
 
@@ -197,12 +182,6 @@ class ChainRunner:
                 raise Handoff()
             if walk.invalid is not None and i > walk.invalid_at + 1:
                 break  # only the model right after the one that said invalid audio gets a try
-            if not await self.circuit.allow(model):
-                state = await self.circuit.state(model)
-                walk.blocked = walk.blocked or state != CircuitState.RETIRED
-                walk.last_error = f"{model}: circuit {state}"
-                self._fallback(model, chain, i)
-                continue
             answer = await self._through_model(
                 piece, data, seconds, prompt, chain, i, depth, defer_close, walk
             )
@@ -234,40 +213,43 @@ class ChainRunner:
         """Call `chain[i]`, again after each retryable failure, and do what the policy decides after each
         call (worker.policy); the piece's answer, or None to go on with the next model."""
         model = chain[i]
-        retry = 0
+        retry = throttled = 0
         while True:
-            raw, err, attempt_id, latency_ms = await self._call(piece, data, seconds, prompt, model, retry)
+            try:
+                raw, err, attempt_id, latency_ms, ticket = await self._call(
+                    piece, data, seconds, prompt, model, retry
+                )
+            except _CircuitRefused as refused:  # checked before each call, retries included
+                self._skipped(refused.state, chain, i, walk)
+                return None
             if raw is not None:
-                call, delay = Call.answer(raw.text), 0.0
+                call = Call.answer(raw.text)
             else:
                 assert err is not None
                 call = Call.error(err)
-                # Drawn here (full jitter) so that `decide` stays a pure function.
-                delay = backoff_delay(
-                    retry + 1,
-                    base=self.settings.retry_base_seconds,
-                    cap=self.settings.retry_max_seconds,
-                    retry_after=err.retry_after,
-                )
             position = Position(
                 retries=retry,
                 has_next=i + 1 < len(chain),
                 invalid_message=walk.invalid,
                 time_left=self.deadline - time.monotonic(),
-                delay=delay,
+                delay=self._backoff(err, retry),
                 depth=depth,
                 seconds=seconds,
+                throttled=throttled,
+                speed=piece.batch.prefer == "speed",
             )
             action = decide(call, position, self.limits)
             close = self._close_of(
                 action, piece, model, attempt_id, err, latency_ms, raw, call, seconds, depth
             )
             if raw is None:
-                await self._bookkeep(model, action.note, call)  # an error: noted before the close
+                await self._bookkeep(model, action, ticket, call)  # an error: noted before the close
             if action.step != Step.ANSWER or not defer_close:
                 await asyncio.to_thread(close_attempt, **vars(close))
             if raw is not None:
-                await self._bookkeep(model, action.note, call)  # an answer: its close (what was paid) first
+                await self._bookkeep(
+                    model, action, ticket, call
+                )  # an answer: its close (what was paid) first
             if action.step == Step.ANSWER:
                 assert raw is not None
                 pending = close if defer_close else None
@@ -276,6 +258,7 @@ class ChainRunner:
             if action.step == Step.RETRY:
                 await piece.pause(action.delay)
                 retry += 1
+                throttled += call.http_status == 429
                 continue
             if action.step == Step.SPLIT:
                 return await self._split(piece, data, seconds, prompt, chain, i, depth)
@@ -290,10 +273,30 @@ class ChainRunner:
                 walk.last_error = f"{model}: empty transcript"
             else:
                 walk.last_error = f"{model}: {call.message}"
-            if action.invalid:
-                walk.invalid, walk.invalid_at = call.message, i
+            if action.invalid:  # the first model's message stands; the next model is the second opinion
+                walk.invalid, walk.invalid_at = walk.invalid or call.message, i
             self._fallback(model, chain, i)
             return None
+
+    def _backoff(self, err: ProviderError | None, retry: int) -> float:
+        """The wait before a retry after `err` (none after an answer); drawn here (full jitter) so that
+        `decide` stays a pure function."""
+        if err is None:
+            return 0.0
+        return backoff_delay(
+            retry + 1,
+            base=self.settings.retry_base_seconds,
+            cap=self.settings.retry_max_seconds,
+            retry_after=err.retry_after,
+        )
+
+    def _skipped(self, state: str, chain: list[str], i: int, walk: _Walk) -> None:
+        """`chain[i]` was not called: its circuit is open, retired or half-open with the probe out."""
+        walk.blocked = walk.blocked or state != CircuitState.RETIRED
+        walk.last_error = f"{chain[i]}: circuit {state}"
+        if walk.invalid is not None:
+            walk.invalid_at = i  # the second opinion after invalid audio passes to the next model
+        self._fallback(chain[i], chain, i)
 
     def _close_of(
         self,
@@ -347,14 +350,23 @@ class ChainRunner:
             answer=_kept(piece, raw, attempt_id, depth) if raw is not None and action.keep else None,
         )
 
-    async def _bookkeep(self, model: str, note: Note | None, call: Call) -> None:
-        """The circuit's or rate limiter's part of a call's outcome."""
-        if note == Note.SUCCESS:
-            await self._note(self.circuit.record_success(model))
-        elif note == Note.FAILURE:
-            await self._note(self.circuit.record_failure(model))
-        elif note == Note.PENALIZE and call.retry_after:
-            await self._note(self.limiter.penalize(model, call.retry_after))
+    async def _bookkeep(self, model: str, action: Action, ticket: Ticket, call: Call) -> None:
+        """The circuit's or rate limiter's part of a call's outcome (and a refused API key's alert)."""
+        note = action.note
+        if note == Note.FAILURE:
+            await self._note(self.circuit.record_failure(model, ticket.probe))
+        elif note == Note.SUCCESS or (ticket.probe and note in (None, Note.PENALIZE)):
+            # A probe answered (a refusal of this request, a 429 included): the model serves again.
+            await self._note(self.circuit.record_success(model, ticket.probe))
+            if ticket.probe:
+                await self._note(provider_alerts.auth_restored(self.rt, self._provider_name))
+        if note == Note.AUTH:
+            await self._note(self.circuit.trip(model))
+            await self._note(
+                provider_alerts.auth_refused(self.rt, self._provider_name, model, call.http_status, call.code)
+            )
+        elif note == Note.PENALIZE and action.pause > 0:
+            await self._note(self.limiter.penalize(model, action.pause))
         elif note == Note.TRIP:
             await self._note(self.circuit.trip(model))
         elif note == Note.RETIRE:
@@ -373,6 +385,23 @@ class ChainRunner:
             from_model=model, to_model=chain[i + 1] if i + 1 < len(chain) else "none"
         ).inc()
 
+    def _pending(
+        self, piece: Piece, attempt_id: uuid.UUID, model: str, retry: int, seconds: float, data: bytes
+    ) -> PendingAttempt:
+        """The attempt row opened for a call (its INSERT shared with calls starting now: Runtime.attempts)."""
+        return PendingAttempt(
+            id=attempt_id,
+            tenant_id=piece.job.tenant_id,
+            job_id=piece.job.id,
+            chunk_index=piece.index,
+            model=model,
+            provider=self._provider_name,
+            retry_number=retry,
+            audio_seconds=seconds,
+            request_bytes=len(data),
+            worker=self.rt.worker_name,
+        )
+
     def _price(self, model: str, answer: _RawAnswer, seconds: float) -> PricedLike:
         from core.pricing import price_attempt
 
@@ -381,20 +410,31 @@ class ChainRunner:
 
     async def _call(
         self, piece: Piece, data: bytes, seconds: float, prompt: str | None, model: str, retry: int
-    ) -> tuple[_RawAnswer | None, ProviderError | None, uuid.UUID, float | None]:
+    ) -> tuple[_RawAnswer | None, ProviderError | None, uuid.UUID, float | None, Ticket]:
         # Lines logged during the call carry the model and retry number (never the audio or text).
         with log_context(model=model, retry=retry, chunk=piece.index):
-            return await self._call_in_context(piece, data, seconds, prompt, model, retry)
+            while True:
+                try:
+                    return await self._call_in_context(piece, data, seconds, prompt, model, retry)
+                except _Paused:
+                    continue  # the fleet paused the model while this call waited for a slot: wait it out
+
+    async def _before_slot(self, piece: Piece, model: str, seconds: float) -> None:
+        """The circuit's first look and the rate limiter's wait, before the budget and a slot."""
+        if piece.halted:
+            raise Halted()
+        state = await self.circuit.peek(model)  # an open circuit costs no limiter wait or reservation
+        if state in (CircuitState.OPEN, CircuitState.RETIRED):
+            raise _CircuitRefused(state)
+        # Always: a 429's fleet-wide pause holds without an RPM or audio limit configured too.
+        await self.limiter.acquire(model, seconds)  # counts its own waits in metrics
+        if piece.halted:
+            raise Halted()
 
     async def _call_in_context(
         self, piece: Piece, data: bytes, seconds: float, prompt: str | None, model: str, retry: int
-    ) -> tuple[_RawAnswer | None, ProviderError | None, uuid.UUID, float | None]:
-        if piece.halted:
-            raise Halted()
-        if self.rate_limited:
-            await self.limiter.acquire(model, seconds)  # counts its own waits in metrics
-            if piece.halted:
-                raise Halted()
+    ) -> tuple[_RawAnswer | None, ProviderError | None, uuid.UUID, float | None, Ticket]:
+        await self._before_slot(piece, model, seconds)
         attempt_id = uuid7()  # the reservation's key before it is the attempt's
         # Without a budget there is nothing to reserve against: skip the round trip.
         reserved = (
@@ -409,25 +449,22 @@ class ChainRunner:
                 if reserved:
                     await asyncio.to_thread(budget.release, attempt_id)
                 raise Halted()
+            if self.limiter.paused_here(model):  # a sibling's 429 while this call waited for a slot
+                if reserved:
+                    await asyncio.to_thread(budget.release, attempt_id)
+                raise _Paused()
+            # Right before the send (a slot may have taken a while): a circuit opened meanwhile, e.g. by
+            # a sibling's insufficient_quota, stops this call too.
+            ticket = await self.circuit.admit(model)
+            if ticket is None:
+                if reserved:
+                    await asyncio.to_thread(budget.release, attempt_id)
+                raise _CircuitRefused(await self.circuit.state(model))
             on_slot = ON_SLOT.get()
             if on_slot is not None:
                 on_slot()
             try:
-                # Shares its INSERT with the other calls starting now (Runtime.attempts).
-                await self.rt.attempts.open(
-                    PendingAttempt(
-                        id=attempt_id,
-                        tenant_id=piece.job.tenant_id,
-                        job_id=piece.job.id,
-                        chunk_index=piece.index,
-                        model=model,
-                        provider=getattr(self.provider, "name", "openai"),
-                        retry_number=retry,
-                        audio_seconds=seconds,
-                        request_bytes=len(data),
-                        worker=self.rt.worker_name,
-                    )
-                )
+                await self.rt.attempts.open(self._pending(piece, attempt_id, model, retry, seconds, data))
             except BaseException:
                 if reserved:
                     await asyncio.to_thread(budget.release, attempt_id)
@@ -448,7 +485,7 @@ class ChainRunner:
             try:
                 result = await self.provider.transcribe(request)
             except ProviderError as exc:
-                return None, exc, attempt_id, (time.monotonic() - started) * 1000
+                return None, exc, attempt_id, (time.monotonic() - started) * 1000, ticket
             except Exception as exc:  # a bug or an untranslated failure: retry like a transport error
                 log.exception("provider call raised %s", type(exc).__name__)
                 # Nobody knows how far the call got: charged an estimate until settled, like a timeout.
@@ -458,10 +495,10 @@ class ChainRunner:
                     code="internal",
                     billing_unknown=True,
                 )
-                return None, error, attempt_id, (time.monotonic() - started) * 1000
+                return None, error, attempt_id, (time.monotonic() - started) * 1000, ticket
         raw = _RawAnswer(result.text, result.segments, result.language, model, [attempt_id])
         raw.extra_usage = result.usage
-        return raw, None, attempt_id, (time.monotonic() - started) * 1000
+        return raw, None, attempt_id, (time.monotonic() - started) * 1000, ticket
 
     async def _reserve(
         self, piece: Piece, model: str, seconds: float, prompt: str | None, attempt_id: uuid.UUID
@@ -514,7 +551,9 @@ class ChainRunner:
             start=i,
             depth=depth + 1,
         )
-        segments = _relative_segments(first, cut) + _shift(_relative_segments(second, seconds - cut), cut)
+        segments = _relative_segments(first, cut) + shift_segments(
+            _relative_segments(second, seconds - cut), cut
+        )
         return Answer(
             " ".join(t for t in (first.text.strip(), second.text.strip()) if t),
             segments,

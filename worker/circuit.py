@@ -1,9 +1,20 @@
 """A circuit breaker per model, kept in Redis so every worker of the fleet sees the same state.
 
     closed ──(failure_threshold consecutive failures, or trip())──▶ open
-    open ──(open_seconds pass)──▶ half_open: exactly one probe call is let through (SET NX)
+    open ──(open_seconds pass)──▶ half_open: exactly one probe call is let through (SET NX of a token)
     half_open ──probe succeeds──▶ closed        half_open ──probe fails──▶ open again
-    retire() (model_not_found) ──▶ retired, for good (only an operator deleting the key undoes it)
+    retire() (model_not_found) ──▶ retired for `retired_seconds` (7 days by default), for every worker
+
+Only the probe decides a half-open circuit: its outcome is reported with its token (`Ticket.probe`), and
+a success or failure without it — a call that started before the circuit opened and ends now — changes
+nothing. The probe key lives `probe_timeout_seconds`, longer than a provider call can take (the runtime
+sets the provider timeout plus a margin), so a slow probe is not joined by a second one; a probe whose
+worker died frees the key when it expires. A retirement expires too: a provider may bring a model back,
+and an operator's mistake (a wrong base URL answering 404) must not outlive a week.
+
+A call asks twice: `peek` before the rate limiter and the budget (an open circuit costs nothing more),
+and `admit` right before the send (after waiting for a slot), so a circuit opened meanwhile — by
+`insufficient_quota` on a sibling call — stops every call not yet sent, retries included.
 
 Every transition is one Lua script, so concurrent workers cannot interleave a read and a write, and
 time comes from the Redis server (`TIME`), so hosts with skewed clocks agree on when a circuit reopens.
@@ -25,6 +36,8 @@ success in this process does not reset failures another process counted meanwhil
 from __future__ import annotations
 
 import time
+import uuid
+from dataclasses import dataclass
 from typing import Any
 
 import redis.asyncio as aioredis
@@ -42,7 +55,7 @@ local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 """
 
-# KEYS: circuit hash, probe key, retired key. ARGV: probe ttl ms.
+# KEYS: circuit hash, probe key, retired key. ARGV: probe ttl ms, probe token.
 # -> state, allowed (1/0), failures counted (while closed)
 _ALLOW = (
     _NOW
@@ -52,12 +65,13 @@ local fields = redis.call('HMGET', KEYS[1], 'open_until', 'failures')
 local open_until = tonumber(fields[1] or '0')
 if open_until == 0 then return {'closed', 1, tonumber(fields[2] or '0')} end
 if now < open_until then return {'open', 0} end
-if redis.call('SET', KEYS[2], '1', 'NX', 'PX', ARGV[1]) then return {'half_open', 1} end
+if redis.call('SET', KEYS[2], ARGV[2], 'NX', 'PX', ARGV[1]) then return {'half_open', 1} end
 return {'half_open', 0}
 """
 )
 
-# KEYS: circuit hash, probe key, retired key. ARGV: threshold, open ms, failure window ms. -> state
+# KEYS: circuit hash, probe key, retired key. ARGV: threshold, open ms, failure window ms, probe token
+# ('' when the call was not the probe). -> state
 _FAILURE = (
     _NOW
     + """
@@ -66,6 +80,7 @@ local open_until = tonumber(redis.call('HGET', KEYS[1], 'open_until') or '0')
 local open_ms = tonumber(ARGV[2])
 if open_until > 0 then
   if now < open_until then return 'open' end
+  if ARGV[4] == '' or redis.call('GET', KEYS[2]) ~= ARGV[4] then return 'half_open' end
   redis.call('HSET', KEYS[1], 'open_until', now + open_ms, 'failures', 0)
   redis.call('PEXPIRE', KEYS[1], open_ms + 86400000)
   redis.call('DEL', KEYS[2])
@@ -83,13 +98,17 @@ return 'closed'
 """
 )
 
-# KEYS: circuit hash, probe key, retired key. -> state
+# KEYS: circuit hash, probe key, retired key. ARGV: probe token ('' when the call was not the probe).
+# -> state
 _SUCCESS = (
     _NOW
     + """
 if redis.call('EXISTS', KEYS[3]) == 1 then return 'retired' end
 local open_until = tonumber(redis.call('HGET', KEYS[1], 'open_until') or '0')
-if open_until > 0 and now < open_until then return 'open' end
+if open_until > 0 then
+  if now < open_until then return 'open' end
+  if ARGV[1] == '' or redis.call('GET', KEYS[2]) ~= ARGV[1] then return 'half_open' end
+end
 redis.call('DEL', KEYS[1], KEYS[2])
 return 'closed'
 """
@@ -128,6 +147,13 @@ def _text(value: Any) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
 
 
+@dataclass(frozen=True)
+class Ticket:
+    """A call `admit` let through: `probe` is the half-open probe's token (None for a closed circuit)."""
+
+    probe: str | None = None
+
+
 class CircuitBreaker:
     """Per-model circuit breaker shared by all workers through Redis."""
 
@@ -140,18 +166,26 @@ class CircuitBreaker:
         failure_window_seconds: float = 60.0,
         probe_timeout_seconds: float | None = None,
         local_seconds: float = 0.0,
+        retired_seconds: float = 7 * 86400.0,
     ) -> None:
         self._redis = redis
         self.failure_threshold = max(int(failure_threshold), 1)
         self.open_seconds = max(float(open_seconds), 0.001)
         # Failures further apart than this do not add up (the count expires).
         self.failure_window_seconds = failure_window_seconds
-        # If the probe's worker dies without reporting, another probe may go after this long.
+        # If the probe's worker dies without reporting, another probe may go after this long: longer than
+        # a provider call can take (else a slow probe gets company).
         self.probe_timeout_seconds = probe_timeout_seconds or max(self.open_seconds, 1.0)
+        # A model the provider said is gone is not called for this long (every worker).
+        self.retired_seconds = max(float(retired_seconds), 1.0)
         # How long this process trusts having seen a model's circuit closed with no failure counted.
         self.local_seconds = max(float(local_seconds), 0.0)
         self._clean_until: dict[str, float] = {}  # model -> time.monotonic() deadline
         self._generation: dict[str, int] = {}  # bumped by each failure/trip/retire in this process
+        # model -> time.monotonic() until which this process refuses calls without asking Redis: set
+        # (before the Redis write) by its own trip or retirement, so a call of this process waiting to
+        # start cannot slip through while the write is on its way (or its script is being loaded).
+        self._refused_until: dict[str, tuple[float, str]] = {}
         self._allow = redis.register_script(_ALLOW)
         self._failure = redis.register_script(_FAILURE)
         self._success = redis.register_script(_SUCCESS)
@@ -185,30 +219,61 @@ class CircuitBreaker:
         self._clean_until.pop(model, None)
         self._generation[model] = self._generation.get(model, 0) + 1
 
-    async def allow(self, model: str) -> bool:
-        """True when a call to `model` may go now (closed, or the single half-open probe)."""
+    def _refuse_locally(self, model: str, seconds: float, state: str) -> None:
+        # At most open_seconds: after that, Redis (which an operator may have changed) decides again.
+        self._refused_until[model] = (time.monotonic() + min(seconds, self.open_seconds), state)
+
+    def _refused(self, model: str) -> str | None:
+        """OPEN or RETIRED while this process's own trip or retirement holds, else None."""
+        until, state = self._refused_until.get(model, (0.0, CLOSED))
+        return state if time.monotonic() < until else None
+
+    async def admit(self, model: str) -> Ticket | None:
+        """A ticket when a call to `model` may go now (closed, or the single half-open probe), else None.
+        Asked right before the send; the ticket goes back with the call's outcome."""
+        if self._refused(model) is not None:
+            return None
         if self._is_clean(model):
-            return True
+            return Ticket()
         generation = self._generation.get(model, 0)
-        answer = await self._allow(keys=self._keys(model), args=[int(self.probe_timeout_seconds * 1000)])
+        token = uuid.uuid4().hex
+        answer = await self._allow(
+            keys=self._keys(model), args=[int(self.probe_timeout_seconds * 1000), token]
+        )
         state = _text(answer[0])
         self._publish(model, state)
         if state == CLOSED and int(answer[2]) == 0:
             self._seen_clean(model, generation)
-        return bool(int(answer[1]))
+        if not int(answer[1]):
+            return None
+        return Ticket(probe=token if state == HALF_OPEN else None)
 
-    async def record_success(self, model: str) -> None:
-        """A call the breaker let through succeeded: close the circuit (a half-open probe closes it) and
-        reset its failure count. Skipped while this process has seen it clean (nothing to reset)."""
+    async def allow(self, model: str) -> bool:
+        """True when a call to `model` may go now (closed, or the single half-open probe)."""
+        return await self.admit(model) is not None
+
+    async def peek(self, model: str) -> str:
+        """The circuit's state without taking the probe (closed, from the local reading, when clean)."""
+        refused = self._refused(model)
+        if refused is not None:
+            return refused
         if self._is_clean(model):
+            return CLOSED
+        return await self.state(model)
+
+    async def record_success(self, model: str, probe: str | None = None) -> None:
+        """A call the breaker let through succeeded: reset the failure count; the probe's success (its
+        token) closes a half-open circuit. Skipped while this process has seen it clean."""
+        if probe is None and self._is_clean(model):
             return
         generation = self._generation.get(model, 0)
-        state = self._publish(model, _text(await self._success(keys=self._keys(model))))
+        state = self._publish(model, _text(await self._success(keys=self._keys(model), args=[probe or ""])))
         if state == CLOSED:
             self._seen_clean(model, generation)
 
-    async def record_failure(self, model: str) -> None:
-        """A retryable failure: count it; open at the threshold; a failed probe reopens at once."""
+    async def record_failure(self, model: str, probe: str | None = None) -> None:
+        """A retryable failure: count it; open at the threshold; the probe's failure reopens at once (a
+        failure without the probe's token leaves a half-open circuit alone)."""
         self._dirty(model)
         state = await self._failure(
             keys=self._keys(model),
@@ -216,6 +281,7 @@ class CircuitBreaker:
                 self.failure_threshold,
                 int(self.open_seconds * 1000),
                 int(self.failure_window_seconds * 1000),
+                probe or "",
             ],
         )
         self._publish(model, _text(state))
@@ -224,12 +290,14 @@ class CircuitBreaker:
         """Open now (quota exhausted, auth refused) for `seconds` (default open_seconds)."""
         duration = self.open_seconds if seconds is None else max(float(seconds), 0.001)
         self._dirty(model)
+        self._refuse_locally(model, duration, OPEN)
         self._publish(model, _text(await self._trip(keys=self._keys(model), args=[int(duration * 1000)])))
 
     async def retire(self, model: str) -> None:
-        """The provider says the model is gone: open for good, for every worker."""
+        """The provider says the model is gone: not called for `retired_seconds`, by any worker."""
         self._dirty(model)
-        await self._redis.set(names.KEY_MODEL_RETIRED + model, "1")
+        self._refuse_locally(model, self.retired_seconds, RETIRED)
+        await self._redis.set(names.KEY_MODEL_RETIRED + model, "1", px=int(self.retired_seconds * 1000))
         self._publish(model, RETIRED)
 
     async def state(self, model: str) -> str:

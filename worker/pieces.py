@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from dataclasses import dataclass, field
+from typing import Any
 
 from worker import audio
 from worker.derived import derived_key
@@ -67,3 +68,16 @@ def compose_prompt(batch_prompt: str | None, previous_text: str | None) -> str |
             tail = tail.split(" ", 1)[1]
     parts = [p for p in (batch_prompt, tail) if p]
     return "\n".join(parts) if parts else None
+
+
+def shift_segments(segments: list[dict[str, Any]], by: float) -> list[dict[str, Any]]:
+    """`segments` (and their words) moved `by` seconds later."""
+    out = []
+    for seg in segments:
+        moved = {**seg, "start": float(seg["start"]) + by, "end": float(seg["end"]) + by}
+        if seg.get("words"):
+            moved["words"] = [
+                {**w, "start": float(w["start"]) + by, "end": float(w["end"]) + by} for w in seg["words"]
+            ]
+        out.append(moved)
+    return out

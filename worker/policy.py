@@ -9,12 +9,16 @@ wait, the piece's split depth and length) and the settings' `Limits` — and ret
 
 - RETRY (429, 408, 409, 5xx, timeouts): the same model again after `Position.delay` (full jitter,
   honouring Retry-After); after `max_retries` retries — or when the wait plus a call would run past the
-  task's deadline — the next model. A 429 slows the fleet's rate limiter (when it says how long); other
-  retryable errors count toward the circuit.
-- NEXT_MODEL (quota, auth, retired): the next model at once; the model's circuit opens (for good when
-  `model_gone`), unless the error concerns this request only.
-- INVALID_AUDIO: exactly one try on the next model; if that fails too (whatever its error), the job fails
-  with the first provider's message.
+  task's deadline — the next model. A 429 pauses the model for the whole fleet (`Action.pause`: its
+  Retry-After, else the backoff) and leaves the circuit alone; other retryable errors count toward the
+  circuit. Rate limiting slows the fleet down instead of moving it to a pricier model: 429s use up no
+  retries (only the deadline ends them) unless the batch prefers speed (`Position.speed`).
+- NEXT_MODEL (quota, auth, retired): the next model at once; the model's circuit opens (retired when
+  `model_gone`; with `Note.AUTH` for a refused API key, which is reported loudly), unless the error
+  concerns this request only.
+- INVALID_AUDIO: exactly one try on the next model (the second opinion); if it says invalid audio too,
+  the job fails with the first provider's message. Its other errors are handled as usual (a 429, 5xx or
+  timeout is retried); if it cannot serve, the second opinion passes to the model after it (`invalid`).
 - TOO_LARGE (413): the piece is split in two (up to `MAX_SPLIT_DEPTH` levels, never below 2 s).
 - An empty transcript: billed (it was answered), then the next model; the last model's is accepted
   (kept as the piece's answer) if no model answers better.
@@ -50,7 +54,8 @@ class Note(StrEnum):
     FAILURE = "failure"  # a retryable failure: counts toward opening its circuit
     PENALIZE = "penalize"  # a 429 with Retry-After: the fleet's limiter for the model waits that long
     TRIP = "trip"  # the model cannot serve (quota, auth): its circuit opens
-    RETIRE = "retire"  # the model is gone: its circuit opens for good
+    RETIRE = "retire"  # the model is gone: its circuit opens (for `VOXQ_MODEL_RETIRED_SECONDS`)
+    AUTH = "auth"  # the provider refused the API key: the circuit opens and operators are told
 
 
 @dataclass(frozen=True)
@@ -66,6 +71,7 @@ class Call:
     retry_after: float | None = None
     model_gone: bool = False
     opens_circuit: bool = False
+    auth_failed: bool = False
 
     @classmethod
     def answer(cls, text: str) -> Call:
@@ -84,6 +90,7 @@ class Call:
             retry_after=err.retry_after,
             model_gone=err.model_gone,
             opens_circuit=err.opens_circuit,
+            auth_failed=err.auth_failed,
         )
 
 
@@ -98,6 +105,8 @@ class Position:
     delay: float = 0.0  # the backoff a retry would wait now (core.backoff), drawn by the caller
     depth: int = 0  # how many times the piece was split already
     seconds: float = 0.0  # the piece's audio length
+    throttled: int = 0  # of `retries`, those after a 429 rate limit
+    speed: bool = False  # the batch prefers speed over cost (`prefer: speed`): 429s use up retries too
 
 
 @dataclass(frozen=True)
@@ -118,6 +127,7 @@ class Action:
     note: Note | None = None
     keep: bool = False  # keep the answer with the attempt's close (`job_answers`)
     delay: float = 0.0  # with RETRY: seconds to wait first
+    pause: float = 0.0  # with PENALIZE: seconds the fleet's limiter pauses the model
     fail_code: str | None = None  # with FAIL: the job's error code and message
     fail_message: str | None = None
     invalid: bool = False  # with NEXT: invalid audio; only the next model gets a try
@@ -134,8 +144,8 @@ def decide(call: Call, at: Position, limits: Limits) -> Action:
         if at.has_next:
             return Action(Step.NEXT, failed, EMPTY_TRANSCRIPT, Note.SUCCESS, empty=True)
         return Action(Step.NEXT, AttemptOutcome.SUCCESS, note=Note.SUCCESS, keep=True, empty=True)
-    if at.invalid_message is not None:
-        # The one extra try after invalid audio failed as well: the audio is the problem.
+    if at.invalid_message is not None and call.kind == ErrorKind.INVALID_AUDIO:
+        # The second opinion after invalid audio says so too: the audio is the problem.
         return _fail(AttemptOutcome.FAILED, call, "invalid_audio", at.invalid_message)
     if call.kind == ErrorKind.RETRY:
         return _retry(call, at, limits, failed)
@@ -147,18 +157,33 @@ def decide(call: Call, at: Position, limits: Limits) -> Action:
         if not at.has_next:
             return _fail(failed, call, "invalid_audio", call.message)
         return Action(Step.NEXT, failed, call.code, invalid=True)
-    note = Note.RETIRE if call.model_gone else Note.TRIP if call.opens_circuit else None
-    return Action(Step.NEXT, failed, call.code, note)
+    note = _unserved_note(call)
+    # On the extra try after invalid audio, a model that cannot serve passes the second opinion on.
+    return Action(Step.NEXT, failed, call.code, note, invalid=at.invalid_message is not None)
 
 
 def _retry(call: Call, at: Position, limits: Limits, failed: AttemptOutcome) -> Action:
     """A retryable error: the same model after the backoff, unless retries or time ran out."""
-    # A 429 is the fleet's pace, not the model's health: it slows the limiter, the circuit is untouched.
-    note = Note.FAILURE if call.http_status != 429 else Note.PENALIZE if call.retry_after else None
+    rate_limited = call.http_status == 429
+    # A 429 is the fleet's pace, not the model's health: the fleet's limiter pauses the model (for the
+    # provider's Retry-After, else this backoff), the circuit is untouched.
+    note, pause = (Note.PENALIZE, call.retry_after or at.delay) if rate_limited else (Note.FAILURE, 0.0)
     too_late = at.delay + limits.provider_timeout > at.time_left
-    if at.retries + 1 > limits.max_retries or too_late:
-        return Action(Step.NEXT, failed, call.code, note)
-    return Action(Step.RETRY, AttemptOutcome.RETRIED, call.code, note, delay=at.delay)
+    # Rate limiting slows the fleet down rather than moving it to a pricier model: unless the batch
+    # prefers speed, 429s use up no retries (the task's deadline still bounds them).
+    used = at.retries if at.speed else -1 if rate_limited else at.retries - at.throttled
+    if used + 1 > limits.max_retries or too_late:
+        return Action(Step.NEXT, failed, call.code, note, pause=pause, invalid=at.invalid_message is not None)
+    return Action(Step.RETRY, AttemptOutcome.RETRIED, call.code, note, delay=at.delay, pause=pause)
+
+
+def _unserved_note(call: Call) -> Note | None:
+    """The bookkeeping of a model that cannot serve this request."""
+    if call.model_gone:
+        return Note.RETIRE
+    if call.auth_failed:
+        return Note.AUTH
+    return Note.TRIP if call.opens_circuit else None
 
 
 def _fail(outcome: AttemptOutcome, call: Call, code: str, message: str) -> Action:

@@ -7,9 +7,11 @@ checks both, and takes from both only when both allow, so concurrent workers nev
 needing more audio-seconds than a full bucket holds goes when the bucket is full and leaves it in debt,
 so long chunks are never starved and the average rate still holds.
 
-`penalize(model, retry_after)` pauses the model for the whole fleet: after one 429 with Retry-After,
-no worker sends to that model until the pause ends. Time comes from the Redis server (`TIME`).
-A rate of 0 means unlimited.
+`penalize(model, retry_after)` pauses the model for the whole fleet: after one 429 (its Retry-After, its
+`x-ratelimit-reset-*`, else the retry's backoff), no worker sends to that model until the pause ends.
+The chain calls `acquire` before every call, limits configured or not, so the pause always holds; and
+a call of the process that saw the 429 checks again right before its send (`paused_here`). Time comes
+from the Redis server (`TIME`). A rate of 0 means unlimited.
 """
 
 from __future__ import annotations
@@ -102,6 +104,10 @@ class RateLimiter:
         self.rpm = max(int(rpm), 0)
         self.audio_seconds_per_minute = max(float(audio_seconds_per_minute), 0.0)
         self.burst_seconds = max(float(burst_seconds), 0.001)
+        # model -> loop time until which this process's own penalize() pauses it: set before the Redis
+        # write, and checked again right before a send (`paused_here`), so calls of this process that
+        # passed `acquire` and then waited for a slot do not go out during the pause.
+        self._paused_until: dict[str, float] = {}
         self._acquire = redis_async.register_script(_ACQUIRE)
         self._penalize = redis_async.register_script(_PENALIZE)
 
@@ -145,7 +151,14 @@ class RateLimiter:
     async def penalize(self, model: str, retry_after: float) -> None:
         """Pause every worker's calls to `model` for `retry_after` seconds (a 429's Retry-After)."""
         if retry_after > 0:
+            until = asyncio.get_running_loop().time() + float(retry_after)
+            self._paused_until[model] = max(self._paused_until.get(model, 0.0), until)
             await self._penalize(keys=[self._keys(model)[2]], args=[repr(float(retry_after) * 1000.0)])
+
+    def paused_here(self, model: str) -> bool:
+        """Whether this process paused `model` (its own penalize) and the pause still runs; no Redis."""
+        until = self._paused_until.get(model)
+        return until is not None and asyncio.get_running_loop().time() < until
 
     async def pause_remaining(self, model: str) -> float:
         """Seconds left on the model's fleet-wide pause (0 when none)."""

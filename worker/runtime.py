@@ -51,6 +51,8 @@ OPEN_ATTEMPTS_MAX_ROWS = 256
 # billed, and the job pays again (chaos run: "jobs paid twice", docs/benchmarks.md).
 COMPLETIONS_WINDOW_SECONDS = 0.0
 COMPLETIONS_MAX_ROWS = 128
+# A half-open circuit's probe key outlives the provider timeout by this much (attempt row, connect).
+PROBE_MARGIN_SECONDS = 30.0
 
 
 class _GroupWriter(Generic[RowT, ResultT]):
@@ -275,6 +277,7 @@ class Runtime:
     _redis: aioredis.Redis | None = None
     _semaphore: asyncio.Semaphore | None = None
     _circuit: CircuitBreaker | None = None
+    _limiter: RateLimiter | None = None
     attempts: AttemptOpener = field(default_factory=AttemptOpener)
     completions: CompletionWriter = field(default_factory=CompletionWriter)
     groups: GroupRuns = field(default_factory=GroupRuns)
@@ -355,18 +358,24 @@ class Runtime:
                 failure_threshold=self.settings.circuit_failure_threshold,
                 open_seconds=self.settings.circuit_open_seconds,
                 local_seconds=self.settings.circuit_local_seconds,
+                # Longer than the probe's call can take, so a slow probe is never joined by a second.
+                probe_timeout_seconds=self.settings.provider_timeout_seconds + PROBE_MARGIN_SECONDS,
+                retired_seconds=self.settings.model_retired_seconds,
             )
         return self._circuit
 
     def limiter(self) -> RateLimiter:
-        """The fleet-wide rate limiter (token buckets in Redis)."""
-        from worker.ratelimit import RateLimiter
+        """The fleet-wide rate limiter (token buckets in Redis), one per process: a pause this process
+        set is known to every group of the process at once (`RateLimiter.paused_here`)."""
+        if self._limiter is None:
+            from worker.ratelimit import RateLimiter
 
-        return RateLimiter(
-            self.redis,
-            rpm=self.settings.model_rpm_limit,
-            audio_seconds_per_minute=self.settings.model_audio_seconds_per_minute,
-        )
+            self._limiter = RateLimiter(
+                self.redis,
+                rpm=self.settings.model_rpm_limit,
+                audio_seconds_per_minute=self.settings.model_audio_seconds_per_minute,
+            )
+        return self._limiter
 
     def drain(self, timeout: float) -> None:
         """Stop starting provider calls and wait, up to `timeout` seconds, for the group runs to end: the

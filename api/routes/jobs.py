@@ -44,6 +44,7 @@ SINGLE_JOB_BODY: dict[str, Any] = {
                         "webhook_url": {"type": "string"},
                         "budget_usd": {"type": "string"},
                         "priority": {"type": "string", "enum": ["high", "normal", "low"]},
+                        "prefer": {"type": "string", "enum": ["cost", "speed"]},
                         "metadata": {"type": "string", "description": "a JSON object"},
                     },
                 }

@@ -2,7 +2,8 @@
 
 ProviderError                 Raised when a provider call fails; `kind` says what to do next.
 kinds: retry        same model again after backoff (429 rate limit, 408, 409, 5xx, timeouts)
-       next_model   go to the next model now; the model's circuit opens (quota, 401/403, retired)
+       next_model   go to the next model now; the model's circuit opens (quota, 401/403, retired);
+                    `auth_failed` for 401/403: the key is wrong or revoked, which is reported loudly
        invalid_audio  the audio is the problem: one try on the next model, then fail the job
        too_large    413: re-chunk smaller and try again
 """
@@ -41,12 +42,14 @@ class ProviderError(VoxqError):
         model_gone: bool = False,
         opens_circuit: bool | None = None,
         billing_unknown: bool = False,
+        auth_failed: bool = False,
     ) -> None:
         super().__init__(message, code=code)
         self.kind = kind
         self.http_status = http_status
         self.retry_after = retry_after
         self.model_gone = model_gone  # model_not_found: its circuit opens for good
+        self.auth_failed = auth_failed  # 401/403: the provider refused the API key (operators must know)
         # next_model errors about the model (quota, auth, retired) open its circuit; one about this
         # request only (e.g. a parameter this model refuses) does not.
         self.opens_circuit = (kind == ErrorKind.NEXT_MODEL) if opens_circuit is None else opens_circuit

@@ -7,12 +7,13 @@ concurrent calls reuse one connection pool. The request is httpx's own multipart
 
 How a failure maps to what the pipeline does next (`translate_error`, the only place that decides):
 
-    429 rate_limit_exceeded, 408, 409, 5xx, timeouts, connection errors  -> RETRY (honour Retry-After)
+    429 rate_limit_exceeded, 408, 409, 5xx, timeouts, connection errors  -> RETRY (honour Retry-After;
+        a 429 without one: x-ratelimit-reset-requests/-tokens of the exhausted limit)
     429 insufficient_quota, 401, 403                                     -> NEXT_MODEL, circuit opens
     404/400 model_not_found                                               -> NEXT_MODEL, model_gone
-    400 about the file or audio                                           -> INVALID_AUDIO
+    400 on param `file` (or no param, with an audio code or message)      -> INVALID_AUDIO
     413, or 400 "audio longer than N seconds"                             -> TOO_LARGE (re-chunk smaller)
-    any other 4xx                                                         -> NEXT_MODEL, circuit stays shut
+    any other 4xx (e.g. a 400 on `language`/`prompt`: a request bug)      -> NEXT_MODEL, circuit stays shut
 
 Why "any other 4xx" is NEXT_MODEL: the provider refused this request for a reason retrying cannot fix
 (e.g. a parameter this model does not accept), and another model in the chain may accept it; failing
@@ -26,6 +27,7 @@ import email.utils
 import json
 import re
 import time
+from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
 from typing import Any
 
@@ -37,15 +39,20 @@ from core.providers.base import ErrorKind, ProviderError, TranscriptionRequest, 
 # Models that answer `json` only (no timestamps); anything else is treated as whisper-like.
 JSON_ONLY_MODEL_PREFIXES = ("gpt-4o-transcribe", "gpt-4o-mini-transcribe", "gpt-transcribe")
 
-# 400 codes that say the audio itself is the problem.
-_AUDIO_ERROR_CODES = frozenset(
-    {"invalid_value", "audio_too_short", "invalid_file_format", "unsupported_file", "invalid_file"}
-)
+# 400 codes that say the audio itself is the problem, whatever the param (`invalid_value` is not one: it is
+# about whichever parameter `param` names).
+_AUDIO_ERROR_CODES = frozenset({"audio_too_short", "invalid_file_format", "unsupported_file", "invalid_file"})
 # "audio duration 1500 seconds is longer than 1400 seconds which is the maximum for this model"
 _TOO_LONG_MESSAGE = re.compile(
     r"longer than [\d.]+ seconds|maximum (?:audio )?(?:duration|length)", re.IGNORECASE
 )
-_AUDIO_MESSAGE = re.compile(r"\baudio\b|file format|corrupt|could not (?:decode|process)", re.IGNORECASE)
+# A 400 naming no parameter counts as bad audio only when its message says so about the file
+# ("Invalid file format. Supported formats: [...]" has neither code nor param).
+_AUDIO_MESSAGE = re.compile(
+    r"\bfile format\b|\b(?:audio|file)\b.{0,40}\bcorrupt"
+    r"|could not (?:decode|process|read) (?:the )?(?:audio|file)",
+    re.IGNORECASE,
+)
 # OpenAI echoes a masked key in 401 messages ("Incorrect API key provided: sk-ab***cd"); never keep it.
 _KEY_PATTERN = re.compile(r"\b(?:sk|pk|rk)-[A-Za-z0-9_\-*.]{3,}")
 _MAX_MESSAGE_CHARS = 500
@@ -83,6 +90,37 @@ def parse_retry_after(headers: httpx.Headers, *, now: float | None = None) -> fl
     return max(when.timestamp() - current, 0.0)
 
 
+_DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)(ms|h|m|s)")
+_DURATION_UNITS = {"h": 3600.0, "m": 60.0, "s": 1.0, "ms": 0.001}
+
+
+def parse_duration(value: str) -> float | None:
+    """Seconds in a duration the way OpenAI writes its `x-ratelimit-reset-*` headers ("1s", "6m0s",
+    "20ms", "1h2m3.5s"; a bare number is seconds), else None."""
+    text = value.strip().lower()
+    try:
+        return max(float(text), 0.0)
+    except ValueError:
+        pass
+    parts = _DURATION_PART.findall(text)
+    if not parts or "".join(n + u for n, u in parts) != text:
+        return None
+    return sum(float(n) * _DURATION_UNITS[u] for n, u in parts)
+
+
+def parse_rate_limit_reset(headers: httpx.Headers) -> float | None:
+    """Seconds until the exhausted limit resets, from OpenAI's `x-ratelimit-reset-requests`/`-tokens`
+    (those whose `x-ratelimit-remaining-*` is 0, or every one given when none says), else None."""
+    waits: list[float] = []
+    for limit in ("requests", "tokens"):
+        raw = headers.get(f"x-ratelimit-reset-{limit}")
+        remaining = headers.get(f"x-ratelimit-remaining-{limit}")
+        seconds = parse_duration(raw) if raw is not None else None
+        if seconds is not None and (remaining is None or remaining.strip() in ("0", "0.0")):
+            waits.append(seconds)
+    return max(waits) if waits else None
+
+
 def _scrub(message: str, secret: str | None) -> str:
     if secret:
         message = message.replace(secret, "***")
@@ -90,21 +128,95 @@ def _scrub(message: str, secret: str | None) -> str:
     return message[:_MAX_MESSAGE_CHARS]
 
 
-def _error_body(response: httpx.Response) -> tuple[str | None, str | None, str | None, str | None]:
-    """(code, type, param, message) from an OpenAI error body; all None when it is not one (e.g. HTML)."""
+@dataclass(frozen=True)
+class ErrorBody:
+    """What an error answer's body says, whatever its shape (see `error_body`)."""
+
+    code: str | None = None
+    type: str | None = None
+    param: str | None = None
+    message: str | None = None
+
+
+def _text(value: object) -> str | None:
+    return str(value) if value is not None and value != "" else None
+
+
+def _from_error_object(error: dict[str, Any]) -> ErrorBody:
+    return ErrorBody(
+        _text(error.get("code")),
+        _text(error.get("type")),
+        _text(error.get("param")),
+        _text(error.get("message")),
+    )
+
+
+def _from_validation(items: list[Any]) -> ErrorBody:
+    """FastAPI/pydantic's `{"detail": [{"loc": ["body", "language"], "msg": ..., "type": ...}]}`."""
+    messages, params = [], []
+    for item in items:
+        if not isinstance(item, dict):
+            continue
+        loc = [str(part) for part in item.get("loc") or [] if part not in ("body", "query", "form")]
+        messages.append(f"{'.'.join(loc)}: {item.get('msg')}" if loc else str(item.get("msg")))
+        if loc:
+            params.append(loc[0])
+    first = items[0] if items and isinstance(items[0], dict) else {}
+    param = params[0] if len(set(params)) == 1 else None
+    return ErrorBody(None, _text(first.get("type")), param, "; ".join(messages) or None)
+
+
+def _from_json(body: object) -> ErrorBody | None:
+    """OpenAI's `{"error": {...}}`, FastAPI's `{"detail": {"error": {...}}}`, `{"detail": "text"}` and
+    `{"detail": [validation errors]}`, `{"error": "text"}`, `{"message": "text"}`; None for other JSON."""
+    if not isinstance(body, dict):
+        return None
+    detail = body.get("detail")
+    if isinstance(detail, dict):
+        return _from_json(detail) or ErrorBody(message=_text(detail.get("msg")))
+    if isinstance(detail, list):
+        return _from_validation(detail)
+    error = body.get("error")
+    if isinstance(error, dict):
+        return _from_error_object(error)
+    for value in (error, detail, body.get("message")):
+        if isinstance(value, str) and value.strip():
+            return ErrorBody(_text(body.get("code")), _text(body.get("type")), None, value)
+    return None
+
+
+_TAGS = re.compile(r"<[^>]+>")
+_TITLE = re.compile(r"<title>(.*?)</title>", re.IGNORECASE | re.DOTALL)
+
+
+def error_body(response: httpx.Response) -> ErrorBody:
+    """What an error answer says, from the body shapes OpenAI-compatible servers use (see `_from_json`), or
+    its plain text (an HTML page's title); empty when the body says nothing."""
     try:
-        body = response.json()
-    except (json.JSONDecodeError, UnicodeDecodeError, ValueError):
-        return None, None, None, None
-    error = body.get("error") if isinstance(body, dict) else None
-    if not isinstance(error, dict):
-        return None, None, None, None
+        raw = response.text
+    except (UnicodeDecodeError, LookupError):
+        return ErrorBody()
+    try:
+        parsed = _from_json(json.loads(raw))
+    except ValueError:
+        parsed = None
+    if parsed is not None:
+        return parsed
+    title = _TITLE.search(raw)
+    text = title.group(1) if title else _TAGS.sub(" ", raw)
+    text = " ".join(text.split())
+    return ErrorBody(message=text[: _MAX_MESSAGE_CHARS * 2] or None)
 
-    def text(key: str) -> str | None:
-        value = error.get(key)
-        return str(value) if value is not None else None
 
-    return text("code"), text("type"), text("param"), text("message")
+def _about_the_audio(code: str | None, param: str | None, message: str) -> bool:
+    """A 400 that blames the audio: its param is `file`, or it names no other parameter and its code or
+    message is about the file. A 400 about `language`, `prompt` or any other parameter is a request the
+    model refuses, not bad audio."""
+    if param == "file":
+        return True
+    if param is not None:
+        return False
+    return code in _AUDIO_ERROR_CODES or _AUDIO_MESSAGE.search(message) is not None
 
 
 def translate_error(
@@ -126,10 +238,13 @@ def translate_error(
         )
 
     status = response.status_code
-    err_code, err_type, param, message = _error_body(response)
-    message = _scrub(message or f"HTTP {status} from provider", secret)
+    body = error_body(response)
+    err_code, err_type, param = body.code, body.type, body.param
+    message = _scrub(body.message or f"HTTP {status} from provider", secret)
     code = err_code or f"http_{status}"
     retry_after = parse_retry_after(response.headers)
+    if retry_after is None and status == 429:
+        retry_after = parse_rate_limit_reset(response.headers)
 
     def error(kind: ErrorKind, **extra: Any) -> ProviderError:
         return ProviderError(
@@ -143,14 +258,20 @@ def translate_error(
     if status in (408, 409) or status >= 500:
         return error(ErrorKind.RETRY)
     if status in (401, 403):
-        return error(ErrorKind.NEXT_MODEL)
+        # Said so in the message (the attempt row, the job's fallback reason): a wrong or revoked key.
+        refused = f"the provider refused the API key (HTTP {status}{' ' + err_code if err_code else ''})"
+        return ProviderError(
+            f"{refused}: {message}"[:_MAX_MESSAGE_CHARS],
+            kind=ErrorKind.NEXT_MODEL,
+            code=code,
+            http_status=status,
+            auth_failed=True,
+        )
     if err_code == "model_not_found" and status in (400, 404):
         return error(ErrorKind.NEXT_MODEL, model_gone=True)
     if status == 413 or (status == 400 and _TOO_LONG_MESSAGE.search(message) is not None):
         return error(ErrorKind.TOO_LARGE)
-    if status == 400 and (
-        param == "file" or err_code in _AUDIO_ERROR_CODES or _AUDIO_MESSAGE.search(message) is not None
-    ):
+    if status == 400 and _about_the_audio(err_code, param, message):
         return error(ErrorKind.INVALID_AUDIO)
     if 400 <= status < 500:
         return error(ErrorKind.NEXT_MODEL, opens_circuit=False)

@@ -34,7 +34,8 @@ longest audio gpt-4o models accept (400 above it; 1400 s like OpenAI).
 Admin endpoints: POST /_fake/reset; POST /_fake/seed {"seed"}; POST /_fake/config {"max_file_bytes",
 "max_audio_seconds", "models": {id: shutdown_date}}; GET|POST /_fake/models/{model} (ModelBehaviour
 fields, plus "exhaust_quota_after"); POST /_fake/models/{model}/script [fault, ...] (a kind name or
-a Fault as a dict); GET /_fake/billing[?since=&until=] (Unix seconds of billing); GET /_fake/requests.
+a Fault as a dict; its `shape` writes the error body as another server would, ERROR_SHAPES);
+GET /_fake/billing[?since=&until=] (Unix seconds of billing); GET /_fake/requests.
 
 Run in-process: `fake = FakeOpenAI().start(); fake.base_url  # http://127.0.0.1:N/v1; fake.stop()`.
 Run alone: `python -m tests.fakes.openai_server --port N`.
@@ -110,6 +111,11 @@ FAULT_KINDS = (
     "error",  # any: `status`, `code`, `type`, `message`, `param`
 )
 
+# Error bodies of OpenAI-compatible servers: OpenAI's `{"error": {...}}`; a FastAPI server's
+# `{"detail": {"error": {...}}}` (faster-whisper-server in --config mode), `{"detail": "message"}` and
+# `{"detail": [{"loc": ["body", param], "msg", "type"}]}` (request validation); plain text.
+ERROR_SHAPES = ("openai", "fastapi", "detail_text", "validation", "text")
+
 
 @dataclass
 class Fault:
@@ -124,10 +130,17 @@ class Fault:
     type: str | None = None
     message: str | None = None
     param: str | None = None
+    # How the error body is written (ERROR_SHAPES): OpenAI's by default, or another server's.
+    shape: str = "openai"
+    # rate_limit: exactly these headers instead of retry-after(-ms) (e.g. only OpenAI's
+    # `x-ratelimit-reset-requests`; {} for a bare 429 that says nothing about when to come back).
+    headers: dict[str, str] | None = None
 
     def __post_init__(self) -> None:
         if self.kind not in FAULT_KINDS:
             raise ValueError(f"unknown fault kind {self.kind!r}; one of {FAULT_KINDS}")
+        if self.shape not in ERROR_SHAPES:
+            raise ValueError(f"unknown error shape {self.shape!r}; one of {ERROR_SHAPES}")
 
     @classmethod
     def of(cls, value: Fault | str | dict[str, Any]) -> Fault:
@@ -520,6 +533,16 @@ class FakeOpenAI:
     def _fault_response(
         self, fault: Fault, model: str, behaviour: ModelBehaviour, request: Request
     ) -> Response:
+        if fault.kind == "rate_limit" and fault.headers is not None:
+            return _error(
+                429,
+                fault.message
+                or f"Rate limit reached for {model} in organization org-fake on requests per min "
+                "(RPM). Please try again shortly.",
+                type="requests",
+                code="rate_limit_exceeded",
+                headers=dict(fault.headers),
+            )
         if fault.kind == "rate_limit":
             headers: dict[str, str] = {}
             ms = fault.retry_after_ms if fault.retry_after_ms is not None else behaviour.retry_after_ms
@@ -718,6 +741,7 @@ class FakeOpenAI:
                     "retry-after": str(math.ceil(wait)),
                     "x-ratelimit-limit-requests": str(behaviour.rpm_limit),
                     "x-ratelimit-remaining-requests": "0",
+                    "x-ratelimit-reset-requests": f"{math.ceil(wait * 1000)}ms",
                 },
             )
         if delay > 0 and await self._client_left_during(request, delay):
@@ -730,7 +754,7 @@ class FakeOpenAI:
             return _error(504, "Gateway timeout.", type="server_error")
         if fault is not None and fault.kind != "ok":
             response = self._fault_response(fault, model, behaviour, request)
-            return response
+            return reshape_error(response, fault.shape)
 
         if len(data) > self.max_file_bytes:
             return self._too_large(len(data))
@@ -938,6 +962,32 @@ class FakeOpenAI:
 
     async def _admin_requests(self, request: Request) -> Response:
         return JSONResponse(self.request_log())
+
+
+def reshape_error(response: Response, shape: str) -> Response:
+    """An OpenAI error answer rewritten in another server's body shape (ERROR_SHAPES); status and
+    headers kept. Anything that is not an OpenAI error body is returned as it is."""
+    try:
+        error = json.loads(bytes(response.body))["error"]
+    except (ValueError, KeyError, TypeError):
+        return response
+    if shape == "openai" or not isinstance(error, dict):
+        return response
+    headers = {
+        k: v for k, v in response.headers.items() if k.lower() not in ("content-length", "content-type")
+    }
+    message = str(error.get("message") or "")
+    if shape == "text":
+        return PlainTextResponse(message, status_code=response.status_code, headers=headers)
+    body: Any
+    if shape == "fastapi":
+        body = {"detail": {"error": error}}
+    elif shape == "detail_text":
+        body = {"detail": message}
+    else:  # validation
+        loc = ["body", error["param"]] if error.get("param") else ["body"]
+        body = {"detail": [{"loc": loc, "msg": message, "type": error.get("code") or "value_error"}]}
+    return JSONResponse(body, status_code=response.status_code, headers=headers)
 
 
 def _error_code(response: Response) -> str:

@@ -90,16 +90,18 @@ def test_half_open_lets_exactly_one_probe(stack: Stack) -> None:
         await asyncio.sleep(1.1)
         assert await b.state(MODEL) == "half_open"
         # Many workers ask at once: exactly one gets the probe.
-        answers = await asyncio.gather(*[(a if i % 2 else b).allow(MODEL) for i in range(20)])
-        assert answers.count(True) == 1
+        tickets = await asyncio.gather(*[(a if i % 2 else b).admit(MODEL) for i in range(20)])
+        probes = [t for t in tickets if t is not None]
+        assert len(probes) == 1 and probes[0].probe
         # The probe fails: open again at once, for the full open period.
-        await a.record_failure(MODEL)
+        await a.record_failure(MODEL, probes[0].probe)
         assert await a.state(MODEL) == "open"
         assert not await b.allow(MODEL)
         await asyncio.sleep(1.1)
-        assert await b.allow(MODEL)  # the next probe
+        probe = await b.admit(MODEL)  # the next probe
+        assert probe is not None and probe.probe
         assert not await a.allow(MODEL)
-        await b.record_success(MODEL)  # the probe succeeds: closed for everyone
+        await b.record_success(MODEL, probe.probe)  # the probe succeeds: closed for everyone
         assert await a.state(MODEL) == "closed"
         assert all(
             await asyncio.gather(*[a.allow(MODEL) for _ in range(5)], *[b.allow(MODEL) for _ in range(5)])
@@ -125,15 +127,17 @@ def test_trip_opens_now_for_the_given_time(stack: Stack) -> None:
     _run(stack, body)
 
 
-def test_retire_is_permanent_and_shared(stack: Stack, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_retire_is_shared_and_expires(stack: Stack, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Issue #16, item 13: a retirement (model_not_found) is seen by every worker and ends after
+    `retired_seconds` (VOXQ_MODEL_RETIRED_SECONDS, 7 days by default) instead of never."""
     from core.settings import reset_settings_cache
 
     monkeypatch.setenv("VOXQ_ALLOWED_MODELS", "whisper-1")  # metric labels carry configured models only
     reset_settings_cache()
 
     async def body(r1: aioredis.Redis, r2: aioredis.Redis) -> None:
-        a = CircuitBreaker(r1, failure_threshold=1, open_seconds=0.2)
-        b = CircuitBreaker(r2, failure_threshold=1, open_seconds=0.2)
+        a = CircuitBreaker(r1, failure_threshold=1, open_seconds=0.2, retired_seconds=1.5)
+        b = CircuitBreaker(r2, failure_threshold=1, open_seconds=0.2, retired_seconds=1.5)
         await a.retire("whisper-1")
         assert await b.state("whisper-1") == "retired"
         assert not await b.allow("whisper-1")
@@ -142,12 +146,72 @@ def test_retire_is_permanent_and_shared(stack: Stack, monkeypatch: pytest.Monkey
         assert not await a.allow("whisper-1")
         assert not await b.allow("whisper-1")
         assert await r1.get(names.KEY_MODEL_RETIRED + "whisper-1") == b"1"
-        assert await r1.ttl(names.KEY_MODEL_RETIRED + "whisper-1") == -1  # no expiry
+        assert 0 < await r1.pttl(names.KEY_MODEL_RETIRED + "whisper-1") <= 1500  # it expires
         assert _gauge("whisper-1") == 1
         # A breaker built later (a new worker process) sees it too.
         fresh = CircuitBreaker(aioredis.Redis.from_url(stack.redis_url), failure_threshold=1, open_seconds=1)
         assert await fresh.state("whisper-1") == "retired"
         assert await fresh.allow(MODEL)
+        await asyncio.sleep(1.3)
+        assert await a.allow("whisper-1")  # retired no more: the model is called again
+        default = CircuitBreaker(r1, failure_threshold=1, open_seconds=1)
+        await default.retire("whisper-1")
+        week = 7 * 86400 * 1000
+        assert week - 5000 < await r1.pttl(names.KEY_MODEL_RETIRED + "whisper-1") <= week
+
+    _run(stack, body)
+
+
+def test_only_the_probe_closes_or_reopens_a_half_open_circuit(stack: Stack) -> None:
+    """Issue #16, item 13: calls that started before the circuit opened and end while it is half-open
+    (leftovers) change nothing; the probe's own outcome does."""
+
+    async def body(r1: aioredis.Redis, r2: aioredis.Redis) -> None:
+        a = CircuitBreaker(r1, failure_threshold=1, open_seconds=0.5, probe_timeout_seconds=30)
+        b = CircuitBreaker(r2, failure_threshold=1, open_seconds=0.5, probe_timeout_seconds=30)
+        await a.trip(MODEL)
+        await asyncio.sleep(0.6)
+        probe = await b.admit(MODEL)
+        assert probe is not None and probe.probe
+        await a.record_success(MODEL)  # a leftover's success: still half-open, the probe still out
+        assert await a.state(MODEL) == "half_open" and not await a.allow(MODEL)
+        await a.record_failure(MODEL)  # a leftover's failure: does not reopen it
+        assert await a.state(MODEL) == "half_open"
+        await a.record_failure(MODEL, "not-the-probe")
+        assert await a.state(MODEL) == "half_open"
+        await b.record_success(MODEL, probe.probe)  # the probe's success closes it
+        assert await a.state(MODEL) == "closed"
+        # And the probe's failure reopens it.
+        await a.trip(MODEL)
+        await asyncio.sleep(0.6)
+        probe = await a.admit(MODEL)
+        assert probe is not None
+        await b.record_failure(MODEL, probe.probe)
+        assert await b.state(MODEL) == "open"
+
+    _run(stack, body)
+
+
+def test_one_probe_while_it_waits_for_a_slow_provider(stack: Stack) -> None:
+    """Issue #16, item 13: the probe key outlives a provider call (the runtime's probe time is the provider
+    timeout plus a margin), so a probe slower than the open period gets no second probe beside it."""
+    from worker.runtime import get_runtime
+
+    rt = get_runtime()
+    breaker = rt.circuit()
+    assert breaker.probe_timeout_seconds > rt.settings.provider_timeout_seconds
+    assert breaker.retired_seconds == rt.settings.model_retired_seconds == 7 * 86400
+
+    async def body(r1: aioredis.Redis, r2: aioredis.Redis) -> None:
+        timeout = rt.settings.provider_timeout_seconds
+        a = CircuitBreaker(r1, failure_threshold=1, open_seconds=0.3, probe_timeout_seconds=timeout + 30)
+        b = CircuitBreaker(r2, failure_threshold=1, open_seconds=0.3, probe_timeout_seconds=timeout + 30)
+        await a.trip(MODEL)
+        await asyncio.sleep(0.4)
+        assert await a.admit(MODEL) is not None
+        assert await r1.pttl(names.KEY_CIRCUIT + MODEL + ":probe") > timeout * 1000
+        await asyncio.sleep(0.4)  # past the open period again: the probe is still out
+        assert await b.admit(MODEL) is None
 
     _run(stack, body)
 
@@ -243,11 +307,12 @@ def test_half_open_still_lets_exactly_one_probe_with_local_reading(stack: Stack)
         assert await a.allow(MODEL) and await b.allow(MODEL)  # both read it clean
         await a.record_failure(MODEL)
         await asyncio.sleep(1.1)  # past open_seconds and both local times
-        answers = await asyncio.gather(*[(a if i % 2 else b).allow(MODEL) for i in range(20)])
-        assert answers.count(True) == 1
+        tickets = await asyncio.gather(*[(a if i % 2 else b).admit(MODEL) for i in range(20)])
+        assert sum(t is not None for t in tickets) == 1
         # The probe's success (written: no process reads a half-open circuit locally) closes it.
-        prober = a if answers.index(True) % 2 else b
-        await prober.record_success(MODEL)
+        index = next(i for i, t in enumerate(tickets) if t is not None)
+        prober = a if index % 2 else b
+        await prober.record_success(MODEL, tickets[index].probe)  # type: ignore[union-attr]
         assert await a.state(MODEL) == "closed"
         assert all(
             await asyncio.gather(*[a.allow(MODEL) for _ in range(5)], *[b.allow(MODEL) for _ in range(5)])

@@ -122,6 +122,36 @@ def test_500_error_body_502_html_and_401_scrubbed(fake_openai: FakeOpenAI) -> No
     assert "sk-" not in str(e401) and FAKE_OPENAI_API_KEY not in str(e401)
 
 
+def test_error_bodies_of_other_servers_keep_the_providers_message(fake_openai: FakeOpenAI) -> None:
+    """Issue #16, item 15: the fake answers the error shapes OpenAI-compatible servers use; each keeps the
+    provider's message (and what it says about the parameter) instead of "HTTP 400 from provider"."""
+    message = "Invalid language 'xx'."
+    shapes = ["openai", "fastapi", "detail_text", "validation", "text"]
+    fake_openai.script(
+        MINI,
+        [
+            Fault(
+                kind="error", status=400, code="invalid_value", param="language", message=message, shape=shape
+            )
+            for shape in shapes
+        ]
+        + [Fault(kind="invalid_file", shape="fastapi"), Fault(kind="quota", shape="fastapi")],
+    )
+
+    async def body(provider: OpenAIProvider) -> list[ProviderError]:
+        return [await _catch(provider.transcribe(_req(tones([440])))) for _ in range(len(shapes) + 2)]
+
+    *errors, bad_audio, quota = _run(fake_openai.base_url, body)
+    for shape, err in zip(shapes, errors, strict=True):
+        expected = f"language: {message}" if shape == "validation" else message
+        assert (shape, err.http_status, err.message) == (shape, 400, expected)
+        assert err.kind is ErrorKind.NEXT_MODEL and not err.opens_circuit, shape  # a request bug, not audio
+    assert errors[0].code == errors[1].code == "invalid_value"
+    assert bad_audio.kind is ErrorKind.INVALID_AUDIO and bad_audio.code == "invalid_value"
+    assert quota.kind is ErrorKind.NEXT_MODEL and quota.opens_circuit and quota.code == "insufficient_quota"
+    assert [r["status"] for r in fake_openai.request_log()] == [400] * 6 + [429]
+
+
 def test_timeout_then_a_fresh_connection(fake_openai: FakeOpenAI) -> None:
     fake_openai.script(MINI, [Fault(kind="timeout", seconds=5)])
 

@@ -425,3 +425,148 @@ def test_list_models_error_is_translated() -> None:
     with pytest.raises(ProviderError) as info:
         asyncio.run(run())
     assert info.value.kind is ErrorKind.NEXT_MODEL
+
+
+# ---- error bodies of other shapes (issue #16, item 15) ----
+
+LANGUAGE_ERROR = {"message": "Invalid language 'xx'.", "type": "invalid_request_error", "param": "language"}
+
+
+@pytest.mark.parametrize(
+    ("response", "code", "param", "message"),
+    [
+        (
+            httpx.Response(400, json={"error": {**LANGUAGE_ERROR, "code": "invalid_value"}}),
+            "invalid_value",
+            "language",
+            "Invalid language 'xx'.",
+        ),
+        (
+            httpx.Response(400, json={"detail": {"error": {**LANGUAGE_ERROR, "code": "invalid_value"}}}),
+            "invalid_value",
+            "language",
+            "Invalid language 'xx'.",
+        ),
+        (
+            httpx.Response(400, json={"detail": "Invalid language 'xx'."}),
+            "http_400",
+            None,
+            "Invalid language 'xx'.",
+        ),
+        (
+            httpx.Response(
+                422,
+                json={
+                    "detail": [{"loc": ["body", "language"], "msg": "Input should be 'en'", "type": "enum"}]
+                },
+            ),
+            "http_422",
+            "language",
+            "language: Input should be 'en'",
+        ),
+        (httpx.Response(400, text="Invalid language 'xx'."), "http_400", None, "Invalid language 'xx'."),
+        (httpx.Response(500, text="x" * 2000), "http_500", None, "x" * 500),
+        (
+            httpx.Response(
+                502, html="<html><head><title>502 Bad Gateway</title></head><body>nginx</body></html>"
+            ),
+            "http_502",
+            None,
+            "502 Bad Gateway",
+        ),
+        (httpx.Response(503, content=b""), "http_503", None, "HTTP 503 from provider"),
+    ],
+    ids=["openai", "fastapi-error", "detail-text", "validation", "plain-text", "long-text", "html", "empty"],
+)
+def test_error_bodies_of_every_common_shape_keep_the_providers_message(
+    response: httpx.Response, code: str, param: str | None, message: str
+) -> None:
+    from core.providers.openai import error_body
+
+    err = _raised(response)
+    assert (err.code, err.message) == (code, message)
+    assert error_body(response).param == param
+    # A 400 about the language is a request bug, not bad audio, whatever the body's shape.
+    if response.status_code == 400 and param == "language":
+        assert err.kind is ErrorKind.NEXT_MODEL and not err.opens_circuit
+
+
+def test_a_fastapi_shaped_quota_error_is_still_quota() -> None:
+    body = {
+        "detail": {"error": {"message": "quota", "type": "insufficient_quota", "code": "insufficient_quota"}}
+    }
+    err = _raised(httpx.Response(429, json=body))
+    assert err.kind is ErrorKind.NEXT_MODEL and err.opens_circuit and err.code == "insufficient_quota"
+
+
+@pytest.mark.parametrize(
+    ("code", "param", "message"),
+    [
+        ("invalid_value", "language", "Invalid language 'xx'. Language parameter must be ISO-639-1."),
+        ("invalid_value", "prompt", "The prompt is too long for this audio model."),
+        ("invalid_value", None, "Invalid value for 'temperature'."),
+        (None, "response_format", "response_format 'srt' is not supported for audio of this model"),
+    ],
+)
+def test_a_400_about_another_parameter_is_not_bad_audio(
+    code: str | None, param: str | None, message: str
+) -> None:
+    """Issue #16, item 11: only a 400 on `file` (or one naming no parameter that blames the file) is bad
+    audio; one on `language` or `prompt` is a request bug: that model refuses it, the circuit stays shut."""
+    err = _raised(_error_response(400, code, param=param, message=message))
+    assert err.kind is ErrorKind.NEXT_MODEL
+    assert not err.opens_circuit and not err.model_gone
+
+
+# ---- OpenAI's x-ratelimit-reset-* headers (issue #16, item 12) ----
+
+
+@pytest.mark.parametrize(
+    ("value", "seconds"),
+    [
+        ("1s", 1.0),
+        ("6m0s", 360.0),
+        ("20ms", 0.02),
+        ("1h2m3.5s", 3723.5),
+        ("0.5", 0.5),
+        ("soon", None),
+        ("", None),
+    ],
+)
+def test_parse_duration_reads_openai_reset_values(value: str, seconds: float | None) -> None:
+    from core.providers.openai import parse_duration
+
+    assert parse_duration(value) == (pytest.approx(seconds) if seconds is not None else None)
+
+
+def test_a_429_without_retry_after_waits_for_the_exhausted_limit_to_reset() -> None:
+    headers = {
+        "x-ratelimit-remaining-requests": "0",
+        "x-ratelimit-reset-requests": "1.5s",
+        "x-ratelimit-remaining-tokens": "149000",
+        "x-ratelimit-reset-tokens": "6m0s",  # not exhausted: not what this 429 is about
+    }
+    err = _raised(_error_response(429, "rate_limit_exceeded", type="requests", headers=headers))
+    assert err.kind is ErrorKind.RETRY and err.retry_after == pytest.approx(1.5)
+    tokens = {"x-ratelimit-remaining-tokens": "0", "x-ratelimit-reset-tokens": "20ms"}
+    assert _raised(_error_response(429, "rate_limit_exceeded", headers=tokens)).retry_after == pytest.approx(
+        0.02
+    )
+    # Retry-After, when given, wins; a bare 429 says nothing.
+    both = {**headers, "retry-after-ms": "250"}
+    assert _raised(_error_response(429, "rate_limit_exceeded", headers=both)).retry_after == pytest.approx(
+        0.25
+    )
+    assert _raised(_error_response(429, "rate_limit_exceeded")).retry_after is None
+
+
+@pytest.mark.parametrize(("status", "code"), [(401, "invalid_api_key"), (403, None)])
+def test_a_refused_key_says_so_and_is_flagged(status: int, code: str | None) -> None:
+    """Issue #16, item 14: a 401/403 is flagged `auth_failed` and its message says the key was refused."""
+    err = _raised(_error_response(status, code, message=f"Incorrect API key provided: {API_KEY}."))
+    assert err.auth_failed and err.kind is ErrorKind.NEXT_MODEL and err.opens_circuit
+    label = f"HTTP {status} {code}" if code else f"HTTP {status}"
+    assert err.message.startswith(f"the provider refused the API key ({label}): Incorrect API key provided: ")
+    assert API_KEY not in err.message and "SECRET" not in err.message
+    quota = _raised(_error_response(429, "insufficient_quota", type="insufficient_quota"))
+    assert not quota.auth_failed

@@ -30,6 +30,7 @@ def error(
     retry_after: float | None = None,
     model_gone: bool = False,
     opens_circuit: bool | None = None,
+    auth_failed: bool = False,
 ) -> Call:
     """A call that failed as the OpenAI error translation would say."""
     err = ProviderError(
@@ -40,6 +41,7 @@ def error(
         retry_after=retry_after,
         model_gone=model_gone,
         opens_circuit=opens_circuit,
+        auth_failed=auth_failed,
     )
     return Call.error(err)
 
@@ -49,6 +51,7 @@ RATE_LIMITED = error(ErrorKind.RETRY, 429, "rate_limit_exceeded", retry_after=2.
 RATE_LIMITED_BARE = error(ErrorKind.RETRY, 429, "rate_limit_exceeded")
 TIMEOUT = error(ErrorKind.RETRY, None, "timeout")
 QUOTA = error(ErrorKind.NEXT_MODEL, 429, "insufficient_quota")
+AUTH = error(ErrorKind.NEXT_MODEL, 401, "invalid_api_key", auth_failed=True)
 GONE = error(ErrorKind.NEXT_MODEL, 404, "model_not_found", model_gone=True)
 REFUSED_PARAMETER = error(ErrorKind.NEXT_MODEL, 400, "unsupported_parameter", opens_circuit=False)
 INVALID = error(ErrorKind.INVALID_AUDIO, 400, "invalid_value")
@@ -96,13 +99,43 @@ CASES = [
         "429 with Retry-After: retry, the fleet's limiter waits",
         RATE_LIMITED,
         at(delay=2.0),
-        Action(Step.RETRY, RETRIED, "rate_limit_exceeded", Note.PENALIZE, delay=2.0),
+        Action(Step.RETRY, RETRIED, "rate_limit_exceeded", Note.PENALIZE, delay=2.0, pause=2.0),
     ),
     (
-        "429 without Retry-After: retry, no bookkeeping",
+        "429 without Retry-After: retry, the fleet pauses the model for the backoff",
         RATE_LIMITED_BARE,
         at(),
-        Action(Step.RETRY, RETRIED, "rate_limit_exceeded", None, delay=1.5),
+        Action(Step.RETRY, RETRIED, "rate_limit_exceeded", Note.PENALIZE, delay=1.5, pause=1.5),
+    ),
+    (
+        "429s use up no retries: the same model again, not the pricier fallback",
+        RATE_LIMITED_BARE,
+        at(retries=9, throttled=9),
+        Action(Step.RETRY, RETRIED, "rate_limit_exceeded", Note.PENALIZE, delay=1.5, pause=1.5),
+    ),
+    (
+        "429s before a 5xx do not count toward its retries",
+        SERVER_ERROR,
+        at(retries=6, throttled=3),
+        Action(Step.RETRY, RETRIED, "server_error", Note.FAILURE, delay=1.5),
+    ),
+    (
+        "429s and the deadline: the next model",
+        RATE_LIMITED,
+        at(retries=9, throttled=9, time_left=121.0, delay=2.0),
+        Action(Step.NEXT, FALLBACK, "rate_limit_exceeded", Note.PENALIZE, pause=2.0),
+    ),
+    (
+        "a batch preferring speed: 429s use up retries, then the next model",
+        RATE_LIMITED,
+        at(retries=4, throttled=4, speed=True),
+        Action(Step.NEXT, FALLBACK, "rate_limit_exceeded", Note.PENALIZE, pause=2.0),
+    ),
+    (
+        "a batch preferring speed: a 429 with retries left is retried",
+        RATE_LIMITED,
+        at(retries=1, throttled=1, speed=True, delay=2.0),
+        Action(Step.RETRY, RETRIED, "rate_limit_exceeded", Note.PENALIZE, delay=2.0, pause=2.0),
     ),
     (
         "timeout: retry",
@@ -118,9 +151,9 @@ CASES = [
     ),
     (
         "retries used up on the last model: failed",
-        RATE_LIMITED,
+        SERVER_ERROR,
         at(retries=4, has_next=False),
-        Action(Step.NEXT, FAILED, "rate_limit_exceeded", Note.PENALIZE),
+        Action(Step.NEXT, FAILED, "server_error", Note.FAILURE),
     ),
     (
         "the wait plus a call would pass the deadline: the next model",
@@ -146,6 +179,12 @@ CASES = [
         QUOTA,
         at(has_next=False),
         Action(Step.NEXT, FAILED, "insufficient_quota", Note.TRIP),
+    ),
+    (
+        "a refused API key: the next model at once, its circuit opens and operators are told",
+        AUTH,
+        at(),
+        Action(Step.NEXT, FALLBACK, "invalid_api_key", Note.AUTH),
     ),
     (
         "model gone: the next model, its circuit retired",
@@ -179,10 +218,34 @@ CASES = [
         ),
     ),
     (
-        "any error on the extra try: the job fails with the first message",
+        "a 5xx on the extra try after invalid audio: retried as usual, not a job failure",
         SERVER_ERROR,
         at(invalid_message=FIRST_INVALID),
-        Action(Step.FAIL, FAILED, "server_error", fail_code="invalid_audio", fail_message=FIRST_INVALID),
+        Action(Step.RETRY, RETRIED, "server_error", Note.FAILURE, delay=1.5),
+    ),
+    (
+        "a 429 on the extra try: retried, the fleet pauses",
+        RATE_LIMITED,
+        at(invalid_message=FIRST_INVALID, delay=2.0),
+        Action(Step.RETRY, RETRIED, "rate_limit_exceeded", Note.PENALIZE, delay=2.0, pause=2.0),
+    ),
+    (
+        "a timeout on the extra try: retried",
+        TIMEOUT,
+        at(invalid_message=FIRST_INVALID),
+        Action(Step.RETRY, RETRIED, "timeout", Note.FAILURE, delay=1.5),
+    ),
+    (
+        "retries used up on the extra try: the second opinion passes to the next model",
+        SERVER_ERROR,
+        at(invalid_message=FIRST_INVALID, retries=4),
+        Action(Step.NEXT, FALLBACK, "server_error", Note.FAILURE, invalid=True),
+    ),
+    (
+        "quota on the extra try: the second opinion passes to the next model",
+        QUOTA,
+        at(invalid_message=FIRST_INVALID),
+        Action(Step.NEXT, FALLBACK, "insufficient_quota", Note.TRIP, invalid=True),
     ),
     (
         "invalid audio again on the extra try: the first message",

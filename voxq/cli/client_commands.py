@@ -27,6 +27,12 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     submit.add_argument("--language", help="ISO-639-1 code, e.g. en")
     submit.add_argument("--name", help="a name for the batch")
     submit.add_argument("--priority", choices=("high", "normal", "low"), default="normal")
+    submit.add_argument(
+        "--prefer",
+        choices=("cost", "speed"),
+        default="cost",
+        help="when a model is rate limited: wait for it (cost), or move on to the next model (speed)",
+    )
     submit.add_argument("--prompt", help="vocabulary hints for the model")
     submit.add_argument("--wait", action="store_true", help="wait until every job has finished")
     submit.add_argument("--out", type=Path, help="write one transcript per input here (implies --wait)")
@@ -195,6 +201,7 @@ def run_submit(args: argparse.Namespace) -> int:
                 profile=args.profile,
                 language=args.language,
                 priority=args.priority,
+                prefer=args.prefer,
                 prompt=args.prompt,
             )
             jobs = client.upload_files(

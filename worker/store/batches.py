@@ -25,6 +25,7 @@ class BatchOptions:
     models: list[str] | None
     priority: str
     budget_usd: Decimal | None
+    prefer: str = "cost"  # or "speed": rate limits may move the job to the next model (worker.policy)
 
 
 def model_list(value: Any) -> list[str] | None:
@@ -42,6 +43,7 @@ def _batch_options(row: Any) -> BatchOptions:
         models=model_list(row.models),
         priority=row.priority,
         budget_usd=row.budget_usd,
+        prefer=row.prefer,
     )
 
 
@@ -65,6 +67,7 @@ def load_batches_in(session: Any, batch_ids: set[uuid.UUID]) -> dict[uuid.UUID, 
             Batch.models,
             Batch.priority,
             Batch.budget_usd,
+            Batch.prefer,
         ).where(Batch.id.in_(batch_ids))
     ).all()
     return {row.id: _batch_options(row) for row in rows}

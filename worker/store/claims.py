@@ -250,7 +250,8 @@ SELECT c.id, c.tenant_id, c.batch_id, c.duration_seconds, c.speech_seconds, c.ti
             'segments', a.segments, 'language', a.language, 'model', a.model, 'attempt_id', a.attempt_id))
        FROM job_answers AS a WHERE a.job_id = c.id) AS answers,
     b.id AS b_id, b.tenant_id AS b_tenant_id, b.profile AS b_profile, b.language AS b_language,
-    b.prompt AS b_prompt, b.models AS b_models, b.priority AS b_priority, b.budget_usd AS b_budget_usd
+    b.prompt AS b_prompt, b.models AS b_models, b.priority AS b_priority, b.budget_usd AS b_budget_usd,
+    b.prefer AS b_prefer
 FROM claimed AS c LEFT JOIN batches AS b ON b.id = c.batch_id
 ORDER BY c.id
 """
@@ -309,6 +310,7 @@ def claim_group_run(
                 models=model_list(r.b_models),
                 priority=r.b_priority,
                 budget_usd=r.b_budget_usd,
+                prefer=r.b_prefer,
             )
     return jobs, batches
 

@@ -1,0 +1,254 @@
+"""Retry, fallback and circuit semantics of the model chain (issue #16, items 10-12, 14, 15), measured from
+outside: the fake provider's request log, the attempt rows, the jobs. The prepare and transcribe stages run
+in this process against the real servers (as in test_pipeline_inprocess.py)."""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from typing import Any
+
+import httpx
+import pytest
+
+from core.statuses import AttemptOutcome, JobStatus
+from tests.api_helpers import ApiServer, make_key
+from tests.fakes.fixtures import FAKE_OPENAI_API_KEY
+from tests.fakes.openai_server import FakeOpenAI
+from tests.pipeline_support import PRIMARY, SECOND, Pipeline, assert_costs_match_billing, tones
+
+pytestmark = pytest.mark.usefixtures("hosted_settings")  # worker stages run in this process
+
+
+def settings(monkeypatch: pytest.MonkeyPatch, **env: str) -> None:
+    """Worker settings for this test on top of `hosted_settings` (read when the runtime is first built)."""
+    from core.settings import reset_settings_cache
+
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    reset_settings_cache()
+
+
+def run_jobs(
+    pipeline: Pipeline, count: int, *, tenant_name: str | None = None, **batch: Any
+) -> list[uuid.UUID]:
+    """`count` jobs of distinct tones in one batch, prepared and transcribed in this process."""
+    from worker.prepare import prepare_jobs
+    from worker.runtime import get_runtime
+    from worker.transcribe import transcribe_group
+
+    tenant = pipeline.tenant(tenant_name)
+    batch_id = pipeline.batch(tenant, **batch)
+    jobs = [pipeline.job(tenant, batch_id, tones(300 + 20 * i)) for i in range(count)]
+    report = prepare_jobs(jobs, owner="test:1")
+    assert report.grouped == count
+    rt = get_runtime()
+    for group in report.groups:
+        rt.run(transcribe_group(rt, group))
+    return jobs
+
+
+def requests_for(fake: FakeOpenAI, model: str) -> list[dict[str, Any]]:
+    return sorted((r for r in fake.request_log() if r.get("model") == model), key=lambda r: r["received"])
+
+
+def attempts_of(pipeline: Pipeline, job: uuid.UUID) -> list[tuple[str, str, int | None, str | None]]:
+    return [(a.model, a.outcome, a.http_status, a.error_code) for a in pipeline.attempts(job)]
+
+
+# ---- item 10: after insufficient_quota no request reaches the model ----
+
+
+def test_no_request_reaches_a_model_after_its_quota_answer(
+    pipeline: Pipeline, fake_openai: FakeOpenAI, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """30 jobs, 4 calls in flight: the first quota answer opens the circuit, and every call still waiting
+    for a slot (or about to retry) goes to the next model instead of the exhausted one."""
+    settings(monkeypatch, VOXQ_MAX_IN_FLIGHT="4", VOXQ_CIRCUIT_OPEN_SECONDS="120")
+    fake_openai.configure(PRIMARY, latency=0.3)
+    fake_openai.exhaust_quota(PRIMARY)
+    jobs = run_jobs(pipeline, 30)
+    rows = pipeline.jobs(jobs)
+    assert all(r.status == JobStatus.SUCCEEDED.value and r.model == SECOND for r in rows.values())
+    sent = requests_for(fake_openai, PRIMARY)
+    first_quota = min(r["ts"] for r in sent if r["code"] == "insufficient_quota")
+    late = [r["received"] - first_quota for r in sent if r["received"] >= first_quota]
+    t0 = sent[0]["received"]
+    print([(round(r["received"] - t0, 3), round(r["ts"] - t0, 3), r["code"], r["request_id"]) for r in sent])
+    for a in pipeline.attempts():
+        print(a.model, a.outcome, a.started_at, a.ended_at, a.id)
+    assert late == [], f"{len(late)} requests reached {PRIMARY} after its quota answer: {late}"
+    assert len(sent) <= 4  # only the calls already in flight
+    assert_costs_match_billing(pipeline, fake_openai)
+
+
+# ---- item 11: bad audio means a 400 about the file; the second opinion is retried as usual ----
+
+
+def test_a_400_on_language_is_not_bad_audio_and_the_next_model_is_retried(
+    pipeline: Pipeline, fake_openai: FakeOpenAI
+) -> None:
+    message = "Invalid language 'xx'. Language parameter must be specified in ISO-639-1 format."
+    fake_openai.script(
+        PRIMARY,
+        [{"kind": "error", "status": 400, "code": "invalid_value", "param": "language", "message": message}],
+    )
+    fake_openai.script(SECOND, ["server_error"])
+    (job,) = run_jobs(pipeline, 1)
+    row = pipeline.jobs([job])[job]
+    assert (row.status, row.model, row.error_code) == (JobStatus.SUCCEEDED.value, SECOND, None)
+    assert attempts_of(pipeline, job) == [
+        (PRIMARY, AttemptOutcome.FALLBACK.value, 400, "invalid_value"),
+        (SECOND, AttemptOutcome.RETRIED.value, 500, "http_500"),
+        (SECOND, AttemptOutcome.SUCCESS.value, 200, None),
+    ]
+    assert pipeline.attempts(job)[0].error_message == message
+
+
+def test_after_bad_audio_the_second_opinion_is_retried_on_429_5xx_and_timeouts(
+    pipeline: Pipeline, fake_openai: FakeOpenAI, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    settings(monkeypatch, VOXQ_PROVIDER_TIMEOUT_SECONDS="1", VOXQ_MAX_RETRIES="3")
+    fake_openai.script(PRIMARY, [{"kind": "invalid_file", "message": "Audio file might be corrupted"}])
+    fake_openai.script(
+        SECOND,
+        [{"kind": "rate_limit", "retry_after_ms": 100}, "server_error", {"kind": "timeout", "seconds": 5}],
+    )
+    (job,) = run_jobs(pipeline, 1)
+    row = pipeline.jobs([job])[job]
+    assert (row.status, row.model) == (JobStatus.SUCCEEDED.value, SECOND)
+    assert [(m, o, s) for m, o, s, _ in attempts_of(pipeline, job)] == [
+        (PRIMARY, AttemptOutcome.FALLBACK.value, 400),
+        (SECOND, AttemptOutcome.RETRIED.value, 429),
+        (SECOND, AttemptOutcome.RETRIED.value, 500),
+        (SECOND, AttemptOutcome.RETRIED.value, None),
+        (SECOND, AttemptOutcome.SUCCESS.value, 200),
+    ]
+    transcript = pipeline.transcript(job)
+    assert transcript is not None and transcript.text == "tone300"
+
+
+# ---- item 12: rate limits slow the fleet down instead of moving it to a pricier model ----
+
+
+def sent_after_the_429(pipeline: Pipeline, fake: FakeOpenAI) -> list[float]:
+    """Seconds from the 429 to each later request for PRIMARY, among those sent once the worker knew of
+    the 429 (its attempt closed; a request already on its way when the 429 was answered is not one)."""
+    sent = requests_for(fake, PRIMARY)
+    limited = next(r for r in sent if r["status"] == 429)
+    closed = next(a for a in pipeline.attempts() if str(a.id) == limited["request_id"])
+    assert closed.ended_at is not None
+    known = closed.ended_at.timestamp()
+    return [r["received"] - limited["ts"] for r in sent if r["received"] > known]
+
+
+def test_a_429s_retry_after_pauses_the_fleet_without_any_limit_configured(
+    pipeline: Pipeline, fake_openai: FakeOpenAI, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    settings(monkeypatch, VOXQ_MAX_IN_FLIGHT="2")
+    from core.settings import get_settings
+
+    assert get_settings().model_rpm_limit == 0 and get_settings().model_audio_seconds_per_minute == 0
+    fake_openai.script(PRIMARY, [{"kind": "rate_limit", "retry_after_ms": 1200}])
+    jobs = run_jobs(pipeline, 6)
+    assert all(r.status == JobStatus.SUCCEEDED.value for r in pipeline.jobs(jobs).values())
+    after = sent_after_the_429(pipeline, fake_openai)
+    assert after and min(after) >= 1.15, f"requests sent during the fleet's pause: {after}"
+    assert requests_for(fake_openai, SECOND) == []
+
+
+def test_openai_reset_headers_pause_the_fleet(
+    pipeline: Pipeline, fake_openai: FakeOpenAI, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    settings(monkeypatch, VOXQ_MAX_IN_FLIGHT="2")
+    reset = {"x-ratelimit-remaining-requests": "0", "x-ratelimit-reset-requests": "1s"}
+    fake_openai.script(PRIMARY, [{"kind": "rate_limit", "headers": reset}])
+    jobs = run_jobs(pipeline, 4)
+    assert all(r.status == JobStatus.SUCCEEDED.value for r in pipeline.jobs(jobs).values())
+    after = sent_after_the_429(pipeline, fake_openai)
+    assert after and min(after) >= 0.95, f"requests sent during the fleet's pause: {after}"
+
+
+def test_bare_429s_are_waited_out_on_the_same_model_not_the_pricier_fallback(
+    pipeline: Pipeline, fake_openai: FakeOpenAI
+) -> None:
+    bare = {"kind": "rate_limit", "headers": {}}
+    fake_openai.script(PRIMARY, [bare] * 6)  # max_retries is 2 here
+    (job,) = run_jobs(pipeline, 1)
+    row = pipeline.jobs([job])[job]
+    assert (row.status, row.model) == (JobStatus.SUCCEEDED.value, PRIMARY)
+    assert [o for _, o, _, _ in attempts_of(pipeline, job)] == [AttemptOutcome.RETRIED.value] * 6 + [
+        AttemptOutcome.SUCCESS.value
+    ]
+    assert requests_for(fake_openai, SECOND) == []
+
+
+def test_a_batch_preferring_speed_moves_on_after_its_retries(
+    pipeline: Pipeline, fake_openai: FakeOpenAI
+) -> None:
+    bare = {"kind": "rate_limit", "headers": {}}
+    fake_openai.script(PRIMARY, [bare] * 6)
+    (job,) = run_jobs(pipeline, 1, prefer="speed")
+    row = pipeline.jobs([job])[job]
+    assert (row.status, row.model) == (JobStatus.SUCCEEDED.value, SECOND)
+    assert [(m, o) for m, o, _, _ in attempts_of(pipeline, job)] == [
+        (PRIMARY, AttemptOutcome.RETRIED.value),
+        (PRIMARY, AttemptOutcome.RETRIED.value),
+        (PRIMARY, AttemptOutcome.FALLBACK.value),
+        (SECOND, AttemptOutcome.SUCCESS.value),
+    ]
+
+
+# ---- item 14: a refused API key is loud ----
+
+
+def auth_failures() -> float:
+    from prometheus_client import REGISTRY
+
+    return REGISTRY.get_sample_value("voxq_provider_auth_failures_total", {"provider": "openai"}) or 0.0
+
+
+def test_a_refused_api_key_is_loud_and_jobs_still_move_on(
+    pipeline: Pipeline,
+    fake_openai: FakeOpenAI,
+    api: ApiServer,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Issue #16, item 14: a 401 moves the job on to the next model as before, and now also counts in
+    voxq_provider_auth_failures_total, logs a warning, makes /readyz say `degraded` with the reason, and
+    gives the job a `fallback_reason`; none of it shows the key. A probe that gets through clears it."""
+    settings(monkeypatch, VOXQ_CIRCUIT_OPEN_SECONDS="0.5")
+    fake_openai.script(PRIMARY, ["auth"])
+    before = auth_failures()
+    with caplog.at_level(logging.WARNING):
+        (job,) = run_jobs(pipeline, 1, tenant_name="auth-tenant")
+    row = pipeline.jobs([job])[job]
+    assert (row.status, row.model) == (JobStatus.SUCCEEDED.value, SECOND)
+    assert auth_failures() == before + 1
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert any("openai refused the API key (HTTP 401 invalid_api_key)" in w for w in warnings), warnings
+
+    ready = httpx.get(api.url + "/readyz", timeout=10)
+    assert ready.status_code == 200  # the API still serves: uploads go on, jobs end on the next model
+    assert ready.json()["status"] == "degraded"
+    reason = ready.json()["checks"]["provider:openai"]
+    assert reason.startswith("degraded: openai refused the API key (HTTP 401 invalid_api_key, model ")
+
+    with api.client(make_key("auth-tenant")) as c:
+        shown = c.get(f"/v1/jobs/{job}").json()
+        listed = c.get(f"/v1/batches/{row.batch_id}/jobs").json()["items"]
+    assert shown["fallback_reason"].startswith(
+        f"{PRIMARY}: the provider refused the API key (HTTP 401 invalid_api_key): Incorrect API key provided"
+    )
+    assert listed[0]["fallback_reason"] == shown["fallback_reason"]
+    for text in (caplog.text, ready.text, shown["fallback_reason"]):
+        assert FAKE_OPENAI_API_KEY not in text and "sk-fak" not in text
+
+    # The key works again: once the circuit half-opens, the probe gets through and clears the alarm.
+    time.sleep(0.6)
+    (again,) = run_jobs(pipeline, 1)
+    assert pipeline.jobs([again])[again].model == PRIMARY
+    ready = httpx.get(api.url + "/readyz", timeout=10).json()
+    assert ready["status"] == "ok" and "provider:openai" not in ready["checks"]
