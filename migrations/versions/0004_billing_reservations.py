@@ -1,7 +1,7 @@
 """Budget reservations by attempt: each hosted call's hold on its batch's budget, released exactly once.
 
-Revision ID: 0003_billing
-Revises: 0002
+Revision ID: 0004
+Revises: 0003
 Create Date: 2026-12-04 18:45:00
 """
 
@@ -10,8 +10,8 @@ from __future__ import annotations
 import sqlalchemy as sa
 from alembic import op
 
-revision = "0003_billing"
-down_revision = "0002"
+revision = "0004"
+down_revision = "0003"
 branch_labels = None
 depends_on = None
 
