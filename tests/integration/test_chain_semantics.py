@@ -133,14 +133,18 @@ def test_after_bad_audio_the_second_opinion_is_retried_on_429_5xx_and_timeouts(
 
 
 def sent_after_the_429(pipeline: Pipeline, fake: FakeOpenAI) -> list[float]:
-    """Seconds from the 429 to each later request for PRIMARY, among those sent once the worker knew of
-    the 429 (its attempt closed; a request already on its way when the 429 was answered is not one)."""
+    """Seconds from the 429 to each later request for PRIMARY, among those the worker started once it knew
+    of the 429 (their attempt row, written after the pause check, is younger than the 429's close; a call
+    that had passed the check when the 429 was answered, and reached the fake a little later on a busy
+    machine, is not one)."""
     sent = requests_for(fake, PRIMARY)
     limited = next(r for r in sent if r["status"] == 429)
-    closed = next(a for a in pipeline.attempts() if str(a.id) == limited["request_id"])
+    attempts = {str(a.id): a for a in pipeline.attempts()}
+    closed = attempts[limited["request_id"]]
     assert closed.ended_at is not None
-    known = closed.ended_at.timestamp()
-    return [r["received"] - limited["ts"] for r in sent if r["received"] > known]
+    known = closed.ended_at
+    later = [r for r in sent if attempts[r["request_id"]].started_at > known]
+    return [r["received"] - limited["ts"] for r in later]
 
 
 def test_a_429s_retry_after_pauses_the_fleet_without_any_limit_configured(
