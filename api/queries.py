@@ -35,7 +35,7 @@ from api.schemas import (
 )
 from core.db import get_engine, get_sessionmaker, session_scope
 from core.models import Attempt, Batch, CostRecord, Job, Transcript
-from core.statuses import JOB_TERMINAL, BatchStatus, JobStatus
+from core.statuses import JOB_TERMINAL, BatchStatus, JobStatus, effective_timestamps
 
 MAX_PAGE = 200
 DEFAULT_PAGE = 50
@@ -136,6 +136,7 @@ def batch_out(batch: Batch, counts: dict[str, int]) -> BatchOut:
         profile=batch.profile,
         language=batch.language,
         priority=batch.priority,
+        timestamps=effective_timestamps(batch.profile, batch.timestamps).value,
         auto_submit=batch.auto_submit,
         models=batch.models,
         webhook_url=batch.webhook_url,

@@ -137,6 +137,8 @@ class Batch(Base):
     webhook_url: Mapped[str | None] = mapped_column(Text)
     budget_usd: Mapped[Decimal | None] = mapped_column(USD)
     priority: Mapped[str] = mapped_column(String(10), default=Priority.NORMAL.value)
+    # none | segment | word (core.statuses.Timestamps); NULL: the profile's default (`effective_timestamps`)
+    timestamps: Mapped[str | None] = mapped_column(String(10))
     auto_submit: Mapped[bool] = mapped_column(Boolean, default=False)
     metadata_: Mapped[dict[str, Any]] = mapped_column("metadata", JSONB, default=dict)
     status: Mapped[str] = mapped_column(String(20), default=BatchStatus.OPEN.value)
@@ -313,6 +315,9 @@ class Transcript(Base):
     segments: Mapped[list[Any] | None] = mapped_column(JSONB)  # [{start, end, text, words?}] original time
     model: Mapped[str] = mapped_column(String(100))
     provenance: Mapped[dict[str, Any]] = mapped_column(JSONB, default=dict)
+    # Timings for subtitles (worker/align_stage.py): {status, token, timestamps, source, method, words,
+    # segments, chunks, reason, detail, ...}; NULL when the batch asked for none.
+    alignment: Mapped[dict[str, Any] | None] = mapped_column(JSONB)
     created_at: Mapped[datetime] = _created()
 
 

@@ -75,6 +75,16 @@ def transcribe_local(*, job_id: str, group_id: str) -> str:
     return run_local(uuid.UUID(job_id), uuid.UUID(group_id), worker=_owner())
 
 
+@app.task(name=names.TASK_ALIGN_JOB, acks_late=True)
+def align_job(*, job_id: str, token: str) -> str:
+    """Word timestamps and subtitle cues for a succeeded job's transcript (worker.align_stage)."""
+    from worker.align_stage import align_job as run_align
+    from worker.signals import wait_for_local_model
+
+    wait_for_local_model()
+    return run_align(uuid.UUID(job_id), token)
+
+
 @app.task(name=names.TASK_SWEEP, acks_late=True)
 def sweep() -> dict[str, int]:
     """Recover jobs and attempts of dead workers (worker.sweeper)."""

@@ -1,0 +1,27 @@
+"""Alignment: a batch's `timestamps` option and a transcript's timings (issue #18).
+
+Revision ID: 0003
+Revises: 0002
+Create Date: 2026-12-04 18:40:00
+"""
+
+from __future__ import annotations
+
+import sqlalchemy as sa
+from alembic import op
+from sqlalchemy.dialects import postgresql
+
+revision = "0003"
+down_revision = "0002"
+branch_labels = None
+depends_on = None
+
+
+def upgrade() -> None:
+    op.add_column("batches", sa.Column("timestamps", sa.String(length=10), nullable=True))
+    op.add_column("transcripts", sa.Column("alignment", postgresql.JSONB(), nullable=True))
+
+
+def downgrade() -> None:
+    op.drop_column("transcripts", "alignment")
+    op.drop_column("batches", "timestamps")
