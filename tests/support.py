@@ -176,9 +176,7 @@ def stop_process(proc: subprocess.Popen[bytes], *, grace: float, kill_group: boo
 def celery_worker(
     stack: Stack,
     *,
-    queues: str = (
-        "ingest.high,transcribe.high,ingest,transcribe,transcribe.low,local,align,maintenance,webhooks"
-    ),
+    queues: str = "ingest.high,transcribe.high,ingest,transcribe,transcribe.low,local,maintenance,webhooks",
     concurrency: int = 2,
     pool: str = "prefork",
     name: str = "w1",

@@ -33,7 +33,7 @@ from celery.signals import (
 )
 
 from core.db import dispose_engine, get_engine
-from core.names import LOCAL_MODEL, QUEUE_ALIGN, QUEUE_LOCAL
+from core.names import LOCAL_MODEL, QUEUE_LOCAL
 from core.settings import get_settings
 from worker.grouping import model_chain
 
@@ -132,8 +132,7 @@ def _init_process(**_: Any) -> None:
     # once (`task_reject_on_worker_lost`), which a task that returned early would lose.
     get_runtime().detach_groups = False
     queues = consumed_queues()
-    # The align stage (queue `align`) times text on the local model whatever the chain says.
-    if QUEUE_ALIGN in queues or (QUEUE_LOCAL in queues and LOCAL_MODEL in model_chain(None, get_settings())):
+    if QUEUE_LOCAL in queues and LOCAL_MODEL in model_chain(None, get_settings()):
         _local_thread = threading.Thread(target=_load_local_model, name="voxq-local-load", daemon=True)
         _local_thread.start()
     freeze_startup_objects()

@@ -79,9 +79,8 @@ def transcribe_local(*, job_id: str, group_id: str) -> str:
 def align_job(*, job_id: str, token: str) -> str:
     """Word timestamps and subtitle cues for a succeeded job's transcript (worker.align_stage)."""
     from worker.align_stage import align_job as run_align
-    from worker.signals import wait_for_local_model
 
-    wait_for_local_model()
+    # The model loads on the first align task of the process (or is the one the local engine loaded).
     return run_align(uuid.UUID(job_id), token)
 
 

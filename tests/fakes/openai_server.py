@@ -51,7 +51,7 @@ import threading
 import time
 import uuid
 from collections import deque
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from decimal import Decimal
 from typing import Any
 
@@ -119,6 +119,7 @@ class Fault:
     type: str | None = None
     message: str | None = None
     param: str | None = None
+    text: str | None = None  # "ok": answer this text instead of what the fake heard (speech it can't hear)
 
     def __post_init__(self) -> None:
         if self.kind not in FAULT_KINDS:
@@ -154,10 +155,13 @@ class Decoded:
 
     duration: float
     regions: list[tuple[float, float, int]]  # (start, end, frequency Hz)
+    said: str | None = None  # a scripted answer's text (Fault.text), for speech the fake cannot hear
 
     @property
     def text(self) -> str:
-        """The transcript: one `tone<F>` word per region."""
+        """The transcript: the scripted text, else one `tone<F>` word per region."""
+        if self.said is not None:
+            return self.said
         return " ".join(f"tone{freq}" for _, _, freq in self.regions)
 
 
@@ -757,6 +761,8 @@ class FakeOpenAI:
                 code="invalid_value",
             )
 
+        if fault is not None and fault.text is not None:
+            decoded = replace(decoded, said=fault.text)
         text = decoded.text
         usage = self._usage(model, decoded.duration, prompt, text)
         with self._lock:

@@ -1,0 +1,161 @@
+"""The align stage through the real pipeline: API, Celery workers on the `align` queue, Postgres, S3, and the
+fake OpenAI server answering as a text-only model (gpt-4o-mini-transcribe) with the speech's true text."""
+
+from __future__ import annotations
+
+import itertools
+import uuid
+from typing import Any
+
+import httpx
+import pytest
+
+from core.db import session_scope
+from core.models import Transcript
+from core.storage import Storage
+from tests.align_support import Speech, joined_speech
+from tests.api_helpers import ApiServer, make_key
+from tests.fakes.openai_server import FakeOpenAI, Fault
+from tests.pipeline_support import PRIMARY, SECOND, WorkerFactory, tones
+from tests.support import Stack, wait_until
+
+pytestmark = pytest.mark.slow
+
+# Every queue but `local`: the align stage runs here on the bundled model, loaded by its first task.
+QUEUES = "ingest.high,transcribe.high,ingest,transcribe,transcribe.low,align,maintenance,webhooks"
+START_ERROR_SECONDS = 0.6  # the benchmark's p95 target for a sentence start
+
+
+def _submit(c: httpx.Client, data: bytes, filename: str, **options: Any) -> str:
+    batch = c.post("/v1/batches", json={"name": "align", **options})
+    assert batch.status_code == 201, batch.text
+    jobs = c.post(
+        f"/v1/batches/{batch.json()['id']}/files", files=[("file", (filename, data, "audio/flac"))]
+    ).json()["jobs"]
+    assert c.post(f"/v1/batches/{batch.json()['id']}/submit").status_code == 202
+    return str(jobs[0]["id"])
+
+
+def _alignment(job_id: str, timeout: float = 240) -> dict[str, Any]:
+    """The job's alignment document once it is no longer pending."""
+
+    def done() -> dict[str, Any] | None:
+        with session_scope() as session:
+            doc = session.query(Transcript.alignment).filter(Transcript.job_id == uuid.UUID(job_id)).scalar()
+        return doc if isinstance(doc, dict) and doc.get("status") != "pending" else None
+
+    return wait_until(done, timeout=timeout, interval=0.5, what="the alignment")
+
+
+def _check_cues(segments: list[dict[str, Any]], duration: float) -> None:
+    assert segments
+    for seg in segments:
+        assert 0.0 <= seg["start"] <= seg["end"] <= duration + 0.01
+    for prev, cur in itertools.pairwise(segments):
+        assert cur["start"] >= prev["end"]  # in order, no overlaps
+
+
+def _check_starts(words: list[dict[str, Any]], speech: Speech) -> None:
+    """Each clip's first word starts within the target of its true start."""
+    texts = speech.text.split()
+    assert [w["word"] for w in words] == texts  # the hosted words, exactly
+    index = 0
+    for (start, _), clip_words in zip(speech.spans, _clip_word_counts(speech), strict=True):
+        assert abs(words[index]["start"] - start) <= START_ERROR_SECONDS, (index, words[index], start)
+        index += clip_words
+
+
+def _clip_word_counts(speech: Speech) -> list[int]:
+    from tests.speech import load_fixtures
+
+    fixtures = load_fixtures()
+    return [len(fixtures[i % len(fixtures)].text.split()) for i in range(len(speech.spans))]
+
+
+def test_text_only_transcript_is_aligned_on_the_align_queue_and_realigned_on_request(
+    api: ApiServer, stack: Stack, fake_openai: FakeOpenAI, worker: WorkerFactory
+) -> None:
+    speech = joined_speech(40.0)
+    fake_openai.script(PRIMARY, [Fault("ok", text=speech.text)])
+    with (
+        api.client(make_key("align-a")) as c,
+        api.client(make_key("align-b")) as other,
+        worker(concurrency=1, queues=QUEUES),
+    ):
+        if True:
+            job_id = _submit(c, speech.flac(), "talk.flac", profile="podcast", language="en")
+            assert c.get(f"/v1/jobs/{job_id}").json()["status"] in ("queued", "processing", "succeeded")
+            doc = _alignment(job_id)
+            assert c.get(f"/v1/jobs/{job_id}").json()["status"] == "succeeded"
+            assert doc["status"] == "aligned" and doc["timestamps"] == "segment", doc.get("reason")
+            assert doc["source"] == "aligned" and doc["method"] == "whisper_align" and doc["words"] == []
+
+            srt = c.get(f"/v1/jobs/{job_id}/transcript", params={"format": "srt"})
+            assert srt.status_code == 200 and srt.headers["x-voxq-cues"] == "aligned"
+            body = c.get(f"/v1/jobs/{job_id}/transcript", params={"format": "json"}).json()
+            assert body["text"] == speech.text and body["alignment"]["status"] == "aligned"
+            _check_cues(body["segments"], speech.duration)
+            assert len(body["segments"]) >= speech.speech_seconds / 7
+            assert srt.text.count(" --> ") == len(body["segments"])
+
+            # Re-aligning asks for words this time; another tenant's request is a 404.
+            assert other.post(f"/v1/jobs/{job_id}/align").status_code == 404
+            again = c.post(f"/v1/jobs/{job_id}/align", json={"timestamps": "word"})
+            assert again.status_code == 202 and again.json()["status"] == "pending"
+            doc = _alignment(job_id)
+            assert doc["status"] == "aligned" and doc["timestamps"] == "word"
+            body = c.get(f"/v1/jobs/{job_id}/transcript", params={"format": "json"}).json()
+            _check_starts(body["words"], speech)
+            assert "token" not in body["alignment"]
+
+            # The upload gone, a new alignment fails: the text stays, srt falls back to the chunk cue.
+            job = c.get(f"/v1/jobs/{job_id}").json()
+            storage = Storage()
+            for key in storage.client.list_objects_v2(Bucket=storage.bucket).get("Contents", []):
+                if "/derived/" not in key["Key"]:
+                    storage.client.delete_object(Bucket=storage.bucket, Key=key["Key"])
+            assert c.post(f"/v1/jobs/{job_id}/align").status_code == 202
+            doc = _alignment(job_id)
+            assert doc["status"] == "failed" and doc["reason"] == "audio_unavailable"
+            srt = c.get(f"/v1/jobs/{job_id}/transcript", params={"format": "srt"})
+            assert srt.status_code == 200 and srt.headers["x-voxq-cues"] == "transcript"
+            assert srt.headers["x-voxq-alignment"] == "failed; reason=audio_unavailable"
+            assert srt.text.count(" --> ") == 1 and speech.text.split()[0] in srt.text
+            vtt = c.get(f"/v1/jobs/{job_id}/transcript", params={"format": "vtt"}).text
+            assert "NOTE voxq: cues are the transcript's own segments" in vtt
+            assert c.get(f"/v1/jobs/{job_id}/transcript").text == speech.text
+            assert job["status"] == "succeeded"
+
+
+def test_align_endpoint_refuses_a_job_that_has_not_succeeded(api: ApiServer, stack: Stack) -> None:
+    with api.client(make_key("align-c")) as c:
+        batch = c.post("/v1/batches", json={"timestamps": "word"}).json()
+        assert batch["timestamps"] == "word"
+        job = c.post(
+            f"/v1/batches/{batch['id']}/files", files=[("file", ("a.flac", tones(440), "audio/wav"))]
+        ).json()["jobs"][0]
+        refused = c.post(f"/v1/jobs/{job['id']}/align")
+        assert refused.status_code == 409 and refused.json()["code"] == "job_not_succeeded"
+        bad = c.post("/v1/batches", json={"timestamps": "words"})
+        assert bad.status_code == 422 and bad.json()["code"] == "invalid_timestamps"
+        assert c.post("/v1/batches", json={"profile": "podcast"}).json()["timestamps"] == "segment"
+        assert c.post("/v1/batches", json={"profile": "voicemail"}).json()["timestamps"] == "none"
+        assert c.post("/v1/batches", json={}).json()["timestamps"] == "none"
+
+
+def test_a_model_with_word_times_needs_no_alignment(
+    api: ApiServer, stack: Stack, fake_openai: FakeOpenAI, worker: WorkerFactory
+) -> None:
+    data = tones(440, 880, 660, seconds=0.8, gap=1.0)
+    fake_openai.script(PRIMARY, ["quota"])  # the chain falls back to whisper-1 (verbose_json, word times)
+    with api.client(make_key("align-d")) as c, worker(concurrency=1, queues=QUEUES):
+        job_id = _submit(c, data, "tones.wav", timestamps="word")
+        doc = _alignment(job_id, timeout=60)
+        duration = c.get(f"/v1/jobs/{job_id}").json()["duration_seconds"]
+    with session_scope() as session:
+        model = session.query(Transcript.model).filter(Transcript.job_id == uuid.UUID(job_id)).scalar()
+    assert model == SECOND
+    assert doc["status"] == "aligned" and doc["source"] == "model" and doc["method"] is None
+    assert [w["word"] for w in doc["words"]] == ["tone440", "tone880", "tone660"]
+    assert doc["cpu_seconds"] == 0.0  # no audio fetched, no model loaded
+    _check_cues(doc["segments"], duration)
