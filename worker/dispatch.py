@@ -37,7 +37,7 @@ def send_local(job_id: uuid.UUID, group_id: uuid.UUID) -> None:
 
 def send_align(job_id: uuid.UUID, token: str) -> None:
     """Queue the align task of a transcript whose alignment is pending with `token`."""
-    _send(names.TASK_ALIGN_JOB, {"job_id": str(job_id), "token": token}, names.QUEUE_ALIGN)
+    _send(names.TASK_ALIGN_JOB, {"job_id": str(job_id), "alignment_id": token}, names.QUEUE_ALIGN)
 
 
 def send_webhook(batch_id: uuid.UUID, *, attempt: int = 1, countdown: float = 0.0) -> None:
