@@ -8,7 +8,7 @@ Runs after completion when the batch asks for `timestamps` (segment or word), or
 2. Give each chunk of the job's plan (the time map's chunks, in trimmed time) the transcript segments that
    fall in it (by their midpoint in original time): a text-only model wrote one segment per chunk.
 3. A chunk whose segments all carry the model's own word times (whisper-1 verbose_json, the local model)
-   keeps them: no alignment. Any other chunk is aligned on its audio with worker.alignment (method (a),
+   keeps them, carried onto the text's own spelling (`spelled_as_text`): no audio, no alignment. Any other chunk is aligned on its audio with worker.alignment (method (a),
    `whisper_align`, on the local model): the job's upload is fetched and decoded again (its derived FLACs
    may have been swept) and the chunk's trimmed audio rebuilt from the time map, then the words are shifted
    into the original file's time with the time map (`chunk_clock`).
@@ -81,6 +81,21 @@ def model_words(segments: list[dict[str, Any]]) -> list[Word] | None:
     if not segments or not all(isinstance(s.get("words"), list) and s["words"] for s in segments):
         return None
     return words_from_json([w for s in segments for w in s["words"]]) or None
+
+
+def spelled_as_text(text: str, own: list[Word]) -> list[Word]:
+    """The model's word times carried onto the text's own words (its spelling and punctuation, which
+    cues break on): matched like alignment method (b) (`match_words`), the rest interpolated; the
+    model's words as they are when the two hardly match."""
+    from worker.alignment.normalise import split_words
+    from worker.alignment.timing import interpolate, monotonic
+    from worker.alignment.words import MIN_MATCHED, match_words
+
+    hosted = split_words(text)
+    match = match_words(hosted, own) if hosted else None
+    if match is None or match.matched_share < MIN_MATCHED:
+        return own
+    return monotonic(interpolate(hosted, match.known, start=own[0].start, end=own[-1].end))
 
 
 @dataclass
@@ -181,7 +196,7 @@ def align_chunks(data: AlignInput, tmap: audio.TimeMap) -> list[_Outcome]:
             for position, chunk in enumerate(chunks):
                 own = model_words(chunk.segments)
                 if own is not None:
-                    outcomes.append(_Outcome(chunk, "model", words=own))
+                    outcomes.append(_Outcome(chunk, "model", words=spelled_as_text(chunk.text, own)))
                     continue
                 try:
                     aligner = aligner or _aligner(data.language)

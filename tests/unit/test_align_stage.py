@@ -9,7 +9,14 @@ import pytest
 
 from core.statuses import AlignmentStatus, Timestamps, default_timestamps, effective_timestamps
 from core.subtitles import Word
-from worker.align_stage import ChunkText, _Outcome, alignment_document, chunk_texts, model_words
+from worker.align_stage import (
+    ChunkText,
+    _Outcome,
+    alignment_document,
+    chunk_texts,
+    model_words,
+    spelled_as_text,
+)
 from worker.audio import TimeMap
 from worker.completion import alignments_to_request
 from worker.store.transcripts import AlignInput
@@ -135,3 +142,22 @@ def test_completion_asks_for_alignment_only_when_timestamps_are_wanted_and_there
     assert asked[0] is not None and asked[0][1] == Timestamps.SEGMENT
     assert asked[3] is not None and asked[3][1] == Timestamps.WORD
     assert asked[0][0] != asked[3][0]  # a token of its own each
+
+
+def test_the_models_words_are_carried_onto_the_texts_spelling_so_cues_break_at_sentences() -> None:
+    from core.subtitles import build_segments
+
+    # whisper-1's words carry no punctuation; the local model splits "make-a-wish" into "-a" pieces.
+    own = [
+        Word("Hello", 0.0, 0.4),
+        Word("there", 0.5, 0.9),
+        Word("make", 1.0, 1.2),
+        Word("-a", 1.2, 1.3),
+        Word("-wish", 1.3, 1.6),
+        Word("Bye", 1.8, 2.0),
+    ]
+    words = spelled_as_text("Hello there, make-a-wish. Bye!", own)
+    assert [w.word for w in words] == ["Hello", "there,", "make-a-wish.", "Bye!"]
+    assert (words[2].start, words[2].end) == (1.0, 1.6)
+    assert [s.text for s in build_segments(words)] == ["Hello there, make-a-wish.", "Bye!"]
+    assert spelled_as_text("something else entirely", own) == own  # no match: the model's words stay
