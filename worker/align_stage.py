@@ -8,10 +8,11 @@ Runs after completion when the batch asks for `timestamps` (segment or word), or
 2. Give each chunk of the job's plan (the time map's chunks, in trimmed time) the transcript segments that
    fall in it (by their midpoint in original time): a text-only model wrote one segment per chunk.
 3. A chunk whose segments all carry the model's own word times (whisper-1 verbose_json, the local model)
-   keeps them, carried onto the text's own spelling (`spelled_as_text`): no audio, no alignment. Any other chunk is aligned on its audio with worker.alignment (method (a),
-   `whisper_align`, on the local model): the job's upload is fetched and decoded again (its derived FLACs
-   may have been swept) and the chunk's trimmed audio rebuilt from the time map, then the words are shifted
-   into the original file's time with the time map (`chunk_clock`).
+   keeps them, carried onto the text's own spelling (`spelled_as_text`): no audio, no alignment. Any
+   other chunk is aligned on its audio with worker.alignment (method (a), `whisper_align`, on the local
+   model): the job's upload is fetched and decoded again (its derived FLACs may have been swept) and the
+   chunk's trimmed audio rebuilt from the time map, then the words are shifted into the original file's
+   time with the time map (`chunk_clock`).
 4. Cues (core.subtitles.build_segments: ≤ ~7 s, ≤ 2 lines of 42) are built from each chunk's words; a
    chunk whose alignment failed keeps its own segment as one cue. The document stored is
    `{status, timestamps, source, method, segments, words (timestamps=word only), chunks, reason,
