@@ -305,6 +305,14 @@ class Transcript(Base):
     """The one transcript of a job (unique per job: written once, by compare-and-set)."""
 
     __tablename__ = "transcripts"
+    __table_args__ = (
+        # The few transcripts whose timings are still to come (the sweeper re-sends lost align tasks).
+        Index(
+            "ix_transcripts_alignment_pending",
+            "created_at",
+            postgresql_where=text("(alignment ->> 'status') = 'pending'"),
+        ),
+    )
 
     id: Mapped[uuid.UUID] = _pk()
     tenant_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("tenants.id", ondelete="CASCADE"))

@@ -51,7 +51,7 @@ from worker.store.batches import batches_of
 from worker.store.claims import end_job
 from worker.store.dedupe import copy_transcript, release_followers
 from worker.store.sql import LIVE_VALUES, TERMINAL_VALUES, now, run_sql, to_json
-from worker.store.transcripts import new_token, pending_alignment
+from worker.store.transcripts import new_token, pending_alignment, stale_alignments
 
 log = logging.getLogger(__name__)
 
@@ -350,6 +350,14 @@ def request_alignments(job_ids: list[uuid.UUID]) -> None:
             )
     for job_id, (token, _) in tokens.items():
         dispatch.send_align(job_id, token)
+
+
+def resend_stale_alignments() -> int:
+    """Send again the align tasks of alignments pending for too long (the sweeper's safety net); how many."""
+    stale = stale_alignments()
+    for job_id, token in stale:
+        dispatch.send_align(job_id, token)
+    return len(stale)
 
 
 # A leader's completion resolves its followers right after its commit; one ended longer ago than this

@@ -20,8 +20,15 @@ depends_on = None
 def upgrade() -> None:
     op.add_column("batches", sa.Column("timestamps", sa.String(length=10), nullable=True))
     op.add_column("transcripts", sa.Column("alignment", postgresql.JSONB(), nullable=True))
+    op.create_index(
+        "ix_transcripts_alignment_pending",
+        "transcripts",
+        ["created_at"],
+        postgresql_where=sa.text("(alignment ->> 'status') = 'pending'"),
+    )
 
 
 def downgrade() -> None:
+    op.drop_index("ix_transcripts_alignment_pending", table_name="transcripts")
     op.drop_column("transcripts", "alignment")
     op.drop_column("batches", "timestamps")

@@ -159,3 +159,28 @@ def test_a_model_with_word_times_needs_no_alignment(
     assert [w["word"] for w in doc["words"]] == ["tone440", "tone880", "tone660"]
     assert doc["cpu_seconds"] == 0.0  # no audio fetched, no model loaded
     _check_cues(doc["segments"], duration)
+
+
+def test_the_sweeper_resends_an_alignment_pending_for_too_long(stack: Stack) -> None:
+    from core.models import Transcript as TranscriptRow
+    from tests.pipeline_support import processing_job_rows
+    from worker.store.transcripts import STALE_ALIGNMENT_SECONDS, stale_alignments
+
+    rows = processing_job_rows()
+    fresh = processing_job_rows()
+    old = "2026-01-01T00:00:00.000000+00:00"
+    with session_scope() as session:
+        for tenant_id, job_id, requested_at, token in (
+            (rows.tenant_id, rows.job_id, old, "t-old"),
+            (fresh.tenant_id, fresh.job_id, None, "t-new"),
+        ):
+            doc: dict[str, Any] = {"status": "pending", "token": token, "timestamps": "segment"}
+            doc["requested_at"] = requested_at or "9999-01-01T00:00:00.000000+00:00"
+            session.add(
+                TranscriptRow(
+                    tenant_id=tenant_id, job_id=job_id, text="x", model="m", provenance={}, alignment=doc
+                )
+            )
+    assert stale_alignments() == [(rows.job_id, "t-old")]
+    assert stale_alignments() == []  # marked sent again: not re-sent at every sweep
+    assert stale_alignments(older_than=-STALE_ALIGNMENT_SECONDS) != []  # its requested_at moved to now

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import uuid
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Any
 
 from sqlalchemy import select, update
@@ -17,6 +18,7 @@ from sqlalchemy import select, update
 from core.db import durable, session_scope
 from core.models import Batch, Job, Transcript
 from core.statuses import AlignmentStatus, JobStatus, Timestamps, effective_timestamps
+from worker.store.sql import now, run_sql
 
 
 @dataclass(frozen=True)
@@ -37,8 +39,14 @@ class AlignInput:
 
 
 def pending_alignment(token: str, timestamps: Timestamps) -> dict[str, Any]:
-    """The alignment document of a transcript whose align task is queued."""
-    return {"status": AlignmentStatus.PENDING.value, "token": token, "timestamps": timestamps.value}
+    """The alignment document of a transcript whose align task is queued (`requested_at`: when it was
+    sent, for `stale_alignments`)."""
+    return {
+        "status": AlignmentStatus.PENDING.value,
+        "token": token,
+        "timestamps": timestamps.value,
+        "requested_at": now().isoformat(timespec="microseconds"),
+    }
 
 
 def new_token() -> str:
@@ -99,3 +107,37 @@ def save_alignment(job_id: uuid.UUID, token: str, doc: dict[str, Any]) -> bool:
             .returning(Transcript.id)
         ).first()
     return done is not None
+
+
+# A pending alignment whose task was sent longer ago than this lost it (the broker lost the message, or
+# the task failed without writing): the sweeper sends it again, with the same token (a duplicate run
+# writes nothing: the first write ends the token's pending state).
+STALE_ALIGNMENT_SECONDS = 1800.0
+
+_STALE = f"""
+UPDATE transcripts AS t
+SET alignment = jsonb_set(t.alignment, '{{requested_at}}', to_jsonb(%(now)s::text))
+FROM (
+    SELECT id FROM transcripts
+    WHERE (alignment ->> 'status') = '{AlignmentStatus.PENDING.value}'
+      AND COALESCE(alignment ->> 'requested_at', '') < %(cutoff)s
+    ORDER BY created_at
+    LIMIT %(limit)s
+    FOR UPDATE SKIP LOCKED
+) AS stale
+WHERE t.id = stale.id
+RETURNING t.job_id, t.alignment ->> 'token'
+"""
+
+
+def stale_alignments(
+    *, older_than: float = STALE_ALIGNMENT_SECONDS, limit: int = 100
+) -> list[tuple[uuid.UUID, str]]:
+    """Pending alignments sent over `older_than` seconds ago, marked sent now: (job id, token) to re-send."""
+    ts = now()
+    cutoff = (ts - timedelta(seconds=older_than)).isoformat(timespec="microseconds")
+    with session_scope() as session:
+        rows = run_sql(
+            session, _STALE, {"now": ts.isoformat(timespec="microseconds"), "cutoff": cutoff, "limit": limit}
+        ).all()
+    return [(job_id, token) for job_id, token in rows if token]
