@@ -330,6 +330,10 @@ def job_finished(
     finish_batches(batches)
 
 
+# No alignment document: SQL NULL, or the JSON null an ORM insert of None writes.
+_NO_ALIGNMENT = func.coalesce(func.jsonb_typeof(Transcript.alignment), "null") == "null"
+
+
 def request_alignments(job_ids: list[uuid.UUID]) -> None:
     """Queue the align stage for succeeded jobs whose transcript was copied from a twin (dedupe) without
     final timings, when their batch asks for timestamps (`succeed_job` does it for the others)."""
@@ -338,14 +342,14 @@ def request_alignments(job_ids: list[uuid.UUID]) -> None:
             select(Transcript.job_id, Transcript.text, Batch.profile, Batch.timestamps)
             .join(Job, Job.id == Transcript.job_id)
             .join(Batch, Batch.id == Job.batch_id)
-            .where(Transcript.job_id.in_(job_ids), Transcript.alignment.is_(None))
+            .where(Transcript.job_id.in_(job_ids), _NO_ALIGNMENT)
         ).all()
         wanted = alignments_to_request([(r.text, r.profile, r.timestamps) for r in rows])
         tokens = {r.job_id: a for r, a in zip(rows, wanted, strict=True) if a is not None}
         for job_id, (token, timestamps) in tokens.items():
             session.execute(
                 update(Transcript)
-                .where(Transcript.job_id == job_id, Transcript.alignment.is_(None))
+                .where(Transcript.job_id == job_id, _NO_ALIGNMENT)
                 .values(alignment=pending_alignment(token, timestamps))
             )
     for job_id, (token, _) in tokens.items():

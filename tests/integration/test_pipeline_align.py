@@ -184,3 +184,24 @@ def test_the_sweeper_resends_an_alignment_pending_for_too_long(stack: Stack) -> 
     assert stale_alignments() == [(rows.job_id, "t-old")]
     assert stale_alignments() == []  # marked sent again: not re-sent at every sweep
     assert stale_alignments(older_than=-STALE_ALIGNMENT_SECONDS) != []  # its requested_at moved to now
+
+
+def test_identical_audio_gets_timings_whether_it_waited_for_its_twin_or_came_later(
+    api: ApiServer, stack: Stack, fake_openai: FakeOpenAI, worker: WorkerFactory
+) -> None:
+    speech = joined_speech(12.0)
+    fake_openai.script(PRIMARY, [Fault("ok", text=speech.text)])  # one call: the twins share it
+    data = speech.flac()
+    with api.client(make_key("align-e")) as c, worker(concurrency=1, queues=QUEUES):
+        batch = c.post("/v1/batches", json={"profile": "podcast", "language": "en"}).json()
+        files = [("file", (name, data, "audio/flac")) for name in ("a.flac", "b.flac")]
+        jobs = c.post(f"/v1/batches/{batch['id']}/files", files=files).json()["jobs"]
+        assert c.post(f"/v1/batches/{batch['id']}/submit").status_code == 202
+        first = [_alignment(str(j["id"])) for j in jobs]
+        later = _submit(c, data, "c.flac", profile="podcast", language="en")
+        copied = _alignment(later)
+    assert len(fake_openai.billing_log()) == 1
+    for doc in [*first, copied]:
+        assert doc["status"] == "aligned" and doc["source"] == "aligned", doc
+        _check_cues(doc["segments"], speech.duration)
+    assert copied["segments"] == first[0]["segments"]  # the finished twin's timings, copied
