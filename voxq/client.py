@@ -362,6 +362,12 @@ class VoxqClient:
         """The transcript as txt, json, srt or vtt (ApiError `timestamps_unavailable` for srt/vtt without)."""
         return self._request("GET", f"/v1/jobs/{job_id}/transcript", params={"format": fmt}).text
 
+    def align(self, job_id: str, timestamps: str | None = None) -> dict[str, Any]:
+        """Time a succeeded job's transcript again (`segment` or `word`); its alignment is then pending."""
+        body = {"timestamps": timestamps} if timestamps else None
+        result: dict[str, Any] = self._json("POST", f"/v1/jobs/{job_id}/align", json=body)
+        return result
+
     def cancel_job(self, job_id: str) -> dict[str, Any]:
         """Cancel a job that has not finished."""
         result: dict[str, Any] = self._json("POST", f"/v1/jobs/{job_id}/cancel")

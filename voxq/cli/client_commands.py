@@ -28,6 +28,12 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     submit.add_argument("--name", help="a name for the batch")
     submit.add_argument("--priority", choices=("high", "normal", "low"), default="normal")
     submit.add_argument("--prompt", help="vocabulary hints for the model")
+    submit.add_argument(
+        "--timestamps",
+        choices=("none", "segment", "word"),
+        default=None,
+        help="subtitle cues (and word times) for any model's text (default: segment for podcasts, else none)",
+    )
     submit.add_argument("--wait", action="store_true", help="wait until every job has finished")
     submit.add_argument("--out", type=Path, help="write one transcript per input here (implies --wait)")
     submit.add_argument("--format", choices=FORMATS, default="txt", help="transcript format for --out")
@@ -196,6 +202,7 @@ def run_submit(args: argparse.Namespace) -> int:
                 language=args.language,
                 priority=args.priority,
                 prompt=args.prompt,
+                timestamps=args.timestamps,
             )
             jobs = client.upload_files(
                 batch["id"], [p for p, _ in inputs], progress=on_bytes, skip_rejected=True
