@@ -57,6 +57,12 @@ class _Api:
                     "expires_at": "2030-01-01T00:00:00Z",
                 },
             )
+        if path == "/v1/jobs/j1/transcript":
+            self.transcript_polls = getattr(self, "transcript_polls", 0) + 1
+            status = "pending" if self.transcript_polls < 3 else "aligned"
+            return httpx.Response(200, json={"text": "hi", "alignment": {"status": status}})
+        if path == "/v1/jobs/j2/transcript":
+            return httpx.Response(200, json={"text": "hi", "alignment": {"status": "none"}})
         if path == "/v1/jobs/j1/align" and request.method == "POST":
             ask = json.loads(request.content) if request.content else {}
             return httpx.Response(
@@ -212,3 +218,11 @@ def test_align_posts_the_granularity_asked_for() -> None:
             client.align("nope")
     assert caught.value.code == "not_found"
     assert [json.loads(r.content or b"{}") for r in api.requests[:2]] == [{"timestamps": "word"}, {}]
+
+
+def test_wait_timings_polls_until_the_alignment_is_no_longer_pending() -> None:
+    api = _Api()
+    with _client(api) as client:
+        assert client.wait_timings("j1", poll_seconds=0.01) == {"status": "aligned"}
+        assert client.wait_timings("j2") == {"status": "none"}
+    assert [r.url.params["format"] for r in api.requests] == ["json"] * 4

@@ -271,6 +271,8 @@ def _write_transcripts(
     for (_, rel), job in zip(inputs, jobs, strict=True):
         target = transcript_path(out, rel, fmt, used)
         try:
+            if fmt != "txt":
+                client.wait_timings(job["id"])  # cues and words follow the text by seconds
             text = client.transcript(job["id"], fmt)
         except ApiError as exc:
             print(f"voxq: no transcript for {rel}: {exc.code}", file=sys.stderr)

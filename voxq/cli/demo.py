@@ -214,13 +214,8 @@ FIRST_CUES = 4  # subtitle cues shown per podcast
 
 def first_cues(client: VoxqClient, job_id: str, timeout: float = 120.0) -> str:
     """The first SRT cues of a job once its alignment is done (or what the transcript has after `timeout`)."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        alignment = json.loads(client.transcript(job_id, "json")).get("alignment") or {}
-        if alignment.get("status") != "pending":
-            break
-        time.sleep(0.5)
     try:
+        client.wait_timings(job_id, timeout=timeout, poll_seconds=0.5)
         srt = client.transcript(job_id, "srt")
     except ApiError as exc:
         return f"(no subtitles: {exc.code})"
