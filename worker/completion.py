@@ -203,8 +203,7 @@ def _succeed(rows: list[JobSuccess]) -> list[Succeeded | None]:
             )
     for c in closes:
         count_close(c, close_totals[c.attempt_id])
-    for job_id, (token, _) in tokens.items():
-        dispatch.send_align(job_id, token)  # after the commit: the task reads the pending transcript
+    send_aligns(tokens)  # after the commit: the task reads the pending transcript
     metrics.JOBS_FINISHED.labels(status=JobStatus.SUCCEEDED.value).inc(len(won))
     return [Succeeded(followers=followers[r.job_id]) if r.job_id in won else None for r in rows]
 
@@ -352,8 +351,19 @@ def request_alignments(job_ids: list[uuid.UUID]) -> None:
                 .where(Transcript.job_id == job_id, _NO_ALIGNMENT)
                 .values(alignment=pending_alignment(token, timestamps))
             )
+    send_aligns(tokens)
+
+
+def send_aligns(tokens: dict[uuid.UUID, tuple[str, Timestamps]]) -> None:
+    """Send the align tasks of committed pending alignments; a broker error is logged, not raised (the job
+    has succeeded: the sweeper sends the task again later, `resend_stale_alignments`)."""
     for job_id, (token, _) in tokens.items():
-        dispatch.send_align(job_id, token)
+        try:
+            dispatch.send_align(job_id, token)
+        except Exception as exc:  # kombu/redis errors of many kinds
+            log.warning(
+                "align task of job %s not sent (%s); the sweeper resends it", job_id, type(exc).__name__
+            )
 
 
 def resend_stale_alignments() -> int:

@@ -161,3 +161,20 @@ def test_the_models_words_are_carried_onto_the_texts_spelling_so_cues_break_at_s
     assert (words[2].start, words[2].end) == (1.0, 1.6)
     assert [s.text for s in build_segments(words)] == ["Hello there, make-a-wish.", "Bye!"]
     assert spelled_as_text("something else entirely", own) == own  # no match: the model's words stay
+
+
+def test_a_broker_error_sending_align_tasks_is_not_raised(monkeypatch: pytest.MonkeyPatch) -> None:
+    from worker import completion, dispatch
+
+    sent: list[uuid.UUID] = []
+
+    def send(job_id: uuid.UUID, token: str) -> None:
+        if not sent:
+            sent.append(job_id)
+            raise ConnectionError("broker down")
+        sent.append(job_id)
+
+    monkeypatch.setattr(dispatch, "send_align", send)
+    first, second = uuid.uuid4(), uuid.uuid4()
+    completion.send_aligns({first: ("t1", Timestamps.SEGMENT), second: ("t2", Timestamps.WORD)})
+    assert sent == [first, second]  # the job succeeded anyway; the next one is still sent
