@@ -571,5 +571,8 @@ def request_alignment(
     if updated is None:
         raise Problem(409, "transcript_not_ready", "the job has no transcript of its own to align")
     session.commit()
-    enqueue.enqueue_alignment(job.id, token)
+    try:
+        enqueue.enqueue_alignment(job.id, token)
+    except Exception as exc:  # the request is recorded: the sweeper sends a pending alignment's task again
+        log.warning("align task of job %s not sent (%s)", job.id, type(exc).__name__)
     return AlignOut(job_id=job.id, status=AlignmentStatus.PENDING.value, timestamps=chosen.value)
