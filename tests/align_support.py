@@ -26,8 +26,13 @@ class Speech:
     """Joined clips: samples, the hosted text, each clip's speech span, and the speech's total length."""
 
     samples: npt.NDArray[np.float32]
-    text: str
-    spans: list[tuple[float, float]]
+    texts: list[str]  # each clip's text, in order
+    spans: list[tuple[float, float]]  # each clip's speech, in seconds
+
+    @property
+    def text(self) -> str:
+        """The hosted text: the clips' texts joined."""
+        return " ".join(self.texts)
 
     @property
     def duration(self) -> float:
@@ -67,4 +72,4 @@ def joined_speech(min_seconds: float) -> Speech:
         texts.append(fixture.text)
         i += 1
     parts.append(np.zeros(RATE // 2, dtype=np.float32))
-    return Speech(np.concatenate(parts), " ".join(texts), spans)
+    return Speech(np.concatenate(parts), texts, spans)

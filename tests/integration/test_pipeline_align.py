@@ -16,7 +16,7 @@ from core.storage import Storage
 from tests.align_support import Speech, joined_speech
 from tests.api_helpers import ApiServer, make_key
 from tests.fakes.openai_server import FakeOpenAI, Fault
-from tests.pipeline_support import PRIMARY, SECOND, WorkerFactory, tones
+from tests.pipeline_support import PRIMARY, SECOND, Pipeline, WorkerFactory, tones
 from tests.support import Stack, wait_until
 
 pytestmark = pytest.mark.slow
@@ -60,16 +60,9 @@ def _check_starts(words: list[dict[str, Any]], speech: Speech) -> None:
     texts = speech.text.split()
     assert [w["word"] for w in words] == texts  # the hosted words, exactly
     index = 0
-    for (start, _), clip_words in zip(speech.spans, _clip_word_counts(speech), strict=True):
+    for (start, _), clip_text in zip(speech.spans, speech.texts, strict=True):
         assert abs(words[index]["start"] - start) <= START_ERROR_SECONDS, (index, words[index], start)
-        index += clip_words
-
-
-def _clip_word_counts(speech: Speech) -> list[int]:
-    from tests.speech import load_fixtures
-
-    fixtures = load_fixtures()
-    return [len(fixtures[i % len(fixtures)].text.split()) for i in range(len(speech.spans))]
+        index += len(clip_text.split())
 
 
 def test_text_only_transcript_is_aligned_on_the_align_queue_and_realigned_on_request(
@@ -205,3 +198,65 @@ def test_identical_audio_gets_timings_whether_it_waited_for_its_twin_or_came_lat
         assert doc["status"] == "aligned" and doc["source"] == "aligned", doc
         _check_cues(doc["segments"], speech.duration)
     assert copied["segments"] == first[0]["segments"]  # the finished twin's timings, copied
+
+
+def test_a_chunked_file_is_aligned_chunk_by_chunk_into_original_time(
+    stack: Stack, pipeline: Pipeline, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """In process: prepare plans chunks with trimmed pauses; the text-only model's one segment per chunk
+    (its clips' texts) is aligned chunk by chunk and every clip's first word lands on its true start."""
+    from sqlalchemy.orm import Session
+
+    from core.models import Job
+    from core.settings import reset_settings_cache
+    from core.statuses import Timestamps
+    from worker.align_stage import align_job
+    from worker.audio import TimeMap
+    from worker.prepare import prepare_jobs
+    from worker.store.transcripts import new_token, pending_alignment
+
+    monkeypatch.setenv("VOXQ_MAX_CHUNK_SECONDS", "20")
+    reset_settings_cache()
+    speech = joined_speech(45.0)
+    tenant = pipeline.tenant()
+    batch = pipeline.batch(tenant, language="en", profile="voicemail")  # pauses collapsed: a real time map
+    job_id = pipeline.job(tenant, batch, speech.flac(), filename="talk.flac")
+    assert prepare_jobs([job_id], owner="test:1").grouped == 1
+    tmap = TimeMap.from_json(pipeline.jobs([job_id])[job_id].time_map)
+    assert len(tmap.chunks) >= 2 and tmap.trimmed_seconds < speech.duration - 3
+    segments, whole = [], []
+    for t0, t1 in tmap.chunks:
+        start, end = tmap.to_original(t0), tmap.to_original(t1, end=True)
+        inside = [i for i, (a, b) in enumerate(speech.spans) if start <= (a + b) / 2 < end]
+        # (the VAD's kept speech may end a little before a clip's nominal tail silence)
+        whole += [i for i in inside if start - 0.3 <= speech.spans[i][0] and speech.spans[i][1] <= end + 0.3]
+        segments.append({"start": start, "end": end, "text": " ".join(speech.texts[i] for i in inside)})
+    token = new_token()
+    with Session(pipeline.engine) as s, s.begin():
+        job = s.get(Job, job_id)
+        assert job is not None
+        job.status = "succeeded"
+        s.add(
+            Transcript(
+                tenant_id=tenant,
+                job_id=job_id,
+                text=" ".join(seg["text"] for seg in segments),
+                segments=segments,
+                model=PRIMARY,
+                provenance={},
+                alignment=pending_alignment(token, Timestamps.WORD),
+            )
+        )
+    assert align_job(job_id, token) == "aligned"
+    assert align_job(job_id, token) == "superseded"  # a redelivered task writes nothing
+    doc = _alignment(str(job_id))
+    assert [c["source"] for c in doc["chunks"]] == ["aligned"] * len(tmap.chunks)
+    words = doc["words"]
+    assert [w["word"] for w in words] == " ".join(seg["text"] for seg in segments).split()
+    _check_cues(doc["segments"], speech.duration)
+    first = 0
+    for i, text in enumerate(speech.texts):  # clips a cut did not split start where they really start
+        if i in whole:
+            assert abs(words[first]["start"] - speech.spans[i][0]) <= START_ERROR_SECONDS, (i, words[first])
+        first += len(text.split())
+    assert len(whole) >= len(speech.texts) - len(tmap.chunks) + 1
