@@ -45,3 +45,10 @@ def enqueue_jobs(job_ids: Sequence[uuid.UUID | str], *, priority: str = "normal"
         )
         sent += 1
     return sent
+
+
+def enqueue_alignment(job_id: uuid.UUID, token: str) -> None:
+    """Send the align task for a transcript whose alignment was just marked pending with `token`."""
+    producer().send_task(
+        names.TASK_ALIGN_JOB, kwargs={"job_id": str(job_id), "alignment_id": token}, queue=names.QUEUE_ALIGN
+    )

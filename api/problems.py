@@ -192,7 +192,11 @@ async def _on_http_exception(_: Request, exc: Exception) -> JSONResponse:
 
 
 # Validation error types with a code of their own (anything else is `validation_error`).
-_VALIDATION_CODES = {"extra_forbidden": "unknown_field", "model_not_allowed": "model_not_allowed"}
+_VALIDATION_CODES = {
+    "extra_forbidden": "unknown_field",
+    "model_not_allowed": "model_not_allowed",
+    "invalid_timestamps": "invalid_timestamps",
+}
 
 
 def validation_code(error_types: list[str]) -> str:

@@ -35,7 +35,7 @@ from api.schemas import (
 )
 from core.db import get_engine, get_sessionmaker, session_scope
 from core.models import Attempt, Batch, CostRecord, Job, Transcript
-from core.statuses import JOB_TERMINAL, AttemptOutcome, BatchStatus, JobStatus
+from core.statuses import JOB_TERMINAL, AttemptOutcome, BatchStatus, JobStatus, effective_timestamps
 
 MAX_PAGE = 200
 DEFAULT_PAGE = 50
@@ -160,6 +160,7 @@ def batch_out(batch: Batch, counts: dict[str, int], estimated: Decimal = Decimal
         language=batch.language,
         priority=batch.priority,
         prefer=batch.prefer,
+        timestamps=effective_timestamps(batch.profile, batch.timestamps).value,
         auto_submit=batch.auto_submit,
         models=batch.models,
         webhook_url=batch.webhook_url,

@@ -17,6 +17,9 @@ from core.settings import get_settings
 ProfileName = Literal["voicemail", "podcast", "auto"]
 PriorityName = Literal["high", "normal", "low"]
 PreferName = Literal["cost", "speed"]
+# A batch's `timestamps` (core.statuses.Timestamps); a value outside these is 422 `invalid_timestamps`.
+TIMESTAMPS_VALUES = ("none", "segment", "word")
+INVALID_TIMESTAMPS = "invalid_timestamps"
 TranscriptFormat = Literal["txt", "json", "srt", "vtt"]
 GroupBy = Literal["day", "model", "batch"]
 ModelName = Annotated[str, Field(min_length=1, max_length=100, pattern=r"^[A-Za-z0-9][A-Za-z0-9._:/-]*$")]
@@ -73,7 +76,18 @@ class BatchOptions(Strict):
         description="cost: a rate-limited model is waited for (backoff, same model); speed: after "
         "VOXQ_MAX_RETRIES rate-limit retries the job moves on to the next (possibly pricier) model",
     )
+    timestamps: str | None = Field(
+        default=None,
+        description="none | segment | word: subtitle cues (and word times) for every transcript, aligned "
+        "locally when the model gives none; default: segment for the podcast profile, else none",
+        json_schema_extra={"enum": list(TIMESTAMPS_VALUES)},
+    )
     metadata: dict[str, Any] = Field(default_factory=dict)
+
+    @field_validator("timestamps")
+    @classmethod
+    def _known_timestamps(cls, value: str | None) -> str | None:
+        return _timestamps(value)
 
     @field_validator("models")
     @classmethod
@@ -97,6 +111,42 @@ class BatchOptions(Strict):
         if len(json.dumps(value, default=str)) > MAX_METADATA_BYTES:
             raise ValueError(f"metadata must serialise to at most {MAX_METADATA_BYTES} bytes")
         return value
+
+
+def _timestamps(value: str | None) -> str | None:
+    """`value` when it is a `timestamps` choice; raise the `invalid_timestamps` validation error otherwise."""
+    if value is not None and value not in TIMESTAMPS_VALUES:
+        raise PydanticCustomError(
+            INVALID_TIMESTAMPS,
+            "timestamps must be one of {allowed}",
+            {"allowed": ", ".join(TIMESTAMPS_VALUES)},
+        )
+    return value
+
+
+class AlignRequest(Strict):
+    """POST /v1/jobs/{id}/align (optional body)."""
+
+    timestamps: str | None = Field(
+        default=None,
+        description="segment | word; default: the batch's choice, or segment when the batch asked for none",
+        json_schema_extra={"enum": ["segment", "word"]},
+    )
+
+    @field_validator("timestamps")
+    @classmethod
+    def _timed(cls, value: str | None) -> str | None:
+        if value == "none":
+            raise PydanticCustomError(INVALID_TIMESTAMPS, "re-aligning needs timestamps segment or word", {})
+        return _timestamps(value)
+
+
+class AlignOut(BaseModel):
+    """A re-alignment accepted: the job and its alignment's new state."""
+
+    job_id: uuid.UUID
+    status: str
+    timestamps: str
 
 
 class BatchCreate(BatchOptions):
@@ -128,6 +178,7 @@ class BatchOut(BaseModel):
     language: str | None
     priority: str
     prefer: str
+    timestamps: str
     auto_submit: bool
     models: list[str] | None
     webhook_url: str | None

@@ -33,6 +33,7 @@ from api.queries import (
     load_batch_out,
 )
 from api.schemas import (
+    AlignOut,
     BatchCreate,
     BatchOptions,
     BatchOut,
@@ -46,7 +47,14 @@ from core.db import session_scope
 from core.dedupe import dedupe_lock_key, lock_dedupe_keys
 from core.models import Batch, Job, JobAnswer, JobChunk, Transcript
 from core.settings import get_settings
-from core.statuses import JOB_TERMINAL, BatchStatus, JobStatus
+from core.statuses import (
+    JOB_TERMINAL,
+    AlignmentStatus,
+    BatchStatus,
+    JobStatus,
+    Timestamps,
+    effective_timestamps,
+)
 from core.storage import Storage, derived_key, derived_prefix
 from core.webhook_security import WebhookRefused, WebhookUnresolvable, check_url
 
@@ -101,6 +109,7 @@ def new_batch(tenant: TenantContext, options: BatchOptions, *, auto_submit: bool
         budget_usd=options.budget_usd,
         priority=options.priority,
         prefer=options.prefer,
+        timestamps=effective_timestamps(options.profile, options.timestamps).value,
         auto_submit=auto_submit,
         metadata_=options.metadata,
         status=BatchStatus.OPEN.value,
@@ -534,3 +543,37 @@ def _forget_job(tenant: TenantContext, job_id: uuid.UUID) -> None:
         session.execute(delete(JobAnswer).where(JobAnswer.job_id == job.id))  # kept paid answers: text too
         session.execute(delete(JobChunk).where(JobChunk.job_id == job.id))
     _send_prepare(followers)
+
+
+def request_alignment(
+    session: Session, tenant: TenantContext, job_id: uuid.UUID, timestamps: str | None
+) -> AlignOut:
+    """Queue a new alignment of the tenant's succeeded job's transcript (409 unless it succeeded).
+
+    The transcript's alignment becomes `pending` with a new token (one short transaction); the align task
+    writes its result only while that token is the transcript's, so an older run never overwrites it."""
+    job = get_job(session, tenant, job_id)
+    if job.status != JobStatus.SUCCEEDED.value:
+        raise Problem(409, "job_not_succeeded", f"the job is {job.status}; only a succeeded job is aligned")
+    batch = session.get(Batch, job.batch_id)
+    chosen = Timestamps(timestamps) if timestamps else None
+    if chosen is None and batch is not None:
+        chosen = effective_timestamps(batch.profile, batch.timestamps)
+    if chosen in (None, Timestamps.NONE):
+        chosen = Timestamps.SEGMENT
+    token = str(uuid.uuid4())
+    pending = {"status": AlignmentStatus.PENDING.value, "token": token, "timestamps": chosen.value}
+    updated = session.execute(
+        update(Transcript)
+        .where(Transcript.job_id == job.id, Transcript.tenant_id == tenant.tenant_id)
+        .values(alignment=pending)
+        .returning(Transcript.id)
+    ).first()
+    if updated is None:
+        raise Problem(409, "transcript_not_ready", "the job has no transcript of its own to align")
+    session.commit()
+    try:
+        enqueue.enqueue_alignment(job.id, token)
+    except Exception as exc:  # the request is recorded: the sweeper sends a pending alignment's task again
+        log.warning("align task of job %s not sent (%s)", job.id, type(exc).__name__)
+    return AlignOut(job_id=job.id, status=AlignmentStatus.PENDING.value, timestamps=chosen.value)

@@ -139,6 +139,8 @@ class Batch(Base):
     priority: Mapped[str] = mapped_column(String(10), default=Priority.NORMAL.value)
     # cost: rate limits are waited out on the same model; speed: they may move a job to the next model.
     prefer: Mapped[str] = mapped_column(String(10), default="cost", server_default=text("'cost'"))
+    # none | segment | word (core.statuses.Timestamps); NULL: the profile's default (`effective_timestamps`)
+    timestamps: Mapped[str | None] = mapped_column(String(10))
     auto_submit: Mapped[bool] = mapped_column(Boolean, default=False)
     metadata_: Mapped[dict[str, Any]] = mapped_column("metadata", JSONB, default=dict)
     status: Mapped[str] = mapped_column(String(20), default=BatchStatus.OPEN.value)
@@ -305,6 +307,14 @@ class Transcript(Base):
     """The one transcript of a job (unique per job: written once, by compare-and-set)."""
 
     __tablename__ = "transcripts"
+    __table_args__ = (
+        # The few transcripts whose timings are still to come (the sweeper re-sends lost align tasks).
+        Index(
+            "ix_transcripts_alignment_pending",
+            "created_at",
+            postgresql_where=text("(alignment ->> 'status') = 'pending'"),
+        ),
+    )
 
     id: Mapped[uuid.UUID] = _pk()
     tenant_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("tenants.id", ondelete="CASCADE"))
@@ -315,6 +325,9 @@ class Transcript(Base):
     segments: Mapped[list[Any] | None] = mapped_column(JSONB)  # [{start, end, text, words?}] original time
     model: Mapped[str] = mapped_column(String(100))
     provenance: Mapped[dict[str, Any]] = mapped_column(JSONB, default=dict)
+    # Timings for subtitles (worker/align_stage.py): {status, token, timestamps, source, method, words,
+    # segments, chunks, reason, detail, ...}; NULL when the batch asked for none.
+    alignment: Mapped[dict[str, Any] | None] = mapped_column(JSONB)
     created_at: Mapped[datetime] = _created()
 
 

@@ -10,6 +10,9 @@ QUEUE_TRANSCRIBE_HIGH = "transcribe.high"
 QUEUE_TRANSCRIBE = "transcribe"
 QUEUE_TRANSCRIBE_LOW = "transcribe.low"
 QUEUE_LOCAL = "local"
+# Word timestamps for text-only transcripts (worker.align_stage): CPU work on the local model, so it is
+# consumed by the local worker, never by the workers that hold the provider lanes.
+QUEUE_ALIGN = "align"
 QUEUE_MAINTENANCE = "maintenance"
 QUEUE_WEBHOOKS = "webhooks"
 
@@ -21,6 +24,7 @@ ALL_QUEUES = (
     QUEUE_TRANSCRIBE,
     QUEUE_TRANSCRIBE_LOW,
     QUEUE_LOCAL,
+    QUEUE_ALIGN,
     QUEUE_MAINTENANCE,
     QUEUE_WEBHOOKS,
 )
@@ -44,6 +48,7 @@ TASK_TRANSCRIBE_LOCAL = "voxq.local.transcribe"
 TASK_SWEEP = "voxq.maintenance.sweep"
 TASK_SWEEP_STORAGE = "voxq.maintenance.sweep_storage"
 TASK_DELIVER_WEBHOOK = "voxq.webhooks.deliver"
+TASK_ALIGN_JOB = "voxq.align.job"
 
 # Redis key prefixes.
 REDIS_PREFIX = "voxq:"

@@ -96,3 +96,30 @@ class Priority(StrEnum):
     HIGH = "high"
     NORMAL = "normal"
     LOW = "low"
+
+
+class Timestamps(StrEnum):
+    """What timings a batch asks for (its `timestamps` option): none, subtitle cues, or cues and words."""
+
+    NONE = "none"
+    SEGMENT = "segment"
+    WORD = "word"
+
+
+class AlignmentStatus(StrEnum):
+    """Where a transcript's timings stand (`transcripts.alignment->>'status'`, worker/align_stage.py)."""
+
+    PENDING = "pending"  # the align task is queued
+    ALIGNED = "aligned"  # every chunk has word times (aligned, or the model's own)
+    PARTIAL = "partial"  # some chunks failed: their cues are whole chunks
+    FAILED = "failed"  # no chunk could be timed: subtitles fall back to whole-chunk cues
+
+
+def default_timestamps(profile: str) -> Timestamps:
+    """The `timestamps` a batch of this profile gets when it does not say (podcast: segment; else none)."""
+    return Timestamps.SEGMENT if profile == Profile.PODCAST else Timestamps.NONE
+
+
+def effective_timestamps(profile: str, chosen: str | None) -> Timestamps:
+    """The batch's `timestamps` option: what it chose, else its profile's default."""
+    return Timestamps(chosen) if chosen else default_timestamps(profile)

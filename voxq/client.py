@@ -362,6 +362,26 @@ class VoxqClient:
         """The transcript as txt, json, srt or vtt (ApiError `timestamps_unavailable` for srt/vtt without)."""
         return self._request("GET", f"/v1/jobs/{job_id}/transcript", params={"format": fmt}).text
 
+    def align(self, job_id: str, timestamps: str | None = None) -> dict[str, Any]:
+        """Time a succeeded job's transcript again (`segment` or `word`); its alignment is then pending."""
+        body = {"timestamps": timestamps} if timestamps else None
+        result: dict[str, Any] = self._json("POST", f"/v1/jobs/{job_id}/align", json=body)
+        return result
+
+    def wait_timings(
+        self, job_id: str, *, timeout: float = 300.0, poll_seconds: float = 1.0
+    ) -> dict[str, Any]:
+        """The transcript's `alignment` once it is no longer `pending` (subtitles follow the text by
+        seconds), or as it is after `timeout`; `{"status": "none"}` when no timings were asked for."""
+        deadline = time.monotonic() + timeout
+        while True:
+            alignment: dict[str, Any] = self._json(
+                "GET", f"/v1/jobs/{job_id}/transcript", params={"format": "json"}
+            ).get("alignment") or {"status": "none"}
+            if alignment.get("status") != "pending" or time.monotonic() > deadline:
+                return alignment
+            time.sleep(poll_seconds)
+
     def cancel_job(self, job_id: str) -> dict[str, Any]:
         """Cancel a job that has not finished."""
         result: dict[str, Any] = self._json("POST", f"/v1/jobs/{job_id}/cancel")

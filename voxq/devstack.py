@@ -42,7 +42,8 @@ from voxq.embedded import (
 
 DEV_DATABASE = "voxq"
 DEV_TENANT = "dev"
-# The general worker consumes these in this order; `local` gets its own worker (CPU-heavy, few slots).
+# The general worker consumes these in this order; `local` and `align` get their own worker (CPU-heavy,
+# few slots).
 WORKER_QUEUES = (
     names.QUEUE_INGEST_HIGH,
     names.QUEUE_TRANSCRIBE_HIGH,
@@ -52,6 +53,8 @@ WORKER_QUEUES = (
     names.QUEUE_MAINTENANCE,
     names.QUEUE_WEBHOOKS,
 )
+# The local worker: the offline model's transcriptions and the align stage (both CPU work on that model).
+LOCAL_WORKER_QUEUES = f"{names.QUEUE_LOCAL},{names.QUEUE_ALIGN}"
 # What docker-compose gives every voxq service (its `x-voxq-env`); `voxq dev` gives its children the same
 # names, so both recipes run the same code the same way (tests/unit/test_compose.py keeps them equal).
 SHARED_ENV = (
@@ -608,7 +611,7 @@ class DevStack:
                     "worker",
                     "-E",
                     "-Q",
-                    names.QUEUE_LOCAL,
+                    LOCAL_WORKER_QUEUES,
                     "-c",
                     str(max(1, settings.local_concurrency)),
                     "-n",

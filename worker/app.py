@@ -68,6 +68,7 @@ def make_celery(settings: Settings | None = None) -> Celery:
             names.TASK_SWEEP_STORAGE: {"queue": names.QUEUE_MAINTENANCE},
             names.TASK_PREPARE_JOB: {"queue": names.QUEUE_INGEST},
             names.TASK_TRANSCRIBE_LOCAL: {"queue": names.QUEUE_LOCAL},
+            names.TASK_ALIGN_JOB: {"queue": names.QUEUE_ALIGN},
             names.TASK_DELIVER_WEBHOOK: {"queue": names.QUEUE_WEBHOOKS},
         },
         beat_schedule={

@@ -43,14 +43,15 @@ from core.billing import add_batch_totals
 from core.db import durable, session_scope
 from core.dedupe import dedupe_lock_key, lock_dedupe_keys
 from core.ids import uuid7
-from core.models import Batch, Job
-from core.statuses import BatchStatus, JobStatus
+from core.models import Batch, Job, Transcript
+from core.statuses import BatchStatus, JobStatus, Timestamps, effective_timestamps
 from worker import dispatch
 from worker.store.attempts import AttemptClose, close_attempts_in, count_close
 from worker.store.batches import batches_of
 from worker.store.claims import end_job
 from worker.store.dedupe import copy_transcript, release_followers
 from worker.store.sql import LIVE_VALUES, TERMINAL_VALUES, now, run_sql, to_json
+from worker.store.transcripts import new_token, pending_alignment, stale_alignments
 
 log = logging.getLogger(__name__)
 
@@ -136,7 +137,9 @@ FROM unnest(%(id)s::uuid[], %(group_id)s::uuid[], %(model)s::text[]) AS v(id, gr
 WHERE j.id = v.id AND j.status = '{JobStatus.PROCESSING.value}'
   AND (v.group_id IS NULL OR j.group_id = v.group_id)
   AND NOT EXISTS (SELECT 1 FROM transcripts AS t WHERE t.job_id = j.id)
-RETURNING j.id, j.tenant_id, j.batch_id, j.duration_seconds, j.fingerprint
+RETURNING j.id, j.tenant_id, j.batch_id, j.duration_seconds, j.fingerprint,
+    (SELECT b.profile FROM batches AS b WHERE b.id = j.batch_id) AS profile,
+    (SELECT b.timestamps FROM batches AS b WHERE b.id = j.batch_id) AS timestamps
 """
 _FOLLOWERS = f"""
 SELECT deduplicated_from_id, id FROM jobs
@@ -166,8 +169,10 @@ def _succeed(rows: list[JobSuccess]) -> list[Succeeded | None]:
             )
         }
         followers: dict[uuid.UUID, list[uuid.UUID]] = {}
+        aligns = alignments_to_request([(by_id[i].text, j.profile, j.timestamps) for i, j in won.items()])
+        tokens = {i: a for i, a in zip(won, aligns, strict=True) if a is not None}
         if won:
-            stored = _insert_transcripts(session, [by_id[i] for i in won], won)
+            stored = _insert_transcripts(session, [by_id[i] for i in won], won, tokens)
             if stored != set(won):
                 # Stored by another run between our CAS and insert: keep that one, undo ours.
                 raise _TranscriptExists()
@@ -198,25 +203,33 @@ def _succeed(rows: list[JobSuccess]) -> list[Succeeded | None]:
             )
     for c in closes:
         count_close(c, close_totals[c.attempt_id])
+    send_aligns(tokens)  # after the commit: the task reads the pending transcript
     metrics.JOBS_FINISHED.labels(status=JobStatus.SUCCEEDED.value).inc(len(won))
     return [Succeeded(followers=followers[r.job_id]) if r.job_id in won else None for r in rows]
 
 
 _INSERT_TRANSCRIPTS = """
-INSERT INTO transcripts (id, tenant_id, job_id, attempt_id, text, language, segments, model, provenance)
+INSERT INTO transcripts (id, tenant_id, job_id, attempt_id, text, language, segments, model, provenance,
+    alignment)
 SELECT v.id, v.tenant_id, v.job_id, v.attempt_id, v.text, v.language, v.segments::jsonb, v.model,
-    v.provenance::jsonb
+    v.provenance::jsonb, v.alignment::jsonb
 FROM unnest(%(id)s::uuid[], %(tenant_id)s::uuid[], %(job_id)s::uuid[], %(attempt_id)s::uuid[],
             %(text)s::text[], %(language)s::text[], %(segments)s::text[], %(model)s::text[],
-            %(provenance)s::text[])
-     AS v(id, tenant_id, job_id, attempt_id, text, language, segments, model, provenance)
+            %(provenance)s::text[], %(alignment)s::text[])
+     AS v(id, tenant_id, job_id, attempt_id, text, language, segments, model, provenance, alignment)
 ON CONFLICT (job_id) DO NOTHING
 RETURNING job_id
 """
 
 
-def _insert_transcripts(session: Any, rows: list[JobSuccess], jobs: dict[uuid.UUID, Any]) -> set[uuid.UUID]:
-    """The transcripts of jobs that won their compare-and-set; the jobs whose transcript was stored."""
+def _insert_transcripts(
+    session: Any,
+    rows: list[JobSuccess],
+    jobs: dict[uuid.UUID, Any],
+    aligns: dict[uuid.UUID, tuple[str, Timestamps]],
+) -> set[uuid.UUID]:
+    """The transcripts of jobs that won their compare-and-set (with a pending alignment where their batch
+    asks for timestamps); the jobs whose transcript was stored."""
     inserted = run_sql(
         session,
         _INSERT_TRANSCRIPTS,
@@ -230,9 +243,25 @@ def _insert_transcripts(session: Any, rows: list[JobSuccess], jobs: dict[uuid.UU
             "segments": [to_json(r.segments) for r in rows],
             "model": [r.model for r in rows],
             "provenance": [to_json(r.provenance) for r in rows],
+            "alignment": [
+                to_json(pending_alignment(*aligns[r.job_id])) if r.job_id in aligns else None for r in rows
+            ],
         },
     )
     return {r[0] for r in inserted}
+
+
+def alignments_to_request(
+    jobs: list[tuple[str, str | None, str | None]],
+) -> list[tuple[str, Timestamps] | None]:
+    """Per (text, batch profile, batch timestamps): a new alignment token and granularity when the batch
+    asks for timestamps and there is text to time (the align stage, queue `align`), else None."""
+    out: list[tuple[str, Timestamps] | None] = []
+    for text, profile, chosen in jobs:
+        timestamps = effective_timestamps(profile or "", chosen)
+        wanted = timestamps != Timestamps.NONE and bool(text.strip())
+        out.append((new_token(), timestamps) if wanted else None)
+    return out
 
 
 def _lock_and_state(job_id: uuid.UUID) -> tuple[str, str | None, str | None, list[uuid.UUID]] | None:
@@ -290,12 +319,59 @@ def job_finished(
         # A follower may have followers of its own (a re-run leader that found another leader).
         for follower in ended:
             job_finished(follower, batch_id, check_batch=False)
+        if status == JobStatus.SUCCEEDED.value and ended:
+            request_alignments(ended)
         if others:
             for priority, requeued in release_followers(job_id, only=others).items():
                 dispatch.send_prepare(requeued, priority=priority)
         if followers:
             batches |= batches_of(followers)
     finish_batches(batches)
+
+
+# No alignment document: SQL NULL, or the JSON null an ORM insert of None writes.
+_NO_ALIGNMENT = func.coalesce(func.jsonb_typeof(Transcript.alignment), "null") == "null"
+
+
+def request_alignments(job_ids: list[uuid.UUID]) -> None:
+    """Queue the align stage for succeeded jobs whose transcript was copied from a twin (dedupe) without
+    final timings, when their batch asks for timestamps (`succeed_job` does it for the others)."""
+    with session_scope() as session:
+        rows = session.execute(
+            select(Transcript.job_id, Transcript.text, Batch.profile, Batch.timestamps)
+            .join(Job, Job.id == Transcript.job_id)
+            .join(Batch, Batch.id == Job.batch_id)
+            .where(Transcript.job_id.in_(job_ids), _NO_ALIGNMENT)
+        ).all()
+        wanted = alignments_to_request([(r.text, r.profile, r.timestamps) for r in rows])
+        tokens = {r.job_id: a for r, a in zip(rows, wanted, strict=True) if a is not None}
+        for job_id, (token, timestamps) in tokens.items():
+            session.execute(
+                update(Transcript)
+                .where(Transcript.job_id == job_id, _NO_ALIGNMENT)
+                .values(alignment=pending_alignment(token, timestamps))
+            )
+    send_aligns(tokens)
+
+
+def send_aligns(tokens: dict[uuid.UUID, tuple[str, Timestamps]]) -> None:
+    """Send the align tasks of committed pending alignments; a broker error is logged, not raised (the job
+    has succeeded: the sweeper sends the task again later, `resend_stale_alignments`)."""
+    for job_id, (token, _) in tokens.items():
+        try:
+            dispatch.send_align(job_id, token)
+        except Exception as exc:  # kombu/redis errors of many kinds
+            log.warning(
+                "align task of job %s not sent (%s); the sweeper resends it", job_id, type(exc).__name__
+            )
+
+
+def resend_stale_alignments() -> int:
+    """Send again the align tasks of alignments pending for too long (the sweeper's safety net); how many."""
+    stale = stale_alignments()
+    for job_id, token in stale:
+        dispatch.send_align(job_id, token)
+    return len(stale)
 
 
 # A leader's completion resolves its followers right after its commit; one ended longer ago than this

@@ -42,6 +42,11 @@ def send_local(job_id: uuid.UUID, group_id: uuid.UUID) -> None:
     _send(names.TASK_TRANSCRIBE_LOCAL, {"job_id": str(job_id), "group_id": str(group_id)}, names.QUEUE_LOCAL)
 
 
+def send_align(job_id: uuid.UUID, token: str) -> None:
+    """Queue the align task of a transcript whose alignment is pending with `token`."""
+    _send(names.TASK_ALIGN_JOB, {"job_id": str(job_id), "alignment_id": token}, names.QUEUE_ALIGN)
+
+
 def send_webhook(batch_id: uuid.UUID, *, attempt: int = 1, countdown: float = 0.0) -> None:
     """Queue a webhook delivery for a finished batch."""
     from worker.app import app

@@ -371,6 +371,7 @@ def _settle(
             and copy_transcript(x.job.id, decision.twin_id)
         ):
             completion.job_finished(x.job.id, x.job.batch_id)
+            completion.request_alignments([x.job.id])
             report.add("deduplicated")
         elif decision.kind == "wait":
             report.add("waiting")

@@ -128,6 +128,7 @@ def sweep(*, limit: int = 1000) -> SweepReport:
         if completion.finish_batch(batch_id):
             report.finished_batches.append(batch_id)
     completion.resolve_stranded_followers()  # followers have no lease: their leader's end moves them
+    completion.resend_stale_alignments()  # align tasks lost by the broker (worker/store/transcripts.py)
     return report
 
 

@@ -75,6 +75,16 @@ def transcribe_local(*, job_id: str, group_id: str) -> str:
     return run_local(uuid.UUID(job_id), uuid.UUID(group_id), worker=_owner())
 
 
+@app.task(name=names.TASK_ALIGN_JOB, acks_late=True)
+def align_job(*, job_id: str, alignment_id: str) -> str:
+    """Word timestamps and subtitle cues for a succeeded job's transcript (worker.align_stage); the
+    `alignment_id` is the token of the alignment request it answers (`transcripts.alignment.token`)."""
+    from worker.align_stage import align_job as run_align
+
+    # The model loads on the first align task of the process (or is the one the local engine loaded).
+    return run_align(uuid.UUID(job_id), alignment_id)
+
+
 @app.task(name=names.TASK_SWEEP, acks_late=True)
 def sweep() -> dict[str, int]:
     """Recover jobs and attempts of dead workers (worker.sweeper)."""

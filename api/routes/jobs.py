@@ -17,8 +17,8 @@ from api.accept import accept_files
 from api.deps import SessionDep, SessionRoute, StorageDep, TenantContext, TenantDep, run_polled
 from api.ingest import Received, cleanup_quietly, discard, ingest_multipart
 from api.problems import COMMON_PROBLEMS, UPLOAD_PROBLEMS, Problem, validation_code
-from api.schemas import AttemptList, BatchOptions, JobOut, TranscriptFormat
-from api.transcripts import render
+from api.schemas import AlignOut, AlignRequest, AttemptList, BatchOptions, JobOut, TranscriptFormat
+from api.transcripts import cue_headers, render
 from core.statuses import JobStatus
 from core.storage import Storage
 
@@ -45,6 +45,7 @@ SINGLE_JOB_BODY: dict[str, Any] = {
                         "budget_usd": {"type": "string"},
                         "priority": {"type": "string", "enum": ["high", "normal", "low"]},
                         "prefer": {"type": "string", "enum": ["cost", "speed"]},
+                        "timestamps": {"type": "string", "enum": ["none", "segment", "word"]},
                         "metadata": {"type": "string", "description": "a JSON object"},
                     },
                 }
@@ -135,7 +136,11 @@ async def get_job(job_id: uuid.UUID, tenant: TenantDep) -> JobOut:
 def get_transcript(
     job_id: uuid.UUID, tenant: TenantDep, session: SessionDep, format: TranscriptFormat = "txt"
 ) -> Response:
-    """The transcript as txt, json, srt or vtt (srt/vtt need timestamps: 409 otherwise)."""
+    """The transcript as txt, json, srt or vtt (srt/vtt need timestamps: 409 otherwise).
+
+    srt/vtt answers say where their cues come from in `X-Voxq-Cues` (`aligned`, `partial`, or
+    `transcript`: the model's own segments, whole chunks for a text-only model) and the alignment's state
+    in `X-Voxq-Alignment`."""
     job = queries.get_job(session, tenant, job_id)
     transcript = queries.find_transcript(session, tenant, job)
     if transcript is None:
@@ -143,7 +148,19 @@ def get_transcript(
     body, media_type = render(job, transcript, format)
     if media_type == "application/json":
         return JSONResponse(body)
-    return PlainTextResponse(str(body), media_type=media_type)
+    headers = cue_headers(transcript) if format in ("srt", "vtt") else None
+    return PlainTextResponse(str(body), media_type=media_type, headers=headers)
+
+
+@router.post("/{job_id}/align", status_code=202, response_model=AlignOut)
+def align_job(
+    job_id: uuid.UUID, tenant: TenantDep, session: SessionDep, body: AlignRequest | None = None
+) -> AlignOut:
+    """Time a succeeded job's transcript again (word timestamps and subtitle cues), on the align queue.
+
+    409 `job_not_succeeded` unless the job succeeded. The transcript's alignment is `pending` until the
+    align task writes it; the transcript's text never changes."""
+    return service.request_alignment(session, tenant, job_id, body.timestamps if body else None)
 
 
 @router.get("/{job_id}/attempts", response_model=AttemptList)

@@ -27,6 +27,11 @@ def _sections(output: str) -> dict[str, tuple[str, str]]:
     return found
 
 
+def _srt_seconds(stamp: str) -> float:
+    hours, minutes, rest = stamp.split(":")
+    return int(hours) * 3600 + int(minutes) * 60 + float(rest.replace(",", "."))
+
+
 def test_voxq_demo_transcribes_every_sample_and_prints_costs() -> None:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("VOXQ_", "OPENAI_", "FLOWER_"))}
     env["PYTHONPATH"] = str(REPO_ROOT)
@@ -54,6 +59,14 @@ def test_voxq_demo_transcribes_every_sample_and_prints_costs() -> None:
         seconds, status, model = details.split(", ")[:3]
         assert abs(float(seconds.removesuffix(" s")) - item["seconds"]) <= 0.1
         assert status == "succeeded" and model.startswith("local")
+
+    # A podcast's first subtitle cues: numbered, in order, each at most ~7 s (the align stage's cues).
+    cues = re.search(r"^-- first subtitle cues \(SRT\) --\n((?:.*\n)+?)\n(?:==|model)", output, re.MULTILINE)
+    assert cues, output[-3000:]
+    times = re.findall(r"^(\d+)\n(\d\d:\d\d:\d\d,\d\d\d) --> (\d\d:\d\d:\d\d,\d\d\d)$", cues.group(1), re.M)
+    assert [int(n) for n, _, _ in times] == list(range(1, 5)), cues.group(1)
+    seconds = [(_srt_seconds(a), _srt_seconds(b)) for _, a, b in times]
+    assert all(0 <= a < b <= a + 7.0 for a, b in seconds) and seconds == sorted(seconds)
 
     # The cost table: one local-model row for every file, zero USD, and the total.
     row = re.search(r"^(local\S*)\s+(\d+)\s+([\d.]+)\s+([\d.]+)\s+([\d.]+)$", output, re.MULTILINE)

@@ -54,7 +54,7 @@ import threading
 import time
 import uuid
 from collections import deque
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from decimal import Decimal
 from typing import Any
 
@@ -135,6 +135,7 @@ class Fault:
     # rate_limit: exactly these headers instead of retry-after(-ms) (e.g. only OpenAI's
     # `x-ratelimit-reset-requests`; {} for a bare 429 that says nothing about when to come back).
     headers: dict[str, str] | None = None
+    text: str | None = None  # "ok": answer this text instead of what the fake heard (speech it can't hear)
 
     def __post_init__(self) -> None:
         if self.kind not in FAULT_KINDS:
@@ -173,10 +174,13 @@ class Decoded:
 
     duration: float
     regions: list[tuple[float, float, int]]  # (start, end, frequency Hz)
+    said: str | None = None  # a scripted answer's text (Fault.text), for speech the fake cannot hear
 
     @property
     def text(self) -> str:
-        """The transcript: one `tone<F>` word per region."""
+        """The transcript: the scripted text, else one `tone<F>` word per region."""
+        if self.said is not None:
+            return self.said
         return " ".join(f"tone{freq}" for _, _, freq in self.regions)
 
 
@@ -794,6 +798,8 @@ class FakeOpenAI:
                 code="invalid_value",
             )
 
+        if fault is not None and fault.text is not None:
+            decoded = replace(decoded, said=fault.text)
         text = decoded.text
         usage = self._usage(model, decoded.duration, prompt, text)
         with self._lock:

@@ -56,6 +56,7 @@ def _id_requests(batch_id: str, job_id: str) -> list[tuple[str, str, dict[str, A
         ("GET", f"/v1/jobs/{job_id}/transcript", {}),
         ("GET", f"/v1/jobs/{job_id}/attempts", {}),
         ("POST", f"/v1/jobs/{job_id}/cancel", {}),
+        ("POST", f"/v1/jobs/{job_id}/align", {"json": {"timestamps": "word"}}),
         ("DELETE", f"/v1/jobs/{job_id}", {}),
     ]
 

@@ -1,4 +1,4 @@
-"""worker.alignment.cues: subtitle cues from timed words, and SRT/WebVTT text."""
+"""core.subtitles (worker.alignment.cues re-exports it): cues from timed words, SRT/WebVTT text."""
 
 from __future__ import annotations
 
@@ -7,15 +7,16 @@ import re
 
 import pytest
 
-from worker.alignment.cues import (
+from core.subtitles import (
     MAX_CUE_SECONDS,
     MAX_LINE_CHARS,
+    Segment,
+    Word,
     build_segments,
     render_srt,
     render_vtt,
     wrap_lines,
 )
-from worker.alignment.types import Segment, Word
 
 
 def speak(text: str, start: float = 0.0, per_word: float = 0.3, gap: float = 0.05) -> list[Word]:

@@ -57,6 +57,18 @@ class _Api:
                     "expires_at": "2030-01-01T00:00:00Z",
                 },
             )
+        if path == "/v1/jobs/j1/transcript":
+            self.transcript_polls = getattr(self, "transcript_polls", 0) + 1
+            status = "pending" if self.transcript_polls < 3 else "aligned"
+            return httpx.Response(200, json={"text": "hi", "alignment": {"status": status}})
+        if path == "/v1/jobs/j2/transcript":
+            return httpx.Response(200, json={"text": "hi", "alignment": {"status": "none"}})
+        if path == "/v1/jobs/j1/align" and request.method == "POST":
+            ask = json.loads(request.content) if request.content else {}
+            return httpx.Response(
+                202,
+                json={"job_id": "j1", "status": "pending", "timestamps": ask.get("timestamps", "segment")},
+            )
         if path == "/v1/batches/b1" and request.method == "GET":
             self.batch_polls += 1
             done = self.batch_polls >= 3
@@ -194,3 +206,23 @@ def test_progress_bar_without_a_terminal_prints_plain_lines() -> None:
         "[" + "#" * 15 + "." * 15 + "]  50.0% uploading",
         "[" + "#" * 30 + "] 100.0% done",
     ]
+
+
+def test_align_posts_the_granularity_asked_for() -> None:
+    api = _Api()
+    with _client(api) as client:
+        assert client.align("j1", "word") == {"job_id": "j1", "status": "pending", "timestamps": "word"}
+        assert client.align("j1")["timestamps"] == "segment"
+        assert client.create_batch(profile="podcast", timestamps="word")["timestamps"] == "word"
+        with pytest.raises(ApiError) as caught:
+            client.align("nope")
+    assert caught.value.code == "not_found"
+    assert [json.loads(r.content or b"{}") for r in api.requests[:2]] == [{"timestamps": "word"}, {}]
+
+
+def test_wait_timings_polls_until_the_alignment_is_no_longer_pending() -> None:
+    api = _Api()
+    with _client(api) as client:
+        assert client.wait_timings("j1", poll_seconds=0.01) == {"status": "aligned"}
+        assert client.wait_timings("j2") == {"status": "none"}
+    assert [r.url.params["format"] for r in api.requests] == ["json"] * 4

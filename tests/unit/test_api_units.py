@@ -336,3 +336,63 @@ def test_a_failed_refresh_leaves_the_entry_to_its_ttl(monkeypatch: pytest.Monkey
             await deps.tenant_for_key(key)
 
     asyncio.run(scenario())
+
+
+def _aligned(status: str, **doc: object) -> Transcript:
+    t = _transcript([{"start": 0.0, "end": 30.0, "text": "Hello there. How are you?"}])
+    t.alignment = {"status": status, "timestamps": "word", "token": "secret-token", **doc}
+    return t
+
+
+def test_srt_uses_aligned_cues_and_says_so() -> None:
+    from api.transcripts import cue_headers
+
+    t = _aligned(
+        "aligned",
+        segments=[
+            {"start": 0.5, "end": 1.4, "text": "Hello there."},
+            {"start": 2.0, "end": 3.1, "text": "How are you?"},
+        ],
+        words=[{"word": "Hello", "start": 0.5, "end": 0.9}, {"word": "there.", "start": 1.0, "end": 1.4}],
+    )
+    assert to_srt(t) == (
+        "1\n00:00:00,500 --> 00:00:01,400\nHello there.\n\n2\n00:00:02,000 --> 00:00:03,100\nHow are you?\n"
+    )
+    assert cue_headers(t) == {"X-Voxq-Cues": "aligned", "X-Voxq-Alignment": "aligned"}
+    assert "NOTE" not in to_vtt(t)
+    body, _ = render(Job(id=uuid.uuid4(), duration_seconds=30.0), t, "json")
+    assert body["words"] == [
+        {"word": "Hello", "start": 0.5, "end": 0.9},
+        {"word": "there.", "start": 1.0, "end": 1.4},
+    ]
+    assert body["segments"][1] == {"start": 2.0, "end": 3.1, "text": "How are you?"}
+    assert body["alignment"] == {"status": "aligned", "timestamps": "word"}  # no token, no timings twice
+
+
+@pytest.mark.parametrize("status", ["failed", "pending"])
+def test_srt_falls_back_to_chunk_cues_with_a_flag_when_alignment_failed(status: str) -> None:
+    from api.transcripts import cue_headers
+
+    t = _aligned(status, reason="no_speech" if status == "failed" else None, segments=[], words=[])
+    assert to_srt(t) == "1\n00:00:00,000 --> 00:00:30,000\nHello there. How are you?\n"
+    expected = "failed; reason=no_speech" if status == "failed" else "pending"
+    assert cue_headers(t) == {"X-Voxq-Cues": "transcript", "X-Voxq-Alignment": expected}
+    assert to_vtt(t).startswith("WEBVTT\n\nNOTE voxq: cues are the transcript's own segments")
+    body, _ = render(Job(id=uuid.uuid4(), duration_seconds=30.0), t, "json")
+    assert body["words"] == [] and body["segments"] == t.segments and body["alignment"]["status"] == status
+
+
+def test_timestamps_option_is_validated_with_a_stable_code() -> None:
+    from pydantic import ValidationError
+
+    from api.problems import validation_code
+    from api.schemas import AlignRequest, BatchOptions
+
+    assert BatchOptions(timestamps="word").timestamps == "word"
+    for bad in ("words", "", "WORD"):
+        with pytest.raises(ValidationError) as caught:
+            BatchOptions(timestamps=bad)
+        assert validation_code([e["type"] for e in caught.value.errors()]) == "invalid_timestamps"
+    with pytest.raises(ValidationError) as caught:
+        AlignRequest(timestamps="none")
+    assert validation_code([e["type"] for e in caught.value.errors()]) == "invalid_timestamps"

@@ -12,7 +12,7 @@ from pydantic import SecretStr
 
 from core import names
 from core.settings import Settings
-from voxq.devstack import SHARED_ENV, WORKER_QUEUES
+from voxq.devstack import LOCAL_WORKER_QUEUES, SHARED_ENV, WORKER_QUEUES
 
 ROOT = Path(__file__).resolve().parents[2]
 COMPOSE = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
@@ -127,10 +127,11 @@ def test_workers_consume_the_queues_in_priority_order() -> None:
     worker = _command(SERVICES["worker"])
     assert worker[:4] == ["celery", "-A", "worker.app", "worker"] and "-E" in worker
     assert worker[worker.index("-Q") + 1].split(",") == list(WORKER_QUEUES)
-    assert names.QUEUE_LOCAL not in WORKER_QUEUES
-    assert set(WORKER_QUEUES) | {names.QUEUE_LOCAL} == set(names.ALL_QUEUES)
+    assert names.QUEUE_LOCAL not in WORKER_QUEUES and names.QUEUE_ALIGN not in WORKER_QUEUES
+    assert set(WORKER_QUEUES) | {names.QUEUE_LOCAL, names.QUEUE_ALIGN} == set(names.ALL_QUEUES)
     local = _command(SERVICES["local-worker"])
-    assert "-E" in local and local[local.index("-Q") + 1] == names.QUEUE_LOCAL
+    # The align stage's CPU work runs beside the local engine, never on the provider lanes' worker.
+    assert "-E" in local and local[local.index("-Q") + 1] == LOCAL_WORKER_QUEUES == "local,align"
     assert local[local.index("-c") + 1] == "${VOXQ_LOCAL_CONCURRENCY:-1}"
     for service in ("worker", "local-worker"):
         assert SERVICES[service]["healthcheck"]["test"] == ["CMD", "voxq", "worker-health"]

@@ -332,7 +332,7 @@ def test_workers_consume_every_queue_and_are_probed_by_worker_health() -> None:
     deployments = by_kind("Deployment")
     worker, local = deployments["voxq-worker"], deployments["voxq-local-worker"]
     assert set(_queues(worker)) | set(_queues(local)) == set(names.ALL_QUEUES)
-    assert _queues(local) == [names.QUEUE_LOCAL]
+    assert _queues(local) == [names.QUEUE_LOCAL, names.QUEUE_ALIGN]
     for dep, node in ((worker, "worker@%h"), (local, "local@%h")):
         container = dep["spec"]["template"]["spec"]["containers"][0]
         command = _command(container)

@@ -94,6 +94,8 @@ def test_dispatchers_send_ids_and_small_enums_only(monkeypatch: pytest.MonkeyPat
     worker.dispatch.send_group(ids[0], priority="normal")
     worker.dispatch.send_local(ids[1], ids[2])
     worker.dispatch.send_webhook(ids[3], attempt=2, countdown=1.5)
+    worker.dispatch.send_align(ids[4], str(ids[5]))
+    api.enqueue.enqueue_alignment(ids[6], str(ids[7]))
 
     tasks = voxq_tasks()
     seen = set()

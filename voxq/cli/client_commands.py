@@ -34,6 +34,12 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         help="when a model is rate limited: wait for it (cost), or move on to the next model (speed)",
     )
     submit.add_argument("--prompt", help="vocabulary hints for the model")
+    submit.add_argument(
+        "--timestamps",
+        choices=("none", "segment", "word"),
+        default=None,
+        help="subtitle cues (and word times) for any model's text (default: segment for podcasts, else none)",
+    )
     submit.add_argument("--wait", action="store_true", help="wait until every job has finished")
     submit.add_argument("--out", type=Path, help="write one transcript per input here (implies --wait)")
     submit.add_argument("--format", choices=FORMATS, default="txt", help="transcript format for --out")
@@ -203,6 +209,7 @@ def run_submit(args: argparse.Namespace) -> int:
                 priority=args.priority,
                 prefer=args.prefer,
                 prompt=args.prompt,
+                timestamps=args.timestamps,
             )
             jobs = client.upload_files(
                 batch["id"], [p for p, _ in inputs], progress=on_bytes, skip_rejected=True
@@ -271,6 +278,8 @@ def _write_transcripts(
     for (_, rel), job in zip(inputs, jobs, strict=True):
         target = transcript_path(out, rel, fmt, used)
         try:
+            if fmt != "txt":
+                client.wait_timings(job["id"])  # cues and words follow the text by seconds
             text = client.transcript(job["id"], fmt)
         except ApiError as exc:
             print(f"voxq: no transcript for {rel}: {exc.code}", file=sys.stderr)

@@ -2,6 +2,8 @@
 
 Starts the same stack `voxq dev` runs (voxq.devstack), submits samples/ through the HTTP API as any
 client would, waits with a progress bar, prints each transcript and a cost table, then stops the stack.
+Podcast samples go in a podcast-profile batch (timestamps `segment` by default): their first subtitle cues
+(SRT, from the align stage) are printed under their transcript.
 """
 
 from __future__ import annotations
@@ -166,13 +168,23 @@ def _wait_healthy(client: VoxqClient, timeout: float) -> None:
 def _transcribe(api_url: str, api_key: str, samples: list[Sample], timeout: float, stack: DevStack) -> int:
     with VoxqClient(api_url, api_key) as client:
         _wait_healthy(client, 60)
-        batch_id = str(client.create_batch(name="voxq demo", profile="auto")["id"])
-        jobs = client.upload_files(batch_id, [s.path for s in samples])
-        total_bytes = sum(s.path.stat().st_size for s in samples)
-        print(f"Uploaded {len(jobs)} files ({total_bytes / 1024:.0f} KiB) to batch {batch_id}")
-        submitted = client.submit(batch_id)
-        for rejected in submitted.get("rejected", []):
-            print(f"  rejected {rejected['job_id']}: {rejected['code']} {rejected['message']}")
+        # Podcasts in a podcast-profile batch: subtitle cues (timestamps `segment`) come with them.
+        groups = [
+            ("auto", [s for s in samples if s.kind != "podcast"]),
+            ("podcast", [s for s in samples if s.kind == "podcast"]),
+        ]
+        batch_ids: list[str] = []
+        for profile, files in groups:
+            if not files:
+                continue
+            batch_id = str(client.create_batch(name=f"voxq demo ({profile})", profile=profile)["id"])
+            jobs = client.upload_files(batch_id, [s.path for s in files])
+            total_bytes = sum(s.path.stat().st_size for s in files)
+            print(f"Uploaded {len(jobs)} files ({total_bytes / 1024:.0f} KiB) to {profile} batch {batch_id}")
+            submitted = client.submit(batch_id)
+            for rejected in submitted.get("rejected", []):
+                print(f"  rejected {rejected['job_id']}: {rejected['code']} {rejected['message']}")
+            batch_ids.append(batch_id)
         started = time.monotonic()
         tty = sys.stdout.isatty()
         shown = [""]
@@ -187,17 +199,35 @@ def _transcribe(api_url: str, api_key: str, samples: list[Sample], timeout: floa
             shown[0] = line
 
         try:
-            client.wait(batch_id, poll_seconds=0.5, timeout=timeout, on_update=on_update)
+            for batch_id in batch_ids:
+                client.wait(batch_id, poll_seconds=0.5, timeout=timeout, on_update=on_update)
         except TimeoutError:
             print(f"\ntimed out after {timeout:.0f}s; logs in {stack.log_dir}", file=sys.stderr)
             return 1
         if tty:
             print()
-        return _report(client, batch_id, time.monotonic() - started)
+        return _report(client, batch_ids, time.monotonic() - started)
 
 
-def _report(client: VoxqClient, batch_id: str, elapsed: float) -> int:
-    jobs = sorted(client.iter_jobs(batch_id), key=lambda j: str(j.get("filename")))
+FIRST_CUES = 4  # subtitle cues shown per podcast
+
+
+def first_cues(client: VoxqClient, job_id: str, timeout: float = 120.0) -> str:
+    """The first SRT cues of a job once its alignment is done (or what the transcript has after `timeout`)."""
+    try:
+        client.wait_timings(job_id, timeout=timeout, poll_seconds=0.5)
+        srt = client.transcript(job_id, "srt")
+    except ApiError as exc:
+        return f"(no subtitles: {exc.code})"
+    return "\n\n".join(srt.strip().split("\n\n")[:FIRST_CUES])
+
+
+def _report(client: VoxqClient, batch_ids: list[str], elapsed: float) -> int:
+    jobs = sorted(
+        (j for batch_id in batch_ids for j in client.iter_jobs(batch_id)),
+        key=lambda j: str(j.get("filename")),
+    )
+    podcasts = {str(j["id"]) for j in client.iter_jobs(batch_ids[-1])} if len(batch_ids) > 1 else set()
     failed = 0
     print()
     for job in jobs:
@@ -210,6 +240,9 @@ def _report(client: VoxqClient, batch_id: str, elapsed: float) -> int:
         if job["status"] == "succeeded":
             text = client.transcript(str(job["id"]), "txt").strip()
             print(textwrap.fill(text, width=100, initial_indent="   ", subsequent_indent="   "))
+            if str(job["id"]) in podcasts:
+                print("\n-- first subtitle cues (SRT) --")
+                print(first_cues(client, str(job["id"])))
         else:
             failed += 1
             error = job.get("error") or {}

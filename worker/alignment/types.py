@@ -1,5 +1,7 @@
 """The values the alignment stage passes around: timed words, segments, and an alignment's outcome.
 
+`Word` and `Segment` live in core.subtitles (the API renders them too); they are re-exported here.
+
 An alignment either succeeds (`Aligned`: one `Word` per whitespace-separated word of the hosted text, in
 order, with the hosted word's exact spelling and punctuation) or fails (`AlignmentFailed`: a reason code
 and a sentence for the transcript's metadata). Failure is a value, not an exception, because the pipeline
@@ -12,31 +14,7 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any, Protocol
 
-
-@dataclass(frozen=True)
-class Word:
-    """One hosted word and its time span in seconds."""
-
-    word: str
-    start: float
-    end: float
-
-    def to_dict(self) -> dict[str, Any]:
-        """`{word, start, end}` with millisecond times (the transcript's json form)."""
-        return {"word": self.word, "start": round(self.start, 3), "end": round(self.end, 3)}
-
-
-@dataclass(frozen=True)
-class Segment:
-    """A subtitle cue's worth of words: its time span and its text on one line."""
-
-    start: float
-    end: float
-    text: str
-
-    def to_dict(self) -> dict[str, Any]:
-        """`{start, end, text}` with millisecond times."""
-        return {"start": round(self.start, 3), "end": round(self.end, 3), "text": self.text}
+from core.subtitles import Segment, Word
 
 
 class FailureReason(StrEnum):
@@ -83,3 +61,6 @@ class TimeFn(Protocol):
     """Maps a time to another clock; `end=True` for the end of a span (TimeMap.to_original's shape)."""
 
     def __call__(self, t: float, *, end: bool = False) -> float: ...
+
+
+__all__ = ["Aligned", "AlignmentFailed", "AlignmentResult", "FailureReason", "Segment", "TimeFn", "Word"]

@@ -32,7 +32,7 @@ from core.dedupe import (
 from core.ids import uuid7
 from core.models import Batch, Job, Transcript
 from core.settings import get_settings
-from core.statuses import JobStatus
+from core.statuses import AlignmentStatus, JobStatus
 from worker.grouping import model_chain
 from worker.store.batches import model_list
 from worker.store.probes import ProbedJob
@@ -218,6 +218,13 @@ class _Twins:
         self._inflight.setdefault(key, []).append((None, job_id, chain))
 
 
+def final_alignment(doc: Any) -> dict[str, Any] | None:
+    """A twin's timings worth copying (aligned, partial or failed: same audio, same times), else None."""
+    if isinstance(doc, dict) and doc.get("status") not in (None, AlignmentStatus.PENDING.value):
+        return {k: v for k, v in doc.items() if k != "token"}
+    return None
+
+
 def copy_transcript(job_id: uuid.UUID, twin_id: uuid.UUID, *, as_follower: bool = False) -> bool:
     """Finish a job with its twin's transcript: zero cost, `deduplicated_from_id` set. True if done.
 
@@ -258,6 +265,7 @@ def copy_transcript(job_id: uuid.UUID, twin_id: uuid.UUID, *, as_follower: bool 
                 language=twin.language,
                 segments=twin.segments,
                 model=twin.model,
+                alignment=final_alignment(twin.alignment),
                 provenance={
                     "deduplicated_from": str(twin_id),
                     "source_attempt_id": str(twin.attempt_id),
