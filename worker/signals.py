@@ -114,9 +114,21 @@ def freeze_startup_objects(*, import_tasks: bool = False) -> int:
     return gc.get_freeze_count()
 
 
+def check_providers_at_start() -> list[str]:
+    """Validate the providers configuration (ConfigError stops the worker) and log each retirement
+    warning (core/providers/retirement.py); returns the warnings."""
+    from core.providers.retirement import check_providers, utc_today
+
+    warnings = check_providers(get_settings(), utc_today())
+    for line in warnings:
+        log.warning("model retirement: %s", line)
+    return warnings
+
+
 @worker_init.connect
 def _init_worker(**_: Any) -> None:
     # The main process, before a prefork pool forks its children (or the process a threads pool runs in).
+    check_providers_at_start()
     tune_collector()
     freeze_startup_objects(import_tasks=True)
 

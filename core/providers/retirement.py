@@ -164,3 +164,24 @@ def check_chain(catalogue: Catalogue, settings: Settings) -> None:
                 f"model {name!r}: provider {ref.provider!r} declares no model {ref.model!r} "
                 f"({catalogue.origin})"
             )
+
+
+def check_providers(settings: Settings, today: date) -> list[str]:
+    """The start-up check: the catalogue loads and the configured chain names real providers and models
+    (ConfigError otherwise); returns the retirement warnings to log."""
+    from core.providers.config import load_catalogue
+
+    catalogue = load_catalogue(settings)
+    check_chain(catalogue, settings)
+    return retirement_warnings(catalogue, settings, today)
+
+
+def retirement_details(settings: Settings, today: date) -> list[dict[str, object]]:
+    """Configured models with a retirement date, for `/readyz` and the days-left gauge."""
+    from core.providers.config import load_catalogue
+
+    catalogue = load_catalogue(settings)
+    return [
+        {"model": item.ref, "retires": item.retires.isoformat(), "days_left": item.days_left}
+        for item in retirements(catalogue, configured_refs(catalogue, settings, today), today)
+    ]
