@@ -238,3 +238,16 @@ def test_a_missing_file_is_named(tmp_path: Path) -> None:
 def test_the_built_in_catalogue_alone_is_valid() -> None:
     catalogue = build_catalogue(None, origin="test")
     assert catalogue.default_primary == ("openai:gpt-4o-mini-transcribe", "openai:gpt-transcribe")
+
+
+def test_the_readme_providers_example_is_valid(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    from tests.support import REPO_ROOT
+
+    readme = (REPO_ROOT / "README.md").read_text()
+    example = readme.split("```toml\n", 1)[1].split("```", 1)[0]
+    catalogue = load_catalogue(settings_for(write(tmp_path, example)))
+    assert {"openai", "turbo-host", "gpu"} <= set(catalogue.providers)
+    turbo = catalogue.providers["turbo-host"].models["whisper-large-v3-turbo"]
+    assert isinstance(turbo.price, PriceSpec) and turbo.price.minute_price is not None
+    assert turbo.price.minute_price * 60 == Decimal("0.04") and turbo.price.min_billed_seconds == 10
+    assert catalogue.providers["gpu"].models["whisper-base"].price == "zero"
