@@ -37,7 +37,7 @@ def ensure_faster_whisper_server(venv: Path = FWS_VENV) -> Path:
     if exe.exists() and stamp.exists():
         return exe
     venv.parent.mkdir(parents=True, exist_ok=True)
-    with open(venv.parent / f".{venv.name}.lock", "w") as lock:
+    with open(venv.parent / f"{venv.name}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         if not (exe.exists() and stamp.exists()):
             steps = [

@@ -115,11 +115,17 @@ def freeze_startup_objects(*, import_tasks: bool = False) -> int:
 
 
 def check_providers_at_start() -> list[str]:
-    """Validate the providers configuration (ConfigError stops the worker) and log each retirement
-    warning (core/providers/retirement.py); returns the warnings."""
+    """Validate the providers configuration and log each retirement warning (core/providers/retirement.py);
+    returns the warnings. An invalid configuration stops the worker: Celery logs and swallows an exception
+    raised by a signal handler, so it exits with SystemExit(1) instead."""
+    from core.errors import ConfigError
     from core.providers.retirement import check_providers, utc_today
 
-    warnings = check_providers(get_settings(), utc_today())
+    try:
+        warnings = check_providers(get_settings(), utc_today())
+    except ConfigError as exc:
+        log.critical("invalid providers configuration: %s", exc)
+        raise SystemExit(1) from None
     for line in warnings:
         log.warning("model retirement: %s", line)
     return warnings

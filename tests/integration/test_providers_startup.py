@@ -87,3 +87,28 @@ def test_the_api_refuses_to_start_with_a_malformed_providers_file(
     client = app_client(monkeypatch, VOXQ_PROVIDERS_FILE=str(path))
     with pytest.raises(ConfigError, match=r"provider 'gpu': field models\.whisper-base\.price"), client:
         pass
+
+
+def test_worker_start_logs_retirement_and_refuses_a_malformed_file(stack: Stack, tmp_path: Path) -> None:
+    import subprocess
+    from datetime import timedelta
+
+    from tests.support import celery_worker, wait_until
+
+    soon = utc_today() + timedelta(days=30)
+    path = tmp_path / "providers.toml"
+    path.write_text(PROVIDERS.replace("retires = 2030-01-01", f"retires = {soon.isoformat()}"))
+    env = {"VOXQ_PROVIDERS_FILE": str(path), "VOXQ_PRIMARY_MODEL": "gpu:whisper-base", "OPENAI_API_KEY": ""}
+    log = tmp_path / "worker.log"
+    with celery_worker(stack, queues="maintenance", concurrency=1, env=env, log_path=log):
+        wait_until(lambda: "model retirement" in log.read_text(errors="replace"), timeout=60, what="warning")
+    text = log.read_text(errors="replace")
+    assert f"model gpu:whisper-base retires on {soon.isoformat()} (30 days left)" in text
+
+    path.write_text(PROVIDERS.replace('price = "zero"', 'price = "free"'))
+    bad_log = tmp_path / "bad-worker.log"
+    with celery_worker(stack, queues="maintenance", concurrency=1, env=env, log_path=bad_log) as proc:
+        assert proc.wait(60) != 0
+    bad = bad_log.read_text(errors="replace")
+    assert "invalid providers configuration" in bad and "field models.whisper-base.price" in bad
+    assert isinstance(proc, subprocess.Popen)
