@@ -347,6 +347,7 @@ class Runtime:
             api_key=api_key(config, self.settings),
             timeout=self.settings.provider_timeout_seconds,
             headers=config.headers,
+            name=config.name,
         )
 
     def circuit(self) -> CircuitBreaker:

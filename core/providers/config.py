@@ -49,7 +49,7 @@ SECRET_HEADERS = frozenset({"authorization", "api-key", "x-api-key", "proxy-auth
 # Fields that would hold a key itself.
 SECRET_FIELDS = frozenset({"api_key", "key", "token", "secret", "password"})
 _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
-_PROVIDER_NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
+_PROVIDER_NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,49}$")  # attempts.provider is 50 characters
 
 Timestamps = Literal["none", "segment", "word"]
 ResponseFormat = Literal["json", "text", "srt", "verbose_json", "vtt", "diarized_json"]

@@ -185,7 +185,9 @@ class OpenAIProvider:
         api_key: str | None,
         timeout: float,
         headers: dict[str, str] | None = None,
+        name: str = "openai",
     ) -> None:
+        self.name = name  # the providers configuration's name, recorded on each attempt
         self._client = client
         self._base_url = base_url.rstrip("/")
         self._api_key = api_key

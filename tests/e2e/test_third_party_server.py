@@ -127,6 +127,7 @@ def test_faster_whisper_server_as_a_zero_cost_self_hosted_provider(stack: Stack,
         costs = session.scalars(select(CostRecord).where(CostRecord.tenant_id == tenant.id)).all()
     assert len(jobs) == 2 and all(j.status == "succeeded" for j in jobs)
     assert attempts and all(a.model == "whisper-base" and a.outcome == "success" for a in attempts)
+    assert all(a.provider == "gpu" for a in attempts)
     # exactly one cost record per billed attempt, each $0, not an estimate
     assert sorted(c.attempt_id for c in costs) == sorted(a.id for a in attempts)
     assert all(c.usd == Decimal(0) and not c.estimated and c.model == "whisper-base" for c in costs)
