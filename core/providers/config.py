@@ -209,13 +209,17 @@ class Catalogue(_Strict):
         return provider.models.get(ref.model) if provider is not None else None
 
     def resolve(self, name: str, default_provider: str = OPENAI) -> ModelRef | None:
-        """`provider:model` or a bare model name as a ref; None for the local engine. A bare name is the
-        first provider (in file order) that declares it, else `default_provider`'s."""
+        """`provider:model` or a bare model name as a ref; None for the local engine. A bare name is
+        `default_provider`'s when it declares it, else the first provider's (in file order) that does,
+        else `default_provider`'s."""
         if name == LOCAL_MODEL or name.startswith(LOCAL_MODEL_PREFIX):
             return None
         provider, sep, model = name.partition(":")
         if sep:
             return ModelRef(provider, model)
+        default = self.providers.get(default_provider)
+        if default is not None and name in default.models:
+            return ModelRef(default_provider, name)
         for pname, config in self.providers.items():
             if name in config.models:
                 return ModelRef(pname, name)

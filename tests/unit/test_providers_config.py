@@ -251,3 +251,12 @@ def test_the_readme_providers_example_is_valid(monkeypatch: pytest.MonkeyPatch, 
     assert isinstance(turbo.price, PriceSpec) and turbo.price.minute_price is not None
     assert turbo.price.minute_price * 60 == Decimal("0.04") and turbo.price.min_billed_seconds == 10
     assert catalogue.providers["gpu"].models["whisper-base"].price == "zero"
+
+
+def test_a_bare_name_prefers_the_given_provider(tmp_path: Path) -> None:
+    text = GOOD.replace("whisper-large-v3-turbo]", "whisper-1]")
+    catalogue = load_catalogue(settings_for(write(tmp_path, text)))
+    assert catalogue.resolve("whisper-1") == ModelRef("openai", "whisper-1")
+    assert catalogue.resolve("whisper-1", "acme") == ModelRef("acme", "whisper-1")
+    assert catalogue.resolve("whisper-base", "acme") == ModelRef("gpu", "whisper-base")
+    assert catalogue.resolve("brand-new", "acme") == ModelRef("acme", "brand-new")
