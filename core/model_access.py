@@ -26,8 +26,9 @@ _memo: dict[tuple[int, int, date], frozenset[str]] = {}
 
 def allowed_models(settings: Settings, today: date | None = None) -> frozenset[str]:
     """Every model name a batch may name: the primary (the dated default when unset), the fallbacks,
-    `VOXQ_ALLOWED_MODELS` and the models of the providers the operator configured, as `provider:model`
-    and (the runtime provider's) as bare names; none retired on `today` (default: UTC today)."""
+    `VOXQ_ALLOWED_MODELS` and the models the operator's providers file lists, as `provider:model` and as
+    bare names; none retired on `today` (default: UTC today), none of a provider the runtime does not
+    call (core/providers/retirement.py: runtime_provider)."""
     day = today or utc_today()
     catalogue = load_catalogue(settings)
     key = (id(settings), id(catalogue), day)
@@ -50,7 +51,13 @@ def _allowed(catalogue: Catalogue, settings: Settings, day: date) -> frozenset[s
     allowed = set()
     for name in names:
         resolved = catalogue.resolve(name, runtime.name if runtime is not None else OPENAI)
-        if resolved is None or not is_retired(catalogue.model(resolved), day):
+        if resolved is None:
+            allowed.add(name)
+        elif is_retired(catalogue.model(resolved), day):
+            continue
+        # Until the runtime has one client per provider (issue #17's next step) it calls one provider:
+        # another provider's model would be dropped from the chain, so a batch may not name it.
+        elif runtime is None or resolved.provider == runtime.name:
             allowed.add(name)
     return frozenset(allowed)
 

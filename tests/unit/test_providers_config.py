@@ -260,3 +260,23 @@ def test_a_bare_name_prefers_the_given_provider(tmp_path: Path) -> None:
     assert catalogue.resolve("whisper-1", "acme") == ModelRef("acme", "whisper-1")
     assert catalogue.resolve("whisper-base", "acme") == ModelRef("gpu", "whisper-base")
     assert catalogue.resolve("brand-new", "acme") == ModelRef("acme", "brand-new")
+
+
+def test_token_prices_from_the_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    text = GOOD.replace(
+        'price = { per_hour = "0.04", min_billed_seconds = 10 }',
+        'price = { audio_input_per_million = "2", text_input_per_million = "1", output_per_million = "4" }',
+    )
+    monkeypatch.setenv("VOXQ_PROVIDERS_FILE", write(tmp_path, text))
+    monkeypatch.setenv("VOXQ_PRIMARY_MODEL", "acme:whisper-large-v3-turbo")
+    reset_settings_cache()
+    usage = {
+        "type": "tokens",
+        "input_tokens": 110,
+        "output_tokens": 50,
+        "input_token_details": {"audio_tokens": 100, "text_tokens": 10},
+    }
+    priced = price_attempt("whisper-large-v3-turbo", usage, 10.0)
+    assert priced.usd == Decimal("0.00041")  # (100*2 + 10*1 + 50*4) / 1e6
+    assert priced.usage_type == "tokens" and not priced.estimated
+    assert priced.unit_prices["source"] == "providers"

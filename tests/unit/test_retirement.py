@@ -124,3 +124,23 @@ def test_a_chain_naming_an_unknown_provider_or_model_is_a_config_error() -> None
     with pytest.raises(ConfigError, match="declares no model 'whisper-2'"):
         check_chain(load_catalogue(settings), settings)
     check_chain(load_catalogue(env_only(primary_model="some-new-model")), env_only())  # bare: as before
+
+
+def test_batches_may_name_only_the_runtime_providers_models(tmp_path: Path) -> None:
+    path = tmp_path / "p.toml"
+    path.write_text(
+        '[providers.gpu]\nbase_url = "http://127.0.0.1:9/v1"\n'
+        '[providers.gpu.models.whisper-base]\nprice = "zero"\n'
+        '[providers.acme]\nbase_url = "https://acme.example/v1"\napi_key_env = "ACME_KEY"\n'
+        '[providers.acme.models.turbo]\nprice = { per_minute = "0.001" }\n'
+    )
+    settings = Settings(
+        providers_file=str(path),
+        primary_model="gpu:whisper-base",
+        fallback_models=["acme:turbo", "local"],
+        OPENAI_API_KEY="",
+    )
+    allowed = allowed_models(settings, TODAY)
+    assert {"gpu:whisper-base", "whisper-base", "local"} <= allowed
+    assert "acme:turbo" not in allowed and "turbo" not in allowed  # dropped from chains until then
+    assert model_chain(["acme:turbo", "gpu:whisper-base"], settings, TODAY) == ["whisper-base"]
