@@ -333,7 +333,7 @@ def _check_default_primary(catalogue: Catalogue) -> None:
 
 
 @lru_cache(maxsize=8)
-def _load(path: str | None, mtime: float, base_url: str, version: str, table_dir: str | None) -> Catalogue:
+def _load(path: str | None, base_url: str, version: str, table_dir: str | None) -> Catalogue:
     file_raw = read_providers_file(path) if path else None
     # OPENAI_BASE_URL still moves the built-in provider unless the operator's file gives its own.
     return build_catalogue(
@@ -346,16 +346,14 @@ def _load(path: str | None, mtime: float, base_url: str, version: str, table_dir
 
 
 def load_catalogue(settings: Settings) -> Catalogue:
-    """The validated catalogue for these settings (cached per file version); ConfigError when invalid."""
-    path = settings.providers_file or None
-    mtime = 0.0
-    if path:
-        try:
-            mtime = os.stat(path).st_mtime
-        except OSError as exc:
-            raise ConfigError(f"providers file {path}: cannot read it ({exc.strerror or exc})") from exc
+    """The validated catalogue for these settings; ConfigError when invalid. The file is read once per
+    process (the start-up check reads it first): a change takes effect at the next restart, so a file
+    edited into an invalid state cannot break running workers."""
     return _load(
-        path, mtime, settings.openai_base_url, settings.price_table_version, settings.price_table_dir
+        settings.providers_file or None,
+        settings.openai_base_url,
+        settings.price_table_version,
+        settings.price_table_dir,
     )
 
 
