@@ -12,7 +12,7 @@ CONSTRAINTS := constraints.txt
 UV_VERSION := 0.13.9
 LOCK_ARGS ?=
 
-.PHONY: install lock demo test test-unit test-integration test-e2e test-chaos lint format bench dev clean
+.PHONY: install lock demo test test-unit test-integration test-e2e test-chaos lint format bench dev clean fws-venv
 
 $(STAMP): pyproject.toml $(CONSTRAINTS)
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -21,6 +21,16 @@ $(STAMP): pyproject.toml $(CONSTRAINTS)
 	@touch $(STAMP)
 
 install: $(STAMP)
+
+## The real third-party server of the e2e tier (faster-whisper-server, tests/third_party.py) in its own
+## venv, cached in .venv-fws; the test installs it itself when missing.
+FWS_VENV ?= .venv-fws
+FWS_VERSION := 0.0.3
+fws-venv: $(FWS_VENV)/.installed-faster-whisper-server-$(FWS_VERSION)
+$(FWS_VENV)/.installed-faster-whisper-server-$(FWS_VERSION):
+	@test -x $(FWS_VENV)/bin/python || $(PYTHON) -m venv $(FWS_VENV)
+	$(FWS_VENV)/bin/python -m pip install --quiet 'faster-whisper-server==$(FWS_VERSION)'
+	@touch $@
 
 ## Re-resolve constraints.txt from pyproject.toml (keeps existing pins that still fit).
 lock:

@@ -59,11 +59,23 @@ def warm_db_pool(size: int) -> int:
     return len(opened)
 
 
+def check_providers_at_start() -> list[str]:
+    """Validate the providers configuration (ConfigError stops the API) and log each retirement warning;
+    returns the warnings."""
+    from core.providers.retirement import check_providers, utc_today
+
+    warnings = check_providers(get_settings(), utc_today())
+    for line in warnings:
+        log.warning("model retirement: %s", line)
+    return warnings
+
+
 @asynccontextmanager
 async def _lifespan(_: FastAPI) -> AsyncIterator[None]:
     # Sync routes run on anyio's thread pool (40 threads) and each holds a DB connection while it runs.
     # With fewer connections than threads, a burst leaves threads queued on the pool for its whole
     # timeout; as many threads as connections keeps the queue in front of the threads instead.
+    check_providers_at_start()
     pool = get_settings().database_pool_size
     anyio.to_thread.current_default_thread_limiter().total_tokens = max(8, 2 * pool)
     # P4b: 100 clients polling a fresh process waited up to ~0.5 s while each request opened its own

@@ -167,6 +167,27 @@ class FleetCollector(Collector):
         return []
 
 
+class RetirementCollector(Collector):
+    """Days left before each configured model's retirement date, from the configuration (no I/O)."""
+
+    def collect(self) -> Iterable[Metric]:
+        """One gauge sample per configured model with a date (label: `provider:model`)."""
+        from core.providers.retirement import retirement_details, utc_today
+
+        gauge = GaugeMetricFamily(
+            metrics.MODEL_RETIREMENT_DAYS_LEFT,
+            "Days until the model's retirement date (0 or less: retired, sent no requests).",
+            labels=["model"],
+        )
+        for item in retirement_details(get_settings(), utc_today()):
+            gauge.add_metric([str(item["model"])], float(str(item["days_left"])))
+        return [gauge]
+
+    def describe(self) -> Iterable[Metric]:
+        """Nothing up front."""
+        return []
+
+
 class _Forward(Collector):
     """Exposes another registry's metrics through this one."""
 
@@ -190,6 +211,7 @@ def api_registry(*, fleet: bool = True) -> CollectorRegistry:
         multiprocess.MultiProcessCollector(registry, path=path)  # type: ignore[no-untyped-call]
     else:
         registry.register(_Forward(REGISTRY))
+    registry.register(RetirementCollector())
     if fleet:
         registry.register(FleetCollector())
     return registry

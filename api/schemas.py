@@ -419,8 +419,17 @@ class WebhookSecretList(BaseModel):
     items: list[WebhookSecretRow]
 
 
+class RetiringModelOut(BaseModel):
+    """A configured model with a retirement date (from voxq's catalogue or the providers file)."""
+
+    model: str  # provider:model
+    retires: str  # ISO date; from that day the model is sent no requests
+    days_left: int  # 0 or less: retired
+
+
 class HealthOut(BaseModel):
-    """Liveness plus the result of each dependency check."""
+    """Liveness plus the result of each dependency check (readiness: plus retiring models)."""
 
     status: str
     checks: dict[str, str]
+    models: list[RetiringModelOut] | None = None

@@ -99,6 +99,8 @@ UPLOADED_BYTES = Counter("voxq_uploaded_bytes_total", "Bytes of audio accepted b
 QUEUE_DEPTH = "voxq_queue_depth"  # {queue}: messages waiting in each Celery queue (Redis LLEN)
 JOBS_BY_STATUS = "voxq_jobs"  # {status}: jobs in each status (Postgres)
 WORKERS_ALIVE = "voxq_workers_alive"  # workers whose heartbeat is recent
+# Days until each configured model's retirement date (provider:model label; negative: retired).
+MODEL_RETIREMENT_DAYS_LEFT = "voxq_model_retirement_days_left"
 CIRCUITS_OPEN = "voxq_circuits_open"  # {model}: circuit keys present in Redis (shared by all workers)
 FLEET_SCRAPE_ERRORS = "voxq_fleet_scrape_error"  # {source}: 1 when Redis or Postgres could not be read
 FLEET_FAMILIES = (QUEUE_DEPTH, JOBS_BY_STATUS, WORKERS_ALIVE, CIRCUITS_OPEN, FLEET_SCRAPE_ERRORS)

@@ -16,6 +16,11 @@ How a call is priced:
 reservation, worker.budget): every billed second rounded up plus a margin at the per-minute price, and for
 a model priced by tokens also its audio tokens (the table's `bounds.audio_tokens_per_second`), the prompt
 (at most one token per UTF-8 byte) and the model's `max_output_tokens`, all at the dearest input price.
+
+A model the providers configuration (core/providers/config.py) gives its own price is priced with it by
+the same rules: `price = "zero"` (a self-hosted server) costs nothing, not estimated; a `PriceSpec` prices
+per minute (or per hour) or per token, and its `min_billed_seconds` raises the billed seconds of each
+request to that minimum. `price = "table"` (the built-in catalogue's OpenAI models) is this table.
 """
 
 from __future__ import annotations
@@ -193,8 +198,19 @@ def price_attempt(
             usd=_q(ZERO), billed_audio_seconds=seconds, usage_type="none", price_table_version=table.version
         )
 
-    prices = table.prices_for(model)
     usage_type = str(usage.get("type")) if isinstance(usage, dict) else "none"
+    configured = _configured_price(model)
+    if configured == "zero":
+        return PricedUsage(
+            usd=_q(ZERO),
+            billed_audio_seconds=seconds,
+            usage_type=usage_type if usage_type in ("tokens", "duration") else "none",
+            unit_prices={"per_minute": "0", "source": "providers"},
+            price_table_version=table.version,
+        )
+    if configured is not None and configured != "table":
+        return _price_configured(table, configured, usage, seconds)
+    prices = table.prices_for(model)
     if usage_type == "tokens" and isinstance(usage, dict):
         return _price_tokens(table, prices, usage, seconds)
     if usage_type == "duration" and isinstance(usage, dict):
@@ -299,3 +315,50 @@ def _price_duration(
         price_table_version=table.version,
         estimated=False,
     )
+
+
+def _configured_price(model: str) -> Any:
+    """The model's `price` in the providers configuration ("table", "zero" or a PriceSpec), None when the
+    configuration does not declare the model (or cannot be read: start-up reports that)."""
+    from core.providers.config import OPENAI, load_catalogue
+    from core.providers.retirement import runtime_provider, utc_today
+    from core.settings import get_settings
+
+    settings = get_settings()
+    try:
+        catalogue = load_catalogue(settings)
+    except ConfigError:
+        return None
+    provider = runtime_provider(catalogue, settings, utc_today())
+    ref = catalogue.resolve(model, provider.name if provider is not None else OPENAI)
+    config = catalogue.model(ref) if ref is not None else None
+    return config.price if config is not None else None
+
+
+def _price_configured(
+    table: PriceTable, spec: Any, usage: dict[str, Any] | None, seconds: float
+) -> PricedUsage:
+    """A model with its own PriceSpec: the table's rules at its prices, each request billed at least
+    `min_billed_seconds`."""
+    prices = ModelPrices(
+        per_minute=spec.minute_price,
+        audio_input_per_million=spec.audio_input_per_million,
+        text_input_per_million=spec.text_input_per_million,
+        output_per_million=spec.output_per_million,
+    )
+    minimum = float(spec.min_billed_seconds)
+    usage_type = str(usage.get("type")) if isinstance(usage, dict) else "none"
+    if usage_type == "tokens" and isinstance(usage, dict):
+        priced = _price_tokens(table, prices, usage, seconds)
+    elif usage_type == "duration" and isinstance(usage, dict):
+        try:
+            billed = max(float(usage.get("seconds") or 0.0), minimum)
+        except (TypeError, ValueError):
+            billed = max(seconds, minimum)
+        priced = _price_duration(table, prices, {**usage, "seconds": billed}, seconds)
+    else:
+        priced = _per_minute_estimate(table, prices, max(seconds, minimum), "none")
+    priced.unit_prices["source"] = "providers"
+    if minimum:
+        priced.unit_prices["min_billed_seconds"] = str(spec.min_billed_seconds)
+    return priced

@@ -56,7 +56,10 @@ class Settings(BaseSettings):
         default="https://api.openai.com/v1",
         validation_alias=AliasChoices("OPENAI_BASE_URL", "VOXQ_OPENAI_BASE_URL"),
     )
-    primary_model: str = "gpt-4o-mini-transcribe"
+    # Unset: the built-in catalogue's dated default (openai:gpt-4o-mini-transcribe before 2027-02-26,
+    # openai:gpt-transcribe from then; core/providers/retirement.py). Chain entries are `provider:model`
+    # or a bare model name (the runtime's provider's).
+    primary_model: str | None = None
     fallback_models: Annotated[list[str], NoDecode] = Field(
         default_factory=lambda: ["gpt-4o-transcribe", LOCAL_MODEL]
     )
@@ -65,6 +68,9 @@ class Settings(BaseSettings):
     allowed_models: Annotated[list[str], NoDecode] = Field(default_factory=list)
     price_table_version: str = "2026-11"
     price_table_dir: str | None = None  # extra price tables (<version>.json) overriding core/prices/
+    # The operator's providers (TOML, core/providers/config.py), merged over the built-in catalogue
+    # (core/prices/catalogue.toml). Unset: OPENAI_API_KEY / OPENAI_BASE_URL define the provider `openai`.
+    providers_file: str | None = None
 
     # Pipeline limits.
     max_upload_bytes: int = 2 * 1024**3
@@ -170,7 +176,7 @@ class Settings(BaseSettings):
     def _csv(cls, value: object) -> object:
         return _split_csv(value)
 
-    @field_validator("webhook_secret", "metrics_token", mode="before")
+    @field_validator("webhook_secret", "metrics_token", "primary_model", "providers_file", mode="before")
     @classmethod
     def _empty_is_unset(cls, value: object) -> object:
         return None if isinstance(value, str) and not value.strip() else value

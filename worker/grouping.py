@@ -14,8 +14,10 @@ import hashlib
 import json
 import uuid
 from dataclasses import dataclass
+from datetime import date
 
-from core.names import LOCAL_MODEL
+from core.providers.config import load_catalogue
+from core.providers.retirement import runtime_chain, utc_today
 from core.settings import Settings
 from worker.store.batches import BatchOptions
 from worker.store.groups import GroupPlan
@@ -35,17 +37,13 @@ class GroupItem:
     seconds: float  # trimmed audio, what will be sent
 
 
-def model_chain(batch_models: list[str] | None, settings: Settings) -> list[str]:
+def model_chain(batch_models: list[str] | None, settings: Settings, today: date | None = None) -> list[str]:
     """The models to try for a batch, in order, without duplicates: the batch's own, else the primary
-    model then the fallbacks; `local` only when no OpenAI key is configured. The one place that says it
-    (grouping, the chain runner, the worker's start-up checks)."""
-    if settings.openai_api_key is None or not settings.openai_api_key.get_secret_value():
-        return [LOCAL_MODEL]
-    chain: list[str] = []
-    for model in batch_models or [settings.primary_model, *settings.fallback_models]:
-        if model and model not in chain:
-            chain.append(model)
-    return chain or [LOCAL_MODEL]
+    model then the fallbacks; models retired on `today` (default: UTC today) left out; `local` only when
+    the provider cannot be called (no key). The one place that says it (grouping, the chain runner, the
+    worker's start-up checks); the rules are `core.providers.retirement.runtime_chain`."""
+    catalogue = load_catalogue(settings)
+    return runtime_chain(catalogue, settings, batch_models, today or utc_today())
 
 
 def group_key(item: GroupItem, duration_class: str) -> str:

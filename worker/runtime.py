@@ -336,15 +336,29 @@ class Runtime:
         return self._redis
 
     def provider(self) -> Provider:
-        """The hosted provider (OpenAI-compatible) on the shared client."""
+        """The hosted provider (OpenAI-compatible) on the shared client: base URL, key and headers of the
+        providers configuration's runtime provider (the first hosted model's in the default chain). One
+        provider per process until the multi-provider step of issue #17."""
+        from core.providers.config import api_key, load_catalogue
         from core.providers.openai import OpenAIProvider
+        from core.providers.retirement import runtime_provider, utc_today
 
-        key = self.settings.openai_api_key
+        config = runtime_provider(load_catalogue(self.settings), self.settings, utc_today())
+        if config is None:
+            key = self.settings.openai_api_key
+            return OpenAIProvider(
+                self.http,
+                base_url=self.settings.openai_base_url,
+                api_key=key.get_secret_value() if key is not None else None,
+                timeout=self.settings.provider_timeout_seconds,
+            )
         return OpenAIProvider(
             self.http,
-            base_url=self.settings.openai_base_url,
-            api_key=key.get_secret_value() if key is not None else None,
+            base_url=config.base_url,
+            api_key=api_key(config, self.settings),
             timeout=self.settings.provider_timeout_seconds,
+            headers=config.headers,
+            name=config.name,
         )
 
     def circuit(self) -> CircuitBreaker:

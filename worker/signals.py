@@ -124,9 +124,27 @@ def freeze_startup_objects(*, import_tasks: bool = False) -> int:
     return gc.get_freeze_count()
 
 
+def check_providers_at_start() -> list[str]:
+    """Validate the providers configuration and log each retirement warning (core/providers/retirement.py);
+    returns the warnings. An invalid configuration stops the worker: Celery logs and swallows an exception
+    raised by a signal handler, so it exits with SystemExit(1) instead."""
+    from core.errors import ConfigError
+    from core.providers.retirement import check_providers, utc_today
+
+    try:
+        warnings = check_providers(get_settings(), utc_today())
+    except ConfigError as exc:
+        log.critical("invalid providers configuration: %s", exc)
+        raise SystemExit(1) from None
+    for line in warnings:
+        log.warning("model retirement: %s", line)
+    return warnings
+
+
 @worker_init.connect
 def _init_worker(**_: Any) -> None:
     # The main process, before a prefork pool forks its children (or the process a threads pool runs in).
+    check_providers_at_start()
     tune_collector()
     freeze_startup_objects(import_tasks=True)
 

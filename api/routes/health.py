@@ -87,19 +87,30 @@ def run_checks() -> dict[str, str]:
     return results
 
 
-@router.get("/healthz", response_model=HealthOut)
+@router.get("/healthz", response_model=HealthOut, response_model_exclude_none=True)
 def healthz() -> HealthOut:
     """Liveness: the process answers; also reports each dependency's check."""
     return HealthOut(status="ok", checks=run_checks())
 
 
+def retiring_models() -> list[dict[str, object]]:
+    """Configured models with a retirement date and the days left (negative: retired, sent nothing)."""
+    from core.providers.retirement import retirement_details, utc_today
+
+    return retirement_details(get_settings(), utc_today())
+
+
 @router.get("/readyz", response_model=HealthOut, responses=problem_responses(503))
 def readyz() -> JSONResponse:
     """Readiness: 200 when Postgres, Redis and S3 answer (status `degraded` when a provider refused the API
-    key), else a 503 problem naming the failing checks."""
+    key), else a 503 problem naming the failing checks. Details list the configured models that have a
+    retirement date, with the days left."""
     checks = run_checks()
+    models = retiring_models()
     failing = sorted(name for name, result in checks.items() if result.startswith("error"))
     if failing:
-        return problem_response(503, "not_ready", f"unavailable: {', '.join(failing)}", checks=checks)
+        return problem_response(
+            503, "not_ready", f"unavailable: {', '.join(failing)}", checks=checks, models=models
+        )
     degraded = any(result.startswith("degraded") for result in checks.values())
-    return JSONResponse({"status": "degraded" if degraded else "ok", "checks": checks})
+    return JSONResponse({"status": "degraded" if degraded else "ok", "checks": checks, "models": models})

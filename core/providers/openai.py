@@ -310,14 +310,18 @@ class OpenAIProvider:
         base_url: str,
         api_key: str | None,
         timeout: float,
+        headers: dict[str, str] | None = None,
+        name: str = "openai",
     ) -> None:
+        self.name = name  # the providers configuration's name, recorded on each attempt
         self._client = client
         self._base_url = base_url.rstrip("/")
         self._api_key = api_key
         self._timeout = timeout
+        self._extra_headers = dict(headers or {})  # the providers file's `headers` (never a credential)
 
     def _headers(self, request_id: str | None) -> dict[str, str]:
-        headers = {"Accept": "application/json"}
+        headers = {**self._extra_headers, "Accept": "application/json"}
         if self._api_key:
             headers["Authorization"] = f"Bearer {self._api_key}"
         if request_id:

@@ -14,7 +14,8 @@ def test_the_allowlist_is_the_chain_plus_allowed_models(monkeypatch: pytest.Monk
     monkeypatch.setenv("VOXQ_FALLBACK_MODELS", "whisper-1,local")
     monkeypatch.setenv("VOXQ_ALLOWED_MODELS", " gpt-4o-transcribe , ")
     settings = Settings()
-    assert allowed_models(settings) == {"gpt-transcribe", "whisper-1", "local", "gpt-4o-transcribe"}
+    configured = {"gpt-transcribe", "whisper-1", "gpt-4o-transcribe"}
+    assert allowed_models(settings) == {"local", *configured, *(f"openai:{name}" for name in configured)}
     assert unconfigured_models(["whisper-1", "x", "local", "y"], settings) == ["x", "y"]
 
 

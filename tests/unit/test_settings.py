@@ -12,7 +12,7 @@ def test_defaults_and_chain(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("VOXQ_FALLBACK_MODELS", raising=False)
     monkeypatch.delenv("VOXQ_PRIMARY_MODEL", raising=False)
     s = Settings()
-    assert s.primary_model == "gpt-4o-mini-transcribe"
+    assert s.primary_model is None  # the catalogue's dated default (tests/unit/test_retirement.py)
     assert s.fallback_models == ["gpt-4o-transcribe", "local"]
 
 

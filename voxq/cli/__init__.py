@@ -16,6 +16,7 @@ SUBCOMMAND_MODULES = (
     "voxq.cli.client_commands",
     "voxq.cli.ops",
     "voxq.cli.billing",
+    "voxq.cli.providers",
     "voxq.cli.tenancy",
 )
 
