@@ -391,6 +391,16 @@ def test_keda_scales_workers_on_transcribe_queue_lengths() -> None:
         assert key in env_file(f"{env}.example"), (name, key)
 
 
+def test_keda_wakes_a_worker_scaled_to_zero_for_every_queue_it_consumes() -> None:
+    deployments = by_kind("Deployment")
+    for obj in by_kind("ScaledObject").values():
+        if obj["spec"]["minReplicaCount"] > 0:
+            continue
+        lists = {t["metadata"]["listName"] for t in obj["spec"]["triggers"] if t["type"] == "redis"}
+        queues = set(_queues(deployments[obj["spec"]["scaleTargetRef"]["name"]]))
+        assert queues <= lists, f"{obj['metadata']['name']}: nothing wakes it for {sorted(queues - lists)}"
+
+
 def test_keda_managed_deployments_leave_the_replica_count_to_keda() -> None:
     deployments = by_kind("Deployment")
     scaled = {obj["spec"]["scaleTargetRef"]["name"] for obj in by_kind("ScaledObject").values()}
