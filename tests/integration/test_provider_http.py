@@ -27,7 +27,7 @@ from tests.fakes.fixtures import FAKE_OPENAI_API_KEY
 from tests.fakes.openai_server import FakeOpenAI, Fault
 from tests.support import transcription_request
 from voxq.embedded import free_port
-from worker.runtime import make_provider_client
+from worker.runtime import PROVIDER_KEEPALIVE_CONNECTIONS, make_provider_client
 
 MINI = "gpt-4o-mini-transcribe"
 
@@ -464,6 +464,50 @@ def test_the_pool_holds_one_connection_per_call_in_flight_up_to_the_limit() -> N
     opened_by_burst, opened = asyncio.run(main())
     assert opened_by_burst == most == 4  # ten calls at once: four connections, six calls waited for one
     assert opened == 4  # the calls after them reused those
+
+
+def test_a_burst_gets_a_connection_per_call_and_at_most_a_few_stay_open_idle() -> None:
+    """A burst under a large in-flight limit opens a connection per call, but only
+    `PROVIDER_KEEPALIVE_CONNECTIONS` stay open once it is over (httpcore's pool walk is quadratic in
+    the idle connections it keeps), and the next calls reuse those."""
+    open_now = 0
+    most = 0
+    connections: list[int] = []
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal open_now, most
+        connections.append(1)
+        open_now += 1
+        most = max(most, open_now)
+        try:
+            while True:
+                await _read_request(reader)
+                await asyncio.sleep(0.1)
+                writer.write(_ok())
+                await writer.drain()
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        finally:
+            open_now -= 1
+            writer.close()
+
+    async def main() -> tuple[int, int]:
+        server, url = await _serve(handle)
+        async with make_provider_client(_settings(max_in_flight=64)) as client:
+            provider = _provider(client, url)
+            results = await asyncio.gather(*(provider.transcribe(_req(b"x" * i)) for i in range(20)))
+            assert [r.text for r in results] == ["hello"] * 20
+            await asyncio.sleep(0.2)  # the server sees the closes
+            open_after_burst = open_now
+            for i in range(5):
+                await provider.transcribe(_req(b"y" * i))
+        server.close()
+        return open_after_burst, len(connections)
+
+    open_after_burst, opened = asyncio.run(main())
+    assert most == 20  # no call of the burst waited for a connection
+    assert 1 <= open_after_burst <= PROVIDER_KEEPALIVE_CONNECTIONS
+    assert opened == 20  # the calls after the burst reused a kept connection
 
 
 def _self_signed(tmp_path: Path) -> tuple[Path, ssl.SSLContext]:
