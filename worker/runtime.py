@@ -407,7 +407,13 @@ class Runtime:
             except TimeoutError:
                 log.warning("drain: group runs still going after %.0f s", timeout)
 
-        self.run(halt_and_wait())
+        if not self.loop.is_running():
+            return
+        future = asyncio.run_coroutine_threadsafe(halt_and_wait(), self.loop)
+        try:
+            future.result(timeout + 5)  # never hangs a dying process, whatever the loop is doing
+        except concurrent.futures.TimeoutError:
+            log.warning("drain: the loop did not answer within %.0f s", timeout + 5)
 
     def close(self) -> None:
         """Wait for the group runs still going, close clients, stop the loop's thread and close the loop

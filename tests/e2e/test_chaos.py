@@ -319,6 +319,7 @@ def test_chaos_run(s3_server: tuple[str, str, str]) -> None:
         plan = [(0.15, "kill"), (0.30, "redis"), (0.50, "postgres"), (0.70, "kill")]
         replacements = 0
         killed: set[str] = set()
+        killed_at: dict[str, float] = {}  # worker name -> Unix time of its SIGKILL
         redis_restarted_at = datetime.max.replace(tzinfo=UTC)
         # bounded so CI (90 min, ~15 for this run) fails clearly instead of hanging: the whole run takes
         # about 5 minutes for 2,000 jobs on 2 cores, most of it the leases of killed workers running out
@@ -333,7 +334,10 @@ def test_chaos_run(s3_server: tuple[str, str, str]) -> None:
                 _, what = plan.pop(0)
                 at = f"{what} at {done}/{JOBS} terminal, t={time.monotonic() - started:.0f}s"
                 if what == "kill":
-                    killed |= _kill_group(workers.pop(0))
+                    at_time = time.time()
+                    names = _kill_group(workers.pop(0))
+                    killed_at.update(dict.fromkeys(names, at_time))
+                    killed |= names
                     replacements += 1
                     workers.append(
                         cleanup.enter_context(celery_worker(stack, name=f"r{replacements}", env=env))
@@ -523,6 +527,16 @@ def test_chaos_run(s3_server: tuple[str, str, str]) -> None:
     fallback_jobs = sum(1 for t in transcripts if t.model == FALLBACK)
     assert fallback_jobs > 0
 
+    # When the provider billed each answer lost with a SIGKILLed worker, from the kill: after it, the
+    # provider finished a request whose client had died (nothing voxq could keep); before it, an answer
+    # voxq had received but not committed yet (the window between a billed answer and its commit).
+    kill_lags = sorted(
+        round(billed[str(a.id)]["ts"] - killed_at[a.worker], 3)
+        for job_id, tries in paid_twice.items()
+        for a in tries
+        if a.id != source_of.get(job_id) and a.worker in killed_at
+    )
+
     figures = {
         "jobs": len(jobs),
         "succeeded": statuses[JobStatus.SUCCEEDED.value],
@@ -551,6 +565,11 @@ def test_chaos_run(s3_server: tuple[str, str, str]) -> None:
         "worker pids at the end": worker_pids,
         "wall time s": round(wall, 1),
     }
+    figures["answers lost with a SIGKILLed worker, billed before/after the kill"] = (
+        sum(1 for lag in kill_lags if lag < 0),
+        sum(1 for lag in kill_lags if lag >= 0),
+    )
+    figures["  billed minus SIGKILL time, s"] = kill_lags
     print("\n== voxq billing settle ==\n" + settle_report, file=sys.stderr)
     print("\n== chaos figures ==", file=sys.stderr)
     for name, value in figures.items():
