@@ -570,9 +570,19 @@ def test_chaos_run(s3_server: tuple[str, str, str]) -> None:
         sum(1 for lag in kill_lags if lag >= 0),
     )
     figures["  billed minus SIGKILL time, s"] = kill_lags
+    # The window issue #16 asks to shorten: answers the provider billed before voxq's worker died (or
+    # while its task was cancelled), i.e. answers voxq could have committed. What the provider finished
+    # after the kill, or after the client timed out, no commit path can keep (OpenAI bills it all the
+    # same); it is counted and settled, not avoidable.
+    in_window = sum(1 for lag in kill_lags if lag < 0) + lost_answers["broker-loss cancel"]
+    figures["jobs paid twice"] = f"{len(paid_twice)} ({100 * len(paid_twice) / len(jobs):.2f}% of jobs)"
+    figures["  of which an answer voxq had received but not committed"] = (
+        f"{in_window} ({100 * in_window / len(jobs):.2f}% of jobs, target <= 0.5%)"
+    )
     print("\n== voxq billing settle ==\n" + settle_report, file=sys.stderr)
     print("\n== chaos figures ==", file=sys.stderr)
     for name, value in figures.items():
         print(f"  {name}: {value}", file=sys.stderr)
     print(f"== chaos figures ==\n{figures}", flush=True)
     assert len(events) == 4
+    assert in_window <= 0.005 * len(jobs), figures["  of which an answer voxq had received but not committed"]
