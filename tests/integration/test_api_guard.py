@@ -37,13 +37,25 @@ def _raw_request(url: str, head: str, body: bytes = b"", timeout: float = 10.0) 
     with socket.create_connection((host, int(port)), timeout=timeout) as sock:
         sock.sendall(head.encode() + b"\r\n" + body)
         raw = b""
-        while b"\r\n\r\n" not in raw:
+        while b"\r\n\r\n" not in raw or len(raw) < _answer_length(raw):
             chunk = sock.recv(65536)
             if not chunk:
                 break
             raw += chunk
     status = int(raw.split(b" ", 2)[1]) if raw.startswith(b"HTTP/") else 0
     return status, raw, time.monotonic() - started
+
+
+def _answer_length(raw: bytes) -> int:
+    """How long the answer in `raw` is once its head has arrived (head + Content-Length of body)."""
+    head, sep, _ = raw.partition(b"\r\n\r\n")
+    if not sep:
+        return 0
+    for line in head.split(b"\r\n")[1:]:
+        name, _, value = line.partition(b":")
+        if name.strip().lower() == b"content-length":
+            return len(head) + 4 + int(value.strip())
+    return len(head) + 4
 
 
 def _head(path: str, *lines: str) -> str:
