@@ -133,14 +133,19 @@ def test_after_bad_audio_the_second_opinion_is_retried_on_429_5xx_and_timeouts(
 
 
 def sent_after_the_429(pipeline: Pipeline, fake: FakeOpenAI) -> list[float]:
-    """Seconds from the 429 to each later request for PRIMARY, among those sent once the worker knew of
-    the 429 (its attempt closed; a request already on its way when the 429 was answered is not one)."""
+    """Seconds from the 429 to each later request for PRIMARY whose call started once the worker knew of
+    the 429 (its attempt row opened after the 429's was closed; a call already past its checks when the
+    429 came back is on its way, not a decision taken in spite of the pause)."""
     sent = requests_for(fake, PRIMARY)
+    attempts = {str(a.id): a for a in pipeline.attempts()}
     limited = next(r for r in sent if r["status"] == 429)
-    closed = next(a for a in pipeline.attempts() if str(a.id) == limited["request_id"])
-    assert closed.ended_at is not None
-    known = closed.ended_at.timestamp()
-    return [r["received"] - limited["ts"] for r in sent if r["received"] > known]
+    known = attempts[limited["request_id"]].ended_at
+    assert known is not None
+    return [
+        r["received"] - limited["ts"]
+        for r in sent
+        if r["received"] > limited["ts"] and attempts[r["request_id"]].started_at > known
+    ]
 
 
 def test_a_429s_retry_after_pauses_the_fleet_without_any_limit_configured(
@@ -252,3 +257,14 @@ def test_a_refused_api_key_is_loud_and_jobs_still_move_on(
     assert pipeline.jobs([again])[again].model == PRIMARY
     ready = httpx.get(api.url + "/readyz", timeout=10).json()
     assert ready["status"] == "ok" and "provider:openai" not in ready["checks"]
+
+
+def test_prefer_is_a_batch_option_of_the_api(api: ApiServer) -> None:
+    """Issue #16, item 12: `prefer` (cost by default, or speed) is set when a batch is created and shown."""
+    with api.client(make_key("prefer-tenant")) as c:
+        default = c.post("/v1/batches", json={}).json()
+        speedy = c.post("/v1/batches", json={"prefer": "speed"}).json()
+        refused = c.post("/v1/batches", json={"prefer": "fast"})
+        shown = c.get(f"/v1/batches/{speedy['id']}").json()
+    assert (default["prefer"], speedy["prefer"], shown["prefer"]) == ("cost", "speed", "speed")
+    assert refused.status_code == 422
