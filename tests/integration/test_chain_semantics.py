@@ -136,19 +136,18 @@ def test_after_bad_audio_the_second_opinion_is_retried_on_429_5xx_and_timeouts(
 
 
 def sent_after_the_429(pipeline: Pipeline, fake: FakeOpenAI) -> list[float]:
-    """Seconds from the 429 to each later request for PRIMARY whose call started once the worker knew of
-    the 429 (its attempt row opened after the 429's was closed; a call already past its checks when the
-    429 came back is on its way, not a decision taken in spite of the pause)."""
+    """Seconds from the 429 to each later request for PRIMARY, among those the worker started once it knew
+    of the 429 (their attempt row, written after the pause check, is younger than the 429's close; a call
+    that had passed the check when the 429 was answered, and reached the fake a little later on a busy
+    machine, is not one)."""
     sent = requests_for(fake, PRIMARY)
-    attempts = {str(a.id): a for a in pipeline.attempts()}
     limited = next(r for r in sent if r["status"] == 429)
-    known = attempts[limited["request_id"]].ended_at
-    assert known is not None
-    return [
-        r["received"] - limited["ts"]
-        for r in sent
-        if r["received"] > limited["ts"] and attempts[r["request_id"]].started_at > known
-    ]
+    attempts = {str(a.id): a for a in pipeline.attempts()}
+    closed = attempts[limited["request_id"]]
+    assert closed.ended_at is not None
+    known = closed.ended_at
+    later = [r for r in sent if attempts[r["request_id"]].started_at > known]
+    return [r["received"] - limited["ts"] for r in later]
 
 
 def test_a_429s_retry_after_pauses_the_fleet_without_any_limit_configured(
