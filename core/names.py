@@ -58,6 +58,8 @@ KEY_IDEMPOTENCY_LOCK = REDIS_PREFIX + "idem:"  # + tenant + ":" + key
 KEY_GROUP_BUFFER = REDIS_PREFIX + "group:"  # + group key
 KEY_METRICS = REDIS_PREFIX + "metrics:"
 KEY_MODEL_RETIRED = REDIS_PREFIX + "retired:"  # + model
+# Pub/sub: a model whose circuit opened, tripped or was retired (worker.circuit ends local readings).
+CHANNEL_CIRCUIT_EVENTS = REDIS_PREFIX + "circuit-events"
 KEY_PROVIDER_AUTH = (
     REDIS_PREFIX + "provider_auth:"
 )  # + provider: its API key was refused (core.provider_health)

@@ -417,7 +417,9 @@ class ChainRunner:
                 try:
                     return await self._call_in_context(piece, data, seconds, prompt, model, retry)
                 except _Paused:
-                    continue  # the fleet paused the model while this call waited for a slot: wait it out
+                    # The fleet paused the model while this call waited for a slot: wait it out (acquire
+                    # waits too; this sleep only matters when the pause never reached Redis).
+                    await self.limiter.sleep_in_pause(model)
 
     async def _before_slot(self, piece: Piece, model: str, seconds: float) -> None:
         """The circuit's first look and the rate limiter's wait, before the budget and a slot."""

@@ -28,22 +28,30 @@ has seen the circuit closed with no failure counted — by `allow` or by its own
 it lets calls through and skips writing successes without asking Redis, for `local_seconds`. Anything
 else goes to Redis as before: open, half-open (the probe is still one SET NX for the whole fleet),
 retired, or failures counted. A failure, trip or retirement in this process ends the local reading at
-once (its next call asks Redis). What changes, for at most `local_seconds`: a circuit opened by another
-process is seen that much later (calls already let through meanwhile are counted as usual), and a
+once (its next call asks Redis). A circuit opened, tripped or retired by another process ends the local
+reading too, at once: every such change is published on `CHANNEL_CIRCUIT_EVENTS` and each process follows
+the channel on a task of its own; local reading is trusted only while that subscription stands (a lost
+one means asking Redis on every call until it is back). What changes, for at most `local_seconds`: a
 success in this process does not reset failures another process counted meanwhile.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import logging
 import time
 import uuid
 from dataclasses import dataclass
 from typing import Any
 
 import redis.asyncio as aioredis
+from redis.exceptions import RedisError
 
 from core import metrics, names
 from core.statuses import CircuitState
+
+log = logging.getLogger(__name__)
 
 CLOSED = CircuitState.CLOSED.value
 OPEN = CircuitState.OPEN.value
@@ -147,6 +155,12 @@ def _text(value: Any) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
 
 
+async def _close_quietly(pubsub: Any) -> None:
+    with contextlib.suppress(Exception):
+        async with asyncio.timeout(1.0):
+            await pubsub.aclose()
+
+
 @dataclass(frozen=True)
 class Ticket:
     """A call `admit` let through: `probe` is the half-open probe's token (None for a closed circuit)."""
@@ -186,6 +200,12 @@ class CircuitBreaker:
         # (before the Redis write) by its own trip or retirement, so a call of this process waiting to
         # start cannot slip through while the write is on its way (or its script is being loaded).
         self._refused_until: dict[str, tuple[float, str]] = {}
+        # With local reading: a task subscribed to the fleet's circuit events (a circuit opened, tripped
+        # or retired by any process), which ends this process's local reading of that model at once.
+        # Local reading is trusted only while it is subscribed.
+        self._listener: asyncio.Task[None] | None = None
+        self._pubsub: Any = None
+        self._listening = False
         self._allow = redis.register_script(_ALLOW)
         self._failure = redis.register_script(_FAILURE)
         self._success = redis.register_script(_SUCCESS)
@@ -208,12 +228,59 @@ class CircuitBreaker:
     def _is_clean(self, model: str) -> bool:
         """Seen closed with no failure counted less than `local_seconds` ago (see the module docstring)."""
         until = self._clean_until.get(model)
-        return until is not None and time.monotonic() < until
+        return self._listening and until is not None and time.monotonic() < until
 
     def _seen_clean(self, model: str, generation: int) -> None:
         # Not when a failure of this process came in while Redis was being read: it is counted now.
         if self.local_seconds and self._generation.get(model, 0) == generation:
             self._clean_until[model] = time.monotonic() + self.local_seconds
+
+    def _ensure_listener(self) -> None:
+        if self.local_seconds and self._listener is None:
+            self._listener = asyncio.get_running_loop().create_task(self._listen())
+
+    async def _listen(self) -> None:
+        """Follow the fleet's circuit events: each names a model whose circuit is no longer closed."""
+        while True:
+            self._pubsub = pubsub = self._redis.pubsub()
+            try:
+                await pubsub.subscribe(names.CHANNEL_CIRCUIT_EVENTS)
+                async for message in pubsub.listen():
+                    if message["type"] == "subscribe":
+                        self._listening = True
+                    elif message["type"] == "message":
+                        self._clean_until.pop(_text(message["data"]), None)
+            except (RedisError, OSError) as exc:
+                # Once per lost subscription, not once a second while Redis is away.
+                (log.warning if self._listening else log.debug)(
+                    "circuit events: %s; circuits are read from Redis until resubscribed", type(exc).__name__
+                )
+            finally:
+                self._listening = False
+                self._clean_until.clear()
+            # Not when cancelled (aclose closes it then): a cancelled task must not wait on the connection.
+            await _close_quietly(pubsub)
+            await asyncio.sleep(1.0)
+
+    @property
+    def listening(self) -> bool:
+        """Whether this process follows the fleet's circuit events now (its local reading needs them)."""
+        return self._listening
+
+    async def aclose(self) -> None:
+        """Stop following the fleet's circuit events (process shutdown)."""
+        listener, self._listener = self._listener, None
+        if listener is not None:
+            listener.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await listener
+            if self._pubsub is not None:
+                await _close_quietly(self._pubsub)
+
+    async def _announce(self, model: str, state: str) -> None:
+        """Tell every process that `model`'s circuit is not closed any more (ends their local reading)."""
+        if state in (OPEN, RETIRED):
+            await self._redis.publish(names.CHANNEL_CIRCUIT_EVENTS, model)
 
     def _dirty(self, model: str) -> None:
         self._clean_until.pop(model, None)
@@ -235,6 +302,7 @@ class CircuitBreaker:
             return None
         if self._is_clean(model):
             return Ticket()
+        self._ensure_listener()
         generation = self._generation.get(model, 0)
         token = uuid.uuid4().hex
         answer = await self._allow(
@@ -284,21 +352,24 @@ class CircuitBreaker:
                 probe or "",
             ],
         )
-        self._publish(model, _text(state))
+        await self._announce(model, self._publish(model, _text(state)))
 
     async def trip(self, model: str, seconds: float | None = None) -> None:
         """Open now (quota exhausted, auth refused) for `seconds` (default open_seconds)."""
         duration = self.open_seconds if seconds is None else max(float(seconds), 0.001)
         self._dirty(model)
         self._refuse_locally(model, duration, OPEN)
-        self._publish(model, _text(await self._trip(keys=self._keys(model), args=[int(duration * 1000)])))
+        state = self._publish(
+            model, _text(await self._trip(keys=self._keys(model), args=[int(duration * 1000)]))
+        )
+        await self._announce(model, state)
 
     async def retire(self, model: str) -> None:
         """The provider says the model is gone: not called for `retired_seconds`, by any worker."""
         self._dirty(model)
         self._refuse_locally(model, self.retired_seconds, RETIRED)
         await self._redis.set(names.KEY_MODEL_RETIRED + model, "1", px=int(self.retired_seconds * 1000))
-        self._publish(model, RETIRED)
+        await self._announce(model, self._publish(model, RETIRED))
 
     async def state(self, model: str) -> str:
         """closed, open, half_open or retired."""

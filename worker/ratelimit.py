@@ -155,10 +155,14 @@ class RateLimiter:
             self._paused_until[model] = max(self._paused_until.get(model, 0.0), until)
             await self._penalize(keys=[self._keys(model)[2]], args=[repr(float(retry_after) * 1000.0)])
 
-    def paused_here(self, model: str) -> bool:
-        """Whether this process paused `model` (its own penalize) and the pause still runs; no Redis."""
+    def paused_here(self, model: str) -> float:
+        """Seconds left on a pause this process set on `model` (its own penalize), 0 when none; no Redis."""
         until = self._paused_until.get(model)
-        return until is not None and asyncio.get_running_loop().time() < until
+        return max(until - asyncio.get_running_loop().time(), 0.0) if until is not None else 0.0
+
+    async def sleep_in_pause(self, model: str) -> None:
+        """Sleep a step (at most MAX_SLEEP_STEP) of a pause this process set on `model`, if one runs."""
+        await asyncio.sleep(min(self.paused_here(model), MAX_SLEEP_STEP))
 
     async def pause_remaining(self, model: str) -> float:
         """Seconds left on the model's fleet-wide pause (0 when none)."""

@@ -420,6 +420,8 @@ class Runtime:
         (process shutdown)."""
         try:
             self.run(self.groups.drain())
+            if self._circuit is not None:
+                self.run(self._circuit.aclose())
             self.run(self.http.aclose())
             if self._redis is not None:
                 self.run(self._redis.aclose())

@@ -553,6 +553,9 @@ class FakeOpenAI:
             if ms is not None:
                 headers["retry-after-ms"] = str(ms)
                 headers["retry-after"] = str(max(1, math.ceil(ms / 1000)))
+                # OpenAI also says which limit ran out and when it resets.
+                headers["x-ratelimit-remaining-requests"] = "0"
+                headers["x-ratelimit-reset-requests"] = f"{ms}ms"
             if fault.retry_after is not None:
                 headers["retry-after"] = fault.retry_after
                 if fault.retry_after_ms is None:

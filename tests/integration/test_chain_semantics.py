@@ -72,12 +72,15 @@ def test_no_request_reaches_a_model_after_its_quota_answer(
     rows = pipeline.jobs(jobs)
     assert all(r.status == JobStatus.SUCCEEDED.value and r.model == SECOND for r in rows.values())
     sent = requests_for(fake_openai, PRIMARY)
-    first_quota = min(r["ts"] for r in sent if r["code"] == "insufficient_quota")
-    late = [r["received"] - first_quota for r in sent if r["received"] >= first_quota]
-    t0 = sent[0]["received"]
-    print([(round(r["received"] - t0, 3), round(r["ts"] - t0, 3), r["code"], r["request_id"]) for r in sent])
-    for a in pipeline.attempts():
-        print(a.model, a.outcome, a.started_at, a.ended_at, a.id)
+    attempts = {str(a.id): a for a in pipeline.attempts()}
+    first = min((r for r in sent if r["code"] == "insufficient_quota"), key=lambda r: r["ts"])
+    known = attempts[first["request_id"]].ended_at  # the worker knew (the circuit tripped before the close)
+    assert known is not None
+    late = [
+        r["received"] - first["ts"]
+        for r in sent
+        if r["received"] >= first["ts"] and attempts[r["request_id"]].started_at > known
+    ]
     assert late == [], f"{len(late)} requests reached {PRIMARY} after its quota answer: {late}"
     assert len(sent) <= 4  # only the calls already in flight
     assert_costs_match_billing(pipeline, fake_openai)
@@ -256,3 +259,14 @@ def test_a_refused_api_key_is_loud_and_jobs_still_move_on(
     assert pipeline.jobs([again])[again].model == PRIMARY
     ready = httpx.get(api.url + "/readyz", timeout=10).json()
     assert ready["status"] == "ok" and "provider:openai" not in ready["checks"]
+
+
+def test_prefer_is_a_batch_option_of_the_api(api: ApiServer) -> None:
+    """Issue #16, item 12: `prefer` (cost by default, or speed) is set when a batch is created and shown."""
+    with api.client(make_key("prefer-tenant")) as c:
+        default = c.post("/v1/batches", json={}).json()
+        speedy = c.post("/v1/batches", json={"prefer": "speed"}).json()
+        refused = c.post("/v1/batches", json={"prefer": "fast"})
+        shown = c.get(f"/v1/batches/{speedy['id']}").json()
+    assert (default["prefer"], speedy["prefer"], shown["prefer"]) == ("cost", "speed", "speed")
+    assert refused.status_code == 422

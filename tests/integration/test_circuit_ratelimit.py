@@ -29,6 +29,10 @@ def _run(stack: Stack, body: Callable[[aioredis.Redis, aioredis.Redis], Awaitabl
         try:
             return await body(first, second)
         finally:
+            # Breakers with local reading follow circuit events on a task of their own: stop those first.
+            for task in asyncio.all_tasks() - {asyncio.current_task()}:
+                task.cancel()
+            await asyncio.gather(*(asyncio.all_tasks() - {asyncio.current_task()}), return_exceptions=True)
             await first.aclose()
             await second.aclose()
 
@@ -230,6 +234,7 @@ def test_a_clean_circuit_is_read_locally_and_successes_are_not_written(stack: St
         a = CircuitBreaker(r1, failure_threshold=3, open_seconds=30, local_seconds=30)
         off = CircuitBreaker(r2, failure_threshold=3, open_seconds=30)  # local reading off: as before
         assert await a.allow(MODEL)  # asks Redis once: closed, no failure counted
+        await _subscribed(a)
         before = await _scripts_run(r2)
         for _ in range(100):
             assert await a.allow(MODEL)
@@ -243,19 +248,36 @@ def test_a_clean_circuit_is_read_locally_and_successes_are_not_written(stack: St
     _run(stack, body)
 
 
-def test_a_circuit_opened_elsewhere_is_seen_within_the_local_time(stack: Stack) -> None:
+def test_a_circuit_opened_elsewhere_ends_the_local_reading_at_once(stack: Stack) -> None:
+    """Issue #16, item 10: a process reading a clean circuit locally hears at once (Redis pub/sub) when
+    another process trips, opens or retires it, instead of sending to it for up to `local_seconds`."""
+
     async def body(r1: aioredis.Redis, r2: aioredis.Redis) -> None:
-        a = CircuitBreaker(r1, failure_threshold=1, open_seconds=30, local_seconds=0.5)
-        b = CircuitBreaker(r2, failure_threshold=1, open_seconds=30, local_seconds=0.5)
-        assert await a.allow(MODEL)
-        await b.record_failure(MODEL)  # another worker opens it
-        assert not await b.allow(MODEL)  # at once for the process that saw the failure
-        assert await a.allow(MODEL)  # a still reads its clean circuit locally (at most local_seconds)
-        await asyncio.sleep(0.6)
-        assert not await a.allow(MODEL)  # then it asks Redis again: open
-        assert await a.state(MODEL) == "open"
+        a = CircuitBreaker(r1, failure_threshold=1, open_seconds=30, local_seconds=30)
+        b = CircuitBreaker(r2, failure_threshold=1, open_seconds=30, local_seconds=30)
+        for model in (MODEL, "whisper-1", "gpt-4o-transcribe"):
+            assert await a.allow(model)
+        await _subscribed(a)
+        await b.trip(MODEL)  # another worker's insufficient_quota
+        await b.record_failure("whisper-1")  # another worker's failure opens it (threshold 1)
+        await b.retire("gpt-4o-transcribe")
+        await asyncio.sleep(0.1)
+        assert not await a.allow(MODEL)
+        assert not await a.allow("whisper-1")
+        assert not await a.allow("gpt-4o-transcribe")
+        await a.aclose()
+        await b.aclose()
 
     _run(stack, body)
+
+
+async def _subscribed(breaker: CircuitBreaker) -> None:
+    """Wait until the breaker follows the fleet's circuit events (its local reading needs them)."""
+    for _ in range(100):
+        if breaker.listening:
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError("the breaker never subscribed to circuit events")
 
 
 def test_a_failure_in_the_process_ends_its_local_reading_at_once(stack: Stack) -> None:
@@ -285,6 +307,8 @@ def test_failures_another_process_counted_are_reset_only_by_a_written_success(st
         a = CircuitBreaker(r1, failure_threshold=3, open_seconds=30, local_seconds=0.3)
         b = CircuitBreaker(r2, failure_threshold=3, open_seconds=30, local_seconds=0.3)
         assert await a.allow(MODEL)
+        await _subscribed(a)
+        assert await a.allow(MODEL)  # seen clean while subscribed
         await b.record_failure(MODEL)
         await b.record_failure(MODEL)
         await a.record_success(MODEL)  # within a's local time: not written, the two failures stand
