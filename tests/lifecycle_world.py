@@ -617,12 +617,10 @@ class World:
             }:
                 assert not live, f"batch {batch_id} is {batch.status} with live jobs {live}"
             if final and batch.status == BatchStatus.PROCESSING.value:
-                # A batch submitted while a presigned upload had not arrived waits for it (not work).
-                waiting = [
-                    j
-                    for j in jobs.values()
-                    if j.batch_id == batch.id and j.status == JobStatus.PENDING_UPLOAD.value
-                ]
+                # A batch submitted while a presigned upload had not arrived, or given files since its
+                # submit, waits for its client (to PUT, to submit again): that is not work.
+                client = (JobStatus.PENDING_UPLOAD.value, JobStatus.UPLOADED.value)
+                waiting = [j for j in jobs.values() if j.batch_id == batch.id and j.status in client]
                 states = {
                     str(j.id): (j.status, j.error_code) for j in jobs.values() if j.batch_id == batch.id
                 }
