@@ -357,40 +357,57 @@ class World:
             )
         return msg.task  # webhooks: the batches have no URL, nothing to deliver
 
-    def die_mid_call(self, pick: int) -> None:
-        """A worker runs a group until every call of it hangs at the provider, then dies."""
-        msg = self.take(
-            pick, (names.QUEUE_TRANSCRIBE, names.QUEUE_TRANSCRIBE_HIGH, names.QUEUE_TRANSCRIBE_LOW)
-        )
-        self._note(f"die_mid_call(pick={pick}) -> {msg.task if msg else None}")
+    def _take_group(self, pick: int) -> Message | None:
+        """A group message; when none waits, a worker prepares some jobs first (which sends some)."""
+        transcribe = (names.QUEUE_TRANSCRIBE, names.QUEUE_TRANSCRIBE_HIGH, names.QUEUE_TRANSCRIBE_LOW)
+        msg = self.take(pick, transcribe)
         if msg is None:
-            return
+            prepare = self.take(pick, (names.QUEUE_INGEST, names.QUEUE_INGEST_HIGH))
+            if prepare is None:
+                return None
+            self._run(prepare)
+            msg = self.take(pick, transcribe)
+        return msg
+
+    def _run_with(self, msg: Message, faults: dict[str, float], *, until_hung: bool = False) -> None:
+        """Run a group message while both hosted models answer with these faults."""
         from worker.runtime import get_runtime
 
         for model in MODELS:
-            self.fake.configure(model, faults={"timeout": 1.0}, hang_seconds=30.0)
+            self.fake.configure(model, faults=faults, hang_seconds=30.0)
         try:
             rt = get_runtime()
-            rt.run(_run_until_hung(rt, uuid.UUID(msg.kwargs["group_id"]), self.fake))
+            group_id = uuid.UUID(msg.kwargs["group_id"])
+            if until_hung:
+                rt.run(_run_until_hung(rt, group_id, self.fake))
+            else:
+                self._run(msg)
         finally:
             for model in MODELS:
                 self.fake.configure(model, faults={}, hang_seconds=300.0)
         _wait_idle(self.fake)
 
+    def die_mid_call(self, pick: int) -> None:
+        """A worker runs a group until every call of it hangs at the provider, then dies."""
+        msg = self._take_group(pick)
+        self._note(f"die_mid_call(pick={pick}) -> {msg.task if msg else None}")
+        if msg is not None:
+            self._run_with(msg, {"timeout": 1.0}, until_hung=True)
+
+    def handoff(self, pick: int) -> None:
+        """A worker runs a group while both hosted models answer 429 insufficient_quota: its jobs go to
+        the local engine's queue."""
+        msg = self._take_group(pick)
+        self._note(f"handoff(pick={pick}) -> {msg.task if msg else None}")
+        if msg is not None:
+            self._run_with(msg, {"quota": 1.0})
+
     def completion_fails(self, pick: int) -> None:
-        """A worker runs a group while every transcript write fails (a database fault)."""
+        """A worker runs a group (or a local job) while every transcript write fails (a database fault)."""
         self._note(f"completion_fails(pick={pick})")
         self._add_trigger()
         try:
-            msg = self.take(
-                pick,
-                (
-                    names.QUEUE_TRANSCRIBE,
-                    names.QUEUE_TRANSCRIBE_HIGH,
-                    names.QUEUE_TRANSCRIBE_LOW,
-                    names.QUEUE_LOCAL,
-                ),
-            )
+            msg = self.take(pick, (names.QUEUE_LOCAL,)) or self._take_group(pick)
             if msg is not None:
                 self._run(msg)
         finally:

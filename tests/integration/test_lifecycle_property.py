@@ -133,6 +133,10 @@ class Lifecycle(RuleBasedStateMachine):
         self.world.die_mid_call(pick)
 
     @rule(pick=picks)
+    def handoff(self, pick: int) -> None:
+        self.world.handoff(pick)
+
+    @rule(pick=picks)
     def completion_fails(self, pick: int) -> None:
         self.world.completion_fails(pick)
 
