@@ -215,6 +215,8 @@ def replay(new_world: Callable[[], World], steps: list[tuple[str, dict[str, obje
 
 
 def test_replay_a_batch_waits_for_its_presigned_upload(new_world: Callable[[], World]) -> None:
+    # Found by the machine (seed 16): a batch submitted before its presigned upload arrived stays
+    # processing, waiting for the PUT; the invariant, not the product, was wrong.
     replay(
         new_world,
         [
@@ -248,5 +250,22 @@ def test_replay_a_batch_waits_for_its_presigned_upload(new_world: Callable[[], W
             ("twin", {"pick": 17}),
             ("fault", {"model": 1, "kind": "server_error", "count": 3}),
             ("completion_fails", {"pick": 19}),
+        ],
+    )
+
+
+def test_replay_a_file_uploaded_after_submit_waits_for_the_next_submit(
+    new_world: Callable[[], World],
+) -> None:
+    # Found by the machine (seed 16): a batch given a file after its submit stays processing until it is
+    # submitted again; the invariant, not the product, was wrong.
+    replay(
+        new_world,
+        [
+            ("batches", {"first": 1, "a": 300, "b": 700}),
+            ("work", {"pick": 0}),
+            ("upload", {"pick": 1, "freq": 300, "hold": True}),
+            ("lose", {"pick": 0}),
+            ("long_pause", {}),
         ],
     )
