@@ -95,6 +95,7 @@ class World:
     jobs: list[tuple[int, str]] = field(default_factory=list)  # (tenant index, job id)
     slots: list[Slot] = field(default_factory=list)
     deleted: set[str] = field(default_factory=set)
+    heard: dict[str, str] = field(default_factory=dict)  # job id -> what the fake hears in its audio
     runs: int = 0
     _since: float = 0.0
     log: list[str] = field(default_factory=list)  # the steps taken, for a failure's report
@@ -164,6 +165,7 @@ class World:
         assert r.status_code in (201, 409), r.text
         if r.status_code == 201:
             self.jobs += [(tenant, j["id"]) for j in r.json()["jobs"]]
+            self.heard.update({j["id"]: f"tone{freq}" for j in r.json()["jobs"]})
 
     def twin(self, pick: int) -> None:
         """Upload again the very audio of an existing job (a dedupe twin), to the newest batch of the job's
@@ -201,6 +203,7 @@ class World:
         self.jobs.append((tenant, slot.job_id))
         if put:
             self._put(slot, data)
+            self.heard[slot.job_id] = f"tone{freq}"
 
     def _put(self, slot: Slot, data: bytes) -> None:
         r = httpx.put(slot.url, content=data, headers=slot.headers, timeout=30)
@@ -216,7 +219,9 @@ class World:
         with Session(self.pipeline.engine) as s:
             status = s.execute(select(Job.status).where(Job.id == uuid.UUID(slot.job_id))).scalar_one()
         if status != JobStatus.PENDING_UPLOAD.value:
-            slot.late_put = True
+            slot.late_put = True  # submit verified the upload: this PUT must change nothing
+        else:
+            self.heard[slot.job_id] = f"tone{freq}"  # the upload is replaced before submit
         self._put(slot, tones(freq))
 
     def submit(self, pick: int) -> None:
@@ -346,15 +351,18 @@ class World:
         from worker.runtime import get_runtime
         from worker.transcribe import transcribe_group
 
-        if msg.task == names.TASK_PREPARE_JOB:
-            prepare_jobs([uuid.UUID(j) for j in msg.kwargs["job_ids"]], owner=self._owner())
-        elif msg.task == names.TASK_TRANSCRIBE_GROUP:
-            rt = get_runtime()
-            rt.run(transcribe_group(rt, uuid.UUID(msg.kwargs["group_id"])))
-        elif msg.task == names.TASK_TRANSCRIBE_LOCAL:
-            transcribe_local(
-                uuid.UUID(msg.kwargs["job_id"]), uuid.UUID(msg.kwargs["group_id"]), worker=self._owner()
-            )
+        try:
+            if msg.task == names.TASK_PREPARE_JOB:
+                prepare_jobs([uuid.UUID(j) for j in msg.kwargs["job_ids"]], owner=self._owner())
+            elif msg.task == names.TASK_TRANSCRIBE_GROUP:
+                rt = get_runtime()
+                rt.run(transcribe_group(rt, uuid.UUID(msg.kwargs["group_id"])))
+            elif msg.task == names.TASK_TRANSCRIBE_LOCAL:
+                transcribe_local(
+                    uuid.UUID(msg.kwargs["job_id"]), uuid.UUID(msg.kwargs["group_id"]), worker=self._owner()
+                )
+        except Exception as exc:  # the task fails (Celery logs it and acks): leases and the sweeper recover
+            self._note(f"  {msg.task} raised {type(exc).__name__}")
         return msg.task  # webhooks: the batches have no URL, nothing to deliver
 
     def _take_group(self, pick: int) -> Message | None:
@@ -590,6 +598,9 @@ class World:
             assert self._made_by_success(job, jobs, attempts), (
                 f"transcript of {job.id} from no successful call"
             )
+            if not t.model.startswith("local"):  # the local engine hears tones its own way
+                heard = self.heard.get(str(job.id))
+                assert t.text == heard, f"job {job.id} transcribed {t.text!r}, its audio says {heard!r}"
         for job in jobs.values():
             if job.status == JobStatus.SUCCEEDED.value and job.deleted_at is None:
                 assert count[job.id] == 1, f"succeeded job {job.id} has {count[job.id]} transcripts"
@@ -644,6 +655,9 @@ class World:
                 assert live or waiting, f"batch {batch_id} still processing once every job ended: {states}"
             total = sum((c.usd for c in costs if c.batch_id == batch.id), Decimal(0))
             assert batch.cost_usd == total, (batch_id, batch.cost_usd, total)
+        for job in jobs.values():
+            total = sum((c.usd for c in costs if c.job_id == job.id), Decimal(0))
+            assert job.cost_usd == total, (str(job.id), job.cost_usd, total)
 
     def _check_deleted_bytes(self, jobs: dict[uuid.UUID, Job]) -> None:
         """No byte of a deleted job is left in S3: its upload (unless another live job of the tenant has the

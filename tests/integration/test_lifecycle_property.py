@@ -269,3 +269,41 @@ def test_replay_a_file_uploaded_after_submit_waits_for_the_next_submit(
             ("long_pause", {}),
         ],
     )
+
+
+LOCAL_COMPLETION_FAILS = [
+    ("batches", {"first": 1, "a": 700, "b": 300}),
+    ("handoff", {"pick": 26}),
+    ("expire_leases", {}),
+    ("handoff", {"pick": 10}),
+    ("handoff", {"pick": 28}),
+    ("upload", {"freq": 300, "hold": False, "pick": 62}),
+    ("long_pause", {}),
+    ("upload", {"freq": 560, "hold": False, "pick": 9}),
+    ("submit", {"pick": 44}),
+    ("delete_job", {"pick": 28}),
+    ("late_put", {"freq": 420, "pick": 60}),
+    ("settle", {}),
+    ("lose", {"pick": 61}),
+    ("cancel_job", {"pick": 61}),
+    ("handoff", {"pick": 47}),
+    ("late_put", {"freq": 420, "pick": 26}),
+    ("cancel_batch", {"pick": 2}),
+    ("expire_leases", {}),
+    ("completion_fails", {"pick": 22}),
+    ("completion_fails", {"pick": 7}),
+    ("presign", {"freq": 300, "pick": 24, "put": False}),
+    ("twin", {"pick": 48}),
+    ("completion_fails", {"pick": 58}),
+    ("work_more", {"pick": 21}),
+    ("expire_leases", {}),
+    ("handoff", {"pick": 37}),
+    ("completion_fails", {"pick": 63}),
+]
+
+
+def test_replay_the_local_stage_fails_to_write_its_transcript(new_world: Callable[[], World]) -> None:
+    # Found by the machine (default seed, with the transcript text invariant): the local stage's
+    # transcript write failing raised out of the task (the test's worker now treats a raising stage as
+    # Celery does: logged and acked); the job must still end once work stops.
+    replay(new_world, LOCAL_COMPLETION_FAILS)
