@@ -690,6 +690,12 @@ class World:
             listed = {b["id"] for b in r.json()["items"]}
             own = {str(b.id) for b in batches.values() if b.tenant_id == self.tenant_ids[tenant]}
             assert listed == own, (tenant, listed ^ own)
+            theirs = [b for t, b in self.batches if t != tenant]
+            if theirs:
+                batch_id = theirs[len(self.log) % len(theirs)]
+                for path in (f"/v1/batches/{batch_id}", f"/v1/batches/{batch_id}/jobs"):
+                    r = client.get(path)
+                    assert r.status_code == 404, (tenant, path, r.status_code)
             other = [j for t, j in self.jobs if t != tenant]
             if other:
                 job_id = other[len(self.log) % len(other)]
