@@ -456,7 +456,13 @@ class World:
     def long_pause(self) -> None:
         """Two days pass (every clock in the rows moves back), then the sweeper and storage sweep tick."""
         self._note("long_pause()")
-        shift = {"d": LONG_PAUSE}
+        self.time_passes(LONG_PAUSE, note=False)
+        self._sweep(long=True)
+
+    def time_passes(self, span: timedelta, *, note: bool = True) -> None:
+        """`span` passes for every clock in the rows (they move back); nothing ticks."""
+        if note:
+            self._note(f"time_passes({span.total_seconds():.0f}s)")
         with self.pipeline.engine.begin() as conn:
             for table, columns in (
                 ("jobs", ("lease_expires_at", "queued_at", "created_at", "started_at")),
@@ -464,9 +470,13 @@ class World:
                 ("attempts", ("started_at",)),
             ):
                 sets = ", ".join(f"{c} = {c} - :d" for c in columns)
-                conn.execute(text(f"UPDATE {table} SET {sets}"), shift)
-        self.started -= LONG_PAUSE
-        self._sweep(long=True)
+                conn.execute(text(f"UPDATE {table} SET {sets}"), {"d": span})
+        self.started -= span
+
+    def sweeper_tick(self) -> None:
+        """The sweeper's beat, at this moment."""
+        self._note("sweeper_tick()")
+        self._sweep(long=False)
 
     def _sweep(self, *, long: bool) -> None:
         from worker.sweeper import sweep

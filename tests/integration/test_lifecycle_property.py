@@ -10,6 +10,7 @@ VOXQ_PROPERTY_STEPS, default 30); `make test-long` runs many more. A failure pri
 from __future__ import annotations
 
 import os
+import uuid
 from collections.abc import Callable, Iterator
 
 import pytest
@@ -323,3 +324,28 @@ def test_a_failed_transcript_write_does_not_make_the_rerun_pay_again(new_world: 
     world.check()
     world.drain()  # the sweeper hands the job to another run, which transcribes it
     assert len(world.fake.billing_log()) == 1, world.log
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="issue #16 item 4: a job handed to the local engine loses its lease; the sweeper takes it back",
+)
+def test_a_job_waiting_for_the_local_engine_keeps_its_lease(new_world: Callable[[], World]) -> None:
+    from datetime import timedelta
+
+    from core import names
+
+    world = new_world()
+    world.new_batch(0)
+    world.upload(0, 300)
+    world.submit(0)
+    world.work(0)  # prepare
+    world.handoff(0)  # both hosted models out of quota: the job waits on the local queue
+    assert [k for k, _ in world.messages()] == [names.QUEUE_LOCAL]
+    world.time_passes(timedelta(seconds=1000))  # a long local queue: past a 900 s lease
+    world.sweeper_tick()
+    world.check()
+    assert world.work(0) == names.TASK_TRANSCRIBE_LOCAL
+    job = world.pipeline.jobs([uuid.UUID(world.jobs[0][1])])
+    assert [j.status for j in job.values()] == ["succeeded"], world.log
+    world.drain()
