@@ -98,6 +98,7 @@ class World:
     heard: dict[str, str] = field(default_factory=dict)  # job id -> what the fake hears in its audio
     runs: int = 0
     _since: float = 0.0
+    last_sweep: datetime | None = None  # the database's clock when the sweeper last ran
     log: list[str] = field(default_factory=list)  # the steps taken, for a failure's report
 
     # ---- setup ----
@@ -472,6 +473,8 @@ class World:
                 sets = ", ".join(f"{c} = {c} - :d" for c in columns)
                 conn.execute(text(f"UPDATE {table} SET {sets}"), {"d": span})
         self.started -= span
+        if self.last_sweep is not None:
+            self.last_sweep -= span
 
     def sweeper_tick(self) -> None:
         """The sweeper's beat, at this moment."""
@@ -482,7 +485,11 @@ class World:
         from worker.sweeper import sweep
         from worker.upload_sweep import sweep_storage
 
+        with self.pipeline.engine.connect() as conn:
+            ts = conn.execute(text("SELECT now()")).scalar_one()
         sweep()
+        self.last_sweep = ts
+        self._check_swept(ts)
         if long:
             sweep_storage(self.pipeline.storage, derived_older_than=timedelta(0))
 
@@ -528,8 +535,7 @@ class World:
             costs = list(s.execute(select(CostRecord)).scalars())
             transcripts = list(s.execute(select(Transcript)).scalars())
             batches = {b.id: b for b in s.execute(select(Batch)).scalars()}
-            now = s.execute(text("SELECT now()")).scalar_one()
-        self._check_attempts(jobs, attempts, now, final)
+        self._check_attempts(attempts, final)
         self._check_costs(attempts, costs, final)
         self._check_transcripts(jobs, attempts, transcripts)
         self._check_batches(jobs, batches, costs, final)
@@ -539,26 +545,38 @@ class World:
             stuck = {str(j.id): j.status for j in jobs.values() if j.status in LIVE}
             assert not stuck, f"jobs not terminal once work stopped: {stuck}"
 
-    def _check_attempts(
-        self, jobs: dict[uuid.UUID, Job], attempts: dict[uuid.UUID, Attempt], now: datetime, final: bool
-    ) -> None:
-        """No pending attempt without a live lease (or, for a call whose worker may still live, younger than
-        the sweeper's bound on a live call); none at all once work stopped."""
-        from core.settings import get_settings
-
-        bound = timedelta(seconds=2 * get_settings().provider_timeout_seconds + 10)
+    def _check_attempts(self, attempts: dict[uuid.UUID, Attempt], final: bool) -> None:
+        """No pending attempt the last sweep should have ended (one of an ended run, or older than the
+        sweeper's bound on a live call); none at all once work stopped."""
         for a in attempts.values():
             if a.outcome != AttemptOutcome.PENDING.value:
                 continue
             assert not final, f"attempt {a.id} still pending once work stopped"
+            if self.last_sweep is not None:
+                assert a.started_at >= self.last_sweep - _live_call_bound(a), (
+                    f"pending attempt {a.id} of job {a.job_id} outlived the sweep at {self.last_sweep}"
+                )
+
+    def _check_swept(self, ts: datetime) -> None:
+        """Right after a sweep at `ts`: no pending attempt without a live lease, unless its call may still
+        be live (younger than the sweeper's bound)."""
+        with Session(self.pipeline.engine) as s:
+            pending = list(
+                s.execute(select(Attempt).where(Attempt.outcome == AttemptOutcome.PENDING.value)).scalars()
+            )
+            jobs = {
+                j.id: j
+                for j in s.execute(select(Job).where(Job.id.in_([a.job_id for a in pending]))).scalars()
+            }
+        for a in pending:
             job = jobs.get(a.job_id) if a.job_id else None
             leased = (
                 job is not None
                 and job.status == JobStatus.PROCESSING.value
                 and job.lease_expires_at is not None
-                and job.lease_expires_at > now
+                and job.lease_expires_at > ts
             )
-            assert leased or a.started_at > now - bound, (
+            assert leased or a.started_at >= ts - _live_call_bound(a), (
                 f"pending attempt {a.id} of job {a.job_id} ({job.status if job else None}) has no live lease"
             )
 
@@ -716,6 +734,16 @@ class World:
                 ):
                     r = client.get(path)
                     assert r.status_code == 404, (tenant, path, r.status_code)
+
+
+def _live_call_bound(a: Attempt) -> timedelta:
+    """How long after its start the sweeper leaves a pending attempt alone (worker.sweeper)."""
+    from core.settings import get_settings
+
+    settings = get_settings()
+    if a.provider == names.LOCAL_MODEL:
+        return timedelta(seconds=settings.task_time_limit + 60)
+    return timedelta(seconds=2 * settings.provider_timeout_seconds + 10)
 
 
 async def _run_until_hung(rt: Any, group_id: uuid.UUID, fake: FakeOpenAI) -> None:
