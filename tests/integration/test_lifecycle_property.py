@@ -11,7 +11,7 @@ expiry + sweeper tick, a two-day pause + sweeper and storage sweep, provider fau
 and billing settlement against the fake's usage export. Invariants (after every step; strict ones at the
 drain): see `World.check`.
 
-`make test` runs a bounded set of examples from a fixed seed (VOXQ_PROPERTY_EXAMPLES, default 4;
+`make test` runs a bounded set of examples from a fixed seed (VOXQ_PROPERTY_EXAMPLES, default 10;
 VOXQ_PROPERTY_STEPS, default 30; VOXQ_PROPERTY_SEED, default 16); `make test-long` runs many more. A
 failure prints the steps it took (`World.log`, with VOXQ_PROPERTY_TRACE=1 for every example); each
 sequence a failure was found with is kept below as a plain test replaying it. Defects in areas other
@@ -40,7 +40,7 @@ from tests.fakes.openai_server import FakeOpenAI
 from tests.lifecycle_world import FAULTS, FREQS, MODELS, WORKER_ENV, World
 from tests.pipeline_support import Pipeline
 
-EXAMPLES = int(os.environ.get("VOXQ_PROPERTY_EXAMPLES", "4"))
+EXAMPLES = int(os.environ.get("VOXQ_PROPERTY_EXAMPLES", "10"))
 STEPS = int(os.environ.get("VOXQ_PROPERTY_STEPS", "30"))
 
 picks = st.integers(min_value=0, max_value=63)
