@@ -108,6 +108,7 @@ class World:
         stack = self.pipeline.stack
         stack.truncate_database()
         stack.flush_redis()
+        self._drop_trigger()  # an earlier test that crashed mid-step may have left it
         self._empty_bucket()
         self.fake.reset()
         self.started = datetime.now(UTC)
