@@ -12,7 +12,7 @@ CONSTRAINTS := constraints.txt
 UV_VERSION := 0.13.9
 LOCK_ARGS ?=
 
-.PHONY: install lock demo test test-unit test-integration test-e2e test-chaos lint format bench dev clean fws-venv
+.PHONY: install lock demo test test-unit test-integration test-e2e test-chaos test-long lint format bench dev clean fws-venv
 
 $(STAMP): pyproject.toml $(CONSTRAINTS)
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -59,6 +59,13 @@ test-e2e: $(STAMP)
 
 test-chaos: $(STAMP)
 	$(PY) -m pytest -m chaos -s $(PYTEST_ARGS)
+
+## The lifecycle property test with many more examples and steps than `make test` runs (tens of minutes).
+PROPERTY_EXAMPLES ?= 60
+PROPERTY_STEPS ?= 60
+test-long: $(STAMP)
+	VOXQ_PROPERTY_EXAMPLES=$(PROPERTY_EXAMPLES) VOXQ_PROPERTY_STEPS=$(PROPERTY_STEPS) \
+		$(PY) -m pytest tests/integration/test_lifecycle_property.py -k state_machine $(PYTEST_ARGS)
 
 lint: $(STAMP)
 	$(PY) -m ruff check .
