@@ -19,6 +19,7 @@ from core.storage import Storage
 from tests.api_helpers import (
     ApiServer,
     finish_job,
+    grant_import,
     import_bucket,
     make_key,
     sine_wav,
@@ -105,6 +106,7 @@ def test_every_storage_failure_of_a_request_is_503_storage_unavailable(
     api: ApiServer, no_s3_api: ApiServer, stack: Stack
 ) -> None:
     key = make_key("acme")
+    grant_import("acme", import_bucket(stack), "calls/")  # the import below is allowed, then its read fails
     with api.client(key) as c:
         batch = c.post("/v1/batches", json={}).json()
         done = c.post(f"/v1/batches/{batch['id']}/files", files=[("file", ("a.wav", sine_wav(1.0)))])
