@@ -30,8 +30,9 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from worker.alignment.normalise import split_words, spoken_weight
-from worker.alignment.speech import SAMPLE_RATE, Audio, SpeechRegions, as_float32, find_regions
+from worker.alignment.inputs import align_input
+from worker.alignment.normalise import spoken_weight
+from worker.alignment.speech import SAMPLE_RATE, Audio, SpeechRegions
 from worker.alignment.timing import cap_durations, interpolate, monotonic, snap_to_speech
 from worker.alignment.types import Aligned, AlignmentFailed, AlignmentResult, FailureReason, Word
 
@@ -104,13 +105,10 @@ class WhisperAligner:
 
     def align(self, audio: Audio, text: str) -> AlignmentResult:
         """Word times for `text` on `audio` (16 kHz mono), in the audio's time; failure as a value."""
-        words = split_words(text)
-        if not words:
-            return AlignmentFailed(FailureReason.EMPTY_TEXT, "the text has no words", METHOD)
-        samples = as_float32(audio)
-        regions = find_regions(samples)
-        if not regions.spans:
-            return AlignmentFailed(FailureReason.NO_SPEECH, "no speech found in the audio", METHOD)
+        given = align_input(audio, text, METHOD)
+        if isinstance(given, AlignmentFailed):
+            return given
+        words, samples, regions = given.words, given.samples, given.regions
         try:
             return self._align(words, samples, regions)
         except Exception as exc:  # CTranslate2 raises RuntimeError/ValueError for bad shapes and memory

@@ -22,8 +22,9 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from worker.alignment.normalise import canonical_tokens, split_words
-from worker.alignment.speech import SAMPLE_RATE, Audio, as_float32, find_regions
+from worker.alignment.inputs import align_input
+from worker.alignment.normalise import canonical_tokens
+from worker.alignment.speech import SAMPLE_RATE, Audio, as_float32
 from worker.alignment.timing import cap_durations, interpolate, monotonic, snap_to_speech
 from worker.alignment.types import Aligned, AlignmentFailed, AlignmentResult, FailureReason, Word
 
@@ -149,13 +150,10 @@ class TranscriptAligner:
 
     def align(self, audio: Audio, text: str) -> AlignmentResult:
         """Word times for `text` on `audio` (16 kHz mono), in the audio's time; failure as a value."""
-        words = split_words(text)
-        if not words:
-            return AlignmentFailed(FailureReason.EMPTY_TEXT, "the text has no words", METHOD)
-        samples = as_float32(audio)
-        regions = find_regions(samples)
-        if not regions.spans:
-            return AlignmentFailed(FailureReason.NO_SPEECH, "no speech found in the audio", METHOD)
+        given = align_input(audio, text, METHOD)
+        if isinstance(given, AlignmentFailed):
+            return given
+        words, samples, regions = given.words, given.samples, given.regions
         started = time.process_time()
         try:
             heard = local_words(self._model, samples, language=self._language, beam_size=self._beam_size)
