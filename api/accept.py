@@ -10,7 +10,6 @@ incoming sweep removes temporary leftovers).
 
 from __future__ import annotations
 
-import io
 import uuid
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -20,7 +19,7 @@ from typing import Any, TypeVar
 
 from api.ingest import Received, ReceivedFile, cleanup_quietly, delete_keys, discard
 from api.locks import object_locks
-from api.probe import ProbeResult, probe, probe_s3_object
+from api.probe import ProbeResult, SeekableReader, probe, probe_s3_object
 from api.problems import Problem, from_voxq_error
 from core.errors import AudioError, EmptyAudio
 from core.storage import Storage, content_key
@@ -46,27 +45,12 @@ def forget_new_objects(storage: Storage, accepted: list[AcceptedFile]) -> None:
     delete_keys(storage, [a.object_key for a in accepted if a.new_object])
 
 
-class _HeldReader(io.RawIOBase):
+class _HeldReader(SeekableReader):
     """A seekable read-only view of a held file's buffer (`io.BytesIO` would copy a bytearray whole)."""
 
     def __init__(self, data: bytearray) -> None:
-        super().__init__()
+        super().__init__(len(data))
         self._view = memoryview(data)
-        self._pos = 0
-
-    def readable(self) -> bool:
-        return True
-
-    def seekable(self) -> bool:
-        return True
-
-    def tell(self) -> int:
-        return self._pos
-
-    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
-        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._pos, io.SEEK_END: len(self._view)}[whence]
-        self._pos = max(0, base + offset)
-        return self._pos
 
     def readinto(self, buffer: Any) -> int:
         chunk = self._view[self._pos : self._pos + len(buffer)]

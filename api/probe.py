@@ -290,28 +290,13 @@ def _duration(container: Any, stream: Any) -> float | None:
     return None
 
 
-class S3RangeReader(io.RawIOBase):
-    """A seekable, read-only view of one S3 object fetched in ranged GETs (holds one block at a time).
+class SeekableReader(io.RawIOBase):
+    """A read-only view of `size` bytes with its own offset; a subclass reads from wherever they are."""
 
-    PyAV reads headers and may seek to the end (ID3v1, MP4 `moov`), so probing a 1 GiB object costs a
-    few ranged requests, not a download.
-    """
-
-    def __init__(self, client: S3Client, bucket: str, key: str, size: int, block: int = 1024 * 1024) -> None:
+    def __init__(self, size: int) -> None:
         super().__init__()
-        self._client = client
-        self._bucket = bucket
-        self._key = key
         self._size = size
-        self._block = block
         self._pos = 0
-        self._cache_start = -1
-        self._cache = b""
-
-    @property
-    def location(self) -> tuple[str, str, int]:
-        """(bucket, key, size) of the object."""
-        return self._bucket, self._key, self._size
 
     def readable(self) -> bool:
         """Always readable."""
@@ -337,6 +322,28 @@ class S3RangeReader(io.RawIOBase):
             raise ValueError(f"bad whence {whence}")
         self._pos = max(0, self._pos)
         return self._pos
+
+
+class S3RangeReader(SeekableReader):
+    """A seekable, read-only view of one S3 object fetched in ranged GETs (holds one block at a time).
+
+    PyAV reads headers and may seek to the end (ID3v1, MP4 `moov`), so probing a 1 GiB object costs a
+    few ranged requests, not a download.
+    """
+
+    def __init__(self, client: S3Client, bucket: str, key: str, size: int, block: int = 1024 * 1024) -> None:
+        super().__init__(size)
+        self._client = client
+        self._bucket = bucket
+        self._key = key
+        self._block = block
+        self._cache_start = -1
+        self._cache = b""
+
+    @property
+    def location(self) -> tuple[str, str, int]:
+        """(bucket, key, size) of the object."""
+        return self._bucket, self._key, self._size
 
     def _fill(self, start: int) -> None:
         end = min(self._size, start + self._block) - 1
