@@ -175,6 +175,17 @@ def _per_minute_estimate(
     )
 
 
+def _table(version: str | None, table_dir: str | None) -> PriceTable:
+    """The price table named by `version` in `table_dir`, each defaulting to the settings'."""
+    if version is None or table_dir is None:
+        from core.settings import get_settings
+
+        settings = get_settings()
+        version = version or settings.price_table_version
+        table_dir = table_dir if table_dir is not None else settings.price_table_dir
+    return load_price_table(version, table_dir or None)
+
+
 def price_attempt(
     model: str,
     usage: dict[str, Any] | None,
@@ -184,13 +195,7 @@ def price_attempt(
     table_dir: str | None = None,
 ) -> PricedUsage:
     """Price one billed attempt from the provider's `usage` (module docstring); never raises on data."""
-    if version is None or table_dir is None:
-        from core.settings import get_settings
-
-        settings = get_settings()
-        version = version or settings.price_table_version
-        table_dir = table_dir if table_dir is not None else settings.price_table_dir
-    table = load_price_table(version, table_dir or None)
+    table = _table(version, table_dir)
     seconds = max(float(audio_seconds or 0.0), 0.0)
 
     if is_local_model(model):
@@ -227,13 +232,7 @@ def max_cost_usd(
     table_dir: str | None = None,
 ) -> Decimal:
     """The most one call of `model` on `audio_seconds` of audio (with `prompt`) can cost (module doc)."""
-    if version is None or table_dir is None:
-        from core.settings import get_settings
-
-        settings = get_settings()
-        version = version or settings.price_table_version
-        table_dir = table_dir if table_dir is not None else settings.price_table_dir
-    table = load_price_table(version, table_dir or None)
+    table = _table(version, table_dir)
     if is_local_model(model):
         return _q(ZERO)
     seconds = math.ceil(max(float(audio_seconds or 0.0), 0.0)) + BOUND_MARGIN_SECONDS

@@ -13,42 +13,10 @@ from pathlib import Path
 
 import jiwer
 
+from worker.alignment.normalise import NUMBER_TEENS, NUMBER_TENS, NUMBER_UNITS
+
 FIXTURES_DIR = Path(__file__).resolve().parent / "fixtures" / "speech"
 
-_UNITS = {
-    "zero": 0,
-    "one": 1,
-    "two": 2,
-    "three": 3,
-    "four": 4,
-    "five": 5,
-    "six": 6,
-    "seven": 7,
-    "eight": 8,
-    "nine": 9,
-}
-_TEENS = {
-    "ten": 10,
-    "eleven": 11,
-    "twelve": 12,
-    "thirteen": 13,
-    "fourteen": 14,
-    "fifteen": 15,
-    "sixteen": 16,
-    "seventeen": 17,
-    "eighteen": 18,
-    "nineteen": 19,
-}
-_TENS = {
-    "twenty": 20,
-    "thirty": 30,
-    "forty": 40,
-    "fifty": 50,
-    "sixty": 60,
-    "seventy": 70,
-    "eighty": 80,
-    "ninety": 90,
-}
 _CONTRACTIONS = {
     "i'm": "i am",
     "it's": "it is",
@@ -66,7 +34,7 @@ _CONTRACTIONS = {
     "i've": "i have",
     "we've": "we have",
 }
-_NUMBER_WORDS = {**_UNITS, **_TEENS, **_TENS}
+_NUMBER_WORDS = {**NUMBER_UNITS, **NUMBER_TEENS, **NUMBER_TENS}
 
 
 @dataclass(frozen=True)
@@ -109,17 +77,17 @@ def _words_to_digits(tokens: list[str]) -> list[str]:
         j = i
         while j < len(tokens):
             tok = tokens[j]
-            if tok in _UNITS:
+            if tok in NUMBER_UNITS:
                 # "five five" is two numbers (digits read one by one), "twenty five" is one.
                 if last in ("unit", "teen"):
                     break
-                current += _UNITS[tok]
+                current += NUMBER_UNITS[tok]
                 last = "unit"
-            elif tok in _TEENS or tok in _TENS:
+            elif tok in NUMBER_TEENS or tok in NUMBER_TENS:
                 if last in ("unit", "teen", "ten"):
                     break
                 current += _NUMBER_WORDS[tok]
-                last = "teen" if tok in _TEENS else "ten"
+                last = "teen" if tok in NUMBER_TEENS else "ten"
             elif tok == "hundred" and last in ("unit", "teen", "ten"):
                 current *= 100
                 last = "hundred"

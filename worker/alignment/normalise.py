@@ -19,7 +19,8 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-_UNITS = {
+# Number words and their values (tests/speech.py's WER normaliser reads them too).
+NUMBER_UNITS = {
     "zero": 0,
     "one": 1,
     "two": 2,
@@ -31,7 +32,7 @@ _UNITS = {
     "eight": 8,
     "nine": 9,
 }
-_TEENS = {
+NUMBER_TEENS = {
     "ten": 10,
     "eleven": 11,
     "twelve": 12,
@@ -43,7 +44,7 @@ _TEENS = {
     "eighteen": 18,
     "nineteen": 19,
 }
-_TENS = {
+NUMBER_TENS = {
     "twenty": 20,
     "thirty": 30,
     "forty": 40,
@@ -54,7 +55,7 @@ _TENS = {
     "ninety": 90,
 }
 _SCALES = {"hundred": 100, "thousand": 1000, "million": 1_000_000}
-_NUMBER_WORDS = {**_UNITS, **_TEENS, **_TENS}
+_NUMBER_WORDS = {**NUMBER_UNITS, **NUMBER_TEENS, **NUMBER_TENS}
 _CONTRACTIONS = {
     "i'm": "i am",
     "it's": "it is",
@@ -161,12 +162,12 @@ def _number_run(tokens: list[str], i: int) -> tuple[int, int] | None:
     j = i
     while j < len(tokens):
         tok = tokens[j]
-        if tok in _UNITS and last not in ("unit", "teen"):
-            current += _UNITS[tok]
+        if tok in NUMBER_UNITS and last not in ("unit", "teen"):
+            current += NUMBER_UNITS[tok]
             last = "unit"
-        elif (tok in _TEENS or tok in _TENS) and last not in ("unit", "teen", "ten"):
+        elif (tok in NUMBER_TEENS or tok in NUMBER_TENS) and last not in ("unit", "teen", "ten"):
             current += _NUMBER_WORDS[tok]
-            last = "teen" if tok in _TEENS else "ten"
+            last = "teen" if tok in NUMBER_TEENS else "ten"
         elif tok == "hundred" and last in ("unit", "teen", "ten"):
             current *= 100
             last = "hundred"
