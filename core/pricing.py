@@ -16,6 +16,8 @@ How a call is priced:
 reservation, worker.budget): every billed second rounded up plus a margin at the per-minute price, and for
 a model priced by tokens also its audio tokens (the table's `bounds.audio_tokens_per_second`), the prompt
 (at most one token per UTF-8 byte) and the model's `max_output_tokens`, all at the dearest input price.
+A model the providers file prices is bounded at its own price (at least its `min_billed_seconds`; zero for
+a `price = "zero"` server), exactly as `price_attempt` will charge it.
 
 A model the providers configuration (core/providers/config.py) gives its own price is priced with it by
 the same rules: `price = "zero"` (a self-hosted server) costs nothing, not estimated; a `PriceSpec` prices
@@ -236,7 +238,14 @@ def max_cost_usd(
     if is_local_model(model):
         return _q(ZERO)
     seconds = math.ceil(max(float(audio_seconds or 0.0), 0.0)) + BOUND_MARGIN_SECONDS
-    prices = table.prices_for(model)
+    configured = _configured_price(model)  # the providers file's price, as price_attempt uses it
+    if configured == "zero":
+        return _q(ZERO)
+    if configured is not None and configured != "table":
+        prices: ModelPrices | None = _spec_prices(configured)
+        seconds = max(seconds, math.ceil(float(configured.min_billed_seconds)))
+    else:
+        prices = table.prices_for(model)
     per_minute = prices.per_minute if prices is not None and prices.per_minute is not None else None
     per_minute = per_minute if per_minute is not None else table.default_per_minute
     bound = Decimal(seconds) * per_minute / SIXTY
@@ -334,17 +343,22 @@ def _configured_price(model: str) -> Any:
     return config.price if config is not None else None
 
 
-def _price_configured(
-    table: PriceTable, spec: Any, usage: dict[str, Any] | None, seconds: float
-) -> PricedUsage:
-    """A model with its own PriceSpec: the table's rules at its prices, each request billed at least
-    `min_billed_seconds`."""
-    prices = ModelPrices(
+def _spec_prices(spec: Any) -> ModelPrices:
+    """A providers-file PriceSpec as the price table's ModelPrices."""
+    return ModelPrices(
         per_minute=spec.minute_price,
         audio_input_per_million=spec.audio_input_per_million,
         text_input_per_million=spec.text_input_per_million,
         output_per_million=spec.output_per_million,
     )
+
+
+def _price_configured(
+    table: PriceTable, spec: Any, usage: dict[str, Any] | None, seconds: float
+) -> PricedUsage:
+    """A model with its own PriceSpec: the table's rules at its prices, each request billed at least
+    `min_billed_seconds`."""
+    prices = _spec_prices(spec)
     minimum = float(spec.min_billed_seconds)
     usage_type = str(usage.get("type")) if isinstance(usage, dict) else "none"
     if usage_type == "tokens" and isinstance(usage, dict):

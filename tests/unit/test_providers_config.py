@@ -280,3 +280,29 @@ def test_token_prices_from_the_file(tmp_path: Path, monkeypatch: pytest.MonkeyPa
     assert priced.usd == Decimal("0.00041")  # (100*2 + 10*1 + 50*4) / 1e6
     assert priced.usage_type == "tokens" and not priced.estimated
     assert priced.unit_prices["source"] == "providers"
+
+
+def test_the_budget_bound_uses_the_files_price_and_minimum(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A model priced by the providers file (dearer than the table's default, with a minimum per request)
+    is reserved at its own price: the bound is never below what a call of it can bill."""
+    from core.pricing import max_cost_usd
+
+    dear = GOOD.replace(
+        'per_hour = "0.04", min_billed_seconds = 10', 'per_minute = "1.50", min_billed_seconds = 30'
+    )
+    monkeypatch.setenv("VOXQ_PROVIDERS_FILE", write(tmp_path, dear))
+    monkeypatch.setenv("VOXQ_PRIMARY_MODEL", "acme:whisper-large-v3-turbo")
+    monkeypatch.setenv("ACME_API_KEY", "acme-secret")
+    reset_settings_cache()
+    try:
+        for seconds in (1.0, 3.0, 29.5, 61.2):
+            for usage in (None, {"type": "duration", "seconds": seconds}):
+                billed = price_attempt("whisper-large-v3-turbo", usage, seconds).usd
+                assert billed <= max_cost_usd("whisper-large-v3-turbo", seconds), (seconds, usage)
+        monkeypatch.setenv("VOXQ_PRIMARY_MODEL", "gpu:whisper-base")
+        reset_settings_cache()
+        assert max_cost_usd("whisper-base", 42.0) == 0  # a zero-priced server reserves nothing
+    finally:
+        reset_settings_cache()
