@@ -193,6 +193,15 @@ class ModelRef:
     def __str__(self) -> str:
         return f"{self.provider}:{self.model}"
 
+    @classmethod
+    def of_entry(cls, entry: str, default_provider: str = OPENAI) -> ModelRef | None:
+        """A chain entry as a ref: `provider:model`, or a bare model name of `default_provider` (chains
+        written before providers existed); None for the local engine (`local`, `local:<weights>`)."""
+        if entry == LOCAL_MODEL or entry.startswith(LOCAL_MODEL_PREFIX):
+            return None
+        provider, sep, model = entry.partition(":")
+        return cls(provider, model) if sep else cls(default_provider, entry)
+
 
 class Catalogue(_Strict):
     """Every provider voxq may call, validated."""

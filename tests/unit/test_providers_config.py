@@ -306,3 +306,13 @@ def test_the_budget_bound_uses_the_files_price_and_minimum(
         assert max_cost_usd("whisper-base", 42.0) == 0  # a zero-priced server reserves nothing
     finally:
         reset_settings_cache()
+
+
+def test_a_chain_entry_names_its_provider_or_the_local_engine() -> None:
+    from core.providers.config import ModelRef
+
+    assert ModelRef.of_entry("acme:whisper-large-v3-turbo") == ModelRef("acme", "whisper-large-v3-turbo")
+    assert ModelRef.of_entry("whisper-1") == ModelRef("openai", "whisper-1")
+    assert ModelRef.of_entry("whisper-1", "acme") == ModelRef("acme", "whisper-1")
+    assert ModelRef.of_entry("local") is None
+    assert ModelRef.of_entry("local:base.en") is None
