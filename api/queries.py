@@ -14,7 +14,7 @@ from datetime import datetime
 from decimal import Decimal
 from typing import Any
 
-from sqlalchemy import case, cast, func, select
+from sqlalchemy import bindparam, case, cast, func, select
 from sqlalchemy.orm import Session
 from sqlalchemy.types import Date, String
 
@@ -274,25 +274,34 @@ def job_out(
     )
 
 
-def read_job_out(tenant: TenantContext, job_id: uuid.UUID) -> JobOut:
-    """The tenant's job with its attempt count, in one statement outside a transaction (the polled read).
-
-    One SELECT is its own snapshot, so autocommit saves the BEGIN and ROLLBACK round trips; the
-    connection goes back to the pool before the answer is built. Blocking: call from a worker thread.
-    """
+def _polled_job_statement() -> Any:
+    """The polled read's one statement: the job, its attempt count, the estimated part of its cost and
+    its fallback reason, for bound `job_id`/`tenant_id`. Built once: building the three correlated
+    subqueries on every call cost more Python time than the rest of the read (0.99 vs 0.39 ms of CPU per
+    read measured side by side, issue #15's P4b)."""
     attempts = select(func.count()).where(Attempt.job_id == Job.id).scalar_subquery()
     estimated = (
         select(func.coalesce(func.sum(CostRecord.usd), 0))
         .where(CostRecord.job_id == Job.id, CostRecord.estimated.is_(True))
         .scalar_subquery()
     )
+    return select(Job, attempts, estimated, _fallback_reason_of(Job.id)).where(
+        Job.id == bindparam("job_id"), Job.tenant_id == bindparam("tenant_id"), Job.deleted_at.is_(None)
+    )
+
+
+_POLLED_JOB = _polled_job_statement()
+
+
+def read_job_out(tenant: TenantContext, job_id: uuid.UUID) -> JobOut:
+    """The tenant's job with its attempt count, in one statement outside a transaction (the polled read).
+
+    One SELECT is its own snapshot, so autocommit saves the BEGIN and ROLLBACK round trips; the
+    connection goes back to the pool before the answer is built. Blocking: call from a worker thread.
+    """
     with get_sessionmaker()() as session:
         session.connection(execution_options={"isolation_level": "AUTOCOMMIT"})
-        row = session.execute(
-            select(Job, attempts, estimated, _fallback_reason_of(Job.id)).where(
-                Job.id == job_id, Job.tenant_id == tenant.tenant_id, Job.deleted_at.is_(None)
-            )
-        ).first()
+        row = session.execute(_POLLED_JOB, {"job_id": job_id, "tenant_id": tenant.tenant_id}).first()
     if row is None:
         raise not_found("job")
     return job_out(row[0], int(row[1]), Decimal(row[2]), row[3])
