@@ -1,0 +1,136 @@
+"""A chain across two providers (issue #17): two fake OpenAI-compatible servers on their own ports, each
+accepting only its own key, configured through a providers file. The prepare and transcribe stages run in
+this process against the real servers (as in test_chain_semantics.py)."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterator
+from decimal import Decimal
+from pathlib import Path
+
+import pytest
+
+from core.statuses import AttemptOutcome, JobStatus
+from tests.fakes.openai_server import FakeOpenAI
+from tests.pipeline_support import Pipeline, tones
+
+pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("hosted_settings")]
+
+KEY_A = "sk-provider-a-0123456789"
+KEY_B = "sk-provider-b-9876543210"
+PRICE_A = Decimal("0.012")  # per minute
+PRICE_B_HOUR = Decimal("0.04")  # per hour, at least 10 s billed per request
+MIN_B = 10
+
+
+@pytest.fixture
+def two_fakes() -> Iterator[tuple[FakeOpenAI, FakeOpenAI]]:
+    a = FakeOpenAI(api_keys={KEY_A}).start()
+    b = FakeOpenAI(api_keys={KEY_B}).start()
+    try:
+        a.add_model("model-x")
+        b.add_model("model-y")
+        yield a, b
+    finally:
+        a.stop()
+        b.stop()
+
+
+@pytest.fixture
+def providers(
+    two_fakes: tuple[FakeOpenAI, FakeOpenAI], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> tuple[FakeOpenAI, FakeOpenAI]:
+    from core.settings import reset_settings_cache
+
+    a, b = two_fakes
+    path = tmp_path / "providers.toml"
+    path.write_text(
+        f'[providers.a]\nbase_url = "{a.base_url}"\napi_key_env = "VOXQ_TEST_KEY_A"\n'
+        f'[providers.a.models.model-x]\nprice = {{ per_minute = "{PRICE_A}" }}\n'
+        'capabilities = { timestamps = "none", response_formats = ["json"] }\n'
+        f'[providers.b]\nbase_url = "{b.base_url}"\napi_key_env = "VOXQ_TEST_KEY_B"\n'
+        "[providers.b.models.model-y]\n"
+        f'price = {{ per_hour = "{PRICE_B_HOUR}", min_billed_seconds = {MIN_B} }}\n'
+        'capabilities = { timestamps = "word", response_formats = ["json", "verbose_json"] }\n'
+    )
+    for name, value in {
+        "VOXQ_PROVIDERS_FILE": str(path),
+        "VOXQ_TEST_KEY_A": KEY_A,
+        "VOXQ_TEST_KEY_B": KEY_B,
+        "VOXQ_PRIMARY_MODEL": "a:model-x",
+        "VOXQ_FALLBACK_MODELS": "b:model-y",
+    }.items():
+        monkeypatch.setenv(name, value)
+    reset_settings_cache()
+    return a, b
+
+
+def run_job(pipeline: Pipeline, freq: int) -> uuid.UUID:
+    """One job of one tone, prepared and transcribed in this process."""
+    from worker.prepare import prepare_jobs
+    from worker.runtime import get_runtime
+    from worker.transcribe import transcribe_group
+
+    tenant = pipeline.tenant()
+    job = pipeline.job(tenant, pipeline.batch(tenant), tones(freq))
+    report = prepare_jobs([job], owner="test:1")
+    assert report.grouped == 1
+    rt = get_runtime()
+    for group in report.groups:
+        rt.run(transcribe_group(rt, group))
+    return job
+
+
+def test_a_failing_provider_hands_the_job_to_the_next_providers_model(
+    pipeline: Pipeline, providers: tuple[FakeOpenAI, FakeOpenAI]
+) -> None:
+    a, b = providers
+    a.script("model-x", ["server_error"] * 3)  # max_retries=2: three tries, then the next entry
+    job = run_job(pipeline, 440)
+    row = pipeline.jobs([job])[job]
+    assert (row.status, row.model) == (JobStatus.SUCCEEDED.value, "model-y")
+    assert [(t.provider, t.model, t.outcome, t.http_status) for t in pipeline.attempts(job)] == [
+        ("a", "model-x", AttemptOutcome.RETRIED.value, 500),
+        ("a", "model-x", AttemptOutcome.RETRIED.value, 500),
+        ("a", "model-x", AttemptOutcome.FALLBACK.value, 500),
+        ("b", "model-y", AttemptOutcome.SUCCESS.value, 200),
+    ]
+    transcript = pipeline.transcript(job)
+    assert transcript is not None and transcript.text == "tone440"
+    # Each server saw only its own key (any other is answered 401) and only its own model.
+    assert [(r["model"], r["status"]) for r in a.request_log()] == [("model-x", 500)] * 3
+    assert [(r["model"], r["status"]) for r in b.request_log()] == [("model-y", 200)]
+
+    # One client per configured provider, each under its provider's name.
+    from worker.runtime import get_runtime
+
+    clients = get_runtime().providers
+    assert {name: clients[name].name for name in ("a", "b", "openai")} == {
+        "a": "a",
+        "b": "b",
+        "openai": "openai",
+    }
+
+    # A job whose first provider answers is answered there.
+    second = run_job(pipeline, 660)
+    assert pipeline.jobs([second])[second].model == "model-x"
+    assert [(t.provider, t.outcome) for t in pipeline.attempts(second)] == [
+        ("a", AttemptOutcome.SUCCESS.value)
+    ]
+    assert [r["status"] for r in a.request_log()] == [500, 500, 500, 200]
+    assert len(b.request_log()) == 1
+
+    # Each answer is priced at its own provider's price: b's with its 10 s minimum per request.
+    (billed_b,) = b.billing_log()
+    (billed_a,) = a.billing_log()
+    (cost_b,) = pipeline.costs(job)
+    (cost_a,) = pipeline.costs(second)
+    seconds_b = max(float(billed_b["usage"]["seconds"]), MIN_B)
+    assert cost_b.billed_audio_seconds == seconds_b
+    assert cost_b.usd == (Decimal(str(seconds_b)) * PRICE_B_HOUR / 3600).quantize(Decimal("0.00000001"))
+    seconds_a = float(billed_a["usage"]["seconds"])
+    assert cost_a.billed_audio_seconds == seconds_a < MIN_B
+    assert cost_a.usd == (Decimal(str(seconds_a)) * PRICE_A / 60).quantize(Decimal("0.00000001"))
+    assert str(billed_a["request_id"]) == str(cost_a.attempt_id)
+    assert str(billed_b["request_id"]) == str(cost_b.attempt_id)
