@@ -1,7 +1,8 @@
 """The model chain: one piece of audio through its models, every call recorded as an attempt.
 
 For each piece (worker.pieces) the chain (worker.grouping.model_chain: `batch.models` or
-`VOXQ_PRIMARY_MODEL` + `VOXQ_FALLBACK_MODELS`) is: circuit allows? → rate limiter → budget reservation →
+`VOXQ_PRIMARY_MODEL` + `VOXQ_FALLBACK_MODELS`, as `provider:model` entries; each call goes to its entry's
+provider, worker.entries) is: circuit allows? → rate limiter → budget reservation →
 attempt row (pending, committed before the call; calls starting at the same moment share one INSERT,
 `Runtime.attempts`) → call → close attempt (+ cost record for a billed answer, same transaction; for a
 whole job's answer, the same transaction as its transcript). What follows each call — retry after a

@@ -6,6 +6,8 @@ and waits for the result. So the httpx connection pool and the `VOXQ_MAX_IN_FLIG
 by every task of the process, whatever the Celery pool: a prefork child runs one group at a time, and a
 `-P threads -c N` transcribe worker runs N groups at once on the same client and the same in-flight
 bound — the way to keep hundreds of requests open from one 2-core host without N copies of everything.
+Every configured provider gets one client of its own (`Runtime.provider(name)`: base URL, key, headers),
+built on first use on that same httpx client.
 """
 
 from __future__ import annotations
