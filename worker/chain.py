@@ -222,7 +222,7 @@ class ChainRunner:
         # (the operator's order stands: the model still gets the audio, in parts); too short to split:
         # the next model.
         if self._target(model).too_big(seconds, len(data)):
-            if seconds >= 2 * MIN_SPLIT_SECONDS:
+            if seconds >= MIN_SPLIT_SECONDS:  # as a 413 is split (worker.policy)
                 return await self._split(piece, data, seconds, prompt, chain, i, depth)
             walk.last_error = f"{model}: the piece is longer or larger than the model takes"
             self._fallback(model, chain, i)

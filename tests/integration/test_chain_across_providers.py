@@ -37,18 +37,21 @@ def two_fakes() -> Iterator[tuple[FakeOpenAI, FakeOpenAI]]:
         b.stop()
 
 
-@pytest.fixture
-def providers(
-    two_fakes: tuple[FakeOpenAI, FakeOpenAI], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> tuple[FakeOpenAI, FakeOpenAI]:
+def configure(
+    fakes: tuple[FakeOpenAI, FakeOpenAI],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    x_capabilities: str = 'timestamps = "none", response_formats = ["json"]',
+) -> None:
+    """A providers file naming both fakes (a: model-x, b: model-y), their keys, and the chain a, b."""
     from core.settings import reset_settings_cache
 
-    a, b = two_fakes
+    a, b = fakes
     path = tmp_path / "providers.toml"
     path.write_text(
         f'[providers.a]\nbase_url = "{a.base_url}"\napi_key_env = "VOXQ_TEST_KEY_A"\n'
         f'[providers.a.models.model-x]\nprice = {{ per_minute = "{PRICE_A}" }}\n'
-        'capabilities = { timestamps = "none", response_formats = ["json"] }\n'
+        f"capabilities = {{ {x_capabilities} }}\n"
         f'[providers.b]\nbase_url = "{b.base_url}"\napi_key_env = "VOXQ_TEST_KEY_B"\n'
         "[providers.b.models.model-y]\n"
         f'price = {{ per_hour = "{PRICE_B_HOUR}", min_billed_seconds = {MIN_B} }}\n'
@@ -63,17 +66,24 @@ def providers(
     }.items():
         monkeypatch.setenv(name, value)
     reset_settings_cache()
-    return a, b
 
 
-def run_job(pipeline: Pipeline, freq: int) -> uuid.UUID:
-    """One job of one tone, prepared and transcribed in this process."""
+@pytest.fixture
+def providers(
+    two_fakes: tuple[FakeOpenAI, FakeOpenAI], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> tuple[FakeOpenAI, FakeOpenAI]:
+    configure(two_fakes, tmp_path, monkeypatch)
+    return two_fakes
+
+
+def run_job(pipeline: Pipeline, *freqs: int) -> uuid.UUID:
+    """One job of these tones, prepared and transcribed in this process."""
     from worker.prepare import prepare_jobs
     from worker.runtime import get_runtime
     from worker.transcribe import transcribe_group
 
     tenant = pipeline.tenant()
-    job = pipeline.job(tenant, pipeline.batch(tenant), tones(freq))
+    job = pipeline.job(tenant, pipeline.batch(tenant), tones(*freqs))
     report = prepare_jobs([job], owner="test:1")
     assert report.grouped == 1
     rt = get_runtime()
@@ -134,3 +144,26 @@ def test_a_failing_provider_hands_the_job_to_the_next_providers_model(
     assert cost_a.usd == (Decimal(str(seconds_a)) * PRICE_A / 60).quantize(Decimal("0.00000001"))
     assert str(billed_a["request_id"]) == str(cost_a.attempt_id)
     assert str(billed_b["request_id"]) == str(cost_b.attempt_id)
+
+
+def test_a_piece_longer_than_the_model_takes_is_split_before_it_is_sent(
+    pipeline: Pipeline,
+    two_fakes: tuple[FakeOpenAI, FakeOpenAI],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    a, b = two_fakes
+    limit = 3.0
+    caps = f'timestamps = "none", response_formats = ["json"], max_duration_seconds = {limit}'
+    configure(two_fakes, tmp_path, monkeypatch, x_capabilities=caps)
+    job = run_job(pipeline, 440, 880, 660)
+    row = pipeline.jobs([job])[job]
+    assert (row.status, row.model) == (JobStatus.SUCCEEDED.value, "model-x")
+    assert row.duration_seconds is not None and row.duration_seconds > limit
+    attempts = pipeline.attempts(job)
+    assert len(attempts) >= 2 and all(t.provider == "a" for t in attempts)
+    assert all(t.audio_seconds is not None and t.audio_seconds <= limit for t in attempts)
+    assert all(t.outcome == AttemptOutcome.SUCCESS.value for t in attempts)
+    assert len(a.request_log()) == len(attempts) and b.request_log() == []
+    transcript = pipeline.transcript(job)
+    assert transcript is not None and transcript.text == "tone440 tone880 tone660"
