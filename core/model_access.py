@@ -21,21 +21,30 @@ from core.settings import Settings, get_settings
 
 # What a metric's model label says for a name the operator never configured.
 OTHER_MODEL_LABEL = "other"
-# The last answer of allowed_models, by (settings, catalogue, day): metric labels ask on every observation.
-_memo: dict[tuple[int, int, date], frozenset[str]] = {}
+# The last answer of allowed_models (and the label set), by (settings, catalogue, day): metric labels ask
+# on every observation.
+_memo: dict[tuple[int, int, date], tuple[frozenset[str], frozenset[str]]] = {}
 
 
 def allowed_models(settings: Settings, today: date | None = None) -> frozenset[str]:
     """Every model name a batch may name: the primary (the dated default when unset), the fallbacks,
     `VOXQ_ALLOWED_MODELS` and the models the operator's providers file lists, as `provider:model` and as
     bare names; none retired on `today` (default: UTC today)."""
+    return _sets(settings, today)[0]
+
+
+def _sets(settings: Settings, today: date | None) -> tuple[frozenset[str], frozenset[str]]:
+    """(the names a batch may use, the model label values): the labels add the bare model names of every
+    configured `provider:model` (attempts and costs record the bare model that answered)."""
     day = today or utc_today()
     catalogue = load_catalogue(settings)
     key = (id(settings), id(catalogue), day)
     cached = _memo.get(key)
     if cached is None:
         _memo.clear()
-        cached = _memo[key] = _allowed(catalogue, settings, day)
+        allowed = _allowed(catalogue, settings, day)
+        bare = {ref.model for ref in configured_refs(catalogue, settings, day)}
+        cached = _memo[key] = (allowed, allowed | bare)
     return cached
 
 
@@ -64,6 +73,6 @@ def unconfigured_models(models: Iterable[str], settings: Settings | None = None)
 
 def metric_model_label(model: str) -> str:
     """`model` when it is configured (or the local engine), else `other`: bounded label values."""
-    if model == LOCAL_MODEL or model in allowed_models(get_settings()):
+    if model == LOCAL_MODEL or model in _sets(get_settings(), None)[1]:
         return model
     return OTHER_MODEL_LABEL

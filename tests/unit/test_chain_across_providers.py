@@ -207,3 +207,43 @@ def test_a_target_knows_its_provider_and_the_most_a_request_may_carry(tmp_path: 
         26214400,
     )
     assert mini.too_big(10.0, 26214401) and not mini.too_big(1500.0, 1000)
+
+
+def test_attempt_metrics_label_the_bare_model_of_a_configured_entry(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Attempts record the bare model: a self-hosted whisper-1 (`gpu:whisper-1`) keeps its label, though a
+    batch may not name bare `whisper-1` (that is OpenAI's, not configured here)."""
+    path = tmp_path / "providers.toml"
+    path.write_text(
+        '[providers.gpu]\nbase_url = "http://127.0.0.1:9/v1"\n'
+        '[providers.gpu.models.whisper-1]\nprice = "zero"\n'
+    )
+    monkeypatch.setenv("VOXQ_PROVIDERS_FILE", str(path))
+    monkeypatch.setenv("VOXQ_PRIMARY_MODEL", "gpu:whisper-1")
+    monkeypatch.setenv("VOXQ_FALLBACK_MODELS", "local")
+    reset_settings_cache()
+    try:
+        from core.settings import get_settings
+
+        assert unconfigured_models(["whisper-1", "gpu:whisper-1"], get_settings()) == ["whisper-1"]
+        assert metric_model_label("whisper-1") == "whisper-1"
+        assert metric_model_label("gpu:whisper-1") == "gpu:whisper-1"
+        assert metric_model_label("whisper-2") == "other"
+    finally:
+        reset_settings_cache()
+
+
+def test_transcript_models_compare_as_chain_entries(tmp_path: Path) -> None:
+    from worker.grouping import chain_entries
+
+    settings = two(tmp_path)
+    assert chain_entries(
+        ["gpt-4o-mini-transcribe", "none", "local:base", "b:model-y", "model-y"], settings
+    ) == [
+        "openai:gpt-4o-mini-transcribe",
+        "none",
+        "local:base",
+        "b:model-y",
+        "b:model-y",
+    ]
