@@ -167,3 +167,56 @@ def test_a_piece_longer_than_the_model_takes_is_split_before_it_is_sent(
     assert len(a.request_log()) == len(attempts) and b.request_log() == []
     transcript = pipeline.transcript(job)
     assert transcript is not None and transcript.text == "tone440 tone880 tone660"
+
+
+def test_the_sweepers_estimate_is_priced_at_the_attempts_provider(
+    pipeline: Pipeline, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """One model name on two hosts: an abandoned call is charged its own host's list price (b's 10 s
+    minimum included), not the price of whichever host a bare name resolves to."""
+    from datetime import UTC, datetime, timedelta
+
+    from sqlalchemy import select
+
+    from core.db import session_scope
+    from core.models import Attempt, CostRecord
+    from core.settings import reset_settings_cache
+    from tests.pipeline_support import processing_job_rows
+    from worker.sweeper import sweep
+
+    path = tmp_path / "providers.toml"
+    path.write_text(
+        '[providers.a]\nbase_url = "http://127.0.0.1:9/a/v1"\n'
+        f'[providers.a.models.shared]\nprice = {{ per_minute = "{PRICE_A}" }}\n'
+        '[providers.b]\nbase_url = "http://127.0.0.1:9/b/v1"\n'
+        "[providers.b.models.shared]\n"
+        f'price = {{ per_hour = "{PRICE_B_HOUR}", min_billed_seconds = {MIN_B} }}\n'
+    )
+    monkeypatch.setenv("VOXQ_PROVIDERS_FILE", str(path))
+    reset_settings_cache()
+    tenant_id, _, job_id = processing_job_rows(
+        lease_owner="alive:1", lease_expires_at=datetime.now(UTC) + timedelta(hours=1)
+    )
+    ids = {}
+    with session_scope() as s:
+        for provider in ("a", "b"):
+            attempt = Attempt(
+                tenant_id=tenant_id,
+                job_id=job_id,
+                model="shared",
+                provider=provider,
+                audio_seconds=3.0,
+                started_at=datetime.now(UTC) - timedelta(hours=1),
+                worker="gone:1",
+            )
+            s.add(attempt)
+            s.flush()
+            ids[provider] = attempt.id
+    assert sweep().abandoned_attempts == 2
+    with session_scope() as s:
+        costs = {
+            c.attempt_id: (c.usd, c.billed_audio_seconds) for c in s.execute(select(CostRecord)).scalars()
+        }
+    quantum = Decimal("0.00000001")
+    assert costs[ids["a"]] == ((Decimal(3) * PRICE_A / 60).quantize(quantum), 3.0)
+    assert costs[ids["b"]] == ((Decimal(MIN_B) * PRICE_B_HOUR / 3600).quantize(quantum), float(MIN_B))
