@@ -125,7 +125,13 @@ def release_reservations(session: Session, attempt_ids: list[uuid.UUID]) -> dict
 
 
 def charge_estimate(
-    session: Session, *, attempt_id: uuid.UUID, job_id: uuid.UUID, model: str, audio_seconds: float
+    session: Session,
+    *,
+    attempt_id: uuid.UUID,
+    job_id: uuid.UUID,
+    model: str,
+    audio_seconds: float,
+    provider: str | None = None,
 ) -> Decimal:
     """Charge an abandoned hosted attempt its estimated cost, unsettled; returns the estimate.
 
@@ -138,7 +144,7 @@ def charge_estimate(
     job = session.execute(select(Job.tenant_id, Job.batch_id).where(Job.id == job_id)).first()
     if job is None:
         return ZERO
-    priced = price_attempt(model, None, audio_seconds)
+    priced = price_attempt(model, None, audio_seconds, provider=provider)  # at the attempt's provider
     inserted = session.execute(
         pg_insert(CostRecord)
         .values(
@@ -431,6 +437,7 @@ def _settle_attempt(
             Attempt.tenant_id,
             Attempt.job_id,
             Attempt.model,
+            Attempt.provider,
             Attempt.audio_seconds,
             Attempt.started_at,
             Attempt.settlement,
@@ -451,7 +458,9 @@ def _settle_attempt(
         report.in_flight += 1  # its worker is still waiting: its own close records it
         return
     if entry is not None:
-        priced = price_attempt(entry.model or a.model, entry.usage, a.audio_seconds or 0.0)
+        priced = price_attempt(
+            entry.model or a.model, entry.usage, a.audio_seconds or 0.0, provider=a.provider or None
+        )
         if a.settlement == Settlement.UNSETTLED.value or cost is None:
             if cost is None:
                 report.charged_missing += 1

@@ -3,9 +3,10 @@
 A batch's `models` run on the operator's provider key, become circuit and retirement keys in Redis and
 label metrics, so a free-form name would let a tenant run any model the key can reach, create permanent
 Redis keys and grow metric label sets without bound. The operator's configuration decides instead:
-the primary model, the fallbacks and `VOXQ_ALLOWED_MODELS` (extra models a batch may ask for). This module
-is the one place that says so and the providers file, issue #17: a model retired
-today is not allowed.
+the primary model, the fallbacks, `VOXQ_ALLOWED_MODELS` (extra models a batch may ask for) and the models
+the operator's providers file lists, of any provider, as `provider:model` (and as bare names, which resolve
+as `core.providers.config.Catalogue.resolve` says). A model retired today is not allowed. This module is
+the one place that says so; the label sets stay bounded by the operator's configuration.
 """
 
 from __future__ import annotations
@@ -14,50 +15,52 @@ from collections.abc import Iterable
 from datetime import date
 
 from core.names import LOCAL_MODEL
-from core.providers.config import OPENAI, Catalogue, load_catalogue
-from core.providers.retirement import configured_refs, is_retired, runtime_provider, utc_today
+from core.providers.config import Catalogue, load_catalogue
+from core.providers.retirement import configured_refs, is_retired, utc_today
 from core.settings import Settings, get_settings
 
 # What a metric's model label says for a name the operator never configured.
 OTHER_MODEL_LABEL = "other"
-# The last answer of allowed_models, by (settings, catalogue, day): metric labels ask on every observation.
-_memo: dict[tuple[int, int, date], frozenset[str]] = {}
+# The last answer of allowed_models (and the label set), by (settings, catalogue, day): metric labels ask
+# on every observation.
+_memo: dict[tuple[int, int, date], tuple[frozenset[str], frozenset[str]]] = {}
 
 
 def allowed_models(settings: Settings, today: date | None = None) -> frozenset[str]:
     """Every model name a batch may name: the primary (the dated default when unset), the fallbacks,
     `VOXQ_ALLOWED_MODELS` and the models the operator's providers file lists, as `provider:model` and as
-    bare names; none retired on `today` (default: UTC today), none of a provider the runtime does not
-    call (core/providers/retirement.py: runtime_provider)."""
+    bare names; none retired on `today` (default: UTC today)."""
+    return _sets(settings, today)[0]
+
+
+def _sets(settings: Settings, today: date | None) -> tuple[frozenset[str], frozenset[str]]:
+    """(the names a batch may use, the model label values): the labels add the bare model names of every
+    configured `provider:model` (attempts and costs record the bare model that answered)."""
     day = today or utc_today()
     catalogue = load_catalogue(settings)
     key = (id(settings), id(catalogue), day)
     cached = _memo.get(key)
     if cached is None:
         _memo.clear()
-        cached = _memo[key] = _allowed(catalogue, settings, day)
+        allowed = _allowed(catalogue, settings, day)
+        bare = {ref.model for ref in configured_refs(catalogue, settings, day)}
+        cached = _memo[key] = (allowed, allowed | bare)
     return cached
 
 
 def _allowed(catalogue: Catalogue, settings: Settings, day: date) -> frozenset[str]:
-    runtime = runtime_provider(catalogue, settings, day)
     names = {
         name for name in (settings.primary_model, *settings.fallback_models, *settings.allowed_models) if name
     }
     for ref in configured_refs(catalogue, settings, day):
         names.add(str(ref))
-        if runtime is not None and ref.provider == runtime.name:
+        if catalogue.resolve(ref.model) == ref:  # the bare name stands for this very model
             names.add(ref.model)
     allowed = set()
     for name in names:
-        resolved = catalogue.resolve(name, runtime.name if runtime is not None else OPENAI)
-        if resolved is None:
-            allowed.add(name)
-        elif is_retired(catalogue.model(resolved), day):
-            continue
-        # Until the runtime has one client per provider (issue #17's next step) it calls one provider:
-        # another provider's model would be dropped from the chain, so a batch may not name it.
-        elif runtime is None or resolved.provider == runtime.name:
+        found = catalogue.resolve(name)  # None: the local engine
+        known = found is None or found.provider in catalogue.providers
+        if known and (found is None or not is_retired(catalogue.model(found), day)):
             allowed.add(name)
     return frozenset(allowed)
 
@@ -70,6 +73,6 @@ def unconfigured_models(models: Iterable[str], settings: Settings | None = None)
 
 def metric_model_label(model: str) -> str:
     """`model` when it is configured (or the local engine), else `other`: bounded label values."""
-    if model == LOCAL_MODEL or model in allowed_models(get_settings()):
+    if model == LOCAL_MODEL or model in _sets(get_settings(), None)[1]:
         return model
     return OTHER_MODEL_LABEL

@@ -23,6 +23,9 @@ A model the providers configuration (core/providers/config.py) gives its own pri
 the same rules: `price = "zero"` (a self-hosted server) costs nothing, not estimated; a `PriceSpec` prices
 per minute (or per hour) or per token, and its `min_billed_seconds` raises the billed seconds of each
 request to that minimum. `price = "table"` (the built-in catalogue's OpenAI models) is this table.
+Prices belong to a provider's model: `provider=` (or a `provider:model` entry) looks the model up in that
+provider, so one model name hosted by two providers is charged each host's price; without one, a bare
+name is the provider `Catalogue.resolve` gives it (OpenAI's, else the first provider declaring it).
 """
 
 from __future__ import annotations
@@ -195,9 +198,13 @@ def price_attempt(
     *,
     version: str | None = None,
     table_dir: str | None = None,
+    provider: str | None = None,
 ) -> PricedUsage:
-    """Price one billed attempt from the provider's `usage` (module docstring); never raises on data."""
+    """Price one billed attempt from the provider's `usage` (module docstring); never raises on data.
+    `provider`: the provider that answered (its own price for `model`); None: `model` may be a
+    `provider:model` entry, a bare name resolves as `Catalogue.resolve` says."""
     table = _table(version, table_dir)
+    model, provider = _split_entry(model, provider)
     seconds = max(float(audio_seconds or 0.0), 0.0)
 
     if is_local_model(model):
@@ -206,7 +213,7 @@ def price_attempt(
         )
 
     usage_type = str(usage.get("type")) if isinstance(usage, dict) else "none"
-    configured = _configured_price(model)
+    configured = _configured_price(model, provider)
     if configured == "zero":
         return PricedUsage(
             usd=_q(ZERO),
@@ -232,13 +239,16 @@ def max_cost_usd(
     *,
     version: str | None = None,
     table_dir: str | None = None,
+    provider: str | None = None,
 ) -> Decimal:
-    """The most one call of `model` on `audio_seconds` of audio (with `prompt`) can cost (module doc)."""
+    """The most one call of `model` (at `provider`, as `price_attempt` says) on `audio_seconds` of audio
+    (with `prompt`) can cost (module doc)."""
     table = _table(version, table_dir)
+    model, provider = _split_entry(model, provider)
     if is_local_model(model):
         return _q(ZERO)
     seconds = math.ceil(max(float(audio_seconds or 0.0), 0.0)) + BOUND_MARGIN_SECONDS
-    configured = _configured_price(model)  # the providers file's price, as price_attempt uses it
+    configured = _configured_price(model, provider)  # the providers file's price, as price_attempt
     if configured == "zero":
         return _q(ZERO)
     if configured is not None and configured != "table":
@@ -325,20 +335,26 @@ def _price_duration(
     )
 
 
-def _configured_price(model: str) -> Any:
-    """The model's `price` in the providers configuration ("table", "zero" or a PriceSpec), None when the
-    configuration does not declare the model (or cannot be read: start-up reports that)."""
-    from core.providers.config import OPENAI, load_catalogue
-    from core.providers.retirement import runtime_provider, utc_today
+def _split_entry(model: str, provider: str | None) -> tuple[str, str | None]:
+    """A `provider:model` chain entry as (model, provider); anything else as given."""
+    if provider is None and ":" in model and not is_local_model(model):
+        name, _, bare = model.partition(":")
+        return bare, name
+    return model, provider
+
+
+def _configured_price(model: str, provider: str | None = None) -> Any:
+    """The model's `price` in the providers configuration ("table", "zero" or a PriceSpec) at `provider`
+    (None: the provider `Catalogue.resolve` gives a bare name), None when that provider does not declare
+    the model (or the configuration cannot be read: start-up reports that)."""
+    from core.providers.config import ModelRef, load_catalogue
     from core.settings import get_settings
 
-    settings = get_settings()
     try:
-        catalogue = load_catalogue(settings)
+        catalogue = load_catalogue(get_settings())
     except ConfigError:
         return None
-    provider = runtime_provider(catalogue, settings, utc_today())
-    ref = catalogue.resolve(model, provider.name if provider is not None else OPENAI)
+    ref = ModelRef(provider, model) if provider else catalogue.resolve(model)
     config = catalogue.model(ref) if ref is not None else None
     return config.price if config is not None else None
 

@@ -34,21 +34,24 @@ from core.models import Attempt, Batch, BudgetReservation
 from core.statuses import AttemptOutcome
 
 
-def estimate_usd(model: str, audio_seconds: float) -> Decimal:
+def estimate_usd(model: str, audio_seconds: float, *, provider: str | None = None) -> Decimal:
     """What a call is expected to cost, from the price table (0 for a model it does not price)."""
     from core.pricing import price_attempt
 
     try:
-        return Decimal(price_attempt(model, None, audio_seconds).usd)
+        return Decimal(price_attempt(model, None, audio_seconds, provider=provider).usd)
     except (KeyError, ValueError, LookupError):
         return Decimal(0)
 
 
-def bound_usd(model: str, audio_seconds: float, prompt: str | None = None) -> Decimal:
-    """The most one call can cost: what is reserved for it."""
+def bound_usd(
+    model: str, audio_seconds: float, prompt: str | None = None, *, provider: str | None = None
+) -> Decimal:
+    """The most one call (of `model` at `provider`, or a `provider:model` entry) can cost: what is
+    reserved for it."""
     from core.pricing import max_cost_usd
 
-    return max_cost_usd(model, audio_seconds, prompt)
+    return max_cost_usd(model, audio_seconds, prompt, provider=provider)
 
 
 def reserve(batch_id: uuid.UUID, attempt_id: uuid.UUID, amount: Decimal) -> bool:

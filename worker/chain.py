@@ -1,7 +1,8 @@
 """The model chain: one piece of audio through its models, every call recorded as an attempt.
 
 For each piece (worker.pieces) the chain (worker.grouping.model_chain: `batch.models` or
-`VOXQ_PRIMARY_MODEL` + `VOXQ_FALLBACK_MODELS`) is: circuit allows? → rate limiter → budget reservation →
+`VOXQ_PRIMARY_MODEL` + `VOXQ_FALLBACK_MODELS`, as `provider:model` entries; each call goes to its entry's
+provider, worker.entries) is: circuit allows? → rate limiter → budget reservation →
 attempt row (pending, committed before the call; calls starting at the same moment share one INSERT,
 `Runtime.attempts`) → call → close attempt (+ cost record for a billed answer, same transaction; for a
 whole job's answer, the same transaction as its transcript). What follows each call — retry after a
@@ -41,9 +42,10 @@ from core.providers.base import ErrorKind, ProviderError, TranscriptionRequest
 from core.statuses import CircuitState, JobStatus
 from worker import audio, budget, provider_alerts
 from worker.circuit import Ticket
+from worker.entries import Target, response_format, target
 from worker.outcomes import Halted, Handoff, JobEnded
-from worker.pieces import Piece, compose_prompt, shift_segments
-from worker.policy import Action, Call, Limits, Note, Position, Step, decide
+from worker.pieces import Piece, compose_prompt, kept_answer, shift_segments
+from worker.policy import MIN_SPLIT_SECONDS, Action, Call, Limits, Note, Position, Step, decide
 from worker.runtime import Runtime
 from worker.store.answers import KeptAnswer
 from worker.store.attempts import AttemptClose, PendingAttempt, PricedLike, close_attempt
@@ -119,8 +121,10 @@ class ChainRunner:
         self.rt = rt
         self.settings = rt.settings
         self.deadline = deadline
-        self.provider = rt.provider()
-        self._provider_name: str = getattr(self.provider, "name", "openai")
+        # Each call goes to its chain entry's provider (`_target`, `Runtime.provider(name)`); this is the
+        # default one's name, for what is not about one entry.
+        self._provider_name: str = rt.provider().name
+        self._targets: dict[str, Target] = {}
         self.circuit = rt.circuit()
         self.limiter = rt.limiter()
         self.limits = Limits(
@@ -213,6 +217,16 @@ class ChainRunner:
         """Call `chain[i]`, again after each retryable failure, and do what the policy decides after each
         call (worker.policy); the piece's answer, or None to go on with the next model."""
         model = chain[i]
+        # A piece longer or larger than the model takes (its max_duration_seconds, its provider's
+        # max_upload_bytes) is never sent to it: split first, each half through the chain from this model
+        # (the operator's order stands: the model still gets the audio, in parts); too short to split:
+        # the next model.
+        if self._target(model).too_big(seconds, len(data)):
+            if seconds >= MIN_SPLIT_SECONDS:  # as a 413 is split (worker.policy)
+                return await self._split(piece, data, seconds, prompt, chain, i, depth)
+            walk.last_error = f"{model}: the piece is longer or larger than the model takes"
+            self._fallback(model, chain, i)
+            return None
         retry = throttled = 0
         while True:
             try:
@@ -254,7 +268,7 @@ class ChainRunner:
                 assert raw is not None
                 pending = close if defer_close else None
                 kept = close.answer is not None
-                return Answer(raw.text, raw.segments, raw.language, model, [attempt_id], pending, kept)
+                return Answer(raw.text, raw.segments, raw.language, raw.model, [attempt_id], pending, kept)
             if action.step == Step.RETRY:
                 await piece.pause(action.delay)
                 retry += 1
@@ -268,7 +282,7 @@ class ChainRunner:
             if action.empty:
                 assert raw is not None
                 walk.empty = Answer(
-                    "", None, raw.language, model, [attempt_id], kept=close.answer is not None
+                    "", None, raw.language, raw.model, [attempt_id], kept=close.answer is not None
                 )
                 walk.last_error = f"{model}: empty transcript"
             else:
@@ -317,23 +331,15 @@ class ChainRunner:
         out after the request was sent, or its 200 did not parse) is charged the list-price estimate,
         unsettled, exactly like a call whose worker died (core.billing): `voxq billing settle` puts the
         provider's own figure in its place, or removes it."""
-        if raw is None and err is not None and err.billing_unknown:
+        to = self._target(model)  # recorded as the bare model; priced at its provider's price
+        unsettled = raw is None and err is not None and err.billing_unknown
+        priced: PricedLike | None = None
+        if raw is not None:
+            priced = self._price(model, raw, seconds)
+        elif unsettled:
             from core.pricing import price_attempt
 
-            return AttemptClose(
-                attempt_id=attempt_id,
-                outcome=action.outcome,
-                latency_ms=latency_ms,
-                tenant_id=piece.job.tenant_id,
-                batch_id=piece.job.batch_id,
-                job_id=piece.job.id,
-                model=model,
-                http_status=call.http_status,
-                error_code=action.error_code,
-                error_message=call.message,
-                priced=price_attempt(model, None, seconds),
-                unsettled=True,
-            )
+            priced = price_attempt(to.model, None, seconds, provider=to.provider)
         return AttemptClose(
             attempt_id=attempt_id,
             outcome=action.outcome,
@@ -341,12 +347,13 @@ class ChainRunner:
             tenant_id=piece.job.tenant_id,
             batch_id=piece.job.batch_id,
             job_id=piece.job.id,
-            model=model,
+            model=to.model,
             http_status=200 if raw is not None else call.http_status,
             error_code=action.error_code,
             error_message=None if raw is not None else call.message,
-            priced=self._price(model, raw, seconds) if raw is not None else None,
+            priced=priced,
             usage=raw.extra_usage if raw is not None else None,
+            unsettled=unsettled,
             answer=_kept(piece, raw, attempt_id, depth) if raw is not None and action.keep else None,
         )
 
@@ -388,14 +395,16 @@ class ChainRunner:
     def _pending(
         self, piece: Piece, attempt_id: uuid.UUID, model: str, retry: int, seconds: float, data: bytes
     ) -> PendingAttempt:
-        """The attempt row opened for a call (its INSERT shared with calls starting now: Runtime.attempts)."""
+        """The attempt row opened for a call (its INSERT shared with calls starting now: Runtime.attempts):
+        the entry's provider and its bare model name."""
+        to = self._target(model)
         return PendingAttempt(
             id=attempt_id,
             tenant_id=piece.job.tenant_id,
             job_id=piece.job.id,
             chunk_index=piece.index,
-            model=model,
-            provider=self._provider_name,
+            model=to.model,
+            provider=to.provider,
             retry_number=retry,
             audio_seconds=seconds,
             request_bytes=len(data),
@@ -403,10 +412,19 @@ class ChainRunner:
         )
 
     def _price(self, model: str, answer: _RawAnswer, seconds: float) -> PricedLike:
+        """An answer's cost at its entry's provider's price for the model."""
         from core.pricing import price_attempt
 
-        priced: PricedLike = price_attempt(model, answer.extra_usage, seconds)
+        to = self._target(model)
+        priced: PricedLike = price_attempt(to.model, answer.extra_usage, seconds, provider=to.provider)
         return priced
+
+    def _target(self, model: str) -> Target:
+        """The provider, bare model name and limits of chain entry `model` (worker.entries)."""
+        found = self._targets.get(model)
+        if found is None:
+            found = self._targets[model] = target(model, self.settings)
+        return found
 
     async def _call(
         self, piece: Piece, data: bytes, seconds: float, prompt: str | None, model: str, retry: int
@@ -472,20 +490,22 @@ class ChainRunner:
                     await asyncio.to_thread(budget.release, attempt_id)
                 raise
             bind_log_context(attempt=str(attempt_id))  # undone when _call's log_context exits
+            to = self._target(model)  # the entry's provider gets the call, with the bare model name
             request = TranscriptionRequest(
                 audio=data,
                 filename=audio.FLAC_FILENAME,
                 content_type=audio.FLAC_CONTENT_TYPE,
-                model=model,
+                model=to.model,
                 audio_seconds=seconds,
                 language=piece.batch.language,
                 prompt=prompt,
                 request_id=str(attempt_id),
                 want_timestamps=True,
+                response_format=response_format(to.config, True),
             )
             started = time.monotonic()
             try:
-                result = await self.provider.transcribe(request)
+                result = await self.rt.provider(to.provider).transcribe(request)
             except ProviderError as exc:
                 return None, exc, attempt_id, (time.monotonic() - started) * 1000, ticket
             except Exception as exc:  # a bug or an untranslated failure: retry like a transport error
@@ -498,7 +518,7 @@ class ChainRunner:
                     billing_unknown=True,
                 )
                 return None, error, attempt_id, (time.monotonic() - started) * 1000, ticket
-        raw = _RawAnswer(result.text, result.segments, result.language, model, [attempt_id])
+        raw = _RawAnswer(result.text, result.segments, result.language, to.model, [attempt_id])
         raw.extra_usage = result.usage
         return raw, None, attempt_id, (time.monotonic() - started) * 1000, ticket
 
@@ -576,21 +596,3 @@ def _kept(piece: Piece, answer: Answer, attempt_id: uuid.UUID, depth: int) -> Ke
     if depth:
         return None
     return kept_answer(piece, answer, attempt_id)
-
-
-def kept_answer(piece: Piece, answer: Answer, attempt_id: uuid.UUID) -> KeptAnswer:
-    """A piece's answer as `job_answers` keeps it: the piece's bounds, segments in original time."""
-    tmap = audio.TimeMap.from_json(piece.job.time_map)
-    return KeptAnswer(
-        job_id=piece.job.id,
-        index=piece.index,
-        start_seconds=piece.offset,
-        end_seconds=piece.offset + piece.seconds,
-        text=answer.text,
-        segments=audio.map_segments(
-            answer.segments, text=answer.text, offset=piece.offset, duration=piece.seconds, tmap=tmap
-        ),
-        language=answer.language,
-        model=answer.model,
-        attempt_id=attempt_id,
-    )

@@ -13,9 +13,11 @@ from __future__ import annotations
 import hashlib
 import json
 import uuid
+from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import date
 
+from core.dedupe import NO_MODEL
 from core.providers.config import load_catalogue
 from core.providers.retirement import runtime_chain, utc_today
 from core.settings import Settings
@@ -38,12 +40,21 @@ class GroupItem:
 
 
 def model_chain(batch_models: list[str] | None, settings: Settings, today: date | None = None) -> list[str]:
-    """The models to try for a batch, in order, without duplicates: the batch's own, else the primary
-    model then the fallbacks; models retired on `today` (default: UTC today) left out; `local` only when
-    the provider cannot be called (no key). The one place that says it (grouping, the chain runner, the
-    worker's start-up checks); the rules are `core.providers.retirement.runtime_chain`."""
+    """The models to try for a batch, in order, without duplicates, as `provider:model` entries (or
+    `local`): the batch's own, else the primary model then the fallbacks; models retired on `today`
+    (default: UTC today) and models of providers that cannot be called (no key) left out; `[local]` when no
+    hosted model is left. The one place that says it (grouping, dedupe, the chain runner, the worker's
+    start-up checks); the rules are `core.providers.retirement.runtime_chain`."""
     catalogue = load_catalogue(settings)
     return runtime_chain(catalogue, settings, batch_models, today or utc_today())
+
+
+def chain_entries(models: Iterable[str], settings: Settings) -> list[str]:
+    """Model names as chain entries, to compare with a chain: a transcript's models (bare names, as
+    `jobs.model` records them) as `provider:model` (resolved as the catalogue says); `local`, `local:*` and
+    `none` as written."""
+    catalogue = load_catalogue(settings)
+    return [str(ref) if (ref := catalogue.resolve(m)) is not None and m != NO_MODEL else m for m in models]
 
 
 def group_key(item: GroupItem, duration_class: str) -> str:

@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import uuid
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 from worker import audio
 from worker.derived import derived_key
+from worker.store.answers import KeptAnswer
 from worker.store.batches import BatchOptions
 from worker.store.groups import GroupJob
 
@@ -81,3 +83,30 @@ def shift_segments(segments: list[dict[str, Any]], by: float) -> list[dict[str, 
             ]
         out.append(moved)
     return out
+
+
+class PieceAnswer(Protocol):
+    """What a piece's answer carries (worker.chain.Answer)."""
+
+    text: str
+    segments: list[dict[str, Any]] | None
+    language: str | None
+    model: str
+
+
+def kept_answer(piece: Piece, answer: PieceAnswer, attempt_id: uuid.UUID) -> KeptAnswer:
+    """A piece's answer as `job_answers` keeps it: the piece's bounds, segments in original time."""
+    tmap = audio.TimeMap.from_json(piece.job.time_map)
+    return KeptAnswer(
+        job_id=piece.job.id,
+        index=piece.index,
+        start_seconds=piece.offset,
+        end_seconds=piece.offset + piece.seconds,
+        text=answer.text,
+        segments=audio.map_segments(
+            answer.segments, text=answer.text, offset=piece.offset, duration=piece.seconds, tmap=tmap
+        ),
+        language=answer.language,
+        model=answer.model,
+        attempt_id=attempt_id,
+    )

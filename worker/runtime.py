@@ -6,6 +6,8 @@ and waits for the result. So the httpx connection pool and the `VOXQ_MAX_IN_FLIG
 by every task of the process, whatever the Celery pool: a prefork child runs one group at a time, and a
 `-P threads -c N` transcribe worker runs N groups at once on the same client and the same in-flight
 bound — the way to keep hundreds of requests open from one 2-core host without N copies of everything.
+Every configured provider gets one client of its own (`Runtime.provider(name)`: base URL, key, headers),
+built on first use on that same httpx client.
 """
 
 from __future__ import annotations
@@ -278,6 +280,7 @@ class Runtime:
     _semaphore: asyncio.Semaphore | None = None
     _circuit: CircuitBreaker | None = None
     _limiter: RateLimiter | None = None
+    _providers: dict[str, Provider] = field(default_factory=dict)  # by provider name (`provider`)
     attempts: AttemptOpener = field(default_factory=AttemptOpener)
     completions: CompletionWriter = field(default_factory=CompletionWriter)
     groups: GroupRuns = field(default_factory=GroupRuns)
@@ -335,23 +338,34 @@ class Runtime:
             self._redis = aioredis.Redis.from_pool(pool)  # owns the pool: aclose() closes it
         return self._redis
 
-    def provider(self) -> Provider:
-        """The hosted provider (OpenAI-compatible) on the shared client: base URL, key and headers of the
-        providers configuration's runtime provider (the first hosted model's in the default chain). One
-        provider per process until the multi-provider step of issue #17."""
-        from core.providers.config import api_key, load_catalogue
-        from core.providers.openai import OpenAIProvider
+    def provider(self, name: str | None = None) -> Provider:
+        """The client of provider `name` of the providers configuration (None: the provider of the
+        default chain's first hosted model, `openai` in env-only setups), built on first use on the
+        process's one shared HTTP client with the provider's base URL, key and headers. KeyError for a
+        provider the configuration does not have."""
+        from core.providers.config import OPENAI, load_catalogue
         from core.providers.retirement import runtime_provider, utc_today
 
-        config = runtime_provider(load_catalogue(self.settings), self.settings, utc_today())
-        if config is None:
-            key = self.settings.openai_api_key
-            return OpenAIProvider(
-                self.http,
-                base_url=self.settings.openai_base_url,
-                api_key=key.get_secret_value() if key is not None else None,
-                timeout=self.settings.provider_timeout_seconds,
-            )
+        if name is None:
+            default = runtime_provider(load_catalogue(self.settings), self.settings, utc_today())
+            name = default.name if default is not None else OPENAI
+        client = self._providers.get(name)
+        if client is None:
+            client = self._providers[name] = self._build_provider(name)
+        return client
+
+    @property
+    def providers(self) -> dict[str, Provider]:
+        """A client for every configured provider, by name (each built once, on the shared client)."""
+        from core.providers.config import load_catalogue
+
+        return {name: self.provider(name) for name in load_catalogue(self.settings).providers}
+
+    def _build_provider(self, name: str) -> Provider:
+        from core.providers.config import api_key, load_catalogue
+        from core.providers.openai import OpenAIProvider
+
+        config = load_catalogue(self.settings).providers[name]
         return OpenAIProvider(
             self.http,
             base_url=config.base_url,

@@ -217,7 +217,12 @@ def warn_retiring_models() -> list[tuple[str, str]]:
     import httpx
 
     from core.providers.base import ProviderError
+    from core.providers.config import OPENAI, ModelRef
     from core.providers.openai import list_models, retiring_models
+
+    def openai_ref(entry: str) -> ModelRef | None:
+        ref = ModelRef.of_entry(entry)
+        return ref if ref is not None and ref.provider == OPENAI else None
 
     async def fetch() -> dict[str, Any]:
         async with httpx.AsyncClient() as client:
@@ -228,7 +233,9 @@ def warn_retiring_models() -> list[tuple[str, str]]:
     except (ProviderError, httpx.HTTPError, OSError) as exc:
         log.info("could not read the provider's model list: %s", exc)
         return []
-    found = retiring_models(models, model_chain(None, settings), datetime.now(UTC).date())
+    # The list is OpenAI's (OPENAI_BASE_URL): compared with the chain's OpenAI models, by their own names.
+    openai_models = [ref.model for e in model_chain(None, settings) if (ref := openai_ref(e)) is not None]
+    found = retiring_models(models, openai_models, datetime.now(UTC).date())
     for model, shutdown in found:
         log.warning(
             "MODEL RETIRING: configured model %s shuts down on %s (within 90 days); "

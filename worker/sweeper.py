@@ -269,6 +269,7 @@ def _abandon_attempts(session: Any, ended: list[uuid.UUID], ts: datetime, settin
                 job_id=a.job_id,
                 model=a.model,
                 audio_seconds=a.audio_seconds or 0.0,
+                provider=a.provider,
             )
     return len(abandoned)
 

@@ -38,11 +38,11 @@ from core.logs import log_context
 from core.settings import ChunkContext
 from core.statuses import JobStatus
 from worker import audio, completion, derived, dispatch
-from worker.chain import ChainRunner, kept_answer
+from worker.chain import ChainRunner
 from worker.derived import derived_key
 from worker.grouping import model_chain
 from worker.outcomes import Halted, Handoff, JobEnded
-from worker.pieces import Piece, compose_prompt, pieces_of
+from worker.pieces import Piece, compose_prompt, kept_answer, pieces_of
 from worker.profiles import profile_plan
 from worker.runtime import Runtime
 from worker.store.answers import keep_answer, stored_answer

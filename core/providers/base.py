@@ -72,6 +72,10 @@ class TranscriptionRequest:
     prompt: str | None = None
     request_id: str | None = None  # sent as X-Client-Request-Id; the attempt's id
     want_timestamps: bool = False
+    # The response format the model's configured capabilities allow (worker.entries.response_format:
+    # verbose_json when the model offers it and timestamps are wanted, else json); None for a model the
+    # providers configuration does not describe: verbose_json when timestamps are wanted, else json.
+    response_format: str | None = None
 
 
 @dataclass

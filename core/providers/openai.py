@@ -36,9 +36,6 @@ import httpx
 from core.languages import iso_language
 from core.providers.base import ErrorKind, ProviderError, TranscriptionRequest, TranscriptionResult
 
-# Models that answer `json` only (no timestamps); anything else is treated as whisper-like.
-JSON_ONLY_MODEL_PREFIXES = ("gpt-4o-transcribe", "gpt-4o-mini-transcribe", "gpt-transcribe")
-
 # 400 codes that say the audio itself is the problem, whatever the param (`invalid_value` is not one: it is
 # about whichever parameter `param` names).
 _AUDIO_ERROR_CODES = frozenset({"audio_too_short", "invalid_file_format", "unsupported_file", "invalid_file"})
@@ -59,10 +56,6 @@ _MAX_MESSAGE_CHARS = 500
 # Request bodies up to this size (a voicemail's FLAC) are joined before sending; a long chunk's is
 # streamed as it is rather than copied.
 JOIN_BODY_MAX_BYTES = 1 << 20
-
-
-def _json_only(model: str) -> bool:
-    return model.startswith(JSON_ONLY_MODEL_PREFIXES)
 
 
 def parse_retry_after(headers: httpx.Headers, *, now: float | None = None) -> float | None:
@@ -330,11 +323,11 @@ class OpenAIProvider:
 
     async def transcribe(self, request: TranscriptionRequest) -> TranscriptionResult:
         """Transcribe one request or raise ProviderError (see the module docstring for the rules)."""
-        verbose = request.want_timestamps and not _json_only(request.model)
-        data: dict[str, str | list[str]] = {
-            "model": request.model,
-            "response_format": "verbose_json" if verbose else "json",
-        }
+        # The format comes with the request (the model's configured capabilities); this module keeps no
+        # list of models. Without one: verbose_json when timestamps are wanted.
+        response_format = request.response_format or ("verbose_json" if request.want_timestamps else "json")
+        verbose = response_format == "verbose_json"
+        data: dict[str, str | list[str]] = {"model": request.model, "response_format": response_format}
         if verbose:
             data["timestamp_granularities[]"] = ["segment", "word"]
         if request.language:

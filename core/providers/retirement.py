@@ -7,9 +7,9 @@ request. Before the date it is "retiring" (a start-up warning within `WARN_DAYS`
 `openai:gpt-transcribe` from that date. `today` is always passed in (callers use `utc_today()`), so the
 rules are tested on both sides of a date without touching the clock.
 
-The worker's runtime has one provider client for now: `runtime_chain` keeps the entries of the provider of
-the chain's first hosted model (`runtime_provider`) and drops other providers' (issue #17's later step
-builds one client per provider and routes across them).
+The worker's chain spans providers: `runtime_chain` gives canonical `provider:model` entries (or `local`)
+of every provider the worker can call (`usable`: it needs no key, or its key is set), so each call goes to
+its entry's provider (worker/runtime.py: one client per provider on the process's shared HTTP client).
 """
 
 from __future__ import annotations
@@ -67,7 +67,7 @@ def default_chain(catalogue: Catalogue, settings: Settings, today: date) -> list
 
 
 def runtime_provider(catalogue: Catalogue, settings: Settings, today: date) -> ProviderConfig | None:
-    """The provider of the default chain's first hosted model: the one the worker's runtime calls."""
+    """The provider of the default chain's first hosted model (the one env-only setups call)."""
     for name in default_chain(catalogue, settings, today):
         ref = catalogue.resolve(name)
         if ref is not None:
@@ -78,24 +78,29 @@ def runtime_provider(catalogue: Catalogue, settings: Settings, today: date) -> P
 def runtime_chain(
     catalogue: Catalogue, settings: Settings, batch_models: list[str] | None, today: date
 ) -> list[str]:
-    """The model names the runtime sends, in order, without duplicates: the batch's own chain, else the
-    default one; retired models and other providers' models left out; `local` when the runtime's
-    provider cannot be called (no provider, or its key is not set)."""
-    provider = runtime_provider(catalogue, settings, today)
-    if provider is None or not usable(provider, settings):
-        return [LOCAL_MODEL]
+    """The chain the worker runs, in order, without duplicates: the batch's own, else the default one, as
+    canonical `provider:model` entries (a bare name resolved by `Catalogue.resolve`: OpenAI's, else the
+    first provider declaring it) and `local` entries as written. Left out: retired models, and models of a
+    provider that is not configured or cannot be called (its key is not set). `[local]` when no hosted
+    model is left."""
     chain: list[str] = []
+    hosted = False
     for name in batch_models or default_chain(catalogue, settings, today):
-        ref = catalogue.resolve(name, provider.name)
+        if not name:
+            continue
+        ref = catalogue.resolve(name)
         if ref is None:
             entry = name
-        elif ref.provider != provider.name or is_retired(catalogue.model(ref), today):
-            continue
         else:
-            entry = ref.model
-        if entry and entry not in chain:
+            provider = catalogue.providers.get(ref.provider)
+            if provider is None or not usable(provider, settings):
+                continue
+            if is_retired(catalogue.model(ref), today):
+                continue
+            entry, hosted = str(ref), True
+        if entry not in chain:
             chain.append(entry)
-    return chain or [LOCAL_MODEL]
+    return chain if hosted else [LOCAL_MODEL]
 
 
 @dataclass(frozen=True)

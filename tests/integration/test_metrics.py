@@ -340,10 +340,13 @@ def test_a_run_moves_each_family_as_the_run_says(stack: Stack, fake_openai: Fake
     assert sample(w, "voxq_attempts_total", model=PRIMARY, outcome=AttemptOutcome.SUCCESS.value) == 0
 
     # Each transcribed file moved from the primary to the fallback once (by error, or by open circuit).
-    assert sample(w, "voxq_fallbacks_total", from_model=PRIMARY, to_model=FALLBACK) == len(transcribed)
+    # Fallbacks, circuits and rate limiters are about chain entries (`provider:model`); attempts, latency
+    # and costs about the model that answered.
+    entry, fallback_entry = f"openai:{PRIMARY}", f"openai:{FALLBACK}"
+    assert sample(w, "voxq_fallbacks_total", from_model=entry, to_model=fallback_entry) == len(transcribed)
     # Insufficient quota opened the primary's circuit for the fleet.
-    assert sample(w, "voxq_circuit_open", model=PRIMARY) == 1
-    assert sample(a, "voxq_circuits_open", model=PRIMARY) == 1
+    assert sample(w, "voxq_circuit_open", model=entry) == 1
+    assert sample(a, "voxq_circuits_open", model=entry) == 1
 
     # Latency: one observation per answered call of each model.
     for model in (PRIMARY, FALLBACK):
@@ -421,8 +424,8 @@ def test_rate_limiter_waits_and_webhook_deliveries_are_counted(stack: Stack, fak
     assert [a.outcome for a in attempts] == [AttemptOutcome.SUCCESS.value] * 3
     assert sample(w, "voxq_attempts_total", model=FALLBACK, outcome=AttemptOutcome.SUCCESS.value) == 3
     # One token per second: the calls after the first waited, for about a second each in turn.
-    waits = sample(w, "voxq_rate_limiter_waits_total", model=FALLBACK)
-    waited = sample(w, "voxq_rate_limiter_wait_seconds_total", model=FALLBACK)
+    waits = sample(w, "voxq_rate_limiter_waits_total", model=f"openai:{FALLBACK}")
+    waited = sample(w, "voxq_rate_limiter_wait_seconds_total", model=f"openai:{FALLBACK}")
     assert 1 <= waits <= 2
     assert 0.5 * waits <= waited <= 3.0 * waits
     spread = (attempts[-1].started_at - attempts[0].started_at).total_seconds()

@@ -91,7 +91,7 @@ def test_insufficient_quota_switches_at_once_and_opens_the_circuit(
             (PRIMARY, AttemptOutcome.FALLBACK.value),
             (SECOND, AttemptOutcome.SUCCESS.value),
         ]
-        assert circuit_state(stack, PRIMARY) == "open"
+        assert circuit_state(stack, f"openai:{PRIMARY}") == "open"  # circuits are per chain entry
         # While open, nobody calls the primary at all.
         _, second = one_job(pipeline, tones(700))
         pipeline.submit([second])
@@ -115,7 +115,7 @@ def test_model_not_found_retires_the_model(
         (PRIMARY, AttemptOutcome.FALLBACK.value, "model_not_found"),
         (SECOND, AttemptOutcome.SUCCESS.value, None),
     ]
-    assert circuit_state(stack, PRIMARY) == "retired"
+    assert circuit_state(stack, f"openai:{PRIMARY}") == "retired"
 
 
 def test_invalid_audio_gets_one_try_on_the_next_model_then_fails_with_the_message(
@@ -239,7 +239,8 @@ def test_an_open_circuit_delays_jobs_instead_of_failing_them(
     async def trip() -> None:
         client = aioredis.Redis.from_url(stack.redis_url)
         try:
-            await CircuitBreaker(client, failure_threshold=5, open_seconds=3).trip(PRIMARY, seconds=3)
+            breaker = CircuitBreaker(client, failure_threshold=5, open_seconds=3)
+            await breaker.trip(f"openai:{PRIMARY}", seconds=3)  # circuits are per chain entry
         finally:
             await client.aclose()
 

@@ -92,5 +92,6 @@ def test_model_chain_is_local_only_without_a_key() -> None:
 
 def test_model_chain_uses_batch_models_else_settings_without_duplicates() -> None:
     s = settings(primary_model="a", fallback_models=["b", "a", "local"])
-    assert model_chain(None, s) == ["a", "b", "local"]
-    assert model_chain(["z", "z", "local"], s) == ["z", "local"]
+    # chain entries name their provider: a bare name no provider declares is OpenAI's
+    assert model_chain(None, s) == ["openai:a", "openai:b", "local"]
+    assert model_chain(["z", "z", "openai:z", "local"], s) == ["openai:z", "local"]

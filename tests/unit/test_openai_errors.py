@@ -105,7 +105,9 @@ def test_json_model_request_shape_and_result() -> None:
         seen.append(req)
         return httpx.Response(200, json={"text": "hello", "usage": usage}, headers={"x-request-id": "req_1"})
 
-    result = _call(handler, _request(language="en", prompt="previous tail", want_timestamps=True))
+    # The worker passes the format the model's capabilities allow (worker.entries.response_format).
+    request = _request(language="en", prompt="previous tail", want_timestamps=True, response_format="json")
+    result = _call(handler, request)
     req = seen[0]
     assert req.method == "POST"
     assert str(req.url) == BASE + "/audio/transcriptions"
@@ -113,7 +115,7 @@ def test_json_model_request_shape_and_result() -> None:
     assert req.headers["x-client-request-id"] == "attempt-123"
     fields, files = _form(req)
     assert fields["model"] == ["gpt-4o-mini-transcribe"]
-    # gpt-4o models answer json only, even when timestamps are wanted.
+    # gpt-4o models answer json only (their capabilities), even when timestamps are wanted.
     assert fields["response_format"] == ["json"]
     assert "timestamp_granularities[]" not in fields
     assert fields["language"] == ["en"] and fields["prompt"] == ["previous tail"]

@@ -51,19 +51,23 @@ def test_default_chain_on_both_sides_of_the_shutdown() -> None:
     ]
     assert default_chain(catalogue, settings, SHUTDOWN) == ["openai:gpt-transcribe", "local"]
     # What the worker sends (worker/grouping.py:model_chain), with the date passed in.
-    assert model_chain(None, settings, DAY_BEFORE) == ["gpt-4o-mini-transcribe", "gpt-4o-transcribe", "local"]
-    assert model_chain(None, settings, SHUTDOWN) == ["gpt-transcribe", "local"]
+    assert model_chain(None, settings, DAY_BEFORE) == [
+        "openai:gpt-4o-mini-transcribe",
+        "openai:gpt-4o-transcribe",
+        "local",
+    ]
+    assert model_chain(None, settings, SHUTDOWN) == ["openai:gpt-transcribe", "local"]
 
 
 def test_a_retired_model_is_never_in_a_chain_even_when_named() -> None:
     settings = env_only(primary_model="whisper-1", fallback_models=["gpt-transcribe", "local"])
-    assert model_chain(None, settings, DAY_BEFORE) == ["whisper-1", "gpt-transcribe", "local"]
-    assert model_chain(None, settings, SHUTDOWN) == ["gpt-transcribe", "local"]
+    assert model_chain(None, settings, DAY_BEFORE) == ["openai:whisper-1", "openai:gpt-transcribe", "local"]
+    assert model_chain(None, settings, SHUTDOWN) == ["openai:gpt-transcribe", "local"]
     # a batch's own chain too
     assert model_chain(["gpt-4o-transcribe", "openai:whisper-1"], settings, SHUTDOWN) == ["local"]
     assert model_chain(["openai:whisper-1", "gpt-transcribe"], settings, DAY_BEFORE) == [
-        "whisper-1",
-        "gpt-transcribe",
+        "openai:whisper-1",
+        "openai:gpt-transcribe",
     ]
 
 
@@ -103,17 +107,17 @@ def test_a_self_hosted_provider_from_the_file_is_the_runtime_chain(tmp_path: Pat
     # no OpenAI key at all: the self-hosted provider needs none
     settings = Settings(providers_file=str(path), primary_model="gpu:whisper-base", OPENAI_API_KEY="")
     catalogue = load_catalogue(settings)
-    # the default fallback gpt-4o-transcribe is OpenAI's: not the runtime provider's (see below)
-    assert runtime_chain(catalogue, settings, None, TODAY) == ["whisper-base", "local"]
-    assert model_chain(None, settings, TODAY)[0] == "whisper-base"
-    # other providers' models wait for the multi-provider runtime (a later step)
+    # the default fallback gpt-4o-transcribe is OpenAI's, whose key is not set: left out
+    assert runtime_chain(catalogue, settings, None, TODAY) == ["gpu:whisper-base", "local"]
+    assert model_chain(None, settings, TODAY)[0] == "gpu:whisper-base"
+    # with OpenAI's key set, its models join the chain
     settings = Settings(
         providers_file=str(path),
         primary_model="gpu:whisper-base",
         fallback_models=["openai:whisper-1", "local"],
-        OPENAI_API_KEY="",
+        OPENAI_API_KEY="sk-test",
     )
-    assert model_chain(None, settings, TODAY) == ["whisper-base", "local"]
+    assert model_chain(None, settings, TODAY) == ["gpu:whisper-base", "openai:whisper-1", "local"]
 
 
 def test_a_chain_naming_an_unknown_provider_or_model_is_a_config_error() -> None:
@@ -126,7 +130,7 @@ def test_a_chain_naming_an_unknown_provider_or_model_is_a_config_error() -> None
     check_chain(load_catalogue(env_only(primary_model="some-new-model")), env_only())  # bare: as before
 
 
-def test_batches_may_name_only_the_runtime_providers_models(tmp_path: Path) -> None:
+def test_batches_may_name_every_providers_models(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     path = tmp_path / "p.toml"
     path.write_text(
         '[providers.gpu]\nbase_url = "http://127.0.0.1:9/v1"\n'
@@ -141,6 +145,12 @@ def test_batches_may_name_only_the_runtime_providers_models(tmp_path: Path) -> N
         OPENAI_API_KEY="",
     )
     allowed = allowed_models(settings, TODAY)
-    assert {"gpu:whisper-base", "whisper-base", "local"} <= allowed
-    assert "acme:turbo" not in allowed and "turbo" not in allowed  # dropped from chains until then
-    assert model_chain(["acme:turbo", "gpu:whisper-base"], settings, TODAY) == ["whisper-base"]
+    assert {"gpu:whisper-base", "whisper-base", "local", "acme:turbo", "turbo"} <= allowed
+    # acme's key is not set: its model is left out of chains until it is
+    monkeypatch.delenv("ACME_KEY", raising=False)
+    assert model_chain(["acme:turbo", "gpu:whisper-base"], settings, TODAY) == ["gpu:whisper-base"]
+    monkeypatch.setenv("ACME_KEY", "acme-secret")
+    assert model_chain(["acme:turbo", "gpu:whisper-base"], settings, TODAY) == [
+        "acme:turbo",
+        "gpu:whisper-base",
+    ]

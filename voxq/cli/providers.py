@@ -142,6 +142,7 @@ async def _try_model(
     args: object,
 ) -> Row:
     from core.providers.openai import OpenAIProvider
+    from worker.entries import response_format
 
     settings = get_settings()
     catalogue = load_catalogue(settings)
@@ -161,6 +162,7 @@ async def _try_model(
         model=ref.model,
         audio_seconds=seconds,
         want_timestamps=wants,
+        response_format=response_format(model, wants),  # what the model's capabilities offer
     )
     row = Row(provider.name, ref.model, "yes", price=price_per_hour(catalogue, ref, settings))
     started = time.monotonic()

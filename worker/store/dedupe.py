@@ -33,7 +33,7 @@ from core.ids import uuid7
 from core.models import Batch, Job, Transcript
 from core.settings import get_settings
 from core.statuses import AlignmentStatus, JobStatus
-from worker.grouping import model_chain
+from worker.grouping import chain_entries, model_chain
 from worker.store.batches import model_list
 from worker.store.probes import ProbedJob
 from worker.store.sql import now
@@ -196,6 +196,7 @@ class _Twins:
             key = (row.tenant_id, row.fingerprint, row.language, row.prompt)
             if row.status == JobStatus.SUCCEEDED.value:
                 models = transcript_models(row.transcript_model, {"models": row.transcript_models})
+                models = chain_entries(models, settings)  # compared with chain entries
                 self._finished.setdefault(key, []).append((row.finished_at, row.id, models))
             else:
                 chain = tuple(model_chain(model_list(row.batch_models), settings))
@@ -236,7 +237,9 @@ def copy_transcript(job_id: uuid.UUID, twin_id: uuid.UUID, *, as_follower: bool 
         if twin is None:
             return False
         models = transcript_models(twin.model, twin.provenance)
-        if as_follower and not takes_leader_outcome(models, _chain_of(session, job_id)):
+        if as_follower and not takes_leader_outcome(
+            chain_entries(models, get_settings()), _chain_of(session, job_id)
+        ):
             return False
         job = session.execute(
             update(Job)
