@@ -104,6 +104,18 @@ def test_invalid_routing_options_are_refused_with_stable_codes(client: TestClien
     assert bad.status_code == 422 and bad.json()["code"] == "invalid_diarize"
     ok = client.post("/v1/batches", json={"routing": "cheapest", "diarize": True})
     assert ok.status_code == 201 and (ok.json()["routing"], ok.json()["diarize"]) == ("cheapest", True)
+    # POST /v1/jobs takes them as form fields
+    files = [("file", ("a.wav", tones(440), "audio/wav"))]
+    single = client.post("/v1/jobs", files=files, data={"routing": "cheapest", "diarize": "true"})
+    assert single.status_code == 202, single.text
+    batch = client.get(f"/v1/batches/{single.json()['batch_id']}").json()
+    assert (batch["routing"], batch["diarize"]) == ("cheapest", True)
+    for field, value, code in (
+        ("routing", "cheap", "invalid_routing"),
+        ("diarize", "maybe", "invalid_diarize"),
+    ):
+        bad = client.post("/v1/jobs", files=files, data={field: value})
+        assert bad.status_code == 422 and bad.json()["code"] == code, bad.text
 
 
 def test_a_twin_in_flight_is_followed_only_when_its_route_starts_alike(
