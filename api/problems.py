@@ -196,6 +196,8 @@ _VALIDATION_CODES = {
     "extra_forbidden": "unknown_field",
     "model_not_allowed": "model_not_allowed",
     "invalid_timestamps": "invalid_timestamps",
+    "invalid_routing": "invalid_routing",
+    "invalid_diarize": "invalid_diarize",
 }
 
 

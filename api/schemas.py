@@ -12,6 +12,7 @@ from pydantic import AnyHttpUrl, BaseModel, ConfigDict, Field, field_validator, 
 from pydantic_core import PydanticCustomError
 
 from core.model_access import allowed_models, unconfigured_models
+from core.providers.routing import ROUTING_POLICIES
 from core.settings import get_settings
 
 ProfileName = Literal["voicemail", "podcast", "auto"]
@@ -20,6 +21,9 @@ PreferName = Literal["cost", "speed"]
 # A batch's `timestamps` (core.statuses.Timestamps); a value outside these is 422 `invalid_timestamps`.
 TIMESTAMPS_VALUES = ("none", "segment", "word")
 INVALID_TIMESTAMPS = "invalid_timestamps"
+# A batch's `routing` (core.providers.routing) and `diarize`: 422 `invalid_routing` / `invalid_diarize`.
+INVALID_ROUTING = "invalid_routing"
+INVALID_DIARIZE = "invalid_diarize"
 TranscriptFormat = Literal["txt", "json", "srt", "vtt"]
 GroupBy = Literal["day", "model", "batch"]
 ModelName = Annotated[str, Field(min_length=1, max_length=100, pattern=r"^[A-Za-z0-9][A-Za-z0-9._:/-]*$")]
@@ -82,12 +86,41 @@ class BatchOptions(Strict):
         "locally when the model gives none; default: segment for the podcast profile, else none",
         json_schema_extra={"enum": list(TIMESTAMPS_VALUES)},
     )
+    routing: str = Field(
+        default="chain",
+        description="chain: the models in the chain's order; cheapest: the cheapest configured model of the "
+        "chain that natively meets the batch's needs (timestamps, diarize) for each file, minimum billed "
+        "seconds included, then the others by price, local last. Each job says which and why "
+        "(route_model, route_reason)",
+        json_schema_extra={"enum": list(ROUTING_POLICIES)},
+    )
+    diarize: bool = Field(
+        default=False,
+        description="route to models that label speakers (with routing=cheapest); speaker labels are not "
+        "returned in transcripts yet",
+    )
     metadata: dict[str, Any] = Field(default_factory=dict)
 
     @field_validator("timestamps")
     @classmethod
     def _known_timestamps(cls, value: str | None) -> str | None:
         return _timestamps(value)
+
+    @field_validator("routing", mode="before")
+    @classmethod
+    def _known_routing(cls, value: Any) -> Any:
+        if value not in ROUTING_POLICIES:
+            raise PydanticCustomError(
+                INVALID_ROUTING, "routing must be one of {allowed}", {"allowed": ", ".join(ROUTING_POLICIES)}
+            )
+        return value
+
+    @field_validator("diarize", mode="before")
+    @classmethod
+    def _a_bool(cls, value: Any) -> Any:
+        if not isinstance(value, bool):
+            raise PydanticCustomError(INVALID_DIARIZE, "diarize must be true or false", {})
+        return value
 
     @field_validator("models")
     @classmethod
@@ -179,6 +212,8 @@ class BatchOut(BaseModel):
     priority: str
     prefer: str
     timestamps: str
+    routing: str
+    diarize: bool
     auto_submit: bool
     models: list[str] | None
     webhook_url: str | None
@@ -258,6 +293,14 @@ class JobOut(BaseModel):
         default=None,
         description="Why the job last moved on from a model of its chain (that model and the provider's "
         "message, e.g. a refused API key or an exhausted quota); null when it never did",
+    )
+    route_model: str | None = Field(
+        default=None, description="The model the job's route tries first (null until the job is prepared)"
+    )
+    route_reason: str | None = Field(
+        default=None,
+        description="Why that model: 'chain order', or for routing=cheapest the needs it meets and its "
+        "expected cost for this file against the runner-up",
     )
     deduplicated_from: uuid.UUID | None
     created_at: datetime

@@ -110,6 +110,8 @@ def new_batch(tenant: TenantContext, options: BatchOptions, *, auto_submit: bool
         priority=options.priority,
         prefer=options.prefer,
         timestamps=effective_timestamps(options.profile, options.timestamps).value,
+        routing=options.routing,
+        diarize=options.diarize,
         auto_submit=auto_submit,
         metadata_=options.metadata,
         status=BatchStatus.OPEN.value,

@@ -141,6 +141,9 @@ class Batch(Base):
     prefer: Mapped[str] = mapped_column(String(10), default="cost", server_default=text("'cost'"))
     # none | segment | word (core.statuses.Timestamps); NULL: the profile's default (`effective_timestamps`)
     timestamps: Mapped[str | None] = mapped_column(String(10))
+    # chain | cheapest (core.providers.routing): the order a job's models are tried in; diarize: a need.
+    routing: Mapped[str] = mapped_column(String(10), default="chain", server_default=text("'chain'"))
+    diarize: Mapped[bool] = mapped_column(Boolean, default=False, server_default=text("false"))
     auto_submit: Mapped[bool] = mapped_column(Boolean, default=False)
     metadata_: Mapped[dict[str, Any]] = mapped_column("metadata", JSONB, default=dict)
     status: Mapped[str] = mapped_column(String(20), default=BatchStatus.OPEN.value)
@@ -216,6 +219,9 @@ class Job(Base):
     billed_seconds: Mapped[float] = mapped_column(Float, default=0.0, server_default=text("0"))
     cost_usd: Mapped[Decimal] = mapped_column(USD, default=Decimal(0), server_default=text("0"))
     model: Mapped[str | None] = mapped_column(String(100))  # the model that produced the transcript
+    # The model its route tries first and why (core.providers.routing), written when it is grouped.
+    route_model: Mapped[str | None] = mapped_column(String(100))
+    route_reason: Mapped[str | None] = mapped_column(Text)
     status: Mapped[str] = mapped_column(String(20), default=JobStatus.UPLOADED.value)
     error_code: Mapped[str | None] = mapped_column(String(64))
     error_message: Mapped[str | None] = mapped_column(Text)

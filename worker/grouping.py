@@ -1,9 +1,10 @@
 """Grouping: which prepared jobs are transcribed together by one task.
 
-Jobs share a group when they share (tenant, profile, language, prompt, model chain, priority) and a
-duration class: `short` (trimmed audio < `short_file_seconds`) or `long`. Each group is packed up to
-`group_max_files` jobs or `group_max_seconds` of audio (a single job longer than that goes alone), so the
-broker's per-task overhead is paid once per group and the task can keep many requests in flight at once.
+Jobs share a group when they share (tenant, profile, language, prompt, routed model chain, routing,
+diarize, priority) and a duration class: `short` (trimmed audio < `short_file_seconds`) or `long`. Each
+group is packed up to `group_max_files` jobs or `group_max_seconds` of audio (a single job longer than
+that goes alone), so the broker's per-task overhead is paid once per group and the task can keep many
+requests in flight at once.
 Packing happens within one `prepare` task's jobs (≤ 50, from one API call): waiting for other tasks' jobs
 would add latency for little gain, since one API call already brings many files.
 """
@@ -18,9 +19,12 @@ from dataclasses import dataclass
 from datetime import date
 
 from core.dedupe import NO_MODEL
-from core.providers.config import load_catalogue
-from core.providers.retirement import runtime_chain, utc_today
+from core.pricing import load_price_table
+from core.providers.config import OPENAI, load_catalogue
+from core.providers.retirement import runtime_chain, runtime_provider, utc_today
+from core.providers.routing import Needs, Route, route
 from core.settings import Settings
+from core.statuses import effective_timestamps
 from worker.store.batches import BatchOptions
 from worker.store.groups import GroupPlan
 
@@ -35,8 +39,9 @@ class GroupItem:
     job_id: uuid.UUID
     tenant_id: uuid.UUID
     batch: BatchOptions
-    chain: tuple[str, ...]
+    chain: tuple[str, ...]  # the job's routed chain (`job_route`)
     seconds: float  # trimmed audio, what will be sent
+    route_reason: str | None = None
 
 
 def model_chain(batch_models: list[str] | None, settings: Settings, today: date | None = None) -> list[str]:
@@ -57,6 +62,33 @@ def chain_entries(models: Iterable[str], settings: Settings) -> list[str]:
     return [str(ref) if (ref := catalogue.resolve(m)) is not None and m != NO_MODEL else m for m in models]
 
 
+def job_route(batch: BatchOptions, seconds: float, settings: Settings, today: date | None = None) -> Route:
+    """A job's chain in the order its batch's `routing` tries it for `seconds` of trimmed audio, and why
+    (core.providers.routing over `model_chain`'s candidates).
+
+    Deterministic in (batch options, seconds, configuration, day): prepare routes a job with its trimmed
+    seconds and stores the first model and the reason on the job; the transcribe stage and dedupe
+    compute the same route again from the job's stored `speech_seconds`, so no chain is stored."""
+    day = today or utc_today()
+    catalogue = load_catalogue(settings)
+    provider = runtime_provider(catalogue, settings, day)
+    needs = Needs(
+        timestamps=effective_timestamps(batch.profile, batch.timestamps).value,
+        diarize=batch.diarize,
+        language=batch.language,
+    )
+    return route(
+        catalogue,
+        model_chain(batch.models, settings, day),
+        needs,
+        batch.routing,
+        seconds,
+        day,
+        prices=load_price_table(settings.price_table_version, settings.price_table_dir or None),
+        default_provider=provider.name if provider is not None else OPENAI,
+    )
+
+
 def group_key(item: GroupItem, duration_class: str) -> str:
     """A stable key for the options a group's jobs share."""
     parts = [
@@ -66,6 +98,8 @@ def group_key(item: GroupItem, duration_class: str) -> str:
         item.batch.prompt,
         list(item.chain),
         item.batch.priority,
+        item.batch.routing,
+        item.batch.diarize,
     ]
     digest = hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:40]
     return f"{duration_class}:{digest}"
@@ -105,6 +139,7 @@ def plan_groups(items: list[GroupItem], settings: Settings) -> list[GroupPlan]:
                 members=[(m.job_id, m.seconds) for m in members],
                 chain=list(members[0].chain),
                 priority=members[0].batch.priority,
+                routes=[(m.chain[0] if m.chain else None, m.route_reason) for m in members],
             )
         )
     return plans

@@ -18,7 +18,8 @@ For a list of job ids (one `prepare` task, ≤ 50 jobs from one API call):
    (long files: one object per chunk, `{tenant}/derived/{job}/{index}.flac`, with `job_chunks` rows), so
    later stages never decode the original again. A whole small file's FLAC waits in Redis under that
    name instead (worker.derived; one pipelined round trip for the task's files).
-5. Leaders are packed into groups (worker.grouping) in one transaction that also renews their leases;
+5. Leaders are packed into groups (worker.grouping) in one transaction that also renews their leases
+   and records each job's route (`route_model`, `route_reason`: worker.grouping.job_route);
    each group gets one transcribe task on its priority's queue — or, when its chain starts with `local`,
    one local task per job.
 
@@ -348,7 +349,9 @@ def _settle(
         if done is not None:
             completion.job_finished(x.job.id, x.job.batch_id, succeeded=done)
         report.add("silent")
-    chains = {x.job.id: grouping.model_chain(x.job.batch.models, settings) for x in speech}
+    # Each job's route: its chain ordered by the batch's `routing` for its trimmed seconds (worker.grouping).
+    routes = {x.job.id: grouping.job_route(x.job.batch, x.prepared.speech_seconds, settings) for x in speech}
+    chains = {job_id: r.chain for job_id, r in routes.items()}
     decisions = dedupe_many(
         [
             DedupeRequest(
@@ -357,7 +360,7 @@ def _settle(
                 fingerprint=x.prepared.decoded.fingerprint,
                 language=x.job.batch.language,
                 prompt=x.job.batch.prompt,
-                chain=tuple(chains[x.job.id]),  # which twins' transcripts it may take
+                chain=chains[x.job.id],  # which twins' transcripts it may take
                 probe=x.probe(),  # written with the decision, in the same transaction
             )
             for x in speech
@@ -386,8 +389,9 @@ def _settle(
             job_id=x.job.id,
             tenant_id=x.job.tenant_id,
             batch=x.job.batch,
-            chain=tuple(chains[x.job.id]),
+            chain=chains[x.job.id],
             seconds=x.prepared.speech_seconds,
+            route_reason=routes[x.job.id].reason,
         )
         for x in stored
     ]

@@ -40,7 +40,7 @@ from core.statuses import JobStatus
 from worker import audio, completion, derived, dispatch
 from worker.chain import ChainRunner
 from worker.derived import derived_key
-from worker.grouping import model_chain
+from worker.grouping import job_route
 from worker.outcomes import Halted, Handoff, JobEnded
 from worker.pieces import Piece, compose_prompt, kept_answer, pieces_of
 from worker.profiles import profile_plan
@@ -194,7 +194,8 @@ async def _run_wave(
 async def _transcribe_job(
     rt: Runtime, runner: ChainRunner, job: GroupJob, batch: BatchOptions, group_id: uuid.UUID
 ) -> str:
-    chain = model_chain(batch.models, rt.settings)
+    # The route prepare recorded (worker.grouping.job_route), computed again from the same trimmed seconds.
+    chain = list(job_route(batch, job.speech_seconds, rt.settings).chain)
     tmap = audio.TimeMap.from_json(job.time_map)
     halt = asyncio.Event()
     rt.halts.add(halt)  # a draining process halts it (Runtime.drain)

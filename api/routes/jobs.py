@@ -25,6 +25,7 @@ from core.storage import Storage
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"], responses=COMMON_PROBLEMS, route_class=SessionRoute)
 
 OPTION_FIELDS = frozenset(BatchOptions.model_fields)
+FORM_BOOLEANS = {"true": True, "false": False}
 
 SINGLE_JOB_BODY: dict[str, Any] = {
     "requestBody": {
@@ -46,6 +47,8 @@ SINGLE_JOB_BODY: dict[str, Any] = {
                         "priority": {"type": "string", "enum": ["high", "normal", "low"]},
                         "prefer": {"type": "string", "enum": ["cost", "speed"]},
                         "timestamps": {"type": "string", "enum": ["none", "segment", "word"]},
+                        "routing": {"type": "string", "enum": ["chain", "cheapest"]},
+                        "diarize": {"type": "string", "enum": ["true", "false"]},
                         "metadata": {"type": "string", "description": "a JSON object"},
                     },
                 }
@@ -81,6 +84,8 @@ def _options_from_form(fields: dict[str, list[str]]) -> BatchOptions:
                 data[name] = json.loads(values[0])
             except ValueError:
                 raise Problem(422, "validation_error", "metadata must be a JSON object") from None
+        elif name == "diarize":  # a form field is text: "true"/"false" as the JSON body's booleans
+            data[name] = FORM_BOOLEANS.get(values[0], values[0])
         else:
             data[name] = values[0]
     try:

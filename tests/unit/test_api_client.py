@@ -226,3 +226,56 @@ def test_wait_timings_polls_until_the_alignment_is_no_longer_pending() -> None:
         assert client.wait_timings("j1", poll_seconds=0.01) == {"status": "aligned"}
         assert client.wait_timings("j2") == {"status": "none"}
     assert [r.url.params["format"] for r in api.requests] == ["json"] * 4
+
+
+def test_status_prints_a_jobs_route(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import argparse
+
+    from voxq.cli import client_commands
+
+    job = {
+        "id": "j1",
+        "status": "succeeded",
+        "filename": "a.wav",
+        "duration_seconds": 3.0,
+        "model": "whisper-1",
+        "attempts": 1,
+        "cost_usd": 0.0003,
+        "billed_usd": 0.0003,
+        "estimated_usd": 0.0,
+        "error": None,
+        "deduplicated_from": None,
+        "route_model": "whisper-1",
+        "route_reason": "cheapest meeting timestamps=word: whisper-1 $0.0003 < cheap $0.0010 (60 s minimum)",
+    }
+    batch = {
+        "id": "b1",
+        "status": "processing",
+        "progress": 0.5,
+        "total_jobs": 2,
+        "counts": {"queued": 1},
+        "audio_seconds": 3.0,
+        "billed_seconds": 3.0,
+        "cost_usd": 0.0,
+        "routing": "cheapest",
+    }
+
+    def api(request: httpx.Request) -> httpx.Response:
+        if request.url.path == "/v1/batches/b1":
+            return httpx.Response(200, json=batch)
+        if request.url.path == "/v1/jobs/j1":
+            return httpx.Response(200, json=job)
+        return httpx.Response(404, json={"code": "not_found", "detail": "no", "status": 404})
+
+    monkeypatch.setattr(
+        client_commands,
+        "_client",
+        lambda *_: VoxqClient("http://api.test", "vq_key", transport=httpx.MockTransport(api)),
+    )
+    assert client_commands.run_status(argparse.Namespace(id="j1", json=False)) == 0
+    out = capsys.readouterr().out
+    assert f"  route whisper-1: {job['route_reason']}\n" in out
+    assert client_commands.run_status(argparse.Namespace(id="b1", json=False)) == 0
+    assert "  routing cheapest\n" in capsys.readouterr().out

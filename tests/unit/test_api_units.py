@@ -396,3 +396,22 @@ def test_timestamps_option_is_validated_with_a_stable_code() -> None:
     with pytest.raises(ValidationError) as caught:
         AlignRequest(timestamps="none")
     assert validation_code([e["type"] for e in caught.value.errors()]) == "invalid_timestamps"
+
+
+def test_routing_and_diarize_options_are_validated_with_stable_codes() -> None:
+    from pydantic import ValidationError
+
+    from api.problems import validation_code
+    from api.schemas import BatchOptions, JobOut
+
+    assert (BatchOptions().routing, BatchOptions().diarize) == ("chain", False)
+    assert BatchOptions(routing="cheapest", diarize=True).routing == "cheapest"
+    for bad in ("cheap", "", "CHAIN", 1):
+        with pytest.raises(ValidationError) as caught:
+            BatchOptions(routing=bad)  # type: ignore[arg-type]
+        assert validation_code([e["type"] for e in caught.value.errors()]) == "invalid_routing"
+    for not_bool in ("yes", 2, None):
+        with pytest.raises(ValidationError) as caught:
+            BatchOptions(diarize=not_bool)  # type: ignore[arg-type]
+        assert validation_code([e["type"] for e in caught.value.errors()]) == "invalid_diarize"
+    assert {"route_reason", "route_model"} <= set(JobOut.model_fields)

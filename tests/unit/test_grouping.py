@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import uuid
 from decimal import Decimal
+from pathlib import Path
 
 from pydantic import SecretStr
 
 from core.settings import Settings
-from worker.grouping import GroupItem, model_chain, plan_groups
+from worker.grouping import GroupItem, group_key, job_route, model_chain, plan_groups
 from worker.store.batches import BatchOptions
 
 TENANT = uuid.uuid4()
@@ -95,3 +96,52 @@ def test_model_chain_uses_batch_models_else_settings_without_duplicates() -> Non
     # chain entries name their provider: a bare name no provider declares is OpenAI's
     assert model_chain(None, s) == ["openai:a", "openai:b", "local"]
     assert model_chain(["z", "z", "openai:z", "local"], s) == ["openai:z", "local"]
+
+
+def test_routing_and_diarize_join_the_group_key() -> None:
+    base = batch()
+    keys = {
+        group_key(item(b, 5), "short")
+        for b in (
+            base,
+            batch(routing="cheapest"),
+            batch(diarize=True),
+            batch(routing="cheapest", diarize=True),
+        )
+    }
+    assert len(keys) == 4
+    assert len(plan_groups([item(base, 5), item(batch(routing="cheapest"), 5)], settings())) == 2
+
+
+CHEAP_MODELS = """
+[providers.openai.models.cheap-words]
+price = { per_minute = "0.001", min_billed_seconds = 30 }
+capabilities = { timestamps = "word", response_formats = ["json", "verbose_json"] }
+"""
+
+
+def test_job_route_orders_the_chain_per_file(tmp_path: Path) -> None:
+    path = tmp_path / "providers.toml"
+    path.write_text(CHEAP_MODELS)
+    s = settings(
+        providers_file=str(path),
+        primary_model="gpt-4o-mini-transcribe",
+        fallback_models=["whisper-1", "cheap-words"],
+    )
+    chain = ("openai:gpt-4o-mini-transcribe", "openai:whisper-1", "openai:cheap-words")
+    assert tuple(model_chain(None, s)) == chain
+    as_configured = job_route(batch(), 60.0, s)
+    assert (as_configured.chain, as_configured.reason) == (chain, "chain order")
+    words = job_route(batch(routing="cheapest", timestamps="word"), 60.0, s)
+    assert words.chain == ("openai:cheap-words", "openai:whisper-1", "openai:gpt-4o-mini-transcribe")
+    assert (
+        words.reason
+        == "cheapest meeting timestamps=word: openai:cheap-words $0.0010 < openai:whisper-1 $0.0060"
+    )
+    # a 3 s file pays cheap-words' 30 s minimum: whisper-1 is cheaper for it
+    short = job_route(batch(routing="cheapest", timestamps="word"), 3.0, s)
+    assert short.model == "openai:whisper-1"
+    # the podcast profile's default timestamps (segment) count as a need
+    assert job_route(batch(routing="cheapest", profile="podcast"), 60.0, s).model == "openai:cheap-words"
+    assert job_route(batch(routing="cheapest"), 60.0, s).model == "openai:cheap-words"  # cheapest, no needs
+    assert job_route(batch(routing="cheapest"), 60.0, settings(openai_api_key=None)).chain == ("local",)

@@ -40,6 +40,14 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         default=None,
         help="subtitle cues (and word times) for any model's text (default: segment for podcasts, else none)",
     )
+    submit.add_argument(
+        "--routing",
+        choices=("chain", "cheapest"),
+        default=None,
+        help="chain: the models in order (default); cheapest: per file, the cheapest model that meets the "
+        "batch's needs (--timestamps, --diarize), then the others by price",
+    )
+    submit.add_argument("--diarize", action="store_true", help="prefer models that label speakers")
     submit.add_argument("--wait", action="store_true", help="wait until every job has finished")
     submit.add_argument("--out", type=Path, help="write one transcript per input here (implies --wait)")
     submit.add_argument("--format", choices=FORMATS, default="txt", help="transcript format for --out")
@@ -210,6 +218,8 @@ def run_submit(args: argparse.Namespace) -> int:
                 prefer=args.prefer,
                 prompt=args.prompt,
                 timestamps=args.timestamps,
+                routing=args.routing,
+                diarize=True if args.diarize else None,
             )
             jobs = client.upload_files(
                 batch["id"], [p for p, _ in inputs], progress=on_bytes, skip_rejected=True
@@ -338,12 +348,16 @@ def run_status(args: argparse.Namespace) -> int:
         print(
             f"  audio {body['audio_seconds']:.1f}s  billed {body['billed_seconds']:.1f}s  {cost_text(body)}"
         )
+        if body.get("routing", "chain") != "chain":
+            print(f"  routing {body['routing']}" + ("  diarize" if body.get("diarize") else ""))
     else:
         print(f"job {body['id']} {body['status']}  {body['filename'] or ''}")
         print(
             f"  duration {body['duration_seconds'] or 0:.1f}s  model {body['model'] or '-'}  "
             f"attempts {body['attempts']}  {cost_text(body)}"
         )
+        if body.get("route_model"):
+            print(f"  route {body['route_model']}: {body.get('route_reason') or ''}")
         if body.get("error"):
             print(f"  error {body['error']['code']}: {body['error']['message'] or ''}")
         if body.get("deduplicated_from"):

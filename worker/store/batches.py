@@ -26,6 +26,9 @@ class BatchOptions:
     priority: str
     budget_usd: Decimal | None
     prefer: str = "cost"  # or "speed": rate limits may move the job to the next model (worker.policy)
+    timestamps: str | None = None  # none | segment | word; None: the profile's default
+    routing: str = "chain"  # or "cheapest" (core.providers.routing, applied by worker.grouping.job_route)
+    diarize: bool = False
 
 
 def model_list(value: Any) -> list[str] | None:
@@ -44,6 +47,9 @@ def _batch_options(row: Any) -> BatchOptions:
         priority=row.priority,
         budget_usd=row.budget_usd,
         prefer=row.prefer,
+        timestamps=row.timestamps,
+        routing=row.routing,
+        diarize=row.diarize,
     )
 
 
@@ -68,6 +74,9 @@ def load_batches_in(session: Any, batch_ids: set[uuid.UUID]) -> dict[uuid.UUID, 
             Batch.priority,
             Batch.budget_usd,
             Batch.prefer,
+            Batch.timestamps,
+            Batch.routing,
+            Batch.diarize,
         ).where(Batch.id.in_(batch_ids))
     ).all()
     return {row.id: _batch_options(row) for row in rows}

@@ -251,7 +251,7 @@ SELECT c.id, c.tenant_id, c.batch_id, c.duration_seconds, c.speech_seconds, c.ti
        FROM job_answers AS a WHERE a.job_id = c.id) AS answers,
     b.id AS b_id, b.tenant_id AS b_tenant_id, b.profile AS b_profile, b.language AS b_language,
     b.prompt AS b_prompt, b.models AS b_models, b.priority AS b_priority, b.budget_usd AS b_budget_usd,
-    b.prefer AS b_prefer
+    b.prefer AS b_prefer, b.timestamps AS b_timestamps, b.routing AS b_routing, b.diarize AS b_diarize
 FROM claimed AS c LEFT JOIN batches AS b ON b.id = c.batch_id
 ORDER BY c.id
 """
@@ -311,6 +311,9 @@ def claim_group_run(
                 priority=r.b_priority,
                 budget_usd=r.b_budget_usd,
                 prefer=r.b_prefer,
+                timestamps=r.b_timestamps,
+                routing=r.b_routing,
+                diarize=r.b_diarize,
             )
     return jobs, batches
 

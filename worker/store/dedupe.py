@@ -30,11 +30,11 @@ from core.dedupe import (
     transcript_models,
 )
 from core.ids import uuid7
-from core.models import Batch, Job, Transcript
+from core.models import Job, Transcript
 from core.settings import get_settings
 from core.statuses import AlignmentStatus, JobStatus
-from worker.grouping import chain_entries, model_chain
-from worker.store.batches import model_list
+from worker.grouping import chain_entries, job_route, model_chain
+from worker.store.batches import BatchOptions, load_batches_in, model_list
 from worker.store.probes import ProbedJob
 from worker.store.sql import now
 
@@ -67,13 +67,17 @@ _STILL_PROCESSING = text(
 # The twins of these audios (same tenant, fingerprint, language and prompt): finished ones with a
 # transcript and decided leaders still in flight (a processing job with a fingerprint and no leader). One
 # row per kind of twin whose reuse the chain rules (core.dedupe) tell apart: per transcript's models for a
-# finished twin (the earliest finished), per batch model list for one in flight (the earliest started).
+# finished twin (the earliest finished), per route for one in flight (the earliest started): its batch's
+# models, routing options and its trimmed seconds (worker.grouping.job_route).
 _TWINS = text(
     """
     SELECT DISTINCT ON (j.tenant_id, j.fingerprint, b.language, b.prompt, j.status, t.model, t.models,
-                        CASE WHEN j.status = 'processing' THEN b.models END)
+                        CASE WHEN j.status = 'processing' THEN b.models END,
+                        CASE WHEN j.status = 'processing' THEN concat_ws('|', b.routing, b.diarize,
+                            b.timestamps, b.profile, j.speech_seconds) END)
            j.id, j.tenant_id, j.fingerprint, b.language, b.prompt, j.status, j.finished_at, j.started_at,
-           t.model AS transcript_model, t.models AS transcript_models, b.models AS batch_models
+           t.model AS transcript_model, t.models AS transcript_models, b.models AS batch_models,
+           b.id AS batch_id, b.profile, b.timestamps, b.routing, b.diarize, j.speech_seconds
     FROM jobs j
     JOIN batches b ON b.id = j.batch_id
     LEFT JOIN LATERAL (
@@ -89,6 +93,8 @@ _TWINS = text(
       )
     ORDER BY j.tenant_id, j.fingerprint, b.language, b.prompt, j.status, t.model, t.models,
              CASE WHEN j.status = 'processing' THEN b.models END,
+             CASE WHEN j.status = 'processing' THEN concat_ws('|', b.routing, b.diarize,
+                 b.timestamps, b.profile, j.speech_seconds) END,
              CASE WHEN j.status = 'succeeded' THEN j.finished_at END, j.started_at
     """
 )
@@ -178,6 +184,24 @@ def dedupe_many(requests: list[DedupeRequest]) -> list[DedupeDecision]:
     return decisions
 
 
+def _leader_route(row: Any, settings: Any) -> tuple[str, ...]:
+    """The routed chain of a leader in flight (a `_TWINS` row): what its run tries, as prepare routed it."""
+    batch = BatchOptions(
+        id=row.batch_id,
+        tenant_id=row.tenant_id,
+        profile=row.profile,
+        language=row.language,
+        prompt=row.prompt,
+        models=model_list(row.batch_models),
+        priority="normal",
+        budget_usd=None,
+        timestamps=row.timestamps,
+        routing=row.routing,
+        diarize=row.diarize,
+    )
+    return job_route(batch, row.speech_seconds or 0.0, settings).chain
+
+
 def _earliest(candidate: tuple[Any, ...]) -> float:
     return float(candidate[0].timestamp()) if candidate[0] is not None else float("inf")
 
@@ -199,7 +223,7 @@ class _Twins:
                 models = chain_entries(models, settings)  # compared with chain entries
                 self._finished.setdefault(key, []).append((row.finished_at, row.id, models))
             else:
-                chain = tuple(model_chain(model_list(row.batch_models), settings))
+                chain = _leader_route(row, settings)
                 self._inflight.setdefault(key, []).append((row.started_at, row.id, chain))
         for found in self._finished.values():
             found.sort(key=_earliest)
@@ -284,11 +308,12 @@ def copy_transcript(job_id: uuid.UUID, twin_id: uuid.UUID, *, as_follower: bool 
 
 
 def _chain_of(session: Any, job_id: uuid.UUID) -> list[str]:
-    """The model chain of the job's batch."""
-    models = session.execute(
-        select(Batch.models).join(Job, Job.batch_id == Batch.id).where(Job.id == job_id)
-    ).scalar_one_or_none()
-    return model_chain(model_list(models), get_settings())
+    """The job's routed chain (its batch's models in its route's order: worker.grouping.job_route)."""
+    row = session.execute(select(Job.batch_id, Job.speech_seconds).where(Job.id == job_id)).first()
+    batch = load_batches_in(session, {row.batch_id}).get(row.batch_id) if row is not None else None
+    if batch is None:
+        return model_chain(None, get_settings())
+    return list(job_route(batch, row.speech_seconds or 0.0, get_settings()).chain)
 
 
 def release_followers(

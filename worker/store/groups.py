@@ -33,6 +33,8 @@ class GroupPlan:
     members: list[tuple[uuid.UUID, float]]
     chain: list[str]
     priority: str
+    # Per member, in `members` order: (the model its route tries first, why); empty: none to record.
+    routes: list[tuple[str | None, str | None]] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -54,8 +56,11 @@ class GroupJob:
 _POINT_AT_GROUPS = text(
     "UPDATE jobs AS j SET group_id = v.group_id, updated_at = now(),"
     " lease_owner = COALESCE(CAST(:owner AS text), j.lease_owner),"
-    " lease_expires_at = COALESCE(CAST(:expires AS timestamptz), j.lease_expires_at)"
-    " FROM unnest(CAST(:ids AS uuid[]), CAST(:groups AS uuid[])) AS v(id, group_id)"
+    " lease_expires_at = COALESCE(CAST(:expires AS timestamptz), j.lease_expires_at),"
+    " route_model = COALESCE(v.route_model, j.route_model),"
+    " route_reason = COALESCE(v.route_reason, j.route_reason)"
+    " FROM unnest(CAST(:ids AS uuid[]), CAST(:groups AS uuid[]), CAST(:route_models AS text[]),"
+    " CAST(:route_reasons AS text[])) AS v(id, group_id, route_model, route_reason)"
     " WHERE j.id = v.id AND j.status = 'processing'"
 )
 
@@ -65,7 +70,8 @@ def assign_groups(
 ) -> list[uuid.UUID]:
     """Create the groups and point their (still processing) jobs at them; returns the group ids.
 
-    With `owner` and `lease_seconds`, the jobs' leases are renewed by the same UPDATE.
+    With `owner` and `lease_seconds`, the jobs' leases are renewed by the same UPDATE, which also records
+    each job's route (`GroupPlan.routes`: the model tried first and why).
     """
     ids: list[uuid.UUID] = []
     if not plans:
@@ -73,6 +79,8 @@ def assign_groups(
     rows = []
     job_ids: list[uuid.UUID] = []
     job_groups: list[uuid.UUID] = []
+    route_models: list[str | None] = []
+    route_reasons: list[str | None] = []
     for plan in plans:
         gid = uuid7()
         ids.append(gid)
@@ -88,15 +96,25 @@ def assign_groups(
                 "total_seconds": sum(s for _, s in plan.members),
             }
         )
-        for job_id, _ in plan.members:
+        routes = plan.routes or [(None, None)] * len(plan.members)
+        for (job_id, _), (route_model, route_reason) in zip(plan.members, routes, strict=True):
             job_ids.append(job_id)
             job_groups.append(gid)
+            route_models.append(route_model[:100] if route_model else None)
+            route_reasons.append(route_reason)
     expires = now() + timedelta(seconds=lease_seconds) if owner and lease_seconds is not None else None
     with session_scope() as session:
         session.execute(insert(Group).values(rows))
         session.execute(
             _POINT_AT_GROUPS,
-            {"ids": job_ids, "groups": job_groups, "owner": owner if expires else None, "expires": expires},
+            {
+                "ids": job_ids,
+                "groups": job_groups,
+                "route_models": route_models,
+                "route_reasons": route_reasons,
+                "owner": owner if expires else None,
+                "expires": expires,
+            },
         )
     return ids
 
