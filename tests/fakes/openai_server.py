@@ -24,7 +24,8 @@ Another provider than OpenAI: per instance, a `ModelSpec` per model (constructor
 request (`min_billed_seconds`: the answer's usage says the audio's own ceil(seconds), the billing log
 bills max(that, minimum), as hosts with a 10 s minimum invoice), the response formats it accepts (others:
 400 `unsupported_value`, as OpenAI's gpt-4o models answer `verbose_json`) and whether its `verbose_json`
-carries `words` (segment-only servers ignore `timestamp_granularities`).
+carries `words` (segment-only servers ignore `timestamp_granularities`) and whether answers say their `usage`
+(the request is invoiced either way).
 Only successful answers are billed; every billed answer is in `billing_log()` with the caller's
 X-Client-Request-Id. A request that hangs (a scripted `timeout`) is never answered and never billed. A
 request whose client hangs up while it is being worked on (its timeout shorter than the latency, or a
@@ -189,6 +190,7 @@ class ModelSpec:
     min_billed_seconds: float = 0.0  # each request is billed at least this long
     response_formats: tuple[str, ...] | None = None  # None: OpenAI's rule (JSON_ONLY_MODELS)
     words: bool = True  # verbose_json has `words` when asked for them
+    usage: bool = True  # the answer says its `usage` (self-hosted servers do not; it is billed all the same)
 
     @classmethod
     def of(cls, value: ModelSpec | dict[str, Any]) -> ModelSpec:
@@ -211,6 +213,7 @@ class ModelSpec:
             "min_billed_seconds": self.min_billed_seconds,
             "response_formats": None if self.response_formats is None else list(self.response_formats),
             "words": self.words,
+            "usage": self.usage,
         }
 
 
@@ -968,7 +971,8 @@ class FakeOpenAI:
         entry["billed"] = True
         words = spec is None or spec.words
         asked = granularities if words else []  # a segment-only server ignores the granularities
-        return self._answer(model, decoded, usage, response_format, asked, language)
+        said = usage if spec is None or spec.usage else None
+        return self._answer(model, decoded, said, response_format, asked, language)
 
     def _usage(self, model: str, seconds: float, prompt: str, text: str) -> dict[str, Any]:
         if model.startswith(TOKEN_MODELS):
@@ -989,7 +993,7 @@ class FakeOpenAI:
         self,
         model: str,
         decoded: Decoded,
-        usage: dict[str, Any],
+        usage: dict[str, Any] | None,
         response_format: str,
         granularities: list[str],
         language: object,
@@ -1006,8 +1010,9 @@ class FakeOpenAI:
                 "language": WHISPER_NAMES.get(str(language or "en"), str(language)),
                 "duration": round(decoded.duration, 3),
                 "text": text,
-                "usage": usage,
             }
+            if usage is not None:
+                body["usage"] = usage
             if not granularities or "segment" in granularities:
                 body["segments"] = [
                     {
@@ -1030,7 +1035,7 @@ class FakeOpenAI:
                     for start, end, freq in decoded.regions
                 ]
             return JSONResponse(body)
-        return JSONResponse({"text": text, "usage": usage})
+        return JSONResponse({"text": text, "usage": usage} if usage is not None else {"text": text})
 
     async def _list_models(self, request: Request) -> Response:
         denied = self._auth_error(request)

@@ -472,6 +472,7 @@ def _host(**kwargs: Any) -> FakeOpenAI:
             per_minute=Decimal("0.004"), min_billed_seconds=10, response_formats=("json", "verbose_json")
         ),
         "segments-only": ModelSpec(per_minute=Decimal("0.003"), words=False),
+        "no-usage": ModelSpec(per_minute=Decimal("0.003"), usage=False),
     }
     return FakeOpenAI(models={}, specs=specs, **kwargs)
 
@@ -513,6 +514,12 @@ def test_own_prices_and_a_minimum_billed_length_are_what_the_billing_log_invoice
         host.add_model("whisper-1")
         assert _post(host, KEY_A, "whisper-1", short).status_code == 200
         assert host.billing_log()[-1]["usd"] == "0.00010000" and host.billing_log()[-1]["billed_seconds"] == 1
+        # a server that does not say its usage invoices the request all the same
+        silent = [
+            _post(host, KEY_A, "no-usage", long, response_format=f).json() for f in ("json", "verbose_json")
+        ]
+        assert silent[0] == {"text": " ".join(["tone300"] * 16)} and "usage" not in silent[1]
+        assert [b["usd"] for b in host.billing_log()[-2:]] == ["0.00060000"] * 2  # 12 s at $0.003/min
 
 
 def test_capabilities_json_only_words_and_segments_only() -> None:
@@ -645,6 +652,7 @@ def test_accounts_and_specs_are_scripted_over_http_in_a_separate_process() -> No
                 **spec,
                 "min_billed_seconds": 10.0,
                 "words": True,
+                "usage": True,
             }
             assert admin.post("/_fake/config", json={"specs": {"x": {"nonsense": 1}}}).status_code == 400
             assert "large-v3" in [
