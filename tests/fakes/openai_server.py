@@ -533,13 +533,15 @@ class FakeOpenAI:
 
     def billing_log(self) -> list[dict[str, Any]]:
         """Every billed request: {request_id, model, audio_seconds, usage, billed_seconds (duration
-        usage: what was invoiced, at least the model's minimum), usd, text, ts, x_request_id}."""
+        usage: what was invoiced, at least the model's minimum), usage_answered (the answer said its usage),
+        usd, text, ts, x_request_id}."""
         with self._lock:
             return [dict(entry) for entry in self._billing]
 
     def request_log(self) -> list[dict[str, Any]]:
-        """Every request received: {request_id, model, status, code, fault, prompt, received, ts,
-        x_request_id}; `received` is when the request arrived and `ts` when it was answered (epoch s)."""
+        """Every request received: {request_id, model, status, code, fault, prompt, response_format,
+        granularities, received, ts, x_request_id}; `received` is when the request arrived and `ts` when it
+        was answered (epoch s)."""
         with self._lock:
             return [dict(entry) for entry in self._requests]
 
@@ -845,6 +847,8 @@ class FakeOpenAI:
             granularities = [str(g) for g in form.getlist("timestamp_granularities[]")]
             prompt = str(form.get("prompt") or "")
             entry["prompt"] = prompt or None
+            entry["response_format"] = response_format
+            entry["granularities"] = granularities
             language = form.get("language")
         finally:
             await form.close()
@@ -961,6 +965,7 @@ class FakeOpenAI:
                         "audio_seconds": decoded.duration,
                         "usage": usage,
                         "billed_seconds": billed_seconds(usage, spec),
+                        "usage_answered": spec is None or spec.usage,
                         "usd": billed_usd(model, usage, spec),
                         "text": text,
                         "ts": time.time(),

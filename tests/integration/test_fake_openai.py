@@ -520,6 +520,7 @@ def test_own_prices_and_a_minimum_billed_length_are_what_the_billing_log_invoice
         ]
         assert silent[0] == {"text": " ".join(["tone300"] * 16)} and "usage" not in silent[1]
         assert [b["usd"] for b in host.billing_log()[-2:]] == ["0.00060000"] * 2  # 12 s at $0.003/min
+        assert [b["usage_answered"] for b in host.billing_log()] == [True] * 5 + [False] * 2
 
 
 def test_capabilities_json_only_words_and_segments_only() -> None:
@@ -544,6 +545,8 @@ def test_capabilities_json_only_words_and_segments_only() -> None:
             host, KEY_A, "segments-only", audio, response_format="verbose_json", **granularities
         ).json()
         assert [s["text"] for s in plain["segments"]] == [" tone500", " tone1000"] and "words" not in plain
+        sent = [(r["response_format"], r["granularities"]) for r in host.request_log()]
+        assert sent == [("verbose_json", [])] + [("verbose_json", ["segment", "word"])] * 2
         assert host.billing_log()[0]["model"] == "large-v3"  # the refused request was not billed
         assert len(host.billing_log()) == 2
         # through voxq's provider: the json-only refusal is a 400 of the request, not of the audio
