@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 from decimal import Decimal
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -20,7 +21,7 @@ from core.pricing import price_attempt
 from core.providers.base import ErrorKind, ProviderError, TranscriptionRequest, TranscriptionResult
 from core.providers.openai import OpenAIProvider, list_models, retiring_models
 from tests.audio_fixtures import encode, tone_samples, tones
-from tests.fakes.fixtures import FAKE_OPENAI_API_KEY
+from tests.fakes.fixtures import FAKE_OPENAI_API_KEY, fake_openai_process
 from tests.fakes.openai_server import FakeOpenAI, Fault, ModelSpec
 from tests.support import REPO_ROOT, transcription_request, wait_until
 from voxq.embedded import free_port, wait_for_port
@@ -680,3 +681,21 @@ def test_accounts_and_specs_are_scripted_over_http_in_a_separate_process() -> No
     finally:
         proc.terminate()
         proc.wait(10)
+
+
+def test_fake_openai_process_helper_scripts_and_reads_a_fake_of_its_own(tmp_path: Path) -> None:
+    with fake_openai_process(tmp_path / "fake.log", KEY_A) as fake:
+        assert (
+            fake.set_specs({"large-v3": {"per_minute": "0.004", "min_billed_seconds": 10}})["large-v3"][
+                "min_billed_seconds"
+            ]
+            == 10.0
+        )
+        assert fake.configure("large-v3", latency=0.05)["latency"] == 0.05
+        assert fake.account(revoke_key=KEY_A, revoke_after=1)["revoked_keys"] == 0
+        host = FakeOpenAI(port=fake.port)  # for its URLs only
+        assert [_post(host, KEY_A, "large-v3", tones([440])).status_code for _ in range(2)] == [200, 401]
+        assert fake.account()["revoked_keys"] == 1
+        assert [(b["billed_seconds"], b["usd"]) for b in fake.billing_log()] == [(10, "0.00066667")]
+        assert [r["code"] for r in fake.request_log()] == [None, "invalid_api_key"]
+    assert fake.proc.poll() is not None  # stopped at the end
