@@ -73,6 +73,7 @@ def providers_toml(a_url: str, b_url: str, extra: str = "") -> str:
 [providers.a]
 base_url = "{a_url}"
 api_key_env = "{KEY_ENV_A}"
+limits = {{ max_in_flight = 2 }}
 
 [providers.a.models.{TURBO}]
 price = {{ per_minute = "{PRICES[A_TURBO]}" }}
@@ -85,6 +86,7 @@ capabilities = {{ timestamps = "none", response_formats = ["json", "text"] }}
 [providers.b]
 base_url = "{b_url}"
 api_key_env = "{KEY_ENV_B}"
+limits = {{ max_in_flight = 2 }}
 
 [providers.b.models.{TURBO}]
 price = {{ per_minute = "{PRICES[B_TURBO]}", min_billed_seconds = {B_MIN_SECONDS} }}

@@ -102,6 +102,7 @@ def providers_file(path: Path, a: FakeProcess, b: FakeProcess, gpu_url: str) -> 
 [providers.a]
 base_url = "{a.base_url}"
 api_key_env = "{KEY_ENV_A}"
+limits = {{ max_in_flight = 2 }}
 
 [providers.a.models.{TURBO}]
 price = {{ per_minute = "0.0005" }}
@@ -114,6 +115,7 @@ capabilities = {{ timestamps = "none", response_formats = ["json", "text"] }}
 [providers.b]
 base_url = "{b.base_url}"
 api_key_env = "{KEY_ENV_B}"
+limits = {{ max_in_flight = 2 }}
 
 [providers.b.models.{TURBO}]
 price = {{ per_minute = "0.0006", min_billed_seconds = 10 }}
