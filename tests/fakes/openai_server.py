@@ -18,12 +18,24 @@ What it bills (usage):
 Each billed request also says what it cost, `usd` (a decimal string, 8 places), from the fake's own
 list prices (`LIST_PRICES`, FACTS.md; kept apart from voxq's price tables on purpose, so tests check
 voxq's costs against what the provider says it charged); None for a model it has no price for.
+
+Another provider than OpenAI: per instance, a `ModelSpec` per model (constructor `specs=`, `set_spec`,
+`POST /_fake/config {"specs": {...}}`) gives its per-minute list price, a minimum billed length per
+request (`min_billed_seconds`: the answer's usage says the audio's own ceil(seconds), the billing log
+bills max(that, minimum), as hosts with a 10 s minimum invoice), the response formats it accepts (others:
+400 `unsupported_value`, as OpenAI's gpt-4o models answer `verbose_json`) and whether its `verbose_json`
+carries `words` (segment-only servers ignore `timestamp_granularities`) and whether answers say their `usage`
+(the request is invoiced either way).
 Only successful answers are billed; every billed answer is in `billing_log()` with the caller's
 X-Client-Request-Id. A request that hangs (a scripted `timeout`) is never answered and never billed. A
 request whose client hangs up while it is being worked on (its timeout shorter than the latency, or a
 scripted `slow` answer) is finished and billed all the same, as OpenAI does (request log code
 `client_disconnected`, `billed` true): the billing log is what the provider charged, not what clients
 received.
+
+Account-wide, at runtime: `exhaust_quota(None, after=N)` (every model answers 429 insufficient_quota once
+N more requests were billed on the account) and `revoke_key(key, after=N)` (that key gets OpenAI's 401
+invalid_api_key from then on, before anything else is looked at); `POST /_fake/account`.
 
 Scripted behaviour, per model, at runtime (Python API in-process; JSON under `/_fake/...` otherwise):
 latency, a fault mix by probability from a seeded RNG, a queue of scripted answers for the next
@@ -32,10 +44,12 @@ requests, quota exhaustion (now or after N billed requests), model_not_found, an
 longest audio gpt-4o models accept (400 above it; 1400 s like OpenAI).
 
 Admin endpoints: POST /_fake/reset; POST /_fake/seed {"seed"}; POST /_fake/config {"max_file_bytes",
-"max_audio_seconds", "models": {id: shutdown_date}}; GET|POST /_fake/models/{model} (ModelBehaviour
-fields, plus "exhaust_quota_after"); POST /_fake/models/{model}/script [fault, ...] (a kind name or
-a Fault as a dict; its `shape` writes the error body as another server would, ERROR_SHAPES);
-GET /_fake/billing[?since=&until=] (Unix seconds of billing); GET /_fake/requests.
+"max_audio_seconds", "models": {id: shutdown_date}, "specs": {id: ModelSpec fields}};
+GET|POST /_fake/account {"exhaust_quota_after": N|null, "revoke_key": key, "revoke_after": N,
+"restore_key": key}; GET|POST /_fake/models/{model} (ModelBehaviour fields, plus "exhaust_quota_after");
+POST /_fake/models/{model}/script [fault, ...] (a kind name or a Fault as a dict; its `shape` writes the
+error body as another server would, ERROR_SHAPES); GET /_fake/billing[?since=&until=];
+GET /_fake/requests (since/until: Unix seconds of billing).
 
 Run in-process: `fake = FakeOpenAI().start(); fake.base_url  # http://127.0.0.1:N/v1; fake.stop()`.
 Run alone: `python -m tests.fakes.openai_server --port N`.
@@ -168,6 +182,41 @@ class ModelBehaviour:
     slow_seconds: float = 10.0  # slow faults answer after this long
 
 
+@dataclass(frozen=True)
+class ModelSpec:
+    """What one model of this provider is (per instance): its price, billing minimum and answers."""
+
+    per_minute: Decimal | None = None  # USD per billed minute; None: LIST_PRICES (or unpriced)
+    min_billed_seconds: float = 0.0  # each request is billed at least this long
+    response_formats: tuple[str, ...] | None = None  # None: OpenAI's rule (JSON_ONLY_MODELS)
+    words: bool = True  # verbose_json has `words` when asked for them
+    usage: bool = True  # the answer says its `usage` (self-hosted servers do not; it is billed all the same)
+
+    @classmethod
+    def of(cls, value: ModelSpec | dict[str, Any]) -> ModelSpec:
+        """A spec from a spec or the admin endpoints' JSON (prices as strings or numbers)."""
+        if isinstance(value, ModelSpec):
+            return value
+        fields = dict(value)
+        if fields.get("per_minute") is not None:
+            fields["per_minute"] = Decimal(str(fields["per_minute"]))
+        if fields.get("response_formats") is not None:
+            fields["response_formats"] = tuple(str(f) for f in fields["response_formats"])
+        if "min_billed_seconds" in fields:
+            fields["min_billed_seconds"] = float(fields["min_billed_seconds"])
+        return cls(**fields)
+
+    def as_json(self) -> dict[str, Any]:
+        """The spec as the admin endpoints show it."""
+        return {
+            "per_minute": None if self.per_minute is None else str(self.per_minute),
+            "min_billed_seconds": self.min_billed_seconds,
+            "response_formats": None if self.response_formats is None else list(self.response_formats),
+            "words": self.words,
+            "usage": self.usage,
+        }
+
+
 @dataclass
 class Decoded:
     """What the fake heard in a file."""
@@ -269,12 +318,26 @@ def find_tones(samples: np.ndarray, rate: int) -> list[tuple[float, float, int]]
     return found
 
 
-def billed_usd(model: str, usage: dict[str, Any]) -> str | None:
-    """What the fake charges for one answer with this `usage`, from `LIST_PRICES`; None if unpriced."""
-    known = [name for name in LIST_PRICES if model == name or model.startswith(name + "-")]
-    if not known:
+def billed_seconds(usage: dict[str, Any], spec: ModelSpec | None = None) -> int | None:
+    """The seconds a duration-priced answer is billed for: its usage's seconds, at least the model's
+    minimum (None for token usage)."""
+    if usage.get("type") != "duration":
         return None
-    prices = LIST_PRICES[max(known, key=len)]
+    minimum = math.ceil(spec.min_billed_seconds) if spec is not None else 0
+    return max(int(usage["seconds"]), minimum)
+
+
+def billed_usd(model: str, usage: dict[str, Any], spec: ModelSpec | None = None) -> str | None:
+    """What the fake charges for one answer with this `usage`: the spec's per-minute price and minimum,
+    else `LIST_PRICES`; None if unpriced."""
+    prices: dict[str, Decimal] | None = None
+    if spec is not None and spec.per_minute is not None:
+        prices = {"per_minute": spec.per_minute}
+    else:
+        known = [name for name in LIST_PRICES if model == name or model.startswith(name + "-")]
+        prices = LIST_PRICES[max(known, key=len)] if known else None
+    if prices is None:
+        return None
     if usage["type"] == "tokens" and "audio_in" in prices:
         details = usage["input_token_details"]
         usd = (
@@ -283,7 +346,7 @@ def billed_usd(model: str, usage: dict[str, Any]) -> str | None:
             + usage["output_tokens"] * prices["out"]
         ) / 1_000_000
     elif usage["type"] == "duration" and "per_minute" in prices:
-        usd = Decimal(usage["seconds"]) * prices["per_minute"] / 60
+        usd = Decimal(billed_seconds(usage, spec) or 0) * prices["per_minute"] / 60
     else:
         return None
     return str(usd.quantize(Decimal("0.00000001")))
@@ -313,10 +376,14 @@ class FakeOpenAI:
         seed: int = 1234,
         models: dict[str, str | None] | None = None,
         api_keys: set[str] | None = None,
+        specs: dict[str, ModelSpec] | None = None,
     ) -> None:
         self.host = host
         self.port = port
+        self._initial_specs = {m: ModelSpec.of(spec) for m, spec in (specs or {}).items()}
         self._initial_models = dict(DEFAULT_MODELS if models is None else models)
+        for model in self._initial_specs:
+            self._initial_models.setdefault(model, None)
         self._initial_seed = seed
         self.api_keys = api_keys  # None: any non-empty bearer token is accepted
         self._lock = threading.Lock()
@@ -331,6 +398,7 @@ class FakeOpenAI:
                 Route("/_fake/reset", self._admin_reset, methods=["POST"]),
                 Route("/_fake/seed", self._admin_seed, methods=["POST"]),
                 Route("/_fake/config", self._admin_config, methods=["POST"]),
+                Route("/_fake/account", self._admin_account, methods=["POST", "GET"]),
                 Route("/_fake/models/{model:path}/script", self._admin_script, methods=["POST"]),
                 Route("/_fake/models/{model:path}", self._admin_model, methods=["POST", "GET"]),
                 Route("/_fake/billing", self._admin_billing, methods=["GET"]),
@@ -347,6 +415,12 @@ class FakeOpenAI:
             self._behaviour: dict[str, ModelBehaviour] = {}
             self._scripts: dict[str, deque[Fault]] = {}
             self._billed_count: dict[str, int] = {}
+            self._specs: dict[str, ModelSpec] = dict(self._initial_specs)
+            # Account-wide: requests billed, insufficient_quota from this count on, revoked keys (key ->
+            # the count from which it is refused).
+            self._account_billed = 0
+            self._account_quota_after: int | None = None
+            self._revoked: dict[str, int] = {}
             self._accepted: dict[str, deque[float]] = {}
             self._billing: list[dict[str, Any]] = []
             self._requests: list[dict[str, Any]] = []
@@ -389,11 +463,63 @@ class FakeOpenAI:
         with self._lock:
             self._scripts.setdefault(model, deque()).extend(parsed)
 
-    def exhaust_quota(self, model: str, after: int = 0) -> None:
-        """429 insufficient_quota for `model` once `after` more requests were billed (0: from now on)."""
+    def exhaust_quota(self, model: str | None = None, after: int = 0) -> None:
+        """429 insufficient_quota once `after` more requests were billed (0: from now on): for `model`
+        (counting its billed requests), or for every model of the account when `model` is None (counting
+        the account's)."""
         with self._lock:
+            if model is None:
+                self._account_quota_after = self._account_billed + after
+                return
             already = self._billed_count.get(model, 0)
             self._behaviour.setdefault(model, ModelBehaviour()).quota_after = already + after
+
+    def restore_quota(self) -> None:
+        """The account has quota again (a model's own `quota_after` stays)."""
+        with self._lock:
+            self._account_quota_after = None
+
+    def revoke_key(self, key: str, after: int = 0) -> None:
+        """`key` is refused (401 invalid_api_key, OpenAI's body) once `after` more requests were billed on
+        the account (0: from now on)."""
+        with self._lock:
+            self._revoked[key] = self._account_billed + after
+
+    def restore_key(self, key: str) -> None:
+        """`key` is accepted again."""
+        with self._lock:
+            self._revoked.pop(key, None)
+
+    def set_spec(self, model: str, **fields: Any) -> ModelSpec:
+        """Change what `model` is (ModelSpec fields; it is listed in /v1/models from now on)."""
+        with self._lock:
+            current = self._specs.get(model, ModelSpec()).as_json()
+            unknown = set(fields) - set(current)
+            if unknown:
+                raise ValueError(f"unknown spec field {sorted(unknown)[0]!r}")
+            spec = ModelSpec.of({**current, **fields})
+            self._specs[model] = spec
+            self.models.setdefault(model, None)
+            return spec
+
+    def spec(self, model: str) -> ModelSpec | None:
+        """What this instance says `model` is (None: OpenAI's defaults)."""
+        with self._lock:
+            return self._specs.get(model)
+
+    def account(self) -> dict[str, Any]:
+        """Account-wide state: requests billed, the quota limit, how many keys are revoked now."""
+        with self._lock:
+            return {
+                "billed": self._account_billed,
+                "quota_after": self._account_quota_after,
+                "quota_exhausted": self._account_exhausted(),
+                "revoked_keys": sum(1 for at in self._revoked.values() if self._account_billed >= at),
+            }
+
+    def _account_exhausted(self) -> bool:
+        """Under the lock: the account's quota has run out."""
+        return self._account_quota_after is not None and self._account_billed >= self._account_quota_after
 
     def retire(self, model: str) -> None:
         """`model` answers 404 model_not_found from now on (and leaves /v1/models)."""
@@ -406,13 +532,16 @@ class FakeOpenAI:
             self.models[model] = shutdown_date
 
     def billing_log(self) -> list[dict[str, Any]]:
-        """Every billed request: {request_id, model, audio_seconds, usage, text, ts, x_request_id}."""
+        """Every billed request: {request_id, model, audio_seconds, usage, billed_seconds (duration
+        usage: what was invoiced, at least the model's minimum), usage_answered (the answer said its usage),
+        usd, text, ts, x_request_id}."""
         with self._lock:
             return [dict(entry) for entry in self._billing]
 
     def request_log(self) -> list[dict[str, Any]]:
-        """Every request received: {request_id, model, status, code, fault, prompt, received, ts,
-        x_request_id}; `received` is when the request arrived and `ts` when it was answered (epoch s)."""
+        """Every request received: {request_id, model, status, code, fault, prompt, response_format,
+        granularities, received, ts, x_request_id}; `received` is when the request arrived and `ts` when it
+        was answered (epoch s)."""
         with self._lock:
             return [dict(entry) for entry in self._requests]
 
@@ -488,7 +617,9 @@ class FakeOpenAI:
                 "You didn't provide an API key. You need to provide your API key in an Authorization header "
                 "using Bearer auth (i.e. Authorization: Bearer YOUR_KEY).",
             )
-        if self.api_keys is not None and token not in self.api_keys:
+        with self._lock:
+            revoked = token in self._revoked and self._account_billed >= self._revoked[token]
+        if revoked or (self.api_keys is not None and token not in self.api_keys):
             masked = token[:3] + "*" * 6 + token[-4:] if len(token) > 8 else "***"
             return _error(
                 401,
@@ -506,6 +637,8 @@ class FakeOpenAI:
             return script.popleft(), behaviour
         if behaviour.gone:
             return Fault("model_not_found"), behaviour
+        if self._account_exhausted():
+            return Fault("quota"), behaviour
         if behaviour.quota_after is not None and self._billed_count.get(model, 0) >= behaviour.quota_after:
             return Fault("quota"), behaviour
         draw = self._rng.random()
@@ -714,6 +847,8 @@ class FakeOpenAI:
             granularities = [str(g) for g in form.getlist("timestamp_granularities[]")]
             prompt = str(form.get("prompt") or "")
             entry["prompt"] = prompt or None
+            entry["response_format"] = response_format
+            entry["granularities"] = granularities
             language = form.get("language")
         finally:
             await form.close()
@@ -772,7 +907,13 @@ class FakeOpenAI:
             return _error(
                 400, f"Invalid value: '{response_format}'.", code="invalid_value", param="response_format"
             )
-        if model.startswith(JSON_ONLY_MODELS) and response_format not in ("json", "text"):
+        with self._lock:
+            spec = self._specs.get(model)
+        if spec is not None and spec.response_formats is not None:
+            refused = response_format not in spec.response_formats
+        else:
+            refused = model.startswith(JSON_ONLY_MODELS) and response_format not in ("json", "text")
+        if refused:
             return _error(
                 400,
                 f"response_format '{response_format}' is not compatible with model '{model}'. "
@@ -808,11 +949,14 @@ class FakeOpenAI:
         with self._lock:
             # Quota may have run out while this request decoded; the check and the count are one step.
             quota_after = self._behaviour.get(model, ModelBehaviour()).quota_after
-            if quota_after is not None and self._billed_count.get(model, 0) >= quota_after:
+            if self._account_exhausted() or (
+                quota_after is not None and self._billed_count.get(model, 0) >= quota_after
+            ):
                 exhausted = True
             else:
                 exhausted = False
                 self._billed_count[model] = self._billed_count.get(model, 0) + 1
+                self._account_billed += 1
                 self._billing.append(
                     {
                         "request_id": entry["request_id"],
@@ -820,7 +964,9 @@ class FakeOpenAI:
                         "model": model,
                         "audio_seconds": decoded.duration,
                         "usage": usage,
-                        "usd": billed_usd(model, usage),
+                        "billed_seconds": billed_seconds(usage, spec),
+                        "usage_answered": spec is None or spec.usage,
+                        "usd": billed_usd(model, usage, spec),
                         "text": text,
                         "ts": time.time(),
                     }
@@ -828,7 +974,10 @@ class FakeOpenAI:
         if exhausted:
             return self._fault_response(Fault("quota"), model, behaviour, request)
         entry["billed"] = True
-        return self._answer(model, decoded, usage, response_format, granularities, language)
+        words = spec is None or spec.words
+        asked = granularities if words else []  # a segment-only server ignores the granularities
+        said = usage if spec is None or spec.usage else None
+        return self._answer(model, decoded, said, response_format, asked, language)
 
     def _usage(self, model: str, seconds: float, prompt: str, text: str) -> dict[str, Any]:
         if model.startswith(TOKEN_MODELS):
@@ -849,7 +998,7 @@ class FakeOpenAI:
         self,
         model: str,
         decoded: Decoded,
-        usage: dict[str, Any],
+        usage: dict[str, Any] | None,
         response_format: str,
         granularities: list[str],
         language: object,
@@ -866,8 +1015,9 @@ class FakeOpenAI:
                 "language": WHISPER_NAMES.get(str(language or "en"), str(language)),
                 "duration": round(decoded.duration, 3),
                 "text": text,
-                "usage": usage,
             }
+            if usage is not None:
+                body["usage"] = usage
             if not granularities or "segment" in granularities:
                 body["segments"] = [
                     {
@@ -890,7 +1040,7 @@ class FakeOpenAI:
                     for start, end, freq in decoded.regions
                 ]
             return JSONResponse(body)
-        return JSONResponse({"text": text, "usage": usage})
+        return JSONResponse({"text": text, "usage": usage} if usage is not None else {"text": text})
 
     async def _list_models(self, request: Request) -> Response:
         denied = self._auth_error(request)
@@ -937,7 +1087,32 @@ class FakeOpenAI:
             self.max_audio_seconds = float(body["max_audio_seconds"])
         for model, shutdown in (body.get("models") or {}).items():
             self.add_model(model, shutdown)
-        return JSONResponse({"ok": True, "max_file_bytes": self.max_file_bytes})
+        specs = {}
+        try:
+            for model, fields in (body.get("specs") or {}).items():
+                specs[model] = self.set_spec(model, **fields).as_json()
+        except (TypeError, ValueError, ArithmeticError) as exc:
+            return JSONResponse({"error": str(exc)}, status_code=400)
+        return JSONResponse({"ok": True, "max_file_bytes": self.max_file_bytes, "specs": specs})
+
+    async def _admin_account(self, request: Request) -> Response:
+        """Account-wide faults: quota for every model, a key revoked (or restored)."""
+        if request.method == "POST":
+            body = await request.json()
+            try:
+                if "exhaust_quota_after" in body:
+                    after = body["exhaust_quota_after"]
+                    if after is None:
+                        self.restore_quota()
+                    else:
+                        self.exhaust_quota(None, int(after))
+                if body.get("revoke_key"):
+                    self.revoke_key(str(body["revoke_key"]), int(body.get("revoke_after", 0)))
+                if body.get("restore_key"):
+                    self.restore_key(str(body["restore_key"]))
+            except (TypeError, ValueError) as exc:
+                return JSONResponse({"error": str(exc)}, status_code=400)
+        return JSONResponse(self.account())
 
     async def _admin_model(self, request: Request) -> Response:
         model = request.path_params["model"]

@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 from decimal import Decimal
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -20,8 +21,8 @@ from core.pricing import price_attempt
 from core.providers.base import ErrorKind, ProviderError, TranscriptionRequest, TranscriptionResult
 from core.providers.openai import OpenAIProvider, list_models, retiring_models
 from tests.audio_fixtures import encode, tone_samples, tones
-from tests.fakes.fixtures import FAKE_OPENAI_API_KEY
-from tests.fakes.openai_server import FakeOpenAI, Fault
+from tests.fakes.fixtures import FAKE_OPENAI_API_KEY, fake_openai_process
+from tests.fakes.openai_server import FakeOpenAI, Fault, ModelSpec
 from tests.support import REPO_ROOT, transcription_request, wait_until
 from voxq.embedded import free_port, wait_for_port
 
@@ -447,3 +448,254 @@ def test_fixture_points_settings_at_the_fake_and_starts_clean(fake_openai: FakeO
     assert fake_openai.base_url.startswith("http://127.0.0.1:") and fake_openai.base_url.endswith("/v1")
     assert fake_openai.billing_log() == [] and fake_openai.request_log() == []
     assert fake_openai.behaviour(MINI).latency == 0.0
+
+
+# ---- another provider than OpenAI: own prices, a billing minimum, capabilities, account-wide failures ----
+
+KEY_A = "sk-acme-account-a-0123456789"
+KEY_B = "sk-acme-account-b-9876543210"
+OPENAI_401 = (
+    "Incorrect API key provided: {masked}. You can find your API key at "
+    "https://platform.openai.com/account/api-keys."
+)
+OPENAI_QUOTA = (
+    "You exceeded your current quota, please check your plan and billing details. For more information "
+    "on this error, read the docs: https://platform.openai.com/docs/guides/error-codes/api-errors."
+)
+
+
+def _host(**kwargs: Any) -> FakeOpenAI:
+    """A provider like the cheap Whisper hosts: a json-only model, a verbose one with words billing a 10 s
+    minimum, a segment-only one."""
+    specs = {
+        "turbo-json": ModelSpec(per_minute=Decimal("0.002"), response_formats=("json", "text")),
+        "large-v3": ModelSpec(
+            per_minute=Decimal("0.004"), min_billed_seconds=10, response_formats=("json", "verbose_json")
+        ),
+        "segments-only": ModelSpec(per_minute=Decimal("0.003"), words=False),
+        "no-usage": ModelSpec(per_minute=Decimal("0.003"), usage=False),
+    }
+    return FakeOpenAI(models={}, specs=specs, **kwargs)
+
+
+def _post(fake: FakeOpenAI, key: str, model: str, audio: bytes, **fields: Any) -> httpx.Response:
+    data: dict[str, Any] = {"model": model, **fields}
+    return httpx.post(
+        f"{fake.base_url}/audio/transcriptions",
+        headers={"Authorization": f"Bearer {key}", "X-Client-Request-Id": f"{model}-{time.monotonic_ns()}"},
+        data=data,
+        files={"file": ("a.flac", audio, "audio/flac")},
+        timeout=10,
+    )
+
+
+def test_own_prices_and_a_minimum_billed_length_are_what_the_billing_log_invoices() -> None:
+    short, long = tones([440]), tones([300] * 16)  # 0.9 s and 11.4 s
+    with _host(api_keys={KEY_A}) as host:
+        answers = [
+            _post(host, KEY_A, model, audio)
+            for model in ("turbo-json", "large-v3")
+            for audio in (short, long)
+        ]
+        assert [a.status_code for a in answers] == [200] * 4
+        # the answer's usage says the audio's own seconds; the invoice bills at least the minimum
+        assert [a.json()["usage"] for a in answers] == [
+            {"type": "duration", "seconds": s} for s in (1, 12, 1, 12)
+        ]
+        billed = [
+            (b["model"], b["usage"]["seconds"], b["billed_seconds"], b["usd"]) for b in host.billing_log()
+        ]
+        assert billed == [
+            ("turbo-json", 1, 1, "0.00003333"),  # 1 s at $0.002/min
+            ("turbo-json", 12, 12, "0.00040000"),
+            ("large-v3", 1, 10, "0.00066667"),  # 10 s minimum at $0.004/min
+            ("large-v3", 12, 12, "0.00080000"),
+        ]
+        # OpenAI's own models keep OpenAI's prices on an instance that has specs
+        host.add_model("whisper-1")
+        assert _post(host, KEY_A, "whisper-1", short).status_code == 200
+        assert host.billing_log()[-1]["usd"] == "0.00010000" and host.billing_log()[-1]["billed_seconds"] == 1
+        # a server that does not say its usage invoices the request all the same
+        silent = [
+            _post(host, KEY_A, "no-usage", long, response_format=f).json() for f in ("json", "verbose_json")
+        ]
+        assert silent[0] == {"text": " ".join(["tone300"] * 16)} and "usage" not in silent[1]
+        assert [b["usd"] for b in host.billing_log()[-2:]] == ["0.00060000"] * 2  # 12 s at $0.003/min
+        assert [b["usage_answered"] for b in host.billing_log()] == [True] * 5 + [False] * 2
+
+
+def test_capabilities_json_only_words_and_segments_only() -> None:
+    audio = tones([500, 1000])
+    with _host() as host:
+        refused = _post(host, KEY_A, "turbo-json", audio, response_format="verbose_json")
+        assert refused.status_code == 400
+        assert refused.json() == {
+            "error": {
+                "message": "response_format 'verbose_json' is not compatible with model 'turbo-json'. "
+                "Use 'json' or 'text' instead.",
+                "type": "invalid_request_error",
+                "param": "response_format",
+                "code": "unsupported_value",
+            }
+        }
+        granularities = {"timestamp_granularities[]": ["segment", "word"]}
+        words = _post(host, KEY_A, "large-v3", audio, response_format="verbose_json", **granularities).json()
+        assert [s["text"] for s in words["segments"]] == [" tone500", " tone1000"]
+        assert [w["word"] for w in words["words"]] == ["tone500", "tone1000"]
+        plain = _post(
+            host, KEY_A, "segments-only", audio, response_format="verbose_json", **granularities
+        ).json()
+        assert [s["text"] for s in plain["segments"]] == [" tone500", " tone1000"] and "words" not in plain
+        sent = [(r["response_format"], r["granularities"]) for r in host.request_log()]
+        assert sent == [("verbose_json", [])] + [("verbose_json", ["segment", "word"])] * 2
+        assert host.billing_log()[0]["model"] == "large-v3"  # the refused request was not billed
+        assert len(host.billing_log()) == 2
+        # through voxq's provider: the json-only refusal is a 400 of the request, not of the audio
+        [result] = _provider_call(host, [_req(audio, model="turbo-json", want_timestamps=True)])
+        assert isinstance(result, ProviderError) and result.code == "unsupported_value"
+
+
+def test_a_key_revoked_mid_run_gets_openais_401_and_the_other_key_goes_on() -> None:
+    audio = tones([440])
+    with _host(api_keys={KEY_A, KEY_B}) as host:
+        host.revoke_key(KEY_A, after=2)  # after two more billed requests on the account
+        first = [_post(host, KEY_A, "turbo-json", audio).status_code for _ in range(2)]
+        refused = [_post(host, KEY_A, model, audio) for model in ("turbo-json", "large-v3")]
+        assert first == [200, 200] and [r.status_code for r in refused] == [401, 401]
+        assert refused[0].json() == {
+            "error": {
+                "message": OPENAI_401.format(masked="sk-******6789"),
+                "type": "invalid_request_error",
+                "param": None,
+                "code": "invalid_api_key",
+            }
+        }
+        assert refused[0].headers["x-request-id"].startswith("req_")
+        assert _post(host, KEY_B, "large-v3", audio).status_code == 200
+        assert (
+            httpx.get(f"{host.base_url}/models", headers={"Authorization": f"Bearer {KEY_A}"}).status_code
+            == 401
+        )
+        with pytest.raises(openai.AuthenticationError) as info:
+            openai.OpenAI(base_url=host.base_url, api_key=KEY_A, max_retries=0).audio.transcriptions.create(
+                model="turbo-json", file=("a.flac", audio, "audio/flac")
+            )
+        assert info.value.code == "invalid_api_key"
+        assert len(host.billing_log()) == 3 and host.account()["revoked_keys"] == 1
+        assert [r["code"] for r in host.request_log()][2:4] == ["invalid_api_key"] * 2
+        host.restore_key(KEY_A)
+        assert _post(host, KEY_A, "turbo-json", audio).status_code == 200
+
+
+def test_account_quota_refuses_every_model_with_openais_body() -> None:
+    audio = tones([440])
+    with _host() as host:
+        host.exhaust_quota(None, after=1)
+        assert _post(host, KEY_A, "large-v3", audio).status_code == 200
+        refused = [_post(host, KEY_A, model, audio) for model in ("turbo-json", "large-v3", "segments-only")]
+        assert [r.status_code for r in refused] == [429] * 3
+        for answer in refused:
+            assert answer.json() == {
+                "error": {
+                    "message": OPENAI_QUOTA,
+                    "type": "insufficient_quota",
+                    "param": None,
+                    "code": "insufficient_quota",
+                }
+            }
+            assert "retry-after" not in answer.headers  # nothing to wait for
+        assert [b["model"] for b in host.billing_log()] == ["large-v3"]
+        assert host.account() == {"billed": 1, "quota_after": 1, "quota_exhausted": True, "revoked_keys": 0}
+        # voxq's provider reads it as the account's quota, not a rate limit
+        [result] = _provider_call(host, [_req(audio, model="turbo-json")])
+        assert isinstance(result, ProviderError) and result.code == "insufficient_quota"
+        assert result.kind == ErrorKind.NEXT_MODEL
+        host.restore_quota()
+        assert _post(host, KEY_A, "turbo-json", audio).status_code == 200
+        host.reset()  # back to the constructor's specs, no account fault
+        assert host.spec("large-v3") == ModelSpec(
+            per_minute=Decimal("0.004"), min_billed_seconds=10, response_formats=("json", "verbose_json")
+        )
+        assert host.account()["quota_after"] is None and host.billing_log() == []
+
+
+def test_a_call_the_client_gave_up_on_is_invoiced_with_the_minimum() -> None:
+    with _host() as host:
+        host.configure("large-v3", latency=1.0)
+        [result] = _provider_call(
+            host, [_req(tones([440]), model="large-v3", request_id="gone")], timeout=0.3
+        )
+        assert isinstance(result, ProviderError)
+        wait_until(lambda: host.billing_log() or None, timeout=5, what="the abandoned call billed")
+        [billed] = host.billing_log()
+        assert (billed["request_id"], billed["billed_seconds"], billed["usd"]) == ("gone", 10, "0.00066667")
+        assert host.request_log()[0]["code"] == "client_disconnected"
+
+
+def test_accounts_and_specs_are_scripted_over_http_in_a_separate_process() -> None:
+    port = free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "tests.fakes.openai_server", "--port", str(port), "--api-key", KEY_A],
+        cwd=REPO_ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        wait_for_port(port, 20, proc=proc)
+        root = f"http://127.0.0.1:{port}"
+        fake = FakeOpenAI(port=port)  # only for its URLs: the server is the other process
+        audio = tones([440])
+        with httpx.Client(base_url=root) as admin:
+            spec = {
+                "per_minute": "0.004",
+                "min_billed_seconds": 10,
+                "response_formats": ["json", "verbose_json"],
+            }
+            configured = admin.post("/_fake/config", json={"specs": {"large-v3": spec}})
+            assert configured.json()["specs"]["large-v3"] == {
+                **spec,
+                "min_billed_seconds": 10.0,
+                "words": True,
+                "usage": True,
+            }
+            assert admin.post("/_fake/config", json={"specs": {"x": {"nonsense": 1}}}).status_code == 400
+            assert "large-v3" in [
+                m["id"]
+                for m in httpx.get(f"{root}/v1/models", headers={"Authorization": f"Bearer {KEY_A}"}).json()[
+                    "data"
+                ]
+            ]
+            assert _post(fake, KEY_A, "large-v3", audio).status_code == 200
+            state = admin.post("/_fake/account", json={"exhaust_quota_after": 1}).json()
+            assert state == {"billed": 1, "quota_after": 2, "quota_exhausted": False, "revoked_keys": 0}
+            assert _post(fake, KEY_A, "large-v3", audio).status_code == 200
+            assert _post(fake, KEY_A, "whisper-1", audio).json()["error"]["code"] == "insufficient_quota"
+            admin.post("/_fake/account", json={"exhaust_quota_after": None, "revoke_key": KEY_A})
+            assert admin.get("/_fake/account").json()["revoked_keys"] == 1
+            assert _post(fake, KEY_A, "whisper-1", audio).json()["error"]["code"] == "invalid_api_key"
+            billing = admin.get("/_fake/billing").json()
+            assert [(b["model"], b["billed_seconds"], b["usd"]) for b in billing] == [
+                ("large-v3", 10, "0.00066667")
+            ] * 2
+            assert [r["status"] for r in admin.get("/_fake/requests").json()] == [200, 200, 429, 401]
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
+def test_fake_openai_process_helper_scripts_and_reads_a_fake_of_its_own(tmp_path: Path) -> None:
+    with fake_openai_process(tmp_path / "fake.log", KEY_A) as fake:
+        assert (
+            fake.set_specs({"large-v3": {"per_minute": "0.004", "min_billed_seconds": 10}})["large-v3"][
+                "min_billed_seconds"
+            ]
+            == 10.0
+        )
+        assert fake.configure("large-v3", latency=0.05)["latency"] == 0.05
+        assert fake.account(revoke_key=KEY_A, revoke_after=1)["revoked_keys"] == 0
+        host = FakeOpenAI(port=fake.port)  # for its URLs only
+        assert [_post(host, KEY_A, "large-v3", tones([440])).status_code for _ in range(2)] == [200, 401]
+        assert fake.account()["revoked_keys"] == 1
+        assert [(b["billed_seconds"], b["usd"]) for b in fake.billing_log()] == [(10, "0.00066667")]
+        assert [r["code"] for r in fake.request_log()] == [None, "invalid_api_key"]
+    assert fake.proc.poll() is not None  # stopped at the end
