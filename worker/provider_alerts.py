@@ -3,10 +3,10 @@
 A 401/403 is not a model's trouble but the provider's: every call with that key fails the same way. It
 opens the provider's circuit (worker.circuit: no model of that provider is called until its probe gets
 through) and jobs move on to the next provider of their chain, so a fleet could move all its work to
-another vendor or the local engine without anyone noticing. Each provider is told apart: its own metric
-label, log line (naming the environment variable its key comes from) and /readyz record. Here it becomes loud: a warning (never the key nor the provider's message,
-which may echo part of it), `voxq_provider_auth_failures_total{provider}`, and a Redis record `/readyz`
-reports as degraded until it expires or a probe gets through again.
+another vendor or the local engine without anyone noticing. Here it becomes loud, for each provider
+apart: a warning naming the environment variable its key comes from (never the key nor the provider's
+message, which may echo part of it), `voxq_provider_auth_failures_total{provider}`, and a Redis record
+`/readyz` reports as degraded until it expires or the provider's probe gets through again.
 """
 
 from __future__ import annotations
