@@ -356,3 +356,27 @@ def test_a_quota_answer_skips_the_providers_other_models_but_not_another_provide
         assert rt.run(breaker.state("bravo:gone-model")) == "retired"
         assert rt.run(breaker.state("bravo:whisper-1")) == "closed"
         assert rt.run(breaker.state(f"openai:{SECOND}")) == "closed"  # the model itself is fine
+
+
+def test_a_providers_in_flight_cap_holds_for_the_chain(
+    pipeline: Pipeline, fake_openai: FakeOpenAI, monkeypatch: pytest.MonkeyPatch, tmp_path: Any
+) -> None:
+    """Issue #17: the providers file's `limits.max_in_flight` bounds the calls to that provider at once,
+    below the process's own VOXQ_MAX_IN_FLIGHT; every slot is given back (none held after the run)."""
+    from worker.runtime import get_runtime
+
+    providers = tmp_path / "providers.toml"
+    providers.write_text("[providers.openai.limits]\nmax_in_flight = 2\n")
+    settings(monkeypatch, VOXQ_PROVIDERS_FILE=str(providers), VOXQ_MAX_IN_FLIGHT="8")
+    fake_openai.configure(PRIMARY, latency=0.3)
+    jobs = run_jobs(pipeline, 6)
+    assert all(r.status == JobStatus.SUCCEEDED.value for r in pipeline.jobs(jobs).values())
+    sent = requests_for(fake_openai, PRIMARY)
+    assert len(sent) == 6
+    overlapping = max(
+        sum(1 for other in sent if other["received"] < r["received"] + 0.01 < other["ts"]) for r in sent
+    )
+    assert overlapping == 2, [(r["received"], r["ts"]) for r in sent]  # 2 at once, never 3
+    rt = get_runtime()
+    assert rt.inflight().cap("openai") == 2
+    assert rt.run(rt.inflight().held("openai")) == 0
