@@ -615,3 +615,20 @@ def test_a_wait_for_a_slot_ends_at_its_deadline(stack: Stack) -> None:
 
     late, waited = _run(stack, body)
     assert late is None and 0.3 <= waited < 1.0
+
+
+def test_a_wait_for_a_slot_ends_when_the_job_is_halted(stack: Stack) -> None:
+    from worker.pieces import Piece
+
+    async def body(r1: aioredis.Redis, r2: aioredis.Redis) -> tuple[str | None, float]:
+        caps = InFlightCaps(r1, caps={"acme": 1}, lease_seconds=30)
+        assert await caps.try_acquire("acme")
+        halt = asyncio.Event()
+        piece = Piece(None, None, None, "k", 0.0, 1.0, halt)  # type: ignore[arg-type]  # only its halt
+        asyncio.get_running_loop().call_later(0.2, halt.set)  # a sibling chunk ended the job
+        started = time.monotonic()
+        got = await caps.acquire("acme", until=started + 30, piece=piece)
+        return got, time.monotonic() - started
+
+    got, waited = _run(stack, body)
+    assert got is None and 0.2 <= waited < 1.0
