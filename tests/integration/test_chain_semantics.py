@@ -318,11 +318,6 @@ def test_a_quota_answer_skips_the_providers_other_models_but_not_another_provide
             BRAVO_KEY="bravo-secret",
             VOXQ_CIRCUIT_OPEN_SECONDS="120",
         )
-        # Until each provider has its own client (issue #17's routing), the runtime sends every entry to
-        # the runtime provider's server by its entry name: that server knows the bravo entries too.
-        for entry in ("bravo:whisper-1", "bravo:gone-model"):
-            fake_openai.add_model(entry)
-        fake_openai.retire("bravo:gone-model")
         bravo.retire("gone-model")
         fake_openai.exhaust_quota(PRIMARY)
         tenant = pipeline.tenant()
@@ -337,19 +332,27 @@ def test_a_quota_answer_skips_the_providers_other_models_but_not_another_provide
         async def run() -> tuple[str, str, str]:
             runner = ChainRunner(rt, deadline=time.monotonic() + 600)
             data = await read(rt, derived_key(tenant, first.job.id))
-            one = await runner.run(first, data, first.seconds, None, [PRIMARY, SECOND, "bravo:whisper-1"])
+            chain = [f"openai:{PRIMARY}", f"openai:{SECOND}", "bravo:whisper-1"]
+            one = await runner.run(first, data, first.seconds, None, chain)
             data = await read(rt, derived_key(tenant, second.job.id))
             # The account is still out: SECOND, asked first now, is refused without a request.
-            two = await runner.run(second, data, second.seconds, None, [SECOND, "bravo:whisper-1"])
+            two = await runner.run(second, data, second.seconds, None, chain[1:])
             # A retired bravo model closes only itself: bravo's other model still answers.
             three = await runner.run(
                 second, data, second.seconds, None, ["bravo:gone-model", "bravo:whisper-1"]
             )
             return one.model, two.model, three.model
 
-        assert rt.run(run()) == ("bravo:whisper-1",) * 3
-        openai_requests = [r for r in fake_openai.request_log() if r.get("model") in (PRIMARY, SECOND)]
-        assert [(r["model"], r["code"]) for r in openai_requests] == [(PRIMARY, "insufficient_quota")]
+        assert rt.run(run()) == ("whisper-1",) * 3  # the bare model that answered: bravo's
+        assert [(r["model"], r["code"]) for r in fake_openai.request_log()] == [
+            (PRIMARY, "insufficient_quota")
+        ]
+        assert sorted((r["model"], r["code"]) for r in bravo.request_log()) == [
+            ("gone-model", "model_not_found"),
+            *[("whisper-1", None)] * 3,
+        ]
+        answered = [(a.provider, a.model) for a in pipeline.attempts() if a.outcome == "success"]
+        assert answered == [("bravo", "whisper-1")] * 3
         breaker = rt.circuit()
         assert rt.run(breaker.state("provider:openai")) == "open"
         assert rt.run(breaker.state("provider:bravo")) == "closed"
