@@ -362,7 +362,7 @@ class ChainRunner:
     async def _bookkeep(self, model: str, action: Action, ticket: Ticket, call: Call) -> None:
         """The circuits' or rate limiter's part of a call's outcome (worker.circuit.settle: the model's
         circuit, or the provider's for quota, billing and auth), and a refused API key's alert."""
-        provider, account, key = call_keys(model, self._provider_name)
+        provider, account, key = call_keys(self._target(model))
         if await self._note(self.circuit.settle(account, key, action.note, ticket)):
             await self._note(provider_alerts.auth_restored(self.rt, provider))  # the account's probe passed
         if action.note == Note.AUTH:
@@ -438,7 +438,7 @@ class ChainRunner:
         """The circuit's first look and the rate limiter's wait, before the budget and a slot."""
         if piece.halted:
             raise Halted()
-        provider, account, key = call_keys(model, self._provider_name)
+        provider, account, key = call_keys(self._target(model))
         # The provider's circuit, then the model's: an open one costs no limiter wait or reservation.
         state, whose = await self.circuit.peek_call(account, key)
         if state in (CircuitState.OPEN, CircuitState.RETIRED):
@@ -461,7 +461,7 @@ class ChainRunner:
         )
         # The attempt row is written once a slot is free, so `started_at` is when the call really starts
         # and a pending attempt older than the provider timeout belongs to a dead worker (see sweeper).
-        provider, account, key = call_keys(model, self._provider_name)
+        provider, account, key = call_keys(self._target(model))
         # The provider's fleet-wide in-flight slot (its cap), then this process's semaphore.
         async with inflight.call_slot(self.rt, piece, provider, self.deadline) as slot:
             if piece.halted or not slot.held:

@@ -60,8 +60,8 @@ import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
 from core import metrics, names
-from core.providers.config import ModelRef
 from core.statuses import CircuitState
+from worker.entries import Target
 from worker.policy import Note
 
 log = logging.getLogger(__name__)
@@ -80,11 +80,10 @@ def provider_key(provider: str) -> str:
     return PROVIDER_KEY_PREFIX + provider
 
 
-def call_keys(entry: str, default_provider: str) -> tuple[str, str, str]:
-    """A chain entry's provider, its account's circuit key and its own `provider:model` circuit key (a
-    bare model name is `default_provider`'s: chains written before providers existed)."""
-    ref = ModelRef.of_entry(entry, default_provider) or ModelRef(default_provider, entry)
-    return ref.provider, provider_key(ref.provider), str(ref)
+def call_keys(to: Target) -> tuple[str, str, str]:
+    """A call's provider, its account's circuit key and its model's `provider:model` circuit key (the
+    chain entry resolved as the call is routed: worker.entries)."""
+    return to.provider, provider_key(to.provider), f"{to.provider}:{to.model}"
 
 
 _NOW = """
