@@ -632,3 +632,23 @@ def test_a_wait_for_a_slot_ends_when_the_job_is_halted(stack: Stack) -> None:
 
     got, waited = _run(stack, body)
     assert got is None and 0.2 <= waited < 1.0
+
+
+def test_a_lease_is_renewed_before_the_send_unless_it_already_ended(stack: Stack) -> None:
+    async def body(r1: aioredis.Redis, r2: aioredis.Redis) -> tuple[bool, int, bool, bool, bool]:
+        caps = InFlightCaps(r1, caps={"acme": 1}, lease_seconds=0.3)
+        holder = await caps.try_acquire("acme")
+        assert holder is not None
+        await asyncio.sleep(0.2)
+        renewed = await caps.renew("acme", holder)  # before its end: another 0.3 s from now
+        await asyncio.sleep(0.2)
+        held = await caps.held("acme")  # 0.4 s after the take: still held thanks to the renewal
+        await asyncio.sleep(0.2)
+        free = await caps.renew("acme", holder)  # ended, but nobody took the slot: taken again
+        await asyncio.sleep(0.4)
+        other = await InFlightCaps(r2, caps={"acme": 1}, lease_seconds=30).try_acquire("acme")
+        taken = await caps.renew("acme", holder)  # ended and another call took it: not renewed
+        return renewed, held, free, other is not None, taken
+
+    renewed, held, free, other, taken = _run(stack, body)
+    assert renewed and held == 1 and free and other and not taken
