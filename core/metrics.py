@@ -78,6 +78,19 @@ CIRCUIT_STATE = ModelGauge(
     # The latest value any process set, not the max: a circuit that closed again must read 0.
     multiprocess_mode="mostrecent",
 )
+PROVIDER_CIRCUIT_STATE = Gauge(
+    "voxq_provider_circuit_open",
+    "1 when the provider's account circuit (quota, billing, auth) is not closed: none of its models is "
+    "called; else 0 (the state a worker process saw last).",
+    ["provider"],
+    multiprocess_mode="mostrecent",
+)
+PROVIDER_IN_FLIGHT = Gauge(
+    "voxq_provider_in_flight",
+    "Fleet-wide calls in flight to the provider (its max_in_flight slots taken), as a process saw last.",
+    ["provider"],
+    multiprocess_mode="mostrecent",
+)
 RATE_LIMIT_WAIT_SECONDS = ModelCounter(
     "voxq_rate_limiter_wait_seconds_total", "Seconds spent waiting on the shared rate limiter.", ["model"]
 )

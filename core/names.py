@@ -52,8 +52,9 @@ TASK_ALIGN_JOB = "voxq.align.job"
 
 # Redis key prefixes.
 REDIS_PREFIX = "voxq:"
-KEY_CIRCUIT = REDIS_PREFIX + "circuit:"  # + model
-KEY_RATE = REDIS_PREFIX + "rate:"  # + model + ":" + dimension
+KEY_CIRCUIT = REDIS_PREFIX + "circuit:"  # + provider:model, or provider:<name> for a provider's account
+KEY_RATE = REDIS_PREFIX + "rate:"  # + model + ":" + dimension (provider/<name>: a provider's buckets)
+KEY_INFLIGHT = REDIS_PREFIX + "inflight:"  # + provider: holders of its fleet-wide in-flight slots
 KEY_IDEMPOTENCY_LOCK = REDIS_PREFIX + "idem:"  # + tenant + ":" + key
 KEY_GROUP_BUFFER = REDIS_PREFIX + "group:"  # + group key
 KEY_METRICS = REDIS_PREFIX + "metrics:"

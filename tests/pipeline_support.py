@@ -49,14 +49,19 @@ def tones(*freqs: int, seconds: float = 0.8, gap: float = 1.0) -> bytes:
 
 
 def circuit_state(stack: Stack, model: str) -> str:
+    """The circuit of a chain entry (its `provider:model` key; a bare name is openai's), or of a provider's
+    account (`provider:<name>`)."""
     import redis.asyncio as aioredis
 
-    from worker.circuit import CircuitBreaker
+    from core.providers.config import ModelRef
+    from worker.circuit import PROVIDER_KEY_PREFIX, CircuitBreaker
+
+    key = model if model.startswith(PROVIDER_KEY_PREFIX) else str(ModelRef.of_entry(model))
 
     async def read() -> str:
         client = aioredis.Redis.from_url(stack.redis_url)
         try:
-            return await CircuitBreaker(client, failure_threshold=5, open_seconds=30).state(model)
+            return await CircuitBreaker(client, failure_threshold=5, open_seconds=30).state(key)
         finally:
             await client.aclose()
 

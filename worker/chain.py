@@ -40,8 +40,8 @@ from core.logs import bind_log_context, log_context
 from core.names import LOCAL_MODEL
 from core.providers.base import ErrorKind, ProviderError, TranscriptionRequest
 from core.statuses import CircuitState, JobStatus
-from worker import audio, budget, provider_alerts
-from worker.circuit import Ticket
+from worker import audio, budget, inflight, provider_alerts
+from worker.circuit import PROVIDER_KEY_PREFIX, Ticket, call_keys
 from worker.entries import Target, response_format, target
 from worker.outcomes import Halted, Handoff, JobEnded
 from worker.pieces import Piece, compose_prompt, kept_answer, shift_segments
@@ -70,12 +70,12 @@ class _ChainBlocked(Exception):
 
 
 class _CircuitRefused(Exception):
-    """Raised instead of a call when the model's circuit does not let it through (open, retired, or
-    half-open with its probe already out)."""
+    """Raised instead of a call when its provider's circuit or the model's does not let it through (open,
+    retired, or half-open with its probe already out); `key` is whose circuit it was."""
 
-    def __init__(self, state: str) -> None:
+    def __init__(self, state: str, key: str) -> None:
         super().__init__(state)
-        self.state = state
+        self.state, self.key = state, key
 
 
 class _Paused(Exception):
@@ -234,7 +234,7 @@ class ChainRunner:
                     piece, data, seconds, prompt, model, retry
                 )
             except _CircuitRefused as refused:  # checked before each call, retries included
-                self._skipped(refused.state, chain, i, walk)
+                self._skipped(refused, chain, i, walk)
                 return None
             if raw is not None:
                 call = Call.answer(raw.text)
@@ -304,10 +304,12 @@ class ChainRunner:
             retry_after=err.retry_after,
         )
 
-    def _skipped(self, state: str, chain: list[str], i: int, walk: _Walk) -> None:
-        """`chain[i]` was not called: its circuit is open, retired or half-open with the probe out."""
-        walk.blocked = walk.blocked or state != CircuitState.RETIRED
-        walk.last_error = f"{chain[i]}: circuit {state}"
+    def _skipped(self, refused: _CircuitRefused, chain: list[str], i: int, walk: _Walk) -> None:
+        """`chain[i]` was not called: its provider's or its own circuit is open, retired or half-open
+        with the probe out."""
+        walk.blocked = walk.blocked or refused.state != CircuitState.RETIRED
+        account = refused.key.startswith(PROVIDER_KEY_PREFIX)  # the account's: quota, billing or key
+        walk.last_error = f"{chain[i]}: {refused.key if account else 'model'} circuit {refused.state}"
         if walk.invalid is not None:
             walk.invalid_at = i  # the second opinion after invalid audio passes to the next model
         self._fallback(chain[i], chain, i)
@@ -358,34 +360,27 @@ class ChainRunner:
         )
 
     async def _bookkeep(self, model: str, action: Action, ticket: Ticket, call: Call) -> None:
-        """The circuit's or rate limiter's part of a call's outcome (and a refused API key's alert)."""
-        note = action.note
-        if note == Note.FAILURE:
-            await self._note(self.circuit.record_failure(model, ticket.probe))
-        elif note == Note.SUCCESS or (ticket.probe and note in (None, Note.PENALIZE)):
-            # A probe answered (a refusal of this request, a 429 included): the model serves again.
-            await self._note(self.circuit.record_success(model, ticket.probe))
-            if ticket.probe:
-                await self._note(provider_alerts.auth_restored(self.rt, self._provider_name))
-        if note == Note.AUTH:
-            await self._note(self.circuit.trip(model))
+        """The circuits' or rate limiter's part of a call's outcome (worker.circuit.settle: the model's
+        circuit, or the provider's for quota, billing and auth), and a refused API key's alert."""
+        provider, account, key = call_keys(self._target(model))
+        if await self._note(self.circuit.settle(account, key, action.note, ticket)):
+            await self._note(provider_alerts.auth_restored(self.rt, provider))  # the account's probe passed
+        if action.note == Note.AUTH:
             await self._note(
-                provider_alerts.auth_refused(self.rt, self._provider_name, model, call.http_status, call.code)
+                provider_alerts.auth_refused(self.rt, provider, model, call.http_status, call.code)
             )
-        elif note == Note.PENALIZE and action.pause > 0:
+        elif action.note == Note.PENALIZE and action.pause > 0:
+            # The model's pause, not the provider's: a 429 rate limit is per model (per organisation).
             await self._note(self.limiter.penalize(model, action.pause))
-        elif note == Note.TRIP:
-            await self._note(self.circuit.trip(model))
-        elif note == Note.RETIRE:
-            await self._note(self.circuit.retire(model))
 
-    async def _note(self, bookkeeping: Awaitable[Any]) -> None:
+    async def _note(self, bookkeeping: Awaitable[Any]) -> Any:
         """Circuit and rate-limiter bookkeeping after a call: a Redis blip (a restart) here is logged, and
         must not throw away an answer already paid for (the job would run and pay again)."""
         try:
-            await bookkeeping
+            return await bookkeeping
         except (RedisError, OSError) as exc:
             log.warning("circuit/limiter bookkeeping skipped: %s", type(exc).__name__)
+            return None
 
     def _fallback(self, model: str, chain: list[str], i: int) -> None:
         metrics.FALLBACKS.labels(
@@ -443,11 +438,13 @@ class ChainRunner:
         """The circuit's first look and the rate limiter's wait, before the budget and a slot."""
         if piece.halted:
             raise Halted()
-        state = await self.circuit.peek(model)  # an open circuit costs no limiter wait or reservation
+        provider, account, key = call_keys(self._target(model))
+        # The provider's circuit, then the model's: an open one costs no limiter wait or reservation.
+        state, whose = await self.circuit.peek_call(account, key)
         if state in (CircuitState.OPEN, CircuitState.RETIRED):
-            raise _CircuitRefused(state)
+            raise _CircuitRefused(state, whose)
         # Always: a 429's fleet-wide pause holds without an RPM or audio limit configured too.
-        await self.limiter.acquire(model, seconds)  # counts its own waits in metrics
+        await self.limiter.acquire(model, seconds, provider)  # counts its own waits in metrics
         if piece.halted:
             raise Halted()
 
@@ -464,22 +461,24 @@ class ChainRunner:
         )
         # The attempt row is written once a slot is free, so `started_at` is when the call really starts
         # and a pending attempt older than the provider timeout belongs to a dead worker (see sweeper).
-        async with self.rt.semaphore:
-            if piece.halted:
+        provider, account, key = call_keys(self._target(model))
+        # The provider's fleet-wide in-flight slot (its cap), then this process's semaphore.
+        async with inflight.call_slot(self.rt, piece, provider, self.deadline) as slot:
+            if piece.halted or not slot.held:
                 if reserved:
                     await asyncio.to_thread(budget.release, attempt_id)
-                raise Halted()
+                raise Halted() if piece.halted else slot.late()
             if self.limiter.paused_here(model):  # a sibling's 429 while this call waited for a slot
                 if reserved:
                     await asyncio.to_thread(budget.release, attempt_id)
                 raise _Paused()
-            # Right before the send (a slot may have taken a while): a circuit opened meanwhile, e.g. by
-            # a sibling's insufficient_quota, stops this call too.
-            ticket = await self.circuit.admit(model)
+            # Right before the send (a slot may have taken a while): a circuit opened meanwhile, e.g. the
+            # provider's by a sibling's insufficient_quota, stops this call too.
+            ticket = await self.circuit.admit_call(account, key)
             if ticket is None:
                 if reserved:
                     await asyncio.to_thread(budget.release, attempt_id)
-                raise _CircuitRefused(await self.circuit.state(model))
+                raise _CircuitRefused(*await self.circuit.state_call(account, key))
             on_slot = ON_SLOT.get()
             if on_slot is not None:
                 on_slot()

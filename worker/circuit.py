@@ -1,4 +1,15 @@
-"""A circuit breaker per model, kept in Redis so every worker of the fleet sees the same state.
+"""Circuit breakers per model and per provider account, kept in Redis so every worker of the fleet sees
+the same state.
+
+Two levels (issue #17). A provider's account — its key, its quota, its billing — has a circuit of its own
+(`provider_key`, "provider:<name>"): quota, billing and auth refusals open it (worker.policy: `Note.ACCOUNT`,
+`Note.AUTH`), and while it is open no model of that provider is sent a request. A model has its circuit
+under its `provider:model` key: `model_not_found` retires it, repeated retryable failures open it. A call
+passes both (`peek_call`, `admit_call`: the provider's first, then the model's); when the provider's
+circuit half-opens, exactly one call of the whole account is its probe (`Ticket.account_probe`), and what
+that call comes back with decides (`settle`): an answer or a refusal of the model only closes the
+provider's circuit, an account refusal opens it again, a 5xx or a timeout hands the probe to the next call.
+The keys below are either kind: the state machine is the same.
 
     closed ──(failure_threshold consecutive failures, or trip())──▶ open
     open ──(open_seconds pass)──▶ half_open: exactly one probe call is let through (SET NX of a token)
@@ -50,6 +61,8 @@ from redis.exceptions import RedisError
 
 from core import metrics, names
 from core.statuses import CircuitState
+from worker.entries import Target
+from worker.policy import Note
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +70,21 @@ CLOSED = CircuitState.CLOSED.value
 OPEN = CircuitState.OPEN.value
 HALF_OPEN = CircuitState.HALF_OPEN.value
 RETIRED = CircuitState.RETIRED.value
+# The circuit key of a provider's account; a model's key is `provider:model` (a model name is never empty,
+# and `provider` is not a provider the catalogue lets anyone name a model after: see `provider_key`).
+PROVIDER_KEY_PREFIX = "provider:"
+
+
+def provider_key(provider: str) -> str:
+    """The circuit key of `provider`'s account (quota, billing, auth): open, no model of it is called."""
+    return PROVIDER_KEY_PREFIX + provider
+
+
+def call_keys(to: Target) -> tuple[str, str, str]:
+    """A call's provider, its account's circuit key and its model's `provider:model` circuit key (the
+    chain entry resolved as the call is routed: worker.entries)."""
+    return to.provider, provider_key(to.provider), f"{to.provider}:{to.model}"
+
 
 _NOW = """
 local t = redis.call('TIME')
@@ -138,6 +166,12 @@ return 'open'
 """
 )
 
+# KEYS: probe key. ARGV: probe token. Gives the probe back (another call may take it) if it is still ours.
+_RELEASE = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
+"""
+
 # KEYS: circuit hash, probe key, retired key. -> state
 _STATE = (
     _NOW
@@ -163,9 +197,11 @@ async def _close_quietly(pubsub: Any) -> None:
 
 @dataclass(frozen=True)
 class Ticket:
-    """A call `admit` let through: `probe` is the half-open probe's token (None for a closed circuit)."""
+    """A call `admit` let through: `probe` is the half-open probe's token (None for a closed circuit);
+    with `admit_call`, `account_probe` is the provider's (its account's one probe)."""
 
     probe: str | None = None
+    account_probe: str | None = None
 
 
 class CircuitBreaker:
@@ -211,6 +247,7 @@ class CircuitBreaker:
         self._success = redis.register_script(_SUCCESS)
         self._trip = redis.register_script(_TRIP)
         self._state = redis.register_script(_STATE)
+        self._release = redis.register_script(_RELEASE)
 
     @staticmethod
     def _keys(model: str) -> list[str]:
@@ -222,7 +259,11 @@ class CircuitBreaker:
 
     @staticmethod
     def _publish(model: str, state: str) -> str:
-        metrics.CIRCUIT_STATE.labels(model=model).set(0 if state == CLOSED else 1)
+        value = 0 if state == CLOSED else 1
+        if model.startswith(PROVIDER_KEY_PREFIX):
+            metrics.PROVIDER_CIRCUIT_STATE.labels(provider=model[len(PROVIDER_KEY_PREFIX) :]).set(value)
+        else:
+            metrics.CIRCUIT_STATE.labels(model=model).set(value)
         return state
 
     def _is_clean(self, model: str) -> bool:
@@ -374,3 +415,63 @@ class CircuitBreaker:
     async def state(self, model: str) -> str:
         """closed, open, half_open or retired."""
         return self._publish(model, _text(await self._state(keys=self._keys(model))))
+
+    # ---- a call: the provider's circuit, then the model's ----
+
+    async def peek_call(self, account: str, model: str) -> tuple[str, str]:
+        """(state, key) a call to `model` (its `provider:model` key) of `account` (`provider_key`) meets
+        without taking a probe: the provider's circuit when it is open, else the model's."""
+        state = await self.peek(account)
+        if state in (OPEN, RETIRED):
+            return state, account
+        return await self.peek(model), model
+
+    async def admit_call(self, account: str, model: str) -> Ticket | None:
+        """A ticket when a call to `model` may go now: the provider's circuit lets it through (closed, or
+        the account's one probe) and so does the model's; else None (a probe taken is given back)."""
+        outer = await self.admit(account)
+        if outer is None:
+            return None
+        inner = await self.admit(model)
+        if inner is None:
+            if outer.probe:
+                await self.give_back(account, outer.probe)
+            return None
+        return Ticket(probe=inner.probe, account_probe=outer.probe)
+
+    async def state_call(self, account: str, model: str) -> tuple[str, str]:
+        """(state, key) from Redis: the provider's circuit when it is not closed, else the model's."""
+        state = await self.state(account)
+        if state != CLOSED:
+            return state, account
+        return await self.state(model), model
+
+    async def give_back(self, key: str, probe: str) -> None:
+        """A probe that decided nothing: the next call may take it (instead of waiting for it to expire)."""
+        await self._release(keys=[self._keys(key)[1]], args=[probe])
+
+    async def settle(self, account: str, model: str, note: Note | None, ticket: Ticket) -> bool:
+        """A call's circuit bookkeeping (worker.policy's `note`): the model's circuit, and the provider's
+        for an account's refusal or the account's probe. True when the account's probe closed the
+        provider's circuit (its key works again)."""
+        if note == Note.FAILURE:
+            await self.record_failure(model, ticket.probe)
+        elif note == Note.SUCCESS or (ticket.probe and note in (None, Note.PENALIZE)):
+            # A probe answered (a refusal of this request, a 429 included): the model serves again.
+            await self.record_success(model, ticket.probe)
+        if note is not None and note.scope == "provider":
+            await self.trip(account)  # every model of the account (the account's probe reopens it)
+            if ticket.probe:
+                await self.give_back(model, ticket.probe)  # says nothing about the model
+            return False
+        if note == Note.TRIP:
+            await self.trip(model)
+        elif note == Note.RETIRE:
+            await self.retire(model)
+        if ticket.account_probe is None:
+            return False
+        if note == Note.FAILURE:  # a 5xx or a timeout says nothing about the account: the next call probes
+            await self.give_back(account, ticket.account_probe)
+            return False
+        await self.record_success(account, ticket.account_probe)
+        return True

@@ -13,9 +13,15 @@ wait, the piece's split depth and length) and the settings' `Limits` — and ret
   Retry-After, else the backoff) and leaves the circuit alone; other retryable errors count toward the
   circuit. Rate limiting slows the fleet down instead of moving it to a pricier model: 429s use up no
   retries (only the deadline ends them) unless the batch prefers speed (`Position.speed`).
-- NEXT_MODEL (quota, auth, retired): the next model at once; the model's circuit opens (retired when
-  `model_gone`; with `Note.AUTH` for a refused API key, which is reported loudly), unless the error
-  concerns this request only.
+- NEXT_MODEL (quota, billing, auth, retired): the next model at once. What it closes depends on whose
+  trouble it is (issue #17). The account's — `insufficient_quota` (or any 429 that moves on), a billing
+  refusal (`ACCOUNT_CODES`, whatever kind the translation gave it: `billing_not_active` comes as a 429,
+  `billing_hard_limit_reached` as a 400) and a refused API key (401/403, `Note.AUTH`, reported loudly) —
+  opens the *provider's* circuit: every model of that provider is skipped without a request
+  (`Note.ACCOUNT`, `Note.AUTH`; `Note.scope` says which circuit a note acts on). The model's —
+  `model_not_found` (`Note.RETIRE`), another error that opens the circuit (`Note.TRIP`), repeated
+  retryable failures (`Note.FAILURE`) — closes just that model. An error about this request only
+  changes no circuit.
 - INVALID_AUDIO: exactly one try on the next model (the second opinion); if it says invalid audio too,
   the job fails with the first provider's message. Its other errors are handled as usual (a 429, 5xx or
   timeout is retried); if it cannot serve, the second opinion passes to the model after it (`invalid`).
@@ -53,9 +59,22 @@ class Note(StrEnum):
     SUCCESS = "success"  # the model answered: its circuit counts a success
     FAILURE = "failure"  # a retryable failure: counts toward opening its circuit
     PENALIZE = "penalize"  # a 429 with Retry-After: the fleet's limiter for the model waits that long
-    TRIP = "trip"  # the model cannot serve (quota, auth): its circuit opens
+    TRIP = "trip"  # the model cannot serve (not an account's trouble): its circuit opens
     RETIRE = "retire"  # the model is gone: its circuit opens (for `VOXQ_MODEL_RETIRED_SECONDS`)
-    AUTH = "auth"  # the provider refused the API key: the circuit opens and operators are told
+    ACCOUNT = "account"  # the account cannot pay (quota, billing): the provider's circuit opens
+    AUTH = "auth"  # the provider refused the API key: the provider's circuit opens, operators are told
+
+    @property
+    def scope(self) -> str:
+        """The circuit the note acts on: "provider" (every model of the account) or "model"."""
+        return "provider" if self in (Note.ACCOUNT, Note.AUTH) else "model"
+
+
+# Error codes that are the account's, not the model's: another model of the same provider (same key,
+# same organisation) would be refused the same way.
+ACCOUNT_CODES = frozenset(
+    {"insufficient_quota", "billing_hard_limit_reached", "billing_not_active", "access_terminated"}
+)
 
 
 @dataclass(frozen=True)
@@ -144,6 +163,11 @@ def decide(call: Call, at: Position, limits: Limits) -> Action:
         if at.has_next:
             return Action(Step.NEXT, failed, EMPTY_TRANSCRIPT, Note.SUCCESS, empty=True)
         return Action(Step.NEXT, AttemptOutcome.SUCCESS, note=Note.SUCCESS, keep=True, empty=True)
+    account = _account_note(call)
+    if account is not None:
+        # The account cannot serve any model of the provider; on the extra try after invalid audio the
+        # second opinion passes on.
+        return Action(Step.NEXT, failed, call.code, account, invalid=at.invalid_message is not None)
     if at.invalid_message is not None and call.kind == ErrorKind.INVALID_AUDIO:
         # The second opinion after invalid audio says so too: the audio is the problem.
         return _fail(AttemptOutcome.FAILED, call, "invalid_audio", at.invalid_message)
@@ -177,12 +201,22 @@ def _retry(call: Call, at: Position, limits: Limits, failed: AttemptOutcome) -> 
     return Action(Step.RETRY, AttemptOutcome.RETRIED, call.code, note, delay=at.delay, pause=pause)
 
 
-def _unserved_note(call: Call) -> Note | None:
-    """The bookkeeping of a model that cannot serve this request."""
-    if call.model_gone:
-        return Note.RETIRE
+def _account_note(call: Call) -> Note | None:
+    """`Note.AUTH` or `Note.ACCOUNT` when the error is the account's (see the module docstring)."""
     if call.auth_failed:
         return Note.AUTH
+    if call.code in ACCOUNT_CODES:
+        return Note.ACCOUNT
+    if call.kind == ErrorKind.NEXT_MODEL and call.http_status == 429 and call.opens_circuit:
+        return Note.ACCOUNT  # a 429 that is not a rate limit to wait out: quota (whatever its code)
+    return None
+
+
+def _unserved_note(call: Call) -> Note | None:
+    """The bookkeeping of a model that cannot serve this request (the account's troubles are handled
+    before: `_account_note`)."""
+    if call.model_gone:
+        return Note.RETIRE
     return Note.TRIP if call.opens_circuit else None
 
 

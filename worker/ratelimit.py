@@ -1,4 +1,12 @@
-"""A token-bucket rate limiter per model in Redis, shared by every worker: requests/min and audio-s/min.
+"""Token-bucket rate limiters in Redis, shared by every worker: requests/min and audio-s/min, per model
+and per provider.
+
+Two levels, both optional, and a call takes from every bucket that applies (one Lua script: all or none):
+- per model (its chain entry): `VOXQ_MODEL_RPM_LIMIT` and `VOXQ_MODEL_AUDIO_SECONDS_PER_MINUTE`, the same
+  limits for every model, as before providers existed (env-only setups keep them);
+- per provider (issue #17): the providers file's `limits.rpm` and `limits.audio_seconds_per_hour` of that
+  provider (`provider_limits`), shared by all of its models — an account's limits, whichever model is
+  called. With both set, a call waits for the tighter.
 
 Each model has two buckets (requests, audio seconds) that refill continuously at rate/60 per second and
 hold at most `burst_seconds` worth of tokens, so a fleet starting cold cannot fire a minute's quota in
@@ -7,7 +15,9 @@ checks both, and takes from both only when both allow, so concurrent workers nev
 needing more audio-seconds than a full bucket holds goes when the bucket is full and leaves it in debt,
 so long chunks are never starved and the average rate still holds.
 
-`penalize(model, retry_after)` pauses the model for the whole fleet: after one 429 (its Retry-After, its
+`penalize(model, retry_after)` pauses the model — not its provider — for the whole fleet (a 429
+`rate_limit_exceeded` at OpenAI is a limit of one model for the organisation; quota is not a rate limit,
+it opens the provider's circuit): after one 429 (its Retry-After, its
 `x-ratelimit-reset-*`, else the retry's backoff), no worker sends to that model until the pause ends.
 The chain calls `acquire` before every call, limits configured or not, so the pause always holds; and
 a call of the process that saw the 429 checks again right before its send (`paused_here`). Time comes
@@ -27,8 +37,9 @@ from core import metrics, names
 # Waiters re-check at least this often, so a pause or a refill is noticed promptly.
 MAX_SLEEP_STEP = 0.25
 
-# KEYS: request bucket, audio bucket, pause key.
-# ARGV: rpm, audio seconds per minute, audio seconds needed, burst seconds.
+# KEYS: request bucket, audio bucket, pause key (the model's), request bucket, audio bucket (the provider's).
+# ARGV: rpm, audio seconds per minute, audio seconds needed, burst seconds, provider rpm, provider audio
+# seconds per minute.
 # -> "0" when granted (tokens taken), else milliseconds to wait, as a string (Lua numbers become ints).
 _ACQUIRE = """
 local t = redis.call('TIME')
@@ -54,20 +65,26 @@ end
 local rpm = tonumber(ARGV[1])
 local aspm = tonumber(ARGV[2])
 local need_audio = tonumber(ARGV[3])
-local req = look(KEYS[1], rpm, 1)
-local audio = look(KEYS[2], aspm, need_audio)
+local prpm = tonumber(ARGV[5])
+local paspm = tonumber(ARGV[6])
+local buckets = {
+  {KEYS[1], rpm, 1, look(KEYS[1], rpm, 1)},
+  {KEYS[2], aspm, need_audio, look(KEYS[2], aspm, need_audio)},
+  {KEYS[4], prpm, 1, look(KEYS[4], prpm, 1)},
+  {KEYS[5], paspm, need_audio, look(KEYS[5], paspm, need_audio)},
+}
 local wait = 0
-if req and req.wait > wait then wait = req.wait end
-if audio and audio.wait > wait then wait = audio.wait end
-if wait > 0 then return tostring(wait) end
-if req then
-  redis.call('HSET', KEYS[1], 'tokens', tostring(req.tokens - 1), 'ts', tostring(now))
-  redis.call('PEXPIRE', KEYS[1], 120000)
+for _, b in ipairs(buckets) do
+  if b[4] and b[4].wait > wait then wait = b[4].wait end
 end
-if audio then
-  redis.call('HSET', KEYS[2], 'tokens', tostring(audio.tokens - need_audio), 'ts', tostring(now))
-  local refill_ms = math.ceil((audio.capacity - audio.tokens + need_audio) * 60000 / aspm)
-  redis.call('PEXPIRE', KEYS[2], refill_ms + 120000)
+if wait > 0 then return tostring(wait) end
+for _, b in ipairs(buckets) do
+  local got = b[4]
+  if got then
+    redis.call('HSET', b[1], 'tokens', tostring(got.tokens - b[3]), 'ts', tostring(now))
+    local refill_ms = math.ceil((got.capacity - got.tokens + b[3]) * 60000 / b[2])
+    redis.call('PEXPIRE', b[1], refill_ms + 120000)
+  end
 end
 return '0'
 """
@@ -90,7 +107,9 @@ def _float(value: Any) -> float:
 
 
 class RateLimiter:
-    """Fleet-wide per-model limits on requests/min and audio-seconds/min (0 = unlimited)."""
+    """Fleet-wide limits on requests/min and audio-seconds/min (0 = unlimited): `rpm` and
+    `audio_seconds_per_minute` for each model, `provider_limits` (provider -> (rpm, audio seconds per
+    minute)) for all the models of a provider together."""
 
     def __init__(
         self,
@@ -99,10 +118,14 @@ class RateLimiter:
         rpm: int,
         audio_seconds_per_minute: float,
         burst_seconds: float = 1.0,
+        provider_limits: dict[str, tuple[int, float]] | None = None,
     ) -> None:
         self._redis = redis_async
         self.rpm = max(int(rpm), 0)
         self.audio_seconds_per_minute = max(float(audio_seconds_per_minute), 0.0)
+        self.provider_limits = {
+            name: (max(int(r), 0), max(float(a), 0.0)) for name, (r, a) in (provider_limits or {}).items()
+        }
         self.burst_seconds = max(float(burst_seconds), 0.001)
         # model -> loop time until which this process's own penalize() pauses it: set before the Redis
         # write, and checked again right before a send (`paused_here`), so calls of this process that
@@ -116,25 +139,35 @@ class RateLimiter:
         prefix = names.KEY_RATE + model + ":"
         return [prefix + "requests", prefix + "audio_seconds", prefix + "pause"]
 
-    async def try_acquire(self, model: str, audio_seconds: float) -> float:
+    @staticmethod
+    def _provider_keys(provider: str | None) -> list[str]:
+        # Not a model's key: a model's is its chain entry, and no entry starts with "provider/".
+        prefix = names.KEY_RATE + "provider/" + (provider or "") + ":"
+        return [prefix + "requests", prefix + "audio_seconds"]
+
+    async def try_acquire(self, model: str, audio_seconds: float, provider: str | None = None) -> float:
         """Take the tokens now and return 0, or take nothing and return the seconds to wait first."""
+        prpm, paspm = self.provider_limits.get(provider or "", (0, 0.0))
         wait_ms = await self._acquire(
-            keys=self._keys(model),
+            keys=self._keys(model) + self._provider_keys(provider),
             args=[
                 self.rpm,
                 repr(self.audio_seconds_per_minute),
                 repr(max(float(audio_seconds), 0.0)),
                 repr(self.burst_seconds),
+                prpm,
+                repr(paspm),
             ],
         )
         return _float(wait_ms) / 1000.0
 
-    async def acquire(self, model: str, audio_seconds: float) -> float:
-        """Wait until both buckets (and any fleet-wide pause) allow this call; return the seconds waited."""
+    async def acquire(self, model: str, audio_seconds: float, provider: str | None = None) -> float:
+        """Wait until every bucket of the call (the model's, its provider's) and any fleet-wide pause of
+        the model allow it; return the seconds waited."""
         loop = asyncio.get_running_loop()
         started: float | None = None
         while True:
-            wait = await self.try_acquire(model, audio_seconds)
+            wait = await self.try_acquire(model, audio_seconds, provider)
             if wait <= 0:
                 break
             if started is None:

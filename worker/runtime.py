@@ -36,6 +36,7 @@ if TYPE_CHECKING:
     from core.providers.base import Provider
     from worker import completion
     from worker.circuit import CircuitBreaker
+    from worker.inflight import InFlightCaps
     from worker.ratelimit import RateLimiter
 
 T = TypeVar("T")
@@ -281,6 +282,7 @@ class Runtime:
     _circuit: CircuitBreaker | None = None
     _limiter: RateLimiter | None = None
     _providers: dict[str, Provider] = field(default_factory=dict)  # by provider name (`provider`)
+    _inflight: InFlightCaps | None = None
     attempts: AttemptOpener = field(default_factory=AttemptOpener)
     completions: CompletionWriter = field(default_factory=CompletionWriter)
     groups: GroupRuns = field(default_factory=GroupRuns)
@@ -394,16 +396,40 @@ class Runtime:
 
     def limiter(self) -> RateLimiter:
         """The fleet-wide rate limiter (token buckets in Redis), one per process: a pause this process
-        set is known to every group of the process at once (`RateLimiter.paused_here`)."""
+        set is known to every group of the process at once (`RateLimiter.paused_here`). Per model:
+        `VOXQ_MODEL_RPM_LIMIT` / `VOXQ_MODEL_AUDIO_SECONDS_PER_MINUTE`; per provider: the providers
+        file's `limits.rpm` / `limits.audio_seconds_per_hour`."""
         if self._limiter is None:
+            from core.providers.config import load_catalogue
             from worker.ratelimit import RateLimiter
 
+            providers = load_catalogue(self.settings).providers
             self._limiter = RateLimiter(
                 self.redis,
                 rpm=self.settings.model_rpm_limit,
                 audio_seconds_per_minute=self.settings.model_audio_seconds_per_minute,
+                provider_limits={
+                    name: (p.limits.rpm, p.limits.audio_seconds_per_hour / 60.0)
+                    for name, p in providers.items()
+                    if p.limits.rpm or p.limits.audio_seconds_per_hour
+                },
             )
         return self._limiter
+
+    def inflight(self) -> InFlightCaps:
+        """The providers' fleet-wide in-flight caps (the providers file's `limits.max_in_flight`), one
+        per process. A lease outlives any call of a live worker (the provider timeout plus a margin)."""
+        if self._inflight is None:
+            from core.providers.config import load_catalogue
+            from worker.inflight import InFlightCaps
+
+            providers = load_catalogue(self.settings).providers
+            self._inflight = InFlightCaps(
+                self.redis,
+                caps={name: p.limits.max_in_flight for name, p in providers.items()},
+                lease_seconds=self.settings.provider_timeout_seconds + PROBE_MARGIN_SECONDS,
+            )
+        return self._inflight
 
     def drain(self, timeout: float) -> None:
         """Stop starting provider calls and wait, up to `timeout` seconds, for the group runs to end: the

@@ -57,20 +57,33 @@ def attempts_of(pipeline: Pipeline, job: uuid.UUID) -> list[tuple[str, str, int 
     return [(a.model, a.outcome, a.http_status, a.error_code) for a in pipeline.attempts(job)]
 
 
-# ---- item 10: after insufficient_quota no request reaches the model ----
+# ---- item 10, issue #17: after insufficient_quota no request reaches the provider's account ----
 
 
-def test_no_request_reaches_a_model_after_its_quota_answer(
+def test_no_request_reaches_the_provider_after_its_quota_answer(
     pipeline: Pipeline, fake_openai: FakeOpenAI, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """30 jobs, 4 calls in flight: the first quota answer opens the circuit, and every call still waiting
-    for a slot (or about to retry) goes to the next model instead of the exhausted one."""
+    """30 jobs, 4 calls in flight: the first quota answer opens the provider's circuit (quota is the
+    account's, not the model's), and every call still waiting for a slot (or about to retry) skips every
+    model of that provider — SECOND is never sent a request — and goes on to the next entry (`local`)."""
+    from worker.prepare import prepare_jobs
+    from worker.runtime import get_runtime
+    from worker.transcribe import transcribe_group
+
     settings(monkeypatch, VOXQ_MAX_IN_FLIGHT="4", VOXQ_CIRCUIT_OPEN_SECONDS="120")
     fake_openai.configure(PRIMARY, latency=0.3)
     fake_openai.exhaust_quota(PRIMARY)
-    jobs = run_jobs(pipeline, 30)
-    rows = pipeline.jobs(jobs)
-    assert all(r.status == JobStatus.SUCCEEDED.value and r.model == SECOND for r in rows.values())
+    tenant = pipeline.tenant()
+    batch_id = pipeline.batch(tenant, models=[PRIMARY, SECOND, "local"])
+    jobs = [pipeline.job(tenant, batch_id, tones(300 + 20 * i)) for i in range(30)]
+    report = prepare_jobs(jobs, owner="test:1")
+    rt = get_runtime()
+    ended: dict[str, int] = {}
+    for group in report.groups:
+        for how, count in rt.run(transcribe_group(rt, group)).items():
+            ended[how] = ended.get(how, 0) + count
+    assert ended == {"handoff": 30}  # every job moved past the provider to the local engine
+    assert requests_for(fake_openai, SECOND) == []  # the same account's other model: no request at all
     sent = requests_for(fake_openai, PRIMARY)
     attempts = {str(a.id): a for a in pipeline.attempts()}
     first = min((r for r in sent if r["code"] == "insufficient_quota"), key=lambda r: r["ts"])
@@ -83,6 +96,7 @@ def test_no_request_reaches_a_model_after_its_quota_answer(
     ]
     assert late == [], f"{len(late)} requests reached {PRIMARY} after its quota answer: {late}"
     assert len(sent) <= 4  # only the calls already in flight
+    assert {a.model for a in attempts.values()} == {PRIMARY}
     assert_costs_match_billing(pipeline, fake_openai)
 
 
@@ -223,16 +237,18 @@ def test_a_refused_api_key_is_loud_and_jobs_still_move_on(
     monkeypatch: pytest.MonkeyPatch,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    """Issue #16, item 14: a 401 moves the job on to the next model as before, and now also counts in
-    voxq_provider_auth_failures_total, logs a warning, makes /readyz say `degraded` with the reason, and
-    gives the job a `fallback_reason`; none of it shows the key. A probe that gets through clears it."""
+    """Issue #16, item 14: a 401 moves the job on, and also counts in voxq_provider_auth_failures_total,
+    logs a warning, makes /readyz say `degraded` with the reason, and gives the job a `fallback_reason`;
+    none of it shows the key. Issue #17: the key is the provider's, so the job moves past every model of
+    that provider (SECOND is sent nothing) to the next entry. A probe that gets through clears it."""
     settings(monkeypatch, VOXQ_CIRCUIT_OPEN_SECONDS="0.5")
     fake_openai.script(PRIMARY, ["auth"])
     before = auth_failures()
     with caplog.at_level(logging.WARNING):
-        (job,) = run_jobs(pipeline, 1, tenant_name="auth-tenant")
+        (job,) = run_jobs(pipeline, 1, tenant_name="auth-tenant", models=[PRIMARY, SECOND, "local"])
     row = pipeline.jobs([job])[job]
-    assert (row.status, row.model) == (JobStatus.SUCCEEDED.value, SECOND)
+    assert attempts_of(pipeline, job) == [(PRIMARY, AttemptOutcome.FALLBACK.value, 401, "invalid_api_key")]
+    assert requests_for(fake_openai, SECOND) == []  # the same key: not tried
     assert auth_failures() == before + 1
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert any("openai refused the API key (HTTP 401 invalid_api_key)" in w for w in warnings), warnings
@@ -270,3 +286,100 @@ def test_prefer_is_a_batch_option_of_the_api(api: ApiServer) -> None:
         shown = c.get(f"/v1/batches/{speedy['id']}").json()
     assert (default["prefer"], speedy["prefer"], shown["prefer"]) == ("cost", "speed", "speed")
     assert refused.status_code == 422
+
+
+# ---- issue #17: the provider's circuit; another provider is still called ----
+
+
+def test_a_quota_answer_skips_the_providers_other_models_but_not_another_provider(
+    pipeline: Pipeline, fake_openai: FakeOpenAI, monkeypatch: pytest.MonkeyPatch, tmp_path: Any
+) -> None:
+    """insufficient_quota on PRIMARY opens openai's circuit: SECOND (same account) is refused without a
+    request, `bravo:whisper-1` (another provider, its own fake server) is called; a model_not_found on a
+    bravo model then closes only that model. The chain is the runner's own (`ChainRunner.run`), the calls
+    real ones against the fakes."""
+    from worker.chain import ChainRunner
+    from worker.derived import derived_key, read
+    from worker.pieces import pieces_of
+    from worker.prepare import prepare_jobs
+    from worker.runtime import get_runtime
+    from worker.store.claims import claim_group_run
+
+    with FakeOpenAI() as bravo:
+        providers = tmp_path / "providers.toml"
+        providers.write_text(
+            f'[providers.bravo]\nbase_url = "{bravo.base_url}"\napi_key_env = "BRAVO_KEY"\n'
+            '[providers.bravo.models.whisper-1]\nprice = { per_hour = "0.04" }\n'
+            '[providers.bravo.models.gone-model]\nprice = { per_hour = "0.04" }\n'
+        )
+        settings(
+            monkeypatch,
+            VOXQ_PROVIDERS_FILE=str(providers),
+            BRAVO_KEY="bravo-secret",
+            VOXQ_CIRCUIT_OPEN_SECONDS="120",
+        )
+        bravo.retire("gone-model")
+        fake_openai.exhaust_quota(PRIMARY)
+        tenant = pipeline.tenant()
+        batch_id = pipeline.batch(tenant)
+        jobs = [pipeline.job(tenant, batch_id, tones(300 + 40 * i)) for i in range(2)]
+        report = prepare_jobs(jobs, owner="test:1")
+        rt = get_runtime()
+        (group,) = report.groups
+        claimed, batches = claim_group_run(group, owner=rt.worker_name, lease_seconds=300)
+        first, second = (pieces_of(job, batches[job.batch_id])[0] for job in claimed)
+
+        async def run() -> tuple[str, str, str]:
+            runner = ChainRunner(rt, deadline=time.monotonic() + 600)
+            data = await read(rt, derived_key(tenant, first.job.id))
+            chain = [f"openai:{PRIMARY}", f"openai:{SECOND}", "bravo:whisper-1"]
+            one = await runner.run(first, data, first.seconds, None, chain)
+            data = await read(rt, derived_key(tenant, second.job.id))
+            # The account is still out: SECOND, asked first now, is refused without a request.
+            two = await runner.run(second, data, second.seconds, None, chain[1:])
+            # A retired bravo model closes only itself: bravo's other model still answers.
+            three = await runner.run(
+                second, data, second.seconds, None, ["bravo:gone-model", "bravo:whisper-1"]
+            )
+            return one.model, two.model, three.model
+
+        assert rt.run(run()) == ("whisper-1",) * 3  # the bare model that answered: bravo's
+        assert [(r["model"], r["code"]) for r in fake_openai.request_log()] == [
+            (PRIMARY, "insufficient_quota")
+        ]
+        assert sorted((r["model"], r["code"]) for r in bravo.request_log()) == [
+            ("gone-model", "model_not_found"),
+            *[("whisper-1", None)] * 3,
+        ]
+        answered = [(a.provider, a.model) for a in pipeline.attempts() if a.outcome == "success"]
+        assert answered == [("bravo", "whisper-1")] * 3
+        breaker = rt.circuit()
+        assert rt.run(breaker.state("provider:openai")) == "open"
+        assert rt.run(breaker.state("provider:bravo")) == "closed"
+        assert rt.run(breaker.state("bravo:gone-model")) == "retired"
+        assert rt.run(breaker.state("bravo:whisper-1")) == "closed"
+        assert rt.run(breaker.state(f"openai:{SECOND}")) == "closed"  # the model itself is fine
+
+
+def test_a_providers_in_flight_cap_holds_for_the_chain(
+    pipeline: Pipeline, fake_openai: FakeOpenAI, monkeypatch: pytest.MonkeyPatch, tmp_path: Any
+) -> None:
+    """Issue #17: the providers file's `limits.max_in_flight` bounds the calls to that provider at once,
+    below the process's own VOXQ_MAX_IN_FLIGHT; every slot is given back (none held after the run)."""
+    from worker.runtime import get_runtime
+
+    providers = tmp_path / "providers.toml"
+    providers.write_text("[providers.openai.limits]\nmax_in_flight = 2\n")
+    settings(monkeypatch, VOXQ_PROVIDERS_FILE=str(providers), VOXQ_MAX_IN_FLIGHT="8")
+    fake_openai.configure(PRIMARY, latency=0.3)
+    jobs = run_jobs(pipeline, 6)
+    assert all(r.status == JobStatus.SUCCEEDED.value for r in pipeline.jobs(jobs).values())
+    sent = requests_for(fake_openai, PRIMARY)
+    assert len(sent) == 6
+    overlapping = max(
+        sum(1 for other in sent if other["received"] < r["received"] + 0.01 < other["ts"]) for r in sent
+    )
+    assert overlapping == 2, [(r["received"], r["ts"]) for r in sent]  # 2 at once, never 3
+    rt = get_runtime()
+    assert rt.inflight().cap("openai") == 2
+    assert rt.run(rt.inflight().held("openai")) == 0

@@ -13,7 +13,9 @@ from prometheus_client import REGISTRY
 
 from core import names
 from tests.support import Stack
-from worker.circuit import CircuitBreaker
+from worker.circuit import CircuitBreaker, Ticket, provider_key
+from worker.inflight import InFlightCaps
+from worker.policy import Note
 from worker.ratelimit import RateLimiter
 
 T = TypeVar("T")
@@ -448,3 +450,205 @@ def test_unlimited_and_penalize_pauses_the_fleet(stack: Stack) -> None:
     assert 0.45 <= out["paused"] <= 1.5
     assert out["other"] == 0.0
     assert out["metric"] == 1.0
+
+
+# ---- issue #17: a provider's account has a circuit of its own; in-flight caps per provider ----
+
+A, B = provider_key("acme"), provider_key("bravo")
+A_MINI, A_FULL, B_TURBO = (
+    "acme:gpt-4o-mini-transcribe",
+    "acme:gpt-4o-transcribe",
+    "bravo:whisper-large-v3-turbo",
+)
+
+
+def test_an_open_provider_circuit_refuses_every_model_of_it_and_no_other(stack: Stack) -> None:
+    async def body(r1: aioredis.Redis, r2: aioredis.Redis) -> None:
+        a = CircuitBreaker(r1, failure_threshold=3, open_seconds=30)
+        b = CircuitBreaker(r2, failure_threshold=3, open_seconds=30)
+        # insufficient_quota on one model of acme: the account's circuit opens (worker.policy Note.ACCOUNT).
+        assert await a.settle(A, A_MINI, Note.ACCOUNT, Ticket()) is False
+        assert await b.peek_call(A, A_FULL) == ("open", A)  # another model of acme, another worker
+        assert await b.admit_call(A, A_FULL) is None
+        assert await b.state_call(A, A_MINI) == ("open", A)
+        assert await b.admit_call(B, B_TURBO) is not None  # another provider is called
+        # The model's own circuit was not touched: it is the account that cannot serve.
+        assert await b.state(A_MINI) == "closed"
+        assert REGISTRY.get_sample_value("voxq_provider_circuit_open", {"provider": "acme"}) == 1
+
+    _run(stack, body)
+
+
+def test_model_not_found_closes_only_that_model(stack: Stack) -> None:
+    async def body(r1: aioredis.Redis, r2: aioredis.Redis) -> None:
+        a = CircuitBreaker(r1, failure_threshold=3, open_seconds=30)
+        await a.settle(A, A_MINI, Note.RETIRE, Ticket())
+        assert await a.peek_call(A, A_MINI) == ("retired", A_MINI)
+        assert await a.admit_call(A, A_MINI) is None
+        assert await a.admit_call(A, A_FULL) is not None  # the same account's other model: called
+        assert await a.state(A) == "closed"
+        # Repeated retryable failures open the model's circuit, not the account's.
+        for _ in range(3):
+            await a.settle(A, A_FULL, Note.FAILURE, Ticket())
+        assert await a.peek_call(A, A_FULL) == ("open", A_FULL)
+        assert await a.state(A) == "closed"
+
+    _run(stack, body)
+
+
+def test_a_half_open_provider_lets_one_probe_for_the_whole_account(stack: Stack) -> None:
+    async def body(r1: aioredis.Redis, r2: aioredis.Redis) -> None:
+        a = CircuitBreaker(r1, failure_threshold=3, open_seconds=0.5, probe_timeout_seconds=30)
+        b = CircuitBreaker(r2, failure_threshold=3, open_seconds=0.5, probe_timeout_seconds=30)
+        await a.settle(A, A_MINI, Note.AUTH, Ticket())  # a refused key
+        await asyncio.sleep(0.6)
+        models = [A_MINI, A_FULL]
+        tickets = await asyncio.gather(*[(a, b)[i % 2].admit_call(A, models[i % 2]) for i in range(20)])
+        probes = [t for t in tickets if t is not None]
+        assert len(probes) == 1 and probes[0].account_probe and probes[0].probe is None
+        # The probe met a 5xx: nothing said about the account; the next call is the probe.
+        assert await b.settle(A, A_FULL, Note.FAILURE, probes[0]) is False
+        again = await a.admit_call(A, A_MINI)
+        assert again is not None and again.account_probe
+        assert await b.admit_call(A, A_FULL) is None
+        # The probe is refused for the account again: open again, at once.
+        assert await a.settle(A, A_MINI, Note.ACCOUNT, again) is False
+        assert await b.state(A) == "open"
+        await asyncio.sleep(0.6)
+        third = await b.admit_call(A, A_FULL)
+        assert third is not None and third.account_probe
+        assert await b.settle(A, A_FULL, Note.SUCCESS, third) is True  # answered: the account serves
+        assert await a.state(A) == "closed"
+        assert all(await asyncio.gather(*[a.admit_call(A, m) for m in models for _ in range(3)]))
+
+    _run(stack, body)
+
+
+def test_a_provider_opened_elsewhere_ends_the_local_reading_at_once(stack: Stack) -> None:
+    async def body(r1: aioredis.Redis, r2: aioredis.Redis) -> None:
+        a = CircuitBreaker(r1, failure_threshold=3, open_seconds=30, local_seconds=30)
+        b = CircuitBreaker(r2, failure_threshold=3, open_seconds=30, local_seconds=30)
+        assert await a.admit_call(A, A_MINI) is not None  # read clean: no Redis for 30 s
+        await _subscribed(a)
+        assert await a.admit_call(A, A_MINI) is not None
+        await b.settle(A, A_FULL, Note.ACCOUNT, Ticket())  # another process's quota answer
+        await asyncio.sleep(0.1)
+        assert await a.admit_call(A, A_MINI) is None
+        assert await a.admit_call(B, B_TURBO) is not None
+        await a.aclose()
+        await b.aclose()
+
+    _run(stack, body)
+
+
+def test_provider_rate_limits_are_shared_by_its_models(stack: Stack) -> None:
+    """The providers file's limits.rpm holds for all the provider's models together; the per-model env
+    limit (0 here) and other providers are apart."""
+
+    async def body(r1: aioredis.Redis, r2: aioredis.Redis) -> tuple[int, float]:
+        limits = {"acme": (600, 0.0)}  # 10/s, burst of 10, for acme's models together
+        first = RateLimiter(r1, rpm=0, audio_seconds_per_minute=0, provider_limits=limits)
+        second = RateLimiter(r2, rpm=0, audio_seconds_per_minute=0, provider_limits=limits)
+        granted = 0
+        deadline = time.monotonic() + 2.0
+
+        async def worker(limiter: RateLimiter, model: str) -> None:
+            nonlocal granted
+            while (remaining := deadline - time.monotonic()) > 0:
+                try:
+                    await asyncio.wait_for(limiter.acquire(model, 1.0, "acme"), timeout=remaining)
+                except TimeoutError:
+                    return
+                granted += time.monotonic() <= deadline
+
+        await asyncio.gather(*[worker(lim, m) for lim in (first, second) for m in (A_MINI, A_FULL)])
+        other = await first.acquire(B_TURBO, 1.0, "bravo")  # another provider: no wait
+        return granted, other
+
+    granted, other = _run(stack, body)
+    expected = 10 + 10 * 2.0  # one bucket for the provider, however many models and processes
+    assert expected * 0.85 <= granted <= expected + 2, granted
+    assert other == 0.0
+
+
+def test_the_in_flight_cap_holds_across_processes_and_a_dead_holders_lease_ends(stack: Stack) -> None:
+    async def body(r1: aioredis.Redis, r2: aioredis.Redis) -> tuple[int, int, int, bool, bool]:
+        first = InFlightCaps(r1, caps={"acme": 2}, lease_seconds=30)
+        second = InFlightCaps(r2, caps={"acme": 2}, lease_seconds=30)
+        now = peak = calls = 0
+
+        async def call(caps: InFlightCaps) -> None:
+            nonlocal now, peak, calls
+            holder = await caps.acquire("acme", until=time.monotonic() + 30)
+            assert holder is not None
+            try:
+                now += 1
+                peak = max(peak, now)
+                await asyncio.sleep(0.05)
+                now -= 1
+                calls += 1
+            finally:
+                await caps.release("acme", holder)
+
+        await asyncio.gather(*[call((first, second)[i % 2]) for i in range(20)])
+        held_after = await first.held("acme")
+        # A worker killed mid-call (SIGKILL): its slots are never given back, and end with their lease.
+        dying = InFlightCaps(r1, caps={"acme": 2}, lease_seconds=0.5)
+        assert await dying.try_acquire("acme") and await dying.try_acquire("acme")
+        blocked = await second.try_acquire("acme") is None
+        await asyncio.sleep(0.6)
+        reclaimed = await second.try_acquire("acme") is not None
+        return peak, calls, held_after, blocked, reclaimed
+
+    peak, calls, held_after, blocked, reclaimed = _run(stack, body)
+    assert (peak, calls, held_after) == (2, 20, 0)
+    assert blocked and reclaimed
+
+
+def test_a_wait_for_a_slot_ends_at_its_deadline(stack: Stack) -> None:
+    async def body(r1: aioredis.Redis, r2: aioredis.Redis) -> tuple[str | None, float]:
+        caps = InFlightCaps(r1, caps={"acme": 1}, lease_seconds=30)
+        assert await caps.try_acquire("acme")
+        started = time.monotonic()
+        late = await caps.acquire("acme", until=started + 0.3)
+        return late, time.monotonic() - started
+
+    late, waited = _run(stack, body)
+    assert late is None and 0.3 <= waited < 1.0
+
+
+def test_a_wait_for_a_slot_ends_when_the_job_is_halted(stack: Stack) -> None:
+    from worker.pieces import Piece
+
+    async def body(r1: aioredis.Redis, r2: aioredis.Redis) -> tuple[str | None, float]:
+        caps = InFlightCaps(r1, caps={"acme": 1}, lease_seconds=30)
+        assert await caps.try_acquire("acme")
+        halt = asyncio.Event()
+        piece = Piece(None, None, None, "k", 0.0, 1.0, halt)  # type: ignore[arg-type]  # only its halt
+        asyncio.get_running_loop().call_later(0.2, halt.set)  # a sibling chunk ended the job
+        started = time.monotonic()
+        got = await caps.acquire("acme", until=started + 30, piece=piece)
+        return got, time.monotonic() - started
+
+    got, waited = _run(stack, body)
+    assert got is None and 0.2 <= waited < 1.0
+
+
+def test_a_lease_is_renewed_before_the_send_unless_it_already_ended(stack: Stack) -> None:
+    async def body(r1: aioredis.Redis, r2: aioredis.Redis) -> tuple[bool, int, bool, bool, bool]:
+        caps = InFlightCaps(r1, caps={"acme": 1}, lease_seconds=0.3)
+        holder = await caps.try_acquire("acme")
+        assert holder is not None
+        await asyncio.sleep(0.2)
+        renewed = await caps.renew("acme", holder)  # before its end: another 0.3 s from now
+        await asyncio.sleep(0.2)
+        held = await caps.held("acme")  # 0.4 s after the take: still held thanks to the renewal
+        await asyncio.sleep(0.2)
+        free = await caps.renew("acme", holder)  # ended, but nobody took the slot: taken again
+        await asyncio.sleep(0.4)
+        other = await InFlightCaps(r2, caps={"acme": 1}, lease_seconds=30).try_acquire("acme")
+        taken = await caps.renew("acme", holder)  # ended and another call took it: not renewed
+        return renewed, held, free, other is not None, taken
+
+    renewed, held, free, other, taken = _run(stack, body)
+    assert renewed and held == 1 and free and other and not taken

@@ -21,8 +21,9 @@ def test_full_run_logs_leak_neither_the_api_key_nor_transcript_text(
 ) -> None:
     # Not shaped like an OpenAI key, so only voxq's own care (or its settings-based redaction) hides it.
     planted_key = "plantedkey" + secrets.token_hex(12)
-    # A retried 500 and a fallback make the worker log errors, where leaks usually hide.
-    fake_openai.script(PRIMARY, ["server_error", "quota"])
+    # A retried 500 and a fallback make the worker log errors, where leaks usually hide (model_not_found:
+    # the model's trouble, so the fallback of the same provider serves; quota would skip it, issue #17).
+    fake_openai.script(PRIMARY, ["server_error", "model_not_found"])
     run = full_run(
         stack,
         fake_openai,

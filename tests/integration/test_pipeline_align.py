@@ -140,7 +140,9 @@ def test_a_model_with_word_times_needs_no_alignment(
     api: ApiServer, stack: Stack, fake_openai: FakeOpenAI, worker: WorkerFactory
 ) -> None:
     data = tones(440, 880, 660, seconds=0.8, gap=1.0)
-    fake_openai.script(PRIMARY, ["quota"])  # the chain falls back to whisper-1 (verbose_json, word times)
+    # The chain falls back to whisper-1 (verbose_json, word times): model_not_found closes only the
+    # primary (quota would close the whole provider, issue #17).
+    fake_openai.script(PRIMARY, ["model_not_found"])
     with api.client(make_key("align-d")) as c, worker(concurrency=1, queues=QUEUES):
         job_id = _submit(c, data, "tones.wav", timestamps="word")
         doc = _alignment(job_id, timeout=60)

@@ -11,6 +11,7 @@ from typing import Any
 
 import pytest
 
+from core.errors import ModelUnavailable
 from core.statuses import AttemptOutcome, JobStatus
 from tests.audio_fixtures import sequence, wav_bytes
 from tests.fakes.openai_server import FakeOpenAI
@@ -79,26 +80,26 @@ def test_server_errors_past_max_retries_fall_back_to_next_model(
     assert_costs_match_billing(pipeline, fake_openai)
 
 
-def test_insufficient_quota_switches_at_once_and_opens_the_circuit(
+def test_insufficient_quota_opens_the_providers_circuit_and_one_probe_per_round_tries_it(
     stack: Stack, pipeline: Pipeline, worker: WorkerFactory, fake_openai: FakeOpenAI
 ) -> None:
+    """Issue #17: quota is the account's. The provider's circuit opens, SECOND (same provider) is never
+    sent a request; with no other provider in the chain the job waits for the circuit to half-open, one
+    probe of the account per round, and fails `no_model_available` after the last round."""
     fake_openai.exhaust_quota(PRIMARY)
-    _, first = one_job(pipeline, tones(600))
-    with worker(VOXQ_CIRCUIT_OPEN_SECONDS="120"):
-        pipeline.submit([first])
-        pipeline.wait_terminal([first])
-        assert outcomes(pipeline, first) == [
-            (PRIMARY, AttemptOutcome.FALLBACK.value),
-            (SECOND, AttemptOutcome.SUCCESS.value),
-        ]
-        assert circuit_state(stack, f"openai:{PRIMARY}") == "open"  # circuits are per chain entry
-        # While open, nobody calls the primary at all.
-        _, second = one_job(pipeline, tones(700))
-        pipeline.submit([second])
-        rows = pipeline.wait_terminal([second])
-    assert rows[second].status == JobStatus.SUCCEEDED.value
-    assert outcomes(pipeline, second) == [(SECOND, AttemptOutcome.SUCCESS.value)]
-    assert sum(1 for r in fake_openai.request_log() if r.get("model") == PRIMARY) == 1
+    _, job = one_job(pipeline, tones(600))
+    with worker(VOXQ_CIRCUIT_OPEN_SECONDS="1"):
+        pipeline.submit([job])
+        rows = pipeline.wait_terminal([job])
+        assert circuit_state(stack, "provider:openai") == "open"
+    assert (rows[job].status, rows[job].error_code) == (JobStatus.FAILED.value, ModelUnavailable.code)
+    assert "provider:openai circuit open" in (rows[job].error_message or "")
+    assert not [r for r in fake_openai.request_log() if r.get("model") == SECOND]
+    # The first call, then one probe per blocked round (MAX_BLOCKED_ROUNDS), each refused for quota.
+    sent = [r for r in fake_openai.request_log() if r.get("model") == PRIMARY]
+    assert [r["code"] for r in sent] == ["insufficient_quota"] * 4
+    assert outcomes(pipeline, job) == [(PRIMARY, AttemptOutcome.FALLBACK.value)] * 4
+    assert circuit_state(stack, PRIMARY) == "closed"  # the model itself was never blamed
 
 
 def test_model_not_found_retires_the_model(

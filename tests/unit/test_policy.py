@@ -53,6 +53,11 @@ TIMEOUT = error(ErrorKind.RETRY, None, "timeout")
 QUOTA = error(ErrorKind.NEXT_MODEL, 429, "insufficient_quota")
 AUTH = error(ErrorKind.NEXT_MODEL, 401, "invalid_api_key", auth_failed=True)
 GONE = error(ErrorKind.NEXT_MODEL, 404, "model_not_found", model_gone=True)
+FORBIDDEN = error(ErrorKind.NEXT_MODEL, 403, "http_403", auth_failed=True)
+QUOTA_BY_TYPE = error(ErrorKind.NEXT_MODEL, 429, "http_429")
+BILLING_LIMIT = error(ErrorKind.NEXT_MODEL, 400, "billing_hard_limit_reached", opens_circuit=False)
+BILLING_INACTIVE = error(ErrorKind.RETRY, 429, "billing_not_active")
+MODEL_TRIP = error(ErrorKind.NEXT_MODEL, 400, "model_overloaded_for_good", opens_circuit=True)
 REFUSED_PARAMETER = error(ErrorKind.NEXT_MODEL, 400, "unsupported_parameter", opens_circuit=False)
 INVALID = error(ErrorKind.INVALID_AUDIO, 400, "invalid_value")
 TOO_LARGE = error(ErrorKind.TOO_LARGE, 413, "request_too_large")
@@ -169,22 +174,52 @@ CASES = [
     ),
     # The model cannot serve.
     (
-        "quota: the next model at once, its circuit opens",
+        "quota: the next model at once, the provider's circuit opens",
         QUOTA,
         at(),
-        Action(Step.NEXT, FALLBACK, "insufficient_quota", Note.TRIP),
+        Action(Step.NEXT, FALLBACK, "insufficient_quota", Note.ACCOUNT),
     ),
     (
         "quota on the last model: failed",
         QUOTA,
         at(has_next=False),
-        Action(Step.NEXT, FAILED, "insufficient_quota", Note.TRIP),
+        Action(Step.NEXT, FAILED, "insufficient_quota", Note.ACCOUNT),
     ),
     (
-        "a refused API key: the next model at once, its circuit opens and operators are told",
+        "a refused API key: the next model at once, the provider's circuit opens, operators are told",
         AUTH,
         at(),
         Action(Step.NEXT, FALLBACK, "invalid_api_key", Note.AUTH),
+    ),
+    (
+        "a 403 (a revoked key, a region refused): the provider's circuit, loudly",
+        FORBIDDEN,
+        at(),
+        Action(Step.NEXT, FALLBACK, "http_403", Note.AUTH),
+    ),
+    (
+        "quota without its code (a 429 that moves on): the provider's circuit",
+        QUOTA_BY_TYPE,
+        at(),
+        Action(Step.NEXT, FALLBACK, "http_429", Note.ACCOUNT),
+    ),
+    (
+        "billing hard limit (a 400 the translation calls a request error): the provider's circuit",
+        BILLING_LIMIT,
+        at(),
+        Action(Step.NEXT, FALLBACK, "billing_hard_limit_reached", Note.ACCOUNT),
+    ),
+    (
+        "billing not active (a 429 the translation would retry): the provider's circuit, no retry",
+        BILLING_INACTIVE,
+        at(),
+        Action(Step.NEXT, FALLBACK, "billing_not_active", Note.ACCOUNT),
+    ),
+    (
+        "another error that opens the circuit, not about the account: just the model's",
+        MODEL_TRIP,
+        at(),
+        Action(Step.NEXT, FALLBACK, "model_overloaded_for_good", Note.TRIP),
     ),
     (
         "model gone: the next model, its circuit retired",
@@ -245,7 +280,7 @@ CASES = [
         "quota on the extra try: the second opinion passes to the next model",
         QUOTA,
         at(invalid_message=FIRST_INVALID),
-        Action(Step.NEXT, FALLBACK, "insufficient_quota", Note.TRIP, invalid=True),
+        Action(Step.NEXT, FALLBACK, "insufficient_quota", Note.ACCOUNT, invalid=True),
     ),
     (
         "invalid audio again on the extra try: the first message",
@@ -307,3 +342,20 @@ def test_call_keeps_what_the_error_says() -> None:
         retry_after=3.5,
     )
     assert QUOTA.opens_circuit and not SERVER_ERROR.opens_circuit  # next_model errors open it by default
+
+
+SCOPES = [
+    # note -> the circuit it acts on: the provider's (every model of the account) or the model's.
+    (Note.ACCOUNT, "provider"),
+    (Note.AUTH, "provider"),
+    (Note.RETIRE, "model"),
+    (Note.TRIP, "model"),
+    (Note.FAILURE, "model"),
+    (Note.SUCCESS, "model"),
+    (Note.PENALIZE, "model"),  # a 429 rate limit is per model per organisation at OpenAI
+]
+
+
+@pytest.mark.parametrize(("note", "scope"), SCOPES, ids=[n.value for n, _ in SCOPES])
+def test_which_circuit_a_note_acts_on(note: Note, scope: str) -> None:
+    assert note.scope == scope
