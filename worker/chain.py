@@ -186,6 +186,16 @@ class ChainRunner:
                 raise Handoff()
             if walk.invalid is not None and i > walk.invalid_at + 1:
                 break  # only the model right after the one that said invalid audio gets a try
+            # A piece longer or larger than the model takes (its max_duration_seconds, its provider's
+            # max_upload_bytes) is never sent to it: split first, each half through the chain from this
+            # model (the operator's order stands: the model still gets the audio, in parts); too short to
+            # split: the next model.
+            if self._target(model).too_big(seconds, len(data)):
+                if seconds >= MIN_SPLIT_SECONDS:  # as a 413 is split (worker.policy)
+                    return await self._split(piece, data, seconds, prompt, chain, i, depth)
+                walk.last_error = f"{model}: the piece is longer or larger than the model takes"
+                self._fallback(model, chain, i)
+                continue
             answer = await self._through_model(
                 piece, data, seconds, prompt, chain, i, depth, defer_close, walk
             )
@@ -217,16 +227,6 @@ class ChainRunner:
         """Call `chain[i]`, again after each retryable failure, and do what the policy decides after each
         call (worker.policy); the piece's answer, or None to go on with the next model."""
         model = chain[i]
-        # A piece longer or larger than the model takes (its max_duration_seconds, its provider's
-        # max_upload_bytes) is never sent to it: split first, each half through the chain from this model
-        # (the operator's order stands: the model still gets the audio, in parts); too short to split:
-        # the next model.
-        if self._target(model).too_big(seconds, len(data)):
-            if seconds >= MIN_SPLIT_SECONDS:  # as a 413 is split (worker.policy)
-                return await self._split(piece, data, seconds, prompt, chain, i, depth)
-            walk.last_error = f"{model}: the piece is longer or larger than the model takes"
-            self._fallback(model, chain, i)
-            return None
         retry = throttled = 0
         while True:
             try:
