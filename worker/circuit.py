@@ -86,7 +86,8 @@ def call_keys(to: Target) -> tuple[str, str, str]:
     return to.provider, provider_key(to.provider), f"{to.provider}:{to.model}"
 
 
-_NOW = """
+# Lua: `now`, Redis's clock in whole milliseconds (every process of the fleet reads the same clock).
+LUA_NOW_MS = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 """
@@ -94,7 +95,7 @@ local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 # KEYS: circuit hash, probe key, retired key. ARGV: probe ttl ms, probe token.
 # -> state, allowed (1/0), failures counted (while closed)
 _ALLOW = (
-    _NOW
+    LUA_NOW_MS
     + """
 if redis.call('EXISTS', KEYS[3]) == 1 then return {'retired', 0} end
 local fields = redis.call('HMGET', KEYS[1], 'open_until', 'failures')
@@ -109,7 +110,7 @@ return {'half_open', 0}
 # KEYS: circuit hash, probe key, retired key. ARGV: threshold, open ms, failure window ms, probe token
 # ('' when the call was not the probe). -> state
 _FAILURE = (
-    _NOW
+    LUA_NOW_MS
     + """
 if redis.call('EXISTS', KEYS[3]) == 1 then return 'retired' end
 local open_until = tonumber(redis.call('HGET', KEYS[1], 'open_until') or '0')
@@ -137,7 +138,7 @@ return 'closed'
 # KEYS: circuit hash, probe key, retired key. ARGV: probe token ('' when the call was not the probe).
 # -> state
 _SUCCESS = (
-    _NOW
+    LUA_NOW_MS
     + """
 if redis.call('EXISTS', KEYS[3]) == 1 then return 'retired' end
 local open_until = tonumber(redis.call('HGET', KEYS[1], 'open_until') or '0')
@@ -152,7 +153,7 @@ return 'closed'
 
 # KEYS: circuit hash, probe key, retired key. ARGV: open ms. -> state
 _TRIP = (
-    _NOW
+    LUA_NOW_MS
     + """
 if redis.call('EXISTS', KEYS[3]) == 1 then return 'retired' end
 local open_until = tonumber(redis.call('HGET', KEYS[1], 'open_until') or '0')
@@ -174,7 +175,7 @@ return 0
 
 # KEYS: circuit hash, probe key, retired key. -> state
 _STATE = (
-    _NOW
+    LUA_NOW_MS
     + """
 if redis.call('EXISTS', KEYS[3]) == 1 then return 'retired' end
 local open_until = tonumber(redis.call('HGET', KEYS[1], 'open_until') or '0')

@@ -32,6 +32,7 @@ import redis.asyncio as aioredis
 from core import metrics, names
 from core.errors import ModelUnavailable
 from core.statuses import JobStatus
+from worker.circuit import LUA_NOW_MS
 from worker.outcomes import JobEnded
 
 if TYPE_CHECKING:
@@ -44,14 +45,9 @@ log = logging.getLogger(__name__)
 WAIT_STEP_SECONDS = 0.05
 MAX_WAIT_STEP_SECONDS = 0.25
 
-_NOW = """
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-"""
-
 # KEYS: the provider's holders. ARGV: cap, lease ms, holder id. -> {1 taken / 0 full, holders now}
 _ACQUIRE = (
-    _NOW
+    LUA_NOW_MS
     + """
 redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
 local held = redis.call('ZCARD', KEYS[1])
@@ -65,7 +61,7 @@ return {1, held + 1}
 # KEYS: the provider's holders. ARGV: cap, lease ms, holder id. -> 1 when the holder has its slot for
 # another lease: still held, or ended but free (nobody took it meanwhile); 0 when the cap is full without it.
 _RENEW = (
-    _NOW
+    LUA_NOW_MS
     + """
 redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
 if not redis.call('ZSCORE', KEYS[1], ARGV[3]) and redis.call('ZCARD', KEYS[1]) >= tonumber(ARGV[1]) then
