@@ -19,6 +19,7 @@ import logging
 import os
 import threading
 import time
+from collections import Counter
 from collections.abc import Iterable
 from typing import TYPE_CHECKING
 
@@ -31,7 +32,7 @@ from prometheus_client.registry import Collector
 
 from api.problems import Problem
 from core import metrics
-from core.model_access import metric_model_label
+from core.model_access import circuit_label
 from core.names import KEY_METRICS, MULTIPROC_ENV
 from core.settings import Settings, get_settings
 
@@ -139,10 +140,14 @@ class FleetCollector(Collector):
             for queue, count in depths.items():
                 depth.add_metric([queue], count)
             open_ = GaugeMetricFamily(
-                metrics.CIRCUITS_OPEN, "1 for each model whose circuit is not closed.", labels=["model"]
+                metrics.CIRCUITS_OPEN,
+                "1 for each model or provider account (provider:<name>) whose circuit is not closed; "
+                "`other` counts the circuits of names not configured.",
+                labels=["model"],
             )
-            for model in circuits:  # Redis keys from before the allowlist may name anything
-                open_.add_metric([metric_model_label(model)], 1)
+            # Redis keys from before the allowlist may name anything: several may share `other`
+            for label, count in Counter(circuit_label(key) for key in circuits).items():
+                open_.add_metric([label], count)
             out += [depth, open_]
         try:
             engine = get_engine()

@@ -21,6 +21,8 @@ from core.settings import Settings, get_settings
 
 # What a metric's model label says for a name the operator never configured.
 OTHER_MODEL_LABEL = "other"
+# A provider account's circuit key (worker.circuit.provider_key): `provider:<name>`.
+PROVIDER_CIRCUIT_PREFIX = "provider:"
 # The last answer of allowed_models (and the label set), by (settings, catalogue, day): metric labels ask
 # on every observation.
 _memo: dict[tuple[int, int, date], tuple[frozenset[str], frozenset[str]]] = {}
@@ -76,3 +78,13 @@ def metric_model_label(model: str) -> str:
     if model == LOCAL_MODEL or model in _sets(get_settings(), None)[1]:
         return model
     return OTHER_MODEL_LABEL
+
+
+def circuit_label(key: str) -> str:
+    """The label of a circuit key read from Redis: a provider account's circuit (`provider:<name>`) keeps
+    its key when the provider is configured (the catalogue's, built in or from the providers file), a
+    model's goes through `metric_model_label`; anything else is `other`."""
+    if key.startswith(PROVIDER_CIRCUIT_PREFIX):
+        provider = key[len(PROVIDER_CIRCUIT_PREFIX) :]
+        return key if provider in load_catalogue(get_settings()).providers else OTHER_MODEL_LABEL
+    return metric_model_label(key)

@@ -1,22 +1,36 @@
 """The chaos run: thousands of short jobs through real processes while things break.
 
-API (uvicorn), two Celery worker processes, beat, Valkey, Postgres and SeaweedFS, plus the fake OpenAI
-server with a fault mix (15% 429 with Retry-After, 5% 500/503, 2% read timeouts that the fake never
-answers, 0.5% answers that come after the client gave up and are billed all the same) and the primary
-model's quota exhausted halfway through. Files go in through the HTTP API. During the run a worker is
-killed with SIGKILL twice (a replacement starts each time), Redis restarts once and Postgres once.
+API (uvicorn), two Celery worker processes, beat, Valkey, Postgres and SeaweedFS, plus two fake
+OpenAI-compatible accounts, each a server of its own with its own key, both with a fault mix (15% 429 with
+Retry-After, 5% 500/503, 2% read timeouts that the fake never answers, 0.5% answers that come after the
+client gave up and are billed all the same): the built-in provider `openai` (OPENAI_BASE_URL,
+OPENAI_API_KEY) serves the primary model, and a second account, `backup`, declared in a providers file
+(VOXQ_PROVIDERS_FILE, its key in BACKUP_API_KEY), serves the fallback. The `openai` account's quota runs
+out halfway through (account-wide, as OpenAI's does: issue #17); `backup`'s does not. The chain is
+`openai:gpt-4o-mini-transcribe`, `openai:gpt-4o-transcribe`, `backup:whisper-1`: a fallback to another
+model of the same account after a quota answer would fail again, so once the quota answer came the
+provider's circuit skips `openai:gpt-4o-transcribe` without a request and the real fallback is the other
+account. Files go in through the HTTP API. During the run a worker is killed with SIGKILL twice (a
+replacement starts each time), Redis restarts once and Postgres once.
 
 Afterwards: every job is terminal (none stuck, none lost); no job has two transcripts and each
-succeeded job's transcript came from one successful attempt of that job; after settlement the fake's
-billing log and voxq's cost records reconcile request by request, to the cent; jobs whose primary call
-hit the exhausted quota went to the fallback model at once. The figures are printed at the end.
+succeeded job's transcript came from one successful attempt of that job; after settlement both fakes'
+billing logs and voxq's cost records reconcile request by request, to the cent; jobs whose primary call
+hit the exhausted quota went to the fallback provider at once, and once voxq had the quota answer no
+request of any model reached the `openai` account again (its provider circuit stays open for the run:
+VOXQ_CIRCUIT_OPEN_SECONDS is longer than the run, as an operator whose quota ran out sets it; the
+half-open probe is tested in tests/integration/test_circuit_ratelimit.py). The figures are printed at
+the end.
 
 Accounting of calls in flight when a worker is SIGKILLed (decision, see worker/sweeper.py and
 core/billing.py): voxq cannot know whether the provider finished such a call, so the sweeper closes the
 attempt as `abandoned` and charges a conservative estimate, marked estimated and unsettled. Once the run
-is over, the test downloads the fake's per-request billing export for the run's time range over HTTP
+is over, the test downloads each fake's per-request billing export for the run's time range over HTTP
 (`GET /_fake/billing?since=&until=`), as an operator downloads a provider's usage export, and runs the
-real `voxq billing settle`: a billed abandoned call gets its exact cost, an unbilled one loses its
+real `voxq billing settle` once on both exports together (decision: `settle` takes no provider, and an
+export given with --since/--until judges every unsettled estimate it does not list "not billed", so
+settling one provider's export alone would wrongly clear the other's; request ids are voxq's attempt
+ids, unique across providers): a billed abandoned call gets its exact cost, an unbilled one loses its
 estimate. A call the client timed out on is charged an estimate the same way (the provider may have
 finished it), and settled the same way. Then, strictly: every billed request has exactly one cost record
 with the exact usage and cents, no cost record lacks a billed request, no estimate is left, and job and
@@ -62,13 +76,21 @@ from tests.api_helpers import start_api_server, stop_api_server
 from tests.audio_fixtures import tone_samples, wav_bytes
 from tests.fakes.fixtures import FAKE_OPENAI_API_KEY
 from tests.fakes.openai_server import FakeOpenAI
+from tests.provider_support import requests_after_failure
 from tests.support import REPO_ROOT, Stack, celery_worker, stop_process, wait_until
 from voxq.embedded import EmbeddedPostgres, ValkeyRedis
 
 pytestmark = pytest.mark.chaos
 
-PRIMARY = "gpt-4o-mini-transcribe"
-FALLBACK = "whisper-1"
+PRIMARY = "gpt-4o-mini-transcribe"  # of the built-in provider `openai` (env: OPENAI_BASE_URL/_API_KEY)
+SECOND = "gpt-4o-transcribe"  # the same account's other model, next in the chain: skipped after the quota
+FALLBACK = "whisper-1"  # of `backup`, the second account, declared in the providers file
+BACKUP = "backup"
+BACKUP_KEY_ENV = "BACKUP_API_KEY"
+BACKUP_KEY = "sk-backup-account-fedcba9876543210"
+CHAIN_PRIMARY = f"openai:{PRIMARY}"
+CHAIN_SECOND = f"openai:{SECOND}"
+CHAIN_FALLBACK = f"{BACKUP}:{FALLBACK}"
 JOBS = int(os.environ.get("VOXQ_CHAOS_JOBS", "2000"))
 FILES_PER_REQUEST = 50
 TERMINAL = {s.value for s in JOB_TERMINAL}
@@ -205,6 +227,23 @@ def _settle(stack: Stack, env: dict[str, str], export: Path, since: datetime, un
     return result.stdout
 
 
+def _providers_file(path: Path, backup_url: str) -> Path:
+    """The operator's providers file: the second account, its key's variable, its model at list price."""
+    path.write_text(
+        f"""
+[providers.{BACKUP}]
+base_url = "{backup_url}"
+api_key_env = "{BACKUP_KEY_ENV}"
+
+[providers.{BACKUP}.models.{FALLBACK}]
+price = "table"
+# whisper-1's own (the catalogue's entry for openai:whisper-1)
+capabilities = {{ timestamps = "word", prompt = true, response_formats = ["json", "text", "verbose_json"] }}
+"""
+    )
+    return path
+
+
 def _settlement_figures(engine: Any) -> dict[str, int]:
     with Session(engine) as s:
         by_state = dict(
@@ -254,9 +293,15 @@ def test_chaos_run(s3_server: tuple[str, str, str]) -> None:
             s3_bucket=f"voxq-chaos-{uuid.uuid4().hex[:8]}",
             work_dir=work,
         )
-        fake = FakeOpenAI().start()
+        # Two accounts, each a server of its own that takes only its own key: the quota of one cannot
+        # touch the other, and a key sent to the wrong provider would be refused (401).
+        fake = FakeOpenAI(api_keys={FAKE_OPENAI_API_KEY}).start()
         cleanup.callback(fake.stop)
         fake.seed(7)
+        backup = FakeOpenAI(api_keys={BACKUP_KEY}).start()
+        cleanup.callback(backup.stop)
+        backup.seed(8)
+        fakes = {"openai": fake, BACKUP: backup}
         mix = {
             "rate_limit": 0.15,
             "server_error": 0.025,
@@ -264,8 +309,8 @@ def test_chaos_run(s3_server: tuple[str, str, str]) -> None:
             "timeout": 0.02,
             "slow": 0.005,  # answered (and billed) 5 s after arrival, 2 s after the client gave up
         }
-        for model in (PRIMARY, FALLBACK):
-            fake.configure(
+        for host, model in ((fake, PRIMARY), (fake, SECOND), (backup, FALLBACK)):
+            host.configure(
                 model,
                 faults=dict(mix),
                 latency=0.05,
@@ -273,18 +318,22 @@ def test_chaos_run(s3_server: tuple[str, str, str]) -> None:
                 hang_seconds=60.0,
                 slow_seconds=5.0,
             )
-        fake.exhaust_quota(PRIMARY, after=JOBS // 2)
+        fake.exhaust_quota(None, after=JOBS // 2)  # the openai account's quota, every model of it
         env = {
             "OPENAI_BASE_URL": fake.base_url,
             "OPENAI_API_KEY": FAKE_OPENAI_API_KEY,
-            "VOXQ_PRIMARY_MODEL": PRIMARY,
-            "VOXQ_FALLBACK_MODELS": FALLBACK,
+            "VOXQ_PROVIDERS_FILE": str(_providers_file(work / "providers.toml", backup.base_url)),
+            BACKUP_KEY_ENV: BACKUP_KEY,
+            "VOXQ_PRIMARY_MODEL": CHAIN_PRIMARY,
+            "VOXQ_FALLBACK_MODELS": f"{CHAIN_SECOND},{CHAIN_FALLBACK}",
             "VOXQ_PROVIDER_TIMEOUT_SECONDS": "3",
             "VOXQ_MAX_RETRIES": "6",
             "VOXQ_RETRY_BASE_SECONDS": "0.2",
             "VOXQ_RETRY_MAX_SECONDS": "2",
             "VOXQ_CIRCUIT_FAILURE_THRESHOLD": "20",
-            "VOXQ_CIRCUIT_OPEN_SECONDS": "5",
+            # longer than the run: once the openai account's quota is gone, no probe of it either (a model
+            # circuit needs 20 failures in a row, which this fault mix never gives)
+            "VOXQ_CIRCUIT_OPEN_SECONDS": "1800",
             "VOXQ_JOB_LEASE_SECONDS": "90",
             "VOXQ_JOB_MAX_ATTEMPTS": "10",
             "VOXQ_CELERY_VISIBILITY_TIMEOUT": "120",
@@ -380,12 +429,19 @@ def test_chaos_run(s3_server: tuple[str, str, str]) -> None:
         before_settling = _settlement_figures(engine)
         until = datetime.now(UTC)
         export_path = work / "billing-export.json"
-        export = httpx.get(
-            f"{fake.root_url}/_fake/billing",
-            params={"since": started_at.timestamp(), "until": until.timestamp()},
-            timeout=60,
-        ).json()
+        exports = {
+            name: httpx.get(
+                f"{host.root_url}/_fake/billing",
+                params={"since": started_at.timestamp(), "until": until.timestamp()},
+                timeout=60,
+            ).json()
+            for name, host in fakes.items()
+        }
+        export = [entry for entries in exports.values() for entry in entries]
         export_path.write_text(json.dumps(export))
+        provider_of_request = {e["request_id"]: name for name, entries in exports.items() for e in entries}
+        request_logs = {name: host.request_log() for name, host in fakes.items()}
+        billing_logs = {name: host.billing_log() for name, host in fakes.items()}
         settle_report = _settle(stack, env, export_path, started_at, until)
         after_settling = _settlement_figures(engine)
         # idempotent: settling the same export again changes nothing
@@ -434,7 +490,8 @@ def test_chaos_run(s3_server: tuple[str, str, str]) -> None:
 
     # -- billing reconciliation after settlement, request by request, to the cent -------------
     billed = {e["request_id"]: e for e in export}
-    assert len(billed) == len(export) == len(fake.billing_log())  # the export covers the whole run
+    # the exports cover the whole run of both accounts
+    assert len(billed) == len(export) == sum(len(log) for log in billing_logs.values())
     by_cost = {str(c.attempt_id): c for c in costs}
     assert len(by_cost) == len(costs)  # one cost record per attempt at most
     missing = set(billed) - set(by_cost)
@@ -446,7 +503,9 @@ def test_chaos_run(s3_server: tuple[str, str, str]) -> None:
     for request_id, entry in billed.items():
         cost = by_cost[request_id]
         attempt = by_attempt[uuid.UUID(request_id)]
-        assert cost.model == entry["model"] == attempt.model
+        provider = provider_of_request[request_id]
+        assert (attempt.provider, attempt.model) == (provider, entry["model"]), request_id
+        assert cost.model in (entry["model"], f"{provider}:{entry['model']}"), (cost.model, provider)
         if attempt.outcome != AttemptOutcome.SUCCESS.value:
             # billed, but the answer never reached voxq (its worker died, or the client timed out):
             # settled from the export
@@ -502,7 +561,7 @@ def test_chaos_run(s3_server: tuple[str, str, str]) -> None:
                 (b.outcome, b.worker, b.started_at) for b in tries
             ]
 
-    # -- quota: straight to the fallback, no retries on the primary ----------------------------
+    # -- quota: straight to the other account, no retries on the primary ----------------------
     per_chunk: dict[tuple[str, int | None], list[Attempt]] = defaultdict(list)
     for a in attempts:
         per_chunk[(str(a.job_id), a.chunk_index)].append(a)
@@ -510,22 +569,42 @@ def test_chaos_run(s3_server: tuple[str, str, str]) -> None:
     gaps: list[float] = []
     for tries in per_chunk.values():
         for n, a in enumerate(tries):
-            if a.model == PRIMARY and a.error_code == "insufficient_quota":
+            if (a.provider, a.model) == ("openai", PRIMARY) and a.error_code == "insufficient_quota":
                 quota_hits += 1
                 # never retried: the quota answer closes as a fallback and the very next call of this
-                # piece goes to the fallback model
+                # piece goes to the other account (the same account's SECOND is skipped without a call)
                 assert a.outcome == AttemptOutcome.FALLBACK.value, (a.id, a.outcome)
                 nxt = tries[n + 1] if n + 1 < len(tries) else None
                 if nxt is not None and nxt.worker == a.worker:  # the same run (not a redelivery)
-                    assert nxt.model == FALLBACK, [(b.model, b.error_code, b.retry_number) for b in tries]
+                    assert (nxt.provider, nxt.model) == (BACKUP, FALLBACK), [
+                        (b.provider, b.model, b.error_code, b.retry_number) for b in tries
+                    ]
                     if a.ended_at is not None:
                         gaps.append((nxt.started_at - a.ended_at).total_seconds())
-                # a later run of the job (redelivery) may probe the primary again once its circuit
-                # half-opens, but never as a retry of the quota answer
-                assert all(b.retry_number == 0 for b in tries[n + 1 :] if b.model == PRIMARY)
+                # never a retry of the quota answer, nor a call of any model of that account after it
+                assert [b for b in tries[n + 1 :] if b.provider == "openai" and b.http_status] == [], [
+                    (b.provider, b.model, b.error_code, b.retry_number) for b in tries
+                ]
     assert quota_hits > 0, "the primary's quota never ran out"
-    fallback_jobs = sum(1 for t in transcripts if t.model == FALLBACK)
+    fallback_jobs = sum(
+        1
+        for t in transcripts
+        if t.attempt_id
+        and (by_attempt[t.attempt_id].provider, by_attempt[t.attempt_id].model) == (BACKUP, FALLBACK)
+    )
     assert fallback_jobs > 0
+    # The account's log: requests of any of its models that voxq started once it knew the quota was gone
+    # (their attempt row is younger than the close of the attempt that got the first quota answer); calls
+    # already sent when it came back are in flight, not late. None at all, in the whole run.
+    attempts_by_id = {str(a.id): a for a in attempts}
+    quota_requests = [r for r in request_logs["openai"] if r["code"] == "insufficient_quota"]
+    assert quota_requests, "the openai account never answered insufficient_quota"
+    late = requests_after_failure(request_logs["openai"], attempts_by_id)
+    assert late == [], f"{len(late)} requests reached the openai account after its quota answer: {late[:5]}"
+    # `late` covers every model of the account: SECOND, next in the chain, is kept from a call only by the
+    # provider's circuit (it may have been called before the quota ran out, PRIMARY rate limited or failing)
+    second_calls = [r for r in request_logs["openai"] if r["model"] == SECOND]
+    assert not [r for r in request_logs[BACKUP] if r["code"] == "insufficient_quota"]  # its own account
 
     # When the provider billed each answer lost with a SIGKILLed worker, from the kill: after it, the
     # provider finished a request whose client had died (nothing voxq could keep); before it, an answer
@@ -546,6 +625,10 @@ def test_chaos_run(s3_server: tuple[str, str, str]) -> None:
         "retries": sum(1 for a in attempts if a.retry_number > 0),
         "attempt outcomes": dict(Counter(a.outcome for a in attempts)),
         "quota answers on the primary": quota_hits,
+        "requests per account (openai, backup)": (len(request_logs["openai"]), len(request_logs[BACKUP])),
+        "quota answers in the openai account's log (calls in flight when it ran out)": len(quota_requests),
+        "requests to the openai account after voxq knew its quota was gone": len(late),
+        "requests of openai's second model (all before the quota answer)": len(second_calls),
         "quota answer -> fallback call, median/max s": (
             round(sorted(gaps)[len(gaps) // 2], 2) if gaps else None,
             round(max(gaps), 2) if gaps else None,

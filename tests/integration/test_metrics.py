@@ -170,6 +170,42 @@ def test_api_metrics_serve_fleet_gauges_from_redis_and_postgres(
     )
 
 
+def test_api_metrics_label_provider_circuits_of_configured_providers(
+    stack: Stack, api_client: httpx.Client, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A provider's account circuit (`provider:<name>`: quota, billing, auth) is labelled by its key when
+    the provider is configured (the built-in `openai`, or one the providers file declares); an unknown
+    provider's, like an unknown model's, is `other`, and the `other` sample counts them all."""
+    from core.settings import reset_settings_cache
+    from worker.circuit import CircuitBreaker
+
+    providers = tmp_path / "providers.toml"
+    providers.write_text(
+        '[providers.backup]\nbase_url = "http://127.0.0.1:9/v1"\napi_key_env = "BACKUP_API_KEY"\n\n'
+        '[providers.backup.models.whisper-1]\nprice = "table"\n'
+    )
+    monkeypatch.setenv("VOXQ_PROVIDERS_FILE", str(providers))
+    reset_settings_cache()
+
+    async def trip() -> None:
+        import redis.asyncio as aioredis
+
+        client = aioredis.Redis.from_url(stack.redis_url)
+        try:
+            breaker = CircuitBreaker(client, failure_threshold=3, open_seconds=600)
+            for key in ("provider:openai", "provider:backup", "provider:nowhere", "made-up-model"):
+                await breaker.trip(key)
+        finally:
+            await client.aclose()
+
+    asyncio.run(trip())
+    parsed = parse_samples(api_client.get("/metrics").text)
+    assert value(parsed, "voxq_circuits_open", model="provider:openai") == 1
+    assert value(parsed, "voxq_circuits_open", model="provider:backup") == 1
+    assert ("voxq_circuits_open", (("model", "provider:nowhere"),)) not in parsed
+    assert value(parsed, "voxq_circuits_open", model="other") == 2  # provider:nowhere and made-up-model
+
+
 def test_api_metrics_report_an_unreadable_redis_instead_of_failing(
     stack: Stack, monkeypatch: pytest.MonkeyPatch
 ) -> None:
