@@ -14,13 +14,16 @@ between the provider's bill and our commit). So:
 2. A late answer from the call (its worker was alive after all) replaces the estimate with the exact
    cost, or removes it for an HTTP error (the provider bills no error), adding only the difference to the
    job's and batch's totals (`rebill`, called by `worker.store.attempts.close_attempt`).
-3. Settlement (`settle`, `voxq billing settle`) reads the provider's per-request usage export (JSON list,
-   JSON lines, or `{"data": [...]}` of `{request_id, model, usage}`) for a time range: an unsettled
-   attempt listed there gets the exact cost priced from the exported usage (`billed`); one absent from an
-   export that covers its whole call (started at or after `since`, and `grace` before `until`) has its
-   estimate removed and totals reduced (`not_billed`, the attempt's outcome unchanged). A listed request
-   whose attempt has no cost record at all (one closed without an estimate before voxq charged lost
-   answers) is charged exactly; a listed request voxq has no attempt for, or whose recorded usage differs
+3. Settlement (`settle`, `voxq billing settle`) reads one provider's per-request usage export (JSON list,
+   JSON lines, or `{"data": [...]}` of `{request_id, model, usage}`) for a time range, and considers only
+   that provider's attempts (`attempts.provider`, the providers-file name): an export says nothing about
+   another account's calls, so another provider's estimates are never judged by it, and a listed request
+   that is another provider's attempt is reported, not settled. An unsettled attempt listed there gets
+   the exact cost priced from the exported usage (`billed`); one absent from an export that covers its
+   whole call (started at or after `since`, and `grace` before `until`) has its estimate removed and
+   totals reduced (`not_billed`, the attempt's outcome unchanged). A listed request whose attempt has no
+   cost record at all (one closed without an estimate before voxq charged lost answers) is charged
+   exactly; a listed request voxq has no attempt for, or whose recorded usage differs
    from the export's, is reported and makes the CLI exit non-zero. Running it twice changes nothing.
 
 Totals move by deltas (`x = x + :delta`) in the transaction that changes the cost record, under the
@@ -43,6 +46,7 @@ from sqlalchemy.orm import Session
 
 from core.ids import uuid7
 from core.models import Attempt, Batch, BudgetReservation, CostRecord, Job
+from core.providers.config import OPENAI
 from core.statuses import AttemptOutcome, Settlement
 
 ZERO = Decimal(0)
@@ -314,17 +318,20 @@ class SettlementReport:
     left_unsettled: int = 0  # not in the export, which does not cover the whole call
     in_flight: int = 0  # pending attempts (their worker closes them), left alone
     usd_delta: Decimal = ZERO
+    provider: str = OPENAI  # whose export it is: only this provider's attempts were considered
+    foreign: list[str] = field(default_factory=list)  # billed requests that are another provider's attempts
     unknown: list[str] = field(default_factory=list)  # billed requests voxq has no attempt for
     mismatched: list[str] = field(default_factory=list)  # recorded usage differs from the export's
 
     @property
     def ok(self) -> bool:
         """True when every billed request is accounted for and agrees with voxq's records."""
-        return not self.unknown and not self.mismatched
+        return not self.unknown and not self.mismatched and not self.foreign
 
     def lines(self) -> list[str]:
         """A human summary."""
         out = [
+            f"provider: {self.provider}",
             f"billed requests in the export: {self.billed_requests}",
             f"unsettled estimates before: {self.unsettled_before}",
             f"settled as billed (estimate -> exact): {self.settled_billed}",
@@ -337,6 +344,11 @@ class SettlementReport:
         ]
         if self.unknown:
             out.append(f"!! billed requests with no voxq attempt: {len(self.unknown)}: {self.unknown[:20]}")
+        if self.foreign:
+            out.append(
+                f"!! billed requests that are another provider's calls (not settled): {len(self.foreign)}: "
+                f"{self.foreign[:20]}"
+            )
         if self.mismatched:
             out.append(
                 f"!! recorded usage differs from the export: {len(self.mismatched)}: {self.mismatched[:20]}"
@@ -363,14 +375,47 @@ def _same_usage(cost: Any, priced: Any) -> bool:
     return abs(float(cost.billed_audio_seconds or 0.0) - float(priced.billed_audio_seconds)) < 1e-6
 
 
+def providers_involved(
+    export: Iterable[BilledRequest], *, since: datetime | None = None, until: datetime | None = None
+) -> list[str]:
+    """The providers an export could be settling, sorted: those with unsettled estimates of calls started
+    in `[since, until]` (all of them without a range: nothing unlisted is judged then, so only listed
+    requests count) and those whose attempts the export lists. More than one (or another than the one the
+    operator meant) and the export's provider must be said (`voxq billing settle --provider`)."""
+    from core.db import session_scope
+
+    ids = [key for key in (_as_uuid(line.request_id) for line in export) if key is not None]
+    with session_scope() as session:
+        found = (
+            set(session.execute(select(Attempt.provider).where(Attempt.id.in_(ids))).scalars())
+            if ids
+            else set()
+        )
+        if since is not None and until is not None:
+            found |= set(
+                session.execute(
+                    select(Attempt.provider)
+                    .where(
+                        Attempt.settlement == Settlement.UNSETTLED.value,
+                        Attempt.started_at >= since,
+                        Attempt.started_at <= until,
+                    )
+                    .distinct()
+                ).scalars()
+            )
+    return sorted(found)
+
+
 def settle(
     export: Iterable[BilledRequest],
     *,
+    provider: str = OPENAI,
     since: datetime | None = None,
     until: datetime | None = None,
     grace_seconds: float | None = None,
 ) -> SettlementReport:
-    """Settle unsettled estimates against the provider's export covering `[since, until]` (module doc).
+    """Settle `provider`'s unsettled estimates against its export covering `[since, until]` (module doc);
+    other providers' attempts are left alone (a listed one is reported in `foreign`).
 
     Without both `since` and `until` the export's coverage is unknown: only requests it lists are settled.
     `grace_seconds` (default twice the provider timeout + 10 s, the sweeper's bound on a live call) is how
@@ -381,21 +426,30 @@ def settle(
 
     if grace_seconds is None:
         grace_seconds = 2 * get_settings().provider_timeout_seconds + 10
-    report = SettlementReport()
+    report = SettlementReport(provider=provider)
     billed = _index_export(export, report)
     with session_scope() as session:
         unsettled = set(
             session.execute(
-                select(Attempt.id).where(Attempt.settlement == Settlement.UNSETTLED.value)
+                select(Attempt.id).where(
+                    Attempt.settlement == Settlement.UNSETTLED.value, Attempt.provider == provider
+                )
             ).scalars()
         )
-        known = (
-            set(session.execute(select(Attempt.id).where(Attempt.id.in_(list(billed)))).scalars())
+        listed = (
+            {
+                row.id: row.provider
+                for row in session.execute(
+                    select(Attempt.id, Attempt.provider).where(Attempt.id.in_(list(billed)))
+                )
+            }
             if billed
-            else set()
+            else {}
         )
+    known = {k for k, owner in listed.items() if owner == provider}
     report.unsettled_before = len(unsettled)
-    report.unknown += [str(k) for k in billed if k not in known]
+    report.unknown += [str(k) for k in billed if k not in listed]
+    report.foreign += [f"{k} ({owner})" for k, owner in listed.items() if owner != provider]
     covered_until = until - timedelta(seconds=grace_seconds) if until is not None else None
     for attempt_id in sorted(known | unsettled):
         with session_scope() as session:  # one short transaction per attempt

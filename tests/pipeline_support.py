@@ -144,11 +144,11 @@ def processing_job_rows(
 
 def pending_attempt_row(tenant_id: uuid.UUID, job_id: uuid.UUID, *, model: str, **values: Any) -> uuid.UUID:
     """A hosted call's attempt, still `pending` (as written before the call), through `core.db`; `values`
-    sets other columns (`started_at`, `audio_seconds`, `worker`, ...)."""
+    sets other columns (`provider`, `openai` by default; `started_at`, `audio_seconds`, `worker`, ...)."""
     from core.db import session_scope
 
     with session_scope() as s:
-        attempt = Attempt(tenant_id=tenant_id, job_id=job_id, model=model, provider="openai", **values)
+        attempt = Attempt(tenant_id=tenant_id, job_id=job_id, model=model, **{"provider": "openai", **values})
         s.add(attempt)
         s.flush()
         return attempt.id

@@ -48,11 +48,22 @@ def _job(budget_usd: Decimal | None = None) -> JobRows:
 
 
 def _attempt(
-    tenant_id: uuid.UUID, job_id: uuid.UUID, *, started: datetime, seconds: float = 12.0
+    tenant_id: uuid.UUID,
+    job_id: uuid.UUID,
+    *,
+    started: datetime,
+    seconds: float = 12.0,
+    provider: str = "openai",
 ) -> uuid.UUID:
-    """A hosted call whose worker went quiet at `started` (still pending)."""
+    """A hosted call of `provider` whose worker went quiet at `started` (still pending)."""
     return pending_attempt_row(
-        tenant_id, job_id, model=MODEL, audio_seconds=seconds, started_at=started, worker="gone:1"
+        tenant_id,
+        job_id,
+        model=MODEL,
+        provider=provider,
+        audio_seconds=seconds,
+        started_at=started,
+        worker="gone:1",
     )
 
 
@@ -230,3 +241,82 @@ def test_settlement_makes_estimates_exact_or_removes_them_and_reports_strangers(
     # Without the stranger the books agree: exit 0.
     assert _settle(export[:2], tmp_path, "--since", since, "--until", until) == 0
     assert _snapshot(batch_id) == before
+
+
+def _unsettled_estimate(attempt_id: uuid.UUID) -> None:
+    """Still as the sweeper left it: unsettled, its estimate charged."""
+    (cost,) = _costs(attempt_id)
+    assert cost.estimated and cost.usd == ESTIMATE_USD
+    attempt = _row(Attempt, attempt_id)
+    assert (attempt.outcome, attempt.settlement, attempt.settled_at) == (
+        AttemptOutcome.ABANDONED.value,
+        Settlement.UNSETTLED.value,
+        None,
+    )
+
+
+def test_settling_one_providers_export_leaves_another_providers_estimates_alone(
+    stack: Stack, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Two accounts (issue #17), each with a billed and an unbilled lost call in the same window: A's
+    export says nothing about B's calls, so settling it must not judge them; B's own export settles them."""
+    tenant_id, batch_id, job_id = _job()
+    hour_ago = datetime.now(UTC) - timedelta(hours=1)
+    a_billed = _attempt(tenant_id, job_id, started=hour_ago)
+    a_unbilled = _attempt(tenant_id, job_id, started=hour_ago)
+    b_billed = _attempt(tenant_id, job_id, started=hour_ago, provider="backup")
+    b_unbilled = _attempt(tenant_id, job_id, started=hour_ago, provider="backup")
+    assert sweep().abandoned_attempts == 4
+    window = (
+        "--since",
+        (hour_ago - timedelta(minutes=10)).isoformat(),
+        "--until",
+        datetime.now(UTC).isoformat(),
+    )
+    export_a = [{"request_id": str(a_billed), "model": MODEL, "usage": USAGE}]
+    export_b = [{"request_id": str(b_billed), "model": MODEL, "usage": USAGE}]
+    capsys.readouterr()
+
+    # Whose export is it? Two providers have unsettled estimates in the window: refused, nothing touched.
+    before = _snapshot(batch_id)
+    assert _settle(export_a, tmp_path, *window) == 2
+    err = capsys.readouterr().err
+    assert "--provider" in err and "backup" in err and "openai" in err, err
+    assert _snapshot(batch_id) == before
+    # A provider nobody configured nor called (a typo) is refused too.
+    assert _settle(export_a, tmp_path, *window, "--provider", "opanai") == 2
+    assert "opanai" in capsys.readouterr().err
+    assert _snapshot(batch_id) == before
+
+    # A's export, said to be A's: only A's estimates are judged; B's stay unsettled, untouched.
+    assert _settle(export_a, tmp_path, *window, "--provider", "openai") == 0
+    out = capsys.readouterr().out
+    assert "unsettled estimates before: 2" in out, out
+    assert "settled as not billed (estimate removed): 1" in out, out
+    (cost,) = _costs(a_billed)
+    assert not cost.estimated and cost.usd == EXACT_USD
+    assert _row(Attempt, a_billed).settlement == Settlement.BILLED.value
+    assert _costs(a_unbilled) == [] and _row(Attempt, a_unbilled).settlement == Settlement.NOT_BILLED.value
+    _unsettled_estimate(b_billed)
+    _unsettled_estimate(b_unbilled)
+    _assert_totals_match_records([job_id], batch_id)
+
+    # A's export listing one of B's requests does not settle it: reported, exit 1, untouched.
+    after_a = _snapshot(batch_id)
+    assert _settle(export_a + export_b, tmp_path, *window, "--provider", "openai") == 1
+    assert str(b_billed) in capsys.readouterr().out
+    assert _snapshot(batch_id) == after_a
+    _unsettled_estimate(b_billed)
+
+    # B's export, said to be B's, settles B's.
+    assert _settle(export_b, tmp_path, *window, "--provider", "backup") == 0
+    out = capsys.readouterr().out
+    assert "unsettled estimates before: 2" in out and "settled as billed (estimate -> exact): 1" in out, out
+    (cost,) = _costs(b_billed)
+    assert not cost.estimated and cost.usd == EXACT_USD
+    assert _row(Attempt, b_billed).settlement == Settlement.BILLED.value
+    assert _costs(b_unbilled) == [] and _row(Attempt, b_unbilled).settlement == Settlement.NOT_BILLED.value
+    # A's settled calls are left as they were.
+    assert _row(Attempt, a_billed).settlement == Settlement.BILLED.value
+    assert _row(Attempt, a_unbilled).settlement == Settlement.NOT_BILLED.value
+    _assert_totals_match_records([job_id], batch_id)
