@@ -27,18 +27,16 @@ core/billing.py): voxq cannot know whether the provider finished such a call, so
 attempt as `abandoned` and charges a conservative estimate, marked estimated and unsettled. Once the run
 is over, the test downloads each fake's per-request billing export for the run's time range over HTTP
 (`GET /_fake/billing?since=&until=`), as an operator downloads a provider's usage export, and runs the
-real `voxq billing settle` once on both exports together (decision: `settle` takes no provider, and an
-export given with --since/--until judges every unsettled estimate it does not list "not billed", so
-settling one provider's export alone would wrongly clear the other's; request ids are voxq's attempt
-ids, unique across providers): a billed abandoned call gets its exact cost, an unbilled one loses its
-estimate. A call the client timed out on is charged an estimate the same way (the provider may have
-finished it), and settled the same way. Then, strictly: every billed request has exactly one cost record
-with the exact usage and cents, no cost record lacks a billed request, no estimate is left, and job and
-batch totals (cost and budget committed) equal the sum of their cost records. Every paid answer is kept
-with its attempt's close (`job_answers`) and reused by later runs, so a job is paid twice only when the
-first answer never reached voxq (its worker was SIGKILLed, or its task cancelled by the broker
-connection loss, between the fake's answer and the commit), or when the provider finished a call after
-the client gave up on it (counted apart).
+real `voxq billing settle --provider NAME` once per account on its own export (an export judges only its
+provider's estimates, so the first settlement must leave the other account's alone): a billed abandoned
+call gets its exact cost, an unbilled one loses its estimate. A call the client timed out on is charged
+an estimate the same way (the provider may have finished it), and settled the same way. Then, strictly:
+every billed request has exactly one cost record with the exact usage and cents, no cost record lacks a
+billed request, no estimate is left, and job and batch totals (cost and budget committed) equal the sum
+of their cost records. Every paid answer is kept with its attempt's close (`job_answers`) and reused by
+later runs, so a job is paid twice only when the first answer never reached voxq (its worker was
+SIGKILLed, or its task cancelled by the broker connection loss, between the fake's answer and the
+commit), or when the provider finished a call after the client gave up on it (counted apart).
 
 VOXQ_CHAOS_JOBS scales the run (default 2000).
 """
@@ -210,12 +208,14 @@ def _wait_for_grace(engine: Any, *, grace_seconds: float) -> None:
         time.sleep(max(0.0, (latest - datetime.now(UTC)).total_seconds() + grace_seconds + 1))
 
 
-def _settle(stack: Stack, env: dict[str, str], export: Path, since: datetime, until: datetime) -> str:
-    """`voxq billing settle` as an operator runs it; its report."""
+def _settle(
+    stack: Stack, env: dict[str, str], provider: str, export: Path, since: datetime, until: datetime
+) -> str:
+    """`voxq billing settle --provider` on that provider's export, as an operator runs it; its report."""
     result = subprocess.run(
         [
-            *(sys.executable, "-m", "voxq.cli", "billing", "settle", "--file", str(export)),
-            *("--since", since.isoformat(), "--until", until.isoformat()),
+            *(sys.executable, "-m", "voxq.cli", "billing", "settle", "--provider", provider),
+            *("--file", str(export), "--since", since.isoformat(), "--until", until.isoformat()),
         ],
         cwd=REPO_ROOT,
         env=stack.child_env(**env),
@@ -428,7 +428,6 @@ def test_chaos_run(s3_server: tuple[str, str, str]) -> None:
         # Settlement against the provider's per-request usage export for the run's time range.
         before_settling = _settlement_figures(engine)
         until = datetime.now(UTC)
-        export_path = work / "billing-export.json"
         exports = {
             name: httpx.get(
                 f"{host.root_url}/_fake/billing",
@@ -438,17 +437,23 @@ def test_chaos_run(s3_server: tuple[str, str, str]) -> None:
             for name, host in fakes.items()
         }
         export = [entry for entries in exports.values() for entry in entries]
-        export_path.write_text(json.dumps(export))
+        export_paths = {name: work / f"billing-export-{name}.json" for name in exports}
+        for name, entries in exports.items():
+            export_paths[name].write_text(json.dumps(entries))
         provider_of_request = {e["request_id"]: name for name, entries in exports.items() for e in entries}
         request_logs = {name: host.request_log() for name, host in fakes.items()}
         billing_logs = {name: host.billing_log() for name, host in fakes.items()}
-        settle_report = _settle(stack, env, export_path, started_at, until)
+        # one settlement per account, each on its own export
+        settle_report = "\n".join(
+            _settle(stack, env, name, path, started_at, until) for name, path in export_paths.items()
+        )
         after_settling = _settlement_figures(engine)
-        # idempotent: settling the same export again changes nothing
-        again = _settle(stack, env, export_path, started_at, until)
-        assert "settled as billed (estimate -> exact): 0" in again, again
-        assert "settled as not billed (estimate removed): 0" in again, again
-        assert "billed without a cost record, charged now: 0" in again, again
+        # idempotent: settling the same exports again changes nothing
+        for name, path in export_paths.items():
+            again = _settle(stack, env, name, path, started_at, until)
+            assert "settled as billed (estimate -> exact): 0" in again, again
+            assert "settled as not billed (estimate removed): 0" in again, again
+            assert "billed without a cost record, charged now: 0" in again, again
         assert _settlement_figures(engine) == after_settling
 
         with Session(engine) as s:
