@@ -121,9 +121,7 @@ class ChainRunner:
         self.rt = rt
         self.settings = rt.settings
         self.deadline = deadline
-        # Each call goes to its chain entry's provider (`_target`, `Runtime.provider(name)`); this is the
-        # default one's name, for what is not about one entry.
-        self._provider_name: str = rt.provider().name
+        # Each call goes to its chain entry's provider (`_target`, `Runtime.provider(name)`).
         self._targets: dict[str, Target] = {}
         self.circuit = rt.circuit()
         self.limiter = rt.limiter()

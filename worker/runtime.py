@@ -356,13 +356,6 @@ class Runtime:
             client = self._providers[name] = self._build_provider(name)
         return client
 
-    @property
-    def providers(self) -> dict[str, Provider]:
-        """A client for every configured provider, by name (each built once, on the shared client)."""
-        from core.providers.config import load_catalogue
-
-        return {name: self.provider(name) for name in load_catalogue(self.settings).providers}
-
     def _build_provider(self, name: str) -> Provider:
         from core.providers.config import api_key, load_catalogue
         from core.providers.openai import OpenAIProvider

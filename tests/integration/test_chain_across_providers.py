@@ -115,8 +115,8 @@ def test_a_failing_provider_hands_the_job_to_the_next_providers_model(
     # One client per configured provider, each under its provider's name.
     from worker.runtime import get_runtime
 
-    clients = get_runtime().providers
-    assert {name: clients[name].name for name in ("a", "b", "openai")} == {
+    rt = get_runtime()
+    assert {name: rt.provider(name).name for name in ("a", "b", "openai")} == {
         "a": "a",
         "b": "b",
         "openai": "openai",
