@@ -32,8 +32,7 @@ from datetime import date
 from decimal import Decimal
 from typing import Literal
 
-from core.names import LOCAL_MODEL, LOCAL_MODEL_PREFIX
-from core.pricing import MILLION, SIXTY, PriceTable
+from core.pricing import MILLION, SIXTY, PriceTable, is_local_model
 from core.providers.config import OPENAI, Catalogue, ModelConfig, PriceSpec
 
 Policy = Literal["chain", "cheapest"]
@@ -72,10 +71,6 @@ class Route:
     def model(self) -> str | None:
         """The model tried first (None for an empty chain)."""
         return self.chain[0] if self.chain else None
-
-
-def _is_local(entry: str) -> bool:
-    return entry == LOCAL_MODEL or entry.startswith(LOCAL_MODEL_PREFIX)
 
 
 def meets(model: ModelConfig | None, needs: Needs) -> bool:
@@ -140,8 +135,8 @@ def route(
     del today  # the candidates are already today's (retired models left out by the chain's rules)
     if policy != "cheapest":
         return Route(tuple(candidates), CHAIN_ORDER)
-    hosted = [(i, e) for i, e in enumerate(candidates) if not _is_local(e)]
-    local = [e for e in candidates if _is_local(e)]
+    hosted = [(i, e) for i, e in enumerate(candidates) if not is_local_model(e)]
+    local = [e for e in candidates if is_local_model(e)]
     costs = {e: expected_cost(catalogue, e, audio_seconds, prices, default_provider) for _, e in hosted}
 
     def fits(entry: str) -> bool:
