@@ -34,7 +34,7 @@ from core.models import Job, Transcript
 from core.settings import get_settings
 from core.statuses import AlignmentStatus, JobStatus
 from worker.grouping import chain_entries, job_route, model_chain
-from worker.store.batches import BatchOptions, load_batches_in, model_list
+from worker.store.batches import load_batches_in
 from worker.store.probes import ProbedJob
 from worker.store.sql import now
 
@@ -76,8 +76,7 @@ _TWINS = text(
                         CASE WHEN j.status = 'processing' THEN concat_ws('|', b.routing, b.diarize,
                             b.timestamps, b.profile, j.speech_seconds) END)
            j.id, j.tenant_id, j.fingerprint, b.language, b.prompt, j.status, j.finished_at, j.started_at,
-           t.model AS transcript_model, t.models AS transcript_models, b.models AS batch_models,
-           b.id AS batch_id, b.profile, b.timestamps, b.routing, b.diarize, j.speech_seconds
+           t.model AS transcript_model, t.models AS transcript_models, b.id AS batch_id, j.speech_seconds
     FROM jobs j
     JOIN batches b ON b.id = j.batch_id
     LEFT JOIN LATERAL (
@@ -184,24 +183,6 @@ def dedupe_many(requests: list[DedupeRequest]) -> list[DedupeDecision]:
     return decisions
 
 
-def _leader_route(row: Any, settings: Any) -> tuple[str, ...]:
-    """The routed chain of a leader in flight (a `_TWINS` row): what its run tries, as prepare routed it."""
-    batch = BatchOptions(
-        id=row.batch_id,
-        tenant_id=row.tenant_id,
-        profile=row.profile,
-        language=row.language,
-        prompt=row.prompt,
-        models=model_list(row.batch_models),
-        priority="normal",
-        budget_usd=None,
-        timestamps=row.timestamps,
-        routing=row.routing,
-        diarize=row.diarize,
-    )
-    return job_route(batch, row.speech_seconds or 0.0, settings).chain
-
-
 def _earliest(candidate: tuple[Any, ...]) -> float:
     return float(candidate[0].timestamp()) if candidate[0] is not None else float("inf")
 
@@ -216,14 +197,19 @@ class _Twins:
         self._inflight: dict[tuple[Any, ...], list[tuple[Any, uuid.UUID, tuple[str, ...]]]] = {}
         pairs = sorted({(r.tenant_id, r.fingerprint) for r in requests})
         params = {"tenants": [t for t, _ in pairs], "fingerprints": [f for _, f in pairs], "ids": ids}
-        for row in session.execute(_TWINS, params):
+        rows = session.execute(_TWINS, params).all()
+        # A leader in flight runs its routed chain, as prepare routed it (worker.grouping.job_route).
+        batches = load_batches_in(
+            session, {row.batch_id for row in rows if row.status != JobStatus.SUCCEEDED.value}
+        )
+        for row in rows:
             key = (row.tenant_id, row.fingerprint, row.language, row.prompt)
             if row.status == JobStatus.SUCCEEDED.value:
                 models = transcript_models(row.transcript_model, {"models": row.transcript_models})
                 models = chain_entries(models, settings)  # compared with chain entries
                 self._finished.setdefault(key, []).append((row.finished_at, row.id, models))
             else:
-                chain = _leader_route(row, settings)
+                chain = job_route(batches[row.batch_id], row.speech_seconds or 0.0, settings).chain
                 self._inflight.setdefault(key, []).append((row.started_at, row.id, chain))
         for found in self._finished.values():
             found.sort(key=_earliest)
