@@ -48,6 +48,15 @@ def tones(*freqs: int, seconds: float = 0.8, gap: float = 1.0) -> bytes:
     return wav_bytes(sequence([(f, seconds) for f in freqs], gap=gap))
 
 
+async def held_slots(redis: Any, provider: str) -> int:
+    """Slots of `provider`'s fleet-wide in-flight cap held now (leases not ended: worker.inflight)."""
+    from core import names
+
+    now_s, now_us = await redis.time()
+    now_ms = int(now_s) * 1000 + int(now_us) // 1000
+    return int(await redis.zcount(names.KEY_INFLIGHT + provider, f"({now_ms}", "+inf"))
+
+
 def circuit_state(stack: Stack, model: str) -> str:
     """The circuit of a chain entry (its `provider:model` key; a bare name is openai's), or of a provider's
     account (`provider:<name>`)."""

@@ -136,12 +136,6 @@ class InFlightCaps:
         held = await self._release(keys=[names.KEY_INFLIGHT + provider], args=[holder])
         metrics.PROVIDER_IN_FLIGHT.labels(provider=provider).set(int(held))
 
-    async def held(self, provider: str) -> int:
-        """Slots of `provider` held now (leases not ended)."""
-        now_s, now_us = await self._redis.time()
-        now_ms = int(now_s) * 1000 + int(now_us) // 1000
-        return int(await self._redis.zcount(names.KEY_INFLIGHT + provider, f"({now_ms}", "+inf"))
-
 
 @dataclass
 class Slot:

@@ -16,7 +16,14 @@ from core.statuses import AttemptOutcome, JobStatus
 from tests.api_helpers import ApiServer, make_key
 from tests.fakes.fixtures import FAKE_OPENAI_API_KEY
 from tests.fakes.openai_server import FakeOpenAI
-from tests.pipeline_support import PRIMARY, SECOND, Pipeline, assert_costs_match_billing, tones
+from tests.pipeline_support import (
+    PRIMARY,
+    SECOND,
+    Pipeline,
+    assert_costs_match_billing,
+    held_slots,
+    tones,
+)
 
 pytestmark = pytest.mark.usefixtures("hosted_settings")  # worker stages run in this process
 
@@ -382,4 +389,4 @@ def test_a_providers_in_flight_cap_holds_for_the_chain(
     assert overlapping == 2, [(r["received"], r["ts"]) for r in sent]  # 2 at once, never 3
     rt = get_runtime()
     assert rt.inflight().cap("openai") == 2
-    assert rt.run(rt.inflight().held("openai")) == 0
+    assert rt.run(held_slots(rt.redis, "openai")) == 0

@@ -12,6 +12,7 @@ import redis.asyncio as aioredis
 from prometheus_client import REGISTRY
 
 from core import names
+from tests.pipeline_support import held_slots
 from tests.support import Stack
 from worker.circuit import CircuitBreaker, Ticket, provider_key
 from worker.inflight import InFlightCaps
@@ -591,7 +592,7 @@ def test_the_in_flight_cap_holds_across_processes_and_a_dead_holders_lease_ends(
                 await caps.release("acme", holder)
 
         await asyncio.gather(*[call((first, second)[i % 2]) for i in range(20)])
-        held_after = await first.held("acme")
+        held_after = await held_slots(r1, "acme")
         # A worker killed mid-call (SIGKILL): its slots are never given back, and end with their lease.
         dying = InFlightCaps(r1, caps={"acme": 2}, lease_seconds=0.5)
         assert await dying.try_acquire("acme") and await dying.try_acquire("acme")
@@ -642,7 +643,7 @@ def test_a_lease_is_renewed_before_the_send_unless_it_already_ended(stack: Stack
         await asyncio.sleep(0.2)
         renewed = await caps.renew("acme", holder)  # before its end: another 0.3 s from now
         await asyncio.sleep(0.2)
-        held = await caps.held("acme")  # 0.4 s after the take: still held thanks to the renewal
+        held = await held_slots(r1, "acme")  # 0.4 s after the take: still held thanks to the renewal
         await asyncio.sleep(0.2)
         free = await caps.renew("acme", holder)  # ended, but nobody took the slot: taken again
         await asyncio.sleep(0.4)
