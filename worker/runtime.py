@@ -29,6 +29,7 @@ import httpx
 
 from core.settings import Settings, get_settings
 from core.storage import Storage
+from worker.provider_http import make_provider_client
 
 if TYPE_CHECKING:
     import redis.asyncio as aioredis
@@ -478,26 +479,6 @@ def get_runtime() -> Runtime:
         if _runtime is None or _runtime.pid != os.getpid():
             _runtime = _build()
         return _runtime
-
-
-# Idle keep-alive connections the provider client keeps. httpcore's pool walks its connections on every
-# request and every response close, and for each idle one counts the whole pool again: keeping one idle
-# connection per in-flight slot made that work quadratic in the in-flight limit. P2 (256 in flight, 2 s
-# latency, 2026-12-04, alternating runs): keep-alive = 256 -> 22.3 / 15.3 ms of worker CPU per file,
-# 28.3% / 20.7% of ideal; keep-alive = 8 -> 2.5 / 3.1 ms, 83.8% / 69.4% (docs/benchmarks.md, issue #15).
-PROVIDER_KEEPALIVE_CONNECTIONS = 8
-
-
-def make_provider_client(settings: Settings) -> httpx.AsyncClient:
-    """The process's one httpx client for provider calls: a connection for each call the in-flight
-    semaphore lets through, so no call waits for a connection; at most `PROVIDER_KEEPALIVE_CONNECTIONS`
-    of them are kept open while idle."""
-    limits = httpx.Limits(
-        max_connections=settings.max_in_flight,
-        max_keepalive_connections=min(settings.max_in_flight, PROVIDER_KEEPALIVE_CONNECTIONS),
-        keepalive_expiry=5.0,
-    )
-    return httpx.AsyncClient(limits=limits, timeout=settings.provider_timeout_seconds)
 
 
 def _build() -> Runtime:

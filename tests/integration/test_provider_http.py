@@ -1,4 +1,4 @@
-"""OpenAIProvider over the worker's httpx client (worker.runtime.make_provider_client), on real sockets.
+"""OpenAIProvider over the worker's httpx client (worker.provider_http.make_provider_client), on real sockets.
 
 Against the fake OpenAI server (tests/fakes/openai_server.py) for the wire format and errors, and tiny
 raw HTTP/1.1 servers on loopback for what the fake does not do (exact request bytes, chunked and gzip
@@ -27,7 +27,7 @@ from tests.fakes.fixtures import FAKE_OPENAI_API_KEY
 from tests.fakes.openai_server import FakeOpenAI, Fault
 from tests.support import transcription_request
 from voxq.embedded import free_port
-from worker.runtime import PROVIDER_KEEPALIVE_CONNECTIONS, make_provider_client
+from worker.provider_http import SHARD_CONNECTIONS, ShardedTransport, make_provider_client, provider_transport
 
 MINI = "gpt-4o-mini-transcribe"
 
@@ -466,13 +466,16 @@ def test_the_pool_holds_one_connection_per_call_in_flight_up_to_the_limit() -> N
     assert opened == 4  # the calls after them reused those
 
 
-def test_a_burst_gets_a_connection_per_call_and_at_most_a_few_stay_open_idle() -> None:
-    """A burst under a large in-flight limit opens a connection per call, but only
-    `PROVIDER_KEEPALIVE_CONNECTIONS` stay open once it is over (httpcore's pool walk is quadratic in
-    the idle connections it keeps), and the next calls reuse those."""
+def test_a_burst_gets_a_connection_per_call_and_every_one_stays_open_for_the_next() -> None:
+    """A burst as large as the in-flight limit (64: two shards of 32) opens a connection per call, with
+    32 requests in each shard; every connection stays alive after the burst and the next burst reuses all
+    of them (no TCP/TLS handshake per call), and every shard slot is given back."""
+    BURST = 64
     open_now = 0
     most = 0
     connections: list[int] = []
+    per_shard_at_peak: list[list[int]] = []
+    transport: ShardedTransport | None = None
 
     async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         nonlocal open_now, most
@@ -483,6 +486,8 @@ def test_a_burst_gets_a_connection_per_call_and_at_most_a_few_stay_open_idle() -
             while True:
                 await _read_request(reader)
                 await asyncio.sleep(0.1)
+                if transport is not None and sum(transport.open_requests) == BURST:
+                    per_shard_at_peak.append(list(transport.open_requests))
                 writer.write(_ok())
                 await writer.drain()
         except (asyncio.IncompleteReadError, ConnectionError):
@@ -491,23 +496,54 @@ def test_a_burst_gets_a_connection_per_call_and_at_most_a_few_stay_open_idle() -
             open_now -= 1
             writer.close()
 
-    async def main() -> tuple[int, int]:
+    async def main() -> tuple[int, int, list[int]]:
+        nonlocal transport
         server, url = await _serve(handle)
-        async with make_provider_client(_settings(max_in_flight=64)) as client:
+        transport = provider_transport(_settings(max_in_flight=BURST))
+        async with make_provider_client(_settings(max_in_flight=BURST), transport) as client:
+            assert len(transport.shards) == BURST // SHARD_CONNECTIONS
             provider = _provider(client, url)
-            results = await asyncio.gather(*(provider.transcribe(_req(b"x" * i)) for i in range(20)))
-            assert [r.text for r in results] == ["hello"] * 20
-            await asyncio.sleep(0.2)  # the server sees the closes
+            results = await asyncio.gather(*(provider.transcribe(_req(b"x" * i)) for i in range(BURST)))
+            assert [r.text for r in results] == ["hello"] * BURST
+            await asyncio.sleep(0.2)  # the server would see closes
             open_after_burst = open_now
-            for i in range(5):
-                await provider.transcribe(_req(b"y" * i))
+            results = await asyncio.gather(*(provider.transcribe(_req(b"y" * i)) for i in range(BURST)))
+            assert [r.text for r in results] == ["hello"] * BURST
+            left = list(transport.open_requests)
         server.close()
-        return open_after_burst, len(connections)
+        return open_after_burst, len(connections), left
 
-    open_after_burst, opened = asyncio.run(main())
-    assert most == 20  # no call of the burst waited for a connection
-    assert 1 <= open_after_burst <= PROVIDER_KEEPALIVE_CONNECTIONS
-    assert opened == 20  # the calls after the burst reused a kept connection
+    open_after_burst, opened, left = asyncio.run(main())
+    assert most == BURST  # no call of the burst waited for a connection
+    assert per_shard_at_peak and all(p == [32, 32] for p in per_shard_at_peak)  # balanced shards
+    assert open_after_burst == BURST  # all kept alive
+    assert opened == BURST  # the second burst reused every connection
+    assert left == [0, 0]
+
+
+def test_a_failed_call_gives_its_shard_slot_back() -> None:
+    """Refused connections and timeouts release the shard slot, so later calls still spread evenly."""
+
+    async def slow(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await _read_request(reader)
+        await asyncio.sleep(2)
+        writer.close()
+
+    async def main() -> list[int]:
+        server, url = await _serve(slow)
+        transport = provider_transport(_settings(max_in_flight=64))
+        async with make_provider_client(_settings(max_in_flight=64, timeout=0.2), transport) as client:
+            dead = _provider(client, f"http://127.0.0.1:{free_port()}/v1", timeout=0.2)
+            for i in range(3):
+                assert (await _catch(dead.transcribe(_req(b"x" * i)))).kind is ErrorKind.RETRY
+            provider = _provider(client, url, timeout=0.2)
+            errors = await asyncio.gather(*(_catch(provider.transcribe(_req(b"z" * i))) for i in range(5)))
+            assert all(e.kind is ErrorKind.RETRY for e in errors)
+            left = list(transport.open_requests)
+        server.close()
+        return left
+
+    assert asyncio.run(main()) == [0, 0]
 
 
 def _self_signed(tmp_path: Path) -> tuple[Path, ssl.SSLContext]:

@@ -1,0 +1,113 @@
+"""The worker's httpx client for provider calls: one `httpx.AsyncClient` per process whose connection pool
+is sized to the in-flight limit and split into shards of at most `SHARD_CONNECTIONS` connections.
+
+Why shards: httpcore's pool walks all its connections on every request and every response close, and for
+each idle connection counts the whole pool again (`_assign_requests_to_connections`, httpcore 1.0.9). One
+pool of 256 kept-alive connections made that quadratic (P2: 22.3 ms of worker CPU per file, 28% of
+ideal); capping keep-alive at 8 kept the walk short but closed every connection that went idle once more
+than 8 were open, so almost every call opened a new connection (a TCP and, to a real provider, a TLS
+handshake per call; P2 85-89% of ideal on a quiet host). A shard is an ordinary `httpx.AsyncHTTPTransport`
+with `max_connections == max_keepalive_connections == SHARD_CONNECTIONS`: its walk is over 32 connections
+and every connection stays alive between calls. `ShardedTransport` (httpx's public transport API) sends
+each request through the shard with the fewest requests open, so while the in-flight semaphore lets at
+most `max_in_flight` calls through, no shard holds more than its share and no call waits for a connection.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import AsyncIterator
+
+import httpx
+
+from core.settings import Settings
+
+# Connections per shard: short enough that httpcore's per-request walk stays cheap, large enough that a
+# process with the default in-flight limit needs only a few shards.
+SHARD_CONNECTIONS = 32
+KEEPALIVE_EXPIRY_SECONDS = 5.0
+
+
+class _CountedStream(httpx.AsyncByteStream):
+    """A response body that gives its shard's slot back once it is closed (the request is over then)."""
+
+    def __init__(self, inner: httpx.AsyncByteStream, release: _Release) -> None:
+        self._inner = inner
+        self._release = release
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        async for chunk in self._inner:
+            yield chunk
+
+    async def aclose(self) -> None:
+        try:
+            await self._inner.aclose()
+        finally:
+            self._release()
+
+
+class _Release:
+    """Gives one request's slot in shard `index` back, once."""
+
+    def __init__(self, open_requests: list[int], index: int) -> None:
+        self._open = open_requests
+        self._index = index
+        self._done = False
+
+    def __call__(self) -> None:
+        if not self._done:
+            self._done = True
+            self._open[self._index] -= 1
+
+
+class ShardedTransport(httpx.AsyncBaseTransport):
+    """Several `httpx.AsyncHTTPTransport` pools behind one transport; each request goes to the shard with
+    the fewest open requests (ties: the first). Used from one event loop (the worker's runtime loop)."""
+
+    def __init__(self, shards: int, connections_per_shard: int, keepalive_expiry: float) -> None:
+        if shards < 1 or connections_per_shard < 1:
+            raise ValueError("a sharded transport needs at least one shard of at least one connection")
+        limits = httpx.Limits(
+            max_connections=connections_per_shard,
+            max_keepalive_connections=connections_per_shard,
+            keepalive_expiry=keepalive_expiry,
+        )
+        self.shards = [httpx.AsyncHTTPTransport(limits=limits) for _ in range(shards)]
+        self.open_requests = [0] * shards
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        index = min(range(len(self.shards)), key=self.open_requests.__getitem__)
+        release = _Release(self.open_requests, index)
+        self.open_requests[index] += 1
+        try:
+            response = await self.shards[index].handle_async_request(request)
+        except BaseException:
+            release()
+            raise
+        assert isinstance(response.stream, httpx.AsyncByteStream)
+        response.stream = _CountedStream(response.stream, release)
+        return response
+
+    async def aclose(self) -> None:
+        for shard in self.shards:
+            await shard.aclose()
+
+
+def provider_transport(settings: Settings) -> ShardedTransport:
+    """Shards of at most `SHARD_CONNECTIONS` connections, `max_in_flight` connections in all."""
+    in_flight = max(1, settings.max_in_flight)
+    shards = math.ceil(in_flight / SHARD_CONNECTIONS)
+    return ShardedTransport(
+        shards=shards,
+        connections_per_shard=math.ceil(in_flight / shards),
+        keepalive_expiry=KEEPALIVE_EXPIRY_SECONDS,
+    )
+
+
+def make_provider_client(settings: Settings, transport: ShardedTransport | None = None) -> httpx.AsyncClient:
+    """The process's one httpx client for provider calls: a connection for each call the in-flight
+    semaphore lets through (no call waits for a connection), all of them kept alive between calls, in
+    shards of at most `SHARD_CONNECTIONS` (`transport`: one built by `provider_transport`)."""
+    return httpx.AsyncClient(
+        transport=transport or provider_transport(settings), timeout=settings.provider_timeout_seconds
+    )
