@@ -7,7 +7,7 @@ pool of 256 kept-alive connections made that quadratic (P2: 22.3 ms of worker CP
 ideal); capping keep-alive at 8 kept the walk short but closed every connection that went idle once more
 than 8 were open, so almost every call opened a new connection (a TCP and, to a real provider, a TLS
 handshake per call; P2 85-89% of ideal on a quiet host). A shard is an ordinary `httpx.AsyncHTTPTransport`
-with `max_connections == max_keepalive_connections == SHARD_CONNECTIONS`: its walk is over 32 connections
+with `max_connections == max_keepalive_connections == SHARD_CONNECTIONS`: its walk is over 8 connections
 and every connection stays alive between calls. `ShardedTransport` (httpx's public transport API) sends
 each request through the shard with the fewest requests open, so while the in-flight semaphore lets at
 most `max_in_flight` calls through, no shard holds more than its share and no call waits for a connection.
@@ -24,7 +24,7 @@ from core.settings import Settings
 
 # Connections per shard: short enough that httpcore's per-request walk stays cheap, large enough that a
 # process with the default in-flight limit needs only a few shards.
-SHARD_CONNECTIONS = 32
+SHARD_CONNECTIONS = 8
 KEEPALIVE_EXPIRY_SECONDS = 5.0
 
 

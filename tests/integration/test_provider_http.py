@@ -467,8 +467,8 @@ def test_the_pool_holds_one_connection_per_call_in_flight_up_to_the_limit() -> N
 
 
 def test_a_burst_gets_a_connection_per_call_and_every_one_stays_open_for_the_next() -> None:
-    """A burst as large as the in-flight limit (64: two shards of 32) opens a connection per call, with
-    32 requests in each shard; every connection stays alive after the burst and the next burst reuses all
+    """A burst as large as the in-flight limit (64: eight shards of 8) opens a connection per call, with
+    8 requests in each shard; every connection stays alive after the burst and the next burst reuses all
     of them (no TCP/TLS handshake per call), and every shard slot is given back."""
     BURST = 64
     open_now = 0
@@ -515,10 +515,12 @@ def test_a_burst_gets_a_connection_per_call_and_every_one_stays_open_for_the_nex
 
     open_after_burst, opened, left = asyncio.run(main())
     assert most == BURST  # no call of the burst waited for a connection
-    assert per_shard_at_peak and all(p == [32, 32] for p in per_shard_at_peak)  # balanced shards
+    assert per_shard_at_peak and all(
+        p == [SHARD_CONNECTIONS] * 8 for p in per_shard_at_peak
+    )  # balanced shards
     assert open_after_burst == BURST  # all kept alive
     assert opened == BURST  # the second burst reused every connection
-    assert left == [0, 0]
+    assert left == [0] * 8
 
 
 def test_a_failed_call_gives_its_shard_slot_back() -> None:
@@ -543,7 +545,7 @@ def test_a_failed_call_gives_its_shard_slot_back() -> None:
         server.close()
         return left
 
-    assert asyncio.run(main()) == [0, 0]
+    assert asyncio.run(main()) == [0] * (64 // SHARD_CONNECTIONS)
 
 
 def _self_signed(tmp_path: Path) -> tuple[Path, ssl.SSLContext]:
