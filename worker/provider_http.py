@@ -16,6 +16,7 @@ most `max_in_flight` calls through, no shard holds more than its share and no ca
 from __future__ import annotations
 
 import math
+import urllib.request
 from collections.abc import AsyncIterator
 
 import httpx
@@ -60,27 +61,19 @@ class _Release:
             self._open[self._index] -= 1
 
 
-class ShardedTransport(httpx.AsyncBaseTransport):
-    """Several `httpx.AsyncHTTPTransport` pools behind one transport; each request goes to the shard with
-    the fewest open requests (ties: the first). Used from one event loop (the worker's runtime loop)."""
+class _Shards:
+    """`httpx.AsyncHTTPTransport` pools (all direct, or all through one proxy) and their open requests."""
 
-    def __init__(self, shards: int, connections_per_shard: int, keepalive_expiry: float) -> None:
-        if shards < 1 or connections_per_shard < 1:
-            raise ValueError("a sharded transport needs at least one shard of at least one connection")
-        limits = httpx.Limits(
-            max_connections=connections_per_shard,
-            max_keepalive_connections=connections_per_shard,
-            keepalive_expiry=keepalive_expiry,
-        )
-        self.shards = [httpx.AsyncHTTPTransport(limits=limits) for _ in range(shards)]
-        self.open_requests = [0] * shards
+    def __init__(self, count: int, limits: httpx.Limits, proxy: str | None) -> None:
+        self.transports = [httpx.AsyncHTTPTransport(limits=limits, proxy=proxy) for _ in range(count)]
+        self.open_requests = [0] * count
 
-    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
-        index = min(range(len(self.shards)), key=self.open_requests.__getitem__)
+    async def send(self, request: httpx.Request) -> httpx.Response:
+        index = min(range(len(self.transports)), key=self.open_requests.__getitem__)
         release = _Release(self.open_requests, index)
         self.open_requests[index] += 1
         try:
-            response = await self.shards[index].handle_async_request(request)
+            response = await self.transports[index].handle_async_request(request)
         except BaseException:
             release()
             raise
@@ -88,9 +81,55 @@ class ShardedTransport(httpx.AsyncBaseTransport):
         response.stream = _CountedStream(response.stream, release)
         return response
 
+
+class ShardedTransport(httpx.AsyncBaseTransport):
+    """Several `httpx.AsyncHTTPTransport` pools behind one transport; each request goes to the shard with
+    the fewest open requests (ties: the first). Used from one event loop (the worker's runtime loop).
+
+    Proxies as httpx's own client takes them from the environment (a client given a transport does not):
+    `HTTPS_PROXY`/`HTTP_PROXY`/`ALL_PROXY`, read once when built, and `NO_PROXY` (the standard library's
+    `urllib.request.getproxies` / `proxy_bypass`); proxied requests get shards of their own."""
+
+    def __init__(
+        self, shards: int, connections_per_shard: int, keepalive_expiry: float, trust_env: bool = True
+    ) -> None:
+        if shards < 1 or connections_per_shard < 1:
+            raise ValueError("a sharded transport needs at least one shard of at least one connection")
+        self._count = shards
+        self._limits = httpx.Limits(
+            max_connections=connections_per_shard,
+            max_keepalive_connections=connections_per_shard,
+            keepalive_expiry=keepalive_expiry,
+        )
+        self._proxies = urllib.request.getproxies() if trust_env else {}
+        self._bypass: dict[str, bool] = {}
+        self.direct = _Shards(shards, self._limits, None)
+        self._by_proxy: dict[str, _Shards] = {}
+
+    def _proxy_for(self, url: httpx.URL) -> str | None:
+        proxy = self._proxies.get(url.scheme) or self._proxies.get("all")
+        if not proxy:
+            return None
+        bypass = self._bypass.get(url.host)
+        if bypass is None:
+            bypass = self._bypass[url.host] = bool(urllib.request.proxy_bypass(url.host))
+        if bypass:
+            return None
+        return proxy if "://" in proxy else f"http://{proxy}"
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        proxy = self._proxy_for(request.url) if self._proxies else None
+        if proxy is None:
+            return await self.direct.send(request)
+        shards = self._by_proxy.get(proxy)
+        if shards is None:
+            shards = self._by_proxy[proxy] = _Shards(self._count, self._limits, proxy)
+        return await shards.send(request)
+
     async def aclose(self) -> None:
-        for shard in self.shards:
-            await shard.aclose()
+        for shards in [self.direct, *self._by_proxy.values()]:
+            for transport in shards.transports:
+                await transport.aclose()
 
 
 def provider_transport(settings: Settings) -> ShardedTransport:

@@ -486,8 +486,8 @@ def test_a_burst_gets_a_connection_per_call_and_every_one_stays_open_for_the_nex
             while True:
                 await _read_request(reader)
                 await asyncio.sleep(0.1)
-                if transport is not None and sum(transport.open_requests) == BURST:
-                    per_shard_at_peak.append(list(transport.open_requests))
+                if transport is not None and sum(transport.direct.open_requests) == BURST:
+                    per_shard_at_peak.append(list(transport.direct.open_requests))
                 writer.write(_ok())
                 await writer.drain()
         except (asyncio.IncompleteReadError, ConnectionError):
@@ -501,7 +501,7 @@ def test_a_burst_gets_a_connection_per_call_and_every_one_stays_open_for_the_nex
         server, url = await _serve(handle)
         transport = provider_transport(_settings(max_in_flight=BURST))
         async with make_provider_client(_settings(max_in_flight=BURST), transport) as client:
-            assert len(transport.shards) == BURST // SHARD_CONNECTIONS
+            assert len(transport.direct.transports) == BURST // SHARD_CONNECTIONS
             provider = _provider(client, url)
             results = await asyncio.gather(*(provider.transcribe(_req(b"x" * i)) for i in range(BURST)))
             assert [r.text for r in results] == ["hello"] * BURST
@@ -509,7 +509,7 @@ def test_a_burst_gets_a_connection_per_call_and_every_one_stays_open_for_the_nex
             open_after_burst = open_now
             results = await asyncio.gather(*(provider.transcribe(_req(b"y" * i)) for i in range(BURST)))
             assert [r.text for r in results] == ["hello"] * BURST
-            left = list(transport.open_requests)
+            left = list(transport.direct.open_requests)
         server.close()
         return open_after_burst, len(connections), left
 
@@ -541,11 +541,50 @@ def test_a_failed_call_gives_its_shard_slot_back() -> None:
             provider = _provider(client, url, timeout=0.2)
             errors = await asyncio.gather(*(_catch(provider.transcribe(_req(b"z" * i))) for i in range(5)))
             assert all(e.kind is ErrorKind.RETRY for e in errors)
-            left = list(transport.open_requests)
+            left = list(transport.direct.open_requests)
         server.close()
         return left
 
     assert asyncio.run(main()) == [0] * (64 // SHARD_CONNECTIONS)
+
+
+@pytest.mark.parametrize("bypass", [False, True])
+def test_proxy_environment_variables_route_provider_calls_as_httpx_does(
+    monkeypatch: pytest.MonkeyPatch, bypass: bool
+) -> None:
+    """`HTTP_PROXY` sends provider calls through the proxy (absolute-form request line), as httpx's own
+    client would; a host listed in `NO_PROXY` is called directly."""
+    seen: dict[str, list[bytes]] = {"proxy": [], "provider": []}
+
+    def recorder(name: str) -> Handler:
+        async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            head, _ = await _read_request(reader)
+            seen[name].append(head.split(b"\r\n", 1)[0])
+            writer.write(_ok(name))
+            await writer.drain()
+            writer.close()
+
+        return handle
+
+    async def main() -> str:
+        proxy, proxy_url = await _serve(recorder("proxy"))
+        server, url = await _serve(recorder("provider"))
+        monkeypatch.setenv("HTTP_PROXY", proxy_url.removesuffix("/v1"))
+        monkeypatch.setenv("NO_PROXY", "127.0.0.1" if bypass else "gpu.internal")
+        async with make_provider_client(_settings()) as client:
+            text = (await _provider(client, url).transcribe(_req(b"x"))).text
+        proxy.close()
+        server.close()
+        return text
+
+    text = asyncio.run(main())
+    if bypass:
+        assert (text, seen["proxy"]) == ("provider", [])
+        assert seen["provider"] == [b"POST /v1/audio/transcriptions HTTP/1.1"]
+    else:
+        assert (text, seen["provider"]) == ("proxy", [])
+        assert seen["proxy"][0].startswith(b"POST http://127.0.0.1:")
+        assert seen["proxy"][0].endswith(b"/v1/audio/transcriptions HTTP/1.1")
 
 
 def _self_signed(tmp_path: Path) -> tuple[Path, ssl.SSLContext]:
