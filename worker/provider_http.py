@@ -16,6 +16,7 @@ most `max_in_flight` calls through, no shard holds more than its share and no ca
 from __future__ import annotations
 
 import math
+import ssl
 import urllib.request
 from collections.abc import AsyncIterator
 
@@ -64,8 +65,10 @@ class _Release:
 class _Shards:
     """`httpx.AsyncHTTPTransport` pools (all direct, or all through one proxy) and their open requests."""
 
-    def __init__(self, count: int, limits: httpx.Limits, proxy: str | None) -> None:
-        self.transports = [httpx.AsyncHTTPTransport(limits=limits, proxy=proxy) for _ in range(count)]
+    def __init__(self, count: int, limits: httpx.Limits, proxy: str | None, verify: ssl.SSLContext) -> None:
+        self.transports = [
+            httpx.AsyncHTTPTransport(verify=verify, limits=limits, proxy=proxy) for _ in range(count)
+        ]
         self.open_requests = [0] * count
 
     async def send(self, request: httpx.Request) -> httpx.Response:
@@ -88,7 +91,9 @@ class ShardedTransport(httpx.AsyncBaseTransport):
 
     Proxies as httpx's own client takes them from the environment (a client given a transport does not):
     `HTTPS_PROXY`/`HTTP_PROXY`/`ALL_PROXY`, read once when built, and `NO_PROXY` (the standard library's
-    `urllib.request.getproxies` / `proxy_bypass`); proxied requests get shards of their own."""
+    `urllib.request.getproxies` / `proxy_bypass`); proxied requests get shards of their own. All shards
+    share one TLS context (httpx's default, `SSL_CERT_FILE`/`SSL_CERT_DIR` honoured): one per shard cost
+    ~17 ms and ~0.9 MB each, 0.54 s and 28 MB for a process with 256 in flight."""
 
     def __init__(
         self, shards: int, connections_per_shard: int, keepalive_expiry: float, trust_env: bool = True
@@ -103,7 +108,8 @@ class ShardedTransport(httpx.AsyncBaseTransport):
         )
         self._proxies = urllib.request.getproxies() if trust_env else {}
         self._bypass: dict[str, bool] = {}
-        self.direct = _Shards(shards, self._limits, None)
+        self._tls = httpx.create_ssl_context(trust_env=trust_env)
+        self.direct = _Shards(shards, self._limits, None, self._tls)
         self._by_proxy: dict[str, _Shards] = {}
 
     def _proxy_for(self, url: httpx.URL) -> str | None:
@@ -123,7 +129,7 @@ class ShardedTransport(httpx.AsyncBaseTransport):
             return await self.direct.send(request)
         shards = self._by_proxy.get(proxy)
         if shards is None:
-            shards = self._by_proxy[proxy] = _Shards(self._count, self._limits, proxy)
+            shards = self._by_proxy[proxy] = _Shards(self._count, self._limits, proxy, self._tls)
         return await shards.send(request)
 
     async def aclose(self) -> None:

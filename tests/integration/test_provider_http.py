@@ -8,8 +8,10 @@ answers, idle connections the server closed, cut answers, TLS, counting connecti
 from __future__ import annotations
 
 import asyncio
+import gc
 import gzip
 import json
+import os
 import ssl
 import subprocess
 from collections.abc import Awaitable, Callable
@@ -585,6 +587,21 @@ def test_proxy_environment_variables_route_provider_calls_as_httpx_does(
         assert (text, seen["provider"]) == ("proxy", [])
         assert seen["proxy"][0].startswith(b"POST http://127.0.0.1:")
         assert seen["proxy"][0].endswith(b"/v1/audio/transcriptions HTTP/1.1")
+
+
+def _rss_bytes() -> int:
+    return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def test_the_shards_of_a_large_in_flight_limit_share_one_tls_context() -> None:
+    """A process with 256 in flight builds 32 shards; they share one TLS context (httpx builds one per
+    transport: ~0.9 MB of CA certificates each, 28 MB and half a second per process)."""
+    gc.collect()
+    before = _rss_bytes()
+    kept = [provider_transport(_settings(max_in_flight=256)) for _ in range(4)]
+    grown = _rss_bytes() - before
+    assert len(kept[0].direct.transports) == 256 // SHARD_CONNECTIONS
+    assert grown < 20 * 2**20, f"four 256-slot transports took {grown / 2**20:.1f} MB"
 
 
 def _self_signed(tmp_path: Path) -> tuple[Path, ssl.SSLContext]:
