@@ -83,7 +83,6 @@ def job_route(batch: BatchOptions, seconds: float, settings: Settings, today: da
         needs,
         batch.routing,
         seconds,
-        day,
         prices=load_price_table(settings.price_table_version, settings.price_table_dir or None),
         default_provider=provider.name if provider is not None else OPENAI,
     )

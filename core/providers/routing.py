@@ -22,13 +22,12 @@ per-minute list price (for token-priced models that is the table's per-minute es
 PriceSpec its audio tokens at its audio-input price; `price = "zero"` (self-hosted) and `local` cost 0;
 a model nobody prices the table's default per-minute price (as core.pricing estimates it).
 
-Pure: (catalogue, price table, candidates, needs, policy, seconds, today) in, a `Route` out.
+Pure: (catalogue, price table, candidates, needs, policy, seconds) in, a `Route` out.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from datetime import date
 from decimal import Decimal
 from typing import Literal
 
@@ -126,13 +125,12 @@ def route(
     needs: Needs,
     policy: str,
     audio_seconds: float,
-    today: date,
     *,
     prices: PriceTable,
     default_provider: str = OPENAI,
 ) -> Route:
-    """The candidates in the order `policy` tries them for a file of `audio_seconds` (module docstring)."""
-    del today  # the candidates are already today's (retired models left out by the chain's rules)
+    """The candidates in the order `policy` tries them for a file of `audio_seconds` (module docstring).
+    The candidates are already today's: retired models are left out by the chain's rules."""
     if policy != "cheapest":
         return Route(tuple(candidates), CHAIN_ORDER)
     hosted = [(i, e) for i, e in enumerate(candidates) if not is_local_model(e)]

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import tomllib
 from dataclasses import dataclass
-from datetime import date
 from decimal import Decimal
 
 import pytest
@@ -15,7 +14,6 @@ from core.providers.routing import Needs, expected_cost, route
 
 pytestmark = pytest.mark.unit
 
-TODAY = date(2026, 12, 4)
 PROVIDERS = """
 [providers.b]
 base_url = "http://b.example/v1"
@@ -181,7 +179,7 @@ CASES = [
 @pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
 def test_route(case: Case) -> None:
     prices = load_price_table("2026-11")
-    got = route(catalogue(), case.candidates, case.needs, case.policy, case.seconds, TODAY, prices=prices)
+    got = route(catalogue(), case.candidates, case.needs, case.policy, case.seconds, prices=prices)
     assert (list(got.chain), got.reason) == (case.chain, case.reason)
     assert got.model == case.chain[0]
 
