@@ -28,6 +28,7 @@ Stitching: texts joined in chunk order, segments mapped to original time, proven
 from __future__ import annotations
 
 import asyncio
+import logging
 import uuid
 from collections import Counter
 from collections.abc import Collection
@@ -49,7 +50,9 @@ from worker.store.answers import keep_answer, stored_answer
 from worker.store.attempts import AttemptClose, close_attempt
 from worker.store.batches import BatchOptions
 from worker.store.claims import end_job, hand_off_local
-from worker.store.groups import GroupJob
+from worker.store.groups import GroupJob, record_route
+
+log = logging.getLogger(__name__)
 
 CHUNKS_AT_ONCE = 9
 
@@ -194,8 +197,13 @@ async def _run_wave(
 async def _transcribe_job(
     rt: Runtime, runner: ChainRunner, job: GroupJob, batch: BatchOptions, group_id: uuid.UUID
 ) -> str:
-    # The route prepare recorded (worker.grouping.job_route), computed again from the same trimmed seconds.
-    chain = list(job_route(batch, job.speech_seconds, rt.settings).chain)
+    # The route prepare recorded (worker.grouping.job_route), computed again from the same trimmed seconds;
+    # a configuration changed since then routes it anew, and the job's record says so.
+    route = job_route(batch, job.speech_seconds, rt.settings)
+    chain = list(route.chain)
+    if (chain[0][:100] if chain else None) != job.route_model:  # as stored (String(100))
+        log.info("job %s rerouted since prepare: %s -> %s", job.id, job.route_model, chain[:1])
+        await asyncio.to_thread(record_route, job.id, chain[0] if chain else None, route.reason)
     tmap = audio.TimeMap.from_json(job.time_map)
     halt = asyncio.Event()
     rt.halts.add(halt)  # a draining process halts it (Runtime.drain)

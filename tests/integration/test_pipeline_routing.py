@@ -139,3 +139,38 @@ def test_a_twin_in_flight_is_followed_only_when_its_route_starts_alike(
         f"openai:{SECOND}",
         f"openai:{PRIMARY}",
     )
+
+
+def test_a_job_routed_anew_at_transcribe_time_records_the_route_it_ran(
+    client: TestClient,
+    pipeline: Pipeline,
+    fake_openai: FakeOpenAI,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Prepare routes a word-timestamps job to whisper-1 (cheap-words bills a 60 s minimum); the transcribe
+    worker restarts with a providers file without that minimum, so the job goes to cheap-words, and its
+    record (GET /v1/jobs/{id}) names the route it ran, not the one prepare chose."""
+    from core.settings import reset_settings_cache
+    from worker.prepare import prepare_jobs
+    from worker.runtime import close_runtime, get_runtime
+    from worker.transcribe import transcribe_group
+
+    job = _submit(client, tones(440, 880), routing="cheapest", timestamps="word")
+    groups = prepare_jobs([job], owner="test:1").groups
+    assert client.get(f"/v1/jobs/{job}").json()["route_model"] == f"openai:{SECOND}"
+
+    changed = tmp_path / "providers-v2.toml"
+    changed.write_text(PROVIDERS.replace("min_billed_seconds = 60", "min_billed_seconds = 0"))
+    monkeypatch.setenv("VOXQ_PROVIDERS_FILE", str(changed))
+    reset_settings_cache()
+    close_runtime()  # the transcribe worker's restart with the new file
+    rt = get_runtime()
+    for group in groups:
+        rt.run(transcribe_group(rt, group))
+
+    body = client.get(f"/v1/jobs/{job}").json()
+    assert body["status"] == "succeeded", body
+    assert [a.model for a in pipeline.attempts(job)] == [CHEAP]
+    assert body["route_model"] == f"openai:{CHEAP}"
+    assert body["route_reason"].startswith(f"cheapest meeting timestamps=word: openai:{CHEAP} $0.000"), body

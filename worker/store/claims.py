@@ -238,11 +238,11 @@ WITH claimed AS (
       AND CASE WHEN CAST(%(waiting)s AS text) IS NULL
                THEN COALESCE(lease_owner, '') NOT LIKE %(local_stage)s
                ELSE lease_owner = %(waiting)s OR lease_expires_at < now() END
-    RETURNING id, tenant_id, batch_id, duration_seconds, speech_seconds, time_map
+    RETURNING id, tenant_id, batch_id, duration_seconds, speech_seconds, time_map, route_model
 ), running AS (
     UPDATE groups SET status = 'running' WHERE id = %(group)s AND status = 'pending' RETURNING id
 )
-SELECT c.id, c.tenant_id, c.batch_id, c.duration_seconds, c.speech_seconds, c.time_map,
+SELECT c.id, c.tenant_id, c.batch_id, c.duration_seconds, c.speech_seconds, c.time_map, c.route_model,
     (SELECT json_agg(json_build_object('index', k.index, 'object_key', k.object_key) ORDER BY k.index)
        FROM job_chunks AS k WHERE k.job_id = c.id) AS chunks,
     (SELECT json_agg(json_build_object(
@@ -340,6 +340,7 @@ def _group_job(r: Any) -> GroupJob:
         time_map=r.time_map or {},
         chunks=[{"index": c["index"], "object_key": c["object_key"]} for c in r.chunks or []],
         answers=answers,
+        route_model=r.route_model,
     )
 
 

@@ -51,6 +51,7 @@ class GroupJob:
     # Paid answers kept by earlier runs, by piece key: {start_seconds, end_seconds, text, segments,
     # language, model, attempt_id}
     answers: dict[str, dict[str, Any]] = field(default_factory=dict)
+    route_model: str | None = None  # the first model of the route recorded for it (worker.grouping.job_route)
 
 
 _POINT_AT_GROUPS = text(
@@ -117,6 +118,26 @@ def assign_groups(
             },
         )
     return ids
+
+
+_REROUTE = text(
+    "UPDATE jobs SET route_model = :route_model, route_reason = :route_reason, updated_at = now()"
+    " WHERE id = :id AND status = 'processing'"
+)
+
+
+def record_route(job_id: uuid.UUID, route_model: str | None, route_reason: str) -> None:
+    """Record the route a job runs now when it differs from the one prepare recorded (the providers file,
+    the chain or the prices changed in between: the job runs the configuration of its transcribe time)."""
+    with session_scope() as session:
+        session.execute(
+            _REROUTE,
+            {
+                "id": job_id,
+                "route_model": route_model[:100] if route_model else None,
+                "route_reason": route_reason,
+            },
+        )
 
 
 def save_chunks(job_id: uuid.UUID, chunks: list[dict[str, Any]]) -> None:
