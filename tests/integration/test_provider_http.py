@@ -526,7 +526,8 @@ def test_a_burst_gets_a_connection_per_call_and_every_one_stays_open_for_the_nex
 
 
 def test_a_failed_call_gives_its_shard_slot_back() -> None:
-    """Refused connections and timeouts release the shard slot, so later calls still spread evenly."""
+    """Refused connections, timeouts and cancelled calls release the shard slot, so later calls still
+    spread evenly."""
 
     async def slow(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         await _read_request(reader)
@@ -543,6 +544,13 @@ def test_a_failed_call_gives_its_shard_slot_back() -> None:
             provider = _provider(client, url, timeout=0.2)
             errors = await asyncio.gather(*(_catch(provider.transcribe(_req(b"z" * i))) for i in range(5)))
             assert all(e.kind is ErrorKind.RETRY for e in errors)
+            # calls cancelled while waiting for their answer (a drain halting a group) give theirs back too
+            calls = [asyncio.ensure_future(provider.transcribe(_req(b"c" * i))) for i in range(3)]
+            await asyncio.sleep(0.05)
+            assert sum(transport.direct.open_requests) == 3
+            for call in calls:
+                call.cancel()
+            await asyncio.gather(*calls, return_exceptions=True)
             left = list(transport.direct.open_requests)
         server.close()
         return left
