@@ -182,10 +182,23 @@ def batch_out(batch: Batch, counts: dict[str, int], estimated: Decimal = Decimal
     )
 
 
+def route_counts(session: Session, batch_id: uuid.UUID) -> dict[str, int]:
+    """Live jobs per recorded route (`route_model`, the first model of each job's route), most first."""
+    rows = session.execute(
+        select(Job.route_model, func.count())
+        .where(Job.batch_id == batch_id, Job.deleted_at.is_(None), Job.route_model.is_not(None))
+        .group_by(Job.route_model)
+        .order_by(func.count().desc(), Job.route_model)
+    ).all()
+    return {str(model): int(count) for model, count in rows}
+
+
 def load_batch_out(session: Session, batch: Batch) -> BatchOut:
-    """A batch's view with fresh counts."""
+    """A batch's view with fresh counts and its jobs' routes."""
     estimated = estimated_costs(session, batch_ids=[batch.id]).get(batch.id, Decimal(0))
-    return batch_out(batch, status_counts(session, [batch.id])[batch.id], estimated)
+    out = batch_out(batch, status_counts(session, [batch.id])[batch.id], estimated)
+    out.routes = route_counts(session, batch.id)
+    return out
 
 
 def batch_page(

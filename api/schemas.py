@@ -232,6 +232,11 @@ class BatchOut(BaseModel):
     created_at: datetime
     submitted_at: datetime | None
     completed_at: datetime | None
+    routes: dict[str, int] | None = Field(
+        default=None,
+        description="Jobs per route (`provider:model` each job was routed to first, as `route_model` of "
+        "GET /v1/jobs/{id}), most first; only in GET /v1/batches/{id}, null in lists",
+    )
 
 
 class BatchPage(BaseModel):

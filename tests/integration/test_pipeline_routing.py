@@ -95,6 +95,18 @@ def test_cheapest_routes_each_job_to_the_cheapest_model_meeting_its_needs(
     assert sorted(str(r.get("model")) for r in fake_openai.request_log()) == [PRIMARY, PRIMARY, SECOND]
     batch = client.get(f"/v1/batches/{got[words]['batch_id']}").json()
     assert (batch["routing"], batch["diarize"]) == ("cheapest", False)
+    assert batch["routes"] == {f"openai:{SECOND}": 1}  # its one job's route
+    # files of one batch routed apart: a 12 s one costs less on cheap-words ($0.001 for its 60 s minimum
+    # against whisper-1's $0.0012); jobs per route in the batch's view, most first; lists say null
+    b = client.post("/v1/batches", json={"routing": "cheapest", "timestamps": "word"}).json()["id"]
+    audio = [tones(300), tones(350), tones(400, seconds=12.0)]
+    files = [("file", (f"{n}.wav", data, "audio/wav")) for n, data in enumerate(audio)]
+    ids = [uuid.UUID(j["id"]) for j in client.post(f"/v1/batches/{b}/files", files=files).json()["jobs"]]
+    assert client.post(f"/v1/batches/{b}/submit").status_code == 202
+    _run(ids)
+    routes = client.get(f"/v1/batches/{b}").json()["routes"]
+    assert list(routes.items()) == [(f"openai:{SECOND}", 2), (f"openai:{CHEAP}", 1)]
+    assert {item["routes"] for item in client.get("/v1/batches").json()["items"]} == {None}
 
 
 def test_invalid_routing_options_are_refused_with_stable_codes(client: TestClient) -> None:

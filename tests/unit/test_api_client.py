@@ -228,7 +228,7 @@ def test_wait_timings_polls_until_the_alignment_is_no_longer_pending() -> None:
     assert [r.url.params["format"] for r in api.requests] == ["json"] * 4
 
 
-def test_status_prints_a_jobs_route(
+def test_status_prints_a_jobs_route_and_a_batchs_routes(
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     import argparse
@@ -260,6 +260,7 @@ def test_status_prints_a_jobs_route(
         "billed_seconds": 3.0,
         "cost_usd": 0.0,
         "routing": "cheapest",
+        "routes": {"openai:whisper-1": 12, "openai:cheap": 3},
     }
 
     def api(request: httpx.Request) -> httpx.Response:
@@ -278,4 +279,6 @@ def test_status_prints_a_jobs_route(
     out = capsys.readouterr().out
     assert f"  route whisper-1: {job['route_reason']}\n" in out
     assert client_commands.run_status(argparse.Namespace(id="b1", json=False)) == 0
-    assert "  routing cheapest\n" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "  routing cheapest\n" in out
+    assert "  routes openai:whisper-1 12, openai:cheap 3\n" in out

@@ -350,6 +350,8 @@ def run_status(args: argparse.Namespace) -> int:
         )
         if body.get("routing", "chain") != "chain":
             print(f"  routing {body['routing']}" + ("  diarize" if body.get("diarize") else ""))
+        if body.get("routes"):
+            print("  routes " + ", ".join(f"{model} {n}" for model, n in body["routes"].items()))
     else:
         print(f"job {body['id']} {body['status']}  {body['filename'] or ''}")
         print(
