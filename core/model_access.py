@@ -21,7 +21,7 @@ from core.settings import Settings, get_settings
 
 # What a metric's model label says for a name the operator never configured.
 OTHER_MODEL_LABEL = "other"
-# A provider account's circuit key (worker.circuit.provider_key): `provider:<name>`.
+# A provider account's circuit key prefix (worker.circuit.provider_key): `provider:<name>`.
 PROVIDER_CIRCUIT_PREFIX = "provider:"
 # The last answer of allowed_models (and the label set), by (settings, catalogue, day): metric labels ask
 # on every observation.

@@ -60,6 +60,7 @@ import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
 from core import metrics, names
+from core.model_access import PROVIDER_CIRCUIT_PREFIX
 from core.statuses import CircuitState
 from worker.entries import Target
 from worker.policy import Note
@@ -71,8 +72,9 @@ OPEN = CircuitState.OPEN.value
 HALF_OPEN = CircuitState.HALF_OPEN.value
 RETIRED = CircuitState.RETIRED.value
 # The circuit key of a provider's account; a model's key is `provider:model` (a model name is never empty,
-# and `provider` is not a provider the catalogue lets anyone name a model after: see `provider_key`).
-PROVIDER_KEY_PREFIX = "provider:"
+# and `provider` is not a provider the catalogue lets anyone name a model after: see `provider_key`). One
+# constant with the API's metric labels, which read these keys back (core.model_access.circuit_label).
+PROVIDER_KEY_PREFIX = PROVIDER_CIRCUIT_PREFIX
 
 
 def provider_key(provider: str) -> str:
