@@ -50,7 +50,7 @@ from worker.store.answers import keep_answer, stored_answer
 from worker.store.attempts import AttemptClose, close_attempt
 from worker.store.batches import BatchOptions
 from worker.store.claims import end_job, hand_off_local
-from worker.store.groups import GroupJob, record_route
+from worker.store.groups import GroupJob, record_route, stored_route_model
 
 log = logging.getLogger(__name__)
 
@@ -201,9 +201,9 @@ async def _transcribe_job(
     # a configuration changed since then routes it anew, and the job's record says so.
     route = job_route(batch, job.speech_seconds, rt.settings)
     chain = list(route.chain)
-    if (chain[0][:100] if chain else None) != job.route_model:  # as stored (String(100))
-        log.info("job %s rerouted since prepare: %s -> %s", job.id, job.route_model, chain[:1])
-        await asyncio.to_thread(record_route, job.id, chain[0] if chain else None, route.reason)
+    if stored_route_model(route.model) != job.route_model:
+        log.info("job %s rerouted since prepare: %s -> %s", job.id, job.route_model, route.model)
+        await asyncio.to_thread(record_route, job.id, route.model, route.reason)
     tmap = audio.TimeMap.from_json(job.time_map)
     halt = asyncio.Event()
     rt.halts.add(halt)  # a draining process halts it (Runtime.drain)

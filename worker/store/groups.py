@@ -101,7 +101,7 @@ def assign_groups(
         for (job_id, _), (route_model, route_reason) in zip(plan.members, routes, strict=True):
             job_ids.append(job_id)
             job_groups.append(gid)
-            route_models.append(route_model[:100] if route_model else None)
+            route_models.append(stored_route_model(route_model))
             route_reasons.append(route_reason)
     expires = now() + timedelta(seconds=lease_seconds) if owner and lease_seconds is not None else None
     with session_scope() as session:
@@ -120,6 +120,11 @@ def assign_groups(
     return ids
 
 
+def stored_route_model(entry: str | None) -> str | None:
+    """A route's first chain entry as `jobs.route_model` holds it (String(100))."""
+    return entry[:100] if entry else None
+
+
 _REROUTE = text(
     "UPDATE jobs SET route_model = :route_model, route_reason = :route_reason, updated_at = now()"
     " WHERE id = :id AND status = 'processing'"
@@ -134,7 +139,7 @@ def record_route(job_id: uuid.UUID, route_model: str | None, route_reason: str) 
             _REROUTE,
             {
                 "id": job_id,
-                "route_model": route_model[:100] if route_model else None,
+                "route_model": stored_route_model(route_model),
                 "route_reason": route_reason,
             },
         )
