@@ -147,8 +147,14 @@ def _split_cost(cost: Decimal | None, estimated: Decimal) -> tuple[float, float,
     return float(total), float(total - estimated), float(estimated)
 
 
-def batch_out(batch: Batch, counts: dict[str, int], estimated: Decimal = Decimal(0)) -> BatchOut:
-    """The API view of a batch (`estimated`: the part of its cost that is an estimate)."""
+def batch_out(
+    batch: Batch,
+    counts: dict[str, int],
+    estimated: Decimal = Decimal(0),
+    routes: dict[str, int] | None = None,
+) -> BatchOut:
+    """The API view of a batch (`estimated`: the part of its cost that is an estimate; `routes`: jobs per
+    route, read for a single batch's view only)."""
     cost, billed, guessed = _split_cost(batch.cost_usd, estimated)
     total = sum(counts.values())
     terminal = sum(n for s, n in counts.items() if s in JOB_TERMINAL)
@@ -179,6 +185,7 @@ def batch_out(batch: Batch, counts: dict[str, int], estimated: Decimal = Decimal
         created_at=batch.created_at,
         submitted_at=batch.submitted_at,
         completed_at=batch.completed_at,
+        routes=routes,
     )
 
 
@@ -196,9 +203,8 @@ def route_counts(session: Session, batch_id: uuid.UUID) -> dict[str, int]:
 def load_batch_out(session: Session, batch: Batch) -> BatchOut:
     """A batch's view with fresh counts and its jobs' routes."""
     estimated = estimated_costs(session, batch_ids=[batch.id]).get(batch.id, Decimal(0))
-    out = batch_out(batch, status_counts(session, [batch.id])[batch.id], estimated)
-    out.routes = route_counts(session, batch.id)
-    return out
+    counts = status_counts(session, [batch.id])[batch.id]
+    return batch_out(batch, counts, estimated, route_counts(session, batch.id))
 
 
 def batch_page(
