@@ -186,3 +186,25 @@ def test_a_job_routed_anew_at_transcribe_time_records_the_route_it_ran(
     assert [a.model for a in pipeline.attempts(job)] == [CHEAP]
     assert body["route_model"] == f"openai:{CHEAP}"
     assert body["route_reason"].startswith(f"cheapest meeting timestamps=word: openai:{CHEAP} $0.000"), body
+
+
+def test_a_route_recorded_at_transcribe_time_never_touches_a_job_that_ended_meanwhile(
+    pipeline: Pipeline,
+) -> None:
+    """record_route races a cancel: it writes only a job still processing (compare-and-set on status)."""
+    from sqlalchemy import update
+
+    from core.db import session_scope
+    from core.models import Job
+    from worker.store.groups import record_route
+
+    tenant = pipeline.tenant()
+    running, cancelled = (pipeline.job(tenant, pipeline.batch(tenant), tones(440)) for _ in range(2))
+    with session_scope() as session:
+        session.execute(update(Job).where(Job.id == running).values(status="processing", route_model="a:x"))
+        session.execute(update(Job).where(Job.id == cancelled).values(status="cancelled", route_model="a:x"))
+    for job in (running, cancelled):
+        record_route(job, "b:" + "y" * 200, "chain order")
+    rows = pipeline.jobs([running, cancelled])
+    assert (rows[running].route_model, rows[running].route_reason) == ("b:" + "y" * 98, "chain order")
+    assert (rows[cancelled].route_model, rows[cancelled].route_reason) == ("a:x", None)
